@@ -1,0 +1,436 @@
+//! The `process` substrate: each VM is a local sandbox.
+//!
+//! A sandbox is a directory `<state>/vms/<tenant>/<vm-id>/` holding `vm.json` (what it is),
+//! `root/` (a copy of the image's directory template, the VM's working directory) and a
+//! supervisor process running in its own session and process group with a clean environment
+//! (`MURMUR_VM=1`, `MURMUR_VM_ID`, ...). The supervisor runs the image's `boot.sh`, then answers
+//! the readiness handshake on `control.sock`. Everything lives on disk, so a restarted worker
+//! finds its VMs again with [`Provider::list`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use murmur_workflows::machine::BootSpec;
+use murmur_workflows::model::{VmId, is_dns_label, valid_image_ref};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::provider::{Provider, Ready, SubstrateError, VmInfo};
+
+/// Name of the file describing a sandbox.
+pub const META_FILE: &str = "vm.json";
+/// Name of the supervisor's control socket inside a sandbox.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// File the supervisor writes when the boot script fails.
+pub const BOOT_FAILED_FILE: &str = "boot.failed";
+/// Script of an image that runs at boot, before the VM reports ready.
+pub const BOOT_SCRIPT: &str = "boot.sh";
+/// Longest path a unix socket can have on Linux.
+const MAX_SOCKET_PATH: usize = 107;
+/// The default image's files, embedded in the binary.
+const DEFAULT_IMAGE_FILES: &[(&str, &str, u32)] = &[
+    (
+        "etc/murmur/image",
+        include_str!("../images/default/etc/murmur/image"),
+        0o644,
+    ),
+    ("README", include_str!("../images/default/README"), 0o644),
+    ("boot.sh", include_str!("../images/default/boot.sh"), 0o755),
+];
+
+/// What `vm.json` records about a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMeta {
+    /// The VM.
+    pub id: VmId,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Workspace it was booted for.
+    pub workspace: String,
+    /// Image it was created from.
+    pub image: String,
+    /// Requested vCPUs (recorded; the process substrate does not enforce it).
+    pub vcpus: u32,
+    /// Requested memory in MiB (recorded; not enforced).
+    pub memory_mb: u32,
+}
+
+impl SandboxMeta {
+    /// The environment every process in the sandbox gets (and nothing else from the worker).
+    pub fn environment(&self, root: &Path) -> Vec<(String, OsString)> {
+        vec![
+            ("MURMUR_VM".into(), "1".into()),
+            ("MURMUR_VM_ID".into(), self.id.0.clone().into()),
+            ("MURMUR_TENANT".into(), self.tenant.clone().into()),
+            ("MURMUR_WORKSPACE".into(), self.workspace.clone().into()),
+            ("MURMUR_IMAGE".into(), self.image.clone().into()),
+            ("HOME".into(), root.as_os_str().to_owned()),
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ]
+    }
+}
+
+/// How to start a sandbox supervisor: a program and its leading arguments; `--dir <sandbox>`
+/// is appended.
+#[derive(Clone, Debug)]
+pub struct SupervisorLaunch {
+    /// Executable (normally `murmur-worker`).
+    pub program: PathBuf,
+    /// Arguments before `--dir` (normally `["sandbox"]`).
+    pub args: Vec<OsString>,
+}
+
+/// The `process` substrate.
+#[derive(Clone, Debug)]
+pub struct ProcessProvider {
+    state_dir: PathBuf,
+    launch: SupervisorLaunch,
+}
+
+impl ProcessProvider {
+    /// A provider keeping its sandboxes and images under `state_dir`. Writes the embedded
+    /// `default` image there if it is missing.
+    pub fn new(state_dir: impl Into<PathBuf>, launch: SupervisorLaunch) -> Result<Self, SubstrateError> {
+        let provider = Self {
+            state_dir: state_dir.into(),
+            launch,
+        };
+        provider.install_default_image()?;
+        Ok(provider)
+    }
+
+    /// A provider that can only inspect (list) sandboxes, for tests and tools.
+    pub fn inspector(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            launch: SupervisorLaunch {
+                program: PathBuf::from("/bin/false"),
+                args: Vec::new(),
+            },
+        }
+    }
+
+    /// Where images live: one directory template per image name.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> Result<PathBuf, SubstrateError> {
+        if !is_dns_label(tenant) {
+            return Err(SubstrateError::Invalid {
+                what: "tenant",
+                value: tenant.into(),
+            });
+        }
+        Ok(self.state_dir.join("vms").join(tenant))
+    }
+
+    /// The sandbox directory of a VM.
+    pub fn sandbox_dir(&self, tenant: &str, vm: &VmId) -> Result<PathBuf, SubstrateError> {
+        if !VmId::is_valid(&vm.0) {
+            return Err(SubstrateError::Invalid {
+                what: "vm id",
+                value: vm.0.clone(),
+            });
+        }
+        Ok(self.tenant_dir(tenant)?.join(&vm.0))
+    }
+
+    fn install_default_image(&self) -> Result<(), SubstrateError> {
+        let dir = self.images_dir().join(murmur_workflows::model::DEFAULT_IMAGE);
+        if dir.exists() {
+            return Ok(());
+        }
+        let tmp = self.images_dir().join(".default.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        for (path, body, mode) in DEFAULT_IMAGE_FILES {
+            let file = tmp.join(path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| SubstrateError::io(format!("create {}", parent.display()), e))?;
+            }
+            std::fs::write(&file, body)
+                .map_err(|e| SubstrateError::io(format!("write {}", file.display()), e))?;
+            set_mode(&file, *mode)?;
+        }
+        std::fs::rename(&tmp, &dir)
+            .map_err(|e| SubstrateError::io(format!("install image {}", dir.display()), e))
+    }
+
+    /// Process ids of the supervisors serving the sandbox at `dir`.
+    pub fn supervisor_pids(dir: &Path) -> Vec<i32> {
+        let want = dir.as_os_str().as_encoded_bytes();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+                    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                    args.windows(2).any(|w| w[0] == b"--dir" && w[1] == want)
+                })
+            })
+            .collect()
+    }
+
+    async fn spawn_supervisor(&self, dir: &Path, meta: &SandboxMeta) -> Result<(), SubstrateError> {
+        let root = dir.join("root");
+        let log = std::fs::File::create(dir.join("supervisor.log"))
+            .map_err(|e| SubstrateError::io("create supervisor.log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| SubstrateError::io("open supervisor.log", e))?;
+        let mut cmd = tokio::process::Command::new(&self.launch.program);
+        cmd.args(&self.launch.args)
+            .arg("--dir")
+            .arg(dir)
+            .current_dir(&root)
+            .env_clear()
+            .envs(meta.environment(&root))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        // SAFETY: `setsid` is async-signal-safe; it detaches the supervisor from the worker's
+        // session so the VM outlives a worker crash or a Ctrl-C in the worker's terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| SubstrateError::io(format!("start {}", self.launch.program.display()), e))?;
+        // tokio reaps the child in the background once it exits; we never wait on it here.
+        drop(child);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for ProcessProvider {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn create(&self, spec: &BootSpec) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(&spec.tenant, &spec.vm)?;
+        if !valid_image_ref(&spec.image) {
+            return Err(SubstrateError::ImageNotFound(spec.image.clone()));
+        }
+        let socket = dir.join(CONTROL_SOCKET);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SubstrateError::Invalid {
+                what: "state dir (control socket path too long)",
+                value: socket.display().to_string(),
+            });
+        }
+        if dir.exists() {
+            if !Self::supervisor_pids(&dir).is_empty() {
+                return Ok(());
+            }
+            // A dead leftover of an earlier attempt: start over.
+            remove_dir(&dir).await?;
+        }
+        let image_dir = self.images_dir().join(&spec.image);
+        if !image_dir.is_dir() {
+            return Err(SubstrateError::ImageNotFound(spec.image.clone()));
+        }
+        let meta = SandboxMeta {
+            id: spec.vm.clone(),
+            tenant: spec.tenant.clone(),
+            workspace: spec.workspace.clone(),
+            image: spec.image.clone(),
+            vcpus: spec.environment.vcpus,
+            memory_mb: spec.environment.memory_mb,
+        };
+        let root = dir.join("root");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SubstrateError::io(format!("create {}", dir.display()), e))?;
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| SubstrateError::io("encode vm.json", e.into()))?;
+        std::fs::write(dir.join(META_FILE), json)
+            .map_err(|e| SubstrateError::io("write vm.json", e))?;
+        let (from, to) = (image_dir.clone(), root.clone());
+        tokio::task::spawn_blocking(move || copy_tree(&from, &to))
+            .await
+            .map_err(|e| SubstrateError::io("copy image", std::io::Error::other(e)))?
+            .map_err(|e| SubstrateError::io(format!("copy image {}", image_dir.display()), e))?;
+        self.spawn_supervisor(&dir, &meta).await
+    }
+
+    async fn wait_ready(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        timeout: Duration,
+    ) -> Result<Ready, SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        let socket = dir.join(CONTROL_SOCKET);
+        let started = Instant::now();
+        let mut last_alive_check = Instant::now();
+        loop {
+            if let Ok(reason) = std::fs::read_to_string(dir.join(BOOT_FAILED_FILE)) {
+                return Err(SubstrateError::BootFailed {
+                    vm: vm.clone(),
+                    reason: reason.trim().to_string(),
+                });
+            }
+            if let Ok(ready) = handshake(&socket).await {
+                if &ready.vm == vm {
+                    return Ok(ready);
+                }
+                return Err(SubstrateError::BootFailed {
+                    vm: vm.clone(),
+                    reason: format!("handshake answered for {}", ready.vm),
+                });
+            }
+            if last_alive_check.elapsed() > Duration::from_millis(500) {
+                last_alive_check = Instant::now();
+                if !dir.exists() {
+                    return Err(SubstrateError::BootFailed {
+                        vm: vm.clone(),
+                        reason: "sandbox was deleted while booting".into(),
+                    });
+                }
+                if Self::supervisor_pids(&dir).is_empty()
+                    && !dir.join(BOOT_FAILED_FILE).exists()
+                {
+                    return Err(SubstrateError::BootFailed {
+                        vm: vm.clone(),
+                        reason: "supervisor exited before it was ready".into(),
+                    });
+                }
+            }
+            if started.elapsed() >= timeout {
+                return Err(SubstrateError::BootTimeout {
+                    vm: vm.clone(),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        stop_supervisors(&dir).await;
+        remove_dir(&dir).await
+    }
+
+    async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
+        let tenant_dir = self.tenant_dir(tenant)?;
+        let entries = match std::fs::read_dir(&tenant_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(SubstrateError::io(format!("list {}", tenant_dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !VmId::is_valid(&name) {
+                continue;
+            }
+            let dir = entry.path();
+            let meta: Option<SandboxMeta> = std::fs::read(dir.join(META_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            out.push(VmInfo {
+                id: VmId(name),
+                tenant: tenant.to_string(),
+                workspace: meta.as_ref().map(|m| m.workspace.clone()).unwrap_or_default(),
+                image: meta.as_ref().map(|m| m.image.clone()).unwrap_or_default(),
+                alive: !Self::supervisor_pids(&dir).is_empty(),
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+/// Asks the supervisor behind `socket` whether it is ready.
+async fn handshake(socket: &Path) -> std::io::Result<Ready> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"PING\n").await?;
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(2), BufReader::new(read).read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))??;
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("READY"), Some(vm), Some(image)) => Ok(Ready {
+            vm: VmId(vm.to_string()),
+            image: image.to_string(),
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unexpected handshake answer {line:?}"),
+        )),
+    }
+}
+
+/// Stops every supervisor of a sandbox and its process group: SIGTERM, then SIGKILL.
+async fn stop_supervisors(dir: &Path) {
+    let pids = ProcessProvider::supervisor_pids(dir);
+    if pids.is_empty() {
+        return;
+    }
+    for pid in &pids {
+        let _ = killpg(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && !ProcessProvider::supervisor_pids(dir).is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for pid in ProcessProvider::supervisor_pids(dir) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && !ProcessProvider::supervisor_pids(dir).is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn remove_dir(dir: &Path) -> Result<(), SubstrateError> {
+    let d = dir.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+        .await
+        .map_err(|e| SubstrateError::io("remove sandbox", std::io::Error::other(e)))?;
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SubstrateError::io(format!("remove {}", dir.display()), e)),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), SubstrateError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| SubstrateError::io(format!("chmod {}", path.display()), e))
+}
+
+/// Copies a directory tree (files, directories, symlinks), keeping permissions.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}

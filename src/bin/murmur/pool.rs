@@ -1,0 +1,123 @@
+//! `murmur pool flush | status | up`.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Subcommand;
+use murmur::output::{FLUSH_START, flush_result, status_table};
+use murmur_workflows::error::ApiError;
+use murmur_workflows::status::PoolStatus;
+
+use crate::Session;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum PoolCommand {
+    /// Destroy every warm VM so the pool replenishes from the current image.
+    ///
+    /// Running agents are not affected. Use after baking a new image or changing a
+    /// workspace's image_ref. The flush covers the tenant's whole pool.
+    ///
+    /// Example:
+    ///   murmur pool flush
+    Flush,
+    /// Show warm / booting / assigned / deleting VMs per workspace and image generation.
+    ///
+    /// Examples:
+    ///   murmur pool status
+    ///   murmur pool status --json | jq '.workspaces[].ready'
+    Status {
+        /// Print the status as JSON (the schema of `PoolStatus`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the pool workflow if it is not running and make it backfill now (idempotent).
+    ///
+    /// Example:
+    ///   murmur pool up --wait
+    Up {
+        /// Wait until every workspace has min_idle warm VMs.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120, requires = "wait")]
+        timeout: u64,
+    },
+}
+
+pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(), ApiError> {
+    if murmur::on_vm() {
+        return Err(ApiError::failed_precondition("pool commands are not supported on VMs"));
+    }
+    let session = Session::open(workspace).await?;
+    match cmd {
+        PoolCommand::Flush => {
+            println!("{FLUSH_START}");
+            let _ = std::io::stdout().flush();
+            let reply = session.pool.flush().await?;
+            println!("{}", flush_result(reply.flushed));
+            Ok(())
+        }
+        PoolCommand::Status { json } => {
+            let st = session.pool.status().await?;
+            print_status(&st, json)
+        }
+        PoolCommand::Up { wait, timeout } => {
+            let mut st = session.pool.up().await?;
+            if wait {
+                st = wait_until_filled(&session, st, Duration::from_secs(timeout)).await?;
+            }
+            print_status(&st, false)
+        }
+    }
+}
+
+fn print_status(st: &PoolStatus, json: bool) -> Result<(), ApiError> {
+    if json {
+        let text = serde_json::to_string_pretty(st)
+            .map_err(|e| ApiError::new(murmur_workflows::error::Code::Internal, e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", status_table(st, now_ms()));
+    }
+    Ok(())
+}
+
+fn filled(st: &PoolStatus) -> bool {
+    st.workspaces.iter().all(|w| w.ready >= w.min_idle)
+}
+
+async fn wait_until_filled(
+    session: &Session,
+    mut st: PoolStatus,
+    timeout: Duration,
+) -> Result<PoolStatus, ApiError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while !filled(&st) {
+        let progress: Vec<String> = st
+            .workspaces
+            .iter()
+            .map(|w| format!("{} {}/{}", w.name, w.ready, w.min_idle))
+            .collect();
+        let line = format!("Waiting for warm VMs: {}", progress.join(", "));
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::failed_precondition(format!(
+                "pool did not fill within {}s; see murmur pool status",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        st = session.pool.status().await?;
+    }
+    Ok(st)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,41 @@
+//! murmur: a control plane for warm pools of agent VMs on Temporal.
+//!
+//! # Layout
+//!
+//! - [`config`]: `.murmur/` discovery and the resolved [`config::Context`].
+//! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
+//! - [`output`]: the normative output lines, status table and YAML documents.
+//! - [`worker`]: the `murmur-worker` process.
+//!
+//! The binaries in `src/bin/` are thin adapters over these modules. The workflows (pure,
+//! deterministic) live in the `murmur-workflows` crate, the side effects (substrates,
+//! activities) in `murmur-activities`.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod output;
+pub mod worker;
+
+/// Exit status of a failed operation (any `CODE: reason` error).
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status of a malformed command line.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status when Temporal cannot be reached.
+pub const EXIT_UNAVAILABLE: i32 = 69;
+
+/// True when running inside a murmur VM (pool commands refuse to run there).
+pub fn on_vm() -> bool {
+    std::env::var("MURMUR_VM").is_ok_and(|v| v == "1")
+        || std::path::Path::new("/etc/murmur/vm").exists()
+}
+
+/// Hint printed under an error, per code (PRODUCT.md §5).
+pub fn hint(code: murmur_workflows::error::Code) -> Option<&'static str> {
+    use murmur_workflows::error::Code;
+    match code {
+        Code::Unauthenticated => Some("Run murmur auth or check your murmur.local.yaml configuration."),
+        Code::PermissionDenied => Some("Ask a tenant admin to grant you the required permission."),
+        _ => None,
+    }
+}

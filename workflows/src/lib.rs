@@ -1,0 +1,27 @@
+//! Deterministic half of murmur: the pool workflow, the messages it exchanges, the activity
+//! interfaces it calls, and the pure pool state machine under it.
+//!
+//! # Layout
+//!
+//! - [`model`]: resources (pool-config, workspace), VM records, validation and patching.
+//! - [`machine`]: [`machine::Pool`], the pure state machine: events in, commands out.
+//! - [`status`]: the status view built from a pool.
+//! - [`messages`]: signal/update/query payloads and the lenient decoder.
+//! - [`activity_api`]: typed markers for the activities the workflows call.
+//! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`).
+//! - [`error`]: the `CODE: reason` error contract.
+//!
+//! Nothing here performs I/O or reads the clock; workflow time and randomness come from the
+//! workflow context.
+#![deny(missing_docs)]
+
+pub mod activity_api;
+pub mod error;
+pub mod machine;
+pub mod messages;
+pub mod model;
+pub mod pool_workflow;
+pub mod status;
+
+/// Task queue of the murmur worker unless overridden.
+pub const DEFAULT_TASK_QUEUE: &str = "murmur";

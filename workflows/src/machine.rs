@@ -1,0 +1,620 @@
+//! The pure pool state machine: the tenant's VM inventory and every decision about it.
+//!
+//! The pool workflow feeds [`Pool`] events (activity results, flushes, config edits, timer
+//! ticks) and executes the [`Command`]s it returns. Every change ends in the same
+//! [`Pool::reconcile`] step that compares what is wanted (each workspace's `min_idle` of fresh
+//! VMs, under `max_vms`) with what exists and emits boots and deletes. A command's intent is
+//! recorded in the inventory *before* it is returned (a VM is `booting` as soon as its boot is
+//! asked for, `deleting` as soon as its delete is), so in-flight work always counts towards
+//! `max_vms` and a new run can re-issue whatever was in flight ([`Pool::resume`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::model::{
+    DeleteReason, Environment, ImageHealth, Meta, Millis, POOL_CONFIG_NAME, PoolConfigSpec,
+    Resource, ResourceDoc, ResourceKind, VmId, VmRecord, VmState, WorkspaceSpec, format_rfc3339,
+    patch_json, spec_from_json, validate_workspace_name,
+};
+
+/// Consecutive boot failures of one image after which backfill for it is held back.
+pub const FAILURE_THRESHOLD: u32 = 3;
+/// First hold-back after [`FAILURE_THRESHOLD`] failures; doubles per further failure.
+pub const BACKOFF_BASE_MS: Millis = 30_000;
+/// Longest hold-back.
+pub const BACKOFF_MAX_MS: Millis = 600_000;
+
+/// Something the workflow shell must do in the world.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create the VM and wait for its readiness handshake.
+    Boot(BootSpec),
+    /// Delete the VM from the substrate (idempotent).
+    Delete {
+        /// The VM.
+        vm: VmId,
+        /// Why, for logs.
+        reason: DeleteReason,
+    },
+}
+
+/// Everything a substrate needs to create one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    /// The new VM's id.
+    pub vm: VmId,
+    /// Owning tenant (the substrate labels VMs with it).
+    pub tenant: String,
+    /// Workspace it is booted for.
+    pub workspace: String,
+    /// Image to boot.
+    pub image: String,
+    /// Shape.
+    pub environment: Environment,
+}
+
+/// A change to a resource, as the CLI (or `temporal workflow update`) sends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ConfigChange {
+    /// Replace the whole spec (creates a workspace that does not exist yet).
+    Set {
+        /// The new spec as JSON; missing fields take their defaults.
+        spec: serde_json::Value,
+        /// When given, the change is refused unless the resource is still at this generation.
+        #[serde(default)]
+        expected_generation: Option<u64>,
+    },
+    /// Set individual fields (`key=value`, dotted keys for nested fields).
+    Patch {
+        /// Field assignments, applied in order.
+        set: Vec<(String, String)>,
+    },
+}
+
+/// A validated change, ready to be committed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValidChange {
+    /// New pool-config spec.
+    PoolConfig(PoolConfigSpec),
+    /// New spec for the named workspace.
+    Workspace(String, WorkspaceSpec),
+}
+
+/// The tenant's pool: config, workspaces and VM inventory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Tenant this pool belongs to.
+    pub tenant: String,
+    /// Bumped by every flush; warm VMs of older generations are never handed out.
+    pub generation: u64,
+    /// `pool-config default`.
+    pub config: Resource<PoolConfigSpec>,
+    /// Workspaces by name.
+    pub workspaces: BTreeMap<String, Resource<WorkspaceSpec>>,
+    /// Every VM the pool is responsible for, in any state.
+    pub vms: BTreeMap<VmId, VmRecord>,
+    /// Boot health per image.
+    pub images: BTreeMap<String, ImageHealth>,
+    /// Totals since the pool was created.
+    pub counters: Counters,
+    /// Seed of the VM id sequence (drawn from workflow randomness once).
+    id_seed: u64,
+    /// How many ids were drawn so far.
+    id_counter: u64,
+}
+
+/// Running totals shown in status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Boots requested.
+    pub boots: u64,
+    /// Boots that failed.
+    pub boot_failures: u64,
+    /// VMs confirmed deleted.
+    pub deleted: u64,
+    /// Flushes performed.
+    pub flushes: u64,
+    /// Warm VMs destroyed by flushes.
+    pub flushed_vms: u64,
+}
+
+impl Pool {
+    /// A new pool with the default pool-config and no workspaces.
+    pub fn new(tenant: impl Into<String>, id_seed: u64, now: Millis) -> Self {
+        Self {
+            tenant: tenant.into(),
+            generation: 1,
+            config: Resource {
+                meta: Meta {
+                    generation: 1,
+                    updated_by: "murmur".into(),
+                    updated_at: now,
+                },
+                spec: PoolConfigSpec::default(),
+            },
+            workspaces: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            images: BTreeMap::new(),
+            counters: Counters::default(),
+            id_seed,
+            id_counter: 0,
+        }
+    }
+
+    /// VMs that count against `max_vms`: all of them, whatever their state.
+    pub fn in_use(&self) -> u32 {
+        u32::try_from(self.vms.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Commands that re-issue every operation that was in flight, for a fresh workflow run
+    /// (continue-as-new) whose activities did not carry over. Activities are idempotent by VM
+    /// id, so re-issuing one that already finished is harmless.
+    pub fn resume(&mut self, now: Millis) -> Vec<Command> {
+        let mut out = Vec::new();
+        for vm in self.vms.values() {
+            match vm.state {
+                VmState::Booting => out.push(Command::Boot(self.boot_spec(vm))),
+                VmState::Deleting => out.push(Command::Delete {
+                    vm: vm.id.clone(),
+                    reason: vm.delete_reason.unwrap_or(DeleteReason::Orphan),
+                }),
+                VmState::Warm | VmState::Assigned => {}
+            }
+        }
+        out.extend(self.reconcile(now));
+        out
+    }
+
+    fn boot_spec(&self, vm: &VmRecord) -> BootSpec {
+        let environment = self
+            .workspaces
+            .get(&vm.workspace)
+            .map(|w| w.spec.environment.clone())
+            .unwrap_or_default();
+        BootSpec {
+            vm: vm.id.clone(),
+            tenant: self.tenant.clone(),
+            workspace: vm.workspace.clone(),
+            image: vm.image.clone(),
+            environment,
+        }
+    }
+
+    /// A VM finished its readiness handshake.
+    pub fn boot_succeeded(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
+        let mut out = Vec::new();
+        let current_generation = self.generation;
+        match self.vms.get_mut(vm) {
+            Some(rec) if rec.state == VmState::Booting => {
+                self.images.entry(rec.image.clone()).or_default().consecutive_failures = 0;
+                if let Some(h) = self.images.get_mut(&rec.image) {
+                    h.backoff_until = None;
+                }
+                rec.ready_at = Some(now);
+                if rec.generation < current_generation {
+                    rec.state = VmState::Deleting;
+                    rec.delete_reason = Some(DeleteReason::StaleGeneration);
+                    out.push(Command::Delete {
+                        vm: vm.clone(),
+                        reason: DeleteReason::StaleGeneration,
+                    });
+                } else {
+                    rec.state = VmState::Warm;
+                }
+            }
+            // Late or duplicate result: the VM is already past booting; nothing to do.
+            Some(_) => {}
+            // A VM we do not know came up: it must not leak.
+            None => out.push(self.adopt_orphan(vm, now)),
+        }
+        out.extend(self.reconcile(now));
+        out
+    }
+
+    /// A VM did not become ready (or its create failed). It is deleted, in case the substrate
+    /// created something before failing, and the image's failure count goes up.
+    pub fn boot_failed(&mut self, vm: &VmId, error: &str, now: Millis) -> Vec<Command> {
+        let mut out = Vec::new();
+        match self.vms.get_mut(vm) {
+            Some(rec) if rec.state == VmState::Booting => {
+                rec.state = VmState::Deleting;
+                rec.delete_reason = Some(DeleteReason::BootFailed);
+                let image = rec.image.clone();
+                self.counters.boot_failures += 1;
+                let h = self.images.entry(image).or_default();
+                h.consecutive_failures += 1;
+                h.total_failures += 1;
+                h.last_error = Some(truncate(error, 512));
+                if h.consecutive_failures >= FAILURE_THRESHOLD {
+                    let doublings = (h.consecutive_failures - FAILURE_THRESHOLD).min(10);
+                    let wait = (BACKOFF_BASE_MS << doublings).min(BACKOFF_MAX_MS);
+                    h.backoff_until = Some(now + wait);
+                }
+                out.push(Command::Delete {
+                    vm: vm.clone(),
+                    reason: DeleteReason::BootFailed,
+                });
+            }
+            Some(_) => {}
+            None => out.push(self.adopt_orphan(vm, now)),
+        }
+        out.extend(self.reconcile(now));
+        out
+    }
+
+    /// The substrate confirmed the VM is gone.
+    pub fn deleted(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
+        if self.vms.remove(vm).is_some() {
+            self.counters.deleted += 1;
+        }
+        self.reconcile(now)
+    }
+
+    /// A delete could not be confirmed; ask again.
+    pub fn delete_failed(&mut self, vm: &VmId) -> Vec<Command> {
+        match self.vms.get(vm) {
+            Some(rec) if rec.state == VmState::Deleting => vec![Command::Delete {
+                vm: vm.clone(),
+                reason: rec.delete_reason.unwrap_or(DeleteReason::Orphan),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    fn adopt_orphan(&mut self, vm: &VmId, now: Millis) -> Command {
+        self.vms.insert(
+            vm.clone(),
+            VmRecord {
+                id: vm.clone(),
+                workspace: String::new(),
+                image: String::new(),
+                generation: 0,
+                state: VmState::Deleting,
+                agent: None,
+                created_at: now,
+                ready_at: None,
+                delete_reason: Some(DeleteReason::Orphan),
+            },
+        );
+        Command::Delete {
+            vm: vm.clone(),
+            reason: DeleteReason::Orphan,
+        }
+    }
+
+    /// Flush: bump the generation and destroy every warm VM at once. Booting VMs are discarded
+    /// when they come up; assigned VMs are not touched. Returns the flushed VM ids and the
+    /// commands (deletes, then backfill from the current images).
+    pub fn flush(&mut self, now: Millis) -> (Vec<VmId>, Vec<Command>) {
+        self.generation += 1;
+        self.counters.flushes += 1;
+        let mut flushed = Vec::new();
+        let mut out = Vec::new();
+        for rec in self.vms.values_mut() {
+            if rec.state == VmState::Warm {
+                rec.state = VmState::Deleting;
+                rec.delete_reason = Some(DeleteReason::Flush);
+                flushed.push(rec.id.clone());
+                out.push(Command::Delete {
+                    vm: rec.id.clone(),
+                    reason: DeleteReason::Flush,
+                });
+            }
+        }
+        self.counters.flushed_vms += flushed.len() as u64;
+        out.extend(self.reconcile(now));
+        (flushed, out)
+    }
+
+    /// Checks a config change without applying it (the update validator runs this, so a
+    /// rejected change leaves no trace in history).
+    pub fn validate_change(
+        &self,
+        kind: ResourceKind,
+        name: &str,
+        change: &ConfigChange,
+    ) -> Result<ValidChange, ApiError> {
+        let (current_spec, current_generation) = match kind {
+            ResourceKind::PoolConfig => {
+                if name != POOL_CONFIG_NAME {
+                    return Err(ApiError::not_found(format!(
+                        "pool-config {name:?} does not exist (the only one is \"default\")"
+                    )));
+                }
+                (
+                    Some(to_json(&self.config.spec)),
+                    Some(self.config.meta.generation),
+                )
+            }
+            ResourceKind::Workspace => {
+                validate_workspace_name(name)?;
+                let ws = self.workspaces.get(name);
+                (
+                    ws.map(|w| to_json(&w.spec)),
+                    ws.map(|w| w.meta.generation),
+                )
+            }
+        };
+        let new_spec = match change {
+            ConfigChange::Set {
+                spec,
+                expected_generation,
+            } => {
+                if let Some(expected) = expected_generation
+                    && Some(*expected) != current_generation
+                    && !(*expected == 0 && current_generation.is_none())
+                {
+                    return Err(ApiError::failed_precondition(format!(
+                        "{} {name} is at generation {}, not {expected}; get it again and retry",
+                        kind.as_str(),
+                        current_generation.unwrap_or(0)
+                    )));
+                }
+                if !spec.is_object() {
+                    return Err(ApiError::invalid_argument("spec must be a mapping of fields"));
+                }
+                spec.clone()
+            }
+            ConfigChange::Patch { set } => {
+                let mut doc = current_spec.ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "{} {name} does not exist; create it with murmur set {} {name}",
+                        kind.as_str(),
+                        kind.as_str()
+                    ))
+                })?;
+                if set.is_empty() {
+                    return Err(ApiError::invalid_argument("patch needs at least one --set key=value"));
+                }
+                for (key, value) in set {
+                    patch_json(&mut doc, key, value)?;
+                }
+                doc
+            }
+        };
+        match kind {
+            ResourceKind::PoolConfig => {
+                let spec: PoolConfigSpec = spec_from_json(new_spec)?;
+                spec.validate()?;
+                Ok(ValidChange::PoolConfig(spec))
+            }
+            ResourceKind::Workspace => {
+                let spec: WorkspaceSpec = spec_from_json(new_spec)?;
+                spec.validate()?;
+                Ok(ValidChange::Workspace(name.to_string(), spec))
+            }
+        }
+    }
+
+    /// Commits a validated change, bumps the resource's generation and reconciles.
+    pub fn commit_change(
+        &mut self,
+        change: ValidChange,
+        actor: &str,
+        now: Millis,
+    ) -> (ResourceDoc, Vec<Command>) {
+        let doc = match change {
+            ValidChange::PoolConfig(spec) => {
+                if spec != self.config.spec {
+                    self.config.spec = spec;
+                    bump(&mut self.config.meta, actor, now);
+                }
+                make_doc(ResourceKind::PoolConfig, POOL_CONFIG_NAME, &self.config)
+            }
+            ValidChange::Workspace(name, spec) => {
+                let ws = self.workspaces.entry(name.clone()).or_insert_with(|| Resource {
+                    meta: Meta::default(),
+                    spec: spec.clone(),
+                });
+                if ws.spec != spec || ws.meta.generation == 0 {
+                    ws.spec = spec;
+                    bump(&mut ws.meta, actor, now);
+                }
+                make_doc(ResourceKind::Workspace, &name, ws)
+            }
+        };
+        (doc, self.reconcile(now))
+    }
+
+    /// The document of one resource, or `NOT_FOUND`.
+    pub fn doc(&self, kind: ResourceKind, name: &str) -> Result<ResourceDoc, ApiError> {
+        match kind {
+            ResourceKind::PoolConfig if name == POOL_CONFIG_NAME => {
+                Ok(make_doc(kind, name, &self.config))
+            }
+            ResourceKind::PoolConfig => Err(ApiError::not_found(format!(
+                "pool-config {name:?} does not exist (the only one is \"default\")"
+            ))),
+            ResourceKind::Workspace => match self.workspaces.get(name) {
+                Some(ws) => Ok(make_doc(kind, name, ws)),
+                None => Err(ApiError::not_found(format!(
+                    "workspace {name} does not exist; create it with murmur set workspace {name}"
+                ))),
+            },
+        }
+    }
+
+    /// True when `vm` may be handed out: warm, from the workspace's current image and the
+    /// pool's current generation.
+    pub fn is_fresh(&self, vm: &VmRecord) -> bool {
+        vm.generation == self.generation
+            && self
+                .workspaces
+                .get(&vm.workspace)
+                .is_some_and(|ws| ws.spec.image_ref == vm.image)
+    }
+
+    /// The one reconcile step: compare each workspace's wanted warm VMs with what exists and
+    /// emit boots (under `max_vms`, respecting image back-off) and deletes (surplus, and stale
+    /// warm VMs when their room is needed).
+    pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
+        let mut out = Vec::new();
+        let names: Vec<String> = self.workspaces.keys().cloned().collect();
+        for name in names {
+            let Some(ws) = self.workspaces.get(&name) else {
+                continue;
+            };
+            let spec = ws.spec.clone();
+            let fresh: Vec<(VmState, Millis, VmId)> = self
+                .vms
+                .values()
+                .filter(|v| v.workspace == name && matches!(v.state, VmState::Booting | VmState::Warm))
+                .filter(|v| self.is_fresh(v))
+                .map(|v| (v.state, v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+                .collect();
+            let have = fresh.len() as u32;
+            if have > spec.min_idle {
+                // Scale in: only warm VMs, oldest first; booting ones finish and are counted.
+                let mut warm: Vec<_> = fresh.iter().filter(|f| f.0 == VmState::Warm).collect();
+                warm.sort_by_key(|f| f.1);
+                for (_, _, id) in warm.into_iter().take((have - spec.min_idle) as usize) {
+                    out.push(self.mark_deleting(id, DeleteReason::ScaleIn));
+                }
+                continue;
+            }
+            let mut missing = spec.min_idle - have;
+            if missing == 0 || self.image_held(&spec.image_ref, now) {
+                continue;
+            }
+            if self.probing(&spec.image_ref) {
+                // After a back-off, one probe boot at a time until the image works again.
+                missing = missing.min(
+                    if self.booting_with_image(&spec.image_ref) == 0 { 1 } else { 0 },
+                );
+            }
+            while missing > 0 {
+                if self.in_use() >= self.config.spec.max_vms {
+                    match self.stale_warm_vm() {
+                        Some(id) => out.push(self.mark_deleting(&id, DeleteReason::StaleImage)),
+                        None => break,
+                    }
+                    // The eviction frees room only once the delete is confirmed.
+                    break;
+                }
+                out.push(self.start_boot(&name, &spec, now));
+                missing -= 1;
+            }
+        }
+        out
+    }
+
+    fn image_held(&self, image: &str, now: Millis) -> bool {
+        self.images
+            .get(image)
+            .and_then(|h| h.backoff_until)
+            .is_some_and(|until| now < until)
+    }
+
+    fn probing(&self, image: &str) -> bool {
+        self.images
+            .get(image)
+            .is_some_and(|h| h.consecutive_failures >= FAILURE_THRESHOLD)
+    }
+
+    fn booting_with_image(&self, image: &str) -> usize {
+        self.vms
+            .values()
+            .filter(|v| v.state == VmState::Booting && v.image == image)
+            .count()
+    }
+
+    /// The next instant at which a back-off ends, so the shell can wake up then.
+    pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
+        self.images
+            .values()
+            .filter_map(|h| h.backoff_until)
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    /// A warm VM that can never be handed out (its image or generation is stale), oldest first.
+    fn stale_warm_vm(&self) -> Option<VmId> {
+        self.vms
+            .values()
+            .filter(|v| v.state == VmState::Warm && !self.is_fresh(v))
+            .min_by_key(|v| v.ready_at.unwrap_or(v.created_at))
+            .map(|v| v.id.clone())
+    }
+
+    fn mark_deleting(&mut self, id: &VmId, reason: DeleteReason) -> Command {
+        if let Some(rec) = self.vms.get_mut(id) {
+            rec.state = VmState::Deleting;
+            rec.delete_reason = Some(reason);
+        }
+        Command::Delete {
+            vm: id.clone(),
+            reason,
+        }
+    }
+
+    fn start_boot(&mut self, workspace: &str, spec: &WorkspaceSpec, now: Millis) -> Command {
+        let id = self.next_vm_id();
+        let rec = VmRecord {
+            id: id.clone(),
+            workspace: workspace.to_string(),
+            image: spec.image_ref.clone(),
+            generation: self.generation,
+            state: VmState::Booting,
+            agent: None,
+            created_at: now,
+            ready_at: None,
+            delete_reason: None,
+        };
+        self.counters.boots += 1;
+        let cmd = Command::Boot(self.boot_spec(&rec));
+        self.vms.insert(id, rec);
+        cmd
+    }
+
+    /// Draws the next unused VM id from a deterministic sequence (splitmix64 over the seed).
+    fn next_vm_id(&mut self) -> VmId {
+        loop {
+            self.id_counter += 1;
+            let mut z = self
+                .id_seed
+                .wrapping_add(self.id_counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let id = VmId::from_bits((z >> 32) as u32);
+            if !self.vms.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+fn bump(meta: &mut Meta, actor: &str, now: Millis) {
+    meta.generation += 1;
+    meta.updated_by = actor.to_string();
+    meta.updated_at = now;
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+fn make_doc<S: Serialize>(kind: ResourceKind, name: &str, res: &Resource<S>) -> ResourceDoc {
+    ResourceDoc {
+        kind,
+        name: name.to_string(),
+        generation: res.meta.generation,
+        updated_by: res.meta.updated_by.clone(),
+        updated_at: format_rfc3339(res.meta.updated_at),
+        spec: to_json(&res.spec),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

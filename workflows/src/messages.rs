@@ -1,0 +1,134 @@
+//! Messages exchanged with the pool workflow (signals, updates, queries) and how a lenient
+//! handler reads them: anything the `temporal` CLI can send must be rejected cleanly, never
+//! fail a workflow task.
+
+use serde::{Deserialize, Serialize};
+use temporalio_common::data_converters::RawValue;
+
+use crate::error::ApiError;
+use crate::machine::ConfigChange;
+use crate::model::VmId;
+
+/// Input of `flush` (signal and update). Every field is optional so `{}` is a plain flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlushRequest {
+    /// Destroy everything, not just warm VMs (handled by the nuke workflow).
+    pub nuke: bool,
+    /// Who asks, for the audit trail.
+    pub actor: Option<String>,
+    /// Workspace context of the caller (the flush always covers the whole pool).
+    pub workspace: Option<String>,
+}
+
+/// Result of a flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushReply {
+    /// Warm VMs destroyed.
+    pub flushed: u32,
+    /// Their ids.
+    pub vms: Vec<VmId>,
+    /// The pool generation after the flush.
+    pub generation: u64,
+}
+
+/// Input of the `apply_config` update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRequest {
+    /// `pool-config` or `workspace`.
+    pub kind: String,
+    /// Resource name.
+    pub name: String,
+    /// What to change.
+    pub change: ConfigChange,
+    /// Who asks, recorded as `updated_by`.
+    #[serde(default)]
+    pub actor: Option<String>,
+}
+
+/// Input of the `up` update and signal (nothing required).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpRequest {
+    /// Who asks.
+    pub actor: Option<String>,
+}
+
+/// Input of the pool workflow's run: the tenant, and the state carried over by
+/// continue-as-new.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PoolInput {
+    /// Tenant whose pool this is.
+    pub tenant: String,
+    /// State of the previous run, when continuing as new.
+    #[serde(default)]
+    pub carried: Option<Box<crate::machine::Pool>>,
+}
+
+/// Reads a JSON message from a raw payload list, the lenient way: no payload reads as `{}`
+/// (all-default types then accept it), anything undecodable is an `INVALID_ARGUMENT`.
+pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
+    let data: &[u8] = match raw.payloads.first() {
+        Some(p) if !p.data.is_empty() => &p.data,
+        _ => b"{}",
+    };
+    if let Some(p) = raw.payloads.first() {
+        let encoding = p
+            .metadata
+            .get("encoding")
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .unwrap_or_default();
+        if !encoding.is_empty() && encoding != "json/plain" && encoding != "binary/null" {
+            return Err(ApiError::invalid_argument(format!(
+                "payload encoding {encoding:?} is not json/plain"
+            )));
+        }
+    }
+    serde_json::from_slice(data).map_err(|e| {
+        ApiError::invalid_argument(format!("payload is not a valid message: {e}"))
+    })
+}
+
+/// Encodes a message the way the `temporal` CLI does (`json/plain`), for handlers that take
+/// a raw payload.
+pub fn encode_json<T: Serialize>(message: &T) -> Result<RawValue, serde_json::Error> {
+    let mut payload = temporalio_common::protos::temporal::api::common::v1::Payload::default();
+    payload
+        .metadata
+        .insert("encoding".to_string(), b"json/plain".to_vec());
+    payload.data = serde_json::to_vec(message)?;
+    Ok(RawValue::new(vec![payload]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use temporalio_common::protos::temporal::api::common::v1::Payload;
+
+    fn json_payload(s: &str) -> RawValue {
+        let mut p = Payload::default();
+        p.metadata.insert("encoding".into(), b"json/plain".to_vec());
+        p.data = s.as_bytes().to_vec();
+        RawValue::new(vec![p])
+    }
+
+    #[test]
+    fn encoded_messages_decode_back() {
+        let req = FlushRequest {
+            actor: Some("ana".into()),
+            ..Default::default()
+        };
+        let raw = encode_json(&req).unwrap();
+        assert_eq!(decode_lenient::<FlushRequest>(&raw).unwrap(), req);
+    }
+
+    #[test]
+    fn lenient_decoding_accepts_empty_and_rejects_garbage() {
+        let empty = RawValue::empty();
+        assert_eq!(decode_lenient::<FlushRequest>(&empty).unwrap(), FlushRequest::default());
+        assert!(decode_lenient::<FlushRequest>(&json_payload("\"x\"")).is_err());
+        assert!(decode_lenient::<FlushRequest>(&json_payload(r#"{"nuke":"yes"}"#)).is_err());
+        let ok = decode_lenient::<FlushRequest>(&json_payload(r#"{"nuke":true,"extra":1}"#)).unwrap();
+        assert!(ok.nuke);
+    }
+}

@@ -1,0 +1,489 @@
+//! `PoolWorkflow` (`pool/<tenant>`): the thin Temporal shell around [`Pool`].
+//!
+//! The shell owns no decisions. It feeds the machine events (activity results, flushes,
+//! config edits, back-off timers), starts the activities for the commands the machine returns
+//! and keeps track of them until they finish. Handlers reachable from the `temporal` CLI take
+//! lenient input; a malformed signal is logged and counted, never a failed workflow task.
+
+// `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
+// handlers themselves are documented below.
+#![allow(missing_docs)]
+
+use std::error::Error;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::FutureExt;
+use futures::future::LocalBoxFuture;
+use temporalio_common::RetryPolicy;
+use temporalio_common::data_converters::RawValue;
+use temporalio_macros::{workflow, workflow_methods};
+use temporalio_sdk::{
+    ActivityOptions, ContinueAsNewOptions, SyncWorkflowContext, WorkflowContext,
+    WorkflowContextView, WorkflowResult,
+};
+
+use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
+use crate::error::ApiError;
+use crate::machine::{Command, Pool};
+use crate::messages::{
+    ConfigRequest, FlushReply, FlushRequest, PoolInput, UpRequest, decode_lenient,
+};
+use crate::model::{Millis, ResourceDoc, ResourceKind, VmId};
+use crate::status::PoolStatus;
+
+/// Boot deadline of one VM: create plus readiness handshake.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Roll over to a new run once history grows past this many events.
+const MAX_HISTORY_EVENTS: u32 = 10_000;
+
+/// Error type of update handlers, as the SDK wants it.
+pub type UpdateError = Box<dyn Error + Send + Sync>;
+
+/// Workflow id of a tenant's pool.
+pub fn pool_workflow_id(tenant: &str) -> String {
+    format!("pool/{tenant}")
+}
+
+/// Every resource of the tenant, as `murmur get` shows them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigSnapshot {
+    /// `pool-config default`.
+    pub pool_config: ResourceDoc,
+    /// All workspaces.
+    pub workspaces: Vec<ResourceDoc>,
+}
+
+/// The pool workflow's state: the machine plus the shell's own bookkeeping.
+#[workflow]
+pub struct PoolWorkflow {
+    pool: Pool,
+    /// Commands produced by handlers, started by the run loop.
+    outbox: Vec<Command>,
+    /// True when the run must re-issue in-flight work of a previous run.
+    resumed: bool,
+    /// Flush updates waiting for their deletes.
+    flushes_in_progress: u32,
+    /// Messages rejected for bad input.
+    rejected_messages: u64,
+}
+
+/// What finished among the activities the shell started.
+enum Outcome {
+    Booted(VmId),
+    BootFailed(VmId, String),
+    Deleted(VmId),
+    DeleteFailed(VmId),
+}
+
+#[workflow_methods]
+impl PoolWorkflow {
+    /// Builds the state from the input: a new pool, or the one carried by continue-as-new.
+    #[init]
+    pub fn new(ctx: &WorkflowContextView, input: PoolInput) -> Self {
+        let resumed = input.carried.is_some();
+        let pool = match input.carried {
+            Some(pool) => *pool,
+            None => Pool::new(
+                input.tenant,
+                ctx.raw().randomness_seed,
+                to_millis(ctx.start_time()),
+            ),
+        };
+        Self {
+            pool,
+            outbox: Vec::new(),
+            resumed,
+            flushes_in_progress: 0,
+            rejected_messages: 0,
+        }
+    }
+
+    /// The run loop: start commands, wait for the next event, feed it to the machine.
+    #[run]
+    pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<()> {
+        let c = ctx.clone();
+        let now = now_ms(&c);
+        c.state_mut(|s| {
+            let cmds = if s.resumed {
+                s.pool.resume(now)
+            } else {
+                s.pool.reconcile(now)
+            };
+            s.outbox.extend(cmds);
+        });
+        let mut in_flight: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
+        let mut wake_at: Option<Millis> = None;
+        let mut timer: LocalBoxFuture<'_, ()> = futures::future::pending().boxed_local();
+        let mut last_details = String::new();
+        loop {
+            let (tenant, cmds) = c.state_mut(|s| (s.pool.tenant.clone(), std::mem::take(&mut s.outbox)));
+            for cmd in cmds {
+                in_flight.push(start_command(&c, &tenant, cmd));
+            }
+            let details = c.state(|s| details_markdown(s));
+            if details != last_details {
+                c.set_current_details(details.clone());
+                last_details = details;
+            }
+
+            // Roll over once history is long, between operations and with no handler running:
+            // the new run starts from the same state.
+            let roll_over = (c.continue_as_new_suggested()
+                || c.history_length() > MAX_HISTORY_EVENTS)
+                && in_flight.is_empty();
+            if roll_over && c.all_handlers_finished() {
+                let carried = c.state(|s| s.pool.clone());
+                let input = PoolInput {
+                    tenant: carried.tenant.clone(),
+                    carried: Some(Box::new(carried)),
+                };
+                let Err(end) = c.continue_as_new(input, ContinueAsNewOptions::default());
+                return Err(end);
+            }
+            let c2 = c.clone();
+            let mut handlers_done: LocalBoxFuture<'_, ()> = if roll_over {
+                async move {
+                    let _ = c2.wait_condition(|_| c2.all_handlers_finished()).await;
+                }
+                .boxed_local()
+            } else {
+                futures::future::pending().boxed_local()
+            };
+
+            let now = now_ms(&c);
+            let next = c.state(|s| s.pool.next_wakeup(now));
+            if next != wake_at {
+                wake_at = next;
+                timer = match next {
+                    Some(t) => {
+                        let t = c.timer(Duration::from_millis(t.saturating_sub(now).max(1)));
+                        async move {
+                            t.await;
+                        }
+                        .boxed_local()
+                    }
+                    None => futures::future::pending().boxed_local(),
+                };
+            }
+
+            temporalio_sdk::workflows::select! {
+                outcome = next_finished(&mut in_flight).fuse() => {
+                    let now = now_ms(&c);
+                    c.state_mut(|s| {
+                        let cmds = match outcome {
+                            Outcome::Booted(vm) => s.pool.boot_succeeded(&vm, now),
+                            Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
+                            Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
+                            Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
+                        };
+                        s.outbox.extend(cmds);
+                    });
+                }
+                r = c.wait_condition(|s| !s.outbox.is_empty()) => { r?; }
+                _ = (&mut timer).fuse() => {
+                    wake_at = None;
+                    timer = futures::future::pending().boxed_local();
+                    let now = now_ms(&c);
+                    c.state_mut(|s| {
+                        let cmds = s.pool.reconcile(now);
+                        s.outbox.extend(cmds);
+                    });
+                }
+                _ = (&mut handlers_done).fuse() => {}
+            }
+        }
+    }
+
+    /// `flush` as an update: destroys every warm VM, bumps the generation, and answers once
+    /// the flushed VMs are gone from the substrate. Any payload is read leniently (none at all
+    /// is a plain flush); a malformed one is rejected before it reaches history.
+    #[update_validator(flush)]
+    pub fn validate_flush(
+        &self,
+        _ctx: &WorkflowContextView,
+        raw: &RawValue,
+    ) -> Result<(), UpdateError> {
+        parse_flush(raw).map(|_| ()).map_err(boxed)
+    }
+
+    /// See [`Self::validate_flush`].
+    #[update]
+    pub async fn flush(
+        ctx: &mut WorkflowContext<Self>,
+        raw: RawValue,
+    ) -> Result<FlushReply, UpdateError> {
+        let req = parse_flush(&raw).map_err(boxed)?;
+        let now = now_ms(ctx);
+        let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &req));
+        ctx.wait_condition(|s| vms.iter().all(|vm| !s.pool.vms.contains_key(vm)))
+            .await
+            .map_err(|e| Box::new(e) as UpdateError)?;
+        ctx.state_mut(|s| s.flushes_in_progress = s.flushes_in_progress.saturating_sub(1));
+        Ok(FlushReply {
+            flushed: vms.len() as u32,
+            vms,
+            generation,
+        })
+    }
+
+    /// `flush` as a signal (fire and forget), for `temporal workflow signal --name flush`.
+    /// Takes any payload; a malformed one is logged and ignored.
+    #[signal(name = "flush")]
+    pub fn flush_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
+        match parse_flush(&raw) {
+            Ok(req) => {
+                let now = to_millis(ctx.workflow_time());
+                let (vms, _) = self.start_flush(now, &req);
+                // Nobody waits for a signal's deletes.
+                self.flushes_in_progress = self.flushes_in_progress.saturating_sub(1);
+                tracing::info!(tenant = %self.pool.tenant, flushed = vms.len(), "flush signal");
+            }
+            Err(e) if !ctx.is_replaying() => self.reject("flush", &e),
+            Err(_) => self.rejected_messages += 1,
+        }
+    }
+
+    /// `up`: reconcile now and answer with the status.
+    #[update]
+    pub fn up(&mut self, ctx: &mut SyncWorkflowContext<Self>, _req: UpRequest) -> PoolStatus {
+        let now = to_millis(ctx.workflow_time());
+        let cmds = self.pool.reconcile(now);
+        self.outbox.extend(cmds);
+        self.status_view()
+    }
+
+    /// `up` as a signal; any payload is accepted.
+    #[signal(name = "up")]
+    pub fn up_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
+        let now = to_millis(ctx.workflow_time());
+        let cmds = self.pool.reconcile(now);
+        self.outbox.extend(cmds);
+    }
+
+    /// Validates a config change (rejections leave no trace in history).
+    #[update_validator(apply_config)]
+    pub fn validate_apply_config(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &ConfigRequest,
+    ) -> Result<(), UpdateError> {
+        let kind = ResourceKind::parse(&req.kind).map_err(boxed)?;
+        self.pool
+            .validate_change(kind, &req.name, &req.change)
+            .map(|_| ())
+            .map_err(boxed)
+    }
+
+    /// Applies a config change and answers with the resource as it now is.
+    #[update]
+    pub fn apply_config(
+        &mut self,
+        ctx: &mut SyncWorkflowContext<Self>,
+        req: ConfigRequest,
+    ) -> Result<ResourceDoc, UpdateError> {
+        let kind = ResourceKind::parse(&req.kind).map_err(boxed)?;
+        let change = self
+            .pool
+            .validate_change(kind, &req.name, &req.change)
+            .map_err(boxed)?;
+        let now = to_millis(ctx.workflow_time());
+        let actor = req.actor.as_deref().unwrap_or("unknown");
+        let (doc, cmds) = self.pool.commit_change(change, actor, now);
+        self.outbox.extend(cmds);
+        tracing::info!(tenant = %self.pool.tenant, kind = kind.as_str(), name = %req.name,
+            generation = doc.generation, actor, "config changed");
+        Ok(doc)
+    }
+
+    /// The pool status (`murmur pool status`).
+    #[query]
+    pub fn status(&self, _ctx: &WorkflowContextView) -> PoolStatus {
+        self.status_view()
+    }
+
+    /// Every resource of the tenant (`murmur get`).
+    #[query]
+    pub fn config(&self, _ctx: &WorkflowContextView) -> ConfigSnapshot {
+        ConfigSnapshot {
+            pool_config: self
+                .pool
+                .doc(ResourceKind::PoolConfig, crate::model::POOL_CONFIG_NAME)
+                .unwrap_or_else(|e| unreachable_config(&e)),
+            workspaces: self
+                .pool
+                .workspaces
+                .keys()
+                .filter_map(|n| self.pool.doc(ResourceKind::Workspace, n).ok())
+                .collect(),
+        }
+    }
+}
+
+impl PoolWorkflow {
+    fn start_flush(&mut self, now: Millis, req: &FlushRequest) -> (Vec<VmId>, u64) {
+        let (vms, cmds) = self.pool.flush(now);
+        self.outbox.extend(cmds);
+        self.flushes_in_progress += 1;
+        tracing::info!(tenant = %self.pool.tenant, actor = ?req.actor, flushed = vms.len(),
+            generation = self.pool.generation, "flush");
+        (vms, self.pool.generation)
+    }
+
+    fn reject(&mut self, name: &str, err: &ApiError) {
+        self.rejected_messages += 1;
+        tracing::warn!(tenant = %self.pool.tenant, handler = name, error = %err,
+            "rejected malformed message");
+    }
+
+    fn status_view(&self) -> PoolStatus {
+        let mut s = PoolStatus::build(&self.pool, self.flushes_in_progress > 0, false);
+        s.rejected_messages = self.rejected_messages;
+        s
+    }
+}
+
+fn unreachable_config(e: &ApiError) -> ResourceDoc {
+    ResourceDoc {
+        kind: ResourceKind::PoolConfig,
+        name: crate::model::POOL_CONFIG_NAME.into(),
+        generation: 0,
+        updated_by: String::new(),
+        updated_at: String::new(),
+        spec: serde_json::Value::String(e.to_string()),
+    }
+}
+
+/// Reads a flush request; `nuke` is not the pool's to do (the nuke workflow does it).
+fn parse_flush(raw: &RawValue) -> Result<FlushRequest, ApiError> {
+    let req: FlushRequest = decode_lenient(raw)?;
+    if req.nuke {
+        return Err(ApiError::invalid_argument(
+            "nuke is not a pool message; run murmur pool flush --nuke",
+        ));
+    }
+    Ok(req)
+}
+
+fn boxed(e: ApiError) -> UpdateError {
+    Box::new(e)
+}
+
+/// Resolves with the first finished future, polling in insertion order (deterministic), and
+/// removes it. Pending forever while the list is empty.
+fn next_finished<'a, 'b, T>(
+    list: &'a mut Vec<LocalBoxFuture<'b, T>>,
+) -> impl Future<Output = T> + 'a {
+    futures::future::poll_fn(move |cx| {
+        for i in 0..list.len() {
+            if let Poll::Ready(v) = Pin::new(&mut list[i]).poll(cx) {
+                drop(list.remove(i));
+                return Poll::Ready(v);
+            }
+        }
+        Poll::Pending
+    })
+}
+
+fn start_command<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    tenant: &str,
+    cmd: Command,
+) -> LocalBoxFuture<'a, Outcome> {
+    match cmd {
+        Command::Boot(spec) => {
+            let vm = spec.vm.clone();
+            let opts = ActivityOptions::with_start_to_close_timeout(BOOT_TIMEOUT + Duration::from_secs(30))
+                .heartbeat_timeout(Duration::from_secs(5))
+                .retry_policy(
+                    RetryPolicy::builder()
+                        .initial_interval(Duration::from_secs(1))
+                        .maximum_attempts(3)
+                        .non_retryable_error_types(["BootFailed"])
+                        .build(),
+                )
+                .summary(format!("boot {} from {}", spec.vm, spec.image))
+                .build();
+            let fut = c.execute_activity(BootVm, spec, opts);
+            async move {
+                match fut.await {
+                    Ok(_) => Outcome::Booted(vm),
+                    Err(e) => Outcome::BootFailed(vm, failure_message(&e)),
+                }
+            }
+            .boxed_local()
+        }
+        Command::Delete { vm, reason } => {
+            let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+                .heartbeat_timeout(Duration::from_secs(5))
+                .retry_policy(
+                    RetryPolicy::builder()
+                        .initial_interval(Duration::from_millis(500))
+                        .maximum_interval(Duration::from_secs(30))
+                        .build(),
+                )
+                .summary(format!("delete {vm} ({reason:?})"))
+                .build();
+            let input = DeleteVmInput {
+                tenant: tenant.to_string(),
+                vm: vm.clone(),
+            };
+            let fut = c.execute_activity(DeleteVm, input, opts);
+            async move {
+                match fut.await {
+                    Ok(()) => Outcome::Deleted(vm),
+                    Err(_) => Outcome::DeleteFailed(vm),
+                }
+            }
+            .boxed_local()
+        }
+    }
+}
+
+fn failure_message(e: &temporalio_sdk::ActivityExecutionError) -> String {
+    let mut msg = e.to_string();
+    if let Some(f) = e.failure() {
+        let mut cause = f.cause.as_deref();
+        while let Some(c) = cause {
+            msg = c.message.clone();
+            cause = c.cause.as_deref();
+        }
+    }
+    msg
+}
+
+fn details_markdown(s: &PoolWorkflow) -> String {
+    let st = PoolStatus::build(&s.pool, s.flushes_in_progress > 0, false);
+    let mut out = format!(
+        "**pool/{}** generation {} — {} of {} VMs in use\n",
+        st.tenant, st.generation, st.in_use, st.config.max_vms
+    );
+    for ws in &st.workspaces {
+        let (warm, booting, assigned, deleting) = ws.groups.iter().fold((0, 0, 0, 0), |a, g| {
+            (a.0 + g.warm, a.1 + g.booting, a.2 + g.assigned, a.3 + g.deleting)
+        });
+        out.push_str(&format!(
+            "- `{}` image `{}`: {warm} warm / {booting} booting / {assigned} assigned / {deleting} deleting (min_idle {}){}\n",
+            ws.name,
+            ws.image_ref,
+            ws.min_idle,
+            if ws.reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", ws.reasons.join(", "))
+            }
+        ));
+    }
+    out
+}
+
+fn to_millis(t: Option<SystemTime>) -> Millis {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+fn now_ms<W>(c: &WorkflowContext<W>) -> Millis {
+    to_millis(c.workflow_time())
+}

@@ -1,0 +1,181 @@
+//! The pool status view: counts per workspace and image generation, reasons, config in force.
+//!
+//! Built from a [`Pool`] by a pure function so the query handler, the CLI and the tests all
+//! see the same numbers. The JSON form is the `murmur pool status --json` schema.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{Counters, FAILURE_THRESHOLD, Pool};
+use crate::model::{ImageHealth, Millis, PoolConfigSpec, VmRecord, VmState};
+
+/// Counts of one (image, generation) group inside a workspace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// Image the VMs boot from.
+    pub image: String,
+    /// Pool generation they were booted in.
+    pub generation: u64,
+    /// Ready and idle.
+    pub warm: u32,
+    /// Create requested, not ready yet.
+    pub booting: u32,
+    /// Held by an agent.
+    pub assigned: u32,
+    /// Delete requested.
+    pub deleting: u32,
+}
+
+/// One workspace's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStatus {
+    /// Workspace name.
+    pub name: String,
+    /// Warm VMs wanted.
+    pub min_idle: u32,
+    /// Image new VMs boot from.
+    pub image_ref: String,
+    /// Resource generation of the workspace.
+    pub config_generation: u64,
+    /// Warm VMs that can be handed out now (current image and pool generation).
+    pub ready: u32,
+    /// Counts per (image, generation).
+    pub groups: Vec<GroupStatus>,
+    /// When the oldest warm VM became ready (epoch milliseconds); the CLI shows its age.
+    pub oldest_warm_since: Option<Millis>,
+    /// Consecutive boot failures of the current image.
+    pub boot_failures: u32,
+    /// Why the workspace is not at `min_idle`, as stable codes
+    /// (`at_max_vms`, `image_failing`, `flush_in_progress`).
+    pub reasons: Vec<String>,
+}
+
+/// The whole pool's view (`murmur pool status --json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Tenant.
+    pub tenant: String,
+    /// Current pool generation.
+    pub generation: u64,
+    /// `pool-config default` in force.
+    pub config: PoolConfigSpec,
+    /// Resource generation of the pool-config.
+    pub config_generation: u64,
+    /// VMs counting against `max_vms`.
+    pub in_use: u32,
+    /// Per-workspace views, by name.
+    pub workspaces: Vec<WorkspaceStatus>,
+    /// Images that failed to boot at least once since their last success.
+    pub failing_images: BTreeMap<String, ImageHealth>,
+    /// True while a flush waits for its deletes.
+    pub flush_in_progress: bool,
+    /// True while a nuke runs.
+    pub nuke_in_progress: bool,
+    /// Totals since the pool was created.
+    pub counters: Counters,
+    /// Signals rejected for malformed input since this run started.
+    pub rejected_messages: u64,
+    /// The full inventory.
+    pub vms: Vec<VmRecord>,
+}
+
+impl PoolStatus {
+    /// Builds the view of `pool`.
+    pub fn build(pool: &Pool, flush_in_progress: bool, nuke_in_progress: bool) -> Self {
+        let max_vms = pool.config.spec.max_vms;
+        let workspaces = pool
+            .workspaces
+            .iter()
+            .map(|(name, ws)| {
+                let mine: Vec<&VmRecord> = pool.vms.values().filter(|v| &v.workspace == name).collect();
+                let mut groups: BTreeMap<(String, u64), GroupStatus> = BTreeMap::new();
+                for v in &mine {
+                    let g = groups
+                        .entry((v.image.clone(), v.generation))
+                        .or_insert_with(|| GroupStatus {
+                            image: v.image.clone(),
+                            generation: v.generation,
+                            ..Default::default()
+                        });
+                    match v.state {
+                        VmState::Warm => g.warm += 1,
+                        VmState::Booting => g.booting += 1,
+                        VmState::Assigned => g.assigned += 1,
+                        VmState::Deleting => g.deleting += 1,
+                    }
+                }
+                let ready = mine
+                    .iter()
+                    .filter(|v| v.state == VmState::Warm && pool.is_fresh(v))
+                    .count() as u32;
+                let fresh_or_booting = mine
+                    .iter()
+                    .filter(|v| matches!(v.state, VmState::Warm | VmState::Booting) && pool.is_fresh(v))
+                    .count() as u32;
+                let oldest_warm_since = mine
+                    .iter()
+                    .filter(|v| v.state == VmState::Warm)
+                    .filter_map(|v| v.ready_at)
+                    .min();
+                let health = pool.images.get(&ws.spec.image_ref);
+                let boot_failures = health.map_or(0, |h| h.consecutive_failures);
+                let mut reasons = Vec::new();
+                if fresh_or_booting < ws.spec.min_idle {
+                    if pool.in_use() >= max_vms {
+                        reasons.push("at_max_vms".to_string());
+                    }
+                    if boot_failures >= FAILURE_THRESHOLD {
+                        reasons.push("image_failing".to_string());
+                    }
+                }
+                if flush_in_progress {
+                    reasons.push("flush_in_progress".to_string());
+                }
+                if nuke_in_progress {
+                    reasons.push("nuke_in_progress".to_string());
+                }
+                WorkspaceStatus {
+                    name: name.clone(),
+                    min_idle: ws.spec.min_idle,
+                    image_ref: ws.spec.image_ref.clone(),
+                    config_generation: ws.meta.generation,
+                    ready,
+                    groups: groups.into_values().collect(),
+                    oldest_warm_since,
+                    boot_failures,
+                    reasons,
+                }
+            })
+            .collect();
+        Self {
+            tenant: pool.tenant.clone(),
+            generation: pool.generation,
+            config: pool.config.spec.clone(),
+            config_generation: pool.config.meta.generation,
+            in_use: pool.in_use(),
+            workspaces,
+            failing_images: pool
+                .images
+                .iter()
+                .filter(|(_, h)| h.consecutive_failures > 0)
+                .map(|(k, h)| (k.clone(), h.clone()))
+                .collect(),
+            flush_in_progress,
+            nuke_in_progress,
+            counters: pool.counters.clone(),
+            rejected_messages: 0,
+            vms: pool.vms.values().cloned().collect(),
+        }
+    }
+
+    /// Warm VMs of a workspace, whatever their image or generation.
+    pub fn warm(&self, workspace: &str) -> u32 {
+        self.workspaces
+            .iter()
+            .filter(|w| w.name == workspace)
+            .flat_map(|w| &w.groups)
+            .map(|g| g.warm)
+            .sum()
+    }
+}
