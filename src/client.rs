@@ -39,10 +39,10 @@ pub fn task_queue() -> String {
 /// Connects with the same settings as the `temporal` CLI (`TEMPORAL_ADDRESS`,
 /// `TEMPORAL_NAMESPACE`, TLS and API key variables, config profiles).
 pub async fn connect(identity: &str) -> Result<Client, ApiError> {
-    let (mut conn_opts, client_opts) =
-        ClientOptions::load_from_config(LoadClientConfigProfileOptions::default()).map_err(|e| {
-            ApiError::invalid_argument(format!("Temporal client configuration: {e}"))
-        })?;
+    let (mut conn_opts, client_opts) = ClientOptions::load_from_config(
+        LoadClientConfigProfileOptions::default(),
+    )
+    .map_err(|e| ApiError::invalid_argument(format!("Temporal client configuration: {e}")))?;
     conn_opts.identity = identity.to_string();
     let target = conn_opts.target.to_string();
     let connection = Connection::connect(conn_opts).await.map_err(|e| {
@@ -197,9 +197,9 @@ fn failure_to_api(message: &str) -> ApiError {
 fn update_error(e: WorkflowUpdateError) -> ApiError {
     match e {
         WorkflowUpdateError::Failed(f) => failure_to_api(&f.message),
-        WorkflowUpdateError::NotFound(_) => ApiError::not_found(
-            "the pool workflow is not running; start it with murmur pool up",
-        ),
+        WorkflowUpdateError::NotFound(_) => {
+            ApiError::not_found("the pool workflow is not running; start it with murmur pool up")
+        }
         other => rpc_error(&other.to_string()),
     }
 }

@@ -151,7 +151,10 @@ mod tests {
 
     #[test]
     fn workspace_precedence_is_flag_env_local_shared() {
-        let p = project("tenant: acme\nworkspace: shared\n", Some("workspace: local\n"));
+        let p = project(
+            "tenant: acme\nworkspace: shared\n",
+            Some("workspace: local\n"),
+        );
         let sub = p.path().join("a/b");
         std::fs::create_dir_all(&sub).unwrap();
         let mut env = Env::default();
@@ -166,7 +169,10 @@ mod tests {
     fn missing_project_and_bad_yaml_are_clear_errors() {
         let empty = tempfile::tempdir().unwrap();
         let e = resolve(empty.path(), &Env::default(), None).unwrap_err();
-        assert!(e.to_string().starts_with("FAILED_PRECONDITION: no tenant configured"));
+        assert!(
+            e.to_string()
+                .starts_with("FAILED_PRECONDITION: no tenant configured")
+        );
         let p = project("tenant: [oops\n", None);
         let e = resolve(p.path(), &Env::default(), None).unwrap_err();
         assert!(e.to_string().starts_with("INVALID_ARGUMENT:"), "{e}");
@@ -178,6 +184,9 @@ mod tests {
     fn invalid_workspace_flag_is_rejected() {
         let p = project("tenant: acme\n", None);
         let e = resolve(p.path(), &Env::default(), Some("Bad_Name")).unwrap_err();
-        assert!(e.to_string().starts_with("INVALID_ARGUMENT: invalid workspace name"));
+        assert!(
+            e.to_string()
+                .starts_with("INVALID_ARGUMENT: invalid workspace name")
+        );
     }
 }

@@ -34,7 +34,9 @@ pub fn on_vm() -> bool {
 pub fn hint(code: murmur_workflows::error::Code) -> Option<&'static str> {
     use murmur_workflows::error::Code;
     match code {
-        Code::Unauthenticated => Some("Run murmur auth or check your murmur.local.yaml configuration."),
+        Code::Unauthenticated => {
+            Some("Run murmur auth or check your murmur.local.yaml configuration.")
+        }
         Code::PermissionDenied => Some("Ask a tenant admin to grant you the required permission."),
         _ => None,
     }

@@ -40,8 +40,16 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         st.generation,
         st.in_use,
         st.config.max_vms,
-        if st.flush_in_progress { "  [flush in progress]" } else { "" },
-        if st.nuke_in_progress { "  [nuke in progress]" } else { "" },
+        if st.flush_in_progress {
+            "  [flush in progress]"
+        } else {
+            ""
+        },
+        if st.nuke_in_progress {
+            "  [nuke in progress]"
+        } else {
+            ""
+        },
     );
     let _ = writeln!(
         out,
@@ -52,7 +60,10 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         st.config_generation
     );
     if st.workspaces.is_empty() {
-        let _ = writeln!(out, "No workspaces yet: create one with murmur set workspace <name>");
+        let _ = writeln!(
+            out,
+            "No workspaces yet: create one with murmur set workspace <name>"
+        );
         return out;
     }
     let mut rows = vec![[
@@ -127,7 +138,11 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             out,
             "Image {image}: {} consecutive boot failures{}: {}",
             h.consecutive_failures,
-            if h.backoff_until.is_some() { ", backfill held back" } else { "" },
+            if h.backoff_until.is_some() {
+                ", backfill held back"
+            } else {
+                ""
+            },
             h.last_error.as_deref().unwrap_or("unknown error")
         );
     }

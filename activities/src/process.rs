@@ -95,7 +95,10 @@ pub struct ProcessProvider {
 impl ProcessProvider {
     /// A provider keeping its sandboxes and images under `state_dir`. Writes the embedded
     /// `default` image there if it is missing.
-    pub fn new(state_dir: impl Into<PathBuf>, launch: SupervisorLaunch) -> Result<Self, SubstrateError> {
+    pub fn new(
+        state_dir: impl Into<PathBuf>,
+        launch: SupervisorLaunch,
+    ) -> Result<Self, SubstrateError> {
         let provider = Self {
             state_dir: state_dir.into(),
             launch,
@@ -142,7 +145,9 @@ impl ProcessProvider {
     }
 
     fn install_default_image(&self) -> Result<(), SubstrateError> {
-        let dir = self.images_dir().join(murmur_workflows::model::DEFAULT_IMAGE);
+        let dir = self
+            .images_dir()
+            .join(murmur_workflows::model::DEFAULT_IMAGE);
         if dir.exists() {
             return Ok(());
         }
@@ -206,9 +211,9 @@ impl ProcessProvider {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| SubstrateError::io(format!("start {}", self.launch.program.display()), e))?;
+        let child = cmd.spawn().map_err(|e| {
+            SubstrateError::io(format!("start {}", self.launch.program.display()), e)
+        })?;
         // tokio reaps the child in the background once it exits; we never wait on it here.
         drop(child);
         Ok(())
@@ -255,7 +260,8 @@ impl Provider for ProcessProvider {
         let root = dir.join("root");
         std::fs::create_dir_all(&dir)
             .map_err(|e| SubstrateError::io(format!("create {}", dir.display()), e))?;
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| SubstrateError::io("encode vm.json", e.into()))?;
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| SubstrateError::io("encode vm.json", e.into()))?;
         std::fs::write(dir.join(META_FILE), json)
             .map_err(|e| SubstrateError::io("write vm.json", e))?;
         let (from, to) = (image_dir.clone(), root.clone());
@@ -300,9 +306,7 @@ impl Provider for ProcessProvider {
                         reason: "sandbox was deleted while booting".into(),
                     });
                 }
-                if Self::supervisor_pids(&dir).is_empty()
-                    && !dir.join(BOOT_FAILED_FILE).exists()
-                {
+                if Self::supervisor_pids(&dir).is_empty() && !dir.join(BOOT_FAILED_FILE).exists() {
                     return Err(SubstrateError::BootFailed {
                         vm: vm.clone(),
                         reason: "supervisor exited before it was ready".into(),
@@ -330,7 +334,12 @@ impl Provider for ProcessProvider {
         let entries = match std::fs::read_dir(&tenant_dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(SubstrateError::io(format!("list {}", tenant_dir.display()), e)),
+            Err(e) => {
+                return Err(SubstrateError::io(
+                    format!("list {}", tenant_dir.display()),
+                    e,
+                ));
+            }
         };
         let mut out = Vec::new();
         for entry in entries.filter_map(Result::ok) {
@@ -345,7 +354,10 @@ impl Provider for ProcessProvider {
             out.push(VmInfo {
                 id: VmId(name),
                 tenant: tenant.to_string(),
-                workspace: meta.as_ref().map(|m| m.workspace.clone()).unwrap_or_default(),
+                workspace: meta
+                    .as_ref()
+                    .map(|m| m.workspace.clone())
+                    .unwrap_or_default(),
                 image: meta.as_ref().map(|m| m.image.clone()).unwrap_or_default(),
                 alive: !Self::supervisor_pids(&dir).is_empty(),
             });
@@ -361,9 +373,12 @@ async fn handshake(socket: &Path) -> std::io::Result<Ready> {
     let (read, mut write) = stream.into_split();
     write.write_all(b"PING\n").await?;
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(2), BufReader::new(read).read_line(&mut line))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))??;
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        BufReader::new(read).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))??;
     let mut words = line.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some("READY"), Some(vm), Some(image)) => Ok(Ready {

@@ -29,7 +29,8 @@ pub async fn run_supervisor(dir: PathBuf) -> anyhow::Result<()> {
 
     let socket = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
     tracing::info!(vm = %meta.id, image = %meta.image, "sandbox ready");
     loop {
         tokio::select! {

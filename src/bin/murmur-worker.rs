@@ -13,7 +13,13 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about, long_about)]
 struct Cli {
     /// Log format.
-    #[arg(long, value_enum, default_value = "pretty", global = true, env = "MURMUR_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "pretty",
+        global = true,
+        env = "MURMUR_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -53,7 +59,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,temporalio_sdk_core=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -100,9 +100,7 @@ impl ApiError {
             let needle = format!("{}: ", code.as_str());
             if let Some(pos) = text.find(&needle) {
                 let rest = &text[pos + needle.len()..];
-                let end = rest
-                    .find(['"', '\n'])
-                    .unwrap_or(rest.len());
+                let end = rest.find(['"', '\n']).unwrap_or(rest.len());
                 let message = rest[..end].trim_end().to_string();
                 if best.as_ref().is_none_or(|(p, _)| pos < *p) {
                     best = Some((pos, Self::new(code, message)));

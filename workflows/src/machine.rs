@@ -189,7 +189,10 @@ impl Pool {
         let current_generation = self.generation;
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
-                self.images.entry(rec.image.clone()).or_default().consecutive_failures = 0;
+                self.images
+                    .entry(rec.image.clone())
+                    .or_default()
+                    .consecutive_failures = 0;
                 if let Some(h) = self.images.get_mut(&rec.image) {
                     h.backoff_until = None;
                 }
@@ -332,10 +335,7 @@ impl Pool {
             ResourceKind::Workspace => {
                 validate_workspace_name(name)?;
                 let ws = self.workspaces.get(name);
-                (
-                    ws.map(|w| to_json(&w.spec)),
-                    ws.map(|w| w.meta.generation),
-                )
+                (ws.map(|w| to_json(&w.spec)), ws.map(|w| w.meta.generation))
             }
         };
         let new_spec = match change {
@@ -354,7 +354,9 @@ impl Pool {
                     )));
                 }
                 if !spec.is_object() {
-                    return Err(ApiError::invalid_argument("spec must be a mapping of fields"));
+                    return Err(ApiError::invalid_argument(
+                        "spec must be a mapping of fields",
+                    ));
                 }
                 spec.clone()
             }
@@ -367,7 +369,9 @@ impl Pool {
                     ))
                 })?;
                 if set.is_empty() {
-                    return Err(ApiError::invalid_argument("patch needs at least one --set key=value"));
+                    return Err(ApiError::invalid_argument(
+                        "patch needs at least one --set key=value",
+                    ));
                 }
                 for (key, value) in set {
                     patch_json(&mut doc, key, value)?;
@@ -405,10 +409,13 @@ impl Pool {
                 make_doc(ResourceKind::PoolConfig, POOL_CONFIG_NAME, &self.config)
             }
             ValidChange::Workspace(name, spec) => {
-                let ws = self.workspaces.entry(name.clone()).or_insert_with(|| Resource {
-                    meta: Meta::default(),
-                    spec: spec.clone(),
-                });
+                let ws = self
+                    .workspaces
+                    .entry(name.clone())
+                    .or_insert_with(|| Resource {
+                        meta: Meta::default(),
+                        spec: spec.clone(),
+                    });
                 if ws.spec != spec || ws.meta.generation == 0 {
                     ws.spec = spec;
                     bump(&mut ws.meta, actor, now);
@@ -451,7 +458,7 @@ impl Pool {
     /// emit boots (under `max_vms`, respecting image back-off) and deletes (surplus, and stale
     /// warm VMs when their room is needed).
     pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
-        let mut out = Vec::new();
+        let mut out = self.shed_over_capacity();
         let names: Vec<String> = self.workspaces.keys().cloned().collect();
         for name in names {
             let Some(ws) = self.workspaces.get(&name) else {
@@ -461,7 +468,9 @@ impl Pool {
             let fresh: Vec<(VmState, Millis, VmId)> = self
                 .vms
                 .values()
-                .filter(|v| v.workspace == name && matches!(v.state, VmState::Booting | VmState::Warm))
+                .filter(|v| {
+                    v.workspace == name && matches!(v.state, VmState::Booting | VmState::Warm)
+                })
                 .filter(|v| self.is_fresh(v))
                 .map(|v| (v.state, v.ready_at.unwrap_or(v.created_at), v.id.clone()))
                 .collect();
@@ -481,9 +490,11 @@ impl Pool {
             }
             if self.probing(&spec.image_ref) {
                 // After a back-off, one probe boot at a time until the image works again.
-                missing = missing.min(
-                    if self.booting_with_image(&spec.image_ref) == 0 { 1 } else { 0 },
-                );
+                missing = missing.min(if self.booting_with_image(&spec.image_ref) == 0 {
+                    1
+                } else {
+                    0
+                });
             }
             while missing > 0 {
                 if self.in_use() >= self.config.spec.max_vms {
@@ -499,6 +510,37 @@ impl Pool {
             }
         }
         out
+    }
+
+    /// When `max_vms` was lowered below what exists, deletes warm VMs (stale ones first, then
+    /// the oldest) until what remains fits. Assigned VMs are never touched.
+    fn shed_over_capacity(&mut self) -> Vec<Command> {
+        let deleting = self
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Deleting)
+            .count() as u32;
+        let excess = self
+            .in_use()
+            .saturating_sub(self.config.spec.max_vms)
+            .saturating_sub(deleting);
+        let mut warm: Vec<(bool, Millis, VmId)> = self
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Warm)
+            .map(|v| {
+                (
+                    self.is_fresh(v),
+                    v.ready_at.unwrap_or(v.created_at),
+                    v.id.clone(),
+                )
+            })
+            .collect();
+        warm.sort();
+        warm.into_iter()
+            .take(excess as usize)
+            .map(|(_, _, id)| self.mark_deleting(&id, DeleteReason::ScaleIn))
+            .collect()
     }
 
     fn image_held(&self, image: &str, now: Millis) -> bool {

@@ -84,9 +84,8 @@ pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<
             )));
         }
     }
-    serde_json::from_slice(data).map_err(|e| {
-        ApiError::invalid_argument(format!("payload is not a valid message: {e}"))
-    })
+    serde_json::from_slice(data)
+        .map_err(|e| ApiError::invalid_argument(format!("payload is not a valid message: {e}")))
 }
 
 /// Encodes a message the way the `temporal` CLI does (`json/plain`), for handlers that take
@@ -125,10 +124,14 @@ mod tests {
     #[test]
     fn lenient_decoding_accepts_empty_and_rejects_garbage() {
         let empty = RawValue::empty();
-        assert_eq!(decode_lenient::<FlushRequest>(&empty).unwrap(), FlushRequest::default());
+        assert_eq!(
+            decode_lenient::<FlushRequest>(&empty).unwrap(),
+            FlushRequest::default()
+        );
         assert!(decode_lenient::<FlushRequest>(&json_payload("\"x\"")).is_err());
         assert!(decode_lenient::<FlushRequest>(&json_payload(r#"{"nuke":"yes"}"#)).is_err());
-        let ok = decode_lenient::<FlushRequest>(&json_payload(r#"{"nuke":true,"extra":1}"#)).unwrap();
+        let ok =
+            decode_lenient::<FlushRequest>(&json_payload(r#"{"nuke":true,"extra":1}"#)).unwrap();
         assert!(ok.nuke);
     }
 }

@@ -119,7 +119,8 @@ impl PoolWorkflow {
         let mut timer: LocalBoxFuture<'_, ()> = futures::future::pending().boxed_local();
         let mut last_details = String::new();
         loop {
-            let (tenant, cmds) = c.state_mut(|s| (s.pool.tenant.clone(), std::mem::take(&mut s.outbox)));
+            let (tenant, cmds) =
+                c.state_mut(|s| (s.pool.tenant.clone(), std::mem::take(&mut s.outbox)));
             for cmd in cmds {
                 in_flight.push(start_command(&c, &tenant, cmd));
             }
@@ -395,17 +396,19 @@ fn start_command<'a>(
     match cmd {
         Command::Boot(spec) => {
             let vm = spec.vm.clone();
-            let opts = ActivityOptions::with_start_to_close_timeout(BOOT_TIMEOUT + Duration::from_secs(30))
-                .heartbeat_timeout(Duration::from_secs(5))
-                .retry_policy(
-                    RetryPolicy::builder()
-                        .initial_interval(Duration::from_secs(1))
-                        .maximum_attempts(3)
-                        .non_retryable_error_types(["BootFailed"])
-                        .build(),
-                )
-                .summary(format!("boot {} from {}", spec.vm, spec.image))
-                .build();
+            let opts = ActivityOptions::with_start_to_close_timeout(
+                BOOT_TIMEOUT + Duration::from_secs(30),
+            )
+            .heartbeat_timeout(Duration::from_secs(5))
+            .retry_policy(
+                RetryPolicy::builder()
+                    .initial_interval(Duration::from_secs(1))
+                    .maximum_attempts(3)
+                    .non_retryable_error_types(["BootFailed"])
+                    .build(),
+            )
+            .summary(format!("boot {} from {}", spec.vm, spec.image))
+            .build();
             let fut = c.execute_activity(BootVm, spec, opts);
             async move {
                 match fut.await {
@@ -462,7 +465,12 @@ fn details_markdown(s: &PoolWorkflow) -> String {
     );
     for ws in &st.workspaces {
         let (warm, booting, assigned, deleting) = ws.groups.iter().fold((0, 0, 0, 0), |a, g| {
-            (a.0 + g.warm, a.1 + g.booting, a.2 + g.assigned, a.3 + g.deleting)
+            (
+                a.0 + g.warm,
+                a.1 + g.booting,
+                a.2 + g.assigned,
+                a.3 + g.deleting,
+            )
         });
         out.push_str(&format!(
             "- `{}` image `{}`: {warm} warm / {booting} booting / {assigned} assigned / {deleting} deleting (min_idle {}){}\n",

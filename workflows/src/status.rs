@@ -88,7 +88,8 @@ impl PoolStatus {
             .workspaces
             .iter()
             .map(|(name, ws)| {
-                let mine: Vec<&VmRecord> = pool.vms.values().filter(|v| &v.workspace == name).collect();
+                let mine: Vec<&VmRecord> =
+                    pool.vms.values().filter(|v| &v.workspace == name).collect();
                 let mut groups: BTreeMap<(String, u64), GroupStatus> = BTreeMap::new();
                 for v in &mine {
                     let g = groups
@@ -111,7 +112,9 @@ impl PoolStatus {
                     .count() as u32;
                 let fresh_or_booting = mine
                     .iter()
-                    .filter(|v| matches!(v.state, VmState::Warm | VmState::Booting) && pool.is_fresh(v))
+                    .filter(|v| {
+                        matches!(v.state, VmState::Warm | VmState::Booting) && pool.is_fresh(v)
+                    })
                     .count() as u32;
                 let oldest_warm_since = mine
                     .iter()

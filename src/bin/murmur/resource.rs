@@ -64,10 +64,18 @@ pub(crate) async fn get(args: GetArgs, workspace: Option<&str>) -> Result<(), Ap
 
 /// Reads a `set` document: either a full `murmur get` document (its `spec` is used and its
 /// `generation` guards against lost updates) or just the spec fields.
-fn parse_set_document(text: &str, kind: ResourceKind, name: &str) -> Result<ConfigChange, ApiError> {
+fn parse_set_document(
+    text: &str,
+    kind: ResourceKind,
+    name: &str,
+) -> Result<ConfigChange, ApiError> {
     let value: serde_json::Value = serde_norway::from_str(text)
         .map_err(|e| ApiError::invalid_argument(format!("YAML: {e}")))?;
-    let value = if value.is_null() { serde_json::json!({}) } else { value };
+    let value = if value.is_null() {
+        serde_json::json!({})
+    } else {
+        value
+    };
     let obj = value
         .as_object()
         .ok_or_else(|| ApiError::invalid_argument("YAML: expected a mapping of fields"))?;
@@ -123,7 +131,10 @@ pub(crate) async fn set(args: SetArgs, workspace: Option<&str>) -> Result<(), Ap
     };
     let change = parse_set_document(&text, kind, &args.name)?;
     let session = Session::open(workspace).await?;
-    let doc = session.pool.apply_config(kind.as_str(), &args.name, change).await?;
+    let doc = session
+        .pool
+        .apply_config(kind.as_str(), &args.name, change)
+        .await?;
     report_change(&doc);
     Ok(())
 }
@@ -159,7 +170,10 @@ mod tests {
     fn set_accepts_full_documents_and_bare_specs() {
         let full = "kind: workspace\nname: web\ngeneration: 4\nspec:\n  min_idle: 3\n";
         match parse_set_document(full, ResourceKind::Workspace, "web").unwrap() {
-            ConfigChange::Set { spec, expected_generation } => {
+            ConfigChange::Set {
+                spec,
+                expected_generation,
+            } => {
                 assert_eq!(spec["min_idle"], 3);
                 assert_eq!(expected_generation, Some(4));
             }
@@ -168,9 +182,19 @@ mod tests {
         let bare = "min_idle: 2\n";
         assert!(matches!(
             parse_set_document(bare, ResourceKind::Workspace, "web").unwrap(),
-            ConfigChange::Set { expected_generation: None, .. }
+            ConfigChange::Set {
+                expected_generation: None,
+                ..
+            }
         ));
-        assert!(parse_set_document("kind: workspace\nname: other\nspec: {}\n", ResourceKind::Workspace, "web").is_err());
+        assert!(
+            parse_set_document(
+                "kind: workspace\nname: other\nspec: {}\n",
+                ResourceKind::Workspace,
+                "web"
+            )
+            .is_err()
+        );
         assert!(parse_set_document("- a list", ResourceKind::Workspace, "web").is_err());
         assert!(parse_set_document("min_idle: [", ResourceKind::Workspace, "web").is_err());
     }

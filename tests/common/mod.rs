@@ -1,0 +1,264 @@
+//! Test harness: a real worker process against the real dev server (started by
+//! `./devserver.sh test`), one tenant, task queue and state directory per test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use murmur_activities::process::ProcessProvider;
+use murmur_activities::provider::{Provider, VmInfo};
+use murmur_workflows::status::PoolStatus;
+
+/// How long a test waits for the pool to reach a state before failing.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One isolated murmur installation: a project dir with `.murmur/murmur.yaml`, a state dir,
+/// a worker on its own task queue.
+pub struct TestEnv {
+    pub tenant: String,
+    pub task_queue: String,
+    pub dir: tempfile::TempDir,
+    worker: Option<Child>,
+}
+
+impl TestEnv {
+    /// Creates the environment and starts its worker.
+    pub fn start(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let tenant = format!(
+            "{name}-{:x}{:x}",
+            std::process::id() & 0xfff,
+            nanos & 0xfffff
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("mm")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join(".murmur")).unwrap();
+        std::fs::write(
+            dir.path().join(".murmur/murmur.yaml"),
+            format!("tenant: {tenant}\nworkspace: default\n"),
+        )
+        .unwrap();
+        let mut env = Self {
+            task_queue: format!("murmur-test-{tenant}"),
+            tenant,
+            dir,
+            worker: None,
+        };
+        env.start_worker();
+        env
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts (or restarts) the worker process.
+    pub fn start_worker(&mut self) {
+        assert!(self.worker.is_none(), "worker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("worker.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
+            .env("MURMUR_TASK_QUEUE", &self.task_queue)
+            .env("MURMUR_STATE_DIR", self.state_dir())
+            .env("RUST_LOG", "info,temporalio_sdk_core=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start murmur-worker");
+        self.worker = Some(child);
+    }
+
+    /// Kills the worker with SIGKILL, as a crash would.
+    pub fn kill_worker(&mut self) {
+        if let Some(mut child) = self.worker.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(self.dir.path())
+            .env("MURMUR_TASK_QUEUE", &self.task_queue)
+            .env("MURMUR_DEVELOPER", "tester")
+            .env_remove("MURMUR_TENANT")
+            .env_remove("MURMUR_WORKSPACE")
+            .env_remove("MURMUR_VM")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// A `murmur` command ready to run in the project dir.
+    pub fn murmur_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command(Path::new(env!("CARGO_BIN_EXE_murmur")));
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs `murmur` and returns its output.
+    pub fn murmur(&self, args: &[&str]) -> Output {
+        self.murmur_cmd(args).output().expect("run murmur")
+    }
+
+    /// Runs `murmur` with `stdin`, returning its output.
+    pub fn murmur_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .murmur_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run murmur");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs `murmur`, asserts success, returns stdout.
+    pub fn murmur_ok(&self, args: &[&str]) -> String {
+        let out = self.murmur(args);
+        assert!(
+            out.status.success(),
+            "murmur {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.worker_log_tail()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the pinned `temporal` CLI.
+    pub fn temporal(&self, args: &[&str]) -> Output {
+        let cli = std::env::var("TEMPORAL_CLI")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/temporal")
+            });
+        self.command(&cli)
+            .args(args)
+            .output()
+            .expect("run temporal CLI")
+    }
+
+    /// The pool's status through `murmur pool status --json`.
+    pub fn status(&self) -> PoolStatus {
+        let out = self.murmur_ok(&["pool", "status", "--json"]);
+        serde_json::from_str(&out).expect("status JSON")
+    }
+
+    /// Waits until `pred` holds for the status, failing after [`PATIENCE`].
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let st = self.status();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {st:#?}\n{}",
+                self.worker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every VM the substrate holds for this tenant.
+    pub fn substrate(&self) -> Vec<VmInfo> {
+        block_on(ProcessProvider::inspector(self.state_dir()).list(&self.tenant)).unwrap()
+    }
+
+    /// Sets a workspace from YAML.
+    pub fn set_workspace(&self, name: &str, yaml: &str) {
+        let out = self.murmur_stdin(&["set", "workspace", name], yaml);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates an image for the process substrate: the default image plus a `boot.sh`.
+    pub fn make_image(&self, name: &str, boot_sh: &str) {
+        let dir = self.state_dir().join("images").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("boot.sh"), boot_sh).unwrap();
+    }
+
+    pub fn worker_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- worker log (tail) ---\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.kill_worker();
+        let _ = self.temporal(&[
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            &format!("pool/{}", self.tenant),
+            "--reason",
+            "test finished",
+        ]);
+        let provider = ProcessProvider::inspector(self.state_dir());
+        if let Ok(vms) = block_on(provider.list(&self.tenant)) {
+            for vm in vms {
+                let _ = block_on(provider.delete(&self.tenant, &vm.id));
+            }
+        }
+    }
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Warm VMs of every workspace.
+pub fn warm(st: &PoolStatus) -> u32 {
+    st.workspaces
+        .iter()
+        .flat_map(|w| &w.groups)
+        .map(|g| g.warm)
+        .sum()
+}
+
+/// The ids of the pool's VMs in a given state.
+pub fn ids_in(st: &PoolStatus, state: murmur_workflows::model::VmState) -> Vec<String> {
+    st.vms
+        .iter()
+        .filter(|v| v.state == state)
+        .map(|v| v.id.0.clone())
+        .collect()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,264 @@
+//! `murmur pool flush` end to end: real worker, real dev server, real sandboxes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, ids_in, stderr, stdout, warm};
+use murmur_workflows::model::VmState;
+
+fn substrate_ids(env: &TestEnv) -> BTreeSet<String> {
+    env.substrate().into_iter().map(|v| v.id.0).collect()
+}
+
+fn inventory_ids(st: &murmur_workflows::status::PoolStatus) -> BTreeSet<String> {
+    st.vms.iter().map(|v| v.id.0.clone()).collect()
+}
+
+#[test]
+fn flush_replaces_every_warm_vm_with_a_fresh_one() {
+    let env = TestEnv::start("flush");
+    env.set_workspace("default", "min_idle: 3\n");
+    let before = env.wait_for("3 warm VMs", |s| warm(s) == 3);
+    let old: BTreeSet<String> = ids_in(&before, VmState::Warm).into_iter().collect();
+    assert_eq!(
+        substrate_ids(&env),
+        old,
+        "substrate holds exactly the warm VMs"
+    );
+    assert!(
+        env.substrate().iter().all(|v| v.alive),
+        "every sandbox supervisor runs"
+    );
+
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Flushing warm VMs...\nFlushed 3 warm VMs \u{2014} pool will replenish with fresh ones\n"
+    );
+    // The flush answers once its VMs are gone from the substrate.
+    let now = substrate_ids(&env);
+    assert!(
+        now.is_disjoint(&old),
+        "flushed sandboxes still exist: {now:?}"
+    );
+
+    let after = env.wait_for("3 fresh warm VMs", |s| s.workspaces[0].ready == 3);
+    let fresh: BTreeSet<String> = ids_in(&after, VmState::Warm).into_iter().collect();
+    assert!(fresh.is_disjoint(&old));
+    assert!(after.vms.iter().all(|v| v.generation == after.generation));
+    assert_eq!(substrate_ids(&env), fresh);
+}
+
+#[test]
+fn flush_of_an_empty_pool_says_there_was_nothing() {
+    let env = TestEnv::start("empty");
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "Flushing warm VMs...\nNo warm VMs to flush\n");
+}
+
+#[test]
+fn vms_booting_during_a_flush_are_never_warm_afterwards() {
+    let env = TestEnv::start("booting");
+    // Boots that take a while, so the flush lands while they are in flight.
+    env.make_image("slow", "sleep 2\n");
+    env.set_workspace("default", "min_idle: 2\nimage_ref: slow\n");
+    let booting = env.wait_for("2 booting VMs", |s| ids_in(s, VmState::Booting).len() == 2);
+    let pre_flush: BTreeSet<String> = ids_in(&booting, VmState::Booting).into_iter().collect();
+    let out = env.murmur(&["pool", "flush"]);
+    assert_eq!(stdout(&out), "Flushing warm VMs...\nNo warm VMs to flush\n");
+
+    let deadline = Instant::now() + common::PATIENCE;
+    loop {
+        let st = env.status();
+        let warm_now: BTreeSet<String> = ids_in(&st, VmState::Warm).into_iter().collect();
+        assert!(
+            warm_now.is_disjoint(&pre_flush),
+            "a pre-flush VM became warm: {warm_now:?}"
+        );
+        if st.workspaces[0].ready == 2 && st.vms.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool never refilled: {st:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(substrate_ids(&env).is_disjoint(&pre_flush));
+}
+
+#[test]
+fn max_vms_caps_what_exists_in_the_substrate() {
+    let env = TestEnv::start("cap");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=3"]);
+    env.set_workspace("default", "min_idle: 3\n");
+    env.set_workspace("other", "min_idle: 3\n");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut flushed = false;
+    let mut max_seen = 0;
+    while Instant::now() < deadline {
+        let n = env.substrate().len();
+        max_seen = max_seen.max(n);
+        assert!(n <= 3, "{n} VMs in the substrate, max_vms is 3");
+        if !flushed && n == 3 {
+            env.murmur_ok(&["pool", "flush"]);
+            flushed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(flushed, "the pool never reached max_vms");
+    assert_eq!(max_seen, 3);
+    let st = env.status();
+    assert_eq!(st.in_use, 3);
+    assert!(
+        st.workspaces
+            .iter()
+            .any(|w| w.reasons.contains(&"at_max_vms".to_string()))
+    );
+}
+
+#[test]
+fn after_an_image_change_and_a_flush_every_warm_vm_is_from_the_new_image() {
+    let env = TestEnv::start("image");
+    env.make_image("img-b", "exit 0\n");
+    env.set_workspace("default", "min_idle: 2\n");
+    env.wait_for("2 warm VMs", |s| warm(s) == 2);
+    env.murmur_ok(&["patch", "workspace", "default", "--set", "image_ref=img-b"]);
+    env.murmur_ok(&["pool", "flush"]);
+    let st = env.wait_for("2 warm img-b VMs", |s| {
+        s.workspaces[0].ready == 2 && s.vms.len() == 2
+    });
+    assert!(st.vms.iter().all(|v| v.image == "img-b"), "{:#?}", st.vms);
+    assert!(env.substrate().iter().all(|v| v.image == "img-b"));
+}
+
+#[test]
+fn temporal_cli_flushes_and_malformed_payloads_leave_the_pool_healthy() {
+    let env = TestEnv::start("tcli");
+    env.set_workspace("default", "min_idle: 1\n");
+    let g0 = env.wait_for("1 warm VM", |s| warm(s) == 1).generation;
+    let wf = format!("pool/{}", env.tenant);
+
+    let out = env.temporal(&[
+        "workflow",
+        "signal",
+        "--workflow-id",
+        &wf,
+        "--name",
+        "flush",
+        "--input",
+        "{}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("flush by signal", |s| {
+        s.generation == g0 + 1 && warm(s) == 1
+    });
+
+    let out = env.temporal(&[
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        &wf,
+        "--name",
+        "flush",
+        "--input",
+        "{}",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("\"flushed\": 1") || stdout(&out).contains("\"flushed\":1"),
+        "{}",
+        stdout(&out)
+    );
+
+    // No input at all is a plain flush.
+    let out = env.temporal(&[
+        "workflow",
+        "signal",
+        "--workflow-id",
+        &wf,
+        "--name",
+        "flush",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("flush by bare signal", |s| s.generation == g0 + 3);
+
+    for bad in ["\"x\"", "{\"nuke\":\"yes\"}", "[1,2]", "{\"nuke\":true}"] {
+        let args = [
+            "workflow",
+            "signal",
+            "--workflow-id",
+            &wf,
+            "--name",
+            "flush",
+            "--input",
+            bad,
+        ];
+        assert!(env.temporal(&args).status.success());
+    }
+    let out = env.temporal(&[
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        &wf,
+        "--name",
+        "flush",
+        "--input",
+        "{\"nuke\":\"yes\"}",
+    ]);
+    assert!(!out.status.success(), "a malformed update must be rejected");
+
+    let st = env.wait_for("rejections counted", |s| s.rejected_messages >= 4);
+    assert_eq!(st.generation, g0 + 3, "bad messages must not flush");
+    let out = env.temporal(&["workflow", "describe", "--workflow-id", &wf, "-o", "json"]);
+    let describe = stdout(&out);
+    assert!(
+        !describe.contains("\"pendingWorkflowTask\""),
+        "workflow task is stuck: {describe}"
+    );
+}
+
+#[test]
+fn worker_killed_during_a_flush_finishes_it_after_restart_without_leaks() {
+    let mut env = TestEnv::start("crash");
+    env.set_workspace("default", "min_idle: 3\n");
+    let before = env.wait_for("3 warm VMs", |s| warm(s) == 3);
+    let old: BTreeSet<String> = ids_in(&before, VmState::Warm).into_iter().collect();
+
+    let flush = env
+        .murmur_cmd(&["pool", "flush"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the worker as soon as the flush is in the pool's history.
+    let deadline = Instant::now() + common::PATIENCE;
+    while env.status().generation == before.generation {
+        assert!(Instant::now() < deadline, "flush never reached the pool");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    env.kill_worker();
+    env.start_worker();
+
+    let out = flush.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Flushing warm VMs...\nFlushed 3 warm VMs \u{2014} pool will replenish with fresh ones\n"
+    );
+    let st = env.wait_for("3 fresh warm VMs", |s| {
+        s.workspaces[0].ready == 3 && s.vms.len() == 3
+    });
+    let substrate = substrate_ids(&env);
+    assert_eq!(
+        substrate,
+        inventory_ids(&st),
+        "substrate and inventory differ"
+    );
+    assert!(substrate.is_disjoint(&old));
+}

@@ -1,0 +1,366 @@
+//! Property tests of the pure pool state machine over random event sequences: boots that
+//! succeed or fail (sometimes leaving a VM behind), deletes, flushes, config edits, time
+//! passing and crashes (a new run re-issuing in-flight work). A model substrate records what
+//! really exists, so "no VM lost" is checked against it, not against the pool's own count.
+
+use std::collections::BTreeSet;
+
+use murmur_workflows::machine::{Command, ConfigChange, Pool};
+use murmur_workflows::model::{ResourceKind, VmId, VmState};
+use proptest::prelude::*;
+
+const WORKSPACES: [&str; 2] = ["web", "api"];
+const IMAGES: [&str; 3] = ["default", "img-2", "img-3"];
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Finish the n-th in-flight command (modulo their number).
+    Finish {
+        pick: usize,
+        ok: bool,
+        leak: bool,
+    },
+    Flush,
+    SetMinIdle {
+        ws: usize,
+        n: u32,
+    },
+    SetMaxVms(u32),
+    SetImage {
+        ws: usize,
+        image: usize,
+    },
+    Advance(u64),
+    /// The workflow run ends (continue-as-new or crash before results arrive): in-flight
+    /// activity results are lost, the state is carried over through serde, work is re-issued.
+    Restart,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (any::<usize>(), prop::bool::weighted(0.8), any::<bool>())
+            .prop_map(|(pick, ok, leak)| Step::Finish { pick, ok, leak }),
+        1 => Just(Step::Flush),
+        1 => (0..2usize, 0..6u32).prop_map(|(ws, n)| Step::SetMinIdle { ws, n }),
+        1 => (1..9u32).prop_map(Step::SetMaxVms),
+        1 => (0..2usize, 0..3usize).prop_map(|(ws, image)| Step::SetImage { ws, image }),
+        1 => (0..120_000u64).prop_map(Step::Advance),
+        1 => Just(Step::Restart),
+    ]
+}
+
+struct World {
+    pool: Pool,
+    now: u64,
+    in_flight: Vec<Command>,
+    /// What the substrate really holds.
+    substrate: BTreeSet<VmId>,
+    /// Every VM a boot was ever asked for (re-issued boots are not new VMs).
+    booted: BTreeSet<VmId>,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut w = Self {
+            pool: Pool::new("acme", 42, 1_000),
+            now: 1_000,
+            in_flight: Vec::new(),
+            substrate: BTreeSet::new(),
+            booted: BTreeSet::new(),
+        };
+        for ws in WORKSPACES {
+            w.change(
+                ResourceKind::Workspace,
+                ws,
+                vec![("min_idle", "2".into())],
+                true,
+            );
+        }
+        w
+    }
+
+    fn change(&mut self, kind: ResourceKind, name: &str, set: Vec<(&str, String)>, create: bool) {
+        let change = if create {
+            let mut spec = serde_json::Map::new();
+            for (k, v) in &set {
+                spec.insert((*k).into(), serde_json::from_str(v).unwrap());
+            }
+            ConfigChange::Set {
+                spec: serde_json::Value::Object(spec),
+                expected_generation: None,
+            }
+        } else {
+            ConfigChange::Patch {
+                set: set.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            }
+        };
+        let valid = self
+            .pool
+            .validate_change(kind, name, &change)
+            .expect("valid change");
+        let (_, cmds) = self.pool.commit_change(valid, "prop", self.now);
+        self.absorb(cmds);
+    }
+
+    fn absorb(&mut self, cmds: Vec<Command>) {
+        let new_boots: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Boot(spec) if !self.booted.contains(&spec.vm) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect();
+        if !new_boots.is_empty() {
+            assert!(
+                self.pool.in_use() <= self.pool.config.spec.max_vms,
+                "booted over max_vms: {} in use, max {}",
+                self.pool.in_use(),
+                self.pool.config.spec.max_vms
+            );
+        }
+        for spec in new_boots {
+            let rec = &self.pool.vms[&spec.vm];
+            assert_eq!(rec.state, VmState::Booting);
+            assert_eq!(
+                rec.image,
+                self.pool.workspaces[&spec.workspace].spec.image_ref
+            );
+            self.booted.insert(spec.vm);
+        }
+        self.in_flight.extend(cmds);
+    }
+
+    fn apply(&mut self, s: &Step) {
+        match s {
+            Step::Finish { pick, ok, leak } => {
+                if self.in_flight.is_empty() {
+                    return;
+                }
+                let cmd = self.in_flight.remove(pick % self.in_flight.len());
+                let cmds = match cmd {
+                    Command::Boot(spec) => {
+                        if *ok {
+                            self.substrate.insert(spec.vm.clone());
+                            self.pool.boot_succeeded(&spec.vm, self.now)
+                        } else {
+                            if *leak {
+                                // Created, but the call reported failure.
+                                self.substrate.insert(spec.vm.clone());
+                            }
+                            self.pool.boot_failed(&spec.vm, "boom", self.now)
+                        }
+                    }
+                    Command::Delete { vm, .. } => {
+                        if *ok {
+                            self.substrate.remove(&vm);
+                            self.pool.deleted(&vm, self.now)
+                        } else {
+                            self.pool.delete_failed(&vm)
+                        }
+                    }
+                };
+                self.absorb(cmds);
+            }
+            Step::Flush => {
+                let warm_before: BTreeSet<VmId> = self
+                    .pool
+                    .vms
+                    .values()
+                    .filter(|v| v.state == VmState::Warm)
+                    .map(|v| v.id.clone())
+                    .collect();
+                let assigned_before = self.count(VmState::Assigned);
+                let (flushed, cmds) = self.pool.flush(self.now);
+                assert_eq!(
+                    flushed.iter().cloned().collect::<BTreeSet<_>>(),
+                    warm_before
+                );
+                assert_eq!(self.count(VmState::Assigned), assigned_before);
+                self.absorb(cmds);
+            }
+            Step::SetMinIdle { ws, n } => self.change(
+                ResourceKind::Workspace,
+                WORKSPACES[*ws],
+                vec![("min_idle", n.to_string())],
+                false,
+            ),
+            Step::SetMaxVms(n) => self.change(
+                ResourceKind::PoolConfig,
+                "default",
+                vec![("max_vms", n.to_string())],
+                false,
+            ),
+            Step::SetImage { ws, image } => self.change(
+                ResourceKind::Workspace,
+                WORKSPACES[*ws],
+                vec![("image_ref", IMAGES[*image].to_string())],
+                false,
+            ),
+            Step::Advance(ms) => {
+                self.now += ms;
+                let cmds = self.pool.reconcile(self.now);
+                self.absorb(cmds);
+            }
+            Step::Restart => {
+                // Results of in-flight boots may have happened in the substrate already.
+                for c in &self.in_flight {
+                    if let Command::Boot(spec) = c {
+                        self.substrate.insert(spec.vm.clone());
+                    }
+                }
+                self.in_flight.clear();
+                let json = serde_json::to_string(&self.pool).unwrap();
+                self.pool = serde_json::from_str(&json).unwrap();
+                let cmds = self.pool.resume(self.now);
+                self.absorb(cmds);
+            }
+        }
+        self.check();
+    }
+
+    fn count(&self, state: VmState) -> usize {
+        self.pool.vms.values().filter(|v| v.state == state).count()
+    }
+
+    fn check(&self) {
+        for vm in &self.substrate {
+            assert!(
+                self.pool.vms.contains_key(vm),
+                "VM {vm} exists but the pool lost it"
+            );
+        }
+        for v in self.pool.vms.values() {
+            if matches!(v.state, VmState::Warm | VmState::Assigned) {
+                assert!(
+                    self.substrate.contains(&v.id),
+                    "{} is {:?} but not in the substrate",
+                    v.id,
+                    v.state
+                );
+            }
+            if v.state == VmState::Warm {
+                assert_eq!(v.generation, self.pool.generation, "a pre-flush VM is warm");
+            }
+        }
+    }
+
+    /// Lets every operation finish successfully.
+    fn drain(&mut self) {
+        let mut guard = 0;
+        while !self.in_flight.is_empty() {
+            self.apply(&Step::Finish {
+                pick: 0,
+                ok: true,
+                leak: false,
+            });
+            guard += 1;
+            assert!(guard < 10_000, "commands never settle");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn pool_never_loses_or_overbooks_a_vm(steps in prop::collection::vec(step(), 1..120)) {
+        let mut w = World::new();
+        for s in &steps {
+            w.apply(s);
+        }
+        // Far in the future, with every back-off over, everything settles.
+        w.now += 3_600_000;
+        let cmds = w.pool.reconcile(w.now);
+        w.absorb(cmds);
+        w.drain();
+        let recorded: BTreeSet<VmId> = w.pool.vms.keys().cloned().collect();
+        prop_assert_eq!(&recorded, &w.substrate, "substrate and inventory differ once settled");
+        prop_assert_eq!(w.count(VmState::Booting) + w.count(VmState::Deleting), 0);
+        let max = w.pool.config.spec.max_vms as usize;
+        prop_assert!(w.substrate.len() <= max.max(w.count(VmState::Assigned)));
+        for (name, ws) in &w.pool.workspaces {
+            let fresh = w.pool.vms.values()
+                .filter(|v| &v.workspace == name && v.state == VmState::Warm && w.pool.is_fresh(v))
+                .count() as u32;
+            prop_assert!(fresh <= ws.spec.min_idle, "{} has {} warm, min_idle {}", name, fresh, ws.spec.min_idle);
+        }
+    }
+}
+
+#[test]
+fn flush_discards_vms_that_were_booting_before_it() {
+    let mut w = World::new();
+    let booting: Vec<VmId> = w.pool.vms.keys().cloned().collect();
+    assert_eq!(booting.len(), 4);
+    w.apply(&Step::Flush);
+    w.drain();
+    for vm in &booting {
+        assert!(
+            !w.pool.vms.contains_key(vm),
+            "{vm} booted before the flush survived it"
+        );
+        assert!(!w.substrate.contains(vm));
+    }
+    assert_eq!(w.count(VmState::Warm), 4);
+}
+
+#[test]
+fn a_failing_image_stops_backfill_instead_of_churning() {
+    let mut w = World::new();
+    w.change(
+        ResourceKind::Workspace,
+        "api",
+        vec![("min_idle", "0".into())],
+        false,
+    );
+    w.drain();
+    w.change(
+        ResourceKind::Workspace,
+        "web",
+        vec![("image_ref", "\"img-2\"".into())],
+        false,
+    );
+    let mut boots = 0;
+    for _ in 0..50 {
+        let Some(i) = w
+            .in_flight
+            .iter()
+            .position(|c| matches!(c, Command::Boot(_)))
+        else {
+            w.drain();
+            continue;
+        };
+        boots += 1;
+        w.apply(&Step::Finish {
+            pick: i,
+            ok: false,
+            leak: true,
+        });
+    }
+    w.drain();
+    assert!(
+        boots <= 4,
+        "{boots} boots of a broken image without waiting"
+    );
+    let status = murmur_workflows::status::PoolStatus::build(&w.pool, false, false);
+    let web = status
+        .workspaces
+        .iter()
+        .find(|ws| ws.name == "web")
+        .unwrap();
+    assert!(
+        web.reasons.contains(&"image_failing".to_string()),
+        "{:?}",
+        web.reasons
+    );
+    assert!(w.substrate.iter().all(|vm| w.pool.vms.contains_key(vm)));
+    // After the back-off, exactly one probe boot is tried.
+    w.now += murmur_workflows::machine::BACKOFF_MAX_MS;
+    let cmds = w.pool.reconcile(w.now);
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| matches!(c, Command::Boot(_)))
+            .count(),
+        1
+    );
+}
