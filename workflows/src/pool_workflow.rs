@@ -124,7 +124,7 @@ impl PoolWorkflow {
             for cmd in cmds {
                 in_flight.push(start_command(&c, &tenant, cmd));
             }
-            let details = c.state(|s| details_markdown(s));
+            let details = c.state(details_markdown);
             if details != last_details {
                 c.set_current_details(details.clone());
                 last_details = details;
