@@ -4,7 +4,8 @@
 #   ./devserver.sh up       dev server + worker + a pool of warm VMs (the README's first command)
 #   ./devserver.sh test     dev server + the whole test suite (the README's second command)
 #   ./devserver.sh start    start the Temporal dev server only (idempotent)
-#   ./devserver.sh stop     stop the worker and the dev server
+#   ./devserver.sh stop     stop the worker and the dev server (VMs keep running, as on a real host)
+#   ./devserver.sh clean    stop everything, delete every sandbox and all state under $MURMUR_STATE_DIR
 #   ./devserver.sh status   say what is running
 #   ./devserver.sh temporal ARGS...   run the pinned `temporal` CLI
 #
@@ -137,8 +138,12 @@ case "${1:-}" in
   start) start_server ;;
   stop) stop_pidfile "$WORKER_PID" worker; stop_pidfile "$SERVER_PID" "dev server" ;;
   status) status ;;
+  clean)
+    stop_pidfile "$WORKER_PID" worker; stop_pidfile "$SERVER_PID" "dev server"
+    pkill -f -- "sandbox --dir $STATE/vms/" 2>/dev/null || true
+    rm -rf "$STATE"; say "removed $STATE" ;;
   up) up ;;
   test) run_tests ;;
   temporal) shift; install_cli; exec "$TEMPORAL" "$@" ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

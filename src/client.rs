@@ -28,6 +28,35 @@ pub const SA_WORKSPACE: SearchAttributeKey<String> = SearchAttributeKey::keyword
 /// Search attribute: `pool`, `agent`, `nuke` or `bake`.
 pub const SA_KIND: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurKind");
 
+/// Registers murmur's search attributes on the client's namespace. Already registered ones
+/// are left alone, so calling this on every worker start is safe. Fails when the server
+/// refuses (for example Temporal Cloud, where an operator registers them once).
+pub async fn register_search_attributes(client: &Client) -> Result<(), ApiError> {
+    use temporalio_client::NamespacedClient;
+    use temporalio_common::protos::temporal::api::enums::v1::IndexedValueType;
+    use temporalio_common::protos::temporal::api::operatorservice::v1::AddSearchAttributesRequest;
+    let request = AddSearchAttributesRequest {
+        search_attributes: [SA_TENANT.name(), SA_WORKSPACE.name(), SA_KIND.name()]
+            .into_iter()
+            .map(|n| (n.to_string(), IndexedValueType::Keyword as i32))
+            .collect(),
+        namespace: client.namespace(),
+    };
+    match client
+        .connection()
+        .operator_service()
+        .add_search_attributes(tonic::Request::new(request))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(status) => Err(ApiError::new(
+            Code::Unavailable,
+            format!("register search attributes: {}", status.message()),
+        )),
+    }
+}
+
 /// The task queue the worker polls: `MURMUR_TASK_QUEUE` or `murmur`.
 pub fn task_queue() -> String {
     std::env::var("MURMUR_TASK_QUEUE")

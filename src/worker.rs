@@ -36,6 +36,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let client = crate::client::connect(&identity)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Err(e) = crate::client::register_search_attributes(&client).await {
+        tracing::warn!(error = %e, "search attributes not registered; register MurmurTenant, MurmurWorkspace and MurmurKind (Keyword) on the namespace");
+    }
     let runtime = Runtime::from_current_tokio(Default::default())
         .map_err(|e| anyhow::anyhow!("start Temporal runtime: {e}"))?;
     let options = WorkerOptions::new(config.task_queue.clone())

@@ -218,7 +218,8 @@ impl PoolWorkflow {
     ) -> Result<FlushReply, UpdateError> {
         let req = parse_flush(&raw).map_err(boxed)?;
         let now = now_ms(ctx);
-        let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &req));
+        let replaying = ctx.is_replaying();
+        let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &req, replaying));
         ctx.wait_condition(|s| vms.iter().all(|vm| !s.pool.vms.contains_key(vm)))
             .await
             .map_err(|e| Box::new(e) as UpdateError)?;
@@ -237,10 +238,12 @@ impl PoolWorkflow {
         match parse_flush(&raw) {
             Ok(req) => {
                 let now = to_millis(ctx.workflow_time());
-                let (vms, _) = self.start_flush(now, &req);
+                let (vms, _) = self.start_flush(now, &req, ctx.is_replaying());
                 // Nobody waits for a signal's deletes.
                 self.flushes_in_progress = self.flushes_in_progress.saturating_sub(1);
-                tracing::info!(tenant = %self.pool.tenant, flushed = vms.len(), "flush signal");
+                if !ctx.is_replaying() {
+                    tracing::info!(tenant = %self.pool.tenant, flushed = vms.len(), "flush signal");
+                }
             }
             Err(e) if !ctx.is_replaying() => self.reject("flush", &e),
             Err(_) => self.rejected_messages += 1,
@@ -294,8 +297,10 @@ impl PoolWorkflow {
         let actor = req.actor.as_deref().unwrap_or("unknown");
         let (doc, cmds) = self.pool.commit_change(change, actor, now);
         self.outbox.extend(cmds);
-        tracing::info!(tenant = %self.pool.tenant, kind = kind.as_str(), name = %req.name,
-            generation = doc.generation, actor, "config changed");
+        if !ctx.is_replaying() {
+            tracing::info!(tenant = %self.pool.tenant, kind = kind.as_str(), name = %req.name,
+                generation = doc.generation, actor, "config changed");
+        }
         Ok(doc)
     }
 
@@ -324,12 +329,20 @@ impl PoolWorkflow {
 }
 
 impl PoolWorkflow {
-    fn start_flush(&mut self, now: Millis, req: &FlushRequest) -> (Vec<VmId>, u64) {
+    /// Flushes and queues the deletes; logs only the first time, not on replay.
+    fn start_flush(
+        &mut self,
+        now: Millis,
+        req: &FlushRequest,
+        replaying: bool,
+    ) -> (Vec<VmId>, u64) {
         let (vms, cmds) = self.pool.flush(now);
         self.outbox.extend(cmds);
         self.flushes_in_progress += 1;
-        tracing::info!(tenant = %self.pool.tenant, actor = ?req.actor, flushed = vms.len(),
-            generation = self.pool.generation, "flush");
+        if !replaying {
+            tracing::info!(tenant = %self.pool.tenant, actor = ?req.actor, flushed = vms.len(),
+                generation = self.pool.generation, "flush");
+        }
         (vms, self.pool.generation)
     }
 
