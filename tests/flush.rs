@@ -133,88 +133,51 @@ fn after_an_image_change_and_a_flush_every_warm_vm_is_from_the_new_image() {
     assert!(env.substrate().iter().all(|v| v.image == "img-b"));
 }
 
+/// `temporal workflow signal|update execute --name flush [--input JSON]` on the pool.
+fn temporal_flush(env: &TestEnv, how: &str, input: Option<&str>) -> std::process::Output {
+    let wf = format!("pool/{}", env.tenant);
+    let mut args: Vec<&str> = match how {
+        "signal" => vec!["workflow", "signal"],
+        _ => vec!["workflow", "update", "execute", "-o", "json"],
+    };
+    args.extend(["--workflow-id", &wf, "--name", "flush"]);
+    if let Some(json) = input {
+        args.extend(["--input", json]);
+    }
+    env.temporal(&args)
+}
+
 #[test]
 fn temporal_cli_flushes_and_malformed_payloads_leave_the_pool_healthy() {
     let env = TestEnv::start("tcli");
     env.set_workspace("default", "min_idle: 1\n");
     let g0 = env.wait_for("1 warm VM", |s| warm(s) == 1).generation;
-    let wf = format!("pool/{}", env.tenant);
 
-    let out = env.temporal(&[
-        "workflow",
-        "signal",
-        "--workflow-id",
-        &wf,
-        "--name",
-        "flush",
-        "--input",
-        "{}",
-    ]);
+    let out = temporal_flush(&env, "signal", Some("{}"));
     assert!(out.status.success(), "{}", stderr(&out));
     env.wait_for("flush by signal", |s| {
         s.generation == g0 + 1 && warm(s) == 1
     });
 
-    let out = env.temporal(&[
-        "workflow",
-        "update",
-        "execute",
-        "--workflow-id",
-        &wf,
-        "--name",
-        "flush",
-        "--input",
-        "{}",
-        "-o",
-        "json",
-    ]);
+    let out = temporal_flush(&env, "update", Some("{}"));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("\"flushed\": 1") || stdout(&out).contains("\"flushed\":1"),
-        "{}",
-        stdout(&out)
-    );
+    let reply: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("update JSON");
+    assert_eq!(reply["result"]["flushed"], 1, "{reply}");
 
     // No input at all is a plain flush.
-    let out = env.temporal(&[
-        "workflow",
-        "signal",
-        "--workflow-id",
-        &wf,
-        "--name",
-        "flush",
-    ]);
+    let out = temporal_flush(&env, "signal", None);
     assert!(out.status.success(), "{}", stderr(&out));
     env.wait_for("flush by bare signal", |s| s.generation == g0 + 3);
 
     for bad in ["\"x\"", "{\"nuke\":\"yes\"}", "[1,2]", "{\"nuke\":true}"] {
-        let args = [
-            "workflow",
-            "signal",
-            "--workflow-id",
-            &wf,
-            "--name",
-            "flush",
-            "--input",
-            bad,
-        ];
-        assert!(env.temporal(&args).status.success());
+        assert!(temporal_flush(&env, "signal", Some(bad)).status.success());
     }
-    let out = env.temporal(&[
-        "workflow",
-        "update",
-        "execute",
-        "--workflow-id",
-        &wf,
-        "--name",
-        "flush",
-        "--input",
-        "{\"nuke\":\"yes\"}",
-    ]);
+    let out = temporal_flush(&env, "update", Some("{\"nuke\":\"yes\"}"));
     assert!(!out.status.success(), "a malformed update must be rejected");
 
     let st = env.wait_for("rejections counted", |s| s.rejected_messages >= 4);
     assert_eq!(st.generation, g0 + 3, "bad messages must not flush");
+    let wf = format!("pool/{}", env.tenant);
     let out = env.temporal(&["workflow", "describe", "--workflow-id", &wf, "-o", "json"]);
     let describe = stdout(&out);
     assert!(

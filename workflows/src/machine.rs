@@ -426,12 +426,15 @@ impl Pool {
         (doc, self.reconcile(now))
     }
 
+    /// The `pool-config default` document (it always exists).
+    pub fn pool_config_doc(&self) -> ResourceDoc {
+        make_doc(ResourceKind::PoolConfig, POOL_CONFIG_NAME, &self.config)
+    }
+
     /// The document of one resource, or `NOT_FOUND`.
     pub fn doc(&self, kind: ResourceKind, name: &str) -> Result<ResourceDoc, ApiError> {
         match kind {
-            ResourceKind::PoolConfig if name == POOL_CONFIG_NAME => {
-                Ok(make_doc(kind, name, &self.config))
-            }
+            ResourceKind::PoolConfig if name == POOL_CONFIG_NAME => Ok(self.pool_config_doc()),
             ResourceKind::PoolConfig => Err(ApiError::not_found(format!(
                 "pool-config {name:?} does not exist (the only one is \"default\")"
             ))),

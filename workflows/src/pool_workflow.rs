@@ -314,10 +314,7 @@ impl PoolWorkflow {
     #[query]
     pub fn config(&self, _ctx: &WorkflowContextView) -> ConfigSnapshot {
         ConfigSnapshot {
-            pool_config: self
-                .pool
-                .doc(ResourceKind::PoolConfig, crate::model::POOL_CONFIG_NAME)
-                .unwrap_or_else(|e| unreachable_config(&e)),
+            pool_config: self.pool.pool_config_doc(),
             workspaces: self
                 .pool
                 .workspaces
@@ -356,17 +353,6 @@ impl PoolWorkflow {
         let mut s = PoolStatus::build(&self.pool, self.flushes_in_progress > 0, false);
         s.rejected_messages = self.rejected_messages;
         s
-    }
-}
-
-fn unreachable_config(e: &ApiError) -> ResourceDoc {
-    ResourceDoc {
-        kind: ResourceKind::PoolConfig,
-        name: crate::model::POOL_CONFIG_NAME.into(),
-        generation: 0,
-        updated_by: String::new(),
-        updated_at: String::new(),
-        spec: serde_json::Value::String(e.to_string()),
     }
 }
 
