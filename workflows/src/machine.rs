@@ -189,13 +189,9 @@ impl Pool {
         let current_generation = self.generation;
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
-                self.images
-                    .entry(rec.image.clone())
-                    .or_default()
-                    .consecutive_failures = 0;
-                if let Some(h) = self.images.get_mut(&rec.image) {
-                    h.backoff_until = None;
-                }
+                let health = self.images.entry(rec.image.clone()).or_default();
+                health.consecutive_failures = 0;
+                health.backoff_until = None;
                 rec.ready_at = Some(now);
                 if rec.generation < current_generation {
                     rec.state = VmState::Deleting;

@@ -457,12 +457,15 @@ fn failure_message(e: &temporalio_sdk::ActivityExecutionError) -> String {
 }
 
 fn details_markdown(s: &PoolWorkflow) -> String {
-    let st = PoolStatus::build(&s.pool, s.flushes_in_progress > 0, false);
+    let pool = &s.pool;
     let mut out = format!(
         "**pool/{}** generation {} — {} of {} VMs in use\n",
-        st.tenant, st.generation, st.in_use, st.config.max_vms
+        pool.tenant,
+        pool.generation,
+        pool.in_use(),
+        pool.config.spec.max_vms
     );
-    for ws in &st.workspaces {
+    for ws in &PoolStatus::workspaces_of(pool, s.flushes_in_progress > 0, false) {
         let (warm, booting, assigned, deleting) = ws.groups.iter().fold((0, 0, 0, 0), |a, g| {
             (
                 a.0 + g.warm,

@@ -83,9 +83,36 @@ pub struct PoolStatus {
 impl PoolStatus {
     /// Builds the view of `pool`.
     pub fn build(pool: &Pool, flush_in_progress: bool, nuke_in_progress: bool) -> Self {
+        Self {
+            tenant: pool.tenant.clone(),
+            generation: pool.generation,
+            config: pool.config.spec.clone(),
+            config_generation: pool.config.meta.generation,
+            in_use: pool.in_use(),
+            workspaces: Self::workspaces_of(pool, flush_in_progress, nuke_in_progress),
+            failing_images: pool
+                .images
+                .iter()
+                .filter(|(_, h)| h.consecutive_failures > 0)
+                .map(|(k, h)| (k.clone(), h.clone()))
+                .collect(),
+            flush_in_progress,
+            nuke_in_progress,
+            counters: pool.counters.clone(),
+            rejected_messages: 0,
+            vms: pool.vms.values().cloned().collect(),
+        }
+    }
+
+    /// The per-workspace views alone, without copying the inventory (cheap enough for the
+    /// workflow's current details, refreshed on every event).
+    pub fn workspaces_of(
+        pool: &Pool,
+        flush_in_progress: bool,
+        nuke_in_progress: bool,
+    ) -> Vec<WorkspaceStatus> {
         let max_vms = pool.config.spec.max_vms;
-        let workspaces = pool
-            .workspaces
+        pool.workspaces
             .iter()
             .map(|(name, ws)| {
                 let mine: Vec<&VmRecord> =
@@ -150,26 +177,7 @@ impl PoolStatus {
                     reasons,
                 }
             })
-            .collect();
-        Self {
-            tenant: pool.tenant.clone(),
-            generation: pool.generation,
-            config: pool.config.spec.clone(),
-            config_generation: pool.config.meta.generation,
-            in_use: pool.in_use(),
-            workspaces,
-            failing_images: pool
-                .images
-                .iter()
-                .filter(|(_, h)| h.consecutive_failures > 0)
-                .map(|(k, h)| (k.clone(), h.clone()))
-                .collect(),
-            flush_in_progress,
-            nuke_in_progress,
-            counters: pool.counters.clone(),
-            rejected_messages: 0,
-            vms: pool.vms.values().cloned().collect(),
-        }
+            .collect()
     }
 
     /// Warm VMs of a workspace, whatever their image or generation.
