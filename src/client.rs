@@ -1,32 +1,28 @@
 //! Talking to Temporal: connecting like the `temporal` CLI does, and the pool operations the
 //! CLI offers (flush, status, up, get/set/patch), each mapped onto the error contract.
 
+use murmur_activities::temporal_ops::{
+    pool_input, pool_start_options, query_error, update_with_start_error,
+};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ConfigChange;
 use murmur_workflows::messages::{
     ConfigRequest, FlushReply, FlushRequest, PoolInput, UpRequest, encode_json,
 };
 use murmur_workflows::model::ResourceDoc;
+use murmur_workflows::nuke_workflow::{NukeInput, NukeReport, NukeWorkflow, nuke_workflow_id};
 use murmur_workflows::pool_workflow::{ConfigSnapshot, PoolWorkflow, pool_workflow_id};
 use murmur_workflows::status::PoolStatus;
 use temporalio_client::envconfig::LoadClientConfigProfileOptions;
-use temporalio_client::errors::{
-    WorkflowQueryError, WorkflowUpdateError, WorkflowUpdateWithStartError,
-};
 use temporalio_client::{
-    Client, ClientOptions, Connection, WorkflowIdConflictPolicy, WorkflowQueryOptions,
+    Client, ClientOptions, Connection, WorkflowGetResultOptions, WorkflowIdConflictPolicy,
+    WorkflowIdReusePolicy, WorkflowQueryOptions, WorkflowStartOptions,
     WorkflowUpdateWithStartOptions,
 };
-use temporalio_common::search_attributes::{SearchAttributeKey, SearchAttributes};
 
 use crate::config::Context;
 
-/// Search attribute: the tenant a workflow belongs to.
-pub const SA_TENANT: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurTenant");
-/// Search attribute: the workspace an agent runs in.
-pub const SA_WORKSPACE: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurWorkspace");
-/// Search attribute: `pool`, `agent`, `nuke` or `bake`.
-pub const SA_KIND: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurKind");
+pub use murmur_activities::temporal_ops::{SA_KIND, SA_TENANT, SA_WORKSPACE};
 
 /// Registers murmur's search attributes on the client's namespace. Already registered ones
 /// are left alone, so calling this on every worker start is safe. Fails when the server
@@ -106,23 +102,46 @@ impl PoolClient {
     }
 
     fn start_options(&self) -> WorkflowUpdateWithStartOptions {
-        WorkflowUpdateWithStartOptions::new(
-            self.task_queue.clone(),
-            self.workflow_id(),
-            WorkflowIdConflictPolicy::UseExisting,
-        )
-        .search_attributes(SearchAttributes::new([
-            SA_TENANT.value_set(self.ctx.tenant.clone()),
-            SA_KIND.value_set("pool".to_string()),
-        ]))
-        .build()
+        pool_start_options(&self.ctx.tenant, &self.task_queue)
     }
 
     fn input(&self) -> PoolInput {
-        PoolInput {
+        pool_input(&self.ctx.tenant)
+    }
+
+    fn not_running(&self) -> String {
+        format!(
+            "the pool of tenant {} is not running; start it with murmur pool up",
+            self.ctx.tenant
+        )
+    }
+
+    /// Nukes the tenant: terminates every agent, deletes every VM, resets the pool. Joins a
+    /// nuke that is already running instead of starting another; answers when it is done.
+    pub async fn nuke(&self) -> Result<NukeReport, ApiError> {
+        let input = NukeInput {
             tenant: self.ctx.tenant.clone(),
-            carried: None,
-        }
+            actor: Some(self.ctx.developer.clone()),
+        };
+        let options =
+            WorkflowStartOptions::new(self.task_queue.clone(), nuke_workflow_id(&self.ctx.tenant))
+                .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+                .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
+                .search_attributes(murmur_activities::temporal_ops::search_attributes(
+                    &self.ctx.tenant,
+                    "nuke",
+                    None,
+                ))
+                .build();
+        let handle = self
+            .client
+            .start_workflow(NukeWorkflow::run, input, options)
+            .await
+            .map_err(|e| murmur_activities::temporal_ops::rpc_error(&e.to_string()))?;
+        handle
+            .get_result(WorkflowGetResultOptions::default())
+            .await
+            .map_err(|e| ApiError::new(Code::Internal, format!("nuke did not complete: {e}")))
     }
 
     /// Flushes the pool (starting it if needed); answers once the flushed VMs are gone.
@@ -143,7 +162,7 @@ impl PoolClient {
                 self.start_options(),
             )
             .await
-            .map_err(update_with_start_error)
+            .map_err(|e| update_with_start_error(e, &self.not_running()))
     }
 
     /// Starts the pool if it is not running and asks it to reconcile now.
@@ -159,7 +178,7 @@ impl PoolClient {
                 self.start_options(),
             )
             .await
-            .map_err(update_with_start_error)
+            .map_err(|e| update_with_start_error(e, &self.not_running()))
     }
 
     /// The pool's status.
@@ -168,7 +187,7 @@ impl PoolClient {
             .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
             .query(PoolWorkflow::status, (), WorkflowQueryOptions::default())
             .await
-            .map_err(|e| query_error(e, &self.ctx.tenant))
+            .map_err(|e| query_error(e, &self.not_running()))
     }
 
     /// Every resource of the tenant.
@@ -177,7 +196,7 @@ impl PoolClient {
             .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
             .query(PoolWorkflow::config, (), WorkflowQueryOptions::default())
             .await
-            .map_err(|e| query_error(e, &self.ctx.tenant))
+            .map_err(|e| query_error(e, &self.not_running()))
     }
 
     /// Applies a config change (starting the pool if needed) and returns the new document.
@@ -202,69 +221,6 @@ impl PoolClient {
                 self.start_options(),
             )
             .await
-            .map_err(update_with_start_error)
-    }
-}
-
-/// Maps a failure message from the worker to the error contract: the worker's own
-/// `CODE: reason` when present, `INVALID_ARGUMENT` for payloads it could not decode.
-fn failure_to_api(message: &str) -> ApiError {
-    if let Some((code, rest)) = message.split_once(": ")
-        && let Some(code) = Code::parse(code)
-    {
-        return ApiError::new(code, rest);
-    }
-    if let Some(e) = ApiError::find_in(message) {
-        return e;
-    }
-    if message.contains("ncoding") || message.contains("deserializ") {
-        return ApiError::invalid_argument(message.to_string());
-    }
-    ApiError::new(Code::Internal, message.to_string())
-}
-
-fn update_error(e: WorkflowUpdateError) -> ApiError {
-    match e {
-        WorkflowUpdateError::Failed(f) => failure_to_api(&f.message),
-        WorkflowUpdateError::NotFound(_) => {
-            ApiError::not_found("the pool workflow is not running; start it with murmur pool up")
-        }
-        other => rpc_error(&other.to_string()),
-    }
-}
-
-fn update_with_start_error(e: WorkflowUpdateWithStartError) -> ApiError {
-    match e {
-        WorkflowUpdateWithStartError::Update(u) => update_error(u),
-        other => rpc_error(&other.to_string()),
-    }
-}
-
-fn query_error(e: WorkflowQueryError, tenant: &str) -> ApiError {
-    match e {
-        WorkflowQueryError::NotFound(_) => ApiError::not_found(format!(
-            "the pool of tenant {tenant} is not running; start it with murmur pool up"
-        )),
-        other => rpc_error(&other.to_string()),
-    }
-}
-
-fn rpc_error(text: &str) -> ApiError {
-    if let Some(e) = ApiError::find_in(text) {
-        return e;
-    }
-    ApiError::new(Code::Unavailable, text.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn worker_failures_keep_their_code() {
-        let e = failure_to_api("INVALID_ARGUMENT: max_vms must be positive");
-        assert_eq!(e.to_string(), "INVALID_ARGUMENT: max_vms must be positive");
-        let e = failure_to_api("Encoding error: missing field `kind`");
-        assert_eq!(e.code, Code::InvalidArgument);
+            .map_err(|e| update_with_start_error(e, &self.not_running()))
     }
 }

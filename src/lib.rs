@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: `.murmur/` discovery and the resolved [`config::Context`].
 //! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
+//! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
 //! - [`output`]: the normative output lines, status table and YAML documents.
 //! - [`worker`]: the `murmur-worker` process.
 //!
@@ -12,6 +13,7 @@
 //! activities) in `murmur-activities`.
 #![deny(missing_docs)]
 
+pub mod agents;
 pub mod client;
 pub mod config;
 pub mod output;

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::model::{Millis, ResourceDoc};
 use murmur_workflows::status::PoolStatus;
 
@@ -16,6 +17,83 @@ pub fn flush_result(flushed: u32) -> String {
         1 => "Flushed 1 warm VM \u{2014} pool will replenish with fresh ones".to_string(),
         n => format!("Flushed {n} warm VMs \u{2014} pool will replenish with fresh ones"),
     }
+}
+
+/// First line of a nuke.
+pub const NUKE_START: &str = "Nuking all workflows and VMs...";
+
+/// The nuke result line (PRODUCT.md §6).
+pub fn nuke_result(total: u64) -> String {
+    format!("Nuke complete ({total} terminated/deleted)")
+}
+
+/// What `murmur spawn` prints.
+pub fn spawned(slug: &str) -> String {
+    format!(
+        "Spawned: {slug}\n\n  To get the status of the task:                murmur status {slug}\n  To kill the task:                             murmur kill {slug}\n"
+    )
+}
+
+/// `murmur status <slug>`: `key: value` lines, keys padded to 10 columns, only the fields
+/// that have a value.
+pub fn agent_status(st: &AgentStatus) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: &str| {
+        let mut lines = value.lines();
+        let first = lines.next().unwrap_or("");
+        let label = format!("{key}:");
+        let width = label.len().max(9) + 1;
+        let _ = writeln!(out, "{label:<width$}{first}");
+        for more in lines {
+            let _ = writeln!(out, "{:<10}{more}", "");
+        }
+    };
+    line("workflow", &st.workflow);
+    line("phase", st.phase.map_or("PHASE_STARTING", Phase::as_str));
+    if let Some(vm) = &st.vm {
+        line("vm", &vm.to_string());
+    }
+    if let Some(p) = st.queue_position {
+        line("queued", &format!("waiting for a VM (position {p})"));
+    }
+    line("command", &st.command.join(" "));
+    line("on-idle", st.on_idle.as_str());
+    if let Some(code) = st.exit_code {
+        line("exit code", &code.to_string());
+    }
+    if let Some(e) = &st.error {
+        line("error", e);
+    }
+    if let Some(tail) = &st.output_tail
+        && !tail.trim().is_empty()
+    {
+        line("output", tail.trim_end());
+    }
+    out
+}
+
+/// `murmur ls`: a `SLUG PHASE VM` table; nothing at all when there are no agents.
+pub fn agent_table(rows: &[crate::agents::AgentRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut table = vec![["SLUG".to_string(), "PHASE".into(), "VM".into()]];
+    for r in rows {
+        table.push([
+            r.slug.clone(),
+            r.phase.clone(),
+            r.vm.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+        ]);
+    }
+    let w0 = table.iter().map(|r| r[0].len()).max().unwrap_or(0);
+    let w1 = table.iter().map(|r| r[1].len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for r in table {
+        let _ = writeln!(out, "{:<w0$}   {:<w1$}   {}", r[0], r[1], r[2]);
+    }
+    out.lines()
+        .map(|l| l.trim_end().to_string() + "\n")
+        .collect()
 }
 
 /// A duration as `850ms`, `42s`, `3m10s`, `2h5m`, `3d4h`.
@@ -169,6 +247,30 @@ mod tests {
             flush_result(3),
             "Flushed 3 warm VMs — pool will replenish with fresh ones"
         );
+    }
+
+    #[test]
+    fn agent_status_aligns_values_at_column_eleven() {
+        let st = AgentStatus {
+            workflow: "agent/acme/web/ana/fix".into(),
+            slug: "fix".into(),
+            phase: Some(Phase::Canceled),
+            command: vec!["sleep 60".into()],
+            exit_code: Some(143),
+            output_tail: Some("one\ntwo\n".into()),
+            ..Default::default()
+        };
+        let text = agent_status(&st);
+        assert!(text.starts_with("workflow: agent/acme/web/ana/fix\nphase:    PHASE_CANCELED\n"));
+        assert!(text.contains("exit code: 143\n"));
+        assert!(text.ends_with("output:   one\n          two\n"), "{text}");
+        assert!(!text.contains("vm:"));
+    }
+
+    #[test]
+    fn empty_agent_list_prints_nothing() {
+        assert_eq!(agent_table(&[]), "");
+        assert_eq!(nuke_result(8), "Nuke complete (8 terminated/deleted)");
     }
 
     #[test]

@@ -5,8 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use murmur_activities::agent_activities::AgentActivities;
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
+use murmur_activities::provider::Provider;
 use murmur_activities::vm_activities::VmActivities;
+use murmur_workflows::agent_workflow::AgentWorkflow;
+use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 
@@ -25,13 +29,13 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
     let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
-    let provider = ProcessProvider::new(
+    let provider: Arc<dyn Provider> = Arc::new(ProcessProvider::new(
         &state_dir,
         SupervisorLaunch {
             program: exe,
             args: vec!["sandbox".into()],
         },
-    )?;
+    )?);
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
         .await
@@ -43,7 +47,10 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("start Temporal runtime: {e}"))?;
     let options = WorkerOptions::new(config.task_queue.clone())
         .register_workflow::<PoolWorkflow>()?
-        .register_activities(VmActivities::new(Arc::new(provider)))
+        .register_workflow::<AgentWorkflow>()?
+        .register_workflow::<NukeWorkflow>()?
+        .register_activities(VmActivities::new(provider.clone()))
+        .register_activities(AgentActivities::new(provider))
         .build();
     let mut worker = Worker::new(&runtime, client, options)?;
     let stop = worker.shutdown_handle();

@@ -6,9 +6,14 @@
 //! - [`process`]: the embedded `process` substrate (local sandboxes).
 //! - [`sandbox`]: the supervisor that runs inside each `process` sandbox.
 //! - [`vm_activities`]: the boot and delete activities over a provider.
+//! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
+//!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
+//! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
 #![deny(missing_docs)]
 
+pub mod agent_activities;
 pub mod process;
 pub mod provider;
 pub mod sandbox;
+pub mod temporal_ops;
 pub mod vm_activities;

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::provider::{Provider, Ready, SubstrateError, VmInfo};
+use crate::provider::{CommandSpec, CommandStatus, Provider, Ready, SubstrateError, VmInfo};
 
 /// Name of the file describing a sandbox.
 pub const META_FILE: &str = "vm.json";
@@ -30,6 +30,14 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub const BOOT_FAILED_FILE: &str = "boot.failed";
 /// Script of an image that runs at boot, before the VM reports ready.
 pub const BOOT_SCRIPT: &str = "boot.sh";
+/// Directory of a sandbox holding one subdirectory per command run.
+pub const RUNS_DIR: &str = "runs";
+/// A run's combined stdout and stderr.
+pub const OUTPUT_FILE: &str = "output.log";
+/// A run's process (group) id.
+pub const PID_FILE: &str = "pid";
+/// A run's exit code, written when it exits.
+pub const EXIT_FILE: &str = "exit";
 /// Longest path a unix socket can have on Linux.
 const MAX_SOCKET_PATH: usize = 107;
 /// The default image's files, embedded in the binary.
@@ -185,6 +193,15 @@ impl ProcessProvider {
             .collect()
     }
 
+    /// Maps a failed control-socket request: a VM without a live supervisor is gone.
+    fn unreachable(&self, dir: &Path, vm: &VmId, e: std::io::Error) -> SubstrateError {
+        if !dir.exists() || Self::supervisor_pids(dir).is_empty() {
+            SubstrateError::VmGone(vm.clone())
+        } else {
+            SubstrateError::io(format!("talk to VM {vm}"), e)
+        }
+    }
+
     async fn spawn_supervisor(&self, dir: &Path, meta: &SandboxMeta) -> Result<(), SubstrateError> {
         let root = dir.join("root");
         let log = std::fs::File::create(dir.join("supervisor.log"))
@@ -326,7 +343,111 @@ impl Provider for ProcessProvider {
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
         let dir = self.sandbox_dir(tenant, vm)?;
         stop_supervisors(&dir).await;
+        // Runs live in their own process groups; a supervisor killed hard cannot stop them.
+        for pid in run_pids(&dir) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         remove_dir(&dir).await
+    }
+
+    async fn start_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &CommandSpec,
+    ) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        if !valid_run_id(&spec.run) {
+            return Err(SubstrateError::Invalid {
+                what: "run id",
+                value: spec.run.clone(),
+            });
+        }
+        if !dir.exists() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let json =
+            serde_json::to_string(spec).map_err(|e| SubstrateError::io("encode RUN", e.into()))?;
+        let answer = request(&dir.join(CONTROL_SOCKET), &format!("RUN {json}"))
+            .await
+            .map_err(|e| self.unreachable(&dir, vm, e))?;
+        match answer.strip_prefix("ERR ") {
+            None if answer == "OK" => Ok(()),
+            Some(reason) => Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: reason.to_string(),
+            }),
+            None => Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: format!("unexpected answer {answer:?}"),
+            }),
+        }
+    }
+
+    async fn command_status(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<CommandStatus, SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        let rd = run_dir(&dir, run);
+        if let Ok(code) = std::fs::read_to_string(rd.join(EXIT_FILE)) {
+            return Ok(CommandStatus::Exited(code.trim().parse().unwrap_or(-1)));
+        }
+        if !dir.exists() || Self::supervisor_pids(&dir).is_empty() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        if rd.is_dir() {
+            Ok(CommandStatus::Running)
+        } else {
+            Ok(CommandStatus::Unknown)
+        }
+    }
+
+    async fn command_output_tail(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        max_bytes: usize,
+    ) -> Result<String, SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        match tail(&run_dir(&dir, run).join(OUTPUT_FILE), max_bytes) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(SubstrateError::io("read output.log", e)),
+        }
+    }
+
+    async fn cancel_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        if !dir.exists() {
+            return Ok(());
+        }
+        match request(&dir.join(CONTROL_SOCKET), &format!("CANCEL {run}")).await {
+            Ok(answer) if answer == "OK" => Ok(()),
+            Ok(answer) => Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: answer,
+            }),
+            Err(_) => {
+                // No supervisor to ask: stop the run's process group directly.
+                let rd = run_dir(&dir, run);
+                if let Some(pid) = std::fs::read_to_string(rd.join(PID_FILE))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
@@ -365,6 +486,65 @@ impl Provider for ProcessProvider {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+}
+
+/// The directory of run `run` in the sandbox at `dir` (`run` empty: the runs directory).
+pub fn run_dir(dir: &Path, run: &str) -> PathBuf {
+    let runs = dir.join(RUNS_DIR);
+    if run.is_empty() { runs } else { runs.join(run) }
+}
+
+/// Run ids are file names: `[A-Za-z0-9-]{1,64}`.
+pub fn valid_run_id(run: &str) -> bool {
+    (1..=64).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Process group ids of the runs of a sandbox that have not exited.
+pub fn run_pids(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(run_dir(dir, "")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|rd| !rd.join(EXIT_FILE).exists())
+        .filter_map(|rd| std::fs::read_to_string(rd.join(PID_FILE)).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+/// Sends one request line to the supervisor and reads its answer line.
+async fn request(socket: &Path, line: &str) -> std::io::Result<String> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(line.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    let mut answer = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(read).read_line(&mut answer),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
+    Ok(answer.trim().to_string())
+}
+
+/// The last `max_bytes` of a file, starting at a line boundary when it was cut.
+fn tail(path: &Path, max_bytes: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max_bytes as u64);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if start > 0
+        && let Some(nl) = text.find('\n')
+    {
+        text.drain(..=nl);
+    }
+    Ok(text)
 }
 
 /// Asks the supervisor behind `socket` whether it is ready.

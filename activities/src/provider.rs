@@ -34,6 +34,17 @@ pub enum SubstrateError {
         /// What the substrate reported.
         reason: String,
     },
+    /// The VM does not exist any more, or is dead.
+    #[error("VM {0} is gone")]
+    VmGone(VmId),
+    /// The VM refused or failed a request.
+    #[error("VM {vm}: {reason}")]
+    Guest {
+        /// The VM.
+        vm: VmId,
+        /// What it said.
+        reason: String,
+    },
     /// A name that cannot be used as given.
     #[error("invalid {what}: {value:?}")]
     Invalid {
@@ -92,6 +103,28 @@ pub struct Ready {
     pub image: String,
 }
 
+/// A command to run inside a VM (an agent's task).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    /// Unique id of this run; starting the same run twice attaches to the first.
+    pub run: String,
+    /// The command: one word runs through `/bin/sh -c`, several are executed as they are.
+    pub argv: Vec<String>,
+    /// Extra environment (`MURMUR_AGENT`), on top of the VM's own.
+    pub env: Vec<(String, String)>,
+}
+
+/// Where a command run stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// Still running.
+    Running,
+    /// Exited with this code (128 + n when killed by signal n).
+    Exited(i32),
+    /// The VM knows no such run.
+    Unknown,
+}
+
 /// A place where VMs live.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
@@ -115,4 +148,38 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Every VM of `tenant` this substrate holds, alive or not.
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError>;
+
+    /// Starts a command in the VM (idempotent by `spec.run`). The command runs on when the
+    /// worker dies; only deleting the VM or [`Provider::cancel_command`] stops it.
+    async fn start_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &CommandSpec,
+    ) -> Result<(), SubstrateError>;
+
+    /// Where a run stands. `Err(VmGone)` when the VM itself is gone or dead.
+    async fn command_status(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<CommandStatus, SubstrateError>;
+
+    /// The last lines of a run's combined output (at most `max_bytes`).
+    async fn command_output_tail(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        max_bytes: usize,
+    ) -> Result<String, SubstrateError>;
+
+    /// Stops a run (its whole process group): SIGTERM, then SIGKILL after a grace period.
+    async fn cancel_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<(), SubstrateError>;
 }

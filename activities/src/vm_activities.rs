@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use murmur_workflows::activity_api::{BootReport, DeleteVmInput};
 use murmur_workflows::machine::BootSpec;
@@ -15,6 +15,7 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
+use crate::agent_activities::with_heartbeats;
 use crate::provider::{Provider, SubstrateError};
 
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
@@ -84,26 +85,6 @@ impl VmActivities {
             Err(e) => {
                 tracing::warn!(tenant = %input.tenant, vm = %input.vm, error = %e, "vm delete failed");
                 Err(ActivityError::application(ApplicationFailure::new(e)))
-            }
-        }
-    }
-}
-
-/// Runs `work` while heartbeating every second, so a dead worker is noticed within the
-/// heartbeat timeout instead of the whole start-to-close timeout. Returns `Err` when the
-/// activity is cancelled.
-async fn with_heartbeats<T>(
-    ctx: &ActivityContext,
-    work: impl std::future::Future<Output = T>,
-) -> Result<T, ActivityError> {
-    tokio::pin!(work);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            out = &mut work => return Ok(out),
-            _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
-            _ = tick.tick() => {
-                let _ = ctx.record_heartbeat(()).await;
             }
         }
     }

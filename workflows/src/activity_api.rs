@@ -54,3 +54,180 @@ impl ActivityDefinition for DeleteVm {
         DELETE_VM
     }
 }
+
+/// Activity type name of [`ClaimVm`].
+pub const CLAIM_VM: &str = "murmur.claim_vm";
+/// Activity type name of [`ReleaseVm`].
+pub const RELEASE_VM: &str = "murmur.release_vm";
+/// Activity type name of [`RunAgent`].
+pub const RUN_AGENT: &str = "murmur.run_agent";
+/// Activity type name of [`PausePool`].
+pub const PAUSE_POOL: &str = "murmur.pause_pool";
+/// Activity type name of [`ResetPool`].
+pub const RESET_POOL: &str = "murmur.reset_pool";
+/// Activity type name of [`ListAgents`].
+pub const LIST_AGENTS: &str = "murmur.list_agents";
+/// Activity type name of [`TerminateAgent`].
+pub const TERMINATE_AGENT: &str = "murmur.terminate_agent";
+/// Activity type name of [`ListVms`].
+pub const LIST_VMS: &str = "murmur.list_vms";
+
+/// Failure type of a claim the pool refused (`CODE: reason` message); never retried.
+pub const CLAIM_REJECTED: &str = "ClaimRejected";
+/// Failure type of a VM that vanished under a running agent; never retried.
+pub const VM_LOST: &str = "VmLost";
+
+/// Asks the tenant's pool for a VM (the pool's `claim` update, starting the pool if needed).
+pub struct ClaimVm;
+
+/// Input of [`ClaimVm`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimInput {
+    /// Tenant whose pool is asked.
+    pub tenant: String,
+    /// The claim.
+    pub claim: crate::machine::ClaimRequest,
+}
+
+impl ActivityDefinition for ClaimVm {
+    type Input = ClaimInput;
+    type Output = crate::machine::ClaimState;
+    fn name(&self) -> &str {
+        CLAIM_VM
+    }
+}
+
+/// Tells the pool an agent ended (the pool's `release` update); the pool deletes its VM.
+/// When the pool is not running, deletes the VM from the substrate directly.
+pub struct ReleaseVm;
+
+/// Input of [`ReleaseVm`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInput {
+    /// Tenant.
+    pub tenant: String,
+    /// The claim's request id.
+    pub request: String,
+    /// The VM the agent held, if it knows one (for the direct delete).
+    pub vm: Option<VmId>,
+}
+
+impl ActivityDefinition for ReleaseVm {
+    type Input = ReleaseInput;
+    type Output = crate::messages::ReleaseReply;
+    fn name(&self) -> &str {
+        RELEASE_VM
+    }
+}
+
+/// Runs an agent's command inside its VM until it exits (idempotent by run id: a retry
+/// attaches to the command already running).
+pub struct RunAgent;
+
+/// Input of [`RunAgent`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInput {
+    /// Tenant.
+    pub tenant: String,
+    /// The VM.
+    pub vm: VmId,
+    /// The agent's slug (`MURMUR_AGENT` in the command's environment).
+    pub slug: String,
+    /// Unique id of this run (the agent workflow's run id).
+    pub run: String,
+    /// The command: one word runs through `/bin/sh -c`, several are executed as they are.
+    pub command: Vec<String>,
+}
+
+/// How an agent's command ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Exit code (128 + n when killed by signal n).
+    pub exit_code: i32,
+    /// The last lines of its combined stdout and stderr.
+    pub output_tail: String,
+    /// How long it ran, in milliseconds.
+    pub duration_ms: u64,
+}
+
+impl ActivityDefinition for RunAgent {
+    type Input = RunInput;
+    type Output = RunReport;
+    fn name(&self) -> &str {
+        RUN_AGENT
+    }
+}
+
+/// Nuke step: pause the pool (its `nuke_pause` update, starting the pool if needed).
+pub struct PausePool;
+
+impl ActivityDefinition for PausePool {
+    type Input = PoolStepInput;
+    type Output = crate::messages::NukeStepReply;
+    fn name(&self) -> &str {
+        PAUSE_POOL
+    }
+}
+
+/// Nuke step: reset and resume the pool (its `nuke_reset` update).
+pub struct ResetPool;
+
+impl ActivityDefinition for ResetPool {
+    type Input = PoolStepInput;
+    type Output = crate::messages::NukeStepReply;
+    fn name(&self) -> &str {
+        RESET_POOL
+    }
+}
+
+/// Input of [`PausePool`] and [`ResetPool`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStepInput {
+    /// Tenant.
+    pub tenant: String,
+    /// What the pool is told.
+    pub step: crate::messages::NukeStep,
+}
+
+/// Lists the workflow ids of every running agent of a tenant (a paginated visibility query
+/// on the search attributes).
+pub struct ListAgents;
+
+impl ActivityDefinition for ListAgents {
+    type Input = String;
+    type Output = Vec<String>;
+    fn name(&self) -> &str {
+        LIST_AGENTS
+    }
+}
+
+/// Terminates one agent workflow; one that already ended counts as done.
+pub struct TerminateAgent;
+
+/// Input of [`TerminateAgent`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminateInput {
+    /// The agent workflow's id.
+    pub workflow_id: String,
+    /// Recorded as the termination reason.
+    pub reason: String,
+}
+
+impl ActivityDefinition for TerminateAgent {
+    type Input = TerminateInput;
+    type Output = ();
+    fn name(&self) -> &str {
+        TERMINATE_AGENT
+    }
+}
+
+/// Lists every VM of a tenant the substrate holds, orphans included.
+pub struct ListVms;
+
+impl ActivityDefinition for ListVms {
+    type Input = String;
+    type Output = Vec<VmId>;
+    fn name(&self) -> &str {
+        LIST_VMS
+    }
+}

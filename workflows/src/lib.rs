@@ -9,6 +9,9 @@
 //! - [`messages`]: signal/update/query payloads and the lenient decoder.
 //! - [`activity_api`]: typed markers for the activities the workflows call.
 //! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`).
+//! - [`agent`]: agents as data: phases, spawn input, status, workflow ids.
+//! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).
+//! - [`nuke_workflow`]: the emergency wipe (`nuke/<tenant>`).
 //! - [`error`]: the `CODE: reason` error contract.
 //!
 //! Nothing here performs I/O or reads the clock; workflow time and randomness come from the
@@ -16,10 +19,13 @@
 #![deny(missing_docs)]
 
 pub mod activity_api;
+pub mod agent;
+pub mod agent_workflow;
 pub mod error;
 pub mod machine;
 pub mod messages;
 pub mod model;
+pub mod nuke_workflow;
 pub mod pool_workflow;
 pub mod status;
 

@@ -8,8 +8,11 @@
 //! asked for, `deleting` as soon as its delete is), so in-flight work always counts towards
 //! `max_vms` and a new run can re-issue whatever was in flight ([`Pool::resume`]).
 
+mod claims;
+
 use std::collections::BTreeMap;
 
+pub use claims::{Claim, ClaimRequest, ClaimState};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -100,6 +103,15 @@ pub struct Pool {
     pub images: BTreeMap<String, ImageHealth>,
     /// Totals since the pool was created.
     pub counters: Counters,
+    /// Agents' claims by request id: waiting, booting or holding a VM.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Claim>,
+    /// True while a nuke runs: no hand-outs, no backfill.
+    #[serde(default)]
+    pub paused: bool,
+    /// Arrival counter of claims (FIFO order).
+    #[serde(default)]
+    claim_seq: u64,
     /// Seed of the VM id sequence (drawn from workflow randomness once).
     id_seed: u64,
     /// How many ids were drawn so far.
@@ -139,6 +151,9 @@ impl Pool {
             vms: BTreeMap::new(),
             images: BTreeMap::new(),
             counters: Counters::default(),
+            claims: BTreeMap::new(),
+            paused: false,
+            claim_seq: 0,
             id_seed,
             id_counter: 0,
         }
@@ -193,14 +208,18 @@ impl Pool {
                 health.consecutive_failures = 0;
                 health.backoff_until = None;
                 rec.ready_at = Some(now);
-                if rec.generation < current_generation {
+                if self.hand_booted_vm_to_claim(vm) {
+                    // Handed to the agent it was booted for.
+                } else if let Some(rec) = self.vms.get_mut(vm)
+                    && rec.generation < current_generation
+                {
                     rec.state = VmState::Deleting;
                     rec.delete_reason = Some(DeleteReason::StaleGeneration);
                     out.push(Command::Delete {
                         vm: vm.clone(),
                         reason: DeleteReason::StaleGeneration,
                     });
-                } else {
+                } else if let Some(rec) = self.vms.get_mut(vm) {
                     rec.state = VmState::Warm;
                 }
             }
@@ -217,6 +236,7 @@ impl Pool {
     /// created something before failing, and the image's failure count goes up.
     pub fn boot_failed(&mut self, vm: &VmId, error: &str, now: Millis) -> Vec<Command> {
         let mut out = Vec::new();
+        self.fail_claim_of(vm, error);
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
                 rec.state = VmState::Deleting;
@@ -273,6 +293,7 @@ impl Pool {
                 generation: 0,
                 state: VmState::Deleting,
                 agent: None,
+                claim: None,
                 created_at: now,
                 ready_at: None,
                 delete_reason: Some(DeleteReason::Orphan),
@@ -457,7 +478,12 @@ impl Pool {
     /// emit boots (under `max_vms`, respecting image back-off) and deletes (surplus, and stale
     /// warm VMs when their room is needed).
     pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
+        if self.paused {
+            return Vec::new();
+        }
         let mut out = self.shed_over_capacity();
+        let (served, claims_waiting) = self.serve_claims(now);
+        out.extend(served);
         let names: Vec<String> = self.workspaces.keys().cloned().collect();
         for name in names {
             let Some(ws) = self.workspaces.get(&name) else {
@@ -484,7 +510,7 @@ impl Pool {
                 continue;
             }
             let mut missing = spec.min_idle - have;
-            if missing == 0 || self.image_held(&spec.image_ref, now) {
+            if missing == 0 || claims_waiting || self.image_held(&spec.image_ref, now) {
                 continue;
             }
             if self.probing(&spec.image_ref) {
@@ -600,6 +626,7 @@ impl Pool {
             generation: self.generation,
             state: VmState::Booting,
             agent: None,
+            claim: None,
             created_at: now,
             ready_at: None,
             delete_reason: None,

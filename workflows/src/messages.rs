@@ -54,6 +54,42 @@ pub struct UpRequest {
     pub actor: Option<String>,
 }
 
+/// Input of the pool's `release` update: the agent behind `request` ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReleaseRequest {
+    /// The claim's request id.
+    pub request: String,
+}
+
+/// Answer of `release`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReply {
+    /// The VM the agent held, if it held one.
+    pub vm: Option<VmId>,
+    /// True once that VM is gone from the substrate (always true without a VM).
+    pub gone: bool,
+}
+
+/// Input of the pool's `nuke_pause` and `nuke_reset` updates (sent by the nuke workflow).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NukeStep {
+    /// Who runs the nuke (the nuke workflow's id).
+    pub actor: Option<String>,
+    /// For `nuke_reset`: VMs the nuke deleted from the substrate.
+    pub deleted: u64,
+}
+
+/// Answer of `nuke_pause` and `nuke_reset`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NukeStepReply {
+    /// The pool generation afterwards.
+    pub generation: u64,
+    /// VMs in the pool's inventory afterwards.
+    pub vms: u32,
+}
+
 /// Input of the pool workflow's run: the tenant, and the state carried over by
 /// continue-as-new.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

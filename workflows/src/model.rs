@@ -359,8 +359,12 @@ pub struct VmRecord {
     pub generation: u64,
     /// Where it is in its lifecycle.
     pub state: VmState,
-    /// The agent holding it, when assigned.
+    /// The agent (workflow id) holding it, when assigned.
     pub agent: Option<String>,
+    /// The claim (request id) it was cold-booted for, while it boots; such a VM is handed to
+    /// that claim when it comes up instead of joining the warm pool.
+    #[serde(default)]
+    pub claim: Option<String>,
     /// When its create was requested.
     pub created_at: Millis,
     /// When its readiness handshake was seen.

@@ -27,15 +27,20 @@ use temporalio_sdk::{
 
 use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
 use crate::error::ApiError;
-use crate::machine::{Command, Pool};
+use crate::machine::{ClaimRequest, ClaimState, Command, Pool};
 use crate::messages::{
-    ConfigRequest, FlushReply, FlushRequest, PoolInput, UpRequest, decode_lenient,
+    ConfigRequest, FlushReply, FlushRequest, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
+    ReleaseRequest, UpRequest, decode_lenient,
 };
 use crate::model::{Millis, ResourceDoc, ResourceKind, VmId};
 use crate::status::PoolStatus;
 
 /// Boot deadline of one VM: create plus readiness handshake.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a `claim` or `release` update waits before answering with where things stand.
+/// Bounded so update handlers finish and the pool can continue-as-new even while claims
+/// queue at `max_vms`; the caller (an activity) simply asks again.
+pub const HANDLER_WAIT: Duration = Duration::from_secs(30);
 /// Roll over to a new run once history grows past this many events.
 const MAX_HISTORY_EVENTS: u32 = 10_000;
 
@@ -304,6 +309,121 @@ impl PoolWorkflow {
         Ok(doc)
     }
 
+    /// Checks a claim: a retried one always passes; a new one needs its workspace to exist,
+    /// the developer to be under `max_agents_per_developer`, and no nuke in progress.
+    #[update_validator(claim)]
+    pub fn validate_claim(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &ClaimRequest,
+    ) -> Result<(), UpdateError> {
+        self.pool.validate_claim(req).map_err(boxed)
+    }
+
+    /// An agent claims a VM (idempotent by request id). Answers at once with where the claim
+    /// stands, or, with `wait`, once it is served (or after [`HANDLER_WAIT`]).
+    #[update]
+    pub async fn claim(
+        ctx: &mut WorkflowContext<Self>,
+        req: ClaimRequest,
+    ) -> Result<ClaimState, UpdateError> {
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        ctx.state_mut(|s| -> Result<(), UpdateError> {
+            s.pool.validate_claim(&req).map_err(boxed)?;
+            let cmds = s.pool.claim(&req, now);
+            s.outbox.extend(cmds);
+            if !replaying {
+                tracing::info!(tenant = %s.pool.tenant, agent = %req.agent,
+                    claim = ?s.pool.claim_state(&req.request), "claim");
+            }
+            Ok(())
+        })?;
+        let request = req.request.clone();
+        if req.wait {
+            temporalio_sdk::workflows::select! {
+                r = ctx.wait_condition(|s| s.pool.claim_state(&request).is_settled()) => {
+                    r.map_err(|e| Box::new(e) as UpdateError)?;
+                }
+                _ = ctx.timer(HANDLER_WAIT) => {}
+            }
+        }
+        Ok(ctx.state(|s| s.pool.claim_state(&request)))
+    }
+
+    /// The agent behind a claim ended: its VM is deleted, never returned to the pool.
+    /// Answers once the VM is gone (or after [`HANDLER_WAIT`]; asking again is harmless).
+    #[update]
+    pub async fn release(
+        ctx: &mut WorkflowContext<Self>,
+        req: ReleaseRequest,
+    ) -> Result<ReleaseReply, UpdateError> {
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        let (held, deleting) = ctx.state_mut(|s| {
+            let held = s.pool.claims.get(&req.request).and_then(|c| c.vm.clone());
+            let (deleting, cmds) = s.pool.release(&req.request, now);
+            s.outbox.extend(cmds);
+            if !replaying {
+                tracing::info!(tenant = %s.pool.tenant, request = %req.request, vm = ?held,
+                    "release");
+            }
+            (held, deleting)
+        });
+        if let Some(vm) = &deleting {
+            temporalio_sdk::workflows::select! {
+                r = ctx.wait_condition(|s| !s.pool.vms.contains_key(vm)) => {
+                    r.map_err(|e| Box::new(e) as UpdateError)?;
+                }
+                _ = ctx.timer(HANDLER_WAIT) => {}
+            }
+        }
+        let gone = deleting.is_none_or(|vm| ctx.state(|s| !s.pool.vms.contains_key(&vm)));
+        Ok(ReleaseReply { vm: held, gone })
+    }
+
+    /// Nuke, step 1: stop hand-outs and backfill; answers once nothing is booting.
+    #[update]
+    pub async fn nuke_pause(
+        ctx: &mut WorkflowContext<Self>,
+        req: NukeStep,
+    ) -> Result<NukeStepReply, UpdateError> {
+        let replaying = ctx.is_replaying();
+        ctx.state_mut(|s| {
+            s.pool.pause();
+            if !replaying {
+                tracing::warn!(tenant = %s.pool.tenant, actor = ?req.actor, "nuke: pool paused");
+            }
+        });
+        ctx.wait_condition(|s| s.pool.booting() == 0)
+            .await
+            .map_err(|e| Box::new(e) as UpdateError)?;
+        Ok(ctx.state(|s| NukeStepReply {
+            generation: s.pool.generation,
+            vms: s.pool.in_use(),
+        }))
+    }
+
+    /// Nuke, last step: forget every VM and claim, bump the generation, resume backfill.
+    #[update]
+    pub fn nuke_reset(
+        &mut self,
+        ctx: &mut SyncWorkflowContext<Self>,
+        req: NukeStep,
+    ) -> NukeStepReply {
+        let now = to_millis(ctx.workflow_time());
+        let cmds = self.pool.reset_after_nuke(req.deleted, now);
+        self.outbox.extend(cmds);
+        if !ctx.is_replaying() {
+            tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor, deleted = req.deleted,
+                "nuke: pool reset and resumed");
+        }
+        NukeStepReply {
+            generation: self.pool.generation,
+            vms: self.pool.in_use(),
+        }
+    }
+
     /// The pool status (`murmur pool status`).
     #[query]
     pub fn status(&self, _ctx: &WorkflowContextView) -> PoolStatus {
@@ -350,7 +470,7 @@ impl PoolWorkflow {
     }
 
     fn status_view(&self) -> PoolStatus {
-        let mut s = PoolStatus::build(&self.pool, self.flushes_in_progress > 0, false);
+        let mut s = PoolStatus::build(&self.pool, self.flushes_in_progress > 0, self.pool.paused);
         s.rejected_messages = self.rejected_messages;
         s
     }
@@ -373,7 +493,7 @@ fn boxed(e: ApiError) -> UpdateError {
 
 /// Resolves with the first finished future, polling in insertion order (deterministic), and
 /// removes it. Pending forever while the list is empty.
-fn next_finished<'a, 'b, T>(
+pub(crate) fn next_finished<'a, 'b, T>(
     list: &'a mut Vec<LocalBoxFuture<'b, T>>,
 ) -> impl Future<Output = T> + 'a {
     futures::future::poll_fn(move |cx| {
@@ -465,7 +585,7 @@ fn details_markdown(s: &PoolWorkflow) -> String {
         pool.in_use(),
         pool.config.spec.max_vms
     );
-    for ws in &PoolStatus::workspaces_of(pool, s.flushes_in_progress > 0, false) {
+    for ws in &PoolStatus::workspaces_of(pool, s.flushes_in_progress > 0, pool.paused) {
         let (warm, booting, assigned, deleting) = ws.groups.iter().fold((0, 0, 0, 0), |a, g| {
             (
                 a.0 + g.warm,

@@ -2,10 +2,11 @@
 //! succeed or fail (sometimes leaving a VM behind), deletes, flushes, config edits, time
 //! passing and crashes (a new run re-issuing in-flight work). A model substrate records what
 //! really exists, so "no VM lost" is checked against it, not against the pool's own count.
+//! Agents claim and release VMs, and nukes wipe everything, between any of those events.
 
 use std::collections::BTreeSet;
 
-use murmur_workflows::machine::{Command, ConfigChange, Pool};
+use murmur_workflows::machine::{ClaimRequest, ClaimState, Command, ConfigChange, Pool};
 use murmur_workflows::model::{ResourceKind, VmId, VmState};
 use proptest::prelude::*;
 
@@ -31,6 +32,16 @@ enum Step {
         image: usize,
     },
     Advance(u64),
+    /// An agent claims a VM of a workspace.
+    Claim {
+        ws: usize,
+    },
+    /// The n-th live agent ends (modulo their number).
+    Release {
+        pick: usize,
+    },
+    /// A nuke: pause, let boots finish, delete everything in the substrate, reset.
+    Nuke,
     /// The workflow run ends (continue-as-new or crash before results arrive): in-flight
     /// activity results are lost, the state is carried over through serde, work is re-issued.
     Restart,
@@ -46,6 +57,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..3usize).prop_map(|(ws, image)| Step::SetImage { ws, image }),
         1 => (0..120_000u64).prop_map(Step::Advance),
         1 => Just(Step::Restart),
+        3 => (0..2usize).prop_map(|ws| Step::Claim { ws }),
+        2 => any::<usize>().prop_map(|pick| Step::Release { pick }),
+        1 => Just(Step::Nuke),
     ]
 }
 
@@ -57,6 +71,13 @@ struct World {
     substrate: BTreeSet<VmId>,
     /// Every VM a boot was ever asked for (re-issued boots are not new VMs).
     booted: BTreeSet<VmId>,
+    /// Request ids of agents that claimed and have not released.
+    agents: Vec<String>,
+    /// The VM each agent was handed, once it was.
+    handed: std::collections::BTreeMap<String, VmId>,
+    /// VMs cold-booted for a claim, and the image the claim's workspace wanted when it was made.
+    booted_for: std::collections::BTreeMap<VmId, (String, String)>,
+    next_agent: u64,
 }
 
 impl World {
@@ -67,6 +88,10 @@ impl World {
             in_flight: Vec::new(),
             substrate: BTreeSet::new(),
             booted: BTreeSet::new(),
+            agents: Vec::new(),
+            handed: Default::default(),
+            booted_for: Default::default(),
+            next_agent: 0,
         };
         for ws in WORKSPACES {
             w.change(
@@ -125,6 +150,10 @@ impl World {
                 rec.image,
                 self.pool.workspaces[&spec.workspace].spec.image_ref
             );
+            if let Some(request) = &rec.claim {
+                self.booted_for
+                    .insert(spec.vm.clone(), (request.clone(), rec.image.clone()));
+            }
             self.booted.insert(spec.vm);
         }
         self.in_flight.extend(cmds);
@@ -201,6 +230,63 @@ impl World {
                 let cmds = self.pool.reconcile(self.now);
                 self.absorb(cmds);
             }
+            Step::Claim { ws } => {
+                self.next_agent += 1;
+                let req = ClaimRequest {
+                    request: format!("agent-{}@run", self.next_agent),
+                    agent: format!("agent-{}", self.next_agent),
+                    developer: "dev".into(),
+                    workspace: WORKSPACES[*ws].into(),
+                    wait: false,
+                };
+                if self.pool.validate_claim(&req).is_ok() {
+                    let cmds = self.pool.claim(&req, self.now);
+                    // A retried claim is the same claim.
+                    assert!(self.pool.validate_claim(&req).is_ok());
+                    assert!(self.pool.claim(&req, self.now).is_empty());
+                    self.agents.push(req.request);
+                    self.absorb(cmds);
+                } else {
+                    assert!(self.pool.paused, "claim refused while not paused");
+                }
+            }
+            Step::Release { pick } => {
+                if self.agents.is_empty() {
+                    return;
+                }
+                let request = self.agents.remove(pick % self.agents.len());
+                let held = self.handed.remove(&request);
+                let (deleting, cmds) = self.pool.release(&request, self.now);
+                assert_eq!(deleting, held, "release deletes exactly the VM handed out");
+                if let Some(vm) = &held {
+                    assert_eq!(self.pool.vms[vm].state, VmState::Deleting);
+                }
+                assert_eq!(self.pool.claim_state(&request), ClaimState::Unknown);
+                self.absorb(cmds);
+            }
+            Step::Nuke => {
+                self.pool.pause();
+                assert!(self.pool.reconcile(self.now).is_empty(), "paused pool acts");
+                // The pause answers once nothing boots.
+                while let Some(i) = self
+                    .in_flight
+                    .iter()
+                    .position(|c| matches!(c, Command::Boot(_)))
+                {
+                    self.apply(&Step::Finish {
+                        pick: i,
+                        ok: true,
+                        leak: false,
+                    });
+                }
+                assert!(self.pool.pause());
+                let deleted = self.substrate.len() as u64;
+                self.substrate.clear();
+                self.agents.clear();
+                self.handed.clear();
+                let cmds = self.pool.reset_after_nuke(deleted, self.now);
+                self.absorb(cmds);
+            }
             Step::Restart => {
                 // Results of in-flight boots may have happened in the substrate already.
                 for c in &self.in_flight {
@@ -222,7 +308,52 @@ impl World {
         self.pool.vms.values().filter(|v| v.state == state).count()
     }
 
-    fn check(&self) {
+    fn check(&mut self) {
+        // Hand-out: every live agent's claim, and every VM given to exactly one agent.
+        let mut owners: std::collections::BTreeMap<VmId, String> = Default::default();
+        for request in &self.agents {
+            match self.pool.claim_state(request) {
+                ClaimState::Assigned { vm } => {
+                    let rec = &self.pool.vms[&vm];
+                    assert_eq!(rec.state, VmState::Assigned);
+                    if let Some(prev) = owners.insert(vm.clone(), request.clone()) {
+                        panic!("{vm} handed to {prev} and {request}");
+                    }
+                    match self.handed.get(request) {
+                        Some(before) => assert_eq!(before, &vm, "an agent's VM changed"),
+                        None => {
+                            // Newly handed out: booted for this claim, or warm from the
+                            // workspace's current image and the pool's current generation.
+                            match self.booted_for.get(&vm) {
+                                Some((r, _)) if r == request => {}
+                                _ => {
+                                    let ws = &self.pool.workspaces[&rec.workspace];
+                                    assert_eq!(rec.image, ws.spec.image_ref, "stale image");
+                                    assert_eq!(rec.generation, self.pool.generation);
+                                }
+                            }
+                            self.handed.insert(request.clone(), vm);
+                        }
+                    }
+                }
+                ClaimState::Unknown => panic!("live claim {request} forgotten"),
+                ClaimState::Waiting { .. } if !self.pool.paused => {
+                    let claim = &self.pool.claims[request];
+                    let usable = self.pool.vms.values().any(|v| {
+                        v.workspace == claim.workspace
+                            && v.state == VmState::Warm
+                            && self.pool.is_fresh(v)
+                    });
+                    assert!(!usable, "{request} waits while a fresh warm VM is idle");
+                }
+                _ => {}
+            }
+        }
+        for v in self.pool.vms.values() {
+            if v.state == VmState::Assigned {
+                assert!(owners.contains_key(&v.id), "{} assigned to nobody", v.id);
+            }
+        }
         for vm in &self.substrate {
             assert!(
                 self.pool.vms.contains_key(vm),
@@ -273,6 +404,12 @@ proptest! {
         let cmds = w.pool.reconcile(w.now);
         w.absorb(cmds);
         w.drain();
+        // Every agent ends; their VMs go.
+        while !w.agents.is_empty() {
+            w.apply(&Step::Release { pick: 0 });
+        }
+        w.drain();
+        prop_assert_eq!(w.count(VmState::Assigned), 0);
         let recorded: BTreeSet<VmId> = w.pool.vms.keys().cloned().collect();
         prop_assert_eq!(&recorded, &w.substrate, "substrate and inventory differ once settled");
         prop_assert_eq!(w.count(VmState::Booting) + w.count(VmState::Deleting), 0);

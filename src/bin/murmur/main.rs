@@ -1,11 +1,13 @@
 //! `murmur`: the command-line interface to a tenant's warm pool.
 
+mod agent;
 mod pool;
 mod resource;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use murmur::agents::AgentClient;
 use murmur::client::{PoolClient, connect};
 use murmur::config::{Context, Env, resolve};
 use murmur_workflows::error::{ApiError, Code};
@@ -52,12 +54,47 @@ enum Command {
     ///   murmur patch workspace web --set image_ref=img-2 --set environment.vcpus=2
     ///   murmur patch pool-config default --set max_vms=20
     Patch(resource::PatchArgs),
+    /// Start an agent: claim a warm VM (or boot one) and run a command in it.
+    ///
+    /// Prints `Spawned: <slug>` once the pool has accepted the agent. The agent's workflow
+    /// id is agent/<tenant>/<workspace>/<developer>/<slug>. Inside the VM the command runs in
+    /// the VM's home with MURMUR_VM=1 and MURMUR_AGENT=<slug>.
+    ///
+    /// Examples:
+    ///   murmur spawn fix-auth -- 'make test && git push'
+    ///   murmur spawn --on-idle keep-alive shell -- sleep infinity
+    Spawn(agent::SpawnArgs),
+    /// Kill an agent: stop its command and destroy its VM (PHASE_CANCELED).
+    ///
+    /// Example:
+    ///   murmur kill fix-auth
+    Kill(agent::SlugArgs),
+    /// List your agents in the workspace: SLUG PHASE VM (nothing when there are none).
+    ///
+    /// Examples:
+    ///   murmur ls
+    ///   murmur ls -q | xargs -n1 murmur kill
+    Ls(agent::LsArgs),
+    /// Show an agent: workflow, phase, VM, exit code, output tail.
+    ///
+    /// Example:
+    ///   murmur status fix-auth
+    Status(agent::SlugArgs),
+    /// Wait until an agent reaches a phase (or went through it), then print its status.
+    ///
+    /// Exits 1 when the agent ends without reaching the phase.
+    ///
+    /// Examples:
+    ///   murmur wait fix-auth
+    ///   murmur wait --phase completed fix-auth
+    Wait(agent::WaitArgs),
 }
 
 /// What a command needs: where it acts and a connected client.
 pub(crate) struct Session {
     pub ctx: Context,
     pub pool: PoolClient,
+    pub agents: AgentClient,
 }
 
 impl Session {
@@ -67,16 +104,17 @@ impl Session {
         let ctx = resolve(&cwd, &Env::from_process(), workspace)?;
         let client = connect(&format!("murmur-cli:{}", ctx.developer)).await?;
         Ok(Self {
-            pool: PoolClient::new(client, ctx.clone()),
+            pool: PoolClient::new(client.clone(), ctx.clone()),
+            agents: AgentClient::new(client, ctx.clone()),
             ctx,
         })
     }
 }
 
 /// Prints an error per the contract and picks the exit code.
-fn report(e: &ApiError) -> ExitCode {
+fn report(e: &ApiError, hint: Option<&str>) -> ExitCode {
     eprintln!("{e}");
-    if let Some(hint) = murmur::hint(e.code) {
+    if let Some(hint) = hint.or(murmur::hint(e.code)) {
         eprintln!("{hint}");
     }
     ExitCode::from(match e.code {
@@ -96,14 +134,20 @@ async fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let workspace = cli.workspace.as_deref();
+    let plain = |r: Result<(), ApiError>| r.map_err(|e| (e, None));
     let result = match cli.command {
-        Command::Pool(cmd) => pool::run(cmd, workspace).await,
-        Command::Get(args) => resource::get(args, workspace).await,
-        Command::Set(args) => resource::set(args, workspace).await,
-        Command::Patch(args) => resource::patch(args, workspace).await,
+        Command::Pool(cmd) => plain(pool::run(cmd, workspace).await),
+        Command::Get(args) => plain(resource::get(args, workspace).await),
+        Command::Set(args) => plain(resource::set(args, workspace).await),
+        Command::Patch(args) => plain(resource::patch(args, workspace).await),
+        Command::Spawn(args) => agent::spawn(args, workspace).await,
+        Command::Kill(args) => agent::kill(args, workspace).await,
+        Command::Ls(args) => agent::ls(args, workspace).await,
+        Command::Status(args) => agent::status(args, workspace).await,
+        Command::Wait(args) => agent::wait(args, workspace).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => report(&e),
+        Err((e, hint)) => report(&e, hint),
     }
 }

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
-use murmur::output::{FLUSH_START, flush_result, status_table};
+use murmur::output::{FLUSH_START, NUKE_START, flush_result, nuke_result, status_table};
 use murmur_workflows::error::ApiError;
 use murmur_workflows::status::PoolStatus;
 
@@ -17,9 +17,17 @@ pub(crate) enum PoolCommand {
     /// Running agents are not affected. Use after baking a new image or changing a
     /// workspace's image_ref. The flush covers the tenant's whole pool.
     ///
-    /// Example:
+    /// With --nuke: terminate every agent workflow of the tenant, delete every VM (orphans
+    /// included), then let the pool backfill again. A nuke already running is joined.
+    ///
+    /// Examples:
     ///   murmur pool flush
-    Flush,
+    ///   murmur pool flush --nuke
+    Flush {
+        /// Emergency wipe: every agent and every VM of the tenant, not just warm VMs.
+        #[arg(long)]
+        nuke: bool,
+    },
     /// Show warm / booting / assigned / deleting VMs per workspace and image generation.
     ///
     /// Examples:
@@ -52,7 +60,14 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
     }
     let session = Session::open(workspace).await?;
     match cmd {
-        PoolCommand::Flush => {
+        PoolCommand::Flush { nuke: true } => {
+            println!("{NUKE_START}");
+            let _ = std::io::stdout().flush();
+            let report = session.pool.nuke().await?;
+            println!("{}", nuke_result(report.total()));
+            Ok(())
+        }
+        PoolCommand::Flush { nuke: false } => {
             println!("{FLUSH_START}");
             let _ = std::io::stdout().flush();
             let reply = session.pool.flush().await?;

@@ -1,0 +1,366 @@
+//! The activities of agents and nukes: claiming and releasing VMs through the pool workflow,
+//! running an agent's command in its VM, and the nuke's steps (pause and reset the pool,
+//! enumerate and terminate agent workflows, enumerate the substrate's VMs).
+
+// `#[activities]` generates an undocumented marker constant per activity; the activities
+// themselves are documented below.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use murmur_workflows::activity_api::{
+    CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, TerminateInput,
+    VM_LOST,
+};
+use murmur_workflows::error::{ApiError, Code};
+use murmur_workflows::machine::ClaimState;
+use murmur_workflows::messages::{NukeStepReply, ReleaseReply, ReleaseRequest};
+use murmur_workflows::model::VmId;
+use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
+use temporalio_client::{
+    UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowListOptions, WorkflowTerminateOptions,
+};
+use temporalio_common::ActivityError;
+use temporalio_macros::activities;
+use temporalio_sdk::ApplicationFailure;
+use temporalio_sdk::activities::ActivityContext;
+
+use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
+use crate::temporal_ops::{
+    interaction_error, pool_input, pool_start_options, running_agents_query, update_error,
+    update_with_start_error,
+};
+
+/// How much of an agent's output its status keeps.
+pub const OUTPUT_TAIL_BYTES: usize = 4096;
+
+/// Activities that talk to the pool workflow, to Temporal's visibility, and to VMs.
+pub struct AgentActivities {
+    provider: Arc<dyn Provider>,
+}
+
+impl AgentActivities {
+    /// Activities over `provider`.
+    pub fn new(provider: Arc<dyn Provider>) -> Self {
+        Self { provider }
+    }
+}
+
+#[activities]
+impl AgentActivities {
+    /// Sends a claim to the tenant's pool (starting the pool if it is not running). A refusal
+    /// (`CODE: reason`) fails without retry.
+    #[activity(name = "murmur.claim_vm")]
+    pub async fn claim_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: ClaimInput,
+    ) -> Result<ClaimState, ActivityError> {
+        let client = ctx.client();
+        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
+        let call = client.execute_update_with_start_workflow(
+            PoolWorkflow::run,
+            pool_input(&input.tenant),
+            PoolWorkflow::claim,
+            input.claim.clone(),
+            options,
+        );
+        match with_heartbeats(&ctx, call).await? {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                let e = update_with_start_error(e, "the pool is not running");
+                Err(api_failure(e))
+            }
+        }
+    }
+
+    /// Tells the pool an agent ended so it deletes the agent's VM. Without a running pool the
+    /// VM is deleted from the substrate directly.
+    #[activity(name = "murmur.release_vm")]
+    pub async fn release_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: ReleaseInput,
+    ) -> Result<ReleaseReply, ActivityError> {
+        let handle = ctx
+            .client()
+            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
+        let req = ReleaseRequest {
+            request: input.request.clone(),
+        };
+        let call = handle.execute_update(
+            PoolWorkflow::release,
+            req,
+            WorkflowExecuteUpdateOptions::default(),
+        );
+        match with_heartbeats(&ctx, call).await? {
+            Ok(reply) => Ok(reply),
+            Err(e) => match update_error(e, "not running") {
+                e if e.code == Code::NotFound => {
+                    if let Some(vm) = &input.vm {
+                        self.provider
+                            .delete(&input.tenant, vm)
+                            .await
+                            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+                        tracing::warn!(tenant = %input.tenant, vm = %vm,
+                            "pool not running; deleted the agent's VM directly");
+                    }
+                    Ok(ReleaseReply {
+                        vm: input.vm,
+                        gone: true,
+                    })
+                }
+                e => Err(ActivityError::application(ApplicationFailure::new(e))),
+            },
+        }
+    }
+
+    /// Runs the agent's command in its VM and waits for it to exit, heartbeating. Idempotent
+    /// by run id: a retry (after a worker crash) attaches to the command already running.
+    /// Cancelling the activity stops the command.
+    #[activity(name = "murmur.run_agent")]
+    pub async fn run_agent(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: RunInput,
+    ) -> Result<RunReport, ActivityError> {
+        let started = Instant::now();
+        let spec = CommandSpec {
+            run: input.run.clone(),
+            argv: input.command.clone(),
+            env: vec![("MURMUR_AGENT".to_string(), input.slug.clone())],
+        };
+        let (tenant, vm) = (input.tenant.as_str(), &input.vm);
+        self.provider
+            .start_command(tenant, vm, &spec)
+            .await
+            .map_err(|e| run_failure(vm, e))?;
+        tracing::info!(tenant, vm = %vm, agent = %input.slug, "agent command started");
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let code = loop {
+            tokio::select! {
+                _ = ctx.cancelled() => {
+                    let _ = self.provider.cancel_command(tenant, vm, &spec.run).await;
+                    tracing::info!(tenant, vm = %vm, agent = %input.slug, "agent command cancelled");
+                    return Err(ActivityError::cancelled());
+                }
+                _ = tick.tick() => {}
+            }
+            match self.provider.command_status(tenant, vm, &spec.run).await {
+                Ok(CommandStatus::Exited(code)) => break code,
+                Ok(CommandStatus::Running) => {
+                    let _ = ctx.record_heartbeat(started.elapsed().as_secs()).await;
+                }
+                Ok(CommandStatus::Unknown) => {
+                    return Err(run_failure(
+                        vm,
+                        SubstrateError::Guest {
+                            vm: vm.clone(),
+                            reason: format!("no run {}", spec.run),
+                        },
+                    ));
+                }
+                Err(e) => return Err(run_failure(vm, e)),
+            }
+        };
+        let output_tail = self
+            .provider
+            .command_output_tail(tenant, vm, &spec.run, OUTPUT_TAIL_BYTES)
+            .await
+            .unwrap_or_default();
+        tracing::info!(tenant, vm = %vm, agent = %input.slug, exit_code = code, "agent command exited");
+        Ok(RunReport {
+            exit_code: code,
+            output_tail,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Nuke step 1: pause the pool; answers once nothing boots.
+    #[activity(name = "murmur.pause_pool")]
+    pub async fn pause_pool(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PoolStepInput,
+    ) -> Result<NukeStepReply, ActivityError> {
+        let client = ctx.client();
+        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
+        let call = client.execute_update_with_start_workflow(
+            PoolWorkflow::run,
+            pool_input(&input.tenant),
+            PoolWorkflow::nuke_pause,
+            input.step,
+            options,
+        );
+        with_heartbeats(&ctx, call)
+            .await?
+            .map_err(|e| retryable(update_with_start_error(e, "the pool is not running")))
+    }
+
+    /// Nuke, last step: reset and resume the pool.
+    #[activity(name = "murmur.reset_pool")]
+    pub async fn reset_pool(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PoolStepInput,
+    ) -> Result<NukeStepReply, ActivityError> {
+        let client = ctx.client();
+        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
+        let call = client.execute_update_with_start_workflow(
+            PoolWorkflow::run,
+            pool_input(&input.tenant),
+            PoolWorkflow::nuke_reset,
+            input.step,
+            options,
+        );
+        with_heartbeats(&ctx, call)
+            .await?
+            .map_err(|e| retryable(update_with_start_error(e, "the pool is not running")))
+    }
+
+    /// Every running agent workflow of a tenant (a paginated visibility query).
+    #[activity(name = "murmur.list_agents")]
+    pub async fn list_agents(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        tenant: String,
+    ) -> Result<Vec<String>, ActivityError> {
+        let client = ctx.client();
+        let mut stream = client.list_workflows(
+            running_agents_query(&tenant),
+            WorkflowListOptions::default(),
+        );
+        let mut ids = Vec::new();
+        while let Some(item) = stream.next().await {
+            let wf =
+                item.map_err(|e| retryable(ApiError::new(Code::Unavailable, e.to_string())))?;
+            ids.push(wf.id().to_string());
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Terminates one agent workflow; one that already ended is fine.
+    #[activity(name = "murmur.terminate_agent")]
+    pub async fn terminate_agent(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: TerminateInput,
+    ) -> Result<(), ActivityError> {
+        let handle = ctx
+            .client()
+            .get_workflow_handle::<UntypedWorkflow>(input.workflow_id.clone());
+        let options = WorkflowTerminateOptions::builder()
+            .reason(input.reason.clone())
+            .build();
+        match handle.terminate(options).await {
+            Ok(()) => {
+                tracing::warn!(workflow = %input.workflow_id, "agent terminated");
+                Ok(())
+            }
+            Err(e) => {
+                let e = interaction_error(e, "gone");
+                // Already ended (not running any more) counts as done.
+                if e.code == Code::NotFound || e.message.contains("already completed") {
+                    Ok(())
+                } else {
+                    Err(retryable(e))
+                }
+            }
+        }
+    }
+
+    /// Every VM of a tenant the substrate holds, orphans included.
+    #[activity(name = "murmur.list_vms")]
+    pub async fn list_vms(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        tenant: String,
+    ) -> Result<Vec<VmId>, ActivityError> {
+        let vms = self
+            .provider
+            .list(&tenant)
+            .await
+            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+        Ok(vms.into_iter().map(|v| v.id).collect())
+    }
+}
+
+/// Runs `work` while heartbeating every second, so a dead worker is noticed within the
+/// heartbeat timeout instead of the whole start-to-close timeout. Returns `Err` when the
+/// activity is cancelled.
+pub(crate) async fn with_heartbeats<T>(
+    ctx: &ActivityContext,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, ActivityError> {
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
+            _ = tick.tick() => {
+                let _ = ctx.record_heartbeat(()).await;
+            }
+        }
+    }
+}
+
+/// A refusal from the pool (`INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION`, ...) is
+/// final; a server that cannot be reached is retried.
+fn api_failure(e: ApiError) -> ActivityError {
+    match e.code {
+        Code::Unavailable | Code::Internal => retryable(e),
+        _ => ActivityError::application(
+            ApplicationFailure::builder(e)
+                .type_name(CLAIM_REJECTED.to_string())
+                .non_retryable(true)
+                .build(),
+        ),
+    }
+}
+
+fn retryable(e: ApiError) -> ActivityError {
+    ActivityError::application(ApplicationFailure::new(e))
+}
+
+/// A VM that is gone cannot run anything, however often we retry.
+fn run_failure(vm: &VmId, e: SubstrateError) -> ActivityError {
+    match e {
+        SubstrateError::VmGone(_) => ActivityError::application(
+            ApplicationFailure::builder(SubstrateError::VmGone(vm.clone()))
+                .type_name(VM_LOST.to_string())
+                .non_retryable(true)
+                .build(),
+        ),
+        e => ActivityError::application(ApplicationFailure::new(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use murmur_workflows::activity_api::{
+        ClaimVm, ListAgents, ListVms, PausePool, ReleaseVm, ResetPool, RunAgent, TerminateAgent,
+    };
+    use temporalio_common::ActivityDefinition;
+
+    use super::AgentActivities;
+
+    #[test]
+    fn activity_names_match_the_workflow_markers() {
+        assert_eq!(AgentActivities::claim_vm.name(), ClaimVm.name());
+        assert_eq!(AgentActivities::release_vm.name(), ReleaseVm.name());
+        assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
+        assert_eq!(AgentActivities::pause_pool.name(), PausePool.name());
+        assert_eq!(AgentActivities::reset_pool.name(), ResetPool.name());
+        assert_eq!(AgentActivities::list_agents.name(), ListAgents.name());
+        assert_eq!(
+            AgentActivities::terminate_agent.name(),
+            TerminateAgent.name()
+        );
+        assert_eq!(AgentActivities::list_vms.name(), ListVms.name());
+    }
+}

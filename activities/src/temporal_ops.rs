@@ -1,0 +1,139 @@
+//! Calls to Temporal shared by the activities and the CLI: murmur's search attributes, how a
+//! pool workflow is started on demand, and how client errors map onto the `CODE: reason`
+//! contract.
+
+use murmur_workflows::error::{ApiError, Code};
+use murmur_workflows::messages::PoolInput;
+use murmur_workflows::pool_workflow::pool_workflow_id;
+use temporalio_client::errors::{
+    WorkflowInteractionError, WorkflowQueryError, WorkflowUpdateError, WorkflowUpdateWithStartError,
+};
+use temporalio_client::{WorkflowIdConflictPolicy, WorkflowUpdateWithStartOptions};
+use temporalio_common::search_attributes::{SearchAttributeKey, SearchAttributes};
+
+/// Search attribute: the tenant a workflow belongs to.
+pub const SA_TENANT: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurTenant");
+/// Search attribute: the workspace an agent runs in.
+pub const SA_WORKSPACE: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurWorkspace");
+/// Search attribute: `pool`, `agent`, `nuke` or `bake`.
+pub const SA_KIND: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurKind");
+
+/// Search attributes of a workflow of `kind` for `tenant` (and `workspace`, for agents).
+pub fn search_attributes(tenant: &str, kind: &str, workspace: Option<&str>) -> SearchAttributes {
+    let mut values = vec![
+        SA_TENANT.value_set(tenant.to_string()),
+        SA_KIND.value_set(kind.to_string()),
+    ];
+    if let Some(ws) = workspace {
+        values.push(SA_WORKSPACE.value_set(ws.to_string()));
+    }
+    SearchAttributes::new(values)
+}
+
+/// Visibility query for the running agent workflows of a tenant.
+pub fn running_agents_query(tenant: &str) -> String {
+    format!(
+        "{} = '{}' AND {} = 'agent' AND ExecutionStatus = 'Running'",
+        SA_TENANT.name(),
+        tenant,
+        SA_KIND.name()
+    )
+}
+
+/// Options that start `pool/<tenant>` if it is not running, and use the running one if it is.
+pub fn pool_start_options(tenant: &str, task_queue: &str) -> WorkflowUpdateWithStartOptions {
+    WorkflowUpdateWithStartOptions::new(
+        task_queue.to_string(),
+        pool_workflow_id(tenant),
+        WorkflowIdConflictPolicy::UseExisting,
+    )
+    .search_attributes(search_attributes(tenant, "pool", None))
+    .build()
+}
+
+/// Input that starts a new pool for `tenant`.
+pub fn pool_input(tenant: &str) -> PoolInput {
+    PoolInput {
+        tenant: tenant.to_string(),
+        carried: None,
+    }
+}
+
+/// Maps a failure message from the worker to the error contract: the worker's own
+/// `CODE: reason` when present, `INVALID_ARGUMENT` for payloads it could not decode.
+pub fn failure_to_api(message: &str) -> ApiError {
+    if let Some((code, rest)) = message.split_once(": ")
+        && let Some(code) = Code::parse(code)
+    {
+        return ApiError::new(code, rest);
+    }
+    if let Some(e) = ApiError::find_in(message) {
+        return e;
+    }
+    if message.contains("ncoding") || message.contains("deserializ") {
+        return ApiError::invalid_argument(message.to_string());
+    }
+    ApiError::new(Code::Internal, message.to_string())
+}
+
+/// Maps an update error; `not_running` says what a missing workflow means.
+pub fn update_error(e: WorkflowUpdateError, not_running: &str) -> ApiError {
+    match e {
+        WorkflowUpdateError::Failed(f) => failure_to_api(&f.message),
+        WorkflowUpdateError::NotFound(_) => ApiError::not_found(not_running.to_string()),
+        other => rpc_error(&other.to_string()),
+    }
+}
+
+/// Maps an update-with-start error.
+pub fn update_with_start_error(e: WorkflowUpdateWithStartError, not_running: &str) -> ApiError {
+    match e {
+        WorkflowUpdateWithStartError::Update(u) => update_error(u, not_running),
+        other => rpc_error(&other.to_string()),
+    }
+}
+
+/// Maps a query error.
+pub fn query_error(e: WorkflowQueryError, not_running: &str) -> ApiError {
+    match e {
+        WorkflowQueryError::NotFound(_) => ApiError::not_found(not_running.to_string()),
+        other => rpc_error(&other.to_string()),
+    }
+}
+
+/// Maps a signal/cancel/terminate/describe error.
+pub fn interaction_error(e: WorkflowInteractionError, not_running: &str) -> ApiError {
+    match e {
+        WorkflowInteractionError::NotFound(_) => ApiError::not_found(not_running.to_string()),
+        other => rpc_error(&other.to_string()),
+    }
+}
+
+/// Any other RPC failure: the worker's `CODE: reason` if one is inside, else `UNAVAILABLE`.
+pub fn rpc_error(text: &str) -> ApiError {
+    if let Some(e) = ApiError::find_in(text) {
+        return e;
+    }
+    ApiError::new(Code::Unavailable, text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_failures_keep_their_code() {
+        let e = failure_to_api("INVALID_ARGUMENT: max_vms must be positive");
+        assert_eq!(e.to_string(), "INVALID_ARGUMENT: max_vms must be positive");
+        let e = failure_to_api("Encoding error: missing field `kind`");
+        assert_eq!(e.code, Code::InvalidArgument);
+    }
+
+    #[test]
+    fn agents_query_names_the_tenant_and_kind() {
+        assert_eq!(
+            running_agents_query("acme"),
+            "MurmurTenant = 'acme' AND MurmurKind = 'agent' AND ExecutionStatus = 'Running'"
+        );
+    }
+}

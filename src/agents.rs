@@ -1,0 +1,287 @@
+//! Agent operations the CLI offers: spawn, kill, status, list, wait. Each maps onto the
+//! agent workflow (`agent/<tenant>/<workspace>/<developer>/<slug>`) and the error contract.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use murmur_activities::temporal_ops::{
+    SA_KIND, SA_TENANT, SA_WORKSPACE, interaction_error, query_error, rpc_error, search_attributes,
+    update_with_start_error,
+};
+use murmur_workflows::agent::{AgentInput, AgentStatus, OnIdle, Phase, agent_workflow_id};
+use murmur_workflows::agent_workflow::AgentWorkflow;
+use murmur_workflows::error::{ApiError, Code};
+use murmur_workflows::model::VmId;
+use serde::{Deserialize, Serialize};
+use temporalio_client::errors::{WorkflowStartError, WorkflowUpdateWithStartError};
+use temporalio_client::{
+    Client, WorkflowCancelOptions, WorkflowDescribeOptions, WorkflowExecutionStatus,
+    WorkflowGetResultOptions, WorkflowIdConflictPolicy, WorkflowIdReusePolicy, WorkflowListOptions,
+    WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
+};
+
+use crate::config::Context;
+
+/// Hint printed under a `NOT_FOUND` about an agent.
+pub const NOT_FOUND_HINT: &str = "Check the slug spelling. Use murmur ls to see running agents.";
+
+/// One row of `murmur ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRow {
+    /// The agent's slug.
+    pub slug: String,
+    /// Its phase, lower case (`running`).
+    pub phase: String,
+    /// Its VM, when it holds one.
+    pub vm: Option<VmId>,
+    /// The agent's workflow id.
+    pub workflow: String,
+}
+
+/// Agent operations of one developer in one workspace.
+pub struct AgentClient {
+    client: Client,
+    ctx: Context,
+    task_queue: String,
+}
+
+impl AgentClient {
+    /// Operations on `ctx`'s agents through `client`.
+    pub fn new(client: Client, ctx: Context) -> Self {
+        Self {
+            client,
+            ctx,
+            task_queue: crate::client::task_queue(),
+        }
+    }
+
+    /// The workflow id of the developer's agent `slug` in the current workspace.
+    pub fn workflow_id(&self, slug: &str) -> String {
+        agent_workflow_id(
+            &self.ctx.tenant,
+            &self.ctx.workspace,
+            &self.ctx.developer,
+            slug,
+        )
+    }
+
+    fn not_found(slug: &str) -> ApiError {
+        ApiError::not_found(format!("no agent with slug {slug}"))
+    }
+
+    /// Starts an agent and answers once the pool accepted its claim (or refused it, with the
+    /// pool's `CODE: reason`).
+    pub async fn spawn(
+        &self,
+        slug: &str,
+        command: Vec<String>,
+        on_idle: OnIdle,
+    ) -> Result<AgentStatus, ApiError> {
+        let input = AgentInput {
+            tenant: self.ctx.tenant.clone(),
+            workspace: self.ctx.workspace.clone(),
+            developer: self.ctx.developer.clone(),
+            slug: slug.to_string(),
+            command,
+            on_idle,
+        };
+        input.validate()?;
+        let options = WorkflowUpdateWithStartOptions::new(
+            self.task_queue.clone(),
+            input.workflow_id(),
+            WorkflowIdConflictPolicy::Fail,
+        )
+        .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
+        .search_attributes(search_attributes(
+            &self.ctx.tenant,
+            "agent",
+            Some(&self.ctx.workspace),
+        ))
+        .build();
+        self.client
+            .execute_update_with_start_workflow(
+                AgentWorkflow::run,
+                input,
+                AgentWorkflow::admission,
+                (),
+                options,
+            )
+            .await
+            .map_err(|e| match e {
+                WorkflowUpdateWithStartError::Start(WorkflowStartError::AlreadyStarted {
+                    ..
+                }) => ApiError::failed_precondition(format!(
+                    "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
+                )),
+                other => update_with_start_error(other, "the agent ended before it was admitted"),
+            })
+    }
+
+    /// The agent's status. An agent terminated from outside (a nuke) shows as canceled.
+    pub async fn status(&self, slug: &str) -> Result<AgentStatus, ApiError> {
+        murmur_workflows::agent::validate_slug(slug)?;
+        let handle = self
+            .client
+            .get_workflow_handle::<AgentWorkflow>(self.workflow_id(slug));
+        let description = handle
+            .describe(WorkflowDescribeOptions::default())
+            .await
+            .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
+        let mut status = handle
+            .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
+            .await
+            .map_err(|e| query_error(e, &Self::not_found(slug).message))?;
+        match description.status() {
+            WorkflowExecutionStatus::Terminated => status.phase = Some(Phase::Canceled),
+            WorkflowExecutionStatus::TimedOut => status.phase = Some(Phase::Failed),
+            _ => {}
+        }
+        Ok(status)
+    }
+
+    /// Cancels the agent and waits until it has ended (its VM destroyed).
+    pub async fn kill(&self, slug: &str) -> Result<(), ApiError> {
+        murmur_workflows::agent::validate_slug(slug)?;
+        let handle = self
+            .client
+            .get_workflow_handle::<AgentWorkflow>(self.workflow_id(slug));
+        let description = handle
+            .describe(WorkflowDescribeOptions::default())
+            .await
+            .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
+        if description.status() != WorkflowExecutionStatus::Running {
+            let phase = closed_phase(description.status());
+            return Err(ApiError::failed_precondition(format!(
+                "agent {slug} has already ended ({})",
+                phase.as_str()
+            )));
+        }
+        handle
+            .cancel(
+                WorkflowCancelOptions::builder()
+                    .reason(format!("murmur kill by {}", self.ctx.developer))
+                    .build(),
+            )
+            .await
+            .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
+        // The result is the cancellation; what matters is that cleanup has run.
+        let _ = handle.get_result(WorkflowGetResultOptions::default()).await;
+        Ok(())
+    }
+
+    /// The developer's agents in the current workspace: running ones, or every one with `all`.
+    pub async fn list(&self, all: bool) -> Result<Vec<AgentRow>, ApiError> {
+        let mut query = format!(
+            "{} = '{}' AND {} = 'agent' AND {} = '{}'",
+            SA_TENANT.name(),
+            self.ctx.tenant,
+            SA_KIND.name(),
+            SA_WORKSPACE.name(),
+            self.ctx.workspace
+        );
+        if !all {
+            query.push_str(" AND ExecutionStatus = 'Running'");
+        }
+        let prefix = agent_workflow_id(
+            &self.ctx.tenant,
+            &self.ctx.workspace,
+            &self.ctx.developer,
+            "",
+        );
+        let mut stream = self
+            .client
+            .list_workflows(query, WorkflowListOptions::default());
+        let mut found: Vec<(String, WorkflowExecutionStatus)> = Vec::new();
+        while let Some(item) = stream.next().await {
+            let wf = item.map_err(|e| rpc_error(&e.to_string()))?;
+            let id = wf.id().to_string();
+            // Newest run first; older runs of a reused slug are skipped.
+            if id.starts_with(&prefix) && !found.iter().any(|(f, _)| f == &id) {
+                found.push((id, wf.status()));
+            }
+        }
+        let mut rows = Vec::new();
+        for (id, state) in found {
+            let slug = id[prefix.len()..].to_string();
+            let row = if state == WorkflowExecutionStatus::Running {
+                let st = self
+                    .client
+                    .get_workflow_handle::<AgentWorkflow>(id.clone())
+                    .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
+                    .await
+                    .ok();
+                AgentRow {
+                    slug,
+                    phase: st
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .unwrap_or(Phase::Starting)
+                        .short(),
+                    vm: st.and_then(|s| s.vm),
+                    workflow: id,
+                }
+            } else {
+                AgentRow {
+                    slug,
+                    phase: closed_phase(state).short(),
+                    vm: None,
+                    workflow: id,
+                }
+            };
+            rows.push(row);
+        }
+        rows.sort_by(|a, b| a.slug.cmp(&b.slug));
+        Ok(rows)
+    }
+
+    /// Waits until the agent reaches `phase` (or went through it), or ends. Calls `progress`
+    /// on every phase change. Fails with `FAILED_PRECONDITION` when the agent ended without
+    /// reaching it, and after `timeout`.
+    pub async fn wait(
+        &self,
+        slug: &str,
+        phase: Phase,
+        timeout: Option<Duration>,
+        mut progress: impl FnMut(&AgentStatus),
+    ) -> Result<AgentStatus, ApiError> {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            let st = self.status(slug).await?;
+            if st.phase != last {
+                progress(&st);
+                last = st.phase;
+            }
+            if st.has_reached(phase) {
+                return Ok(st);
+            }
+            if let Some(now) = st.phase
+                && now.is_terminal()
+            {
+                return Err(ApiError::failed_precondition(format!(
+                    "agent {slug} ended in {now} without reaching {phase}"
+                )));
+            }
+            if timeout.is_some_and(|t| started.elapsed() >= t) {
+                return Err(ApiError::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "agent {slug} did not reach {phase} within {}s (it is in {})",
+                        timeout.map_or(0, |t| t.as_secs()),
+                        st.phase.map_or("no phase yet", Phase::as_str)
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The phase of an agent workflow that is no longer running.
+fn closed_phase(status: WorkflowExecutionStatus) -> Phase {
+    match status {
+        WorkflowExecutionStatus::Completed => Phase::Completed,
+        WorkflowExecutionStatus::Canceled | WorkflowExecutionStatus::Terminated => Phase::Canceled,
+        _ => Phase::Failed,
+    }
+}

@@ -1,0 +1,254 @@
+//! Agents as plain data: phases, what a spawn asks for, what status shows, and the workflow id
+//! scheme. Shared by the agent workflow, the CLI and the tests.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::model::{VmId, is_dns_label};
+
+/// Where an agent is in its life (PRODUCT.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Claiming a warm VM or waiting for one to boot.
+    #[serde(rename = "PHASE_STARTING")]
+    Starting,
+    /// The command runs in the VM.
+    #[serde(rename = "PHASE_RUNNING")]
+    Running,
+    /// The command exited.
+    #[serde(rename = "PHASE_TASK_COMPLETE")]
+    TaskComplete,
+    /// Kept alive with its VM after the command (`--on-idle keep-alive`), until killed.
+    #[serde(rename = "PHASE_IDLE")]
+    Idle,
+    /// Its VM is being destroyed.
+    #[serde(rename = "PHASE_DESTROYING")]
+    Destroying,
+    /// Ended normally (the command exited 0).
+    #[serde(rename = "PHASE_COMPLETED")]
+    Completed,
+    /// Ended in error (no VM, or the command exited non-zero).
+    #[serde(rename = "PHASE_FAILED")]
+    Failed,
+    /// Killed.
+    #[serde(rename = "PHASE_CANCELED")]
+    Canceled,
+}
+
+impl Phase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [Phase; 8] = [
+        Phase::Starting,
+        Phase::Running,
+        Phase::TaskComplete,
+        Phase::Idle,
+        Phase::Destroying,
+        Phase::Completed,
+        Phase::Failed,
+        Phase::Canceled,
+    ];
+
+    /// The API name (`PHASE_RUNNING`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "PHASE_STARTING",
+            Self::Running => "PHASE_RUNNING",
+            Self::TaskComplete => "PHASE_TASK_COMPLETE",
+            Self::Idle => "PHASE_IDLE",
+            Self::Destroying => "PHASE_DESTROYING",
+            Self::Completed => "PHASE_COMPLETED",
+            Self::Failed => "PHASE_FAILED",
+            Self::Canceled => "PHASE_CANCELED",
+        }
+    }
+
+    /// The lower-case name `murmur ls` shows (`task-complete`).
+    pub fn short(self) -> String {
+        self.as_str()["PHASE_".len()..]
+            .to_ascii_lowercase()
+            .replace('_', "-")
+    }
+
+    /// Parses `PHASE_RUNNING`, `running`, `task-complete` or `task_complete`.
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        let want = s
+            .trim()
+            .to_ascii_uppercase()
+            .replace('-', "_")
+            .trim_start_matches("PHASE_")
+            .to_string();
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str()["PHASE_".len()..] == want)
+            .ok_or_else(|| {
+                let names: Vec<String> = Self::ALL.iter().map(|p| p.short()).collect();
+                ApiError::invalid_argument(format!(
+                    "unknown phase {s:?} (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// True for the phases an agent never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Canceled)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an agent does once its command exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnIdle {
+    /// Destroy the VM and end (the default).
+    #[default]
+    Terminate,
+    /// Stay in `PHASE_IDLE` with the VM until killed.
+    #[serde(alias = "keep_alive")]
+    KeepAlive,
+}
+
+impl OnIdle {
+    /// The CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Terminate => "terminate",
+            Self::KeepAlive => "keep-alive",
+        }
+    }
+}
+
+/// What a spawn asks for: the agent workflow's input.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInput {
+    /// Tenant.
+    pub tenant: String,
+    /// Workspace whose VMs it runs on.
+    pub workspace: String,
+    /// Developer who spawned it.
+    pub developer: String,
+    /// The agent's name (a DNS label).
+    pub slug: String,
+    /// The command to run in the VM.
+    pub command: Vec<String>,
+    /// What happens after the command exits.
+    #[serde(default)]
+    pub on_idle: OnIdle,
+}
+
+impl AgentInput {
+    /// Checks what a user typed: slug, command.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_slug(&self.slug)?;
+        if self.command.is_empty() || self.command.iter().all(|w| w.trim().is_empty()) {
+            return Err(ApiError::invalid_argument(
+                "a command is required: murmur spawn <slug> -- <command...>",
+            ));
+        }
+        if self.command.iter().any(|w| w.contains('\0')) {
+            return Err(ApiError::invalid_argument(
+                "the command contains a NUL byte",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The agent's workflow id.
+    pub fn workflow_id(&self) -> String {
+        agent_workflow_id(&self.tenant, &self.workspace, &self.developer, &self.slug)
+    }
+}
+
+/// Checks an agent slug: a DNS label (`[a-z][a-z0-9-]{0,62}`).
+pub fn validate_slug(slug: &str) -> Result<(), ApiError> {
+    if is_dns_label(slug) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_argument(format!(
+            "invalid slug {slug:?}: must be a DNS label ([a-z][a-z0-9-]{{0,62}})"
+        )))
+    }
+}
+
+/// `agent/<tenant>/<workspace>/<developer>/<slug>`.
+pub fn agent_workflow_id(tenant: &str, workspace: &str, developer: &str, slug: &str) -> String {
+    format!("agent/{tenant}/{workspace}/{developer}/{slug}")
+}
+
+/// What `murmur status <slug>` shows: the agent workflow's `status` query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's workflow id.
+    pub workflow: String,
+    /// Its slug.
+    pub slug: String,
+    /// Current phase.
+    pub phase: Option<Phase>,
+    /// Every phase it has been in, in order.
+    pub reached: Vec<Phase>,
+    /// The VM it holds or held.
+    pub vm: Option<VmId>,
+    /// Place in the queue for a VM while waiting at `max_vms`.
+    pub queue_position: Option<u32>,
+    /// The command.
+    pub command: Vec<String>,
+    /// What happens after the command exits.
+    pub on_idle: OnIdle,
+    /// The command's exit code, once it exited.
+    pub exit_code: Option<i32>,
+    /// The last lines of its output, once it exited.
+    pub output_tail: Option<String>,
+    /// Why it failed, when it failed for another reason than its exit code.
+    pub error: Option<String>,
+}
+
+impl AgentStatus {
+    /// True when the agent is in `phase` now or went through it. A terminal phase counts only
+    /// when it is the current one.
+    pub fn has_reached(&self, phase: Phase) -> bool {
+        if phase.is_terminal() {
+            return self.phase == Some(phase);
+        }
+        self.reached.contains(&phase)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_in_every_spelling() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse(p.as_str()).unwrap(), p);
+            assert_eq!(Phase::parse(&p.short()).unwrap(), p);
+        }
+        assert_eq!(Phase::parse("task_complete").unwrap(), Phase::TaskComplete);
+        assert_eq!(Phase::TaskComplete.short(), "task-complete");
+        assert!(Phase::parse("sleeping").is_err());
+    }
+
+    #[test]
+    fn bad_slugs_and_empty_commands_are_refused() {
+        let mut input = AgentInput {
+            tenant: "acme".into(),
+            workspace: "web".into(),
+            developer: "ana".into(),
+            slug: "Fix_Auth".into(),
+            command: vec!["true".into()],
+            on_idle: OnIdle::Terminate,
+        };
+        let e = input.validate().unwrap_err();
+        assert!(e.to_string().starts_with("INVALID_ARGUMENT: invalid slug"));
+        input.slug = "fix-auth".into();
+        assert!(input.validate().is_ok());
+        assert_eq!(input.workflow_id(), "agent/acme/web/ana/fix-auth");
+        input.command = vec![" ".into()];
+        assert!(input.validate().is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! `AgentWorkflow` (`agent/<tenant>/<workspace>/<developer>/<slug>`): one agent's life.
+//!
+//! Claim a VM from the pool (admission first, so `murmur spawn` can report a refusal, then
+//! wait for the VM), run the command in it, and on every way out — exit, failure, kill —
+//! release the VM, which the pool then deletes. The release runs under a detached
+//! cancellation token so it still happens after the workflow was cancelled.
+
+// `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
+// handlers themselves are documented below.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use temporalio_common::RetryPolicy;
+use temporalio_macros::{workflow, workflow_methods};
+use temporalio_sdk::{
+    ActivityExecutionError, ActivityOptions, ApplicationFailure, WorkflowCancellationToken,
+    WorkflowContext, WorkflowContextView, WorkflowResult, WorkflowTermination,
+};
+
+use crate::activity_api::{
+    CLAIM_REJECTED, ClaimInput, ClaimVm, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport,
+    VM_LOST,
+};
+use crate::agent::{AgentInput, AgentStatus, OnIdle, Phase};
+use crate::error::ApiError;
+use crate::machine::{ClaimRequest, ClaimState};
+use crate::model::VmId;
+use crate::pool_workflow::UpdateError;
+
+/// Longest an agent's command may run.
+pub const MAX_RUN_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The agent workflow's state.
+#[workflow]
+pub struct AgentWorkflow {
+    input: AgentInput,
+    /// `<workflow id>@<run id>`: the claim's idempotency key.
+    request: String,
+    run_id: String,
+    status: AgentStatus,
+    /// Set once the pool accepted or refused the claim.
+    admission: Option<Result<(), ApiError>>,
+}
+
+/// How the work part of an agent ended, before cleanup.
+enum Ended {
+    /// The command exited.
+    Exited(RunReport),
+    /// Killed.
+    Canceled,
+    /// Something else went wrong.
+    Failed(String),
+}
+
+#[workflow_methods]
+impl AgentWorkflow {
+    /// Builds the state from the spawn's input.
+    #[init]
+    pub fn new(ctx: &WorkflowContextView, input: AgentInput) -> Self {
+        let workflow = ctx.workflow_id().to_string();
+        let run_id = ctx.run_id().to_string();
+        let status = AgentStatus {
+            workflow: workflow.clone(),
+            slug: input.slug.clone(),
+            phase: None,
+            command: input.command.clone(),
+            on_idle: input.on_idle,
+            ..Default::default()
+        };
+        Self {
+            request: format!("{workflow}@{run_id}"),
+            run_id,
+            input,
+            status,
+            admission: None,
+        }
+    }
+
+    /// Claim, run, clean up.
+    #[run]
+    pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<RunReport> {
+        let c = ctx.clone();
+        set_phase(&c, Phase::Starting);
+        let ended = match c.state(|s| s.input.validate()) {
+            Ok(()) => work(&c).await,
+            Err(e) => {
+                c.state_mut(|s| s.admission = Some(Err(e.clone())));
+                Ended::Failed(e.to_string())
+            }
+        };
+        let canceled = match &ended {
+            Ended::Canceled => true,
+            Ended::Exited(report) => {
+                c.state_mut(|s| {
+                    s.status.exit_code = Some(report.exit_code);
+                    s.status.output_tail = Some(report.output_tail.clone());
+                });
+                set_phase(&c, Phase::TaskComplete);
+                if c.state(|s| s.input.on_idle) == OnIdle::KeepAlive {
+                    set_phase(&c, Phase::Idle);
+                    c.cancelled().await;
+                    true
+                } else {
+                    false
+                }
+            }
+            Ended::Failed(reason) => {
+                c.state_mut(|s| s.status.error = Some(reason.clone()));
+                false
+            }
+        };
+
+        set_phase(&c, Phase::Destroying);
+        release(&c).await;
+
+        if canceled {
+            set_phase(&c, Phase::Canceled);
+            return Err(WorkflowTermination::cancelled());
+        }
+        match ended {
+            Ended::Exited(report) if report.exit_code == 0 => {
+                set_phase(&c, Phase::Completed);
+                Ok(report)
+            }
+            Ended::Exited(report) => {
+                set_phase(&c, Phase::Failed);
+                Err(ApplicationFailure::new(format!(
+                    "the agent's command exited with {}",
+                    report.exit_code
+                ))
+                .into())
+            }
+            Ended::Failed(reason) => {
+                set_phase(&c, Phase::Failed);
+                Err(ApplicationFailure::new(reason).into())
+            }
+            Ended::Canceled => Err(WorkflowTermination::cancelled()),
+        }
+    }
+
+    /// Answers once the pool accepted the agent's claim (with the status) or refused it (with
+    /// the pool's `CODE: reason`). `murmur spawn` sends it together with the start.
+    #[update]
+    pub async fn admission(
+        ctx: &mut WorkflowContext<Self>,
+        _req: (),
+    ) -> Result<AgentStatus, UpdateError> {
+        ctx.wait_condition(|s| s.admission.is_some())
+            .await
+            .map_err(|e| Box::new(e) as UpdateError)?;
+        ctx.state(|s| match &s.admission {
+            Some(Err(e)) => Err(Box::new(e.clone()) as UpdateError),
+            _ => Ok(s.status.clone()),
+        })
+    }
+
+    /// The agent's status (`murmur status`).
+    #[query]
+    pub fn status(&self, _ctx: &WorkflowContextView) -> AgentStatus {
+        self.status.clone()
+    }
+}
+
+/// Claims a VM and runs the command in it.
+async fn work(c: &WorkflowContext<AgentWorkflow>) -> Ended {
+    let (tenant, mut claim) = c.state(|s| {
+        (
+            s.input.tenant.clone(),
+            ClaimRequest {
+                request: s.request.clone(),
+                agent: s.status.workflow.clone(),
+                developer: s.input.developer.clone(),
+                workspace: s.input.workspace.clone(),
+                wait: false,
+            },
+        )
+    });
+    // Admission, then waiting: each answer says where the claim stands.
+    let vm: VmId = loop {
+        let input = ClaimInput {
+            tenant: tenant.clone(),
+            claim: claim.clone(),
+        };
+        let answer = c.execute_activity(ClaimVm, input, claim_options()).await;
+        let state = match answer {
+            Ok(state) => state,
+            Err(_) if c.cancellation_token().is_cancelled() => return Ended::Canceled,
+            Err(e) => {
+                let err = claim_error(&e);
+                c.state_mut(|s| {
+                    s.admission.get_or_insert(Err(err.clone()));
+                });
+                return Ended::Failed(err.to_string());
+            }
+        };
+        c.state_mut(|s| {
+            s.admission.get_or_insert(Ok(()));
+            s.status.queue_position = match &state {
+                ClaimState::Waiting { position } => Some(*position),
+                _ => None,
+            };
+            if let ClaimState::Assigned { vm } | ClaimState::Booting { vm } = &state {
+                s.status.vm = Some(vm.clone());
+            }
+        });
+        refresh_details(c);
+        match state {
+            ClaimState::Assigned { vm } => break vm,
+            ClaimState::Failed { reason } => return Ended::Failed(reason),
+            ClaimState::Unknown => {
+                return Ended::Failed("the pool no longer knows this agent's claim".into());
+            }
+            ClaimState::Waiting { .. } | ClaimState::Booting { .. } => claim.wait = true,
+        }
+    };
+
+    set_phase(c, Phase::Running);
+    let input = c.state(|s| RunInput {
+        tenant: s.input.tenant.clone(),
+        vm,
+        slug: s.input.slug.clone(),
+        run: s.run_id.clone(),
+        command: s.input.command.clone(),
+    });
+    let options = ActivityOptions::with_start_to_close_timeout(MAX_RUN_TIME)
+        .heartbeat_timeout(Duration::from_secs(5))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_secs(1))
+                .maximum_interval(Duration::from_secs(10))
+                .non_retryable_error_types([VM_LOST])
+                .build(),
+        )
+        .summary(format!("run {}", input.command.join(" ")))
+        .build();
+    match c.execute_activity(RunAgent, input, options).await {
+        Ok(report) => Ended::Exited(report),
+        Err(_) if c.cancellation_token().is_cancelled() => Ended::Canceled,
+        Err(e) => Ended::Failed(format!(
+            "the agent's command could not run: {}",
+            root_cause(&e)
+        )),
+    }
+}
+
+/// Hands the VM back for deletion; runs even after a cancellation, and retries until the
+/// pool (or, without a pool, the substrate) confirms.
+async fn release(c: &WorkflowContext<AgentWorkflow>) {
+    let input = c.state(|s| ReleaseInput {
+        tenant: s.input.tenant.clone(),
+        request: s.request.clone(),
+        vm: s.status.vm.clone(),
+    });
+    let options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(60))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_secs(1))
+                .maximum_interval(Duration::from_secs(30))
+                .build(),
+        )
+        .cancellation_token(WorkflowCancellationToken::new())
+        .summary("release VM".to_string())
+        .build();
+    // Released until the VM is confirmed gone (the pool answers early after a while).
+    for _ in 0..20 {
+        match c
+            .execute_activity(ReleaseVm, input.clone(), options.clone())
+            .await
+        {
+            Ok(reply) if !reply.gone => continue,
+            _ => break,
+        }
+    }
+}
+
+fn claim_options() -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(90))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_secs(1))
+                .maximum_interval(Duration::from_secs(10))
+                .non_retryable_error_types([CLAIM_REJECTED])
+                .build(),
+        )
+        .summary("claim a VM".to_string())
+        .build()
+}
+
+fn set_phase(c: &WorkflowContext<AgentWorkflow>, phase: Phase) {
+    c.state_mut(|s| {
+        s.status.phase = Some(phase);
+        if !s.status.reached.contains(&phase) {
+            s.status.reached.push(phase);
+        }
+        if !c.is_replaying() {
+            tracing::info!(agent = %s.status.workflow, phase = %phase, vm = ?s.status.vm,
+                "agent phase");
+        }
+    });
+    refresh_details(c);
+}
+
+/// The Web UI's "current details": phase, VM, exit code.
+fn refresh_details(c: &WorkflowContext<AgentWorkflow>) {
+    let details = c.state(|s| {
+        let st = &s.status;
+        let mut out = format!(
+            "**{}** `{}`\n- vm: {}\n- command: `{}`\n",
+            st.slug,
+            st.phase.map_or("-", Phase::as_str),
+            st.vm.as_ref().map_or("-".to_string(), |v| v.to_string()),
+            st.command.join(" ")
+        );
+        if let Some(p) = st.queue_position {
+            out.push_str(&format!("- waiting for a VM: position {p}\n"));
+        }
+        if let Some(code) = st.exit_code {
+            out.push_str(&format!("- exit code: {code}\n"));
+        }
+        if let Some(e) = &st.error {
+            out.push_str(&format!("- error: {e}\n"));
+        }
+        out
+    });
+    c.set_current_details(details);
+}
+
+/// The pool's `CODE: reason` from a failed claim, or an `UNAVAILABLE` one.
+fn claim_error(e: &ActivityExecutionError) -> ApiError {
+    let cause = root_cause(e);
+    ApiError::find_in(&cause).unwrap_or_else(|| {
+        ApiError::new(
+            crate::error::Code::Unavailable,
+            format!("could not claim a VM: {cause}"),
+        )
+    })
+}
+
+/// The innermost failure message of an activity error.
+fn root_cause(e: &ActivityExecutionError) -> String {
+    let mut msg = e.to_string();
+    if let Some(f) = e.failure() {
+        msg = f.message.clone();
+        let mut cause = f.cause.as_deref();
+        while let Some(c) = cause {
+            if !c.message.is_empty() {
+                msg = c.message.clone();
+            }
+            cause = c.cause.as_deref();
+        }
+    }
+    msg
+}

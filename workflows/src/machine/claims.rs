@@ -1,0 +1,379 @@
+//! Hand-out: agents claim VMs from the pool, and release them when they end.
+//!
+//! A claim is keyed by the request id its agent sends (the agent's workflow id and run id), so
+//! a retried claim finds the claim it already made and gets the same VM. Claims are served in
+//! the order they arrived: each first takes a warm VM of its workspace that is
+//! [fresh](Pool::is_fresh); otherwise it gets room under `max_vms` to cold-boot one, strictly
+//! first come, first served. While a claim waits for room, backfill boots nothing (agents come
+//! before warm spares) and warm VMs nobody waiting can use are evicted to make room.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Pool};
+use crate::error::ApiError;
+use crate::model::{DeleteReason, Millis, VmId, VmState};
+
+/// An agent's request for a VM, as the pool records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Idempotency key: the same request always means the same claim.
+    pub request: String,
+    /// The agent's workflow id.
+    pub agent: String,
+    /// Developer who spawned the agent (for `max_agents_per_developer`).
+    pub developer: String,
+    /// Workspace the VM must belong to.
+    pub workspace: String,
+    /// Arrival order (FIFO).
+    pub seq: u64,
+    /// The VM handed out, or being cold-booted, for this claim.
+    pub vm: Option<VmId>,
+    /// Why the claim cannot be served (its cold boot failed).
+    pub failed: Option<String>,
+    /// When the claim arrived.
+    pub requested_at: Millis,
+}
+
+/// What an agent asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClaimRequest {
+    /// Idempotency key (the agent sends `<workflow id>@<run id>`).
+    pub request: String,
+    /// The agent's workflow id.
+    pub agent: String,
+    /// Developer who spawned it.
+    pub developer: String,
+    /// Workspace the VM must come from.
+    pub workspace: String,
+    /// Wait (a bounded while) for the claim to be served before answering; without it the
+    /// answer comes as soon as the claim is recorded (admission).
+    pub wait: bool,
+}
+
+/// Where a claim stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ClaimState {
+    /// The VM is the agent's.
+    Assigned {
+        /// The VM.
+        vm: VmId,
+    },
+    /// A VM is being cold-booted for the agent.
+    Booting {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Waiting for room under `max_vms`.
+    Waiting {
+        /// 1-based place among the claims waiting for room.
+        position: u32,
+    },
+    /// The claim cannot be served.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// No such claim (never made, or already released).
+    Unknown,
+}
+
+impl ClaimState {
+    /// True when the claim will not change any more without a new request.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            Self::Assigned { .. } | Self::Failed { .. } | Self::Unknown
+        )
+    }
+}
+
+impl Pool {
+    /// Checks a claim before it is recorded (the update validator runs this). A claim the pool
+    /// already holds always passes, so retries are idempotent.
+    pub fn validate_claim(&self, req: &ClaimRequest) -> Result<(), ApiError> {
+        if self.claims.contains_key(&req.request) {
+            return Ok(());
+        }
+        if req.request.is_empty() || req.agent.is_empty() {
+            return Err(ApiError::invalid_argument(
+                "a claim needs a request id and an agent",
+            ));
+        }
+        if self.paused {
+            return Err(ApiError::failed_precondition(format!(
+                "a nuke of tenant {} is in progress; spawn again once it completes",
+                self.tenant
+            )));
+        }
+        if !self.workspaces.contains_key(&req.workspace) {
+            return Err(ApiError::not_found(format!(
+                "workspace {} does not exist; create it with murmur set workspace {}",
+                req.workspace, req.workspace
+            )));
+        }
+        let limit = self.config.spec.max_agents_per_developer;
+        let running = self.agents_of(&req.developer);
+        if limit > 0 && running >= limit {
+            return Err(ApiError::failed_precondition(format!(
+                "developer {} already has {running} running agents (max_agents_per_developer is {limit}); kill one or wait for one to finish",
+                req.developer
+            )));
+        }
+        Ok(())
+    }
+
+    /// Non-terminal agents of a developer: those holding a claim.
+    pub fn agents_of(&self, developer: &str) -> u32 {
+        self.claims
+            .values()
+            .filter(|c| c.developer == developer)
+            .count() as u32
+    }
+
+    /// Records a claim (idempotent by request id) and serves what can be served.
+    pub fn claim(&mut self, req: &ClaimRequest, now: Millis) -> Vec<Command> {
+        if self.claims.contains_key(&req.request) {
+            return Vec::new();
+        }
+        self.claim_seq += 1;
+        self.claims.insert(
+            req.request.clone(),
+            Claim {
+                request: req.request.clone(),
+                agent: req.agent.clone(),
+                developer: req.developer.clone(),
+                workspace: req.workspace.clone(),
+                seq: self.claim_seq,
+                vm: None,
+                failed: None,
+                requested_at: now,
+            },
+        );
+        self.reconcile(now)
+    }
+
+    /// Where the claim `request` stands.
+    pub fn claim_state(&self, request: &str) -> ClaimState {
+        let Some(claim) = self.claims.get(request) else {
+            return ClaimState::Unknown;
+        };
+        if let Some(reason) = &claim.failed {
+            return ClaimState::Failed {
+                reason: reason.clone(),
+            };
+        }
+        match &claim.vm {
+            Some(vm) => match self.vms.get(vm).map(|v| v.state) {
+                Some(VmState::Assigned) => ClaimState::Assigned { vm: vm.clone() },
+                _ => ClaimState::Booting { vm: vm.clone() },
+            },
+            None => {
+                let position = self
+                    .waiting_claims()
+                    .iter()
+                    .position(|r| r == request)
+                    .map_or(0, |p| p + 1);
+                ClaimState::Waiting {
+                    position: position as u32,
+                }
+            }
+        }
+    }
+
+    /// The agent behind `request` ended: its VM is deleted (never returned to the pool) and the
+    /// claim forgotten. A VM still booting for it joins the pool like any other boot. Returns
+    /// the VM being deleted, if any, and the commands. Releasing an unknown claim does nothing.
+    pub fn release(&mut self, request: &str, now: Millis) -> (Option<VmId>, Vec<Command>) {
+        let Some(claim) = self.claims.remove(request) else {
+            return (None, Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut deleting = None;
+        if let Some(vm) = claim.vm
+            && let Some(rec) = self.vms.get_mut(&vm)
+        {
+            match rec.state {
+                VmState::Assigned => {
+                    out.push(self.mark_deleting(&vm, DeleteReason::AgentEnded));
+                    deleting = Some(vm);
+                }
+                VmState::Booting => rec.claim = None,
+                VmState::Warm | VmState::Deleting => {}
+            }
+        }
+        out.extend(self.reconcile(now));
+        (deleting, out)
+    }
+
+    /// Claims not served yet and not failed, in arrival order.
+    fn waiting_claims(&self) -> Vec<String> {
+        let mut waiting: Vec<(u64, String)> = self
+            .claims
+            .values()
+            .filter(|c| c.vm.is_none() && c.failed.is_none())
+            .map(|c| (c.seq, c.request.clone()))
+            .collect();
+        waiting.sort();
+        waiting.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Serves waiting claims: a fresh warm VM of the claim's workspace when there is one,
+    /// else a cold boot while there is room, first come first served. Returns the commands
+    /// and whether some claim is still waiting for room (backfill must then hold back).
+    pub(super) fn serve_claims(&mut self, now: Millis) -> (Vec<Command>, bool) {
+        let mut out = Vec::new();
+        let mut waiting_for_room = 0u32;
+        for request in self.waiting_claims() {
+            let Some(claim) = self.claims.get(&request) else {
+                continue;
+            };
+            let (workspace, agent) = (claim.workspace.clone(), claim.agent.clone());
+            let Some(spec) = self.workspaces.get(&workspace).map(|w| w.spec.clone()) else {
+                if let Some(c) = self.claims.get_mut(&request) {
+                    c.failed = Some(format!("workspace {workspace} does not exist"));
+                }
+                continue;
+            };
+            if let Some(vm) = self.fresh_warm_vm(&workspace) {
+                if let Some(rec) = self.vms.get_mut(&vm) {
+                    rec.state = VmState::Assigned;
+                    rec.agent = Some(agent);
+                }
+                if let Some(c) = self.claims.get_mut(&request) {
+                    c.vm = Some(vm);
+                }
+                continue;
+            }
+            if waiting_for_room == 0 && self.in_use() < self.config.spec.max_vms {
+                let Command::Boot(boot) = self.start_boot(&workspace, &spec, now) else {
+                    continue;
+                };
+                if let Some(rec) = self.vms.get_mut(&boot.vm) {
+                    rec.claim = Some(request.clone());
+                    rec.agent = Some(agent);
+                }
+                if let Some(c) = self.claims.get_mut(&request) {
+                    c.vm = Some(boot.vm.clone());
+                }
+                out.push(Command::Boot(boot));
+                continue;
+            }
+            waiting_for_room += 1;
+        }
+        if waiting_for_room > 0 {
+            out.extend(self.evict_for_claims(waiting_for_room));
+        }
+        (out, waiting_for_room > 0)
+    }
+
+    /// Makes room for claims waiting at `max_vms`: deletes warm VMs (stale ones first, then
+    /// the oldest), counting the deletes already under way as room on its way.
+    fn evict_for_claims(&mut self, waiting: u32) -> Vec<Command> {
+        let freeing = self
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Deleting)
+            .count() as u32;
+        let wanted = waiting.saturating_sub(freeing) as usize;
+        if wanted == 0 {
+            return Vec::new();
+        }
+        let mut warm: Vec<(bool, Millis, VmId)> = self
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Warm)
+            .map(|v| {
+                (
+                    self.is_fresh(v),
+                    v.ready_at.unwrap_or(v.created_at),
+                    v.id.clone(),
+                )
+            })
+            .collect();
+        warm.sort();
+        warm.into_iter()
+            .take(wanted)
+            .map(|(fresh, _, id)| {
+                let reason = if fresh {
+                    DeleteReason::ScaleIn
+                } else {
+                    DeleteReason::StaleImage
+                };
+                self.mark_deleting(&id, reason)
+            })
+            .collect()
+    }
+
+    /// The oldest warm VM of `workspace` that may be handed out.
+    fn fresh_warm_vm(&self, workspace: &str) -> Option<VmId> {
+        self.vms
+            .values()
+            .filter(|v| v.workspace == workspace && v.state == VmState::Warm && self.is_fresh(v))
+            .min_by_key(|v| (v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+            .map(|v| v.id.clone())
+    }
+
+    /// A VM booted for a claim came up: it is the claim's, whatever happened to the pool's
+    /// generation meanwhile. Returns false when the claim is gone (the VM then joins the pool).
+    pub(super) fn hand_booted_vm_to_claim(&mut self, vm: &VmId) -> bool {
+        let Some(request) = self.vms.get(vm).and_then(|v| v.claim.clone()) else {
+            return false;
+        };
+        let owned = self
+            .claims
+            .get(&request)
+            .is_some_and(|c| c.vm.as_ref() == Some(vm));
+        let Some(rec) = self.vms.get_mut(vm) else {
+            return false;
+        };
+        rec.claim = None;
+        if owned {
+            rec.state = VmState::Assigned;
+            return true;
+        }
+        rec.agent = None;
+        false
+    }
+
+    /// A VM booted for a claim failed: the claim fails with the boot's error.
+    pub(super) fn fail_claim_of(&mut self, vm: &VmId, error: &str) {
+        let Some(request) = self.vms.get(vm).and_then(|v| v.claim.clone()) else {
+            return;
+        };
+        if let Some(c) = self.claims.get_mut(&request)
+            && c.vm.as_ref() == Some(vm)
+        {
+            c.vm = None;
+            c.failed = Some(format!("the VM booted for this agent failed: {error}"));
+        }
+    }
+
+    /// Nuke, step 1: stop hand-outs and backfill. Returns true once nothing is booting (the
+    /// nuke then sees every VM the pool will ever have created).
+    pub fn pause(&mut self) -> bool {
+        self.paused = true;
+        self.booting() == 0
+    }
+
+    /// VMs being booted right now.
+    pub fn booting(&self) -> usize {
+        self.vms
+            .values()
+            .filter(|v| v.state == VmState::Booting)
+            .count()
+    }
+
+    /// Nuke, last step: every agent was terminated and every VM of the tenant deleted from the
+    /// substrate, so the pool forgets its inventory and claims, bumps the generation and
+    /// resumes backfill (empty). `deleted` counts towards the pool's totals.
+    pub fn reset_after_nuke(&mut self, deleted: u64, now: Millis) -> Vec<Command> {
+        self.vms.clear();
+        self.claims.clear();
+        self.generation += 1;
+        self.paused = false;
+        self.counters.deleted += deleted;
+        self.reconcile(now)
+    }
+}
