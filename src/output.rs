@@ -211,6 +211,18 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    let waiting = st
+        .claims
+        .iter()
+        .filter(|c| c.vm.is_none() && c.failed.is_none())
+        .count();
+    if !st.claims.is_empty() {
+        let _ = writeln!(
+            out,
+            "Agents: {} holding or booting a VM, {waiting} waiting for room under max_vms",
+            st.claims.len() - waiting
+        );
+    }
     for (image, h) in &st.failing_images {
         let _ = writeln!(
             out,

@@ -169,7 +169,7 @@ fn temporal_cli_flushes_and_malformed_payloads_leave_the_pool_healthy() {
     assert!(out.status.success(), "{}", stderr(&out));
     env.wait_for("flush by bare signal", |s| s.generation == g0 + 3);
 
-    for bad in ["\"x\"", "{\"nuke\":\"yes\"}", "[1,2]", "{\"nuke\":true}"] {
+    for bad in ["\"x\"", "{\"nuke\":\"yes\"}", "[1,2]", "{\"workspace\":7}"] {
         assert!(temporal_flush(&env, "signal", Some(bad)).status.success());
     }
     let out = temporal_flush(&env, "update", Some("{\"nuke\":\"yes\"}"));

@@ -256,7 +256,7 @@ impl AgentActivities {
         let options = WorkflowTerminateOptions::builder()
             .reason(input.reason.clone())
             .build();
-        match handle.terminate(options).await {
+        match with_heartbeats(&ctx, handle.terminate(options)).await? {
             Ok(()) => {
                 tracing::warn!(workflow = %input.workflow_id, "agent terminated");
                 Ok(())
@@ -277,13 +277,11 @@ impl AgentActivities {
     #[activity(name = "murmur.list_vms")]
     pub async fn list_vms(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         tenant: String,
     ) -> Result<Vec<VmId>, ActivityError> {
-        let vms = self
-            .provider
-            .list(&tenant)
-            .await
+        let vms = with_heartbeats(&ctx, self.provider.list(&tenant))
+            .await?
             .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
         Ok(vms.into_iter().map(|v| v.id).collect())
     }

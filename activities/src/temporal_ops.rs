@@ -9,26 +9,8 @@ use temporalio_client::errors::{
     WorkflowInteractionError, WorkflowQueryError, WorkflowUpdateError, WorkflowUpdateWithStartError,
 };
 use temporalio_client::{WorkflowIdConflictPolicy, WorkflowUpdateWithStartOptions};
-use temporalio_common::search_attributes::{SearchAttributeKey, SearchAttributes};
 
-/// Search attribute: the tenant a workflow belongs to.
-pub const SA_TENANT: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurTenant");
-/// Search attribute: the workspace an agent runs in.
-pub const SA_WORKSPACE: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurWorkspace");
-/// Search attribute: `pool`, `agent`, `nuke` or `bake`.
-pub const SA_KIND: SearchAttributeKey<String> = SearchAttributeKey::keyword("MurmurKind");
-
-/// Search attributes of a workflow of `kind` for `tenant` (and `workspace`, for agents).
-pub fn search_attributes(tenant: &str, kind: &str, workspace: Option<&str>) -> SearchAttributes {
-    let mut values = vec![
-        SA_TENANT.value_set(tenant.to_string()),
-        SA_KIND.value_set(kind.to_string()),
-    ];
-    if let Some(ws) = workspace {
-        values.push(SA_WORKSPACE.value_set(ws.to_string()));
-    }
-    SearchAttributes::new(values)
-}
+pub use murmur_workflows::search_attrs::{SA_KIND, SA_TENANT, SA_WORKSPACE, search_attributes};
 
 /// Visibility query for the running agent workflows of a tenant.
 pub fn running_agents_query(tenant: &str) -> String {

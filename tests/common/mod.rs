@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use murmur_activities::process::ProcessProvider;
 use murmur_activities::provider::{Provider, VmInfo};
+use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::status::PoolStatus;
 
 /// How long a test waits for the pool to reach a state before failing.
@@ -141,15 +142,21 @@ impl TestEnv {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Runs the pinned `temporal` CLI.
-    pub fn temporal(&self, args: &[&str]) -> Output {
+    /// A pinned `temporal` CLI command ready to run.
+    pub fn command_for_temporal(&self, args: &[&str]) -> Command {
         let cli = std::env::var("TEMPORAL_CLI")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
                 PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/temporal")
             });
-        self.command(&cli)
-            .args(args)
+        let mut cmd = self.command(&cli);
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs the pinned `temporal` CLI.
+    pub fn temporal(&self, args: &[&str]) -> Output {
+        self.command_for_temporal(args)
             .output()
             .expect("run temporal CLI")
     }
@@ -199,6 +206,50 @@ impl TestEnv {
         std::fs::write(dir.join("boot.sh"), boot_sh).unwrap();
     }
 
+    /// Spawns an agent and asserts the spawn was accepted.
+    pub fn spawn(&self, slug: &str, command: &str) {
+        let out = self.murmur(&["spawn", slug, "--", command]);
+        assert!(
+            out.status.success(),
+            "spawn {slug} failed: {}\n{}",
+            stderr(&out),
+            self.worker_log_tail()
+        );
+        assert!(stdout(&out).starts_with(&format!("Spawned: {slug}\n")));
+    }
+
+    /// An agent's status through `murmur status --json`.
+    pub fn agent(&self, slug: &str) -> AgentStatus {
+        let out = self.murmur_ok(&["status", "--json", slug]);
+        serde_json::from_str(&out).expect("agent status JSON")
+    }
+
+    /// Waits until the agent is in `phase`, failing after [`PATIENCE`].
+    pub fn wait_phase(&self, slug: &str, phase: Phase) -> AgentStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let st = self.agent(slug);
+            if st.phase == Some(phase) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {slug} to be {phase}; last status: {st:#?}\n{}",
+                self.worker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The working directory of a VM (where agents' commands run).
+    pub fn vm_root(&self, vm: &str) -> PathBuf {
+        self.state_dir()
+            .join("vms")
+            .join(&self.tenant)
+            .join(vm)
+            .join("root")
+    }
+
     pub fn worker_log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -212,6 +263,18 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.kill_worker();
+        let _ = self.temporal(&[
+            "workflow",
+            "terminate",
+            "--query",
+            &format!(
+                "MurmurTenant = '{}' AND ExecutionStatus = 'Running'",
+                self.tenant
+            ),
+            "--reason",
+            "test finished",
+            "--yes",
+        ]);
         let _ = self.temporal(&[
             "workflow",
             "terminate",

@@ -253,6 +253,7 @@ async fn release(c: &WorkflowContext<AgentWorkflow>) {
         vm: s.status.vm.clone(),
     });
     let options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(60))
+        .heartbeat_timeout(Duration::from_secs(5))
         .retry_policy(
             RetryPolicy::builder()
                 .initial_interval(Duration::from_secs(1))
@@ -276,6 +277,7 @@ async fn release(c: &WorkflowContext<AgentWorkflow>) {
 
 fn claim_options() -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(90))
+        .heartbeat_timeout(Duration::from_secs(5))
         .retry_policy(
             RetryPolicy::builder()
                 .initial_interval(Duration::from_secs(1))

@@ -12,6 +12,7 @@
 //! - [`agent`]: agents as data: phases, spawn input, status, workflow ids.
 //! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).
 //! - [`nuke_workflow`]: the emergency wipe (`nuke/<tenant>`).
+//! - [`search_attrs`]: the search attributes every murmur workflow carries.
 //! - [`error`]: the `CODE: reason` error contract.
 //!
 //! Nothing here performs I/O or reads the clock; workflow time and randomness come from the
@@ -27,6 +28,7 @@ pub mod messages;
 pub mod model;
 pub mod nuke_workflow;
 pub mod pool_workflow;
+pub mod search_attrs;
 pub mod status;
 
 /// Task queue of the murmur worker unless overridden.

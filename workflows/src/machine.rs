@@ -109,6 +109,9 @@ pub struct Pool {
     /// True while a nuke runs: no hand-outs, no backfill.
     #[serde(default)]
     pub paused: bool,
+    /// Nukes completed.
+    #[serde(default)]
+    pub nukes: u64,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -153,6 +156,7 @@ impl Pool {
             counters: Counters::default(),
             claims: BTreeMap::new(),
             paused: false,
+            nukes: 0,
             claim_seq: 0,
             id_seed,
             id_counter: 0,

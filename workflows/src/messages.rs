@@ -30,6 +30,28 @@ pub struct FlushReply {
     pub vms: Vec<VmId>,
     /// The pool generation after the flush.
     pub generation: u64,
+    /// For a nuke: what it terminated and deleted.
+    #[serde(default)]
+    pub nuke: Option<NukeReport>,
+}
+
+/// Result of a nuke.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NukeReport {
+    /// Agent workflows terminated.
+    pub terminated: u64,
+    /// VMs deleted from the substrate, agents' VMs and orphans included.
+    pub deleted: u64,
+    /// Of those, VMs that belonged to a terminated agent.
+    pub agent_vms: u64,
+}
+
+impl NukeReport {
+    /// What `Nuke complete (N terminated/deleted)` counts: each agent terminated (its VM goes
+    /// with it) and each other VM deleted (warm, booting, orphans).
+    pub fn total(&self) -> u64 {
+        self.terminated + self.deleted.saturating_sub(self.agent_vms)
+    }
 }
 
 /// Input of the `apply_config` update.
@@ -77,8 +99,8 @@ pub struct ReleaseReply {
 pub struct NukeStep {
     /// Who runs the nuke (the nuke workflow's id).
     pub actor: Option<String>,
-    /// For `nuke_reset`: VMs the nuke deleted from the substrate.
-    pub deleted: u64,
+    /// For `nuke_reset`: what the nuke did.
+    pub report: NukeReport,
 }
 
 /// Answer of `nuke_pause` and `nuke_reset`.
@@ -88,6 +110,9 @@ pub struct NukeStepReply {
     pub generation: u64,
     /// VMs in the pool's inventory afterwards.
     pub vms: u32,
+    /// For `nuke_pause`: the VMs held by agents, with the agent's workflow id.
+    #[serde(default)]
+    pub held: Vec<(VmId, String)>,
 }
 
 /// Input of the pool workflow's run: the tenant, and the state carried over by

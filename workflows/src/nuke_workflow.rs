@@ -4,7 +4,8 @@
 //! point resumes where it stopped: (1) pause the pool (no hand-outs, no backfill, nothing
 //! booting), (2) list every running agent workflow of the tenant and terminate each,
 //! (3) list every VM of the tenant the substrate holds, orphans included, and delete each,
-//! a bounded number at a time, (4) reset and resume the pool. A second nuke started while
+//! a bounded number at a time, (4) reset and resume the pool. The reported total counts
+//! each terminated agent once, its VM with it, plus every other VM deleted. A second nuke started while
 //! one runs joins it (the CLI starts with the `UseExisting` conflict policy).
 
 // `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
@@ -24,7 +25,9 @@ use crate::activity_api::{
     DeleteVm, DeleteVmInput, ListAgents, ListVms, PausePool, PoolStepInput, ResetPool,
     TerminateAgent, TerminateInput,
 };
+pub use crate::messages::NukeReport;
 use crate::messages::NukeStep;
+use crate::model::VmId;
 
 /// Deletes (and terminations) in flight at once.
 pub const NUKE_CONCURRENCY: usize = 8;
@@ -42,22 +45,6 @@ pub struct NukeInput {
     pub tenant: String,
     /// Who asked.
     pub actor: Option<String>,
-}
-
-/// Result of a nuke.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NukeReport {
-    /// Agent workflows terminated.
-    pub terminated: u64,
-    /// VMs deleted from the substrate.
-    pub deleted: u64,
-}
-
-impl NukeReport {
-    /// What `Nuke complete (N terminated/deleted)` counts.
-    pub fn total(&self) -> u64 {
-        self.terminated + self.deleted
-    }
 }
 
 /// Where a nuke is, for its query and the Web UI.
@@ -98,6 +85,15 @@ impl NukeWorkflow {
     pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<NukeReport> {
         let c = ctx.clone();
         let tenant = c.state(|s| s.input.tenant.clone());
+        // The tenant ends up in a visibility query: only a DNS label may get there, and a
+        // nuke of tenant T must be the one workflow `nuke/T` (so nukes of T join each other).
+        let expected = nuke_workflow_id(&tenant);
+        if !crate::model::is_dns_label(&tenant) || c.info().workflow_id() != expected {
+            return Err(temporalio_sdk::ApplicationFailure::new(crate::error::ApiError::invalid_argument(format!(
+                "a nuke needs a valid tenant and the workflow id nuke/<tenant> (tenant {tenant:?})"
+            )))
+            .into());
+        }
         let actor = Some(format!("nuke/{tenant}"));
 
         step(&c, "pausing the pool");
@@ -105,10 +101,11 @@ impl NukeWorkflow {
             tenant: tenant.clone(),
             step: NukeStep {
                 actor: actor.clone(),
-                deleted: 0,
+                report: NukeReport::default(),
             },
         };
-        c.execute_activity(PausePool, pause, admin_options("pause the pool", 120))
+        let paused = c
+            .execute_activity(PausePool, pause, admin_options("pause the pool", 120))
             .await?;
 
         step(&c, "terminating agents");
@@ -116,6 +113,7 @@ impl NukeWorkflow {
             .execute_activity(ListAgents, tenant.clone(), admin_options("list agents", 60))
             .await?;
         c.state_mut(|s| s.progress.agents = agents.len() as u64);
+        let agents_listed = agents.clone();
         let reason = format!("nuke of tenant {tenant}");
         let jobs = agents
             .into_iter()
@@ -137,10 +135,18 @@ impl NukeWorkflow {
             .collect();
         run_bounded(jobs).await;
 
+        let held: std::collections::BTreeMap<VmId, String> = paused.held.into_iter().collect();
+        let terminated_agents: std::collections::BTreeSet<String> =
+            agents_listed.into_iter().collect();
+
         step(&c, "deleting VMs");
         let vms = c
             .execute_activity(ListVms, tenant.clone(), admin_options("list VMs", 60))
             .await?;
+        let agent_vms = vms
+            .iter()
+            .filter(|vm| held.get(vm).is_some_and(|a| terminated_agents.contains(a)))
+            .count() as u64;
         c.state_mut(|s| s.progress.vms = vms.len() as u64);
         let jobs = vms
             .into_iter()
@@ -171,12 +177,13 @@ impl NukeWorkflow {
         let report = c.state(|s| NukeReport {
             terminated: s.progress.terminated,
             deleted: s.progress.deleted,
+            agent_vms,
         });
         let reset = PoolStepInput {
             tenant: tenant.clone(),
             step: NukeStep {
                 actor,
-                deleted: report.deleted,
+                report: report.clone(),
             },
         };
         c.execute_activity(ResetPool, reset, admin_options("reset the pool", 120))
@@ -240,9 +247,35 @@ fn unlimited_retries() -> RetryPolicy {
         .build()
 }
 
+/// Options of the nuke's admin activities: they heartbeat, so a worker that dies under one is
+/// noticed within seconds and the activity retried elsewhere.
 fn admin_options(summary: &str, timeout_secs: u64) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(timeout_secs))
+        .heartbeat_timeout(Duration::from_secs(5))
         .retry_policy(unlimited_retries())
         .summary(summary.to_string())
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_and_its_vm_count_once() {
+        // 5 agents on VMs, 3 warm VMs, 1 orphan: 5 + (9 - 5).
+        let report = NukeReport {
+            terminated: 5,
+            deleted: 9,
+            agent_vms: 5,
+        };
+        assert_eq!(report.total(), 9);
+        // Agents still starting hold no VM.
+        let report = NukeReport {
+            terminated: 2,
+            deleted: 0,
+            agent_vms: 0,
+        };
+        assert_eq!(report.total(), 2);
+    }
 }

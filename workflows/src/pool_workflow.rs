@@ -21,8 +21,9 @@ use temporalio_common::RetryPolicy;
 use temporalio_common::data_converters::RawValue;
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
-    ActivityOptions, ContinueAsNewOptions, SyncWorkflowContext, WorkflowContext,
-    WorkflowContextView, WorkflowResult,
+    ActivityOptions, ChildWorkflowOptions, ContinueAsNewOptions, ParentClosePolicy,
+    SyncWorkflowContext, WorkflowContext, WorkflowContextView, WorkflowIdReusePolicy,
+    WorkflowResult,
 };
 
 use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
@@ -33,6 +34,8 @@ use crate::messages::{
     ReleaseRequest, UpRequest, decode_lenient,
 };
 use crate::model::{Millis, ResourceDoc, ResourceKind, VmId};
+use crate::nuke_workflow::{NukeInput, NukeReport, NukeWorkflow, nuke_workflow_id};
+use crate::search_attrs::search_attributes;
 use crate::status::PoolStatus;
 
 /// Boot deadline of one VM: create plus readiness handshake.
@@ -41,6 +44,8 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bounded so update handlers finish and the pool can continue-as-new even while claims
 /// queue at `max_vms`; the caller (an activity) simply asks again.
 pub const HANDLER_WAIT: Duration = Duration::from_secs(30);
+/// Wait before retrying to start a nuke while the previous one is closing.
+const NUKE_RETRY_MS: Millis = 1_000;
 /// Roll over to a new run once history grows past this many events.
 const MAX_HISTORY_EVENTS: u32 = 10_000;
 
@@ -73,6 +78,14 @@ pub struct PoolWorkflow {
     flushes_in_progress: u32,
     /// Messages rejected for bad input.
     rejected_messages: u64,
+    /// A `flush` with `nuke` asked for a nuke that has not started yet.
+    nuke_requested: bool,
+    /// The nuke workflow's start is in flight.
+    nuke_starting: bool,
+    /// When to try starting the nuke again (the previous one had not closed yet).
+    nuke_retry_at: Option<Millis>,
+    /// What the last nuke did, for `flush` updates waiting on it.
+    last_nuke: Option<NukeReport>,
 }
 
 /// What finished among the activities the shell started.
@@ -81,6 +94,8 @@ enum Outcome {
     BootFailed(VmId, String),
     Deleted(VmId),
     DeleteFailed(VmId),
+    /// The nuke workflow started (true) or could not start yet (false: one still runs).
+    NukeStarted(bool),
 }
 
 #[workflow_methods]
@@ -103,6 +118,10 @@ impl PoolWorkflow {
             resumed,
             flushes_in_progress: 0,
             rejected_messages: 0,
+            nuke_requested: false,
+            nuke_starting: false,
+            nuke_retry_at: None,
+            last_nuke: None,
         }
     }
 
@@ -129,6 +148,9 @@ impl PoolWorkflow {
             for cmd in cmds {
                 in_flight.push(start_command(&c, &tenant, cmd));
             }
+            if c.state_mut(|s| s.take_nuke_start()) {
+                in_flight.push(start_nuke(&c, &tenant));
+            }
             let details = c.state(details_markdown);
             if details != last_details {
                 c.set_current_details(details.clone());
@@ -139,7 +161,8 @@ impl PoolWorkflow {
             // the new run starts from the same state.
             let roll_over = (c.continue_as_new_suggested()
                 || c.history_length() > MAX_HISTORY_EVENTS)
-                && in_flight.is_empty();
+                && in_flight.is_empty()
+                && !c.state(|s| s.nuke_requested);
             if roll_over && c.all_handlers_finished() {
                 let carried = c.state(|s| s.pool.clone());
                 let input = PoolInput {
@@ -160,7 +183,13 @@ impl PoolWorkflow {
             };
 
             let now = now_ms(&c);
-            let next = c.state(|s| s.pool.next_wakeup(now));
+            let next = c.state(|s| {
+                let backoff = s.pool.next_wakeup(now);
+                match (backoff, s.nuke_retry_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            });
             if next != wake_at {
                 wake_at = next;
                 timer = match next {
@@ -184,16 +213,28 @@ impl PoolWorkflow {
                             Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
+                            Outcome::NukeStarted(started) => {
+                                s.nuke_starting = false;
+                                if started {
+                                    s.nuke_requested = false;
+                                } else {
+                                    s.nuke_retry_at = Some(now + NUKE_RETRY_MS);
+                                }
+                                Vec::new()
+                            }
                         };
                         s.outbox.extend(cmds);
                     });
                 }
-                r = c.wait_condition(|s| !s.outbox.is_empty()) => { r?; }
+                r = c.wait_condition(|s| !s.outbox.is_empty() || s.nuke_start_due()) => { r?; }
                 _ = (&mut timer).fuse() => {
                     wake_at = None;
                     timer = futures::future::pending().boxed_local();
                     let now = now_ms(&c);
                     c.state_mut(|s| {
+                        if s.nuke_retry_at.is_some_and(|t| t <= now) {
+                            s.nuke_retry_at = None;
+                        }
                         let cmds = s.pool.reconcile(now);
                         s.outbox.extend(cmds);
                     });
@@ -222,6 +263,21 @@ impl PoolWorkflow {
         raw: RawValue,
     ) -> Result<FlushReply, UpdateError> {
         let req = parse_flush(&raw).map_err(boxed)?;
+        if req.nuke {
+            // Starts the nuke workflow (or joins the one running) and answers when it is done.
+            let before = ctx.state_mut(|s| {
+                s.request_nuke();
+                s.pool.nukes
+            });
+            ctx.wait_condition(|s| s.pool.nukes > before)
+                .await
+                .map_err(|e| Box::new(e) as UpdateError)?;
+            return Ok(ctx.state(|s| FlushReply {
+                generation: s.pool.generation,
+                nuke: s.last_nuke.clone(),
+                ..Default::default()
+            }));
+        }
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &req, replaying));
@@ -233,6 +289,7 @@ impl PoolWorkflow {
             flushed: vms.len() as u32,
             vms,
             generation,
+            nuke: None,
         })
     }
 
@@ -241,6 +298,12 @@ impl PoolWorkflow {
     #[signal(name = "flush")]
     pub fn flush_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
         match parse_flush(&raw) {
+            Ok(req) if req.nuke => {
+                self.request_nuke();
+                if !ctx.is_replaying() {
+                    tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor, "nuke requested by signal");
+                }
+            }
             Ok(req) => {
                 let now = to_millis(ctx.workflow_time());
                 let (vms, _) = self.start_flush(now, &req, ctx.is_replaying());
@@ -401,6 +464,13 @@ impl PoolWorkflow {
         Ok(ctx.state(|s| NukeStepReply {
             generation: s.pool.generation,
             vms: s.pool.in_use(),
+            held: s
+                .pool
+                .vms
+                .values()
+                .filter(|v| v.state == crate::model::VmState::Assigned)
+                .filter_map(|v| v.agent.clone().map(|a| (v.id.clone(), a)))
+                .collect(),
         }))
     }
 
@@ -412,15 +482,18 @@ impl PoolWorkflow {
         req: NukeStep,
     ) -> NukeStepReply {
         let now = to_millis(ctx.workflow_time());
-        let cmds = self.pool.reset_after_nuke(req.deleted, now);
+        let cmds = self.pool.reset_after_nuke(req.report.deleted, now);
         self.outbox.extend(cmds);
+        self.last_nuke = Some(req.report.clone());
         if !ctx.is_replaying() {
-            tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor, deleted = req.deleted,
+            tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor,
+                terminated = req.report.terminated, deleted = req.report.deleted,
                 "nuke: pool reset and resumed");
         }
         NukeStepReply {
             generation: self.pool.generation,
             vms: self.pool.in_use(),
+            held: Vec::new(),
         }
     }
 
@@ -463,6 +536,31 @@ impl PoolWorkflow {
         (vms, self.pool.generation)
     }
 
+    /// Asks for a nuke, unless one is already under way (then the caller joins it).
+    fn request_nuke(&mut self) {
+        if !self.pool.paused {
+            self.nuke_requested = true;
+        }
+    }
+
+    /// True when the run loop should start the nuke workflow now.
+    fn nuke_start_due(&self) -> bool {
+        self.nuke_requested && !self.nuke_starting && self.nuke_retry_at.is_none()
+    }
+
+    /// Claims the nuke start for the run loop. A nuke that paused the pool meanwhile is the
+    /// one asked for (joined), so no second one starts.
+    fn take_nuke_start(&mut self) -> bool {
+        if self.pool.paused {
+            self.nuke_requested = false;
+        }
+        if self.nuke_start_due() {
+            self.nuke_starting = true;
+            return true;
+        }
+        false
+    }
+
     fn reject(&mut self, name: &str, err: &ApiError) {
         self.rejected_messages += 1;
         tracing::warn!(tenant = %self.pool.tenant, handler = name, error = %err,
@@ -476,15 +574,9 @@ impl PoolWorkflow {
     }
 }
 
-/// Reads a flush request; `nuke` is not the pool's to do (the nuke workflow does it).
+/// Reads a flush request (with `nuke`, the pool starts the nuke workflow).
 fn parse_flush(raw: &RawValue) -> Result<FlushRequest, ApiError> {
-    let req: FlushRequest = decode_lenient(raw)?;
-    if req.nuke {
-        return Err(ApiError::invalid_argument(
-            "nuke is not a pool message; run murmur pool flush --nuke",
-        ));
-    }
-    Ok(req)
+    decode_lenient(raw)
 }
 
 fn boxed(e: ApiError) -> UpdateError {
@@ -562,6 +654,29 @@ fn start_command<'a>(
             .boxed_local()
         }
     }
+}
+
+/// Starts `nuke/<tenant>` as an abandoned child (it must outlive this run, which it resets).
+/// Resolves `false` when it cannot start because the previous nuke has not closed yet.
+fn start_nuke<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    tenant: &str,
+) -> LocalBoxFuture<'a, Outcome> {
+    let options = ChildWorkflowOptions::builder()
+        .workflow_id(nuke_workflow_id(tenant))
+        .parent_close_policy(ParentClosePolicy::Abandon)
+        .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
+        .search_attributes(search_attributes(tenant, "nuke", None))
+        .static_summary(format!(
+            "nuke of tenant {tenant}, asked through pool/{tenant}"
+        ))
+        .build();
+    let input = NukeInput {
+        tenant: tenant.to_string(),
+        actor: Some(format!("pool/{tenant} flush --nuke")),
+    };
+    let fut = c.start_child_workflow(NukeWorkflow::run, input, options);
+    async move { Outcome::NukeStarted(fut.await.is_ok()) }.boxed_local()
 }
 
 fn failure_message(e: &temporalio_sdk::ActivityExecutionError) -> String {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{Counters, FAILURE_THRESHOLD, Pool};
+use crate::machine::{Claim, Counters, FAILURE_THRESHOLD, Pool};
 use crate::model::{ImageHealth, Millis, PoolConfigSpec, VmRecord, VmState};
 
 /// Counts of one (image, generation) group inside a workspace.
@@ -78,6 +78,9 @@ pub struct PoolStatus {
     pub rejected_messages: u64,
     /// The full inventory.
     pub vms: Vec<VmRecord>,
+    /// Agents' claims: waiting for room, booting, or holding a VM.
+    #[serde(default)]
+    pub claims: Vec<Claim>,
 }
 
 impl PoolStatus {
@@ -101,6 +104,7 @@ impl PoolStatus {
             counters: pool.counters.clone(),
             rejected_messages: 0,
             vms: pool.vms.values().cloned().collect(),
+            claims: pool.claims.values().cloned().collect(),
         }
     }
 

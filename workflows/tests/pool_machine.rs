@@ -501,3 +501,128 @@ fn a_failing_image_stops_backfill_instead_of_churning() {
         1
     );
 }
+
+fn claim(w: &mut World, n: u32, ws: &str) -> String {
+    let req = ClaimRequest {
+        request: format!("agent-{n}@run"),
+        agent: format!("agent-{n}"),
+        developer: "dev".into(),
+        workspace: ws.into(),
+        wait: false,
+    };
+    w.pool.validate_claim(&req).expect("claim accepted");
+    let cmds = w.pool.claim(&req, w.now);
+    w.absorb(cmds);
+    w.agents.push(req.request.clone());
+    req.request
+}
+
+#[test]
+fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
+    let mut w = World::new();
+    w.change(
+        ResourceKind::PoolConfig,
+        "default",
+        vec![("max_vms", "2".into())],
+        false,
+    );
+    for ws in WORKSPACES {
+        w.change(
+            ResourceKind::Workspace,
+            ws,
+            vec![("min_idle", "0".into())],
+            false,
+        );
+    }
+    w.drain();
+    let first = claim(&mut w, 1, "web");
+    let second = claim(&mut w, 2, "web");
+    let third = claim(&mut w, 3, "api");
+    let fourth = claim(&mut w, 4, "web");
+    assert!(matches!(
+        w.pool.claim_state(&first),
+        ClaimState::Booting { .. }
+    ));
+    assert!(matches!(
+        w.pool.claim_state(&second),
+        ClaimState::Booting { .. }
+    ));
+    assert_eq!(
+        w.pool.claim_state(&third),
+        ClaimState::Waiting { position: 1 }
+    );
+    assert_eq!(
+        w.pool.claim_state(&fourth),
+        ClaimState::Waiting { position: 2 }
+    );
+    // Backfill wants VMs, but waiting agents come first.
+    w.change(
+        ResourceKind::Workspace,
+        "web",
+        vec![("min_idle", "1".into())],
+        false,
+    );
+    w.drain();
+    assert_eq!(w.pool.in_use(), 2);
+    // The first agent ends: its room goes to the third claim (next in line), not the fourth.
+    w.apply(&Step::Release { pick: 0 });
+    w.drain();
+    assert!(matches!(
+        w.pool.claim_state(&third),
+        ClaimState::Assigned { .. }
+    ));
+    assert_eq!(
+        w.pool.claim_state(&fourth),
+        ClaimState::Waiting { position: 1 }
+    );
+    // The same request again is the same claim, with the same VM.
+    let ClaimState::Assigned { vm } = w.pool.claim_state(&second) else {
+        panic!("second claim not served");
+    };
+    let again = ClaimRequest {
+        request: second.clone(),
+        agent: "agent-2".into(),
+        developer: "dev".into(),
+        workspace: "web".into(),
+        wait: true,
+    };
+    assert!(w.pool.claim(&again, w.now).is_empty());
+    assert_eq!(w.pool.claim_state(&second), ClaimState::Assigned { vm });
+}
+
+#[test]
+fn the_developer_limit_counts_live_agents_and_a_nuke_refuses_claims() {
+    let mut w = World::new();
+    w.change(
+        ResourceKind::PoolConfig,
+        "default",
+        vec![("max_agents_per_developer", "1".into())],
+        false,
+    );
+    claim(&mut w, 1, "web");
+    let next = ClaimRequest {
+        request: "agent-2@run".into(),
+        agent: "agent-2".into(),
+        developer: "dev".into(),
+        workspace: "web".into(),
+        wait: false,
+    };
+    let e = w.pool.validate_claim(&next).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "FAILED_PRECONDITION: developer dev already has 1 running agents (max_agents_per_developer is 1); kill one or wait for one to finish"
+    );
+    let other = ClaimRequest {
+        developer: "someone-else".into(),
+        ..next.clone()
+    };
+    assert!(w.pool.validate_claim(&other).is_ok());
+    w.apply(&Step::Release { pick: 0 });
+    assert!(w.pool.validate_claim(&next).is_ok());
+    w.pool.pause();
+    let e = w.pool.validate_claim(&next).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("FAILED_PRECONDITION: a nuke of tenant acme")
+    );
+}

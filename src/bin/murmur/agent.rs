@@ -39,6 +39,15 @@ pub(crate) struct SlugArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// Print the status as JSON (the schema of `AgentStatus`).
+    #[arg(long)]
+    json: bool,
+    /// The agent's slug.
+    slug: String,
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct LsArgs {
     /// Print slugs only, one per line.
     #[arg(short, long)]
@@ -93,10 +102,16 @@ pub(crate) async fn kill(args: SlugArgs, workspace: Option<&str>) -> Outcome {
     Ok(())
 }
 
-pub(crate) async fn status(args: SlugArgs, workspace: Option<&str>) -> Outcome {
+pub(crate) async fn status(args: StatusArgs, workspace: Option<&str>) -> Outcome {
     let session = Session::open(workspace).await.map_err(with_hint)?;
     let st = session.agents.status(&args.slug).await.map_err(with_hint)?;
-    print!("{}", agent_status(&st));
+    if args.json {
+        let text = serde_json::to_string_pretty(&st)
+            .map_err(|e| with_hint(ApiError::new(Code::Internal, e.to_string())))?;
+        println!("{text}");
+    } else {
+        print!("{}", agent_status(&st));
+    }
     Ok(())
 }
 

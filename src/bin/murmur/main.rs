@@ -79,7 +79,8 @@ enum Command {
     ///
     /// Example:
     ///   murmur status fix-auth
-    Status(agent::SlugArgs),
+    ///   murmur status --json fix-auth | jq .exit_code
+    Status(agent::StatusArgs),
     /// Wait until an agent reaches a phase (or went through it), then print its status.
     ///
     /// Exits 1 when the agent ends without reaching the phase.

@@ -373,6 +373,7 @@ impl Pool {
         self.claims.clear();
         self.generation += 1;
         self.paused = false;
+        self.nukes += 1;
         self.counters.deleted += deleted;
         self.reconcile(now)
     }
