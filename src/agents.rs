@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use temporalio_client::errors::{WorkflowStartError, WorkflowUpdateWithStartError};
 use temporalio_client::{
     Client, WorkflowCancelOptions, WorkflowDescribeOptions, WorkflowExecutionStatus,
-    WorkflowGetResultOptions, WorkflowIdConflictPolicy, WorkflowIdReusePolicy, WorkflowListOptions,
-    WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
+    WorkflowGetResultOptions, WorkflowHandle, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
+    WorkflowListOptions, WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
 };
 
 use crate::config::Context;
@@ -117,8 +117,17 @@ impl AgentClient {
             })
     }
 
-    /// The agent's status. An agent terminated from outside (a nuke) shows as canceled.
-    pub async fn status(&self, slug: &str) -> Result<AgentStatus, ApiError> {
+    /// The agent's workflow handle and its execution status; `NOT_FOUND` for an unknown slug.
+    async fn find(
+        &self,
+        slug: &str,
+    ) -> Result<
+        (
+            WorkflowHandle<Client, AgentWorkflow>,
+            WorkflowExecutionStatus,
+        ),
+        ApiError,
+    > {
         murmur_workflows::agent::validate_slug(slug)?;
         let handle = self
             .client
@@ -127,11 +136,17 @@ impl AgentClient {
             .describe(WorkflowDescribeOptions::default())
             .await
             .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
+        Ok((handle, description.status()))
+    }
+
+    /// The agent's status. An agent terminated from outside (a nuke) shows as canceled.
+    pub async fn status(&self, slug: &str) -> Result<AgentStatus, ApiError> {
+        let (handle, state) = self.find(slug).await?;
         let mut status = handle
             .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
             .await
             .map_err(|e| query_error(e, &Self::not_found(slug).message))?;
-        match description.status() {
+        match state {
             WorkflowExecutionStatus::Terminated => status.phase = Some(Phase::Canceled),
             WorkflowExecutionStatus::TimedOut => status.phase = Some(Phase::Failed),
             _ => {}
@@ -141,16 +156,9 @@ impl AgentClient {
 
     /// Cancels the agent and waits until it has ended (its VM destroyed).
     pub async fn kill(&self, slug: &str) -> Result<(), ApiError> {
-        murmur_workflows::agent::validate_slug(slug)?;
-        let handle = self
-            .client
-            .get_workflow_handle::<AgentWorkflow>(self.workflow_id(slug));
-        let description = handle
-            .describe(WorkflowDescribeOptions::default())
-            .await
-            .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
-        if description.status() != WorkflowExecutionStatus::Running {
-            let phase = closed_phase(description.status());
+        let (handle, state) = self.find(slug).await?;
+        if state != WorkflowExecutionStatus::Running {
+            let phase = closed_phase(state);
             return Err(ApiError::failed_precondition(format!(
                 "agent {slug} has already ended ({})",
                 phase.as_str()

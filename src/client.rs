@@ -1,14 +1,10 @@
 //! Talking to Temporal: connecting like the `temporal` CLI does, and the pool operations the
 //! CLI offers (flush, status, up, get/set/patch), each mapped onto the error contract.
 
-use murmur_activities::temporal_ops::{
-    pool_input, pool_start_options, query_error, update_with_start_error,
-};
+use murmur_activities::temporal_ops::{query_error, update_pool};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ConfigChange;
-use murmur_workflows::messages::{
-    ConfigRequest, FlushReply, FlushRequest, PoolInput, UpRequest, encode_json,
-};
+use murmur_workflows::messages::{ConfigRequest, FlushReply, FlushRequest, UpRequest, encode_json};
 use murmur_workflows::model::ResourceDoc;
 use murmur_workflows::nuke_workflow::{NukeInput, NukeReport, NukeWorkflow, nuke_workflow_id};
 use murmur_workflows::pool_workflow::{ConfigSnapshot, PoolWorkflow, pool_workflow_id};
@@ -17,7 +13,6 @@ use temporalio_client::envconfig::LoadClientConfigProfileOptions;
 use temporalio_client::{
     Client, ClientOptions, Connection, WorkflowGetResultOptions, WorkflowIdConflictPolicy,
     WorkflowIdReusePolicy, WorkflowQueryOptions, WorkflowStartOptions,
-    WorkflowUpdateWithStartOptions,
 };
 
 use crate::config::Context;
@@ -101,14 +96,6 @@ impl PoolClient {
         pool_workflow_id(&self.ctx.tenant)
     }
 
-    fn start_options(&self) -> WorkflowUpdateWithStartOptions {
-        pool_start_options(&self.ctx.tenant, &self.task_queue)
-    }
-
-    fn input(&self) -> PoolInput {
-        pool_input(&self.ctx.tenant)
-    }
-
     fn not_running(&self) -> String {
         format!(
             "the pool of tenant {} is not running; start it with murmur pool up",
@@ -153,32 +140,28 @@ impl PoolClient {
         };
         let req = encode_json(&req)
             .map_err(|e| ApiError::new(Code::Internal, format!("encode flush request: {e}")))?;
-        self.client
-            .execute_update_with_start_workflow(
-                PoolWorkflow::run,
-                self.input(),
-                PoolWorkflow::flush,
-                req,
-                self.start_options(),
-            )
-            .await
-            .map_err(|e| update_with_start_error(e, &self.not_running()))
+        update_pool(
+            &self.client,
+            &self.ctx.tenant,
+            &self.task_queue,
+            PoolWorkflow::flush,
+            req,
+        )
+        .await
     }
 
     /// Starts the pool if it is not running and asks it to reconcile now.
     pub async fn up(&self) -> Result<PoolStatus, ApiError> {
-        self.client
-            .execute_update_with_start_workflow(
-                PoolWorkflow::run,
-                self.input(),
-                PoolWorkflow::up,
-                UpRequest {
-                    actor: Some(self.ctx.developer.clone()),
-                },
-                self.start_options(),
-            )
-            .await
-            .map_err(|e| update_with_start_error(e, &self.not_running()))
+        update_pool(
+            &self.client,
+            &self.ctx.tenant,
+            &self.task_queue,
+            PoolWorkflow::up,
+            UpRequest {
+                actor: Some(self.ctx.developer.clone()),
+            },
+        )
+        .await
     }
 
     /// The pool's status.
@@ -212,15 +195,13 @@ impl PoolClient {
             change,
             actor: Some(self.ctx.developer.clone()),
         };
-        self.client
-            .execute_update_with_start_workflow(
-                PoolWorkflow::run,
-                self.input(),
-                PoolWorkflow::apply_config,
-                req,
-                self.start_options(),
-            )
-            .await
-            .map_err(|e| update_with_start_error(e, &self.not_running()))
+        update_pool(
+            &self.client,
+            &self.ctx.tenant,
+            &self.task_queue,
+            PoolWorkflow::apply_config,
+            req,
+        )
+        .await
     }
 }

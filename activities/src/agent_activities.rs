@@ -28,10 +28,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
-use crate::temporal_ops::{
-    interaction_error, pool_input, pool_start_options, running_agents_query, update_error,
-    update_with_start_error,
-};
+use crate::temporal_ops::{interaction_error, running_agents_query, update_error, update_pool};
 
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -59,21 +56,14 @@ impl AgentActivities {
         input: ClaimInput,
     ) -> Result<ClaimState, ActivityError> {
         let client = ctx.client();
-        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
-        let call = client.execute_update_with_start_workflow(
-            PoolWorkflow::run,
-            pool_input(&input.tenant),
+        let call = update_pool(
+            &client,
+            &input.tenant,
+            &ctx.info().task_queue,
             PoolWorkflow::claim,
             input.claim.clone(),
-            options,
         );
-        match with_heartbeats(&ctx, call).await? {
-            Ok(state) => Ok(state),
-            Err(e) => {
-                let e = update_with_start_error(e, "the pool is not running");
-                Err(api_failure(e))
-            }
-        }
+        with_heartbeats(&ctx, call).await?.map_err(api_failure)
     }
 
     /// Tells the pool an agent ended so it deletes the agent's VM. Without a running pool the
@@ -186,17 +176,15 @@ impl AgentActivities {
         input: PoolStepInput,
     ) -> Result<NukeStepReply, ActivityError> {
         let client = ctx.client();
-        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
-        let call = client.execute_update_with_start_workflow(
-            PoolWorkflow::run,
-            pool_input(&input.tenant),
+        let task_queue = &ctx.info().task_queue;
+        let call = update_pool(
+            &client,
+            &input.tenant,
+            task_queue,
             PoolWorkflow::nuke_pause,
             input.step,
-            options,
         );
-        with_heartbeats(&ctx, call)
-            .await?
-            .map_err(|e| retryable(update_with_start_error(e, "the pool is not running")))
+        with_heartbeats(&ctx, call).await?.map_err(retryable)
     }
 
     /// Nuke, last step: reset and resume the pool.
@@ -207,17 +195,15 @@ impl AgentActivities {
         input: PoolStepInput,
     ) -> Result<NukeStepReply, ActivityError> {
         let client = ctx.client();
-        let options = pool_start_options(&input.tenant, &ctx.info().task_queue);
-        let call = client.execute_update_with_start_workflow(
-            PoolWorkflow::run,
-            pool_input(&input.tenant),
+        let task_queue = &ctx.info().task_queue;
+        let call = update_pool(
+            &client,
+            &input.tenant,
+            task_queue,
             PoolWorkflow::nuke_reset,
             input.step,
-            options,
         );
-        with_heartbeats(&ctx, call)
-            .await?
-            .map_err(|e| retryable(update_with_start_error(e, "the pool is not running")))
+        with_heartbeats(&ctx, call).await?.map_err(retryable)
     }
 
     /// Every running agent workflow of a tenant (a paginated visibility query).

@@ -4,11 +4,12 @@
 
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::messages::PoolInput;
-use murmur_workflows::pool_workflow::pool_workflow_id;
+use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::errors::{
     WorkflowInteractionError, WorkflowQueryError, WorkflowUpdateError, WorkflowUpdateWithStartError,
 };
-use temporalio_client::{WorkflowIdConflictPolicy, WorkflowUpdateWithStartOptions};
+use temporalio_client::{Client, WorkflowIdConflictPolicy, WorkflowUpdateWithStartOptions};
+use temporalio_common::{HasWorkflowDefinition, UpdateDefinition};
 
 pub use murmur_workflows::search_attrs::{SA_KIND, SA_TENANT, SA_WORKSPACE, search_attributes};
 
@@ -39,6 +40,38 @@ pub fn pool_input(tenant: &str) -> PoolInput {
         tenant: tenant.to_string(),
         carried: None,
     }
+}
+
+/// Sends `update` to `pool/<tenant>`, starting the pool first if it is not running, and maps
+/// the outcome onto the error contract.
+pub async fn update_pool<U>(
+    client: &Client,
+    tenant: &str,
+    task_queue: &str,
+    update: U,
+    input: U::Input,
+) -> Result<U::Output, ApiError>
+where
+    U: UpdateDefinition<Workflow = <PoolWorkflow as HasWorkflowDefinition>::Run>,
+    U::Input: Send,
+{
+    client
+        .execute_update_with_start_workflow(
+            PoolWorkflow::run,
+            pool_input(tenant),
+            update,
+            input,
+            pool_start_options(tenant, task_queue),
+        )
+        .await
+        .map_err(|e| {
+            update_with_start_error(
+                e,
+                &format!(
+                    "the pool of tenant {tenant} is not running; start it with murmur pool up"
+                ),
+            )
+        })
 }
 
 /// Maps a failure message from the worker to the error contract: the worker's own

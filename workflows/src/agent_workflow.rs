@@ -26,7 +26,7 @@ use crate::agent::{AgentInput, AgentStatus, OnIdle, Phase};
 use crate::error::ApiError;
 use crate::machine::{ClaimRequest, ClaimState};
 use crate::model::VmId;
-use crate::pool_workflow::UpdateError;
+use crate::pool_workflow::{UpdateError, root_cause};
 
 /// Longest an agent's command may run.
 pub const MAX_RUN_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -337,20 +337,4 @@ fn claim_error(e: &ActivityExecutionError) -> ApiError {
             format!("could not claim a VM: {cause}"),
         )
     })
-}
-
-/// The innermost failure message of an activity error.
-fn root_cause(e: &ActivityExecutionError) -> String {
-    let mut msg = e.to_string();
-    if let Some(f) = e.failure() {
-        msg = f.message.clone();
-        let mut cause = f.cause.as_deref();
-        while let Some(c) = cause {
-            if !c.message.is_empty() {
-                msg = c.message.clone();
-            }
-            cause = c.cause.as_deref();
-        }
-    }
-    msg
 }

@@ -544,15 +544,28 @@ impl Pool {
     /// When `max_vms` was lowered below what exists, deletes warm VMs (stale ones first, then
     /// the oldest) until what remains fits. Assigned VMs are never touched.
     fn shed_over_capacity(&mut self) -> Vec<Command> {
-        let deleting = self
-            .vms
-            .values()
-            .filter(|v| v.state == VmState::Deleting)
-            .count() as u32;
         let excess = self
             .in_use()
             .saturating_sub(self.config.spec.max_vms)
-            .saturating_sub(deleting);
+            .saturating_sub(self.deleting());
+        self.warm_in_eviction_order()
+            .into_iter()
+            .take(excess as usize)
+            .map(|(_, id)| self.mark_deleting(&id, DeleteReason::ScaleIn))
+            .collect()
+    }
+
+    /// VMs being deleted (room that will come free).
+    fn deleting(&self) -> u32 {
+        self.vms
+            .values()
+            .filter(|v| v.state == VmState::Deleting)
+            .count() as u32
+    }
+
+    /// Warm VMs in the order they should go when room is needed: stale ones (not fresh)
+    /// first, then the oldest. Each with whether it is fresh.
+    fn warm_in_eviction_order(&self) -> Vec<(bool, VmId)> {
         let mut warm: Vec<(bool, Millis, VmId)> = self
             .vms
             .values()
@@ -566,10 +579,7 @@ impl Pool {
             })
             .collect();
         warm.sort();
-        warm.into_iter()
-            .take(excess as usize)
-            .map(|(_, _, id)| self.mark_deleting(&id, DeleteReason::ScaleIn))
-            .collect()
+        warm.into_iter().map(|(fresh, _, id)| (fresh, id)).collect()
     }
 
     fn image_held(&self, image: &str, now: Millis) -> bool {

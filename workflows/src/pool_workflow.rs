@@ -624,7 +624,7 @@ fn start_command<'a>(
             async move {
                 match fut.await {
                     Ok(_) => Outcome::Booted(vm),
-                    Err(e) => Outcome::BootFailed(vm, failure_message(&e)),
+                    Err(e) => Outcome::BootFailed(vm, root_cause(&e)),
                 }
             }
             .boxed_local()
@@ -679,12 +679,16 @@ fn start_nuke<'a>(
     async move { Outcome::NukeStarted(fut.await.is_ok()) }.boxed_local()
 }
 
-fn failure_message(e: &temporalio_sdk::ActivityExecutionError) -> String {
+/// The innermost failure message of an activity error (what the activity itself said).
+pub(crate) fn root_cause(e: &temporalio_sdk::ActivityExecutionError) -> String {
     let mut msg = e.to_string();
     if let Some(f) = e.failure() {
+        msg = f.message.clone();
         let mut cause = f.cause.as_deref();
         while let Some(c) = cause {
-            msg = c.message.clone();
+            if !c.message.is_empty() {
+                msg = c.message.clone();
+            }
             cause = c.cause.as_deref();
         }
     }

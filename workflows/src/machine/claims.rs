@@ -271,31 +271,11 @@ impl Pool {
     /// Makes room for claims waiting at `max_vms`: deletes warm VMs (stale ones first, then
     /// the oldest), counting the deletes already under way as room on its way.
     fn evict_for_claims(&mut self, waiting: u32) -> Vec<Command> {
-        let freeing = self
-            .vms
-            .values()
-            .filter(|v| v.state == VmState::Deleting)
-            .count() as u32;
-        let wanted = waiting.saturating_sub(freeing) as usize;
-        if wanted == 0 {
-            return Vec::new();
-        }
-        let mut warm: Vec<(bool, Millis, VmId)> = self
-            .vms
-            .values()
-            .filter(|v| v.state == VmState::Warm)
-            .map(|v| {
-                (
-                    self.is_fresh(v),
-                    v.ready_at.unwrap_or(v.created_at),
-                    v.id.clone(),
-                )
-            })
-            .collect();
-        warm.sort();
-        warm.into_iter()
+        let wanted = waiting.saturating_sub(self.deleting()) as usize;
+        self.warm_in_eviction_order()
+            .into_iter()
             .take(wanted)
-            .map(|(fresh, _, id)| {
+            .map(|(fresh, id)| {
                 let reason = if fresh {
                     DeleteReason::ScaleIn
                 } else {
