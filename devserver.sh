@@ -108,6 +108,15 @@ up() {
   start_worker
   local murmur; murmur="$(target_dir)/debug/murmur"
   cd "$ROOT"
+  # A tenant-admin credential for the demo tenant, signed with this worker's key, unless a
+  # valid one is stored already (.murmur/murmur.local.yaml, mode 0600, git-ignored).
+  local local_file="$ROOT/.murmur/murmur.local.yaml"
+  if ! sed -n 's/^identity_token: //p' "$local_file" 2>/dev/null \
+      | MURMUR_STATE_DIR="$STATE" "$(target_dir)/debug/murmur-worker" token check >/dev/null 2>&1; then
+    MURMUR_STATE_DIR="$STATE" "$(target_dir)/debug/murmur-worker" token issue \
+      --tenant demo --developer "${USER:-dev}" --role murmur-tenant-admin --ttl 30d \
+      | "$murmur" auth login >&2
+  fi
   # The demo tenant and workspace come from .murmur/murmur.yaml in this repository.
   "$murmur" patch workspace default --set min_idle=3 >/dev/null 2>&1 \
     || printf 'min_idle: 3\nimage_ref: default\n' | "$murmur" set workspace default

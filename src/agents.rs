@@ -6,16 +6,19 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use murmur_activities::temporal_ops::{
     SA_KIND, SA_TENANT, SA_WORKSPACE, interaction_error, query_error, rpc_error, search_attributes,
-    update_with_start_error,
+    update_error, update_with_start_error,
 };
-use murmur_workflows::agent::{AgentInput, AgentStatus, OnIdle, Phase, agent_workflow_id};
+use murmur_workflows::agent::{
+    AgentInput, AgentStatus, KillRequest, OnIdle, Phase, agent_workflow_id,
+};
 use murmur_workflows::agent_workflow::AgentWorkflow;
+use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
 use temporalio_client::errors::{WorkflowStartError, WorkflowUpdateWithStartError};
 use temporalio_client::{
-    Client, WorkflowCancelOptions, WorkflowDescribeOptions, WorkflowExecutionStatus,
+    Client, WorkflowDescribeOptions, WorkflowExecuteUpdateOptions, WorkflowExecutionStatus,
     WorkflowGetResultOptions, WorkflowHandle, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
     WorkflowListOptions, WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
 };
@@ -24,6 +27,13 @@ use crate::config::Context;
 
 /// Hint printed under a `NOT_FOUND` about an agent.
 pub const NOT_FOUND_HINT: &str = "Check the slug spelling. Use murmur ls to see running agents.";
+
+/// An agent's workflow handle, its execution status and run id.
+type Found = (
+    WorkflowHandle<Client, AgentWorkflow>,
+    WorkflowExecutionStatus,
+    String,
+);
 
 /// One row of `murmur ls`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,15 +87,17 @@ impl AgentClient {
         command: Vec<String>,
         on_idle: OnIdle,
     ) -> Result<AgentStatus, ApiError> {
-        let input = AgentInput {
+        let mut input = AgentInput {
             tenant: self.ctx.tenant.clone(),
             workspace: self.ctx.workspace.clone(),
             developer: self.ctx.developer.clone(),
             slug: slug.to_string(),
             command,
             on_idle,
+            auth: None,
         };
         input.validate()?;
+        input.auth = Some(self.ctx.sign(ops::SPAWN, &input.workflow_id(), &input)?);
         let options = WorkflowUpdateWithStartOptions::new(
             self.task_queue.clone(),
             input.workflow_id(),
@@ -98,36 +110,64 @@ impl AgentClient {
             Some(&self.ctx.workspace),
         ))
         .build();
-        self.client
-            .execute_update_with_start_workflow(
-                AgentWorkflow::run,
-                input,
-                AgentWorkflow::admission,
-                (),
-                options,
-            )
-            .await
-            .map_err(|e| match e {
-                WorkflowUpdateWithStartError::Start(WorkflowStartError::AlreadyStarted {
+        // An agent of this slug that has just ended (a refused spawn, say) may still be
+        // closing: wait for it once instead of failing.
+        for attempt in 0..2 {
+            let result = self
+                .client
+                .execute_update_with_start_workflow(
+                    AgentWorkflow::run,
+                    input.clone(),
+                    AgentWorkflow::admission,
+                    (),
+                    options.clone(),
+                )
+                .await;
+            match result {
+                Ok(status) => return Ok(status),
+                Err(WorkflowUpdateWithStartError::Start(WorkflowStartError::AlreadyStarted {
                     ..
-                }) => ApiError::failed_precondition(format!(
-                    "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
-                )),
-                other => update_with_start_error(other, "the agent ended before it was admitted"),
-            })
+                })) => {
+                    if attempt == 0 && self.is_ending(slug).await {
+                        continue;
+                    }
+                    return Err(ApiError::failed_precondition(format!(
+                        "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
+                    )));
+                }
+                Err(other) => {
+                    return Err(update_with_start_error(
+                        other,
+                        "the agent ended before it was admitted",
+                    ));
+                }
+            }
+        }
+        Err(ApiError::failed_precondition(format!(
+            "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
+        )))
     }
 
-    /// The agent's workflow handle and its execution status; `NOT_FOUND` for an unknown slug.
-    async fn find(
-        &self,
-        slug: &str,
-    ) -> Result<
-        (
-            WorkflowHandle<Client, AgentWorkflow>,
-            WorkflowExecutionStatus,
-        ),
-        ApiError,
-    > {
+    /// True when the running agent `slug` is in a terminal phase (its workflow is closing);
+    /// waits (briefly) for it to close.
+    async fn is_ending(&self, slug: &str) -> bool {
+        let Ok(status) = self.status(slug).await else {
+            return false;
+        };
+        if !status.phase.is_some_and(Phase::is_terminal) {
+            return false;
+        }
+        let handle = self
+            .client
+            .get_workflow_handle::<AgentWorkflow>(self.workflow_id(slug));
+        let wait = handle.get_result(WorkflowGetResultOptions::default());
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+        true
+    }
+
+    /// The agent's workflow handle, execution status and run id; `NOT_FOUND` for an unknown
+    /// slug.
+    async fn find(&self, slug: &str) -> Result<Found, ApiError> {
         murmur_workflows::agent::validate_slug(slug)?;
         let handle = self
             .client
@@ -136,12 +176,16 @@ impl AgentClient {
             .describe(WorkflowDescribeOptions::default())
             .await
             .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
-        Ok((handle, description.status()))
+        Ok((
+            handle,
+            description.status(),
+            description.run_id().to_string(),
+        ))
     }
 
     /// The agent's status. An agent terminated from outside (a nuke) shows as canceled.
     pub async fn status(&self, slug: &str) -> Result<AgentStatus, ApiError> {
-        let (handle, state) = self.find(slug).await?;
+        let (handle, state, _) = self.find(slug).await?;
         let mut status = handle
             .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
             .await
@@ -156,7 +200,7 @@ impl AgentClient {
 
     /// Cancels the agent and waits until it has ended (its VM destroyed).
     pub async fn kill(&self, slug: &str) -> Result<(), ApiError> {
-        let (handle, state) = self.find(slug).await?;
+        let (handle, state, run_id) = self.find(slug).await?;
         if state != WorkflowExecutionStatus::Running {
             let phase = closed_phase(state);
             return Err(ApiError::failed_precondition(format!(
@@ -164,14 +208,18 @@ impl AgentClient {
                 phase.as_str()
             )));
         }
+        // Signed for this run only: a copy cannot kill a later agent of the same slug.
+        let mut req = KillRequest { auth: None };
+        let target = format!("{}@{run_id}", self.workflow_id(slug));
+        req.auth = Some(self.ctx.sign(ops::KILL, &target, &req)?);
         handle
-            .cancel(
-                WorkflowCancelOptions::builder()
-                    .reason(format!("murmur kill by {}", self.ctx.developer))
-                    .build(),
+            .execute_update(
+                AgentWorkflow::kill,
+                req,
+                WorkflowExecuteUpdateOptions::default(),
             )
             .await
-            .map_err(|e| interaction_error(e, &Self::not_found(slug).message))?;
+            .map_err(|e| update_error(e, &Self::not_found(slug).message))?;
         // The result is the cancellation; what matters is that cleanup has run.
         let _ = handle.get_result(WorkflowGetResultOptions::default()).await;
         Ok(())

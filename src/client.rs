@@ -2,6 +2,7 @@
 //! CLI offers (flush, status, up, get/set/patch), each mapped onto the error contract.
 
 use murmur_activities::temporal_ops::{query_error, update_pool};
+use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ConfigChange;
 use murmur_workflows::messages::{ConfigRequest, FlushReply, FlushRequest, UpRequest, encode_json};
@@ -106,10 +107,14 @@ impl PoolClient {
     /// Nukes the tenant: terminates every agent, deletes every VM, resets the pool. Joins a
     /// nuke that is already running instead of starting another; answers when it is done.
     pub async fn nuke(&self) -> Result<NukeReport, ApiError> {
-        let input = NukeInput {
+        let mut input = NukeInput {
             tenant: self.ctx.tenant.clone(),
             actor: Some(self.ctx.developer.clone()),
+            auth: None,
+            authorized_request: None,
         };
+        let target = nuke_workflow_id(&self.ctx.tenant);
+        input.auth = Some(self.ctx.sign(ops::NUKE, &target, &input)?);
         let options =
             WorkflowStartOptions::new(self.task_queue.clone(), nuke_workflow_id(&self.ctx.tenant))
                 .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
@@ -128,16 +133,17 @@ impl PoolClient {
         handle
             .get_result(WorkflowGetResultOptions::default())
             .await
-            .map_err(|e| ApiError::new(Code::Internal, format!("nuke did not complete: {e}")))
+            .map_err(|e| {
+                let text = format!("{e:?}");
+                ApiError::find_in(&text).unwrap_or_else(|| {
+                    ApiError::new(Code::Internal, format!("nuke did not complete: {e}"))
+                })
+            })
     }
 
     /// Flushes the pool (starting it if needed); answers once the flushed VMs are gone.
     pub async fn flush(&self) -> Result<FlushReply, ApiError> {
-        let req = FlushRequest {
-            nuke: false,
-            actor: Some(self.ctx.developer.clone()),
-            workspace: Some(self.ctx.workspace.clone()),
-        };
+        let req = self.signed_flush(false)?;
         let req = encode_json(&req)
             .map_err(|e| ApiError::new(Code::Internal, format!("encode flush request: {e}")))?;
         update_pool(
@@ -148,6 +154,20 @@ impl PoolClient {
             req,
         )
         .await
+    }
+
+    /// A flush (or, with `nuke`, nuke) request for this pool, signed with the developer's key:
+    /// what `murmur auth sign` prints for the `temporal` CLI.
+    pub fn signed_flush(&self, nuke: bool) -> Result<FlushRequest, ApiError> {
+        let mut req = FlushRequest {
+            nuke,
+            actor: Some(self.ctx.developer.clone()),
+            workspace: Some(self.ctx.workspace.clone()),
+            auth: None,
+        };
+        let op = if nuke { ops::NUKE } else { ops::FLUSH };
+        req.auth = Some(self.ctx.sign(op, &self.workflow_id(), &req)?);
+        Ok(req)
     }
 
     /// Starts the pool if it is not running and asks it to reconcile now.
@@ -189,12 +209,14 @@ impl PoolClient {
         name: &str,
         change: ConfigChange,
     ) -> Result<ResourceDoc, ApiError> {
-        let req = ConfigRequest {
+        let mut req = ConfigRequest {
             kind: kind.to_string(),
             name: name.to_string(),
             change,
             actor: Some(self.ctx.developer.clone()),
+            auth: None,
         };
+        req.auth = Some(self.ctx.sign(ops::CONFIG, &self.workflow_id(), &req)?);
         update_pool(
             &self.client,
             &self.ctx.tenant,

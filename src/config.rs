@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use murmur_activities::auth::{DeveloperKey, peek_claims, split_credential};
 use murmur_workflows::error::ApiError;
 use murmur_workflows::model::{is_dns_label, validate_workspace_name};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Directory that holds the config files.
 pub const CONFIG_DIR: &str = ".murmur";
@@ -25,16 +26,54 @@ pub struct SharedConfig {
     pub workspace: Option<String>,
 }
 
-/// `.murmur/murmur.local.yaml`.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `.murmur/murmur.local.yaml` (mode 0600: it holds the developer's private key).
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// The developer's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub developer: Option<String>,
     /// The developer's identity token.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_token: Option<String>,
+    /// The developer's private key (base64url PKCS#8 Ed25519), which signs each request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_key: Option<String>,
     /// Workspace override.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+}
+
+impl std::fmt::Debug for LocalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalConfig")
+            .field("developer", &self.developer)
+            .field(
+                "identity_token",
+                &self.identity_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "identity_key",
+                &self.identity_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("workspace", &self.workspace)
+            .finish()
+    }
+}
+
+/// A developer's stored credential: the identity token and the private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredIdentity {
+    /// The identity token.
+    pub token: String,
+    /// The private key (base64url).
+    pub key: String,
+}
+
+impl std::fmt::Debug for StoredIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredIdentity(<redacted>)")
+    }
 }
 
 /// Where the CLI acts: resolved tenant, workspace and developer.
@@ -48,6 +87,38 @@ pub struct Context {
     pub developer: String,
     /// The directory holding `.murmur/`, when one was found.
     pub project_dir: Option<PathBuf>,
+    /// The developer's credential (`MURMUR_TOKEN`, else murmur.local.yaml).
+    pub identity: Option<StoredIdentity>,
+}
+
+impl Context {
+    /// Signs a request for `target` with the developer's key. Without a credential:
+    /// `UNAUTHENTICATED: identity token is missing or expired`.
+    pub fn sign<T: Serialize>(
+        &self,
+        op: &str,
+        target: &str,
+        message: &T,
+    ) -> Result<murmur_workflows::auth::Credential, ApiError> {
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or_else(murmur_workflows::auth::missing_or_expired)?;
+        let key = DeveloperKey::new(&identity.token, &identity.key).map_err(|_| {
+            murmur_workflows::auth::unauthenticated(
+                "the identity key in murmur.local.yaml (or MURMUR_TOKEN) is not usable; run murmur auth login again",
+            )
+        })?;
+        key.sign(op, target, &murmur_workflows::auth::unsigned_body(message))
+            .map_err(|e| ApiError::new(murmur_workflows::error::Code::Internal, e.to_string()))
+    }
+
+    /// The path of `.murmur/murmur.local.yaml`, when a project was found.
+    pub fn local_file(&self) -> Option<PathBuf> {
+        self.project_dir
+            .as_ref()
+            .map(|d| d.join(CONFIG_DIR).join(LOCAL_FILE))
+    }
 }
 
 /// Environment the resolution reads, injectable for tests.
@@ -59,6 +130,8 @@ pub struct Env {
     pub workspace: Option<String>,
     /// `MURMUR_DEVELOPER`, else `USER`.
     pub developer: Option<String>,
+    /// `MURMUR_TOKEN`: a credential (`<token>~<private key>`).
+    pub token: Option<String>,
 }
 
 impl Env {
@@ -69,6 +142,7 @@ impl Env {
             tenant: var("MURMUR_TENANT"),
             workspace: var("MURMUR_WORKSPACE"),
             developer: var("MURMUR_DEVELOPER").or_else(|| var("USER")),
+            token: var("MURMUR_TOKEN"),
         }
     }
 }
@@ -123,8 +197,33 @@ pub fn resolve(cwd: &Path, env: &Env, flag_workspace: Option<&str>) -> Result<Co
         .or(shared.workspace)
         .unwrap_or_else(|| "default".to_string());
     validate_workspace_name(&workspace)?;
-    let developer = local
-        .developer
+    let identity = match &env.token {
+        Some(credential) => {
+            let (token, key) = split_credential(credential).map_err(|_| {
+                murmur_workflows::auth::unauthenticated(
+                    "MURMUR_TOKEN is not a credential (<token>~<private key>)",
+                )
+            })?;
+            Some(StoredIdentity {
+                token: token.to_string(),
+                key: key.to_string(),
+            })
+        }
+        None => match (&local.identity_token, &local.identity_key) {
+            (Some(token), Some(key)) => Some(StoredIdentity {
+                token: token.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
+    };
+    // The token says who the developer is; agent workflow ids must match it.
+    let token_developer = identity
+        .as_ref()
+        .and_then(|i| peek_claims(&i.token).ok())
+        .map(|c| c.sub);
+    let developer = token_developer
+        .or(local.developer)
         .or_else(|| env.developer.clone())
         .unwrap_or_else(|| "unknown".to_string());
     Ok(Context {
@@ -132,6 +231,7 @@ pub fn resolve(cwd: &Path, env: &Env, flag_workspace: Option<&str>) -> Result<Co
         workspace,
         developer,
         project_dir,
+        identity,
     })
 }
 

@@ -26,6 +26,9 @@ pub const EXIT_USAGE: i32 = 2;
 /// Exit status when Temporal cannot be reached.
 pub const EXIT_UNAVAILABLE: i32 = 69;
 
+/// What pool commands print on an agent VM.
+pub const ON_VM_MESSAGE: &str = "pool commands are not supported on VMs";
+
 /// True when running inside a murmur VM (pool commands refuse to run there).
 pub fn on_vm() -> bool {
     std::env::var("MURMUR_VM").is_ok_and(|v| v == "1")

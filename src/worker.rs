@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use murmur_activities::agent_activities::AgentActivities;
+use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
 use murmur_activities::vm_activities::VmActivities;
@@ -36,6 +37,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             args: vec!["sandbox".into()],
         },
     )?);
+    let keys = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
         .await
@@ -50,7 +52,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
         .register_activities(VmActivities::new(provider.clone()))
-        .register_activities(AgentActivities::new(provider))
+        .register_activities(AgentActivities::new(provider, keys.clone()))
+        .register_activities(AuthActivities::new(keys))
         .build();
     let mut worker = Worker::new(&runtime, client, options)?;
     let stop = worker.shutdown_handle();

@@ -481,6 +481,7 @@ fn nukes_asked_at_the_same_time_join_one_run_also_through_the_temporal_cli() {
     }
     // The same request through the temporal CLI, while the first one runs.
     let pool_id = format!("pool/{}", env.tenant);
+    let signed = env.murmur_ok(&["auth", "sign", "nuke"]);
     let by_update = env
         .command_for_temporal(&[
             "workflow",
@@ -493,7 +494,7 @@ fn nukes_asked_at_the_same_time_join_one_run_also_through_the_temporal_cli() {
             "--name",
             "flush",
             "--input",
-            "{\"nuke\":true}",
+            signed.trim(),
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -530,6 +531,7 @@ fn a_nuke_signal_from_the_temporal_cli_wipes_the_tenant() {
     let g0 = before.generation;
     let old: BTreeSet<String> = ids_in(&before, VmState::Warm).into_iter().collect();
     let pool_id = format!("pool/{}", env.tenant);
+    let signed = env.murmur_ok(&["auth", "sign", "nuke"]);
     let out = env.temporal(&[
         "workflow",
         "signal",
@@ -538,7 +540,7 @@ fn a_nuke_signal_from_the_temporal_cli_wipes_the_tenant() {
         "--name",
         "flush",
         "--input",
-        "{\"nuke\":true}",
+        signed.trim(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let after = env.wait_for("the nuke to reset the pool and backfill", |s| {

@@ -95,17 +95,23 @@ fn changes_bump_the_generation_and_record_who_made_them() {
 #[test]
 fn pool_commands_refuse_to_run_on_a_vm() {
     let env = TestEnv::start("onvm");
-    let out = env
-        .murmur_cmd(&["pool", "flush"])
-        .env("MURMUR_VM", "1")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        stderr(&out),
-        "FAILED_PRECONDITION: pool commands are not supported on VMs\n"
-    );
-    assert_eq!(stdout(&out), "");
+    for args in [
+        &["pool", "flush"][..],
+        &["pool", "flush", "--nuke"],
+        &["pool", "status"],
+        &["pool", "up"],
+    ] {
+        // A Temporal address nothing listens on: contacting it would exit 69 (UNAVAILABLE).
+        let out = env
+            .murmur_cmd(args)
+            .env("MURMUR_VM", "1")
+            .env("TEMPORAL_ADDRESS", "127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out), "pool commands are not supported on VMs\n");
+        assert_eq!(stdout(&out), "");
+    }
 }
 
 #[test]

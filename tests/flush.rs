@@ -153,21 +153,32 @@ fn temporal_cli_flushes_and_malformed_payloads_leave_the_pool_healthy() {
     env.set_workspace("default", "min_idle: 1\n");
     let g0 = env.wait_for("1 warm VM", |s| warm(s) == 1).generation;
 
-    let out = temporal_flush(&env, "signal", Some("{}"));
+    // A signed request, as `murmur auth sign` prints it, through a signal and an update.
+    let signed = env.murmur_ok(&["auth", "sign", "flush"]);
+    let out = temporal_flush(&env, "signal", Some(signed.trim()));
     assert!(out.status.success(), "{}", stderr(&out));
     env.wait_for("flush by signal", |s| {
         s.generation == g0 + 1 && warm(s) == 1
     });
 
-    let out = temporal_flush(&env, "update", Some("{}"));
+    let signed = env.murmur_ok(&["auth", "sign", "flush"]);
+    let out = temporal_flush(&env, "update", Some(signed.trim()));
     assert!(out.status.success(), "{}", stderr(&out));
     let reply: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("update JSON");
     assert_eq!(reply["result"]["flushed"], 1, "{reply}");
 
-    // No input at all is a plain flush.
+    // Without a credential nothing happens, and the refusal is on record.
+    let out = temporal_flush(&env, "update", Some("{}"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("UNAUTHENTICATED: identity token is missing or expired"),
+        "{}",
+        stderr(&out)
+    );
     let out = temporal_flush(&env, "signal", None);
     assert!(out.status.success(), "{}", stderr(&out));
-    env.wait_for("flush by bare signal", |s| s.generation == g0 + 3);
+    env.wait_for("the bare signal to be refused", |s| s.denials.len() >= 2);
+    assert_eq!(env.status().generation, g0 + 2);
 
     for bad in ["\"x\"", "{\"nuke\":\"yes\"}", "[1,2]", "{\"workspace\":7}"] {
         assert!(temporal_flush(&env, "signal", Some(bad)).status.success());
@@ -176,7 +187,7 @@ fn temporal_cli_flushes_and_malformed_payloads_leave_the_pool_healthy() {
     assert!(!out.status.success(), "a malformed update must be rejected");
 
     let st = env.wait_for("rejections counted", |s| s.rejected_messages >= 4);
-    assert_eq!(st.generation, g0 + 3, "bad messages must not flush");
+    assert_eq!(st.generation, g0 + 2, "bad messages must not flush");
     let wf = format!("pool/{}", env.tenant);
     let out = env.temporal(&["workflow", "describe", "--workflow-id", &wf, "-o", "json"]);
     let describe = stdout(&out);

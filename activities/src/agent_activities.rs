@@ -14,6 +14,7 @@ use murmur_workflows::activity_api::{
     CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, TerminateInput,
     VM_LOST,
 };
+use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ClaimState;
 use murmur_workflows::messages::{NukeStepReply, ReleaseReply, ReleaseRequest};
@@ -27,21 +28,36 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
+use crate::auth::KeyStore;
 use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{interaction_error, running_agents_query, update_error, update_pool};
 
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
-/// Activities that talk to the pool workflow, to Temporal's visibility, and to VMs.
+/// Activities that talk to the pool workflow, to Temporal's visibility, and to VMs. Their
+/// requests to the pool are signed with the worker's key.
 pub struct AgentActivities {
     provider: Arc<dyn Provider>,
+    keys: KeyStore,
 }
 
 impl AgentActivities {
-    /// Activities over `provider`.
-    pub fn new(provider: Arc<dyn Provider>) -> Self {
-        Self { provider }
+    /// Activities over `provider`, signing with `keys`.
+    pub fn new(provider: Arc<dyn Provider>, keys: KeyStore) -> Self {
+        Self { provider, keys }
+    }
+
+    /// Signs a worker-internal request to `pool/<tenant>`.
+    fn sign<T: serde::Serialize>(
+        &self,
+        op: &str,
+        tenant: &str,
+        message: &T,
+    ) -> Result<Credential, ActivityError> {
+        self.keys
+            .sign_service(op, &pool_workflow_id(tenant), &unsigned_body(message))
+            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))
     }
 }
 
@@ -56,12 +72,15 @@ impl AgentActivities {
         input: ClaimInput,
     ) -> Result<ClaimState, ActivityError> {
         let client = ctx.client();
+        let mut claim = input.claim.clone();
+        claim.auth = None;
+        claim.auth = Some(self.sign(ops::CLAIM, &input.tenant, &claim)?);
         let call = update_pool(
             &client,
             &input.tenant,
             &ctx.info().task_queue,
             PoolWorkflow::claim,
-            input.claim.clone(),
+            claim,
         );
         with_heartbeats(&ctx, call).await?.map_err(api_failure)
     }
@@ -77,9 +96,11 @@ impl AgentActivities {
         let handle = ctx
             .client()
             .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
-        let req = ReleaseRequest {
+        let mut req = ReleaseRequest {
             request: input.request.clone(),
+            auth: None,
         };
+        req.auth = Some(self.sign(ops::RELEASE, &input.tenant, &req)?);
         let call = handle.execute_update(
             PoolWorkflow::release,
             req,
@@ -177,12 +198,15 @@ impl AgentActivities {
     ) -> Result<NukeStepReply, ActivityError> {
         let client = ctx.client();
         let task_queue = &ctx.info().task_queue;
+        let mut step = input.step;
+        step.auth = None;
+        step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
         let call = update_pool(
             &client,
             &input.tenant,
             task_queue,
             PoolWorkflow::nuke_pause,
-            input.step,
+            step,
         );
         with_heartbeats(&ctx, call).await?.map_err(retryable)
     }
@@ -196,12 +220,15 @@ impl AgentActivities {
     ) -> Result<NukeStepReply, ActivityError> {
         let client = ctx.client();
         let task_queue = &ctx.info().task_queue;
+        let mut step = input.step;
+        step.auth = None;
+        step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
         let call = update_pool(
             &client,
             &input.tenant,
             task_queue,
             PoolWorkflow::nuke_reset,
-            input.step,
+            step,
         );
         with_heartbeats(&ctx, call).await?.map_err(retryable)
     }

@@ -41,6 +41,12 @@ struct RunArgs {
 enum Command {
     /// Run the worker (the default).
     Run,
+    /// Issue identity credentials (signed with this worker's key).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage the worker's signing keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Supervise one process-substrate sandbox (started by the worker, not by hand).
     #[command(hide = true)]
     Sandbox {
@@ -48,6 +54,116 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a credential (`<token>~<private key>`) for a developer of a tenant; hand it over
+    /// privately and store it with `murmur auth login`.
+    ///
+    /// Example:
+    ///   murmur-worker token issue --tenant demo --developer ana --role member --ttl 12h
+    Issue {
+        /// Tenant the token acts for.
+        #[arg(long)]
+        tenant: String,
+        /// The developer.
+        #[arg(long)]
+        developer: String,
+        /// murmur-tenant-admin, member or viewer.
+        #[arg(long)]
+        role: String,
+        /// Lifetime: 90s, 30m, 12h, 7d.
+        #[arg(long, default_value = "12h")]
+        ttl: String,
+    },
+    /// Check a token read from stdin against this worker's keys: exit 0 and print its
+    /// developer, tenant and role when it is valid and unexpired, exit 1 otherwise.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create a new signing key and make it current; tokens of older keys keep working until
+    /// they expire or their key is retired.
+    Rotate,
+    /// List key ids, the current one first.
+    List,
+    /// Delete an old key: every token it signed stops working.
+    Retire {
+        /// The key id (from `key list`).
+        kid: String,
+    },
+}
+
+/// Parses `90s`, `30m`, `12h`, `7d` (or plain seconds).
+fn parse_ttl(s: &str) -> anyhow::Result<std::time::Duration> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid --ttl {s:?}: expected a number and s, m, h or d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("invalid --ttl {s:?}: expected a number and s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn token_command(state_dir: &std::path::Path, cmd: TokenCommand) -> anyhow::Result<()> {
+    use murmur_workflows::auth::roles;
+    let (tenant, developer, role, ttl) = match cmd {
+        TokenCommand::Issue {
+            tenant,
+            developer,
+            role,
+            ttl,
+        } => (tenant, developer, role, ttl),
+        TokenCommand::Check => {
+            let mut token = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)?;
+            let store = murmur_activities::auth::KeyStore::open(state_dir)?;
+            let claims = store
+                .check_token(&token, murmur_activities::auth::now_ms())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{} {} {}", claims.sub, claims.tenant, claims.role);
+            return Ok(());
+        }
+    };
+    anyhow::ensure!(
+        murmur_workflows::model::is_dns_label(&tenant),
+        "invalid tenant {tenant:?}: must match [a-z][a-z0-9-]{{0,62}}"
+    );
+    anyhow::ensure!(
+        !developer.is_empty() && !developer.contains(['/', '~', '\n']),
+        "invalid developer {developer:?}"
+    );
+    anyhow::ensure!(
+        roles::ALL.contains(&role.as_str()),
+        "unknown role {role:?} (expected one of {})",
+        roles::ALL.join(", ")
+    );
+    let store = murmur_activities::auth::KeyStore::open(state_dir)?;
+    let credential = store.issue(&tenant, &developer, &role, parse_ttl(&ttl)?)?;
+    println!("{credential}");
+    Ok(())
+}
+
+fn key_command(state_dir: &std::path::Path, cmd: KeyCommand) -> anyhow::Result<()> {
+    let store = murmur_activities::auth::KeyStore::open(state_dir)?;
+    match cmd {
+        KeyCommand::Rotate => println!("{}", store.rotate()?),
+        KeyCommand::List => {
+            for kid in store.key_ids()? {
+                println!("{kid}");
+            }
+        }
+        KeyCommand::Retire { kid } => store.retire(&kid)?,
+    }
+    Ok(())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -74,6 +190,8 @@ async fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Some(Command::Sandbox { dir }) => murmur_activities::sandbox::run_supervisor(dir).await,
+        Some(Command::Token(cmd)) => token_command(&cli.run.state_dir, cmd),
+        Some(Command::Key(cmd)) => key_command(&cli.run.state_dir, cmd),
         Some(Command::Run) | None => {
             murmur::worker::run(murmur::worker::WorkerConfig {
                 task_queue: cli.run.task_queue,

@@ -51,8 +51,36 @@ impl TestEnv {
             dir,
             worker: None,
         };
+        // Every test acts as a tenant admin unless it logs in otherwise.
+        let admin = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
+        env.login(&admin);
         env.start_worker();
         env
+    }
+
+    /// Issues a credential with this installation's worker key.
+    pub fn credential(&self, tenant: &str, developer: &str, role: &str, ttl: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
+            .args([
+                "token",
+                "issue",
+                "--tenant",
+                tenant,
+                "--developer",
+                developer,
+            ])
+            .args(["--role", role, "--ttl", ttl])
+            .env("MURMUR_STATE_DIR", self.state_dir())
+            .output()
+            .expect("run murmur-worker token issue");
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Stores a credential with `murmur auth login`.
+    pub fn login(&self, credential: &str) {
+        let out = self.murmur(&["auth", "login", "--token", credential]);
+        assert!(out.status.success(), "login failed: {}", stderr(&out));
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -95,6 +123,7 @@ impl TestEnv {
             .env_remove("MURMUR_TENANT")
             .env_remove("MURMUR_WORKSPACE")
             .env_remove("MURMUR_VM")
+            .env_remove("MURMUR_TOKEN")
             .stdin(Stdio::null());
         cmd
     }

@@ -231,3 +231,17 @@ impl ActivityDefinition for ListVms {
         LIST_VMS
     }
 }
+
+/// Activity type name of [`Verify`].
+pub const VERIFY: &str = "murmur.verify";
+
+/// Checks a request's credential (a local activity, so the verdict lands in history).
+pub struct Verify;
+
+impl ActivityDefinition for Verify {
+    type Input = crate::auth::VerifyRequest;
+    type Output = crate::auth::Verdict;
+    fn name(&self) -> &str {
+        VERIFY
+    }
+}

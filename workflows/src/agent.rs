@@ -139,6 +139,18 @@ pub struct AgentInput {
     /// What happens after the command exits.
     #[serde(default)]
     pub on_idle: OnIdle,
+    /// The developer's signed spawn request.
+    #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
+}
+
+/// Input of the agent's `kill` update.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KillRequest {
+    /// The developer's signed request; it covers `<workflow id>@<run id>`, so it can kill this
+    /// run only.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 impl AgentInput {
@@ -242,6 +254,7 @@ mod tests {
             slug: "Fix_Auth".into(),
             command: vec!["true".into()],
             on_idle: OnIdle::Terminate,
+            auth: None,
         };
         let e = input.validate().unwrap_err();
         assert!(e.to_string().starts_with("INVALID_ARGUMENT: invalid slug"));

@@ -4,12 +4,19 @@
 //! wait for the VM), run the command in it, and on every way out — exit, failure, kill —
 //! release the VM, which the pool then deletes. The release runs under a detached
 //! cancellation token so it still happens after the workflow was cancelled.
+//!
+//! Before anything, the spawn's signed request is verified (`agent.create`, the token's
+//! developer must be the one in the workflow id). `murmur kill` is the `kill` update, signed
+//! for this run (`agent.edit`); a Temporal cancellation (UI, `temporal workflow cancel`) is
+//! honoured too, since whoever can cancel in the namespace can also terminate.
 
 // `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
 // handlers themselves are documented below.
 #![allow(missing_docs)]
 
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use temporalio_common::RetryPolicy;
 use temporalio_macros::{workflow, workflow_methods};
@@ -22,8 +29,10 @@ use crate::activity_api::{
     CLAIM_REJECTED, ClaimInput, ClaimVm, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport,
     VM_LOST,
 };
-use crate::agent::{AgentInput, AgentStatus, OnIdle, Phase};
+use crate::agent::{AgentInput, AgentStatus, KillRequest, OnIdle, Phase};
+use crate::auth::{VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
+use crate::gate;
 use crate::machine::{ClaimRequest, ClaimState};
 use crate::model::VmId;
 use crate::pool_workflow::{UpdateError, root_cause};
@@ -41,6 +50,10 @@ pub struct AgentWorkflow {
     status: AgentStatus,
     /// Set once the pool accepted or refused the claim.
     admission: Option<Result<(), ApiError>>,
+    /// Set by a verified `kill`: who killed it.
+    killed_by: Option<String>,
+    /// True once a claim was sent to the pool (then it must be released).
+    claimed: bool,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -74,6 +87,8 @@ impl AgentWorkflow {
             input,
             status,
             admission: None,
+            killed_by: None,
+            claimed: false,
         }
     }
 
@@ -82,8 +97,10 @@ impl AgentWorkflow {
     pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<RunReport> {
         let c = ctx.clone();
         set_phase(&c, Phase::Starting);
-        let ended = match c.state(|s| s.input.validate()) {
-            Ok(()) => work(&c).await,
+        // Everything the agent does stops on a kill or a cancellation.
+        let stop = c.cancellation_token().child_token();
+        let ended = match authorize(&c).await {
+            Ok(spawn_request_id) => work(&c, &stop, spawn_request_id).await,
             Err(e) => {
                 c.state_mut(|s| s.admission = Some(Err(e.clone())));
                 Ended::Failed(e.to_string())
@@ -99,7 +116,8 @@ impl AgentWorkflow {
                 set_phase(&c, Phase::TaskComplete);
                 if c.state(|s| s.input.on_idle) == OnIdle::KeepAlive {
                     set_phase(&c, Phase::Idle);
-                    c.cancelled().await;
+                    // Until a kill (Ok) or a cancellation (Err).
+                    let _ = c.wait_condition(|s| s.killed_by.is_some()).await;
                     true
                 } else {
                     false
@@ -112,31 +130,38 @@ impl AgentWorkflow {
         };
 
         set_phase(&c, Phase::Destroying);
-        release(&c).await;
+        if c.state(|s| s.claimed) {
+            release(&c).await;
+        }
 
-        if canceled {
+        let result = if canceled {
             set_phase(&c, Phase::Canceled);
-            return Err(WorkflowTermination::cancelled());
-        }
-        match ended {
-            Ended::Exited(report) if report.exit_code == 0 => {
-                set_phase(&c, Phase::Completed);
-                Ok(report)
+            Err(WorkflowTermination::cancelled())
+        } else {
+            match ended {
+                Ended::Exited(report) if report.exit_code == 0 => {
+                    set_phase(&c, Phase::Completed);
+                    Ok(report)
+                }
+                Ended::Exited(report) => {
+                    set_phase(&c, Phase::Failed);
+                    Err(ApplicationFailure::new(format!(
+                        "the agent's command exited with {}",
+                        report.exit_code
+                    ))
+                    .into())
+                }
+                Ended::Failed(reason) => {
+                    set_phase(&c, Phase::Failed);
+                    Err(ApplicationFailure::new(reason).into())
+                }
+                Ended::Canceled => Err(WorkflowTermination::cancelled()),
             }
-            Ended::Exited(report) => {
-                set_phase(&c, Phase::Failed);
-                Err(ApplicationFailure::new(format!(
-                    "the agent's command exited with {}",
-                    report.exit_code
-                ))
-                .into())
-            }
-            Ended::Failed(reason) => {
-                set_phase(&c, Phase::Failed);
-                Err(ApplicationFailure::new(reason).into())
-            }
-            Ended::Canceled => Err(WorkflowTermination::cancelled()),
-        }
+        };
+        // Let updates in flight (a spawn's admission, a kill) answer before the run ends.
+        let c2 = c.clone();
+        let _ = c2.wait_condition(|_| c.all_handlers_finished()).await;
+        result
     }
 
     /// Answers once the pool accepted the agent's claim (with the status) or refused it (with
@@ -155,6 +180,42 @@ impl AgentWorkflow {
         })
     }
 
+    /// `murmur kill`: checks the signed request (`agent.edit`, signed for this run), then
+    /// stops the agent: its command is cancelled and its VM destroyed. Answers at once; the
+    /// caller waits for the workflow to end.
+    #[update]
+    pub async fn kill(
+        ctx: &mut WorkflowContext<Self>,
+        req: KillRequest,
+    ) -> Result<AgentStatus, UpdateError> {
+        let (tenant, target) = ctx.state(|s| {
+            (
+                s.input.tenant.clone(),
+                format!("{}@{}", s.status.workflow, s.run_id),
+            )
+        });
+        let verify = VerifyRequest {
+            tenant,
+            op: ops::KILL.to_string(),
+            target,
+            body: unsigned_body(&req),
+            permission: Some("agent.edit".to_string()),
+            credential: req.auth.clone(),
+        };
+        let who = gate::verify(ctx, verify).await.map_err(|r| {
+            if !ctx.is_replaying() {
+                tracing::warn!(who = %r.who, error = %r.error, "kill denied");
+            }
+            Box::new(r.error) as UpdateError
+        })?;
+        ctx.state_mut(|s| {
+            if s.killed_by.is_none() {
+                s.killed_by = Some(who.developer.clone());
+            }
+            Ok(s.status.clone())
+        })
+    }
+
     /// The agent's status (`murmur status`).
     #[query]
     pub fn status(&self, _ctx: &WorkflowContextView) -> AgentStatus {
@@ -162,8 +223,65 @@ impl AgentWorkflow {
     }
 }
 
+/// Checks the spawn: the input names this workflow, and the developer's signed request
+/// (`agent.create`) is theirs. Returns the request id, which the pool admits once.
+async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<String, ApiError> {
+    let (input, workflow) = c.state(|s| (s.input.clone(), s.status.workflow.clone()));
+    input.validate()?;
+    if input.workflow_id() != workflow {
+        return Err(ApiError::invalid_argument(format!(
+            "the agent's input names {}, not this workflow {workflow}",
+            input.workflow_id()
+        )));
+    }
+    let req = VerifyRequest {
+        tenant: input.tenant.clone(),
+        op: ops::SPAWN.to_string(),
+        target: workflow,
+        body: unsigned_body(&input),
+        permission: Some("agent.create".to_string()),
+        credential: input.auth.clone(),
+    };
+    let identity = gate::verify(c, req).await.map_err(|r| {
+        if !c.is_replaying() {
+            tracing::warn!(who = %r.who, error = %r.error, "spawn denied");
+        }
+        r.error
+    })?;
+    if identity.developer != input.developer {
+        return Err(ApiError::new(
+            crate::error::Code::PermissionDenied,
+            format!(
+                "the token of {} cannot spawn agents as {}",
+                identity.developer, input.developer
+            ),
+        ));
+    }
+    Ok(input.auth.map(|a| a.request_id).unwrap_or_default())
+}
+
+/// Runs `fut` (an activity started with the `stop` token) until it ends or the agent is
+/// killed; a kill cancels `stop`, and the activity then ends cancelled.
+async fn until_killed<T>(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let mut fut = std::pin::pin!(fut);
+    temporalio_sdk::workflows::select! {
+        out = (&mut fut).fuse() => return out,
+        _ = c.wait_condition(|s| s.killed_by.is_some()).fuse() => {}
+    }
+    stop.cancel();
+    fut.await
+}
+
 /// Claims a VM and runs the command in it.
-async fn work(c: &WorkflowContext<AgentWorkflow>) -> Ended {
+async fn work(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    spawn_request_id: String,
+) -> Ended {
     let (tenant, mut claim) = c.state(|s| {
         (
             s.input.tenant.clone(),
@@ -173,19 +291,27 @@ async fn work(c: &WorkflowContext<AgentWorkflow>) -> Ended {
                 developer: s.input.developer.clone(),
                 workspace: s.input.workspace.clone(),
                 wait: false,
+                spawn_request_id,
+                auth: None,
             },
         )
     });
     // Admission, then waiting: each answer says where the claim stands.
+    c.state_mut(|s| s.claimed = true);
     let vm: VmId = loop {
         let input = ClaimInput {
             tenant: tenant.clone(),
             claim: claim.clone(),
         };
-        let answer = c.execute_activity(ClaimVm, input, claim_options()).await;
+        let answer = until_killed(
+            c,
+            stop,
+            c.execute_activity(ClaimVm, input, claim_options(stop)),
+        )
+        .await;
         let state = match answer {
             Ok(state) => state,
-            Err(_) if c.cancellation_token().is_cancelled() => return Ended::Canceled,
+            Err(_) if stop.is_cancelled() => return Ended::Canceled,
             Err(e) => {
                 let err = claim_error(&e);
                 c.state_mut(|s| {
@@ -233,10 +359,11 @@ async fn work(c: &WorkflowContext<AgentWorkflow>) -> Ended {
                 .build(),
         )
         .summary(format!("run {}", input.command.join(" ")))
+        .cancellation_token(stop.clone())
         .build();
-    match c.execute_activity(RunAgent, input, options).await {
+    match until_killed(c, stop, c.execute_activity(RunAgent, input, options)).await {
         Ok(report) => Ended::Exited(report),
-        Err(_) if c.cancellation_token().is_cancelled() => Ended::Canceled,
+        Err(_) if stop.is_cancelled() => Ended::Canceled,
         Err(e) => Ended::Failed(format!(
             "the agent's command could not run: {}",
             root_cause(&e)
@@ -275,8 +402,9 @@ async fn release(c: &WorkflowContext<AgentWorkflow>) {
     }
 }
 
-fn claim_options() -> ActivityOptions {
+fn claim_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(90))
+        .cancellation_token(stop.clone())
         .heartbeat_timeout(Duration::from_secs(5))
         .retry_policy(
             RetryPolicy::builder()

@@ -13,6 +13,8 @@
 //! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).
 //! - [`nuke_workflow`]: the emergency wipe (`nuke/<tenant>`).
 //! - [`search_attrs`]: the search attributes every murmur workflow carries.
+//! - [`auth`]: credentials, signed bytes, roles and permissions, replay records.
+//! - [`gate`]: verifying a request's credential from inside a workflow.
 //! - [`error`]: the `CODE: reason` error contract.
 //!
 //! Nothing here performs I/O or reads the clock; workflow time and randomness come from the
@@ -22,7 +24,9 @@
 pub mod activity_api;
 pub mod agent;
 pub mod agent_workflow;
+pub mod auth;
 pub mod error;
+pub mod gate;
 pub mod machine;
 pub mod messages;
 pub mod model;

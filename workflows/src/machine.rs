@@ -29,6 +29,9 @@ pub const BACKOFF_BASE_MS: Millis = 30_000;
 /// Longest hold-back.
 pub const BACKOFF_MAX_MS: Millis = 600_000;
 
+/// Refused requests kept for `murmur pool status`.
+pub const MAX_DENIALS: usize = 20;
+
 /// Something the workflow shell must do in the world.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -112,6 +115,15 @@ pub struct Pool {
     /// Nukes completed.
     #[serde(default)]
     pub nukes: u64,
+    /// Request ids already used (replay protection).
+    #[serde(default)]
+    pub seen_requests: crate::auth::SeenRequests,
+    /// Request id of the nuke this pool started itself (its pause is not a replay).
+    #[serde(default)]
+    pub nuke_request: Option<String>,
+    /// The latest refused requests, newest last (at most [`MAX_DENIALS`]).
+    #[serde(default)]
+    pub denials: Vec<crate::auth::Denial>,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -157,6 +169,9 @@ impl Pool {
             claims: BTreeMap::new(),
             paused: false,
             nukes: 0,
+            seen_requests: Default::default(),
+            nuke_request: None,
+            denials: Vec::new(),
             claim_seq: 0,
             id_seed,
             id_counter: 0,

@@ -19,6 +19,9 @@ pub struct FlushRequest {
     pub actor: Option<String>,
     /// Workspace context of the caller (the flush always covers the whole pool).
     pub workspace: Option<String>,
+    /// Proof of who asks (see [`crate::auth::Credential`]).
+    #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
 }
 
 /// Result of a flush.
@@ -66,6 +69,9 @@ pub struct ConfigRequest {
     /// Who asks, recorded as `updated_by`.
     #[serde(default)]
     pub actor: Option<String>,
+    /// Proof of who asks (see [`crate::auth::Credential`]).
+    #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
 }
 
 /// Input of the `up` update and signal (nothing required).
@@ -82,6 +88,8 @@ pub struct UpRequest {
 pub struct ReleaseRequest {
     /// The claim's request id.
     pub request: String,
+    /// Proof that the worker sends it.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 /// Answer of `release`.
@@ -101,6 +109,11 @@ pub struct NukeStep {
     pub actor: Option<String>,
     /// For `nuke_reset`: what the nuke did.
     pub report: NukeReport,
+    /// For `nuke_pause`: the request id of the developer request that asked for the nuke
+    /// (used once: a nuke replayed from history is refused here, before it destroys anything).
+    pub authorized_request: String,
+    /// Proof that the worker sends it.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 /// Answer of `nuke_pause` and `nuke_reset`.

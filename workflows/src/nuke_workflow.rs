@@ -19,15 +19,22 @@ use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use temporalio_common::RetryPolicy;
 use temporalio_macros::{workflow, workflow_methods};
-use temporalio_sdk::{ActivityOptions, WorkflowContext, WorkflowContextView, WorkflowResult};
+use temporalio_sdk::{
+    ActivityOptions, ApplicationFailure, WorkflowContext, WorkflowContextView, WorkflowResult,
+    WorkflowTermination,
+};
 
 use crate::activity_api::{
     DeleteVm, DeleteVmInput, ListAgents, ListVms, PausePool, PoolStepInput, ResetPool,
     TerminateAgent, TerminateInput,
 };
+use crate::auth::{VerifyRequest, ops, unsigned_body};
+use crate::error::ApiError;
+use crate::gate;
 pub use crate::messages::NukeReport;
 use crate::messages::NukeStep;
 use crate::model::VmId;
+use crate::pool_workflow::pool_workflow_id;
 
 /// Deletes (and terminations) in flight at once.
 pub const NUKE_CONCURRENCY: usize = 8;
@@ -45,6 +52,10 @@ pub struct NukeInput {
     pub tenant: String,
     /// Who asked.
     pub actor: Option<String>,
+    /// The developer's signed request (when started by `murmur pool flush --nuke`).
+    pub auth: Option<crate::auth::Credential>,
+    /// When started by the pool (which verified the request): that request's id.
+    pub authorized_request: Option<String>,
 }
 
 /// Where a nuke is, for its query and the Web UI.
@@ -89,11 +100,15 @@ impl NukeWorkflow {
         // nuke of tenant T must be the one workflow `nuke/T` (so nukes of T join each other).
         let expected = nuke_workflow_id(&tenant);
         if !crate::model::is_dns_label(&tenant) || c.info().workflow_id() != expected {
-            return Err(temporalio_sdk::ApplicationFailure::new(crate::error::ApiError::invalid_argument(format!(
+            return Err(ApplicationFailure::new(ApiError::invalid_argument(format!(
                 "a nuke needs a valid tenant and the workflow id nuke/<tenant> (tenant {tenant:?})"
             )))
             .into());
         }
+        step(&c, "checking the request");
+        let authorized_request = authorize(&c, &tenant)
+            .await
+            .map_err(|e| WorkflowTermination::from(ApplicationFailure::new(e.to_string())))?;
         let actor = Some(format!("nuke/{tenant}"));
 
         step(&c, "pausing the pool");
@@ -102,6 +117,8 @@ impl NukeWorkflow {
             step: NukeStep {
                 actor: actor.clone(),
                 report: NukeReport::default(),
+                authorized_request,
+                auth: None,
             },
         };
         let paused = c
@@ -184,6 +201,8 @@ impl NukeWorkflow {
             step: NukeStep {
                 actor,
                 report: report.clone(),
+                authorized_request: String::new(),
+                auth: None,
             },
         };
         c.execute_activity(ResetPool, reset, admin_options("reset the pool", 120))
@@ -201,6 +220,38 @@ impl NukeWorkflow {
     pub fn progress(&self, _ctx: &WorkflowContextView) -> NukeProgress {
         self.progress.clone()
     }
+}
+
+/// Who may nuke: started by the pool (which verified the developer's request), or carrying
+/// a developer's signed request with `pool-config.delete`. Returns the request id, which the
+/// pool admits once when the nuke pauses it.
+async fn authorize(c: &WorkflowContext<NukeWorkflow>, tenant: &str) -> Result<String, ApiError> {
+    let input = c.state(|s| s.input.clone());
+    let started_by_pool = c
+        .info()
+        .parent()
+        .is_some_and(|p| p.workflow_id() == pool_workflow_id(tenant));
+    if started_by_pool {
+        return Ok(input.authorized_request.unwrap_or_default());
+    }
+    let req = VerifyRequest {
+        tenant: tenant.to_string(),
+        op: ops::NUKE.to_string(),
+        target: nuke_workflow_id(tenant),
+        body: unsigned_body(&input),
+        permission: Some("pool-config.delete".to_string()),
+        credential: input.auth.clone(),
+    };
+    let identity = gate::verify(c, req).await.map_err(|r| {
+        if !c.is_replaying() {
+            tracing::warn!(tenant, who = %r.who, error = %r.error, "nuke denied");
+        }
+        r.error
+    })?;
+    if !c.is_replaying() {
+        tracing::warn!(tenant, developer = %identity.developer, "nuke authorized");
+    }
+    Ok(input.auth.map(|a| a.request_id).unwrap_or_default())
 }
 
 /// Runs the jobs with at most [`NUKE_CONCURRENCY`] in flight, starting them in order.

@@ -27,8 +27,10 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
+use crate::auth::{Credential, Denial, Identity, VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
-use crate::machine::{ClaimRequest, ClaimState, Command, Pool};
+use crate::gate::{self, Refusal};
+use crate::machine::{ClaimRequest, ClaimState, Command, MAX_DENIALS, Pool};
 use crate::messages::{
     ConfigRequest, FlushReply, FlushRequest, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
     ReleaseRequest, UpRequest, decode_lenient,
@@ -40,6 +42,8 @@ use crate::status::PoolStatus;
 
 /// Boot deadline of one VM: create plus readiness handshake.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Permission a flush or nuke needs.
+const PERM_FLUSH: &str = "pool-config.delete";
 /// Longest a `claim` or `release` update waits before answering with where things stand.
 /// Bounded so update handlers finish and the pool can continue-as-new even while claims
 /// queue at `max_vms`; the caller (an activity) simply asks again.
@@ -86,6 +90,10 @@ pub struct PoolWorkflow {
     nuke_retry_at: Option<Millis>,
     /// What the last nuke did, for `flush` updates waiting on it.
     last_nuke: Option<NukeReport>,
+    /// The verified request (id, developer) behind the nuke to start.
+    nuke_authorization: Option<(String, String)>,
+    /// `flush` signals waiting for their credential check.
+    signalled: Vec<FlushRequest>,
 }
 
 /// What finished among the activities the shell started.
@@ -96,6 +104,8 @@ enum Outcome {
     DeleteFailed(VmId),
     /// The nuke workflow started (true) or could not start yet (false: one still runs).
     NukeStarted(bool),
+    /// A `flush` signal's credential was checked.
+    SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
 }
 
 #[workflow_methods]
@@ -122,6 +132,8 @@ impl PoolWorkflow {
             nuke_starting: false,
             nuke_retry_at: None,
             last_nuke: None,
+            nuke_authorization: None,
+            signalled: Vec::new(),
         }
     }
 
@@ -149,7 +161,12 @@ impl PoolWorkflow {
                 in_flight.push(start_command(&c, &tenant, cmd));
             }
             if c.state_mut(|s| s.take_nuke_start()) {
-                in_flight.push(start_nuke(&c, &tenant));
+                let (request, actor) =
+                    c.state(|s| s.nuke_authorization.clone().unwrap_or_default());
+                in_flight.push(start_nuke(&c, &tenant, request, actor));
+            }
+            for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
+                in_flight.push(check_signal(&c, &tenant, req));
             }
             let details = c.state(details_markdown);
             if details != last_details {
@@ -213,6 +230,10 @@ impl PoolWorkflow {
                             Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
+                            Outcome::SignalChecked(req, verdict) => {
+                                s.apply_signalled_flush(*req, verdict, now);
+                                Vec::new()
+                            }
                             Outcome::NukeStarted(started) => {
                                 s.nuke_starting = false;
                                 if started {
@@ -226,7 +247,9 @@ impl PoolWorkflow {
                         s.outbox.extend(cmds);
                     });
                 }
-                r = c.wait_condition(|s| !s.outbox.is_empty() || s.nuke_start_due()) => { r?; }
+                r = c.wait_condition(|s| {
+                    !s.outbox.is_empty() || !s.signalled.is_empty() || s.nuke_start_due()
+                }) => { r?; }
                 _ = (&mut timer).fuse() => {
                     wake_at = None;
                     timer = futures::future::pending().boxed_local();
@@ -256,17 +279,32 @@ impl PoolWorkflow {
         parse_flush(raw).map(|_| ()).map_err(boxed)
     }
 
-    /// See [`Self::validate_flush`].
+    /// See [`Self::validate_flush`]. Needs `pool-config.delete`; with `nuke`, starts the
+    /// nuke workflow (or joins the one running) and answers when it is done.
     #[update]
     pub async fn flush(
         ctx: &mut WorkflowContext<Self>,
         raw: RawValue,
     ) -> Result<FlushReply, UpdateError> {
         let req = parse_flush(&raw).map_err(boxed)?;
+        let op = if req.nuke { ops::NUKE } else { ops::FLUSH };
+        let who = Self::gate(
+            ctx,
+            op,
+            unsigned_body(&req),
+            Some(PERM_FLUSH),
+            req.auth.clone(),
+        )
+        .await
+        .map_err(boxed)?;
         if req.nuke {
-            // Starts the nuke workflow (or joins the one running) and answers when it is done.
+            let request_id = req
+                .auth
+                .as_ref()
+                .map(|a| a.request_id.clone())
+                .unwrap_or_default();
             let before = ctx.state_mut(|s| {
-                s.request_nuke();
+                s.request_nuke(request_id, &who.developer);
                 s.pool.nukes
             });
             ctx.wait_condition(|s| s.pool.nukes > before)
@@ -280,7 +318,7 @@ impl PoolWorkflow {
         }
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
-        let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &req, replaying));
+        let (vms, generation) = ctx.state_mut(|s| s.start_flush(now, &who.developer, replaying));
         ctx.wait_condition(|s| vms.iter().all(|vm| !s.pool.vms.contains_key(vm)))
             .await
             .map_err(|e| Box::new(e) as UpdateError)?;
@@ -294,25 +332,12 @@ impl PoolWorkflow {
     }
 
     /// `flush` as a signal (fire and forget), for `temporal workflow signal --name flush`.
-    /// Takes any payload; a malformed one is logged and ignored.
+    /// Takes any payload; a malformed one is logged and ignored. The credential is checked
+    /// by the run loop before anything happens; a refusal is recorded in `denials`.
     #[signal(name = "flush")]
     pub fn flush_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
         match parse_flush(&raw) {
-            Ok(req) if req.nuke => {
-                self.request_nuke();
-                if !ctx.is_replaying() {
-                    tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor, "nuke requested by signal");
-                }
-            }
-            Ok(req) => {
-                let now = to_millis(ctx.workflow_time());
-                let (vms, _) = self.start_flush(now, &req, ctx.is_replaying());
-                // Nobody waits for a signal's deletes.
-                self.flushes_in_progress = self.flushes_in_progress.saturating_sub(1);
-                if !ctx.is_replaying() {
-                    tracing::info!(tenant = %self.pool.tenant, flushed = vms.len(), "flush signal");
-                }
-            }
+            Ok(req) => self.signalled.push(req),
             Err(e) if !ctx.is_replaying() => self.reject("flush", &e),
             Err(_) => self.rejected_messages += 1,
         }
@@ -349,27 +374,44 @@ impl PoolWorkflow {
             .map_err(boxed)
     }
 
-    /// Applies a config change and answers with the resource as it now is.
+    /// Applies a config change and answers with the resource as it now is. Needs
+    /// `<kind>.edit`, or `<kind>.create` for a workspace that does not exist yet.
     #[update]
-    pub fn apply_config(
-        &mut self,
-        ctx: &mut SyncWorkflowContext<Self>,
+    pub async fn apply_config(
+        ctx: &mut WorkflowContext<Self>,
         req: ConfigRequest,
     ) -> Result<ResourceDoc, UpdateError> {
         let kind = ResourceKind::parse(&req.kind).map_err(boxed)?;
-        let change = self
-            .pool
-            .validate_change(kind, &req.name, &req.change)
-            .map_err(boxed)?;
-        let now = to_millis(ctx.workflow_time());
-        let actor = req.actor.as_deref().unwrap_or("unknown");
-        let (doc, cmds) = self.pool.commit_change(change, actor, now);
-        self.outbox.extend(cmds);
-        if !ctx.is_replaying() {
-            tracing::info!(tenant = %self.pool.tenant, kind = kind.as_str(), name = %req.name,
-                generation = doc.generation, actor, "config changed");
-        }
-        Ok(doc)
+        let exists = ctx.state(|s| s.pool.doc(kind, &req.name).is_ok());
+        let permission = format!(
+            "{}.{}",
+            kind.as_str(),
+            if exists { "edit" } else { "create" }
+        );
+        let who = Self::gate(
+            ctx,
+            ops::CONFIG,
+            unsigned_body(&req),
+            Some(&permission),
+            req.auth.clone(),
+        )
+        .await
+        .map_err(boxed)?;
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        ctx.state_mut(|s| {
+            let change = s
+                .pool
+                .validate_change(kind, &req.name, &req.change)
+                .map_err(boxed)?;
+            let (doc, cmds) = s.pool.commit_change(change, &who.developer, now);
+            s.outbox.extend(cmds);
+            if !replaying {
+                tracing::info!(tenant = %s.pool.tenant, kind = kind.as_str(), name = %req.name,
+                    generation = doc.generation, actor = %who.developer, "config changed");
+            }
+            Ok(doc)
+        })
     }
 
     /// Checks a claim: a retried one always passes; a new one needs its workspace to exist,
@@ -390,6 +432,17 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: ClaimRequest,
     ) -> Result<ClaimState, UpdateError> {
+        let known = ctx.state(|s| s.pool.claims.contains_key(&req.request));
+        if !known {
+            // A new claim: sent by the worker, for a spawn whose request id works once.
+            Self::gate(ctx, ops::CLAIM, unsigned_body(&req), None, req.auth.clone())
+                .await
+                .map_err(boxed)?;
+            let now = now_ms(ctx);
+            let replaying = ctx.is_replaying();
+            ctx.state_mut(|s| s.admit_once(ops::SPAWN, &req.spawn_request_id, now, replaying))
+                .map_err(boxed)?;
+        }
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         ctx.state_mut(|s| -> Result<(), UpdateError> {
@@ -421,6 +474,15 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: ReleaseRequest,
     ) -> Result<ReleaseReply, UpdateError> {
+        Self::gate(
+            ctx,
+            ops::RELEASE,
+            unsigned_body(&req),
+            None,
+            req.auth.clone(),
+        )
+        .await
+        .map_err(boxed)?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         let (held, deleting) = ctx.state_mut(|s| {
@@ -451,7 +513,26 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: NukeStep,
     ) -> Result<NukeStepReply, UpdateError> {
+        Self::gate(
+            ctx,
+            ops::NUKE_STEP,
+            unsigned_body(&req),
+            None,
+            req.auth.clone(),
+        )
+        .await
+        .map_err(boxed)?;
+        let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
+        ctx.state_mut(|s| {
+            // The developer request behind the nuke works once, unless this pool started the
+            // nuke itself (then it admitted the request already).
+            if s.pool.nuke_request.as_deref() != Some(req.authorized_request.as_str()) {
+                s.admit_once(ops::NUKE, &req.authorized_request, now, replaying)?;
+            }
+            Ok::<(), ApiError>(())
+        })
+        .map_err(boxed)?;
         ctx.state_mut(|s| {
             s.pool.pause();
             if !replaying {
@@ -476,25 +557,37 @@ impl PoolWorkflow {
 
     /// Nuke, last step: forget every VM and claim, bump the generation, resume backfill.
     #[update]
-    pub fn nuke_reset(
-        &mut self,
-        ctx: &mut SyncWorkflowContext<Self>,
+    pub async fn nuke_reset(
+        ctx: &mut WorkflowContext<Self>,
         req: NukeStep,
-    ) -> NukeStepReply {
-        let now = to_millis(ctx.workflow_time());
-        let cmds = self.pool.reset_after_nuke(req.report.deleted, now);
-        self.outbox.extend(cmds);
-        self.last_nuke = Some(req.report.clone());
-        if !ctx.is_replaying() {
-            tracing::warn!(tenant = %self.pool.tenant, actor = ?req.actor,
-                terminated = req.report.terminated, deleted = req.report.deleted,
-                "nuke: pool reset and resumed");
-        }
-        NukeStepReply {
-            generation: self.pool.generation,
-            vms: self.pool.in_use(),
-            held: Vec::new(),
-        }
+    ) -> Result<NukeStepReply, UpdateError> {
+        Self::gate(
+            ctx,
+            ops::NUKE_STEP,
+            unsigned_body(&req),
+            None,
+            req.auth.clone(),
+        )
+        .await
+        .map_err(boxed)?;
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        Ok(ctx.state_mut(|s| {
+            let cmds = s.pool.reset_after_nuke(req.report.deleted, now);
+            s.outbox.extend(cmds);
+            s.pool.nuke_request = None;
+            s.last_nuke = Some(req.report.clone());
+            if !replaying {
+                tracing::warn!(tenant = %s.pool.tenant, actor = ?req.actor,
+                    terminated = req.report.terminated, deleted = req.report.deleted,
+                    "nuke: pool reset and resumed");
+            }
+            NukeStepReply {
+                generation: s.pool.generation,
+                vms: s.pool.in_use(),
+                held: Vec::new(),
+            }
+        }))
     }
 
     /// The pool status (`murmur pool status`).
@@ -520,26 +613,126 @@ impl PoolWorkflow {
 
 impl PoolWorkflow {
     /// Flushes and queues the deletes; logs only the first time, not on replay.
-    fn start_flush(
-        &mut self,
-        now: Millis,
-        req: &FlushRequest,
-        replaying: bool,
-    ) -> (Vec<VmId>, u64) {
+    fn start_flush(&mut self, now: Millis, actor: &str, replaying: bool) -> (Vec<VmId>, u64) {
         let (vms, cmds) = self.pool.flush(now);
         self.outbox.extend(cmds);
         self.flushes_in_progress += 1;
         if !replaying {
-            tracing::info!(tenant = %self.pool.tenant, actor = ?req.actor, flushed = vms.len(),
+            tracing::info!(tenant = %self.pool.tenant, actor, flushed = vms.len(),
                 generation = self.pool.generation, "flush");
         }
         (vms, self.pool.generation)
     }
 
+    /// The auth gate of every mutating request to the pool: the credential is verified by
+    /// the `murmur.verify` local activity, then its request id is admitted once. A refusal
+    /// is recorded (who, what, why) in the status and the worker log.
+    async fn gate(
+        ctx: &WorkflowContext<Self>,
+        op: &str,
+        body: String,
+        permission: Option<&str>,
+        credential: Option<Credential>,
+    ) -> Result<Identity, ApiError> {
+        let tenant = ctx.state(|s| s.pool.tenant.clone());
+        let req = VerifyRequest {
+            target: pool_workflow_id(&tenant),
+            tenant,
+            op: op.to_string(),
+            body,
+            permission: permission.map(str::to_string),
+            credential: credential.clone(),
+        };
+        let verdict = gate::verify(ctx, req).await;
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        ctx.state_mut(|s| s.admit(op, verdict, credential.as_ref(), now, replaying))
+    }
+
+    /// Admits a verified request's id once; records any refusal.
+    fn admit(
+        &mut self,
+        op: &str,
+        verdict: Result<Identity, Refusal>,
+        credential: Option<&Credential>,
+        now: Millis,
+        replaying: bool,
+    ) -> Result<Identity, ApiError> {
+        let result = verdict.and_then(|id| {
+            let request_id = credential.map_or("", |c| c.request_id.as_str());
+            self.pool
+                .seen_requests
+                .admit(request_id, now)
+                .map(|()| id.clone())
+                .map_err(|error| Refusal {
+                    error,
+                    who: format!("{}@{}", id.developer, id.tenant),
+                })
+        });
+        if let Err(r) = &result {
+            self.record_denial(op, r, now, replaying);
+        }
+        result.map_err(|r| r.error)
+    }
+
+    /// Admits a request id that was verified elsewhere (a spawn, a nuke) once.
+    fn admit_once(
+        &mut self,
+        op: &str,
+        request_id: &str,
+        now: Millis,
+        replaying: bool,
+    ) -> Result<(), ApiError> {
+        self.pool
+            .seen_requests
+            .admit(request_id, now)
+            .inspect_err(|e| {
+                self.record_denial(op, &Refusal::from(e.clone()), now, replaying);
+            })
+    }
+
+    fn record_denial(&mut self, op: &str, refusal: &Refusal, now: Millis, replaying: bool) {
+        self.pool.denials.push(Denial {
+            at: now,
+            op: op.to_string(),
+            who: refusal.who.clone(),
+            why: refusal.error.to_string(),
+        });
+        let excess = self.pool.denials.len().saturating_sub(MAX_DENIALS);
+        self.pool.denials.drain(..excess);
+        if !replaying {
+            tracing::warn!(tenant = %self.pool.tenant, op, who = %refusal.who,
+                error = %refusal.error, "request denied");
+        }
+    }
+
     /// Asks for a nuke, unless one is already under way (then the caller joins it).
-    fn request_nuke(&mut self) {
-        if !self.pool.paused {
+    fn request_nuke(&mut self, request_id: String, actor: &str) {
+        if !self.pool.paused && !self.nuke_requested {
             self.nuke_requested = true;
+            self.nuke_authorization = Some((request_id, actor.to_string()));
+        }
+    }
+
+    /// A `flush` signal whose credential was checked: admitted, it flushes (or nukes).
+    fn apply_signalled_flush(
+        &mut self,
+        req: FlushRequest,
+        verdict: Result<Identity, Refusal>,
+        now: Millis,
+    ) {
+        let op = if req.nuke { ops::NUKE } else { ops::FLUSH };
+        // Run-loop code only runs live or in replay alike; logs are guarded per call.
+        let Ok(who) = self.admit(op, verdict, req.auth.as_ref(), now, false) else {
+            return;
+        };
+        if req.nuke {
+            let request_id = req.auth.map(|a| a.request_id).unwrap_or_default();
+            self.request_nuke(request_id, &who.developer);
+        } else {
+            self.start_flush(now, &who.developer, false);
+            // Nobody waits for a signal's deletes.
+            self.flushes_in_progress = self.flushes_in_progress.saturating_sub(1);
         }
     }
 
@@ -556,6 +749,7 @@ impl PoolWorkflow {
         }
         if self.nuke_start_due() {
             self.nuke_starting = true;
+            self.pool.nuke_request = self.nuke_authorization.as_ref().map(|(r, _)| r.clone());
             return true;
         }
         false
@@ -661,6 +855,8 @@ fn start_command<'a>(
 fn start_nuke<'a>(
     c: &'a WorkflowContext<PoolWorkflow>,
     tenant: &str,
+    request: String,
+    actor: String,
 ) -> LocalBoxFuture<'a, Outcome> {
     let options = ChildWorkflowOptions::builder()
         .workflow_id(nuke_workflow_id(tenant))
@@ -673,10 +869,33 @@ fn start_nuke<'a>(
         .build();
     let input = NukeInput {
         tenant: tenant.to_string(),
-        actor: Some(format!("pool/{tenant} flush --nuke")),
+        actor: Some(actor),
+        auth: None,
+        authorized_request: Some(request),
     };
     let fut = c.start_child_workflow(NukeWorkflow::run, input, options);
     async move { Outcome::NukeStarted(fut.await.is_ok()) }.boxed_local()
+}
+
+/// Checks a `flush` signal's credential (the run loop applies the verdict).
+fn check_signal<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    tenant: &str,
+    req: FlushRequest,
+) -> LocalBoxFuture<'a, Outcome> {
+    let verify = VerifyRequest {
+        tenant: tenant.to_string(),
+        op: if req.nuke { ops::NUKE } else { ops::FLUSH }.to_string(),
+        target: pool_workflow_id(tenant),
+        body: unsigned_body(&req),
+        permission: Some(PERM_FLUSH.to_string()),
+        credential: req.auth.clone(),
+    };
+    async move {
+        let verdict = gate::verify(c, verify).await;
+        Outcome::SignalChecked(Box::new(req), verdict)
+    }
+    .boxed_local()
 }
 
 /// The innermost failure message of an activity error (what the activity itself said).

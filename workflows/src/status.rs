@@ -81,6 +81,9 @@ pub struct PoolStatus {
     /// Agents' claims: waiting for room, booting, or holding a VM.
     #[serde(default)]
     pub claims: Vec<Claim>,
+    /// The latest refused requests (who, what, why), oldest first.
+    #[serde(default)]
+    pub denials: Vec<crate::auth::Denial>,
 }
 
 impl PoolStatus {
@@ -105,6 +108,7 @@ impl PoolStatus {
             rejected_messages: 0,
             vms: pool.vms.values().cloned().collect(),
             claims: pool.claims.values().cloned().collect(),
+            denials: pool.denials.clone(),
         }
     }
 

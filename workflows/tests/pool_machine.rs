@@ -238,6 +238,7 @@ impl World {
                     developer: "dev".into(),
                     workspace: WORKSPACES[*ws].into(),
                     wait: false,
+                    ..Default::default()
                 };
                 if self.pool.validate_claim(&req).is_ok() {
                     let cmds = self.pool.claim(&req, self.now);
@@ -509,6 +510,7 @@ fn claim(w: &mut World, n: u32, ws: &str) -> String {
         developer: "dev".into(),
         workspace: ws.into(),
         wait: false,
+        ..Default::default()
     };
     w.pool.validate_claim(&req).expect("claim accepted");
     let cmds = w.pool.claim(&req, w.now);
@@ -585,6 +587,7 @@ fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
         developer: "dev".into(),
         workspace: "web".into(),
         wait: true,
+        ..Default::default()
     };
     assert!(w.pool.claim(&again, w.now).is_empty());
     assert_eq!(w.pool.claim_state(&second), ClaimState::Assigned { vm });
@@ -606,6 +609,7 @@ fn the_developer_limit_counts_live_agents_and_a_nuke_refuses_claims() {
         developer: "dev".into(),
         workspace: "web".into(),
         wait: false,
+        ..Default::default()
     };
     let e = w.pool.validate_claim(&next).unwrap_err();
     assert_eq!(

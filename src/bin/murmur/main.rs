@@ -1,6 +1,7 @@
 //! `murmur`: the command-line interface to a tenant's warm pool.
 
 mod agent;
+mod auth;
 mod pool;
 mod resource;
 
@@ -54,6 +55,9 @@ enum Command {
     ///   murmur patch workspace web --set image_ref=img-2 --set environment.vcpus=2
     ///   murmur patch pool-config default --set max_vms=20
     Patch(resource::PatchArgs),
+    /// Identity: store a credential, show it, sign requests for the `temporal` CLI.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
     /// Start an agent: claim a warm VM (or boot one) and run a command in it.
     ///
     /// Prints `Spawned: <slug>` once the pool has accepted the agent. The agent's workflow
@@ -113,10 +117,19 @@ impl Session {
 }
 
 /// Prints an error per the contract and picks the exit code.
-fn report(e: &ApiError, hint: Option<&str>) -> ExitCode {
-    eprintln!("{e}");
-    if let Some(hint) = hint.or(murmur::hint(e.code)) {
-        eprintln!("{hint}");
+fn report(e: &ApiError, hint: Option<&str>, json: bool) -> ExitCode {
+    let hint = hint.or(murmur::hint(e.code));
+    if json {
+        let mut doc = serde_json::json!({ "code": e.code.as_str(), "message": e.message });
+        if let Some(h) = hint {
+            doc["hint"] = h.into();
+        }
+        eprintln!("{doc}");
+    } else {
+        eprintln!("{e}");
+        if let Some(hint) = hint {
+            eprintln!("{hint}");
+        }
     }
     ExitCode::from(match e.code {
         Code::Unavailable => murmur::EXIT_UNAVAILABLE as u8,
@@ -133,14 +146,22 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Commands with --json report errors as {"code": ..., "message": ...} too.
+    let json = std::env::args().any(|a| a == "--json");
     let cli = Cli::parse();
     let workspace = cli.workspace.as_deref();
+    if matches!(cli.command, Command::Pool(_)) && murmur::on_vm() {
+        // Decided before any connection is made (PRODUCT.md §5: a plain line, exit 1).
+        eprintln!("{}", murmur::ON_VM_MESSAGE);
+        return ExitCode::from(murmur::EXIT_FAILURE as u8);
+    }
     let plain = |r: Result<(), ApiError>| r.map_err(|e| (e, None));
     let result = match cli.command {
         Command::Pool(cmd) => plain(pool::run(cmd, workspace).await),
         Command::Get(args) => plain(resource::get(args, workspace).await),
         Command::Set(args) => plain(resource::set(args, workspace).await),
         Command::Patch(args) => plain(resource::patch(args, workspace).await),
+        Command::Auth(cmd) => plain(auth::run(cmd, workspace).await),
         Command::Spawn(args) => agent::spawn(args, workspace).await,
         Command::Kill(args) => agent::kill(args, workspace).await,
         Command::Ls(args) => agent::ls(args, workspace).await,
@@ -149,6 +170,6 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err((e, hint)) => report(&e, hint),
+        Err((e, hint)) => report(&e, hint, json),
     }
 }

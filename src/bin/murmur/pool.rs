@@ -53,11 +53,6 @@ pub(crate) enum PoolCommand {
 }
 
 pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(), ApiError> {
-    if murmur::on_vm() {
-        return Err(ApiError::failed_precondition(
-            "pool commands are not supported on VMs",
-        ));
-    }
     let session = Session::open(workspace).await?;
     match cmd {
         PoolCommand::Flush { nuke: true } => {

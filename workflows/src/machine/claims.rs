@@ -49,6 +49,10 @@ pub struct ClaimRequest {
     /// Wait (a bounded while) for the claim to be served before answering; without it the
     /// answer comes as soon as the claim is recorded (admission).
     pub wait: bool,
+    /// Request id of the developer's signed spawn (used once).
+    pub spawn_request_id: String,
+    /// Proof that the worker sends it.
+    pub auth: Option<crate::auth::Credential>,
 }
 
 /// Where a claim stands.
