@@ -193,6 +193,15 @@ impl PoolClient {
             .map_err(|e| query_error(e, &self.not_running()))
     }
 
+    /// The build of the worker serving the pool.
+    pub async fn worker_version(&self) -> Result<String, ApiError> {
+        self.client
+            .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
+            .query(PoolWorkflow::version, (), WorkflowQueryOptions::default())
+            .await
+            .map_err(|e| query_error(e, &self.not_running()))
+    }
+
     /// Every resource of the tenant.
     pub async fn config(&self) -> Result<ConfigSnapshot, ApiError> {
         self.client

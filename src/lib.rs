@@ -6,6 +6,7 @@
 //! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
 //! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
 //! - [`output`]: the normative output lines, status table and YAML documents.
+//! - [`metrics`]: the worker's `/metrics` and `/healthz` endpoint.
 //! - [`worker`]: the `murmur-worker` process.
 //!
 //! The binaries in `src/bin/` are thin adapters over these modules. The workflows (pure,
@@ -16,6 +17,7 @@
 pub mod agents;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod output;
 pub mod worker;
 

@@ -5,7 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use murmur_activities::agent_activities::AgentActivities;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use murmur_activities::agent_activities::{AgentActivities, ClaimLatencies};
+use temporalio_common::telemetry::metrics::CoreMeter;
+use temporalio_common::telemetry::{
+    PrometheusExporterOptions, TelemetryOptions, start_prometheus_metric_exporter,
+};
+use temporalio_sdk::runtime::RuntimeOptions;
+
+use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
@@ -22,6 +31,8 @@ pub struct WorkerConfig {
     pub task_queue: String,
     /// Where sandboxes, images and keys live.
     pub state_dir: PathBuf,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the worker until a shutdown signal.
@@ -45,16 +56,54 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     if let Err(e) = crate::client::register_search_attributes(&client).await {
         tracing::warn!(error = %e, "search attributes not registered; register MurmurTenant, MurmurWorkspace and MurmurKind (Keyword) on the namespace");
     }
-    let runtime = Runtime::from_current_tokio(Default::default())
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    // The SDK's own metrics go to a private exporter that /metrics appends to murmur's.
+    let sdk_exporter = match config.metrics_addr {
+        Some(_) => {
+            let options = PrometheusExporterOptions::builder()
+                .socket_addr(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .build();
+            Some(start_prometheus_metric_exporter(options)?)
+        }
+        None => None,
+    };
+    let mut telemetry = TelemetryOptions::builder().build();
+    if let Some(exporter) = &sdk_exporter {
+        telemetry.metrics = Some(exporter.meter.clone() as Arc<dyn CoreMeter>);
+    }
+    let runtime_options = RuntimeOptions::builder()
+        .telemetry_options(telemetry)
+        .build()
+        .map_err(|e| anyhow::anyhow!("runtime options: {e}"))?;
+    let runtime = Runtime::from_current_tokio(runtime_options)
         .map_err(|e| anyhow::anyhow!("start Temporal runtime: {e}"))?;
+    let claims = Arc::new(ClaimLatencies::default());
+    let polling = Arc::new(AtomicBool::new(false));
     let options = WorkerOptions::new(config.task_queue.clone())
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
         .register_activities(VmActivities::new(provider.clone()))
-        .register_activities(AgentActivities::new(provider, keys.clone()))
+        .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
         .register_activities(AuthActivities::new(keys))
         .build();
+    if let Some(listener) = metrics_listener {
+        let state = Arc::new(MetricsState {
+            client: client.clone(),
+            task_queue: config.task_queue.clone(),
+            sdk_metrics: sdk_exporter.as_ref().map(|e| e.bound_addr),
+            polling: polling.clone(),
+            claims,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, state).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     let mut worker = Worker::new(&runtime, client, options)?;
     let stop = worker.shutdown_handle();
     tokio::spawn(async move {
@@ -64,7 +113,10 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     });
     tracing::info!(task_queue = %config.task_queue, state_dir = %state_dir.display(),
         substrate = "process", "worker running");
-    worker.run().await?;
+    polling.store(true, Ordering::Relaxed);
+    let result = worker.run().await;
+    polling.store(false, Ordering::Relaxed);
+    result?;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -35,17 +35,83 @@ use crate::temporal_ops::{interaction_error, running_agents_query, update_error,
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
+/// Upper bounds (seconds) of the claim latency histogram buckets.
+const CLAIM_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Claim latency (from the agent's first claim to its VM being assigned) as measured by this
+/// worker, warm (served at once from the warm pool) and cold (booted for it, or queued).
+#[derive(Debug, Default)]
+pub struct ClaimLatencies {
+    inner: std::sync::Mutex<[Histogram; 2]>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: [u64; CLAIM_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl ClaimLatencies {
+    /// Records one claim.
+    pub fn record(&self, warm: bool, seconds: f64) {
+        if let Ok(mut h) = self.inner.lock() {
+            let h = &mut h[usize::from(!warm)];
+            h.count += 1;
+            h.sum += seconds;
+            for (i, bound) in CLAIM_BUCKETS.iter().enumerate() {
+                if seconds <= *bound {
+                    h.buckets[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// Appends the histogram in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let Ok(h) = self.inner.lock() else {
+            return;
+        };
+        let name = "murmur_claim_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From an agent's first claim to its VM being assigned, measured by this worker."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (kind, h) in [("warm", &h[0]), ("cold", &h[1])] {
+            for (bound, n) in CLAIM_BUCKETS.iter().zip(h.buckets) {
+                let _ = writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "{name}_sum{{kind=\"{kind}\"}} {}", h.sum);
+            let _ = writeln!(out, "{name}_count{{kind=\"{kind}\"}} {}", h.count);
+        }
+    }
+}
+
 /// Activities that talk to the pool workflow, to Temporal's visibility, and to VMs. Their
 /// requests to the pool are signed with the worker's key.
 pub struct AgentActivities {
     provider: Arc<dyn Provider>,
     keys: KeyStore,
+    claims: Arc<ClaimLatencies>,
 }
 
 impl AgentActivities {
-    /// Activities over `provider`, signing with `keys`.
-    pub fn new(provider: Arc<dyn Provider>, keys: KeyStore) -> Self {
-        Self { provider, keys }
+    /// Activities over `provider`, signing with `keys`, recording claim latencies in `claims`.
+    pub fn new(provider: Arc<dyn Provider>, keys: KeyStore, claims: Arc<ClaimLatencies>) -> Self {
+        Self {
+            provider,
+            keys,
+            claims,
+        }
     }
 
     /// Signs a worker-internal request to `pool/<tenant>`.
@@ -82,7 +148,16 @@ impl AgentActivities {
             PoolWorkflow::claim,
             claim,
         );
-        with_heartbeats(&ctx, call).await?.map_err(api_failure)
+        let state = with_heartbeats(&ctx, call).await?.map_err(api_failure)?;
+        if let ClaimState::Assigned { vm } = &state {
+            let seconds = crate::auth::now_ms().saturating_sub(input.started_at) as f64 / 1000.0;
+            let warm = !input.claim.wait;
+            self.claims.record(warm, seconds);
+            tracing::info!(tenant = %input.tenant, agent = %input.claim.agent, vm = %vm,
+                workspace = %input.claim.workspace, warm, claim_ms = (seconds * 1000.0) as u64,
+                "vm handed out");
+        }
+        Ok(state)
     }
 
     /// Tells the pool an agent ended so it deletes the agent's VM. Without a running pool the

@@ -35,6 +35,10 @@ struct RunArgs {
     /// Directory for sandboxes, images and keys.
     #[arg(long, env = "MURMUR_STATE_DIR", default_value = ".state")]
     state_dir: PathBuf,
+    /// Serve Prometheus metrics (/metrics) and a health check (/healthz) on this address,
+    /// e.g. 127.0.0.1:9464.
+    #[arg(long, env = "MURMUR_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,6 +200,7 @@ async fn main() -> std::process::ExitCode {
             murmur::worker::run(murmur::worker::WorkerConfig {
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
+                metrics_addr: cli.run.metrics_addr,
             })
             .await
         }

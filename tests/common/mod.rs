@@ -21,6 +21,8 @@ pub struct TestEnv {
     pub task_queue: String,
     pub dir: tempfile::TempDir,
     worker: Option<Child>,
+    /// Where the worker serves /metrics and /healthz, when enabled.
+    pub metrics_addr: Option<String>,
 }
 
 impl TestEnv {
@@ -50,6 +52,7 @@ impl TestEnv {
             tenant,
             dir,
             worker: None,
+            metrics_addr: None,
         };
         // Every test acts as a tenant admin unless it logs in otherwise.
         let admin = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
@@ -87,6 +90,47 @@ impl TestEnv {
         self.dir.path().join("state")
     }
 
+    /// Restarts the worker with its metrics endpoint on a free loopback port.
+    pub fn enable_metrics(&mut self) -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        self.metrics_addr = Some(addr.clone());
+        self.kill_worker();
+        self.start_worker();
+        addr
+    }
+
+    /// `GET path` on the worker's metrics endpoint: (status line, body). Waits for the
+    /// endpoint to come up.
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr.as_deref().expect("metrics enabled");
+        let deadline = Instant::now() + PATIENCE;
+        let mut stream = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "metrics endpoint never came up: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    }
+
     /// Starts (or restarts) the worker process.
     pub fn start_worker(&mut self) {
         assert!(self.worker.is_none(), "worker already running");
@@ -95,7 +139,11 @@ impl TestEnv {
             .append(true)
             .open(self.dir.path().join("worker.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur-worker"));
+        if let Some(addr) = &self.metrics_addr {
+            cmd.env("MURMUR_METRICS_ADDR", addr);
+        }
+        let child = cmd
             .env("MURMUR_TASK_QUEUE", &self.task_queue)
             .env("MURMUR_STATE_DIR", self.state_dir())
             .env("RUST_LOG", "info,temporalio_sdk_core=warn")

@@ -87,6 +87,9 @@ pub struct ClaimInput {
     pub tenant: String,
     /// The claim.
     pub claim: crate::machine::ClaimRequest,
+    /// When the agent started claiming (epoch ms), for the claim latency metric.
+    #[serde(default)]
+    pub started_at: u64,
 }
 
 impl ActivityDefinition for ClaimVm {

@@ -298,10 +298,15 @@ async fn work(
     });
     // Admission, then waiting: each answer says where the claim stands.
     c.state_mut(|s| s.claimed = true);
+    let started_at = c
+        .workflow_time()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
     let vm: VmId = loop {
         let input = ClaimInput {
             tenant: tenant.clone(),
             claim: claim.clone(),
+            started_at,
         };
         let answer = until_killed(
             c,

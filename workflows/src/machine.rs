@@ -124,6 +124,18 @@ pub struct Pool {
     /// The latest refused requests, newest last (at most [`MAX_DENIALS`]).
     #[serde(default)]
     pub denials: Vec<crate::auth::Denial>,
+    /// Workflow time of the last reconcile.
+    #[serde(default)]
+    pub last_reconcile_at: Millis,
+    /// How long the last flush took (request to its VMs gone), in ms.
+    #[serde(default)]
+    pub last_flush_ms: Option<Millis>,
+    /// When the running nuke paused the pool.
+    #[serde(default)]
+    pub paused_at: Option<Millis>,
+    /// How long the last nuke held the pool (pause to reset), in ms.
+    #[serde(default)]
+    pub last_nuke_ms: Option<Millis>,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -172,6 +184,10 @@ impl Pool {
             seen_requests: Default::default(),
             nuke_request: None,
             denials: Vec::new(),
+            last_reconcile_at: now,
+            last_flush_ms: None,
+            paused_at: None,
+            last_nuke_ms: None,
             claim_seq: 0,
             id_seed,
             id_counter: 0,
@@ -497,6 +513,7 @@ impl Pool {
     /// emit boots (under `max_vms`, respecting image back-off) and deletes (surplus, and stale
     /// warm VMs when their room is needed).
     pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
+        self.last_reconcile_at = self.last_reconcile_at.max(now);
         if self.paused {
             return Vec::new();
         }

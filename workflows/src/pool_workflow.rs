@@ -322,7 +322,11 @@ impl PoolWorkflow {
         ctx.wait_condition(|s| vms.iter().all(|vm| !s.pool.vms.contains_key(vm)))
             .await
             .map_err(|e| Box::new(e) as UpdateError)?;
-        ctx.state_mut(|s| s.flushes_in_progress = s.flushes_in_progress.saturating_sub(1));
+        let done = now_ms(ctx);
+        ctx.state_mut(|s| {
+            s.flushes_in_progress = s.flushes_in_progress.saturating_sub(1);
+            s.pool.last_flush_ms = Some(done.saturating_sub(now));
+        });
         Ok(FlushReply {
             flushed: vms.len() as u32,
             vms,
@@ -534,7 +538,7 @@ impl PoolWorkflow {
         })
         .map_err(boxed)?;
         ctx.state_mut(|s| {
-            s.pool.pause();
+            s.pool.pause(now);
             if !replaying {
                 tracing::warn!(tenant = %s.pool.tenant, actor = ?req.actor, "nuke: pool paused");
             }
@@ -594,6 +598,12 @@ impl PoolWorkflow {
     #[query]
     pub fn status(&self, _ctx: &WorkflowContextView) -> PoolStatus {
         self.status_view()
+    }
+
+    /// The build of the worker answering (`murmur version`).
+    #[query]
+    pub fn version(&self, _ctx: &WorkflowContextView) -> String {
+        format!("murmur-worker {}", env!("CARGO_PKG_VERSION"))
     }
 
     /// Every resource of the tenant (`murmur get`).

@@ -84,6 +84,18 @@ pub struct PoolStatus {
     /// The latest refused requests (who, what, why), oldest first.
     #[serde(default)]
     pub denials: Vec<crate::auth::Denial>,
+    /// Nukes completed.
+    #[serde(default)]
+    pub nukes: u64,
+    /// When the pool last compared wanted with actual (epoch ms, workflow time).
+    #[serde(default)]
+    pub last_reconcile_at: Millis,
+    /// How long the last flush took, in ms.
+    #[serde(default)]
+    pub last_flush_ms: Option<Millis>,
+    /// How long the last nuke held the pool, in ms.
+    #[serde(default)]
+    pub last_nuke_ms: Option<Millis>,
 }
 
 impl PoolStatus {
@@ -109,6 +121,10 @@ impl PoolStatus {
             vms: pool.vms.values().cloned().collect(),
             claims: pool.claims.values().cloned().collect(),
             denials: pool.denials.clone(),
+            nukes: pool.nukes,
+            last_reconcile_at: pool.last_reconcile_at,
+            last_flush_ms: pool.last_flush_ms,
+            last_nuke_ms: pool.last_nuke_ms,
         }
     }
 

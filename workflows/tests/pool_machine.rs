@@ -266,7 +266,7 @@ impl World {
                 self.absorb(cmds);
             }
             Step::Nuke => {
-                self.pool.pause();
+                self.pool.pause(self.now);
                 assert!(self.pool.reconcile(self.now).is_empty(), "paused pool acts");
                 // The pause answers once nothing boots.
                 while let Some(i) = self
@@ -280,7 +280,7 @@ impl World {
                         leak: false,
                     });
                 }
-                assert!(self.pool.pause());
+                assert!(self.pool.pause(self.now));
                 let deleted = self.substrate.len() as u64;
                 self.substrate.clear();
                 self.agents.clear();
@@ -623,7 +623,7 @@ fn the_developer_limit_counts_live_agents_and_a_nuke_refuses_claims() {
     assert!(w.pool.validate_claim(&other).is_ok());
     w.apply(&Step::Release { pick: 0 });
     assert!(w.pool.validate_claim(&next).is_ok());
-    w.pool.pause();
+    w.pool.pause(w.now);
     let e = w.pool.validate_claim(&next).unwrap_err();
     assert!(
         e.to_string()

@@ -55,6 +55,16 @@ enum Command {
     ///   murmur patch workspace web --set image_ref=img-2 --set environment.vcpus=2
     ///   murmur patch pool-config default --set max_vms=20
     Patch(resource::PatchArgs),
+    /// Print the client's version and the version of the worker serving the tenant's pool.
+    Version,
+    /// Print a shell completion script.
+    ///
+    /// Example:
+    ///   murmur completions bash > /etc/bash_completion.d/murmur
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Identity: store a credential, show it, sign requests for the `temporal` CLI.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
@@ -137,6 +147,21 @@ fn report(e: &ApiError, hint: Option<&str>, json: bool) -> ExitCode {
     })
 }
 
+/// `murmur version`: the client, and the worker that answers the pool's queries.
+async fn version(workspace: Option<&str>) -> Result<(), ApiError> {
+    println!("client: murmur {}", env!("CARGO_PKG_VERSION"));
+    let worker = match Session::open(workspace).await {
+        Ok(session) => session
+            .pool
+            .worker_version()
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        Err(e) => format!("unknown ({e})"),
+    };
+    println!("worker: {worker}");
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -162,6 +187,12 @@ async fn main() -> ExitCode {
         Command::Set(args) => plain(resource::set(args, workspace).await),
         Command::Patch(args) => plain(resource::patch(args, workspace).await),
         Command::Auth(cmd) => plain(auth::run(cmd, workspace).await),
+        Command::Version => plain(version(workspace).await),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "murmur", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Spawn(args) => agent::spawn(args, workspace).await,
         Command::Kill(args) => agent::kill(args, workspace).await,
         Command::Ls(args) => agent::ls(args, workspace).await,

@@ -336,7 +336,10 @@ impl Pool {
 
     /// Nuke, step 1: stop hand-outs and backfill. Returns true once nothing is booting (the
     /// nuke then sees every VM the pool will ever have created).
-    pub fn pause(&mut self) -> bool {
+    pub fn pause(&mut self, now: Millis) -> bool {
+        if !self.paused {
+            self.paused_at = Some(now);
+        }
         self.paused = true;
         self.booting() == 0
     }
@@ -357,6 +360,7 @@ impl Pool {
         self.claims.clear();
         self.generation += 1;
         self.paused = false;
+        self.last_nuke_ms = self.paused_at.take().map(|t| now.saturating_sub(t));
         self.nukes += 1;
         self.counters.deleted += deleted;
         self.reconcile(now)

@@ -1,0 +1,360 @@
+//! The worker's operations endpoint: `/metrics` (Prometheus text) and `/healthz`.
+//!
+//! murmur's own metrics are read from the pools this worker serves at scrape time (each
+//! running `pool/<tenant>` on the task queue answers its `status` query), so they are exactly
+//! what `murmur pool status` shows; claim latencies are measured by the claim activity in this
+//! process. The Temporal SDK's worker metrics (`temporal_*`) come from the SDK's own exporter,
+//! bound to a private loopback port and appended to the same response.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use murmur_activities::agent_activities::ClaimLatencies;
+use murmur_workflows::model::VmState;
+use murmur_workflows::pool_workflow::PoolWorkflow;
+use murmur_workflows::search_attrs::SA_KIND;
+use murmur_workflows::status::PoolStatus;
+use temporalio_client::{Client, WorkflowListOptions, WorkflowQueryOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What the endpoint reads from.
+pub struct MetricsState {
+    /// Client for visibility and queries.
+    pub client: Client,
+    /// The task queue this worker polls (pools on other queues are not its to report).
+    pub task_queue: String,
+    /// Where the SDK's own exporter listens, if it runs.
+    pub sdk_metrics: Option<SocketAddr>,
+    /// True while the worker polls its task queue.
+    pub polling: Arc<AtomicBool>,
+    /// Claim latencies measured by this worker's claim activities.
+    pub claims: Arc<ClaimLatencies>,
+}
+
+/// Binds the endpoint's address (before anything else takes ports, so a busy address is a
+/// start-up error, not a silent one).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics address {addr}: {e}"))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<MetricsState>,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render(&state).await),
+                "/healthz" if state.polling.load(Ordering::Relaxed) => (
+                    "200 OK",
+                    format!("ok: polling task queue {}\n", state.task_queue),
+                ),
+                "/healthz" => ("503 Service Unavailable", "not polling\n".to_string()),
+                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// The pools this worker serves, by tenant.
+async fn pools(state: &MetricsState) -> Vec<PoolStatus> {
+    let query = format!(
+        "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{}'",
+        SA_KIND.name(),
+        state.task_queue.replace('\'', "")
+    );
+    let mut ids = Vec::new();
+    let mut stream = state
+        .client
+        .list_workflows(query, WorkflowListOptions::default());
+    while let Some(Ok(wf)) = stream.next().await {
+        ids.push(wf.id().to_string());
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        let status = state
+            .client
+            .get_workflow_handle::<PoolWorkflow>(id)
+            .query(PoolWorkflow::status, (), WorkflowQueryOptions::default())
+            .await;
+        if let Ok(st) = status {
+            out.push(st);
+        }
+    }
+    out
+}
+
+/// The whole exposition: murmur's metrics, then the SDK's.
+async fn render(state: &MetricsState) -> String {
+    let mut out = render_pools(&pools(state).await);
+    state.claims.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP murmur_worker_polling 1 while the worker polls its task queue."
+    );
+    let _ = writeln!(out, "# TYPE murmur_worker_polling gauge");
+    let _ = writeln!(
+        out,
+        "murmur_worker_polling {}",
+        u8::from(state.polling.load(Ordering::Relaxed))
+    );
+    if let Some(addr) = state.sdk_metrics {
+        out.push_str(&fetch_sdk_metrics(addr).await.unwrap_or_default());
+    }
+    out
+}
+
+/// Renders the pools' gauges and counters (Prometheus text format).
+pub fn render_pools(pools: &[PoolStatus]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let states = [
+        VmState::Booting,
+        VmState::Warm,
+        VmState::Assigned,
+        VmState::Deleting,
+    ];
+    let mut vms = Vec::new();
+    for p in pools {
+        for ws in &p.workspaces {
+            for g in &ws.groups {
+                for state in states {
+                    let n = match state {
+                        VmState::Booting => g.booting,
+                        VmState::Warm => g.warm,
+                        VmState::Assigned => g.assigned,
+                        VmState::Deleting => g.deleting,
+                    };
+                    vms.push((
+                        format!(
+                            "tenant=\"{}\",workspace=\"{}\",image=\"{}\",generation=\"{}\",state=\"{}\"",
+                            p.tenant,
+                            ws.name,
+                            g.image,
+                            g.generation,
+                            state_name(state)
+                        ),
+                        f64::from(n),
+                    ));
+                }
+            }
+        }
+    }
+    family(
+        "murmur_vms",
+        "gauge",
+        "VMs by tenant, workspace, image, pool generation and state.",
+        vms,
+    );
+    let per_pool = |f: &dyn Fn(&PoolStatus) -> f64| -> Vec<(String, f64)> {
+        pools
+            .iter()
+            .map(|p| (format!("tenant=\"{}\"", p.tenant), f(p)))
+            .collect()
+    };
+    family(
+        "murmur_vms_in_use",
+        "gauge",
+        "VMs counting against max_vms (booting + warm + assigned + deleting).",
+        per_pool(&|p| f64::from(p.in_use)),
+    );
+    family(
+        "murmur_max_vms",
+        "gauge",
+        "The pool-config max_vms in force.",
+        per_pool(&|p| f64::from(p.config.max_vms)),
+    );
+    family(
+        "murmur_creates_in_flight",
+        "gauge",
+        "VM creates asked for and not finished (booting VMs).",
+        per_pool(&|p| p.vms.iter().filter(|v| v.state == VmState::Booting).count() as f64),
+    );
+    family(
+        "murmur_warm_ready",
+        "gauge",
+        "Warm VMs that can be handed out now (current image and generation), by workspace.",
+        pools
+            .iter()
+            .flat_map(|p| {
+                p.workspaces.iter().map(move |w| {
+                    (
+                        format!("tenant=\"{}\",workspace=\"{}\"", p.tenant, w.name),
+                        f64::from(w.ready),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "murmur_min_idle",
+        "gauge",
+        "Warm VMs wanted, by workspace.",
+        pools
+            .iter()
+            .flat_map(|p| {
+                p.workspaces.iter().map(move |w| {
+                    (
+                        format!("tenant=\"{}\",workspace=\"{}\"", p.tenant, w.name),
+                        f64::from(w.min_idle),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "murmur_agents",
+        "gauge",
+        "Agents holding or waiting for a VM.",
+        per_pool(&|p| p.claims.len() as f64),
+    );
+    family(
+        "murmur_claims_waiting",
+        "gauge",
+        "Agents waiting for room under max_vms.",
+        per_pool(&|p| {
+            p.claims
+                .iter()
+                .filter(|c| c.vm.is_none() && c.failed.is_none())
+                .count() as f64
+        }),
+    );
+    family(
+        "murmur_boots_total",
+        "counter",
+        "VM boots asked for.",
+        per_pool(&|p| p.counters.boots as f64),
+    );
+    family(
+        "murmur_boot_failures_total",
+        "counter",
+        "VM boots that failed (all images).",
+        per_pool(&|p| p.counters.boot_failures as f64),
+    );
+    family(
+        "murmur_image_consecutive_boot_failures",
+        "gauge",
+        "Boot failures of an image since its last success (backfill holds back at 3).",
+        pools
+            .iter()
+            .flat_map(|p| {
+                p.failing_images.iter().map(move |(image, h)| {
+                    (
+                        format!("tenant=\"{}\",image=\"{image}\"", p.tenant),
+                        f64::from(h.consecutive_failures),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "murmur_vms_deleted_total",
+        "counter",
+        "VMs confirmed deleted.",
+        per_pool(&|p| p.counters.deleted as f64),
+    );
+    family(
+        "murmur_flushes_total",
+        "counter",
+        "Flushes performed.",
+        per_pool(&|p| p.counters.flushes as f64),
+    );
+    family(
+        "murmur_flushed_vms_total",
+        "counter",
+        "Warm VMs destroyed by flushes.",
+        per_pool(&|p| p.counters.flushed_vms as f64),
+    );
+    family(
+        "murmur_nukes_total",
+        "counter",
+        "Nukes completed.",
+        per_pool(&|p| p.nukes as f64),
+    );
+    family(
+        "murmur_last_flush_seconds",
+        "gauge",
+        "How long the last flush took, from the request to its VMs being gone.",
+        per_pool(&|p| p.last_flush_ms.unwrap_or(0) as f64 / 1000.0),
+    );
+    family(
+        "murmur_last_nuke_seconds",
+        "gauge",
+        "How long the last nuke took, from its pause to its reset.",
+        per_pool(&|p| p.last_nuke_ms.unwrap_or(0) as f64 / 1000.0),
+    );
+    family(
+        "murmur_denials_recent",
+        "gauge",
+        "Refused requests kept in the pool's status (at most 20).",
+        per_pool(&|p| p.denials.len() as f64),
+    );
+    family(
+        "murmur_rejected_messages",
+        "gauge",
+        "Malformed signals rejected since the pool's run started.",
+        per_pool(&|p| p.rejected_messages as f64),
+    );
+    family(
+        "murmur_pool_paused",
+        "gauge",
+        "1 while a nuke holds the pool.",
+        per_pool(&|p| f64::from(u8::from(p.nuke_in_progress))),
+    );
+    out
+}
+
+fn state_name(state: VmState) -> &'static str {
+    match state {
+        VmState::Booting => "booting",
+        VmState::Warm => "warm",
+        VmState::Assigned => "assigned",
+        VmState::Deleting => "deleting",
+    }
+}
+
+/// Reads the SDK exporter's text.
+async fn fetch_sdk_metrics(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "sdk metrics"))??;
+    let text = String::from_utf8_lossy(&raw);
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
+}
