@@ -22,6 +22,7 @@ use temporalio_client::{
     WorkflowGetResultOptions, WorkflowHandle, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
     WorkflowListOptions, WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
 };
+use temporalio_common::MemoValues;
 
 use crate::config::Context;
 
@@ -109,6 +110,8 @@ impl AgentClient {
             "agent",
             Some(&self.ctx.workspace),
         ))
+        .memo(agent_memo(&input))
+        .static_summary(format!("agent {slug}: {}", input.command.join(" ")))
         .build();
         // An agent of this slug that has just ended (a refused spawn, say) may still be
         // closing: wait for it once instead of failing.
@@ -331,6 +334,16 @@ impl AgentClient {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// What the Web UI's memo shows for an agent: where it runs, who started it, what it runs.
+fn agent_memo(input: &AgentInput) -> MemoValues {
+    let mut memo = MemoValues::new();
+    memo.insert("workspace", input.workspace.clone());
+    memo.insert("developer", input.developer.clone());
+    memo.insert("command", input.command.join(" "));
+    memo.insert("on_idle", input.on_idle.as_str().to_string());
+    memo
 }
 
 /// The phase of an agent workflow that is no longer running.

@@ -7,7 +7,9 @@ use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ConfigChange;
 use murmur_workflows::messages::{ConfigRequest, FlushReply, FlushRequest, UpRequest, encode_json};
 use murmur_workflows::model::ResourceDoc;
-use murmur_workflows::nuke_workflow::{NukeInput, NukeReport, NukeWorkflow, nuke_workflow_id};
+use murmur_workflows::nuke_workflow::{
+    NukeInput, NukeProgress, NukeReport, NukeWorkflow, nuke_workflow_id,
+};
 use murmur_workflows::pool_workflow::{ConfigSnapshot, PoolWorkflow, pool_workflow_id};
 use murmur_workflows::status::PoolStatus;
 use temporalio_client::envconfig::LoadClientConfigProfileOptions;
@@ -106,7 +108,10 @@ impl PoolClient {
 
     /// Nukes the tenant: terminates every agent, deletes every VM, resets the pool. Joins a
     /// nuke that is already running instead of starting another; answers when it is done.
-    pub async fn nuke(&self) -> Result<NukeReport, ApiError> {
+    pub async fn nuke(
+        &self,
+        mut progress: impl FnMut(&NukeProgress),
+    ) -> Result<NukeReport, ApiError> {
         let mut input = NukeInput {
             tenant: self.ctx.tenant.clone(),
             actor: Some(self.ctx.developer.clone()),
@@ -124,21 +129,38 @@ impl PoolClient {
                     "nuke",
                     None,
                 ))
+                .static_summary(format!(
+                    "nuke of tenant {} by {}",
+                    self.ctx.tenant, self.ctx.developer
+                ))
                 .build();
         let handle = self
             .client
             .start_workflow(NukeWorkflow::run, input, options)
             .await
             .map_err(|e| murmur_activities::temporal_ops::rpc_error(&e.to_string()))?;
-        handle
-            .get_result(WorkflowGetResultOptions::default())
-            .await
-            .map_err(|e| {
-                let text = format!("{e:?}");
-                ApiError::find_in(&text).unwrap_or_else(|| {
-                    ApiError::new(Code::Internal, format!("nuke did not complete: {e}"))
-                })
+        // Report the nuke's steps while waiting for its result.
+        let result = handle.get_result(WorkflowGetResultOptions::default());
+        tokio::pin!(result);
+        let outcome = loop {
+            tokio::select! {
+                out = &mut result => break out,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    if let Ok(p) = handle
+                        .query(NukeWorkflow::progress, (), WorkflowQueryOptions::default())
+                        .await
+                    {
+                        progress(&p);
+                    }
+                }
+            }
+        };
+        outcome.map_err(|e| {
+            let text = format!("{e:?}");
+            ApiError::find_in(&text).unwrap_or_else(|| {
+                ApiError::new(Code::Internal, format!("nuke did not complete: {e}"))
             })
+        })
     }
 
     /// Flushes the pool (starting it if needed); answers once the flushed VMs are gone.

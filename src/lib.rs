@@ -5,6 +5,7 @@
 //! - [`config`]: `.murmur/` discovery and the resolved [`config::Context`].
 //! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
 //! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
+//! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
 //! - [`metrics`]: the worker's `/metrics` and `/healthz` endpoint.
 //! - [`worker`]: the `murmur-worker` process.
@@ -19,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod output;
+pub mod progress;
 pub mod worker;
 
 /// Exit status of a failed operation (any `CODE: reason` error).

@@ -211,6 +211,27 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    let mut facts = vec![format!(
+        "last reconcile {} ago",
+        human_duration(now.saturating_sub(st.last_reconcile_at))
+    )];
+    if let Some(ms) = st.last_flush_ms {
+        facts.push(format!("last flush took {}", human_duration(ms)));
+    }
+    if st.nukes > 0 {
+        facts.push(format!(
+            "{} nuke(s), the last took {}",
+            st.nukes,
+            human_duration(st.last_nuke_ms.unwrap_or(0))
+        ));
+    }
+    if !st.denials.is_empty() {
+        facts.push(format!(
+            "{} refused request(s), see --json .denials",
+            st.denials.len()
+        ));
+    }
+    let _ = writeln!(out, "{}", facts.join("; "));
     let waiting = st
         .claims
         .iter()
@@ -277,6 +298,54 @@ mod tests {
         assert!(text.contains("exit code: 143\n"));
         assert!(text.ends_with("output:   one\n          two\n"), "{text}");
         assert!(!text.contains("vm:"));
+    }
+
+    #[test]
+    fn status_table_shows_groups_reasons_and_what_happened_last() {
+        use murmur_workflows::status::{GroupStatus, WorkspaceStatus};
+        let st = PoolStatus {
+            tenant: "acme".into(),
+            generation: 4,
+            in_use: 5,
+            config: murmur_workflows::model::PoolConfigSpec::default(),
+            config_generation: 2,
+            workspaces: vec![WorkspaceStatus {
+                name: "web".into(),
+                min_idle: 3,
+                image_ref: "img-2".into(),
+                config_generation: 1,
+                ready: 2,
+                groups: vec![GroupStatus {
+                    image: "img-2".into(),
+                    generation: 4,
+                    warm: 2,
+                    booting: 1,
+                    assigned: 2,
+                    deleting: 0,
+                }],
+                oldest_warm_since: Some(40_000),
+                boot_failures: 0,
+                reasons: vec!["flush_in_progress".into()],
+            }],
+            flush_in_progress: true,
+            last_reconcile_at: 99_000,
+            last_flush_ms: Some(850),
+            ..Default::default()
+        };
+        let text = status_table(&st, 100_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "Pool pool/acme  generation 4  5 of 10 VMs in use  [flush in progress]"
+        );
+        assert!(lines[2].starts_with("WORKSPACE  IMAGE  GEN  WARM  BOOTING  ASSIGNED"));
+        assert!(lines[3].starts_with("web        img-2  4    2     1        2         0"));
+        assert!(
+            lines[3].ends_with("1m0s         0              flush_in_progress"),
+            "{}",
+            lines[3]
+        );
+        assert_eq!(lines[4], "last reconcile 1s ago; last flush took 850ms");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub fn pool_start_options(tenant: &str, task_queue: &str) -> WorkflowUpdateWithS
         WorkflowIdConflictPolicy::UseExisting,
     )
     .search_attributes(search_attributes(tenant, "pool", None))
+    .static_summary(format!("warm pool of tenant {tenant}"))
     .build()
 }
 

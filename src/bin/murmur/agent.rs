@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use murmur::output::{agent_status, agent_table, spawned};
+use murmur::progress::{Progress, until_interrupted};
 use murmur_workflows::agent::{OnIdle, Phase};
 use murmur_workflows::error::{ApiError, Code};
 
@@ -135,19 +136,28 @@ pub(crate) async fn ls(args: LsArgs, workspace: Option<&str>) -> Outcome {
 pub(crate) async fn wait(args: WaitArgs, workspace: Option<&str>) -> Outcome {
     let phase = Phase::parse(&args.phase).map_err(with_hint)?;
     let session = Session::open(workspace).await.map_err(with_hint)?;
-    let result = session
-        .agents
-        .wait(
-            &args.slug,
-            phase,
-            args.timeout.map(Duration::from_secs),
-            |st| {
-                if let Some(p) = st.phase {
-                    eprintln!("{}: {}", st.slug, p.as_str());
-                }
-            },
-        )
-        .await;
+    let mut progress = Progress::start(&format!("{}: waiting for {}", args.slug, phase));
+    let waiting = session.agents.wait(
+        &args.slug,
+        phase,
+        args.timeout.map(Duration::from_secs),
+        |st| {
+            if let Some(p) = st.phase {
+                progress.set(&format!(
+                    "{}: {} (waiting for {phase})",
+                    st.slug,
+                    p.as_str()
+                ));
+            }
+        },
+    );
+    let result = until_interrupted(
+        waiting,
+        "the agent",
+        &format!("murmur status {}", args.slug),
+    )
+    .await;
+    progress.finish();
     match result {
         Ok(st) => {
             print!("{}", agent_status(&st));

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use murmur::output::{FLUSH_START, NUKE_START, flush_result, nuke_result, status_table};
+use murmur::progress::{Progress, until_interrupted};
 use murmur_workflows::error::ApiError;
 use murmur_workflows::status::PoolStatus;
 
@@ -37,6 +38,12 @@ pub(crate) enum PoolCommand {
         /// Print the status as JSON (the schema of `PoolStatus`).
         #[arg(long)]
         json: bool,
+        /// Refresh every --interval seconds (in place on a terminal) until Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2, requires = "watch")]
+        interval: u64,
     },
     /// Start the pool workflow if it is not running and make it backfill now (idempotent).
     ///
@@ -58,21 +65,40 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
         PoolCommand::Flush { nuke: true } => {
             println!("{NUKE_START}");
             let _ = std::io::stdout().flush();
-            let report = session.pool.nuke().await?;
-            println!("{}", nuke_result(report.total()));
+            let mut progress = Progress::start("starting the nuke");
+            let nuke = session.pool.nuke(|p| {
+                progress.set(&format!(
+                    "{}: {}/{} agents terminated, {}/{} VMs deleted",
+                    p.step, p.terminated, p.agents, p.deleted, p.vms
+                ))
+            });
+            let report = until_interrupted(nuke, "the nuke", "murmur pool status").await;
+            progress.finish();
+            println!("{}", nuke_result(report?.total()));
             Ok(())
         }
         PoolCommand::Flush { nuke: false } => {
             println!("{FLUSH_START}");
             let _ = std::io::stdout().flush();
-            let reply = session.pool.flush().await?;
+            let progress = Progress::start("waiting for the flushed VMs to be deleted");
+            let reply =
+                until_interrupted(session.pool.flush(), "the flush", "murmur pool status").await;
+            progress.finish();
+            let reply = reply?;
             println!("{}", flush_result(reply.flushed));
             Ok(())
         }
-        PoolCommand::Status { json } => {
+        PoolCommand::Status {
+            json, watch: false, ..
+        } => {
             let st = session.pool.status().await?;
             print_status(&st, json)
         }
+        PoolCommand::Status {
+            watch: true,
+            interval,
+            ..
+        } => watch_status(&session, Duration::from_secs(interval.max(1))).await,
         PoolCommand::Up { wait, timeout } => {
             let mut st = session.pool.up().await?;
             if wait {
@@ -94,6 +120,30 @@ fn print_status(st: &PoolStatus, json: bool) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Redraws the status until Ctrl-C: in place on a terminal, one block per refresh otherwise.
+async fn watch_status(session: &Session, interval: Duration) -> Result<(), ApiError> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let st = session.pool.status().await?;
+        let table = status_table(&st, now_ms());
+        if tty {
+            // Clear the screen and home the cursor, then draw.
+            print!(
+                "\x1b[2J\x1b[H{table}\n(every {}s; Ctrl-C to stop)\n",
+                interval.as_secs()
+            );
+        } else {
+            println!("{table}");
+        }
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
 fn filled(st: &PoolStatus) -> bool {
     st.workspaces.iter().all(|w| w.ready >= w.min_idle)
 }
@@ -104,27 +154,25 @@ async fn wait_until_filled(
     timeout: Duration,
 ) -> Result<PoolStatus, ApiError> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::new();
+    let mut progress = Progress::start("Waiting for warm VMs");
     while !filled(&st) {
-        let progress: Vec<String> = st
+        let counts: Vec<String> = st
             .workspaces
             .iter()
             .map(|w| format!("{} {}/{}", w.name, w.ready, w.min_idle))
             .collect();
-        let line = format!("Waiting for warm VMs: {}", progress.join(", "));
-        if line != last {
-            eprintln!("{line}");
-            last = line;
-        }
+        progress.set(&format!("Waiting for warm VMs: {}", counts.join(", ")));
         if Instant::now() >= deadline {
             return Err(ApiError::failed_precondition(format!(
                 "pool did not fill within {}s; see murmur pool status",
                 timeout.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pause = tokio::time::sleep(Duration::from_millis(200));
+        until_interrupted(pause, "backfill", "murmur pool status").await;
         st = session.pool.status().await?;
     }
+    progress.finish();
     Ok(st)
 }
 
