@@ -53,13 +53,9 @@ pub async fn serve(
         let (mut stream, _) = listener.accept().await?;
         let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let Some(request) = read_request_head(&mut stream).await else {
+                return;
             };
-            let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render(&state).await),
@@ -77,6 +73,27 @@ pub async fn serve(
             let _ = stream.write_all(response.as_bytes()).await;
         });
     }
+}
+
+/// Reads a request's head (up to the blank line, at most 8 KiB, 5 s). Clients may send it in
+/// several packets.
+async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()??;
+    Some(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// The pools this worker serves, by tenant.
@@ -199,37 +216,30 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
         "VM creates asked for and not finished (booting VMs).",
         per_pool(&|p| p.vms.iter().filter(|v| v.state == VmState::Booting).count() as f64),
     );
-    family(
-        "murmur_warm_ready",
-        "gauge",
-        "Warm VMs that can be handed out now (current image and generation), by workspace.",
+    let per_workspace = |f: &dyn Fn(&murmur_workflows::status::WorkspaceStatus) -> u32| {
         pools
             .iter()
             .flat_map(|p| {
                 p.workspaces.iter().map(move |w| {
                     (
                         format!("tenant=\"{}\",workspace=\"{}\"", p.tenant, w.name),
-                        f64::from(w.ready),
+                        f64::from(f(w)),
                     )
                 })
             })
-            .collect(),
+            .collect::<Vec<_>>()
+    };
+    family(
+        "murmur_warm_ready",
+        "gauge",
+        "Warm VMs that can be handed out now (current image and generation), by workspace.",
+        per_workspace(&|w| w.ready),
     );
     family(
         "murmur_min_idle",
         "gauge",
         "Warm VMs wanted, by workspace.",
-        pools
-            .iter()
-            .flat_map(|p| {
-                p.workspaces.iter().map(move |w| {
-                    (
-                        format!("tenant=\"{}\",workspace=\"{}\"", p.tenant, w.name),
-                        f64::from(w.min_idle),
-                    )
-                })
-            })
-            .collect(),
+        per_workspace(&|w| w.min_idle),
     );
     family(
         "murmur_agents",

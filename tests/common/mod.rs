@@ -121,9 +121,14 @@ impl TestEnv {
                 }
             }
         };
-        write!(stream, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
         let mut raw = String::new();
-        stream.read_to_string(&mut raw).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        let exchange = stream
+            .write_all(request.as_bytes())
+            .and_then(|()| stream.read_to_string(&mut raw));
+        if let Err(e) = exchange {
+            panic!("GET {path}: {e}\n{}", self.worker_log_tail());
+        }
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
         (
             head.lines().next().unwrap_or_default().to_string(),
