@@ -44,6 +44,8 @@ impl VmActivities {
         spec: BootSpec,
     ) -> Result<BootReport, ActivityError> {
         let started = Instant::now();
+        tracing::info!(tenant = %spec.tenant, workspace = %spec.workspace, vm = %spec.vm,
+            image = %spec.image, attempt = ctx.info().attempt, "vm boot started");
         let work = async {
             self.provider.create(&spec).await?;
             self.provider
