@@ -12,7 +12,7 @@ use temporalio_common::telemetry::metrics::CoreMeter;
 use temporalio_common::telemetry::{
     PrometheusExporterOptions, TelemetryOptions, start_prometheus_metric_exporter,
 };
-use temporalio_sdk::runtime::RuntimeOptions;
+use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 
 use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
@@ -83,6 +83,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let claims = Arc::new(ClaimLatencies::default());
     let polling = Arc::new(AtomicBool::new(false));
     let options = WorkerOptions::new(config.task_queue.clone())
+        // Flushes and nukes start many short activities at once.
+        .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(10))
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?

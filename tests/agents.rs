@@ -550,3 +550,44 @@ fn a_nuke_signal_from_the_temporal_cli_wipes_the_tenant() {
     assert!(now.is_disjoint(&old));
     assert_eq!(substrate_ids(&env), now);
 }
+
+#[test]
+fn agents_queued_at_max_vms_leave_the_pool_responsive_and_are_told_when_served() {
+    let env = TestEnv::start("queue");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=2"]);
+    env.set_workspace("default", "min_idle: 0\n");
+    let slugs: Vec<String> = (0..12).map(|i| format!("q{i}")).collect();
+    for slug in &slugs {
+        env.spawn(slug, UNTIL_GO);
+    }
+    let st = env.wait_for("2 agents on VMs, 10 queued", |s| {
+        s.claims.len() == 12 && s.claims.iter().filter(|c| c.vm.is_none()).count() == 10
+    });
+    // Ten queued agents hold no update open: the pool still answers writes at once.
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.murmur_ok(&["patch", "workspace", "default", "--set", "description=busy"]);
+    let queued = env.agent(&slugs[11]);
+    assert_eq!(queued.phase, Some(Phase::Starting));
+    assert!(queued.queue_position.is_some(), "{queued:?}");
+
+    // The two running agents finish; the next two in line are told and start.
+    let running: Vec<String> = st
+        .claims
+        .iter()
+        .filter_map(|c| c.vm.as_ref().map(|vm| vm.0.clone()))
+        .collect();
+    for vm in &running {
+        // Their VMs may still be booting: wait until the command runs there.
+        let root = env.vm_root(vm);
+        let deadline = Instant::now() + PATIENCE;
+        while !root.exists() {
+            assert!(Instant::now() < deadline, "VM {vm} never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        release(&env, vm);
+    }
+    env.wait_for("the next two agents on VMs", |s| {
+        s.claims.len() == 10 && s.claims.iter().filter(|c| c.vm.is_some()).count() == 2
+    });
+}

@@ -19,10 +19,12 @@ use std::time::Duration;
 use futures::FutureExt;
 
 use temporalio_common::RetryPolicy;
+use temporalio_common::data_converters::RawValue;
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
-    ActivityExecutionError, ActivityOptions, ApplicationFailure, WorkflowCancellationToken,
-    WorkflowContext, WorkflowContextView, WorkflowResult, WorkflowTermination,
+    ActivityExecutionError, ActivityOptions, ApplicationFailure, LocalActivityOptions,
+    SyncWorkflowContext, WorkflowCancellationToken, WorkflowContext, WorkflowContextView,
+    WorkflowResult, WorkflowTermination,
 };
 
 use crate::activity_api::{
@@ -37,6 +39,9 @@ use crate::machine::{ClaimRequest, ClaimState};
 use crate::model::VmId;
 use crate::pool_workflow::{UpdateError, root_cause};
 
+/// How often a waiting agent asks again where its claim stands, in case the pool's
+/// notification was lost (a pool continuing as new, say).
+pub const CLAIM_RECHECK: Duration = Duration::from_secs(60);
 /// Longest an agent's command may run.
 pub const MAX_RUN_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -54,6 +59,8 @@ pub struct AgentWorkflow {
     killed_by: Option<String>,
     /// True once a claim was sent to the pool (then it must be released).
     claimed: bool,
+    /// Set by the pool's `claim_settled` signal: ask again where the claim stands.
+    claim_settled: bool,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -89,6 +96,7 @@ impl AgentWorkflow {
             admission: None,
             killed_by: None,
             claimed: false,
+            claim_settled: false,
         }
     }
 
@@ -216,6 +224,13 @@ impl AgentWorkflow {
         })
     }
 
+    /// From the pool: this agent's waiting claim was served (or failed); the agent asks
+    /// again where it stands. Any payload is accepted and ignored.
+    #[signal(name = "claim_settled")]
+    pub fn claim_settled(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
+        self.claim_settled = true;
+    }
+
     /// The agent's status (`murmur status`).
     #[query]
     pub fn status(&self, _ctx: &WorkflowContextView) -> AgentStatus {
@@ -308,12 +323,20 @@ async fn work(
             claim: claim.clone(),
             started_at,
         };
-        let answer = until_killed(
-            c,
-            stop,
-            c.execute_activity(ClaimVm, input, claim_options(stop)),
-        )
-        .await;
+        // Every claim call runs as a local activity and is answered at once (skipping the
+        // activity task queue is a large part of a warm spawn's latency).
+        let options = LocalActivityOptions::builder()
+            .start_to_close_timeout(Duration::from_secs(30))
+            .retry_policy(
+                RetryPolicy::builder()
+                    .initial_interval(Duration::from_millis(200))
+                    .maximum_interval(Duration::from_secs(5))
+                    .non_retryable_error_types([CLAIM_REJECTED])
+                    .build(),
+            )
+            .cancellation_token(stop.clone())
+            .build();
+        let answer = until_killed(c, stop, c.execute_local_activity(ClaimVm, input, options)).await;
         let state = match answer {
             Ok(state) => state,
             Err(_) if stop.is_cancelled() => return Ended::Canceled,
@@ -342,7 +365,20 @@ async fn work(
             ClaimState::Unknown => {
                 return Ended::Failed("the pool no longer knows this agent's claim".into());
             }
-            ClaimState::Waiting { .. } | ClaimState::Booting { .. } => claim.wait = true,
+            ClaimState::Waiting { .. } | ClaimState::Booting { .. } => {
+                // Wait to be told (a signal from the pool), or re-check now and then in case
+                // a notification was lost; a kill ends the wait.
+                claim.wait = true;
+                temporalio_sdk::workflows::select! {
+                    _ = c.wait_condition(|s| s.claim_settled || s.killed_by.is_some()).fuse() => {}
+                    _ = c.timer(CLAIM_RECHECK).fuse() => {}
+                }
+                if stop.is_cancelled() || c.state(|s| s.killed_by.is_some()) {
+                    stop.cancel();
+                    return Ended::Canceled;
+                }
+                c.state_mut(|s| s.claim_settled = false);
+            }
         }
     };
 
@@ -405,21 +441,6 @@ async fn release(c: &WorkflowContext<AgentWorkflow>) {
             _ => break,
         }
     }
-}
-
-fn claim_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
-    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(90))
-        .cancellation_token(stop.clone())
-        .heartbeat_timeout(Duration::from_secs(5))
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial_interval(Duration::from_secs(1))
-                .maximum_interval(Duration::from_secs(10))
-                .non_retryable_error_types([CLAIM_REJECTED])
-                .build(),
-        )
-        .summary("claim a VM".to_string())
-        .build()
 }
 
 fn set_phase(c: &WorkflowContext<AgentWorkflow>, phase: Phase) {

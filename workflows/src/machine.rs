@@ -44,6 +44,13 @@ pub enum Command {
         /// Why, for logs.
         reason: DeleteReason,
     },
+    /// Tell an agent whose claim was waiting that it is settled (served or failed); the agent
+    /// then asks where its claim stands. Nothing is lost if it does not arrive: agents also
+    /// re-check on a timer.
+    Notify {
+        /// The agent's workflow id.
+        agent: String,
+    },
 }
 
 /// Everything a substrate needs to create one VM.
@@ -243,8 +250,9 @@ impl Pool {
                 health.consecutive_failures = 0;
                 health.backoff_until = None;
                 rec.ready_at = Some(now);
-                if self.hand_booted_vm_to_claim(vm) {
+                if let Some(notify) = self.hand_booted_vm_to_claim(vm) {
                     // Handed to the agent it was booted for.
+                    out.push(notify);
                 } else if let Some(rec) = self.vms.get_mut(vm)
                     && rec.generation < current_generation
                 {
@@ -270,8 +278,7 @@ impl Pool {
     /// A VM did not become ready (or its create failed). It is deleted, in case the substrate
     /// created something before failing, and the image's failure count goes up.
     pub fn boot_failed(&mut self, vm: &VmId, error: &str, now: Millis) -> Vec<Command> {
-        let mut out = Vec::new();
-        self.fail_claim_of(vm, error);
+        let mut out: Vec<Command> = self.fail_claim_of(vm, error).into_iter().collect();
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
                 rec.state = VmState::Deleting;
@@ -580,6 +587,10 @@ impl Pool {
             .in_use()
             .saturating_sub(self.config.spec.max_vms)
             .saturating_sub(self.deleting());
+        if excess == 0 {
+            // The common case: nothing to shed, so no need to sort the warm VMs.
+            return Vec::new();
+        }
         self.warm_in_eviction_order()
             .into_iter()
             .take(excess as usize)

@@ -22,9 +22,11 @@ use temporalio_common::data_converters::RawValue;
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
     ActivityOptions, ChildWorkflowOptions, ContinueAsNewOptions, ParentClosePolicy,
-    SyncWorkflowContext, WorkflowContext, WorkflowContextView, WorkflowIdReusePolicy,
-    WorkflowResult,
+    SignalWorkflowOptions, SyncWorkflowContext, WorkflowContext, WorkflowContextView,
+    WorkflowIdReusePolicy, WorkflowResult,
 };
+
+use crate::agent_workflow::AgentWorkflow;
 
 use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
 use crate::auth::{Credential, Denial, Identity, VerifyRequest, ops, unsigned_body};
@@ -104,6 +106,8 @@ enum Outcome {
     DeleteFailed(VmId),
     /// The nuke workflow started (true) or could not start yet (false: one still runs).
     NukeStarted(bool),
+    /// A waiting agent was told its claim is settled (or could not be).
+    Notified,
     /// A `flush` signal's credential was checked.
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
 }
@@ -230,6 +234,7 @@ impl PoolWorkflow {
                             Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
+                            Outcome::Notified => Vec::new(),
                             Outcome::SignalChecked(req, verdict) => {
                                 s.apply_signalled_flush(*req, verdict, now);
                                 Vec::new()
@@ -429,8 +434,8 @@ impl PoolWorkflow {
         self.pool.validate_claim(req).map_err(boxed)
     }
 
-    /// An agent claims a VM (idempotent by request id). Answers at once with where the claim
-    /// stands, or, with `wait`, once it is served (or after [`HANDLER_WAIT`]).
+    /// An agent claims a VM (idempotent by request id), or asks again where its claim stands.
+    /// Answers at once.
     #[update]
     pub async fn claim(
         ctx: &mut WorkflowContext<Self>,
@@ -459,16 +464,10 @@ impl PoolWorkflow {
             }
             Ok(())
         })?;
-        let request = req.request.clone();
-        if req.wait {
-            temporalio_sdk::workflows::select! {
-                r = ctx.wait_condition(|s| s.pool.claim_state(&request).is_settled()) => {
-                    r.map_err(|e| Box::new(e) as UpdateError)?;
-                }
-                _ = ctx.timer(HANDLER_WAIT) => {}
-            }
-        }
-        Ok(ctx.state(|s| s.pool.claim_state(&request)))
+        // Always answered at once: a claim that has to wait is told by a `claim_settled`
+        // signal when it is served, so no update stays open (the server caps in-flight
+        // updates per workflow; waiting ones would starve flushes and other claims).
+        Ok(ctx.state(|s| s.pool.claim_state(&req.request)))
     }
 
     /// The agent behind a claim ended: its VM is deleted, never returned to the pool.
@@ -830,6 +829,19 @@ fn start_command<'a>(
                     Ok(_) => Outcome::Booted(vm),
                     Err(e) => Outcome::BootFailed(vm, root_cause(&e)),
                 }
+            }
+            .boxed_local()
+        }
+        Command::Notify { agent } => {
+            let signal = c.external_workflow(agent, None).signal(
+                AgentWorkflow::claim_settled,
+                RawValue::empty(),
+                SignalWorkflowOptions::default(),
+            );
+            async move {
+                // An agent that has ended meanwhile cannot be told; nothing depends on it.
+                let _ = signal.await;
+                Outcome::Notified
             }
             .boxed_local()
         }

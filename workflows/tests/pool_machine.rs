@@ -187,6 +187,7 @@ impl World {
                             self.pool.delete_failed(&vm)
                         }
                     }
+                    Command::Notify { .. } => Vec::new(),
                 };
                 self.absorb(cmds);
             }

@@ -46,8 +46,8 @@ pub struct ClaimRequest {
     pub developer: String,
     /// Workspace the VM must come from.
     pub workspace: String,
-    /// Wait (a bounded while) for the claim to be served before answering; without it the
-    /// answer comes as soon as the claim is recorded (admission).
+    /// False for an agent's first claim (admission), true when it asks again after being
+    /// told its claim is settled (the claim latency metric tells warm from cold by it).
     pub wait: bool,
     /// Request id of the developer's signed spawn (used once).
     pub spawn_request_id: String,
@@ -243,11 +243,12 @@ impl Pool {
             if let Some(vm) = self.fresh_warm_vm(&workspace) {
                 if let Some(rec) = self.vms.get_mut(&vm) {
                     rec.state = VmState::Assigned;
-                    rec.agent = Some(agent);
+                    rec.agent = Some(agent.clone());
                 }
                 if let Some(c) = self.claims.get_mut(&request) {
                     c.vm = Some(vm);
                 }
+                out.push(Command::Notify { agent });
                 continue;
             }
             if waiting_for_room == 0 && self.in_use() < self.config.spec.max_vms {
@@ -300,38 +301,42 @@ impl Pool {
     }
 
     /// A VM booted for a claim came up: it is the claim's, whatever happened to the pool's
-    /// generation meanwhile. Returns false when the claim is gone (the VM then joins the pool).
-    pub(super) fn hand_booted_vm_to_claim(&mut self, vm: &VmId) -> bool {
-        let Some(request) = self.vms.get(vm).and_then(|v| v.claim.clone()) else {
-            return false;
-        };
-        let owned = self
+    /// generation meanwhile; returns the notification for its agent. `None` when the claim is
+    /// gone (the VM then joins the pool).
+    pub(super) fn hand_booted_vm_to_claim(&mut self, vm: &VmId) -> Option<Command> {
+        let request = self.vms.get(vm).and_then(|v| v.claim.clone())?;
+        let owner = self
             .claims
             .get(&request)
-            .is_some_and(|c| c.vm.as_ref() == Some(vm));
-        let Some(rec) = self.vms.get_mut(vm) else {
-            return false;
-        };
+            .filter(|c| c.vm.as_ref() == Some(vm))
+            .map(|c| c.agent.clone());
+        let rec = self.vms.get_mut(vm)?;
         rec.claim = None;
-        if owned {
-            rec.state = VmState::Assigned;
-            return true;
+        match owner {
+            Some(agent) => {
+                rec.state = VmState::Assigned;
+                Some(Command::Notify { agent })
+            }
+            None => {
+                rec.agent = None;
+                None
+            }
         }
-        rec.agent = None;
-        false
     }
 
-    /// A VM booted for a claim failed: the claim fails with the boot's error.
-    pub(super) fn fail_claim_of(&mut self, vm: &VmId, error: &str) {
-        let Some(request) = self.vms.get(vm).and_then(|v| v.claim.clone()) else {
-            return;
-        };
-        if let Some(c) = self.claims.get_mut(&request)
-            && c.vm.as_ref() == Some(vm)
-        {
-            c.vm = None;
-            c.failed = Some(format!("the VM booted for this agent failed: {error}"));
+    /// A VM booted for a claim failed: the claim fails with the boot's error; returns the
+    /// notification for its agent.
+    pub(super) fn fail_claim_of(&mut self, vm: &VmId, error: &str) -> Option<Command> {
+        let request = self.vms.get(vm).and_then(|v| v.claim.clone())?;
+        let c = self.claims.get_mut(&request)?;
+        if c.vm.as_ref() != Some(vm) {
+            return None;
         }
+        c.vm = None;
+        c.failed = Some(format!("the VM booted for this agent failed: {error}"));
+        Some(Command::Notify {
+            agent: c.agent.clone(),
+        })
     }
 
     /// Nuke, step 1: stop hand-outs and backfill. Returns true once nothing is booting (the

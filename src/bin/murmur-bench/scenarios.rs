@@ -1,0 +1,529 @@
+//! The scenarios. Each makes its own tenant, measures, and cleans up what it started.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use murmur::agents::AgentClient;
+use murmur::client::PoolClient;
+use murmur_activities::auth::KeyStore;
+use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
+use murmur_activities::provider::Provider;
+use murmur_activities::temporal_ops::update_pool;
+use murmur_workflows::agent::{OnIdle, Phase};
+use murmur_workflows::auth::{ops, unsigned_body};
+use murmur_workflows::machine::{BootSpec, ClaimRequest, ConfigChange};
+use murmur_workflows::model::{Environment, VmId, VmState};
+use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
+use temporalio_client::{UntypedWorkflow, WorkflowListOptions, WorkflowTerminateOptions};
+
+use crate::{Bench, Figure};
+
+/// Every scenario, in the order `all` runs them, with what it measures.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("spawn", "spawn → PHASE_RUNNING, warm pool vs cold boot"),
+    (
+        "flush-10",
+        "flush of 10 warm VMs: CLI answer and back at min_idle",
+    ),
+    ("flush-100", "flush of 100 warm VMs (at most 5 runs)"),
+    (
+        "delete",
+        "deleting 10 sandboxes one at a time vs in parallel",
+    ),
+    (
+        "claim-throughput",
+        "200 claims from 50 concurrent clients on one pool",
+    ),
+    (
+        "cli-latency",
+        "murmur pool status vs temporal workflow query",
+    ),
+    (
+        "nuke",
+        "nuke of 100 keep-alive agents + 50 warm VMs (1 run)",
+    ),
+    ("footprint", "worker RSS and CPU with 1,000 agent workflows"),
+];
+
+/// Runs one scenario.
+pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    match name {
+        "spawn" => spawn(b).await,
+        "flush-10" => flush(b, 10, b.runs).await,
+        "flush-100" => flush(b, 100, b.runs.min(5)).await,
+        "delete" => delete(b).await,
+        "claim-throughput" => claims(b).await,
+        "cli-latency" => cli_latency(b).await,
+        "nuke" => nuke(b).await,
+        "footprint" => footprint(b).await,
+        other => anyhow::bail!("unknown scenario {other}"),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn figure(
+    name: &str,
+    samples: Vec<f64>,
+    unit: &'static str,
+    goal: &str,
+    met: Option<bool>,
+) -> Figure {
+    Figure {
+        name: name.to_string(),
+        samples,
+        unit,
+        goal: goal.to_string(),
+        met,
+    }
+}
+
+async fn set_pool(pool: &PoolClient, max_vms: u32, min_idle: u32) -> anyhow::Result<()> {
+    let patch = |k: &str, v: u32| ConfigChange::Patch {
+        set: vec![(k.to_string(), v.to_string())],
+    };
+    pool.apply_config("pool-config", "default", patch("max_vms", max_vms))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = serde_json::json!({ "min_idle": min_idle });
+    pool.apply_config(
+        "workspace",
+        "default",
+        ConfigChange::Set {
+            spec,
+            expected_generation: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn settled_with(ready: u32) -> impl Fn(&murmur_workflows::status::PoolStatus) -> bool {
+    move |s| {
+        s.workspaces.first().is_some_and(|w| w.ready == ready)
+            && s.vms
+                .iter()
+                .all(|v| matches!(v.state, VmState::Warm | VmState::Assigned))
+    }
+}
+
+/// Terminates every running workflow of the tenant (the bench's worker stops with the run).
+async fn cleanup(pool: &PoolClient, agents: &AgentClient, tenant: &str) {
+    let _ = (pool, agents);
+    let Ok(client) = murmur::client::connect("murmur-bench").await else {
+        return;
+    };
+    let query = format!("MurmurTenant = '{tenant}' AND ExecutionStatus = 'Running'");
+    let mut ids = Vec::new();
+    let mut stream = client.list_workflows(query, WorkflowListOptions::default());
+    while let Some(Ok(wf)) = stream.next().await {
+        ids.push(wf.id().to_string());
+    }
+    for id in ids {
+        let _ = client
+            .get_workflow_handle::<UntypedWorkflow>(id)
+            .terminate(
+                WorkflowTerminateOptions::builder()
+                    .reason("bench done")
+                    .build(),
+            )
+            .await;
+    }
+}
+
+/// `murmur spawn` → the agent's command runs, with a warm VM and with a cold boot.
+async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-spawn").await?;
+    let mut out = Vec::new();
+    let mut medians = Vec::new();
+    for (label, min_idle) in [("spawn-warm (process)", 5), ("spawn-cold (process)", 0)] {
+        set_pool(&pool, 30, min_idle).await?;
+        let mut samples = Vec::new();
+        for i in 0..b.warmup + b.runs {
+            Bench::wait_pool(&pool, Duration::from_secs(60), settled_with(min_idle)).await?;
+            let slug = format!("s{min_idle}-{i}");
+            let t0 = Instant::now();
+            agents
+                .spawn(&slug, vec!["sleep 300".into()], OnIdle::Terminate)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            loop {
+                let st = agents
+                    .status(&slug)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if st.phase == Some(Phase::Running) {
+                    break;
+                }
+                anyhow::ensure!(
+                    !st.phase.is_some_and(Phase::is_terminal),
+                    "agent {slug} ended: {st:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let dt = ms(t0.elapsed());
+            if i >= b.warmup {
+                samples.push(dt);
+            }
+            agents
+                .kill(&slug)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        medians.push(median(&samples));
+        out.push(figure(label, samples, "ms", "", None));
+    }
+    let (warm, cold) = (medians[0], medians[1]);
+    out[0].goal = "≤ 100 ms".into();
+    out[0].met = Some(warm <= 100.0);
+    out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(out)
+}
+
+/// Flush of `n` warm VMs: until the CLI has its answer, and until the pool is back at min_idle.
+async fn flush(b: &Bench, n: u32, runs: usize) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant(&format!("bench-flush{n}")).await?;
+    set_pool(&pool, n + 10, n).await?;
+    let (mut answer, mut refill) = (Vec::new(), Vec::new());
+    for i in 0..b.warmup.min(1) + runs {
+        Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(n)).await?;
+        let t0 = Instant::now();
+        let reply = pool.flush().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t_answer = t0.elapsed();
+        anyhow::ensure!(reply.flushed == n, "flushed {} of {n}", reply.flushed);
+        Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(n)).await?;
+        if i >= b.warmup.min(1) {
+            answer.push(ms(t_answer));
+            refill.push(ms(t0.elapsed()));
+        }
+    }
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    let goal_answer = if n >= 100 { "≤ 1000 ms" } else { "" };
+    let met = (n >= 100).then(|| median(&answer) <= 1000.0);
+    Ok(vec![
+        figure(
+            &format!("flush-{n}: CLI answer"),
+            answer,
+            "ms",
+            goal_answer,
+            met,
+        ),
+        figure(
+            &format!("flush-{n}: back at min_idle"),
+            refill,
+            "ms",
+            if n >= 100 { "≤ 2 s + one boot" } else { "" },
+            None,
+        ),
+    ])
+}
+
+/// Deleting sandboxes one after the other vs all at once (what the pool does).
+async fn delete(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let dir = b.state_dir.join("delete-bench");
+    let provider = ProcessProvider::new(
+        &dir,
+        SupervisorLaunch {
+            program: b.bin_dir.join("murmur-worker"),
+            args: vec!["sandbox".into()],
+        },
+    )?;
+    let tenant = "bench-delete";
+    let (mut seq, mut par) = (Vec::new(), Vec::new());
+    for round in 0..b.runs.min(5) * 2 {
+        let vms: Vec<VmId> = (0..10)
+            .map(|i| VmId::from_bits((round * 100 + i) as u32 + 0x0b00_0000))
+            .collect();
+        let boots = vms.iter().map(|vm| {
+            let spec = BootSpec {
+                vm: vm.clone(),
+                tenant: tenant.into(),
+                workspace: "default".into(),
+                image: "default".into(),
+                environment: Environment::default(),
+            };
+            let p = &provider;
+            async move {
+                p.create(&spec).await?;
+                p.wait_ready(tenant, &spec.vm, Duration::from_secs(30))
+                    .await
+            }
+        });
+        for r in futures::future::join_all(boots).await {
+            r?;
+        }
+        let t0 = Instant::now();
+        if round % 2 == 0 {
+            for vm in &vms {
+                provider.delete(tenant, vm).await?;
+            }
+            seq.push(ms(t0.elapsed()));
+        } else {
+            let deletes = vms.iter().map(|vm| provider.delete(tenant, vm));
+            for r in futures::future::join_all(deletes).await {
+                r?;
+            }
+            par.push(ms(t0.elapsed()));
+        }
+    }
+    Ok(vec![
+        figure("delete-10: one at a time", seq, "ms", "", None),
+        figure("delete-10: in parallel", par, "ms", "", None),
+    ])
+}
+
+/// Claims per second one pool workflow sustains, and their latency at that rate.
+async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-claims").await?;
+    let total = 200usize;
+    let clients = 50usize;
+    set_pool(&pool, 400, total as u32).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(total as u32)).await?;
+    let keys = KeyStore::open(&b.state_dir)?;
+    let client = murmur::client::connect("murmur-bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = pool_workflow_id(&ctx.tenant);
+    let t0 = Instant::now();
+    let tasks = (0..clients).map(|c| {
+        let (client, keys, target, ctx) =
+            (client.clone(), keys.clone(), target.clone(), ctx.clone());
+        let tq = b.task_queue.clone();
+        async move {
+            let mut lat = Vec::new();
+            for i in 0..total / clients {
+                let mut req = ClaimRequest {
+                    request: format!("bench-{c}-{i}@run"),
+                    agent: format!("bench-agent-{c}-{i}"),
+                    developer: format!("dev{c}"),
+                    workspace: "default".into(),
+                    wait: false,
+                    spawn_request_id: format!("bench-spawn-{c}-{i}"),
+                    auth: None,
+                };
+                req.auth = Some(keys.sign_service(ops::CLAIM, &target, &unsigned_body(&req))?);
+                let t = Instant::now();
+                // The server admits at most 10 in-flight updates per workflow (dev server
+                // default); over that it answers "resource exhausted" and, like the claim
+                // activity, the client retries.
+                loop {
+                    match update_pool(&client, &ctx.tenant, &tq, PoolWorkflow::claim, req.clone())
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if e.message.contains("in-flight updates") => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(e) => anyhow::bail!("{e}"),
+                    }
+                }
+                lat.push(ms(t.elapsed()));
+            }
+            anyhow::Ok(lat)
+        }
+    });
+    let mut latencies = Vec::new();
+    for r in futures::future::join_all(tasks).await {
+        latencies.extend(r?);
+    }
+    let rate = total as f64 / t0.elapsed().as_secs_f64();
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(vec![
+        figure(
+            "claim-throughput: claims/s (50 clients)",
+            vec![rate],
+            "/s",
+            "≥ 100/s",
+            Some(rate >= 100.0),
+        ),
+        figure("claim-throughput: claim latency", latencies, "ms", "", None),
+    ])
+}
+
+/// `murmur pool status` end to end vs `temporal workflow query` of the same query.
+async fn cli_latency(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-cli").await?;
+    set_pool(&pool, 10, 2).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(60), settled_with(2)).await?;
+    let project = b.state_dir.join("cli-project");
+    std::fs::create_dir_all(project.join(".murmur"))?;
+    std::fs::write(
+        project.join(".murmur/murmur.yaml"),
+        format!("tenant: {}\nworkspace: default\n", ctx.tenant),
+    )?;
+    let wf = pool_workflow_id(&ctx.tenant);
+    let temporal = b.root.join(".venv/bin/temporal");
+    let time = |cmd: &mut Command| -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let out = cmd.output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(ms(t0.elapsed()))
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..b.warmup + b.runs {
+        let a = time(
+            Command::new(b.bin_dir.join("murmur"))
+                .args(["pool", "status", "--json"])
+                .current_dir(&project),
+        )?;
+        let t = time(Command::new(&temporal).args([
+            "workflow",
+            "query",
+            "--workflow-id",
+            &wf,
+            "--name",
+            "status",
+            "-o",
+            "json",
+        ]))?;
+        if i >= b.warmup {
+            ours.push(a);
+            theirs.push(t);
+        }
+    }
+    let ratio = median(&ours) / median(&theirs).max(0.001);
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(vec![
+        figure(
+            "cli-latency: murmur pool status",
+            ours,
+            "ms",
+            &format!("≤ 1.0× temporal ({ratio:.2}×)"),
+            Some(ratio <= 1.0),
+        ),
+        figure(
+            "cli-latency: temporal workflow query",
+            theirs,
+            "ms",
+            "",
+            None,
+        ),
+    ])
+}
+
+/// Spawns `n` agents, `batch` at a time.
+async fn spawn_many(
+    agents: &AgentClient,
+    prefix: &str,
+    n: usize,
+    command: &str,
+    on_idle: OnIdle,
+) -> anyhow::Result<()> {
+    let slugs: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let mut stream = futures::stream::iter(
+        slugs
+            .iter()
+            .map(|slug| agents.spawn(slug, vec![command.to_string()], on_idle)),
+    )
+    .buffer_unordered(16);
+    while let Some(r) = stream.next().await {
+        r.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// Nuke of 100 keep-alive agents and 50 warm VMs.
+async fn nuke(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-nuke").await?;
+    set_pool(&pool, 160, 50).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(50)).await?;
+    spawn_many(&agents, "k", 100, "true", OnIdle::KeepAlive).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(300), |s| {
+        s.vms
+            .iter()
+            .filter(|v| v.state == VmState::Assigned)
+            .count()
+            == 100
+            && settled_with(50)(s)
+    })
+    .await?;
+    let t0 = Instant::now();
+    let report = pool
+        .nuke(|_| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dt = ms(t0.elapsed());
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(vec![figure(
+        &format!(
+            "nuke 100 agents + 50 warm ({} terminated/deleted)",
+            report.total()
+        ),
+        vec![dt],
+        "ms",
+        "≤ 5000 ms",
+        Some(dt <= 5000.0),
+    )])
+}
+
+/// Worker memory and CPU with 1,000 agent workflows. Lighter mode: 10 agents run on VMs and
+/// 990 wait for room at max_vms (their workflows, claims and timers are live; their
+/// sandboxes do not exist), because 1,000 sandboxes would measure the sandboxes.
+async fn footprint(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-footprint").await?;
+    set_pool(&pool, 10, 0).await?;
+    let rss_before = rss_mb(b.worker_pid());
+    spawn_many(&agents, "f", 1000, "sleep 600", OnIdle::Terminate).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(300), |s| s.claims.len() == 1000).await?;
+    let cpu0 = cpu_ticks(b.worker_pid());
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cpu = (cpu_ticks(b.worker_pid()) - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    let rss = rss_mb(b.worker_pid());
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(vec![
+        figure(
+            "footprint: worker RSS, 1,000 agents (990 queued)",
+            vec![rss],
+            "MB",
+            &format!("≤ 150 MB (idle worker {rss_before:.0} MB)"),
+            Some(rss <= 150.0),
+        ),
+        figure(
+            "footprint: worker CPU, 1,000 agents (990 queued)",
+            vec![cpu * 100.0],
+            "%",
+            "",
+            None,
+        ),
+    ])
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,97 @@
+//! Cost per event of the pure pool state machine with 10,000 VMs:
+//! `cargo bench -p murmur-workflows --bench machine`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use murmur_workflows::machine::{ClaimRequest, Command, ConfigChange, Pool};
+use murmur_workflows::model::{ResourceKind, VmId, VmRecord, VmState};
+
+const VMS: u32 = 10_000;
+
+/// A pool with `VMS` warm VMs in one workspace (max_vms leaves room for churn).
+fn big_pool() -> Pool {
+    let mut pool = Pool::new("bench", 7, 1_000);
+    let set = |pool: &mut Pool, kind, name: &str, spec: serde_json::Value| {
+        let change = ConfigChange::Set {
+            spec,
+            expected_generation: None,
+        };
+        let valid = pool.validate_change(kind, name, &change).expect("valid");
+        pool.commit_change(valid, "bench", 1_000).1
+    };
+    set(
+        &mut pool,
+        ResourceKind::PoolConfig,
+        "default",
+        serde_json::json!({ "max_vms": VMS + 100 }),
+    );
+    // The warm VMs are written straight into the inventory (booting 10,000 one event at a
+    // time would measure the set-up).
+    for i in 0..VMS {
+        let id = VmId::from_bits(0x1000_0000 + i);
+        pool.vms.insert(
+            id.clone(),
+            VmRecord {
+                id,
+                workspace: "web".into(),
+                image: "default".into(),
+                generation: pool.generation,
+                state: VmState::Warm,
+                agent: None,
+                claim: None,
+                created_at: 1_000,
+                ready_at: Some(1_500 + u64::from(i)),
+                delete_reason: None,
+            },
+        );
+    }
+    let boots = set(
+        &mut pool,
+        ResourceKind::Workspace,
+        "web",
+        serde_json::json!({ "min_idle": VMS }),
+    );
+    assert!(boots.is_empty(), "the pool is full already");
+    pool
+}
+
+fn events(c: &mut Criterion) {
+    let mut pool = big_pool();
+    let mut n = 0u64;
+    // One hand-out and its release: claim a warm VM, release it (the VM is deleted), the
+    // delete is confirmed, backfill boots a replacement, the replacement comes up.
+    c.bench_function("claim+release+delete+boot cycle, 10k VMs (4 events)", |b| {
+        b.iter(|| {
+            n += 1;
+            let req = ClaimRequest {
+                request: format!("r{n}"),
+                agent: format!("a{n}"),
+                developer: "dev".into(),
+                workspace: "web".into(),
+                ..Default::default()
+            };
+            let mut cmds = pool.claim(&req, 3_000);
+            let (vm, more) = pool.release(&req.request, 3_000);
+            cmds.extend(more);
+            if let Some(vm) = vm {
+                cmds.extend(pool.deleted(&vm, 3_000));
+            }
+            for cmd in cmds {
+                if let Command::Boot(spec) = cmd {
+                    black_box(pool.boot_succeeded(&spec.vm, 3_000));
+                }
+            }
+        })
+    });
+    c.bench_function("reconcile, 10k VMs, nothing to do", |b| {
+        b.iter(|| black_box(pool.reconcile(4_000)))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = events
+}
+criterion_main!(benches);
