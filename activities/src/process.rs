@@ -30,6 +30,8 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub const BOOT_FAILED_FILE: &str = "boot.failed";
 /// Script of an image that runs at boot, before the VM reports ready.
 pub const BOOT_SCRIPT: &str = "boot.sh";
+/// The supervisor's process id, recorded at spawn.
+pub const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
 /// Directory of a sandbox holding one subdirectory per command run.
 pub const RUNS_DIR: &str = "runs";
 /// A run's combined stdout and stderr.
@@ -175,21 +177,25 @@ impl ProcessProvider {
             .map_err(|e| SubstrateError::io(format!("install image {}", dir.display()), e))
     }
 
-    /// Process ids of the supervisors serving the sandbox at `dir`.
+    /// Process ids of the supervisors serving the sandbox at `dir`. The pid recorded at
+    /// spawn (`supervisor.pid`) answers in one read; without it, or when that process is
+    /// gone, every process's command line is searched for `--dir <dir>` (which also finds
+    /// supervisors nobody recorded).
     pub fn supervisor_pids(dir: &Path) -> Vec<i32> {
-        let want = dir.as_os_str().as_encoded_bytes();
+        if let Some(pid) = std::fs::read_to_string(dir.join(SUPERVISOR_PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            && serves(pid, dir)
+        {
+            return vec![pid];
+        }
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
         entries
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-                    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-                    args.windows(2).any(|w| w[0] == b"--dir" && w[1] == want)
-                })
-            })
+            .filter(|pid| serves(*pid, dir))
             .collect()
     }
 
@@ -231,6 +237,10 @@ impl ProcessProvider {
         let child = cmd.spawn().map_err(|e| {
             SubstrateError::io(format!("start {}", self.launch.program.display()), e)
         })?;
+        if let Some(pid) = child.id() {
+            std::fs::write(dir.join(SUPERVISOR_PID_FILE), pid.to_string())
+                .map_err(|e| SubstrateError::io("write supervisor.pid", e))?;
+        }
         // tokio reaps the child in the background once it exits; we never wait on it here.
         drop(child);
         Ok(())
@@ -581,17 +591,44 @@ async fn stop_supervisors(dir: &Path) {
     for pid in &pids {
         let _ = killpg(Pid::from_raw(*pid), Signal::SIGTERM);
     }
+    // Watch the processes found (one read each), not the whole process table.
+    let running = |pids: &[i32]| {
+        pids.iter()
+            .copied()
+            .filter(|p| serves(*p, dir))
+            .collect::<Vec<_>>()
+    };
     let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline && !ProcessProvider::supervisor_pids(dir).is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut left = running(&pids);
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        left = running(&left);
     }
-    for pid in ProcessProvider::supervisor_pids(dir) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    for pid in &left {
+        let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && !ProcessProvider::supervisor_pids(dir).is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        left = running(&left);
     }
+}
+
+/// True when process `pid` is alive (not a zombie) and serves the sandbox at `dir`.
+fn serves(pid: i32, dir: &Path) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X")
+    });
+    if zombie {
+        return false;
+    }
+    let want = dir.as_os_str().as_encoded_bytes();
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        args.windows(2).any(|w| w[0] == b"--dir" && w[1] == want)
+    })
 }
 
 async fn remove_dir(dir: &Path) -> Result<(), SubstrateError> {

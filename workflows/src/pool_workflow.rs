@@ -46,9 +46,9 @@ use crate::status::PoolStatus;
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Permission a flush or nuke needs.
 const PERM_FLUSH: &str = "pool-config.delete";
-/// Longest a `claim` or `release` update waits before answering with where things stand.
-/// Bounded so update handlers finish and the pool can continue-as-new even while claims
-/// queue at `max_vms`; the caller (an activity) simply asks again.
+/// Longest a `release` update waits for the VM to be gone before answering with where things
+/// stand. Bounded so no update handler stays open for long (the server caps in-flight updates
+/// per workflow, and open handlers hold off continue-as-new); the caller simply asks again.
 pub const HANDLER_WAIT: Duration = Duration::from_secs(30);
 /// Wait before retrying to start a nuke while the previous one is closing.
 const NUKE_RETRY_MS: Millis = 1_000;
