@@ -24,6 +24,9 @@ use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 
+/// Concurrent activity task polls: flushes and nukes start many short activities at once.
+const ACTIVITY_POLLERS: usize = 20;
+
 /// What the worker needs to start.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -83,8 +86,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let claims = Arc::new(ClaimLatencies::default());
     let polling = Arc::new(AtomicBool::new(false));
     let options = WorkerOptions::new(config.task_queue.clone())
-        // Flushes and nukes start many short activities at once.
-        .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(10))
+        .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
