@@ -284,7 +284,7 @@ impl PoolWorkflow {
         parse_flush(raw).map(|_| ()).map_err(boxed)
     }
 
-    /// See [`Self::validate_flush`]. Needs `pool-config.delete`; with `nuke`, starts the
+    /// See the `flush` validator above. Needs `pool-config.delete`; with `nuke`, starts the
     /// nuke workflow (or joins the one running) and answers when it is done.
     #[update]
     pub async fn flush(
