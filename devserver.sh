@@ -124,8 +124,9 @@ up() {
   cat >&2 <<EOF
 
 murmur is up: a pool of warm VMs on the process substrate.
-  target/debug/murmur pool status        # what the pool holds
-  target/debug/murmur pool flush         # replace every warm VM
+  $murmur pool status        # what the pool holds
+  $murmur pool flush         # replace every warm VM
+  $murmur spawn hi -- 'echo hello from \$MURMUR_AGENT'   # an agent on a warm VM
   Web UI: http://127.0.0.1:$UI_PORT/namespaces/default/workflows
   ./devserver.sh stop                    # stop the worker and the dev server
 EOF
