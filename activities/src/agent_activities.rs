@@ -17,13 +17,13 @@ use murmur_workflows::activity_api::{
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ClaimState;
-use murmur_workflows::messages::{NukeStepReply, ReleaseReply, ReleaseRequest};
+use murmur_workflows::messages::{NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
 use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{
     UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowListOptions, WorkflowTerminateOptions,
 };
-use temporalio_common::ActivityError;
+use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
 use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
@@ -114,7 +114,29 @@ impl AgentActivities {
         }
     }
 
-    /// Signs a worker-internal request to `pool/<tenant>`.
+    /// Sends a nuke step (signed with the worker key) to the pool, starting it if needed.
+    async fn nuke_step<U>(
+        &self,
+        ctx: &ActivityContext,
+        input: PoolStepInput,
+        update: U,
+    ) -> Result<NukeStepReply, ActivityError>
+    where
+        U: UpdateDefinition<
+                Workflow = <PoolWorkflow as HasWorkflowDefinition>::Run,
+                Input = NukeStep,
+                Output = NukeStepReply,
+            >,
+    {
+        let mut step = input.step;
+        step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
+        let client = ctx.client();
+        let call = update_pool(&client, &input.tenant, &ctx.info().task_queue, update, step);
+        with_heartbeats(ctx, call).await?.map_err(retryable)
+    }
+
+    /// Signs a worker-internal request to `pool/<tenant>` (any `auth` the message carries is
+    /// not part of what is signed).
     fn sign<T: serde::Serialize>(
         &self,
         op: &str,
@@ -139,7 +161,6 @@ impl AgentActivities {
     ) -> Result<ClaimState, ActivityError> {
         let client = ctx.client();
         let mut claim = input.claim.clone();
-        claim.auth = None;
         claim.auth = Some(self.sign(ops::CLAIM, &input.tenant, &claim)?);
         let call = update_pool(
             &client,
@@ -271,19 +292,7 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: PoolStepInput,
     ) -> Result<NukeStepReply, ActivityError> {
-        let client = ctx.client();
-        let task_queue = &ctx.info().task_queue;
-        let mut step = input.step;
-        step.auth = None;
-        step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
-        let call = update_pool(
-            &client,
-            &input.tenant,
-            task_queue,
-            PoolWorkflow::nuke_pause,
-            step,
-        );
-        with_heartbeats(&ctx, call).await?.map_err(retryable)
+        self.nuke_step(&ctx, input, PoolWorkflow::nuke_pause).await
     }
 
     /// Nuke, last step: reset and resume the pool.
@@ -293,19 +302,7 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: PoolStepInput,
     ) -> Result<NukeStepReply, ActivityError> {
-        let client = ctx.client();
-        let task_queue = &ctx.info().task_queue;
-        let mut step = input.step;
-        step.auth = None;
-        step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
-        let call = update_pool(
-            &client,
-            &input.tenant,
-            task_queue,
-            PoolWorkflow::nuke_reset,
-            step,
-        );
-        with_heartbeats(&ctx, call).await?.map_err(retryable)
+        self.nuke_step(&ctx, input, PoolWorkflow::nuke_reset).await
     }
 
     /// Every running agent workflow of a tenant (a paginated visibility query).

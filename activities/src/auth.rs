@@ -539,6 +539,17 @@ mod tests {
         (dir, store)
     }
 
+    /// A developer of `store` with a fresh credential.
+    fn developer(
+        store: &KeyStore,
+        tenant: &str,
+        dev: &str,
+        role: &str,
+        ttl: Duration,
+    ) -> DeveloperKey {
+        DeveloperKey::from_credential(&store.issue(tenant, dev, role, ttl).unwrap()).unwrap()
+    }
+
     fn request(cred: Credential, permission: &str) -> VerifyRequest {
         VerifyRequest {
             tenant: "acme".into(),
@@ -613,34 +624,31 @@ mod tests {
     #[test]
     fn expiry_tenant_and_role_are_enforced() {
         let (_d, store) = store();
-        let viewer = DeveloperKey::from_credential(
-            &store
-                .issue("acme", "vi", roles::VIEWER, Duration::from_secs(3600))
-                .unwrap(),
-        )
-        .unwrap();
+        let viewer = developer(
+            &store,
+            "acme",
+            "vi",
+            roles::VIEWER,
+            Duration::from_secs(3600),
+        );
         let cred = viewer.sign(ops::FLUSH, "pool/acme", "{}").unwrap();
         assert_eq!(
             denied(store.verify(&request(cred, "pool-config.delete"), now_ms())),
             "PERMISSION_DENIED: your role does not have pool-config.delete permission"
         );
-        let other = DeveloperKey::from_credential(
-            &store
-                .issue("bravo", "bo", roles::ADMIN, Duration::from_secs(3600))
-                .unwrap(),
-        )
-        .unwrap();
+        let other = developer(
+            &store,
+            "bravo",
+            "bo",
+            roles::ADMIN,
+            Duration::from_secs(3600),
+        );
         let cred = other.sign(ops::FLUSH, "pool/acme", "{}").unwrap();
         assert_eq!(
             denied(store.verify(&request(cred, "pool-config.delete"), now_ms())),
             "PERMISSION_DENIED: identity token is for tenant bravo, not acme"
         );
-        let expired = DeveloperKey::from_credential(
-            &store
-                .issue("acme", "ex", roles::ADMIN, Duration::from_secs(0))
-                .unwrap(),
-        )
-        .unwrap();
+        let expired = developer(&store, "acme", "ex", roles::ADMIN, Duration::from_secs(0));
         let cred = expired.sign(ops::FLUSH, "pool/acme", "{}").unwrap();
         assert_eq!(
             denied(store.verify(&request(cred, "pool-config.delete"), now_ms())),
@@ -651,12 +659,13 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_until_their_key_is_retired() {
         let (_d, store) = store();
-        let old = DeveloperKey::from_credential(
-            &store
-                .issue("acme", "ana", roles::ADMIN, Duration::from_secs(3600))
-                .unwrap(),
-        )
-        .unwrap();
+        let old = developer(
+            &store,
+            "acme",
+            "ana",
+            roles::ADMIN,
+            Duration::from_secs(3600),
+        );
         let old_kid = store.key_ids().unwrap()[0].clone();
         let new_kid = store.rotate().unwrap();
         assert_eq!(store.key_ids().unwrap(), vec![new_kid, old_kid.clone()]);
@@ -681,12 +690,13 @@ mod tests {
         req.permission = None;
         assert!(matches!(store.verify(&req, now_ms()), Verdict::Allowed(_)));
         // A developer, even an admin, cannot send a worker-internal request.
-        let admin = DeveloperKey::from_credential(
-            &store
-                .issue("acme", "ana", roles::ADMIN, Duration::from_secs(3600))
-                .unwrap(),
-        )
-        .unwrap();
+        let admin = developer(
+            &store,
+            "acme",
+            "ana",
+            roles::ADMIN,
+            Duration::from_secs(3600),
+        );
         req.credential = Some(admin.sign(ops::CLAIM, "pool/acme", "{}").unwrap());
         assert!(denied(store.verify(&req, now_ms())).starts_with("PERMISSION_DENIED"));
     }

@@ -228,6 +228,7 @@ impl PoolWorkflow {
             temporalio_sdk::workflows::select! {
                 outcome = next_finished(&mut in_flight).fuse() => {
                     let now = now_ms(&c);
+                    let replaying = c.is_replaying();
                     c.state_mut(|s| {
                         let cmds = match outcome {
                             Outcome::Booted(vm) => s.pool.boot_succeeded(&vm, now),
@@ -236,7 +237,7 @@ impl PoolWorkflow {
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
                             Outcome::Notified => Vec::new(),
                             Outcome::SignalChecked(req, verdict) => {
-                                s.apply_signalled_flush(*req, verdict, now);
+                                s.apply_signalled_flush(*req, verdict, now, replaying);
                                 Vec::new()
                             }
                             Outcome::NukeStarted(started) => {
@@ -444,7 +445,7 @@ impl PoolWorkflow {
         let known = ctx.state(|s| s.pool.claims.contains_key(&req.request));
         if !known {
             // A new claim: sent by the worker, for a spawn whose request id works once.
-            Self::gate(ctx, ops::CLAIM, unsigned_body(&req), None, req.auth.clone())
+            Self::gate_service(ctx, ops::CLAIM, &req, req.auth.clone())
                 .await
                 .map_err(boxed)?;
             let now = now_ms(ctx);
@@ -477,15 +478,9 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: ReleaseRequest,
     ) -> Result<ReleaseReply, UpdateError> {
-        Self::gate(
-            ctx,
-            ops::RELEASE,
-            unsigned_body(&req),
-            None,
-            req.auth.clone(),
-        )
-        .await
-        .map_err(boxed)?;
+        Self::gate_service(ctx, ops::RELEASE, &req, req.auth.clone())
+            .await
+            .map_err(boxed)?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         let (held, deleting) = ctx.state_mut(|s| {
@@ -516,15 +511,9 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: NukeStep,
     ) -> Result<NukeStepReply, UpdateError> {
-        Self::gate(
-            ctx,
-            ops::NUKE_STEP,
-            unsigned_body(&req),
-            None,
-            req.auth.clone(),
-        )
-        .await
-        .map_err(boxed)?;
+        Self::gate_service(ctx, ops::NUKE_STEP, &req, req.auth.clone())
+            .await
+            .map_err(boxed)?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         ctx.state_mut(|s| {
@@ -564,15 +553,9 @@ impl PoolWorkflow {
         ctx: &mut WorkflowContext<Self>,
         req: NukeStep,
     ) -> Result<NukeStepReply, UpdateError> {
-        Self::gate(
-            ctx,
-            ops::NUKE_STEP,
-            unsigned_body(&req),
-            None,
-            req.auth.clone(),
-        )
-        .await
-        .map_err(boxed)?;
+        Self::gate_service(ctx, ops::NUKE_STEP, &req, req.auth.clone())
+            .await
+            .map_err(boxed)?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         Ok(ctx.state_mut(|s| {
@@ -658,6 +641,17 @@ impl PoolWorkflow {
         ctx.state_mut(|s| s.admit(op, verdict, credential.as_ref(), now, replaying))
     }
 
+    /// The gate for worker-internal requests (claim, release, nuke steps): signed with the
+    /// worker's key, refused from developers.
+    async fn gate_service<T: serde::Serialize>(
+        ctx: &WorkflowContext<Self>,
+        op: &str,
+        message: &T,
+        credential: Option<Credential>,
+    ) -> Result<Identity, ApiError> {
+        Self::gate(ctx, op, unsigned_body(message), None, credential).await
+    }
+
     /// Admits a verified request's id once; records any refusal.
     fn admit(
         &mut self,
@@ -729,17 +723,17 @@ impl PoolWorkflow {
         req: FlushRequest,
         verdict: Result<Identity, Refusal>,
         now: Millis,
+        replaying: bool,
     ) {
         let op = if req.nuke { ops::NUKE } else { ops::FLUSH };
-        // Run-loop code only runs live or in replay alike; logs are guarded per call.
-        let Ok(who) = self.admit(op, verdict, req.auth.as_ref(), now, false) else {
+        let Ok(who) = self.admit(op, verdict, req.auth.as_ref(), now, replaying) else {
             return;
         };
         if req.nuke {
             let request_id = req.auth.map(|a| a.request_id).unwrap_or_default();
             self.request_nuke(request_id, &who.developer);
         } else {
-            self.start_flush(now, &who.developer, false);
+            self.start_flush(now, &who.developer, replaying);
             // Nobody waits for a signal's deletes.
             self.flushes_in_progress = self.flushes_in_progress.saturating_sub(1);
         }

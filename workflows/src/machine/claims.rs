@@ -83,16 +83,6 @@ pub enum ClaimState {
     Unknown,
 }
 
-impl ClaimState {
-    /// True when the claim will not change any more without a new request.
-    pub fn is_settled(&self) -> bool {
-        matches!(
-            self,
-            Self::Assigned { .. } | Self::Failed { .. } | Self::Unknown
-        )
-    }
-}
-
 impl Pool {
     /// Checks a claim before it is recorded (the update validator runs this). A claim the pool
     /// already holds always passes, so retries are idempotent.
