@@ -16,8 +16,10 @@ use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 
 use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
+use murmur_activities::faults::{FaultConfig, FaultyProvider};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
+use murmur_activities::reaper::{ReaperActivities, ReaperSettings};
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::nuke_workflow::NukeWorkflow;
@@ -36,6 +38,10 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The reaper's schedule and grace periods.
+    pub reaper: ReaperSettings,
+    /// Faults to inject into the substrate (chaos tests only; `None` in production).
+    pub faults: Option<FaultConfig>,
 }
 
 /// Runs the worker until a shutdown signal.
@@ -44,13 +50,20 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
     let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
-    let provider: Arc<dyn Provider> = Arc::new(ProcessProvider::new(
+    let mut provider: Arc<dyn Provider> = Arc::new(ProcessProvider::new(
         &state_dir,
         SupervisorLaunch {
             program: exe,
             args: vec!["sandbox".into()],
         },
     )?);
+    if let Some(faults) = &config.faults {
+        tracing::warn!(
+            ?faults,
+            "FAULT INJECTION ENABLED: the substrate will fail on purpose"
+        );
+        provider = Arc::new(FaultyProvider::new(provider, faults.clone()));
+    }
     let keys = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
@@ -91,6 +104,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
         .register_activities(VmActivities::new(provider.clone()))
+        .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
         .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
         .register_activities(AuthActivities::new(keys))
         .build();

@@ -8,14 +8,18 @@
 //! - [`vm_activities`]: the boot and delete activities over a provider.
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
 //!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
+//! - [`reaper`]: the reaper's scan (substrate listing, ended agents, stranded workflows).
+//! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests.
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
 //! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
 #![deny(missing_docs)]
 
 pub mod agent_activities;
 pub mod auth;
+pub mod faults;
 pub mod process;
 pub mod provider;
+pub mod reaper;
 pub mod sandbox;
 pub mod temporal_ops;
 pub mod vm_activities;

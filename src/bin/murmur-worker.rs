@@ -39,6 +39,21 @@ struct RunArgs {
     /// e.g. 127.0.0.1:9464.
     #[arg(long, env = "MURMUR_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Time between reaper scans of the substrate (30s, 5m, ...).
+    #[arg(long, env = "MURMUR_REAP_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    reap_interval: std::time::Duration,
+    /// How long a VM the pool does not know must stay unknown before the reaper deletes it.
+    #[arg(long, env = "MURMUR_REAP_GRACE", default_value = "60s", value_parser = parse_duration)]
+    reap_grace: std::time::Duration,
+    /// How long an agent workflow's task must have been failing before it counts as stranded
+    /// (see reap_stranded_workflows).
+    #[arg(long, env = "MURMUR_STRANDED_AFTER", default_value = "48h", value_parser = parse_duration)]
+    stranded_after: std::time::Duration,
+    /// Inject substrate faults, for chaos testing only, e.g.
+    /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
+    /// Off unless given.
+    #[arg(long, env = "MURMUR_FAULTS")]
+    faults: Option<murmur_activities::faults::FaultConfig>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,19 +116,20 @@ enum KeyCommand {
 }
 
 /// Parses `90s`, `30m`, `12h`, `7d` (or plain seconds).
-fn parse_ttl(s: &str) -> anyhow::Result<std::time::Duration> {
+fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid --ttl {s:?}: expected a number and s, m, h or d"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        anyhow::anyhow!("invalid duration {s:?}: expected a number and s, m, h or d")
+    })?;
     let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => anyhow::bail!("invalid --ttl {s:?}: expected a number and s, m, h or d"),
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => anyhow::bail!("invalid duration {s:?}: expected a number and s, m, h or d"),
     };
+    let secs = secs.ok_or_else(|| anyhow::anyhow!("invalid duration {s:?}: too long"))?;
     Ok(std::time::Duration::from_secs(secs))
 }
 
@@ -151,7 +167,7 @@ fn token_command(state_dir: &std::path::Path, cmd: TokenCommand) -> anyhow::Resu
         roles::ALL.join(", ")
     );
     let store = murmur_activities::auth::KeyStore::open(state_dir)?;
-    let credential = store.issue(&tenant, &developer, &role, parse_ttl(&ttl)?)?;
+    let credential = store.issue(&tenant, &developer, &role, parse_duration(&ttl)?)?;
     println!("{credential}");
     Ok(())
 }
@@ -201,6 +217,12 @@ async fn main() -> std::process::ExitCode {
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
                 metrics_addr: cli.run.metrics_addr,
+                reaper: murmur_activities::reaper::ReaperSettings {
+                    interval: cli.run.reap_interval,
+                    grace: cli.run.reap_grace,
+                    stranded_after: cli.run.stranded_after,
+                },
+                faults: cli.run.faults,
             })
             .await
         }

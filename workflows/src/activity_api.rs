@@ -235,6 +235,33 @@ impl ActivityDefinition for ListVms {
     }
 }
 
+/// Activity type name of [`ReapScanVms`].
+pub const REAP_SCAN: &str = "murmur.reap_scan";
+
+/// The reaper's look at the world: the tenant's VMs in the substrate, which claimed agents
+/// have ended, and (per `reap_stranded_workflows`) stranded agent workflows.
+pub struct ReapScanVms;
+
+/// Input of [`ReapScanVms`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReapInput {
+    /// The tenant.
+    pub tenant: String,
+    /// Request ids (`<workflow id>@<run id>`) of the pool's claims, to check for ended agents.
+    pub claims: Vec<String>,
+    /// What to do with stranded agent workflows.
+    pub stranded: crate::model::ReapPolicy,
+}
+
+impl ActivityDefinition for ReapScanVms {
+    type Input = ReapInput;
+    type Output = crate::machine::ReapScan;
+    fn name(&self) -> &str {
+        REAP_SCAN
+    }
+}
+
 /// Activity type name of [`Verify`].
 pub const VERIFY: &str = "murmur.verify";
 

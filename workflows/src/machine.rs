@@ -9,10 +9,14 @@
 //! `max_vms` and a new run can re-issue whatever was in flight ([`Pool::resume`]).
 
 mod claims;
+mod reaper;
 
 use std::collections::BTreeMap;
 
 pub use claims::{Claim, ClaimRequest, ClaimState};
+pub use reaper::{
+    DEFAULT_REAP_GRACE_MS, DEFAULT_REAP_INTERVAL_MS, ReapScan, ReaperState, ScannedVm,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -143,6 +147,9 @@ pub struct Pool {
     /// How long the last nuke held the pool (pause to reset), in ms.
     #[serde(default)]
     pub last_nuke_ms: Option<Millis>,
+    /// What the reaper remembers and has done.
+    #[serde(default)]
+    pub reaper: ReaperState,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -195,6 +202,7 @@ impl Pool {
             last_flush_ms: None,
             paused_at: None,
             last_nuke_ms: None,
+            reaper: ReaperState::default(),
             claim_seq: 0,
             id_seed,
             id_counter: 0,

@@ -344,6 +344,8 @@ pub enum DeleteReason {
     Orphan,
     /// Wiped by a nuke.
     Nuke,
+    /// A warm VM the reaper found dead or missing in the substrate.
+    Died,
 }
 
 /// One VM the pool knows about.

@@ -28,11 +28,13 @@ use temporalio_sdk::{
 
 use crate::agent_workflow::AgentWorkflow;
 
-use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
+use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput, ReapInput, ReapScanVms};
 use crate::auth::{Credential, Denial, Identity, VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
 use crate::gate::{self, Refusal};
-use crate::machine::{ClaimRequest, ClaimState, Command, MAX_DENIALS, Pool};
+use crate::machine::{
+    ClaimRequest, ClaimState, Command, DEFAULT_REAP_INTERVAL_MS, MAX_DENIALS, Pool, ReapScan,
+};
 use crate::messages::{
     ConfigRequest, FlushReply, FlushRequest, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
     ReleaseRequest, UpRequest, decode_lenient,
@@ -96,6 +98,10 @@ pub struct PoolWorkflow {
     nuke_authorization: Option<(String, String)>,
     /// `flush` signals waiting for their credential check.
     signalled: Vec<FlushRequest>,
+    /// When the next reaper scan is due; `None` while one is in flight.
+    reap_next_at: Option<Millis>,
+    /// Time between reaper scans (the worker's setting, from the last scan).
+    reap_interval_ms: Millis,
 }
 
 /// What finished among the activities the shell started.
@@ -110,6 +116,8 @@ enum Outcome {
     Notified,
     /// A `flush` signal's credential was checked.
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
+    /// A reaper scan started at the given time finished (or failed, with why).
+    Reaped(Millis, Result<Box<ReapScan>, String>),
 }
 
 #[workflow_methods]
@@ -138,6 +146,10 @@ impl PoolWorkflow {
             last_nuke: None,
             nuke_authorization: None,
             signalled: Vec::new(),
+            // The first scan runs as soon as the run starts: leftovers of a crash are found
+            // (and, after the grace period, deleted) without waiting a full interval.
+            reap_next_at: Some(0),
+            reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
         }
     }
 
@@ -172,6 +184,10 @@ impl PoolWorkflow {
             for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
                 in_flight.push(check_signal(&c, &tenant, req));
             }
+            let now = now_ms(&c);
+            if let Some(input) = c.state_mut(|s| s.take_reap_due(now)) {
+                in_flight.push(start_reap(&c, input, now));
+            }
             let details = c.state(details_markdown);
             if details != last_details {
                 c.set_current_details(details.clone());
@@ -205,11 +221,10 @@ impl PoolWorkflow {
 
             let now = now_ms(&c);
             let next = c.state(|s| {
-                let backoff = s.pool.next_wakeup(now);
-                match (backoff, s.nuke_retry_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                [s.pool.next_wakeup(now), s.nuke_retry_at, s.reap_next_at]
+                    .into_iter()
+                    .flatten()
+                    .min()
             });
             if next != wake_at {
                 wake_at = next;
@@ -239,6 +254,9 @@ impl PoolWorkflow {
                             Outcome::SignalChecked(req, verdict) => {
                                 s.apply_signalled_flush(*req, verdict, now, replaying);
                                 Vec::new()
+                            }
+                            Outcome::Reaped(started, scan) => {
+                                s.reaped(started, scan, now, replaying)
                             }
                             Outcome::NukeStarted(started) => {
                                 s.nuke_starting = false;
@@ -758,6 +776,68 @@ impl PoolWorkflow {
         false
     }
 
+    /// The input of the reaper scan that is due now, if one is. While a nuke holds the pool
+    /// the scan is put off (the nuke deletes everything anyway).
+    fn take_reap_due(&mut self, now: Millis) -> Option<ReapInput> {
+        let due = self.reap_next_at.is_some_and(|t| t <= now);
+        if !due {
+            return None;
+        }
+        if self.pool.paused {
+            self.reap_next_at = Some(now + self.reap_interval_ms);
+            return None;
+        }
+        self.reap_next_at = None;
+        Some(ReapInput {
+            tenant: self.pool.tenant.clone(),
+            claims: self.pool.claim_requests(),
+            stranded: self.pool.config.spec.reap_stranded_workflows,
+        })
+    }
+
+    /// Applies a finished reaper scan and schedules the next one.
+    fn reaped(
+        &mut self,
+        started: Millis,
+        scan: Result<Box<ReapScan>, String>,
+        now: Millis,
+        replaying: bool,
+    ) -> Vec<Command> {
+        match scan {
+            Ok(scan) => {
+                if scan.interval_ms > 0 {
+                    self.reap_interval_ms = scan.interval_ms;
+                }
+                self.reap_next_at = Some(now + self.reap_interval_ms);
+                let before = self.pool.reaper.clone();
+                let cmds = self.pool.reap(&scan, started, now);
+                let after = &self.pool.reaper;
+                let changed = after.orphans_deleted != before.orphans_deleted
+                    || after.dead_vms_replaced != before.dead_vms_replaced
+                    || after.agent_claims_released != before.agent_claims_released
+                    || after.stranded_terminated != before.stranded_terminated;
+                if changed && !replaying {
+                    tracing::warn!(tenant = %self.pool.tenant,
+                        orphans_deleted = after.orphans_deleted - before.orphans_deleted,
+                        dead_vms_replaced = after.dead_vms_replaced - before.dead_vms_replaced,
+                        agent_claims_released =
+                            after.agent_claims_released - before.agent_claims_released,
+                        stranded_terminated =
+                            after.stranded_terminated - before.stranded_terminated,
+                        suspects = after.suspects.len(), "reaper cleaned up");
+                }
+                cmds
+            }
+            Err(error) => {
+                self.reap_next_at = Some(now + self.reap_interval_ms);
+                if !replaying {
+                    tracing::warn!(tenant = %self.pool.tenant, %error, "reaper scan failed");
+                }
+                Vec::new()
+            }
+        }
+    }
+
     fn reject(&mut self, name: &str, err: &ApiError) {
         self.rejected_messages += 1;
         tracing::warn!(tenant = %self.pool.tenant, handler = name, error = %err,
@@ -891,6 +971,30 @@ fn start_nuke<'a>(
     };
     let fut = c.start_child_workflow(NukeWorkflow::run, input, options);
     async move { Outcome::NukeStarted(fut.await.is_ok()) }.boxed_local()
+}
+
+/// Runs one reaper scan; the run loop applies what it found.
+fn start_reap<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    input: ReapInput,
+    started: Millis,
+) -> LocalBoxFuture<'a, Outcome> {
+    let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
+        .heartbeat_timeout(Duration::from_secs(10))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_secs(1))
+                .maximum_attempts(2)
+                .build(),
+        )
+        .summary("reaper scan".to_string())
+        .build();
+    let fut = c.execute_activity(ReapScanVms, input, opts);
+    async move {
+        let scan = fut.await.map(Box::new).map_err(|e| root_cause(&e));
+        Outcome::Reaped(started, scan)
+    }
+    .boxed_local()
 }
 
 /// Checks a `flush` signal's credential (the run loop applies the verdict).

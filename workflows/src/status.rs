@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{Claim, Counters, FAILURE_THRESHOLD, Pool};
+use crate::machine::{Claim, Counters, FAILURE_THRESHOLD, Pool, ReaperState};
 use crate::model::{ImageHealth, Millis, PoolConfigSpec, VmRecord, VmState};
 
 /// Counts of one (image, generation) group inside a workspace.
@@ -96,6 +96,47 @@ pub struct PoolStatus {
     /// How long the last nuke held the pool, in ms.
     #[serde(default)]
     pub last_nuke_ms: Option<Millis>,
+    /// What the reaper found and did.
+    #[serde(default)]
+    pub reaper: ReaperStatus,
+}
+
+/// The reaper's totals (`murmur pool status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReaperStatus {
+    /// Scans applied.
+    pub scans: u64,
+    /// When the last scan was applied (epoch ms, workflow time).
+    pub last_scan_at: Option<Millis>,
+    /// Unknown VMs waiting out their grace period now.
+    pub suspects: u32,
+    /// Unknown VMs deleted.
+    pub orphans_deleted: u64,
+    /// Claims of agents that ended without releasing them, released.
+    pub agent_claims_released: u64,
+    /// Warm VMs found dead or missing, replaced.
+    pub dead_vms_replaced: u64,
+    /// Stranded agent workflows seen by the last scan.
+    pub stranded_found: u32,
+    /// Stranded agent workflows terminated, in total.
+    pub stranded_terminated: u64,
+}
+
+impl ReaperStatus {
+    /// The view of the reaper's state.
+    pub fn of(r: &ReaperState) -> Self {
+        Self {
+            scans: r.scans,
+            last_scan_at: r.last_scan_at,
+            suspects: u32::try_from(r.suspects.len()).unwrap_or(u32::MAX),
+            orphans_deleted: r.orphans_deleted,
+            agent_claims_released: r.agent_claims_released,
+            dead_vms_replaced: r.dead_vms_replaced,
+            stranded_found: r.stranded_found,
+            stranded_terminated: r.stranded_terminated,
+        }
+    }
 }
 
 impl PoolStatus {
@@ -125,6 +166,7 @@ impl PoolStatus {
             last_reconcile_at: pool.last_reconcile_at,
             last_flush_ms: pool.last_flush_ms,
             last_nuke_ms: pool.last_nuke_ms,
+            reaper: ReaperStatus::of(&pool.reaper),
         }
     }
 

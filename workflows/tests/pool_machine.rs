@@ -3,19 +3,28 @@
 //! passing and crashes (a new run re-issuing in-flight work). A model substrate records what
 //! really exists, so "no VM lost" is checked against it, not against the pool's own count.
 //! Agents claim and release VMs, and nukes wipe everything, between any of those events.
+//! The world also misbehaves: deletes that report success and leave the VM behind (ghosts),
+//! warm VMs that die, agents that end without releasing; reaper scans, taken at one moment
+//! and applied later (as the activity does), must clean all of it up without ever deleting
+//! a VM the pool is using.
 
 use std::collections::BTreeSet;
 
-use murmur_workflows::machine::{ClaimRequest, ClaimState, Command, ConfigChange, Pool};
+use murmur_workflows::machine::{
+    ClaimRequest, ClaimState, Command, ConfigChange, Pool, ReapScan, ScannedVm,
+};
 use murmur_workflows::model::{ResourceKind, VmId, VmState};
 use proptest::prelude::*;
 
 const WORKSPACES: [&str; 2] = ["web", "api"];
 const IMAGES: [&str; 3] = ["default", "img-2", "img-3"];
+/// The reaper's grace period in the model.
+const GRACE_MS: u64 = 60_000;
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// Finish the n-th in-flight command (modulo their number).
+    /// Finish the n-th in-flight command (modulo their number). `leak`: a failed boot left
+    /// its VM behind, or a successful delete did not really delete (a ghost).
     Finish {
         pick: usize,
         ok: bool,
@@ -42,6 +51,18 @@ enum Step {
     },
     /// A nuke: pause, let boots finish, delete everything in the substrate, reset.
     Nuke,
+    /// The n-th live agent's workflow ends without releasing (terminated from outside).
+    AgentDies {
+        pick: usize,
+    },
+    /// The n-th warm VM dies in the substrate.
+    VmDies {
+        pick: usize,
+    },
+    /// A reaper scan lists the substrate now...
+    ScanStart,
+    /// ...and its result reaches the pool later.
+    ScanFinish,
     /// The workflow run ends (continue-as-new or crash before results arrive): in-flight
     /// activity results are lost, the state is carried over through serde, work is re-issued.
     Restart,
@@ -60,6 +81,10 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0..2usize).prop_map(|ws| Step::Claim { ws }),
         2 => any::<usize>().prop_map(|pick| Step::Release { pick }),
         1 => Just(Step::Nuke),
+        1 => any::<usize>().prop_map(|pick| Step::AgentDies { pick }),
+        1 => any::<usize>().prop_map(|pick| Step::VmDies { pick }),
+        2 => Just(Step::ScanStart),
+        2 => Just(Step::ScanFinish),
     ]
 }
 
@@ -78,6 +103,14 @@ struct World {
     /// VMs cold-booted for a claim, and the image the claim's workspace wanted when it was made.
     booted_for: std::collections::BTreeMap<VmId, (String, String)>,
     next_agent: u64,
+    /// VMs in the substrate the pool rightly forgot (ghost deletes): only a reaper finds them.
+    strays: BTreeSet<VmId>,
+    /// Agents that ended without releasing their claim.
+    dead_agents: Vec<String>,
+    /// VMs that died in the substrate while the pool thought them warm.
+    vanished: BTreeSet<VmId>,
+    /// A scan taken and not yet applied, with when it was taken.
+    scan: Option<(ReapScan, u64)>,
 }
 
 impl World {
@@ -92,6 +125,10 @@ impl World {
             handed: Default::default(),
             booted_for: Default::default(),
             next_agent: 0,
+            strays: BTreeSet::new(),
+            dead_agents: Vec::new(),
+            vanished: BTreeSet::new(),
+            scan: None,
         };
         for ws in WORKSPACES {
             w.change(
@@ -181,7 +218,14 @@ impl World {
                     }
                     Command::Delete { vm, .. } => {
                         if *ok {
-                            self.substrate.remove(&vm);
+                            if *leak && self.substrate.contains(&vm) {
+                                // Reported deleted, still there.
+                                self.strays.insert(vm.clone());
+                            } else {
+                                self.substrate.remove(&vm);
+                                self.strays.remove(&vm);
+                            }
+                            self.vanished.remove(&vm);
                             self.pool.deleted(&vm, self.now)
                         } else {
                             self.pool.delete_failed(&vm)
@@ -286,7 +330,77 @@ impl World {
                 self.substrate.clear();
                 self.agents.clear();
                 self.handed.clear();
+                self.strays.clear();
+                self.dead_agents.clear();
+                self.vanished.clear();
                 let cmds = self.pool.reset_after_nuke(deleted, self.now);
+                self.absorb(cmds);
+            }
+            Step::AgentDies { pick } => {
+                if self.agents.is_empty() {
+                    return;
+                }
+                let request = self.agents.remove(pick % self.agents.len());
+                self.handed.remove(&request);
+                self.dead_agents.push(request);
+            }
+            Step::VmDies { pick } => {
+                let warm: Vec<VmId> = self
+                    .pool
+                    .vms
+                    .values()
+                    .filter(|v| v.state == VmState::Warm && self.substrate.contains(&v.id))
+                    .map(|v| v.id.clone())
+                    .collect();
+                if warm.is_empty() {
+                    return;
+                }
+                let vm = warm[pick % warm.len()].clone();
+                self.substrate.remove(&vm);
+                self.vanished.insert(vm);
+            }
+            Step::ScanStart => {
+                if self.scan.is_some() {
+                    return;
+                }
+                let scan = ReapScan {
+                    vms: self
+                        .substrate
+                        .iter()
+                        .map(|id| ScannedVm {
+                            id: id.clone(),
+                            alive: true,
+                        })
+                        .collect(),
+                    finished_agents: self.dead_agents.clone(),
+                    grace_ms: GRACE_MS,
+                    ..ReapScan::default()
+                };
+                self.scan = Some((scan, self.now));
+            }
+            Step::ScanFinish => {
+                let Some((scan, started)) = self.scan.take() else {
+                    return;
+                };
+                let in_use: BTreeSet<VmId> = self
+                    .pool
+                    .vms
+                    .values()
+                    .filter(|v| {
+                        v.state == VmState::Assigned
+                            && !self.vanished.contains(&v.id)
+                            && self.handed.values().any(|h| h == &v.id)
+                    })
+                    .map(|v| v.id.clone())
+                    .collect();
+                let cmds = self.pool.reap(&scan, started, self.now);
+                for c in &cmds {
+                    if let Command::Delete { vm, .. } = c {
+                        assert!(!in_use.contains(vm), "the reaper deleted {vm}, in use");
+                    }
+                }
+                let claims = &self.pool.claims;
+                self.dead_agents.retain(|r| claims.contains_key(r));
                 self.absorb(cmds);
             }
             Step::Restart => {
@@ -351,6 +465,13 @@ impl World {
                 _ => {}
             }
         }
+        for request in &self.dead_agents {
+            if let ClaimState::Assigned { vm } = self.pool.claim_state(request)
+                && let Some(prev) = owners.insert(vm.clone(), request.clone())
+            {
+                panic!("{vm} handed to {prev} and {request}");
+            }
+        }
         for v in self.pool.vms.values() {
             if v.state == VmState::Assigned {
                 assert!(owners.contains_key(&v.id), "{} assigned to nobody", v.id);
@@ -358,14 +479,14 @@ impl World {
         }
         for vm in &self.substrate {
             assert!(
-                self.pool.vms.contains_key(vm),
+                self.pool.vms.contains_key(vm) || self.strays.contains(vm),
                 "VM {vm} exists but the pool lost it"
             );
         }
         for v in self.pool.vms.values() {
             if matches!(v.state, VmState::Warm | VmState::Assigned) {
                 assert!(
-                    self.substrate.contains(&v.id),
+                    self.substrate.contains(&v.id) || self.vanished.contains(&v.id),
                     "{} is {:?} but not in the substrate",
                     v.id,
                     v.state
@@ -411,6 +532,19 @@ proptest! {
             w.apply(&Step::Release { pick: 0 });
         }
         w.drain();
+        // The reaper finds what the pool could not know: two scans a grace period apart.
+        w.apply(&Step::ScanFinish);
+        for _ in 0..2 {
+            w.apply(&Step::ScanStart);
+            w.apply(&Step::ScanFinish);
+            w.drain();
+            w.now += GRACE_MS;
+        }
+        w.apply(&Step::ScanStart);
+        w.apply(&Step::ScanFinish);
+        w.drain();
+        prop_assert!(w.strays.is_empty(), "strays left: {:?}", w.strays);
+        prop_assert!(w.dead_agents.is_empty(), "claims of ended agents left");
         prop_assert_eq!(w.count(VmState::Assigned), 0);
         let recorded: BTreeSet<VmId> = w.pool.vms.keys().cloned().collect();
         prop_assert_eq!(&recorded, &w.substrate, "substrate and inventory differ once settled");
