@@ -244,6 +244,22 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             st.claims.len() - waiting
         );
     }
+    if let Some(at) = st.reaper.last_scan_at {
+        let r = &st.reaper;
+        let _ = writeln!(
+            out,
+            "Reaper: last scan {} ago; {} orphan(s) deleted, {} dead VM(s) replaced, {} claim(s) \
+             of ended agents released, {} unknown VM(s) in their grace period; stranded agent \
+             workflows: {} now, {} terminated",
+            human_duration(now.saturating_sub(at)),
+            r.orphans_deleted,
+            r.dead_vms_replaced,
+            r.agent_claims_released,
+            r.suspects,
+            r.stranded_found,
+            r.stranded_terminated
+        );
+    }
     for (image, h) in &st.failing_images {
         let _ = writeln!(
             out,

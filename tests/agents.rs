@@ -326,25 +326,6 @@ fn bad_slugs_unknown_agents_and_limits_are_clear_errors() {
     );
 }
 
-/// Plants a VM the pool never booted: a sandbox directory with a live "supervisor" that
-/// ignores SIGTERM (so deleting it takes a few seconds). Returns the process.
-fn plant_orphan(env: &TestEnv, id: &str) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
-    let dir = env.state_dir().join("vms").join(&env.tenant).join(id);
-    std::fs::create_dir_all(dir.join("root")).unwrap();
-    std::process::Command::new("/bin/sh")
-        .args([
-            "-c",
-            "trap '' TERM; while :; do sleep 0.1; done",
-            "sh",
-            "--dir",
-        ])
-        .arg(&dir)
-        .process_group(0)
-        .spawn()
-        .expect("start orphan")
-}
-
 #[test]
 fn nuke_terminates_every_agent_and_deletes_every_vm() {
     let env = TestEnv::start("nuke");
@@ -360,7 +341,7 @@ fn nuke_terminates_every_agent_and_deletes_every_vm() {
     });
     let before: BTreeSet<String> = settled.vms.iter().map(|v| v.id.0.clone()).collect();
     let bystander_vms = bystander.wait_for("bystander warm", |s| warm(s) == 2);
-    let mut orphan = plant_orphan(&env, "murmur-0badf00d");
+    let mut orphan = env.plant_orphan("murmur-0badf00d");
 
     let out = env.murmur(&["pool", "flush", "--nuke"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -411,7 +392,7 @@ fn a_nuke_interrupted_by_a_worker_crash_completes_after_restart() {
     env.spawn("doomed", UNTIL_GO);
     env.wait_phase("doomed", Phase::Running);
     let before: BTreeSet<String> = substrate_ids(&env);
-    let mut orphan = plant_orphan(&env, "murmur-0000dead");
+    let mut orphan = env.plant_orphan("murmur-0000dead");
 
     let nuke = env
         .murmur_cmd(&["pool", "flush", "--nuke"])
@@ -461,7 +442,7 @@ fn nukes_asked_at_the_same_time_join_one_run_also_through_the_temporal_cli() {
     env.wait_phase("worker", Phase::Running);
     env.wait_for("backfill", |s| warm(s) == 1);
     // A stubborn orphan keeps the first nuke busy for a few seconds.
-    let mut orphan = plant_orphan(&env, "murmur-00c0ffee");
+    let mut orphan = env.plant_orphan("murmur-00c0ffee");
 
     let first = env
         .murmur_cmd(&["pool", "flush", "--nuke"])

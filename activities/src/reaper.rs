@@ -7,9 +7,9 @@
 //!
 //! *Stranded* means stuck on a retired build: the agent workflow is running but its workflow
 //! task keeps failing (no worker can make progress on it: an unknown workflow type, a history
-//! the current code cannot replay) for longer than `stranded_after`. The server flags such
-//! workflows with the `TemporalReportedProblems` search attribute; the scan finds them with a
-//! visibility query and confirms each with a describe.
+//! the current code cannot replay) and it has made no progress for longer than
+//! `stranded_after`. The scan describes each running agent (a few at a time) and, for those
+//! whose workflow task is on its second attempt or later, reads when history last moved.
 
 // `#[activities]` generates an undocumented marker constant per activity; the activity itself
 // is documented below.
@@ -25,7 +25,8 @@ use murmur_workflows::machine::{ReapScan, ScannedVm};
 use murmur_workflows::model::{Millis, ReapPolicy};
 use temporalio_client::{
     Client, NamespacedClient, UntypedWorkflow, WorkflowDescribeOptions, WorkflowExecutionInfo,
-    WorkflowExecutionStatus, WorkflowHandle, WorkflowListOptions, WorkflowTerminateOptions,
+    WorkflowExecutionStatus, WorkflowFetchHistoryOptions, WorkflowHandle, WorkflowListOptions,
+    WorkflowTerminateOptions,
 };
 use temporalio_common::ActivityError;
 use temporalio_macros::activities;
@@ -91,7 +92,10 @@ impl ReaperActivities {
             let finished = finished_claims(&client, &input.claims, &running).await?;
             let (stranded_found, stranded_terminated) = match input.stranded {
                 ReapPolicy::Disabled => (0, 0),
-                policy => self.handle_stranded(&client, &input.tenant, policy).await,
+                policy => {
+                    self.handle_stranded(&client, &input.tenant, &running, policy)
+                        .await
+                }
             };
             Ok::<_, ActivityError>(ReapScan {
                 vms: vms
@@ -113,82 +117,85 @@ impl ReaperActivities {
 }
 
 impl ReaperActivities {
-    /// Finds stranded agent workflows of `tenant`; terminates them when `policy` is
-    /// `enabled`, logs them when it is `dry_run`. Returns (found, terminated). A server whose
-    /// visibility cannot answer the query is logged and skipped: the VM reaping still runs.
+    /// Finds stranded agent workflows among `running`; terminates them when `policy` is
+    /// `enabled`, logs them when it is `dry_run`. Returns (found, terminated). Errors talking
+    /// to the server are logged and skip the workflow: the VM reaping still runs.
     async fn handle_stranded(
         &self,
         client: &Client,
         tenant: &str,
+        running: &BTreeSet<(String, String)>,
         policy: ReapPolicy,
     ) -> (u32, u32) {
-        let query = format!(
-            "{} AND TemporalReportedProblems IS NOT NULL",
-            running_agents_query(tenant)
-        );
-        let mut stream = client.list_workflows(query, WorkflowListOptions::default());
-        let mut flagged = BTreeSet::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(wf) => {
-                    flagged.insert((wf.id().to_string(), wf.run_id().to_string()));
-                }
-                Err(e) => {
-                    tracing::warn!(tenant, error = %e, "stranded agent workflows not checked");
-                    return (0, 0);
-                }
-            }
-        }
+        let stranded_after = self.settings.stranded_after;
+        let checks = futures::stream::iter(running.iter().cloned())
+            .map(|(id, run)| async move {
+                let stuck_for = stuck_for(client, &id, &run).await;
+                (id, run, stuck_for)
+            })
+            .buffer_unordered(STRANDED_CHECKS_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await;
         let (mut found, mut terminated) = (0, 0);
-        for (id, run) in flagged {
-            let handle = run_handle(client, &id, &run);
-            let Ok(desc) = handle.describe(WorkflowDescribeOptions::default()).await else {
+        for (id, run, stuck_for) in checks {
+            let Some(age) = stuck_for.filter(|age| *age >= stranded_after) else {
                 continue;
             };
-            let Some(task) = desc.raw_description.pending_workflow_task.as_ref() else {
-                continue;
-            };
-            let failing_since = task
-                .original_scheduled_time
-                .as_ref()
-                .and_then(|t| {
-                    SystemTime::UNIX_EPOCH.checked_add(Duration::new(
-                        u64::try_from(t.seconds).ok()?,
-                        u32::try_from(t.nanos).ok()?,
-                    ))
-                })
-                .and_then(|t| t.elapsed().ok());
-            let Some(age) = failing_since else { continue };
-            if task.attempt < 2 || age < self.settings.stranded_after {
-                continue;
-            }
             found += 1;
             if policy != ReapPolicy::Enabled {
-                tracing::warn!(tenant, workflow = %id, run = %run, attempts = task.attempt,
-                    failing_for_s = age.as_secs(),
+                tracing::warn!(tenant, workflow = %id, run = %run, stuck_for_s = age.as_secs(),
                     "stranded agent workflow (reap_stranded_workflows: dry_run, left running)");
                 continue;
             }
             let options = WorkflowTerminateOptions::builder()
                 .reason(format!(
-                    "murmur reaper: stranded on a retired build (workflow task failing for {}s)",
+                    "murmur reaper: stranded on a retired build (no progress for {}s, its \
+                     workflow task keeps failing)",
                     age.as_secs()
                 ))
                 .build();
-            match handle.terminate(options).await {
+            match run_handle(client, &id, &run).terminate(options).await {
                 Ok(()) => {
                     terminated += 1;
                     tracing::warn!(tenant, workflow = %id, run = %run,
                         "stranded agent workflow terminated");
                 }
-                Err(e) => {
-                    tracing::warn!(tenant, workflow = %id, error = %e,
-                        "stranded agent workflow not terminated")
-                }
+                Err(e) => tracing::warn!(tenant, workflow = %id, error = %e,
+                    "stranded agent workflow not terminated"),
             }
         }
         (found, terminated)
     }
+}
+
+/// Describes looked at concurrently when checking for stranded workflows.
+const STRANDED_CHECKS_AT_ONCE: usize = 8;
+
+/// How long a run has made no progress while its workflow task keeps failing, or `None` when
+/// its task is not failing (or the server could not say). The first failure of a workflow
+/// task is the last event in history (retries of a failing task are not recorded), so the
+/// age of the last event is how long the run has been stuck.
+async fn stuck_for(client: &Client, id: &str, run: &str) -> Option<Duration> {
+    let handle = run_handle(client, id, run);
+    let desc = handle
+        .describe(WorkflowDescribeOptions::default())
+        .await
+        .ok()?;
+    let task = desc.raw_description.pending_workflow_task.as_ref()?;
+    if task.attempt < 2 {
+        return None;
+    }
+    let mut history = handle.fetch_history(WorkflowFetchHistoryOptions::default());
+    let mut last = None;
+    while let Some(event) = history.next().await {
+        last = event.ok()?.event_time;
+    }
+    let last = last?;
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::new(
+        u64::try_from(last.seconds).ok()?,
+        u32::try_from(last.nanos).ok()?,
+    ))?;
+    at.elapsed().ok()
 }
 
 /// (workflow id, run id) of every running agent of `tenant`.

@@ -23,11 +23,43 @@ pub struct TestEnv {
     worker: Option<Child>,
     /// Where the worker serves /metrics and /healthz, when enabled.
     pub metrics_addr: Option<String>,
+    /// Extra environment of the worker (reaper timing, fault injection, ...).
+    pub worker_env: Vec<(String, String)>,
+    /// The Temporal server to use instead of the shared dev server.
+    pub temporal_address: Option<String>,
+}
+
+/// How to set up a [`TestEnv`] that differs from the default.
+#[derive(Default)]
+pub struct EnvOptions {
+    /// Extra environment of the worker.
+    pub worker_env: Vec<(String, String)>,
+    /// A private Temporal server.
+    pub temporal_address: Option<String>,
+}
+
+impl EnvOptions {
+    /// Adds a worker environment variable.
+    pub fn worker(mut self, key: &str, value: &str) -> Self {
+        self.worker_env.push((key.into(), value.into()));
+        self
+    }
+
+    /// A reaper that scans every second with a two-second grace period.
+    pub fn fast_reaper(self) -> Self {
+        self.worker("MURMUR_REAP_INTERVAL", "1s")
+            .worker("MURMUR_REAP_GRACE", "2s")
+    }
 }
 
 impl TestEnv {
     /// Creates the environment and starts its worker.
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, EnvOptions::default())
+    }
+
+    /// Creates the environment with `options` and starts its worker.
+    pub fn start_with(name: &str, options: EnvOptions) -> Self {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -53,6 +85,8 @@ impl TestEnv {
             dir,
             worker: None,
             metrics_addr: None,
+            worker_env: options.worker_env,
+            temporal_address: options.temporal_address,
         };
         // Every test acts as a tenant admin unless it logs in otherwise.
         let admin = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
@@ -148,6 +182,10 @@ impl TestEnv {
         if let Some(addr) = &self.metrics_addr {
             cmd.env("MURMUR_METRICS_ADDR", addr);
         }
+        if let Some(addr) = &self.temporal_address {
+            cmd.env("TEMPORAL_ADDRESS", addr);
+        }
+        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .env("MURMUR_TASK_QUEUE", &self.task_queue)
             .env("MURMUR_STATE_DIR", self.state_dir())
@@ -178,7 +216,105 @@ impl TestEnv {
             .env_remove("MURMUR_VM")
             .env_remove("MURMUR_TOKEN")
             .stdin(Stdio::null());
+        if let Some(addr) = &self.temporal_address {
+            cmd.env("TEMPORAL_ADDRESS", addr);
+        }
         cmd
+    }
+
+    /// Plants a VM the pool never booted: a sandbox directory with a live "supervisor" that
+    /// ignores SIGTERM (so deleting it takes a few seconds). Returns the process.
+    pub fn plant_orphan(&self, id: &str) -> Child {
+        use std::os::unix::process::CommandExt;
+        let dir = self.state_dir().join("vms").join(&self.tenant).join(id);
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        Command::new("/bin/sh")
+            .args([
+                "-c",
+                "trap '' TERM; while :; do sleep 0.1; done",
+                "sh",
+                "--dir",
+            ])
+            .arg(&dir)
+            .process_group(0)
+            .spawn()
+            .expect("start orphan")
+    }
+
+    /// The product's promises, checked against the real substrate: every VM the substrate
+    /// holds is in the pool's inventory and every warm or assigned VM is in the substrate; no
+    /// VM is held by two agents; never more than `max_vms`. Returns the violations found.
+    pub fn invariant_violations(&self) -> Vec<String> {
+        use murmur_workflows::model::VmState;
+        use std::collections::{BTreeMap, BTreeSet};
+        let st = self.status();
+        let substrate: BTreeSet<String> = self.substrate().into_iter().map(|v| v.id.0).collect();
+        let inventory: BTreeSet<String> = st.vms.iter().map(|v| v.id.0.clone()).collect();
+        let mut violations = Vec::new();
+        for vm in substrate.difference(&inventory) {
+            violations.push(format!("{vm} is in the substrate but not in the pool"));
+        }
+        for v in &st.vms {
+            if matches!(v.state, VmState::Warm | VmState::Assigned) && !substrate.contains(&v.id.0)
+            {
+                violations.push(format!(
+                    "{} is {:?} but not in the substrate",
+                    v.id, v.state
+                ));
+            }
+        }
+        let mut holders: BTreeMap<String, String> = BTreeMap::new();
+        for c in &st.claims {
+            if let Some(vm) = &c.vm
+                && let Some(other) = holders.insert(vm.0.clone(), c.request.clone())
+            {
+                violations.push(format!("{vm} held by {other} and {}", c.request));
+            }
+        }
+        if st.in_use > st.config.max_vms {
+            violations.push(format!(
+                "{} VMs in use, max_vms {}",
+                st.in_use, st.config.max_vms
+            ));
+        }
+        violations
+    }
+
+    /// Waits until nothing boots or is being deleted and the invariants hold (the reaper
+    /// included: a leak must be found and deleted), failing with the violations after
+    /// `patience`.
+    pub fn wait_settled_and_sound(&self, patience: Duration) -> PoolStatus {
+        use murmur_workflows::model::VmState;
+        let deadline = Instant::now() + patience;
+        loop {
+            let st = self.status();
+            let settled = st
+                .vms
+                .iter()
+                .all(|v| matches!(v.state, VmState::Warm | VmState::Assigned));
+            let violations = self.invariant_violations();
+            if settled && violations.is_empty() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "invariants do not hold: {violations:#?}\nstatus: {st:#?}\n{}",
+                self.worker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// True while the worker process runs.
+    pub fn worker_running(&mut self) -> bool {
+        self.worker
+            .as_mut()
+            .is_some_and(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false))
+    }
+
+    /// The whole worker log.
+    pub fn worker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
     }
 
     /// A `murmur` command ready to run in the project dir.
