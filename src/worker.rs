@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The reaper's schedule and grace periods.
     pub reaper: ReaperSettings,
+    /// How long a VM may take to answer its readiness handshake.
+    pub boot_timeout: std::time::Duration,
     /// Faults to inject into the substrate (chaos tests only; `None` in production).
     pub faults: Option<FaultConfig>,
 }
@@ -103,7 +105,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
-        .register_activities(VmActivities::new(provider.clone()))
+        .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
         .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
         .register_activities(AuthActivities::new(keys))

@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{BootReport, DeleteVmInput};
 use murmur_workflows::machine::BootSpec;
@@ -25,12 +25,17 @@ pub const BOOT_FAILED: &str = "BootFailed";
 /// Activities that create and delete VMs on one substrate.
 pub struct VmActivities {
     provider: Arc<dyn Provider>,
+    boot_timeout: Duration,
 }
 
 impl VmActivities {
-    /// Activities over `provider`.
-    pub fn new(provider: Arc<dyn Provider>) -> Self {
-        Self { provider }
+    /// Activities over `provider`; a VM that does not answer its readiness handshake within
+    /// `boot_timeout` (at most [`BOOT_TIMEOUT`]) counts as a failed boot.
+    pub fn new(provider: Arc<dyn Provider>, boot_timeout: Duration) -> Self {
+        Self {
+            provider,
+            boot_timeout: boot_timeout.min(BOOT_TIMEOUT),
+        }
     }
 }
 
@@ -49,7 +54,7 @@ impl VmActivities {
         let work = async {
             self.provider.create(&spec).await?;
             self.provider
-                .wait_ready(&spec.tenant, &spec.vm, BOOT_TIMEOUT)
+                .wait_ready(&spec.tenant, &spec.vm, self.boot_timeout)
                 .await
         };
         let result = with_heartbeats(&ctx, work).await?;

@@ -49,6 +49,10 @@ struct RunArgs {
     /// (see reap_stranded_workflows).
     #[arg(long, env = "MURMUR_STRANDED_AFTER", default_value = "48h", value_parser = parse_duration)]
     stranded_after: std::time::Duration,
+    /// How long a new VM may take to answer its readiness handshake before its boot counts
+    /// as failed (at most 60s).
+    #[arg(long, env = "MURMUR_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_boot_timeout)]
+    boot_timeout: std::time::Duration,
     /// Inject substrate faults, for chaos testing only, e.g.
     /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
     /// Off unless given.
@@ -131,6 +135,18 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
     };
     let secs = secs.ok_or_else(|| anyhow::anyhow!("invalid duration {s:?}: too long"))?;
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// A boot timeout: a duration of at most the pool workflow's boot deadline.
+fn parse_boot_timeout(s: &str) -> anyhow::Result<std::time::Duration> {
+    let d = parse_duration(s)?;
+    let max = murmur_workflows::pool_workflow::BOOT_TIMEOUT;
+    anyhow::ensure!(
+        !d.is_zero() && d <= max,
+        "invalid boot timeout {s:?}: must be between 1s and {}s",
+        max.as_secs()
+    );
+    Ok(d)
 }
 
 fn token_command(state_dir: &std::path::Path, cmd: TokenCommand) -> anyhow::Result<()> {
@@ -223,6 +239,7 @@ async fn main() -> std::process::ExitCode {
                     stranded_after: cli.run.stranded_after,
                 },
                 faults: cli.run.faults,
+                boot_timeout: cli.run.boot_timeout,
             })
             .await
         }

@@ -48,6 +48,17 @@ pub enum Command {
         /// Why, for logs.
         reason: DeleteReason,
     },
+    /// Hold back backfill for an image: start a timer of `wait_ms`, then call
+    /// [`Pool::hold_back_over`] with `image` and `seq`. A timer (recorded in history) rather
+    /// than a clock comparison decides when the hold ends, so a replay always agrees.
+    HoldBack {
+        /// The failing image.
+        image: String,
+        /// Which hold-back this is.
+        seq: u64,
+        /// How long to hold back.
+        wait_ms: Millis,
+    },
     /// Tell an agent whose claim was waiting that it is settled (served or failed); the agent
     /// then asks where its claim stands. Nothing is lost if it does not arrive: agents also
     /// re-check on a timer.
@@ -229,6 +240,15 @@ impl Pool {
                 VmState::Warm | VmState::Assigned => {}
             }
         }
+        for (image, h) in &self.images {
+            if h.held {
+                out.push(Command::HoldBack {
+                    image: image.clone(),
+                    seq: h.hold_seq,
+                    wait_ms: h.backoff_until.map_or(1, |t| t.saturating_sub(now).max(1)),
+                });
+            }
+        }
         out.extend(self.reconcile(now));
         out
     }
@@ -257,6 +277,7 @@ impl Pool {
                 let health = self.images.entry(rec.image.clone()).or_default();
                 health.consecutive_failures = 0;
                 health.backoff_until = None;
+                health.held = false;
                 rec.ready_at = Some(now);
                 if let Some(notify) = self.hand_booted_vm_to_claim(vm) {
                     // Handed to the agent it was booted for.
@@ -293,7 +314,7 @@ impl Pool {
                 rec.delete_reason = Some(DeleteReason::BootFailed);
                 let image = rec.image.clone();
                 self.counters.boot_failures += 1;
-                let h = self.images.entry(image).or_default();
+                let h = self.images.entry(image.clone()).or_default();
                 h.consecutive_failures += 1;
                 h.total_failures += 1;
                 h.last_error = Some(truncate(error, 512));
@@ -301,6 +322,13 @@ impl Pool {
                     let doublings = (h.consecutive_failures - FAILURE_THRESHOLD).min(10);
                     let wait = (BACKOFF_BASE_MS << doublings).min(BACKOFF_MAX_MS);
                     h.backoff_until = Some(now + wait);
+                    h.held = true;
+                    h.hold_seq += 1;
+                    out.push(Command::HoldBack {
+                        image: image.clone(),
+                        seq: h.hold_seq,
+                        wait_ms: wait,
+                    });
                 }
                 out.push(Command::Delete {
                     vm: vm.clone(),
@@ -561,7 +589,7 @@ impl Pool {
                 continue;
             }
             let mut missing = spec.min_idle - have;
-            if missing == 0 || claims_waiting || self.image_held(&spec.image_ref, now) {
+            if missing == 0 || claims_waiting || self.image_held(&spec.image_ref) {
                 continue;
             }
             if self.probing(&spec.image_ref) {
@@ -633,11 +661,21 @@ impl Pool {
         warm.into_iter().map(|(fresh, _, id)| (fresh, id)).collect()
     }
 
-    fn image_held(&self, image: &str, now: Millis) -> bool {
-        self.images
-            .get(image)
-            .and_then(|h| h.backoff_until)
-            .is_some_and(|until| now < until)
+    fn image_held(&self, image: &str) -> bool {
+        self.images.get(image).is_some_and(|h| h.held)
+    }
+
+    /// The timer of hold-back `seq` of `image` fired: backfill may try the image again (one
+    /// probe boot at a time). The timer of an older hold-back changes nothing.
+    pub fn hold_back_over(&mut self, image: &str, seq: u64, now: Millis) -> Vec<Command> {
+        if let Some(h) = self.images.get_mut(image)
+            && h.held
+            && h.hold_seq == seq
+        {
+            h.held = false;
+            h.backoff_until = None;
+        }
+        self.reconcile(now)
     }
 
     fn probing(&self, image: &str) -> bool {
@@ -651,15 +689,6 @@ impl Pool {
             .values()
             .filter(|v| v.state == VmState::Booting && v.image == image)
             .count()
-    }
-
-    /// The next instant at which a back-off ends, so the shell can wake up then.
-    pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
-        self.images
-            .values()
-            .filter_map(|h| h.backoff_until)
-            .filter(|&t| t > now)
-            .min()
     }
 
     /// A warm VM that can never be handed out (its image or generation is stale), oldest first.

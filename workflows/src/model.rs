@@ -384,8 +384,15 @@ pub struct ImageHealth {
     pub total_failures: u64,
     /// The last failure's message.
     pub last_error: Option<String>,
-    /// Backfill for this image is held until then.
+    /// Backfill for this image is held until about then (for display; the hold itself ends
+    /// when the shell's timer for it fires).
     pub backoff_until: Option<Millis>,
+    /// Backfill for this image is held back.
+    #[serde(default)]
+    pub held: bool,
+    /// Which hold-back is current (a timer of an older one changes nothing).
+    #[serde(default)]
+    pub hold_seq: u64,
 }
 
 /// Formats epoch milliseconds as RFC 3339 UTC (`2026-11-28T13:05:09Z`) without a clock.

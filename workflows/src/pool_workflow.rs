@@ -9,6 +9,7 @@
 // handlers themselves are documented below.
 #![allow(missing_docs)]
 
+use std::collections::BTreeSet;
 use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
@@ -90,16 +91,18 @@ pub struct PoolWorkflow {
     nuke_requested: bool,
     /// The nuke workflow's start is in flight.
     nuke_starting: bool,
-    /// When to try starting the nuke again (the previous one had not closed yet).
-    nuke_retry_at: Option<Millis>,
+    /// The nuke could not start (the previous one had not closed yet): retry after a timer.
+    nuke_waiting: bool,
+    /// The retry timer of a nuke start runs.
+    nuke_retry_pending: bool,
     /// What the last nuke did, for `flush` updates waiting on it.
     last_nuke: Option<NukeReport>,
     /// The verified request (id, developer) behind the nuke to start.
     nuke_authorization: Option<(String, String)>,
     /// `flush` signals waiting for their credential check.
     signalled: Vec<FlushRequest>,
-    /// When the next reaper scan is due; `None` while one is in flight.
-    reap_next_at: Option<Millis>,
+    /// A reaper scan is due (set by the reaper's timer, and at the start of every run).
+    reap_due: bool,
     /// Time between reaper scans (the worker's setting, from the last scan).
     reap_interval_ms: Millis,
 }
@@ -116,8 +119,14 @@ enum Outcome {
     Notified,
     /// A `flush` signal's credential was checked.
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
-    /// A reaper scan started at the given time finished (or failed, with why).
-    Reaped(Millis, Result<Box<ReapScan>, String>),
+    /// A reaper scan that started with these warm VMs finished (or failed, with why).
+    Reaped(BTreeSet<VmId>, Result<Box<ReapScan>, String>),
+    /// The reaper's timer fired: time for the next scan.
+    ReapDue,
+    /// The timer of a hold-back (image, seq) fired.
+    HoldBackOver(String, u64),
+    /// The timer before retrying a nuke start fired.
+    NukeRetryDue,
 }
 
 #[workflow_methods]
@@ -142,13 +151,14 @@ impl PoolWorkflow {
             rejected_messages: 0,
             nuke_requested: false,
             nuke_starting: false,
-            nuke_retry_at: None,
+            nuke_waiting: false,
+            nuke_retry_pending: false,
             last_nuke: None,
             nuke_authorization: None,
             signalled: Vec::new(),
             // The first scan runs as soon as the run starts: leftovers of a crash are found
             // (and, after the grace period, deleted) without waiting a full interval.
-            reap_next_at: Some(0),
+            reap_due: true,
             reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
         }
     }
@@ -167,14 +177,22 @@ impl PoolWorkflow {
             s.outbox.extend(cmds);
         });
         let mut in_flight: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
-        let mut wake_at: Option<Millis> = None;
-        let mut timer: LocalBoxFuture<'_, ()> = futures::future::pending().boxed_local();
+        // Timers do not hold off continue-as-new: the next run starts its own (a reaper scan
+        // at once, hold-backs from the carried state, a nuke start if one is still asked for).
+        let mut timers: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
         let mut last_details = String::new();
         loop {
             let (tenant, cmds) =
                 c.state_mut(|s| (s.pool.tenant.clone(), std::mem::take(&mut s.outbox)));
             for cmd in cmds {
-                in_flight.push(start_command(&c, &tenant, cmd));
+                match cmd {
+                    Command::HoldBack {
+                        image,
+                        seq,
+                        wait_ms,
+                    } => timers.push(after(&c, wait_ms, Outcome::HoldBackOver(image, seq))),
+                    cmd => in_flight.push(start_command(&c, &tenant, cmd)),
+                }
             }
             if c.state_mut(|s| s.take_nuke_start()) {
                 let (request, actor) =
@@ -184,9 +202,8 @@ impl PoolWorkflow {
             for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
                 in_flight.push(check_signal(&c, &tenant, req));
             }
-            let now = now_ms(&c);
-            if let Some(input) = c.state_mut(|s| s.take_reap_due(now)) {
-                in_flight.push(start_reap(&c, input, now));
+            if let Some((input, baseline)) = c.state_mut(|s| s.take_reap_due()) {
+                in_flight.push(start_reap(&c, input, baseline));
             }
             let details = c.state(details_markdown);
             if details != last_details {
@@ -219,32 +236,12 @@ impl PoolWorkflow {
                 futures::future::pending().boxed_local()
             };
 
-            let now = now_ms(&c);
-            let next = c.state(|s| {
-                [s.pool.next_wakeup(now), s.nuke_retry_at, s.reap_next_at]
-                    .into_iter()
-                    .flatten()
-                    .min()
-            });
-            if next != wake_at {
-                wake_at = next;
-                timer = match next {
-                    Some(t) => {
-                        let t = c.timer(Duration::from_millis(t.saturating_sub(now).max(1)));
-                        async move {
-                            t.await;
-                        }
-                        .boxed_local()
-                    }
-                    None => futures::future::pending().boxed_local(),
-                };
-            }
-
             temporalio_sdk::workflows::select! {
                 outcome = next_finished(&mut in_flight).fuse() => {
                     let now = now_ms(&c);
                     let replaying = c.is_replaying();
-                    c.state_mut(|s| {
+                    let interval = c.state_mut(|s| {
+                        let mut reap_again = None;
                         let cmds = match outcome {
                             Outcome::Booted(vm) => s.pool.boot_succeeded(&vm, now),
                             Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
@@ -255,37 +252,47 @@ impl PoolWorkflow {
                                 s.apply_signalled_flush(*req, verdict, now, replaying);
                                 Vec::new()
                             }
-                            Outcome::Reaped(started, scan) => {
-                                s.reaped(started, scan, now, replaying)
+                            Outcome::Reaped(baseline, scan) => {
+                                let cmds = s.reaped(&baseline, scan, now, replaying);
+                                reap_again = Some(s.reap_interval_ms);
+                                cmds
                             }
                             Outcome::NukeStarted(started) => {
                                 s.nuke_starting = false;
                                 if started {
                                     s.nuke_requested = false;
                                 } else {
-                                    s.nuke_retry_at = Some(now + NUKE_RETRY_MS);
+                                    s.nuke_waiting = true;
                                 }
                                 Vec::new()
                             }
+                            timer => s.timer_fired(timer, now),
                         };
+                        s.outbox.extend(cmds);
+                        reap_again
+                    });
+                    if let Some(ms) = interval {
+                        timers.push(after(&c, ms, Outcome::ReapDue));
+                    }
+                    if c.state(|s| s.nuke_waiting) {
+                        c.state_mut(|s| s.nuke_waiting = false);
+                        timers.push(after(&c, NUKE_RETRY_MS, Outcome::NukeRetryDue));
+                        c.state_mut(|s| s.nuke_retry_pending = true);
+                    }
+                }
+                fired = next_finished(&mut timers).fuse() => {
+                    let now = now_ms(&c);
+                    c.state_mut(|s| {
+                        let cmds = s.timer_fired(fired, now);
                         s.outbox.extend(cmds);
                     });
                 }
                 r = c.wait_condition(|s| {
-                    !s.outbox.is_empty() || !s.signalled.is_empty() || s.nuke_start_due()
+                    !s.outbox.is_empty()
+                        || !s.signalled.is_empty()
+                        || s.nuke_start_due()
+                        || (s.reap_due && !s.pool.paused)
                 }) => { r?; }
-                _ = (&mut timer).fuse() => {
-                    wake_at = None;
-                    timer = futures::future::pending().boxed_local();
-                    let now = now_ms(&c);
-                    c.state_mut(|s| {
-                        if s.nuke_retry_at.is_some_and(|t| t <= now) {
-                            s.nuke_retry_at = None;
-                        }
-                        let cmds = s.pool.reconcile(now);
-                        s.outbox.extend(cmds);
-                    });
-                }
                 _ = (&mut handlers_done).fuse() => {}
             }
         }
@@ -759,7 +766,7 @@ impl PoolWorkflow {
 
     /// True when the run loop should start the nuke workflow now.
     fn nuke_start_due(&self) -> bool {
-        self.nuke_requested && !self.nuke_starting && self.nuke_retry_at.is_none()
+        self.nuke_requested && !self.nuke_starting && !self.nuke_retry_pending && !self.nuke_waiting
     }
 
     /// Claims the nuke start for the run loop. A nuke that paused the pool meanwhile is the
@@ -776,29 +783,36 @@ impl PoolWorkflow {
         false
     }
 
-    /// The input of the reaper scan that is due now, if one is. While a nuke holds the pool
-    /// the scan is put off (the nuke deletes everything anyway).
-    fn take_reap_due(&mut self, now: Millis) -> Option<ReapInput> {
-        let due = self.reap_next_at.is_some_and(|t| t <= now);
-        if !due {
+    /// Acts on a fired timer.
+    fn timer_fired(&mut self, timer: Outcome, now: Millis) -> Vec<Command> {
+        match timer {
+            Outcome::ReapDue => self.reap_due = true,
+            Outcome::HoldBackOver(image, seq) => return self.pool.hold_back_over(&image, seq, now),
+            Outcome::NukeRetryDue => self.nuke_retry_pending = false,
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    /// The input of the reaper scan that is due, with the warm VMs it will judge, if one is.
+    /// While a nuke holds the pool the scan waits (the nuke deletes everything anyway).
+    fn take_reap_due(&mut self) -> Option<(ReapInput, BTreeSet<VmId>)> {
+        if !self.reap_due || self.pool.paused {
             return None;
         }
-        if self.pool.paused {
-            self.reap_next_at = Some(now + self.reap_interval_ms);
-            return None;
-        }
-        self.reap_next_at = None;
-        Some(ReapInput {
+        self.reap_due = false;
+        let input = ReapInput {
             tenant: self.pool.tenant.clone(),
             claims: self.pool.claim_requests(),
             stranded: self.pool.config.spec.reap_stranded_workflows,
-        })
+        };
+        Some((input, self.pool.reap_baseline()))
     }
 
-    /// Applies a finished reaper scan and schedules the next one.
+    /// Applies a finished reaper scan; the caller starts the timer for the next one.
     fn reaped(
         &mut self,
-        started: Millis,
+        baseline: &BTreeSet<VmId>,
         scan: Result<Box<ReapScan>, String>,
         now: Millis,
         replaying: bool,
@@ -808,9 +822,8 @@ impl PoolWorkflow {
                 if scan.interval_ms > 0 {
                     self.reap_interval_ms = scan.interval_ms;
                 }
-                self.reap_next_at = Some(now + self.reap_interval_ms);
                 let before = self.pool.reaper.clone();
-                let cmds = self.pool.reap(&scan, started, now);
+                let cmds = self.pool.reap(&scan, baseline, now);
                 let after = &self.pool.reaper;
                 let changed = after.orphans_deleted != before.orphans_deleted
                     || after.dead_vms_replaced != before.dead_vms_replaced
@@ -829,7 +842,6 @@ impl PoolWorkflow {
                 cmds
             }
             Err(error) => {
-                self.reap_next_at = Some(now + self.reap_interval_ms);
                 if !replaying {
                     tracing::warn!(tenant = %self.pool.tenant, %error, "reaper scan failed");
                 }
@@ -882,6 +894,11 @@ fn start_command<'a>(
     cmd: Command,
 ) -> LocalBoxFuture<'a, Outcome> {
     match cmd {
+        Command::HoldBack {
+            image,
+            seq,
+            wait_ms,
+        } => after(c, wait_ms, Outcome::HoldBackOver(image, seq)),
         Command::Boot(spec) => {
             let vm = spec.vm.clone();
             let opts = ActivityOptions::with_start_to_close_timeout(
@@ -973,11 +990,25 @@ fn start_nuke<'a>(
     async move { Outcome::NukeStarted(fut.await.is_ok()) }.boxed_local()
 }
 
+/// Resolves with `outcome` after `ms` of workflow time (a durable timer).
+fn after<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    ms: Millis,
+    outcome: Outcome,
+) -> LocalBoxFuture<'a, Outcome> {
+    let t = c.timer(Duration::from_millis(ms.max(1)));
+    async move {
+        t.await;
+        outcome
+    }
+    .boxed_local()
+}
+
 /// Runs one reaper scan; the run loop applies what it found.
 fn start_reap<'a>(
     c: &'a WorkflowContext<PoolWorkflow>,
     input: ReapInput,
-    started: Millis,
+    baseline: BTreeSet<VmId>,
 ) -> LocalBoxFuture<'a, Outcome> {
     let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
         .heartbeat_timeout(Duration::from_secs(10))
@@ -992,7 +1023,7 @@ fn start_reap<'a>(
     let fut = c.execute_activity(ReapScanVms, input, opts);
     async move {
         let scan = fut.await.map(Box::new).map_err(|e| root_cause(&e));
-        Outcome::Reaped(started, scan)
+        Outcome::Reaped(baseline, scan)
     }
     .boxed_local()
 }

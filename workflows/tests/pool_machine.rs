@@ -109,8 +109,10 @@ struct World {
     dead_agents: Vec<String>,
     /// VMs that died in the substrate while the pool thought them warm.
     vanished: BTreeSet<VmId>,
-    /// A scan taken and not yet applied, with when it was taken.
-    scan: Option<(ReapScan, u64)>,
+    /// A scan taken and not yet applied, with the warm VMs it judges.
+    scan: Option<(ReapScan, BTreeSet<VmId>)>,
+    /// Running hold-back timers: (deadline, image, seq).
+    timers: Vec<(u64, String, u64)>,
 }
 
 impl World {
@@ -129,6 +131,7 @@ impl World {
             dead_agents: Vec::new(),
             vanished: BTreeSet::new(),
             scan: None,
+            timers: Vec::new(),
         };
         for ws in WORKSPACES {
             w.change(
@@ -193,7 +196,16 @@ impl World {
             }
             self.booted.insert(spec.vm);
         }
-        self.in_flight.extend(cmds);
+        for cmd in cmds {
+            match cmd {
+                Command::HoldBack {
+                    image,
+                    seq,
+                    wait_ms,
+                } => self.timers.push((self.now + wait_ms, image, seq)),
+                cmd => self.in_flight.push(cmd),
+            }
+        }
     }
 
     fn apply(&mut self, s: &Step) {
@@ -231,7 +243,7 @@ impl World {
                             self.pool.delete_failed(&vm)
                         }
                     }
-                    Command::Notify { .. } => Vec::new(),
+                    Command::Notify { .. } | Command::HoldBack { .. } => Vec::new(),
                 };
                 self.absorb(cmds);
             }
@@ -272,6 +284,15 @@ impl World {
             ),
             Step::Advance(ms) => {
                 self.now += ms;
+                let now = self.now;
+                let (due, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.timers)
+                    .into_iter()
+                    .partition(|t| t.0 <= now);
+                self.timers = running;
+                for (_, image, seq) in due {
+                    let cmds = self.pool.hold_back_over(&image, seq, now);
+                    self.absorb(cmds);
+                }
                 let cmds = self.pool.reconcile(self.now);
                 self.absorb(cmds);
             }
@@ -374,12 +395,13 @@ impl World {
                         .collect(),
                     finished_agents: self.dead_agents.clone(),
                     grace_ms: GRACE_MS,
+                    interval_ms: GRACE_MS,
                     ..ReapScan::default()
                 };
-                self.scan = Some((scan, self.now));
+                self.scan = Some((scan, self.pool.reap_baseline()));
             }
             Step::ScanFinish => {
-                let Some((scan, started)) = self.scan.take() else {
+                let Some((scan, baseline)) = self.scan.take() else {
                     return;
                 };
                 let in_use: BTreeSet<VmId> = self
@@ -393,7 +415,7 @@ impl World {
                     })
                     .map(|v| v.id.clone())
                     .collect();
-                let cmds = self.pool.reap(&scan, started, self.now);
+                let cmds = self.pool.reap(&scan, &baseline, self.now);
                 for c in &cmds {
                     if let Command::Delete { vm, .. } = c {
                         assert!(!in_use.contains(vm), "the reaper deleted {vm}, in use");
@@ -411,6 +433,8 @@ impl World {
                     }
                 }
                 self.in_flight.clear();
+                self.timers.clear();
+                self.scan = None;
                 let json = serde_json::to_string(&self.pool).unwrap();
                 self.pool = serde_json::from_str(&json).unwrap();
                 let cmds = self.pool.resume(self.now);
@@ -523,9 +547,7 @@ proptest! {
             w.apply(s);
         }
         // Far in the future, with every back-off over, everything settles.
-        w.now += 3_600_000;
-        let cmds = w.pool.reconcile(w.now);
-        w.absorb(cmds);
+        w.apply(&Step::Advance(3_600_000));
         w.drain();
         // Every agent ends; their VMs go.
         while !w.agents.is_empty() {
@@ -627,9 +649,22 @@ fn a_failing_image_stops_backfill_instead_of_churning() {
         web.reasons
     );
     assert!(w.substrate.iter().all(|vm| w.pool.vms.contains_key(vm)));
-    // After the back-off, exactly one probe boot is tried.
-    w.now += murmur_workflows::machine::BACKOFF_MAX_MS;
-    let cmds = w.pool.reconcile(w.now);
+    // Held back until the hold-back's timer fires; then exactly one probe boot is tried.
+    assert!(
+        !w.pool
+            .reconcile(w.now + murmur_workflows::machine::BACKOFF_MAX_MS)
+            .iter()
+            .any(|c| matches!(c, Command::Boot(_))),
+        "the clock alone ended a hold-back"
+    );
+    // Only the latest hold-back's timer ends it.
+    w.timers.sort_by_key(|t| t.2);
+    let (_, image, seq) = w.timers.pop().expect("a hold-back timer runs");
+    for (_, old_image, old_seq) in std::mem::take(&mut w.timers) {
+        let cmds = w.pool.hold_back_over(&old_image, old_seq, w.now);
+        assert!(!cmds.iter().any(|c| matches!(c, Command::Boot(_))));
+    }
+    let cmds = w.pool.hold_back_over(&image, seq, w.now);
     assert_eq!(
         cmds.iter()
             .filter(|c| matches!(c, Command::Boot(_)))

@@ -6,10 +6,13 @@
 //! that replaces what was reaped is the one code path of the pool:
 //!
 //! - a VM the substrate holds and the pool does not know is a *suspect* first; it is deleted
-//!   only when a later scan, at least the grace period after the first sighting, still finds
-//!   it unknown (a scan races with boots and deletes the pool has in flight);
-//! - a warm VM that was ready before the scan started but is missing or dead in the listing
-//!   is written off and deleted (backfill replaces it);
+//!   only when consecutive scans spanning the grace period all find it unknown (a scan races
+//!   with boots and deletes the pool has in flight);
+//! - a warm VM that was already warm when the scan started but is missing or dead in the
+//!   listing is written off and deleted (backfill replaces it);
+//!
+//! No decision compares clocks: the grace period is counted in scans (each scan is an event
+//! in history, started by a timer), so a replay always decides the same.
 //! - the claim of an agent whose workflow has closed (terminated from outside murmur, say) is
 //!   released: its VM is deleted, or its place in the queue given up.
 
@@ -72,24 +75,55 @@ pub struct ReaperState {
     pub stranded_found: u32,
     /// Stranded agent workflows terminated, in total.
     pub stranded_terminated: u64,
-    /// Unknown VMs waiting out their grace period, with when they were first seen.
-    pub suspects: BTreeMap<VmId, Millis>,
+    /// Unknown VMs waiting out their grace period, with how many scans in a row saw them.
+    pub suspects: BTreeMap<VmId, u32>,
+}
+
+impl ReapScan {
+    /// Scans in a row that must find a VM unknown before it is deleted: enough to span the
+    /// grace period at the scan interval, and never fewer than two.
+    pub fn sightings_needed(&self) -> u32 {
+        let grace = if self.grace_ms == 0 {
+            DEFAULT_REAP_GRACE_MS
+        } else {
+            self.grace_ms
+        };
+        let interval = if self.interval_ms == 0 {
+            DEFAULT_REAP_INTERVAL_MS
+        } else {
+            self.interval_ms
+        };
+        u32::try_from(grace.div_ceil(interval) + 1)
+            .unwrap_or(u32::MAX)
+            .max(2)
+    }
 }
 
 impl Pool {
-    /// Applies a reaper scan. `scan_started` is when the scan was asked for: only VMs that
-    /// were ready before it are judged by its listing. Returns the deletes plus whatever the
-    /// reconcile that follows wants (backfill for what was reaped).
-    pub fn reap(&mut self, scan: &ReapScan, scan_started: Millis, now: Millis) -> Vec<Command> {
+    /// The warm VMs as a scan starts: only these are judged dead when its listing misses
+    /// them (a VM that came up after the listing was taken would be missing from it).
+    pub fn reap_baseline(&self) -> BTreeSet<VmId> {
+        self.vms
+            .values()
+            .filter(|v| v.state == VmState::Warm)
+            .map(|v| v.id.clone())
+            .collect()
+    }
+
+    /// Applies a reaper scan that started with `baseline` ([`Pool::reap_baseline`]). Returns
+    /// the deletes plus whatever the reconcile that follows wants (backfill for what was
+    /// reaped).
+    pub fn reap(
+        &mut self,
+        scan: &ReapScan,
+        baseline: &BTreeSet<VmId>,
+        now: Millis,
+    ) -> Vec<Command> {
         if self.paused {
             // A nuke is wiping everything anyway; its reset starts from a clean slate.
             return Vec::new();
         }
-        let grace = if scan.grace_ms == 0 {
-            DEFAULT_REAP_GRACE_MS
-        } else {
-            scan.grace_ms
-        };
+        let needed = scan.sightings_needed();
         self.reaper.scans += 1;
         self.reaper.last_scan_at = Some(now);
         self.reaper.stranded_found = scan.stranded_found;
@@ -105,8 +139,9 @@ impl Pool {
             .collect();
         self.reaper.suspects.retain(|id, _| unknown.contains(id));
         for id in unknown {
-            let first_seen = *self.reaper.suspects.entry(id.clone()).or_insert(now);
-            if now.saturating_sub(first_seen) >= grace {
+            let seen = self.reaper.suspects.entry(id.clone()).or_insert(0);
+            *seen += 1;
+            if *seen >= needed {
                 self.reaper.suspects.remove(&id);
                 self.reaper.orphans_deleted += 1;
                 out.push(self.adopt_orphan(&id, now));
@@ -117,8 +152,7 @@ impl Pool {
         let dead: Vec<VmId> = self
             .vms
             .values()
-            .filter(|v| v.state == VmState::Warm)
-            .filter(|v| v.ready_at.is_some_and(|t| t < scan_started))
+            .filter(|v| v.state == VmState::Warm && baseline.contains(&v.id))
             .filter(|v| listed.get(&v.id) != Some(&true))
             .map(|v| v.id.clone())
             .collect();
@@ -180,6 +214,7 @@ mod tests {
         (pool, ids)
     }
 
+    /// A scan listing `ids`, alive, with a grace period of `grace_ms` at a 1 s interval.
     fn scan_of(ids: &[VmId], grace_ms: Millis) -> ReapScan {
         ReapScan {
             vms: ids
@@ -190,8 +225,13 @@ mod tests {
                 })
                 .collect(),
             grace_ms,
+            interval_ms: 1_000,
             ..ReapScan::default()
         }
+    }
+
+    fn none() -> BTreeSet<VmId> {
+        BTreeSet::new()
     }
 
     fn deletes(cmds: &[Command]) -> Vec<VmId> {
@@ -208,15 +248,17 @@ mod tests {
         let (mut pool, mut ids) = pool_with_warm(2);
         let orphan = VmId("murmur-0rphan00".into());
         ids.push(orphan.clone());
-        let first = pool.reap(&scan_of(&ids, 1_000), 100, 100);
+        // Grace 2 s at 1 s per scan: three sightings in a row.
+        assert_eq!(scan_of(&ids, 2_000).sightings_needed(), 3);
+        let first = pool.reap(&scan_of(&ids, 2_000), &none(), 100);
         assert!(
             deletes(&first).is_empty(),
             "deleted before the grace period"
         );
         assert!(pool.reaper.suspects.contains_key(&orphan));
-        let early = pool.reap(&scan_of(&ids, 1_000), 600, 600);
+        let early = pool.reap(&scan_of(&ids, 2_000), &none(), 1_100);
         assert!(deletes(&early).is_empty());
-        let due = pool.reap(&scan_of(&ids, 1_000), 1_100, 1_100);
+        let due = pool.reap(&scan_of(&ids, 2_000), &none(), 2_100);
         assert_eq!(deletes(&due), vec![orphan.clone()]);
         assert_eq!(pool.vms[&orphan].state, VmState::Deleting);
         assert_eq!(pool.reaper.orphans_deleted, 1);
@@ -228,9 +270,9 @@ mod tests {
         let (mut pool, ids) = pool_with_warm(1);
         let mut with_stray = ids.clone();
         with_stray.push(VmId("murmur-57ray000".into()));
-        pool.reap(&scan_of(&with_stray, 1_000), 100, 100);
+        pool.reap(&scan_of(&with_stray, 1_000), &none(), 100);
         assert_eq!(pool.reaper.suspects.len(), 1);
-        let cmds = pool.reap(&scan_of(&ids, 1_000), 5_000, 5_000);
+        let cmds = pool.reap(&scan_of(&ids, 1_000), &none(), 5_000);
         assert!(deletes(&cmds).is_empty());
         assert!(pool.reaper.suspects.is_empty());
     }
@@ -241,10 +283,11 @@ mod tests {
         // ids[0] is missing from the listing; ids[1] is listed but dead.
         let mut scan = scan_of(&ids[1..], 1_000);
         scan.vms[0].alive = false;
-        let cmds = pool.reap(&scan, 5, 20);
-        // Ready at 10, scan started at 5: the listing may predate the VM, so no verdict.
+        // Not warm yet when the scan started: the listing may predate them, so no verdict.
+        let cmds = pool.reap(&scan, &none(), 20);
         assert!(deletes(&cmds).is_empty());
-        let cmds = pool.reap(&scan, 50, 60);
+        let baseline = pool.reap_baseline();
+        let cmds = pool.reap(&scan, &baseline, 60);
         let (mut gone, mut want) = (deletes(&cmds), ids.clone());
         gone.sort();
         want.sort();
@@ -272,7 +315,7 @@ mod tests {
         assert_eq!(pool.claim_requests(), vec![req.request.clone()]);
         let mut scan = scan_of(&ids, 1_000);
         scan.finished_agents = vec![req.request.clone(), "unknown@run".into()];
-        let cmds = pool.reap(&scan, 30, 30);
+        let cmds = pool.reap(&scan, &none(), 30);
         assert_eq!(deletes(&cmds), vec![ids[0].clone()]);
         assert!(pool.claims.is_empty());
         assert_eq!(pool.reaper.agent_claims_released, 1);
@@ -283,7 +326,7 @@ mod tests {
         let (mut pool, mut ids) = pool_with_warm(1);
         ids.push(VmId("murmur-0rphan00".into()));
         pool.paused = true;
-        assert!(pool.reap(&scan_of(&ids, 1), 0, 10_000).is_empty());
+        assert!(pool.reap(&scan_of(&ids, 1), &none(), 10_000).is_empty());
         assert_eq!(pool.reaper.scans, 0);
     }
 }
