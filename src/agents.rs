@@ -122,7 +122,7 @@ impl AgentClient {
                     AgentWorkflow::run,
                     input.clone(),
                     AgentWorkflow::admission,
-                    (),
+                    ().into(),
                     options.clone(),
                 )
                 .await;
@@ -218,7 +218,7 @@ impl AgentClient {
         handle
             .execute_update(
                 AgentWorkflow::kill,
-                req,
+                req.into(),
                 WorkflowExecuteUpdateOptions::default(),
             )
             .await

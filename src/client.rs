@@ -201,7 +201,8 @@ impl PoolClient {
             PoolWorkflow::up,
             UpRequest {
                 actor: Some(self.ctx.developer.clone()),
-            },
+            }
+            .into(),
         )
         .await
     }
@@ -253,7 +254,7 @@ impl PoolClient {
             &self.ctx.tenant,
             &self.task_queue,
             PoolWorkflow::apply_config,
-            req,
+            req.into(),
         )
         .await
     }

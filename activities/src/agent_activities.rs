@@ -17,7 +17,7 @@ use murmur_workflows::activity_api::{
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ClaimState;
-use murmur_workflows::messages::{NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
+use murmur_workflows::messages::{Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
 use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{
@@ -124,14 +124,20 @@ impl AgentActivities {
     where
         U: UpdateDefinition<
                 Workflow = <PoolWorkflow as HasWorkflowDefinition>::Run,
-                Input = NukeStep,
+                Input = Lenient<NukeStep>,
                 Output = NukeStepReply,
             >,
     {
         let mut step = input.step;
         step.auth = Some(self.sign(ops::NUKE_STEP, &input.tenant, &step)?);
         let client = ctx.client();
-        let call = update_pool(&client, &input.tenant, &ctx.info().task_queue, update, step);
+        let call = update_pool(
+            &client,
+            &input.tenant,
+            &ctx.info().task_queue,
+            update,
+            step.into(),
+        );
         with_heartbeats(ctx, call).await?.map_err(retryable)
     }
 
@@ -167,7 +173,7 @@ impl AgentActivities {
             &input.tenant,
             &ctx.info().task_queue,
             PoolWorkflow::claim,
-            claim,
+            claim.into(),
         );
         let state = with_heartbeats(&ctx, call).await?.map_err(api_failure)?;
         if let ClaimState::Assigned { vm } = &state {
@@ -199,7 +205,7 @@ impl AgentActivities {
         req.auth = Some(self.sign(ops::RELEASE, &input.tenant, &req)?);
         let call = handle.execute_update(
             PoolWorkflow::release,
-            req,
+            req.into(),
             WorkflowExecuteUpdateOptions::default(),
         );
         match with_heartbeats(&ctx, call).await? {

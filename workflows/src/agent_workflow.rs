@@ -36,6 +36,7 @@ use crate::auth::{VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
 use crate::gate;
 use crate::machine::{ClaimRequest, ClaimState};
+use crate::messages::Lenient;
 use crate::model::VmId;
 use crate::pool_workflow::{UpdateError, root_cause};
 
@@ -177,7 +178,7 @@ impl AgentWorkflow {
     #[update]
     pub async fn admission(
         ctx: &mut WorkflowContext<Self>,
-        _req: (),
+        _req: Lenient<()>,
     ) -> Result<AgentStatus, UpdateError> {
         ctx.wait_condition(|s| s.admission.is_some())
             .await
@@ -188,14 +189,27 @@ impl AgentWorkflow {
         })
     }
 
+    /// Refuses a `kill` whose payload is not a kill request (nothing reaches history).
+    #[update_validator(kill)]
+    pub fn validate_kill(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<KillRequest>,
+    ) -> Result<(), UpdateError> {
+        req.as_result()
+            .map(|_| ())
+            .map_err(|e| Box::new(e) as UpdateError)
+    }
+
     /// `murmur kill`: checks the signed request (`agent.edit`, signed for this run), then
     /// stops the agent: its command is cancelled and its VM destroyed. Answers at once; the
     /// caller waits for the workflow to end.
     #[update]
     pub async fn kill(
         ctx: &mut WorkflowContext<Self>,
-        req: KillRequest,
+        req: Lenient<KillRequest>,
     ) -> Result<AgentStatus, UpdateError> {
+        let req = req.into_result().map_err(|e| Box::new(e) as UpdateError)?;
         let (tenant, target) = ctx.state(|s| {
             (
                 s.input.tenant.clone(),

@@ -139,6 +139,81 @@ pub struct PoolInput {
     pub carried: Option<Box<crate::machine::Pool>>,
 }
 
+/// Longest error text kept about an undecodable message: a serde error may quote the whole
+/// offending value (a 1 MB string), and the text travels back in the update's rejection.
+const MAX_DECODE_ERROR: usize = 240;
+
+/// Shortens an error text to [`MAX_DECODE_ERROR`] bytes on a character boundary.
+pub fn short_error(text: &str) -> String {
+    if text.len() <= MAX_DECODE_ERROR {
+        return text.to_string();
+    }
+    let mut end = MAX_DECODE_ERROR;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// An update's input, read leniently: any JSON decodes, and what does not fit `T` is kept as
+/// a short error for the update's validator to refuse. With a plain `T`, the SDK would answer
+/// a mistyped payload with serde's error, which can quote the whole payload and push the
+/// workflow task over the payload size limit; this never fails and never echoes input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lenient<T> {
+    /// The input decoded as `T`.
+    Valid(T),
+    /// Why it did not (short).
+    Invalid(String),
+}
+
+impl<T> Lenient<T> {
+    /// The input, or an `INVALID_ARGUMENT` saying why it is not one.
+    pub fn into_result(self) -> Result<T, ApiError> {
+        match self {
+            Self::Valid(t) => Ok(t),
+            Self::Invalid(e) => Err(ApiError::invalid_argument(format!(
+                "payload is not a valid message: {e}"
+            ))),
+        }
+    }
+
+    /// Like [`Lenient::into_result`], by reference (for validators).
+    pub fn as_result(&self) -> Result<&T, ApiError> {
+        match self {
+            Self::Valid(t) => Ok(t),
+            Self::Invalid(e) => Err(ApiError::invalid_argument(format!(
+                "payload is not a valid message: {e}"
+            ))),
+        }
+    }
+}
+
+impl<T> From<T> for Lenient<T> {
+    fn from(t: T) -> Self {
+        Self::Valid(t)
+    }
+}
+
+impl<T: Serialize> Serialize for Lenient<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Valid(t) => t.serialize(serializer),
+            Self::Invalid(_) => serializer.serialize_unit(),
+        }
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(match T::deserialize(value) {
+            Ok(t) => Self::Valid(t),
+            Err(e) => Self::Invalid(short_error(&e.to_string())),
+        })
+    }
+}
+
 /// Reads a JSON message from a raw payload list, the lenient way: no payload reads as `{}`
 /// (all-default types then accept it), anything undecodable is an `INVALID_ARGUMENT`.
 pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
@@ -158,8 +233,12 @@ pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<
             )));
         }
     }
-    serde_json::from_slice(data)
-        .map_err(|e| ApiError::invalid_argument(format!("payload is not a valid message: {e}")))
+    serde_json::from_slice(data).map_err(|e| {
+        ApiError::invalid_argument(format!(
+            "payload is not a valid message: {}",
+            short_error(&e.to_string())
+        ))
+    })
 }
 
 /// Encodes a message the way the `temporal` CLI does (`json/plain`), for handlers that take

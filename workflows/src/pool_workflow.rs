@@ -37,8 +37,8 @@ use crate::machine::{
     ClaimRequest, ClaimState, Command, DEFAULT_REAP_INTERVAL_MS, MAX_DENIALS, Pool, ReapScan,
 };
 use crate::messages::{
-    ConfigRequest, FlushReply, FlushRequest, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
-    ReleaseRequest, UpRequest, decode_lenient,
+    ConfigRequest, FlushReply, FlushRequest, Lenient, NukeStep, NukeStepReply, PoolInput,
+    ReleaseReply, ReleaseRequest, UpRequest, decode_lenient,
 };
 use crate::model::{Millis, ResourceDoc, ResourceKind, VmId};
 use crate::nuke_workflow::{NukeInput, NukeReport, NukeWorkflow, nuke_workflow_id};
@@ -380,7 +380,11 @@ impl PoolWorkflow {
 
     /// `up`: reconcile now and answer with the status.
     #[update]
-    pub fn up(&mut self, ctx: &mut SyncWorkflowContext<Self>, _req: UpRequest) -> PoolStatus {
+    pub fn up(
+        &mut self,
+        ctx: &mut SyncWorkflowContext<Self>,
+        _req: Lenient<UpRequest>,
+    ) -> PoolStatus {
         let now = to_millis(ctx.workflow_time());
         let cmds = self.pool.reconcile(now);
         self.outbox.extend(cmds);
@@ -400,8 +404,9 @@ impl PoolWorkflow {
     pub fn validate_apply_config(
         &self,
         _ctx: &WorkflowContextView,
-        req: &ConfigRequest,
+        req: &Lenient<ConfigRequest>,
     ) -> Result<(), UpdateError> {
+        let req = req.as_result().map_err(boxed)?;
         let kind = ResourceKind::parse(&req.kind).map_err(boxed)?;
         self.pool
             .validate_change(kind, &req.name, &req.change)
@@ -414,8 +419,9 @@ impl PoolWorkflow {
     #[update]
     pub async fn apply_config(
         ctx: &mut WorkflowContext<Self>,
-        req: ConfigRequest,
+        req: Lenient<ConfigRequest>,
     ) -> Result<ResourceDoc, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
         let kind = ResourceKind::parse(&req.kind).map_err(boxed)?;
         let exists = ctx.state(|s| s.pool.doc(kind, &req.name).is_ok());
         let permission = format!(
@@ -455,8 +461,9 @@ impl PoolWorkflow {
     pub fn validate_claim(
         &self,
         _ctx: &WorkflowContextView,
-        req: &ClaimRequest,
+        req: &Lenient<ClaimRequest>,
     ) -> Result<(), UpdateError> {
+        let req = req.as_result().map_err(boxed)?;
         self.pool.validate_claim(req).map_err(boxed)
     }
 
@@ -465,8 +472,9 @@ impl PoolWorkflow {
     #[update]
     pub async fn claim(
         ctx: &mut WorkflowContext<Self>,
-        req: ClaimRequest,
+        req: Lenient<ClaimRequest>,
     ) -> Result<ClaimState, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
         let known = ctx.state(|s| s.pool.claims.contains_key(&req.request));
         if !known {
             // A new claim: sent by the worker, for a spawn whose request id works once.
@@ -496,13 +504,24 @@ impl PoolWorkflow {
         Ok(ctx.state(|s| s.pool.claim_state(&req.request)))
     }
 
+    /// Refuses a `release` whose payload is not a release request.
+    #[update_validator(release)]
+    pub fn validate_release(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<ReleaseRequest>,
+    ) -> Result<(), UpdateError> {
+        req.as_result().map(|_| ()).map_err(boxed)
+    }
+
     /// The agent behind a claim ended: its VM is deleted, never returned to the pool.
     /// Answers once the VM is gone (or after [`HANDLER_WAIT`]; asking again is harmless).
     #[update]
     pub async fn release(
         ctx: &mut WorkflowContext<Self>,
-        req: ReleaseRequest,
+        req: Lenient<ReleaseRequest>,
     ) -> Result<ReleaseReply, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
         Self::gate_service(ctx, ops::RELEASE, &req, req.auth.clone())
             .await
             .map_err(boxed)?;
@@ -530,12 +549,23 @@ impl PoolWorkflow {
         Ok(ReleaseReply { vm: held, gone })
     }
 
+    /// Refuses a `nuke_pause` whose payload is not a nuke step.
+    #[update_validator(nuke_pause)]
+    pub fn validate_nuke_pause(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<NukeStep>,
+    ) -> Result<(), UpdateError> {
+        req.as_result().map(|_| ()).map_err(boxed)
+    }
+
     /// Nuke, step 1: stop hand-outs and backfill; answers once nothing is booting.
     #[update]
     pub async fn nuke_pause(
         ctx: &mut WorkflowContext<Self>,
-        req: NukeStep,
+        req: Lenient<NukeStep>,
     ) -> Result<NukeStepReply, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
         Self::gate_service(ctx, ops::NUKE_STEP, &req, req.auth.clone())
             .await
             .map_err(boxed)?;
@@ -572,12 +602,23 @@ impl PoolWorkflow {
         }))
     }
 
+    /// Refuses a `nuke_reset` whose payload is not a nuke step.
+    #[update_validator(nuke_reset)]
+    pub fn validate_nuke_reset(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<NukeStep>,
+    ) -> Result<(), UpdateError> {
+        req.as_result().map(|_| ()).map_err(boxed)
+    }
+
     /// Nuke, last step: forget every VM and claim, bump the generation, resume backfill.
     #[update]
     pub async fn nuke_reset(
         ctx: &mut WorkflowContext<Self>,
-        req: NukeStep,
+        req: Lenient<NukeStep>,
     ) -> Result<NukeStepReply, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
         Self::gate_service(ctx, ops::NUKE_STEP, &req, req.auth.clone())
             .await
             .map_err(boxed)?;

@@ -318,8 +318,14 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                 // default); over that it answers "resource exhausted" and, like the claim
                 // activity, the client retries.
                 loop {
-                    match update_pool(&client, &ctx.tenant, &tq, PoolWorkflow::claim, req.clone())
-                        .await
+                    match update_pool(
+                        &client,
+                        &ctx.tenant,
+                        &tq,
+                        PoolWorkflow::claim,
+                        req.clone().into(),
+                    )
+                    .await
                     {
                         Ok(_) => break,
                         Err(e) if e.message.contains("in-flight updates") => {

@@ -1,0 +1,312 @@
+//! Hostile input through every door a user has: each signal, update and query of the pool,
+//! agent and nuke workflows gets malformed JSON, wrong types, unknown fields, negative and
+//! huge numbers, a 1 MB string and unicode through the stock `temporal` CLI; the workflows
+//! keep serving (no workflow task ever fails) and nothing changes. The `murmur` CLI gets bad
+//! flags and bad YAML: a clear error, a non-zero exit code, no panic, nothing changed.
+
+mod common;
+
+use common::{PATIENCE, TestEnv, stderr, stdout, warm};
+use murmur_workflows::agent::Phase;
+
+/// Payloads that no handler accepts as a valid request (or accepts as a harmless no-op).
+fn payloads(dir: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let huge = dir.join("huge.json");
+    std::fs::write(
+        &huge,
+        format!("{{\"request\": \"{}\"}}", "x".repeat(1 << 20)),
+    )
+    .unwrap();
+    let huge_string = dir.join("huge-string.json");
+    std::fs::write(&huge_string, format!("\"{}\"", "é".repeat(1 << 19))).unwrap();
+    let inline = |s: &str| (s.to_string(), vec!["--input".to_string(), s.to_string()]);
+    vec![
+        inline("\"x\""),
+        inline("[1,2]"),
+        inline("null"),
+        inline("-1"),
+        inline("1e308"),
+        inline("{\"nuke\":\"yes\"}"),
+        inline("{\"kind\":12,\"name\":-1,\"change\":[]}"),
+        inline("{\"request\":\"ü🚀\",\"agent\":\"agent/ü/🚀\",\"workspace\":\"../../etc\"}"),
+        inline("{\"unknown_field\":true,\"auth\":{\"token\":42}}"),
+        inline("{\"max_vms\":-5,\"min_idle\":18446744073709551616}"),
+        (
+            "1 MB request id".into(),
+            vec!["--input-file".into(), huge.display().to_string()],
+        ),
+        (
+            "1 MB unicode string".into(),
+            vec!["--input-file".into(), huge_string.display().to_string()],
+        ),
+    ]
+}
+
+/// No workflow task of `workflow` has failed: a bad message was refused, not choked on.
+fn assert_no_task_failed(env: &TestEnv, workflow: &str) {
+    let out = env.temporal(&["workflow", "show", "--workflow-id", workflow, "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history = stdout(&out);
+    assert!(
+        !history.contains("EVENT_TYPE_WORKFLOW_TASK_FAILED"),
+        "a workflow task of {workflow} failed on hostile input"
+    );
+}
+
+#[test]
+fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
+    let env = TestEnv::start("hostile");
+    env.set_workspace("default", "min_idle: 2\n");
+    env.wait_for("2 warm VMs", |s| warm(s) == 2);
+    env.spawn("target", "sleep 600");
+    let agent = env.wait_phase("target", Phase::Running);
+    let before = env.wait_for("the pool refilled around the agent", |s| {
+        warm(s) == 2 && s.vms.len() == 3
+    });
+    let pool = format!("pool/{}", env.tenant);
+    let cases = payloads(env.dir.path());
+
+    let pool_signals = ["flush", "up", "no_such_signal"];
+    // `up` (reconcile now) is harmless and takes anything; every other update changes
+    // something and must refuse all of these.
+    let pool_updates = [
+        "flush",
+        "apply_config",
+        "claim",
+        "release",
+        "nuke_pause",
+        "nuke_reset",
+        "no_such_update",
+    ];
+    let pool_queries = ["status", "config", "version", "no_such_query"];
+    let agent_updates = ["kill"];
+    let mut sent = 0;
+    for (what, input) in &cases {
+        for name in pool_signals {
+            send(
+                &env,
+                &["workflow", "signal", "--workflow-id", &pool, "--name", name],
+                input,
+            );
+            sent += 1;
+        }
+        for name in pool_updates {
+            let out = send(
+                &env,
+                &[
+                    "workflow",
+                    "update",
+                    "execute",
+                    "--workflow-id",
+                    &pool,
+                    "--name",
+                    name,
+                ],
+                input,
+            );
+            assert!(
+                !out.status.success(),
+                "update {name} accepted hostile input {what}: {}",
+                stdout(&out)
+            );
+            sent += 1;
+        }
+        send(
+            &env,
+            &[
+                "workflow",
+                "update",
+                "execute",
+                "--workflow-id",
+                &pool,
+                "--name",
+                "up",
+            ],
+            input,
+        );
+        send(
+            &env,
+            &[
+                "workflow",
+                "update",
+                "execute",
+                "--workflow-id",
+                &agent.workflow,
+                "--name",
+                "admission",
+            ],
+            input,
+        );
+        sent += 2;
+        for name in pool_queries {
+            send(
+                &env,
+                &["workflow", "query", "--workflow-id", &pool, "--name", name],
+                input,
+            );
+            sent += 1;
+        }
+        let id = &agent.workflow;
+        send(
+            &env,
+            &[
+                "workflow",
+                "signal",
+                "--workflow-id",
+                id,
+                "--name",
+                "claim_settled",
+            ],
+            input,
+        );
+        for name in agent_updates {
+            let out = send(
+                &env,
+                &[
+                    "workflow",
+                    "update",
+                    "execute",
+                    "--workflow-id",
+                    id,
+                    "--name",
+                    name,
+                ],
+                input,
+            );
+            assert!(
+                !out.status.success(),
+                "agent update {name} accepted hostile input {what}"
+            );
+        }
+        send(
+            &env,
+            &["workflow", "query", "--workflow-id", id, "--name", "status"],
+            input,
+        );
+        sent += 4;
+    }
+    eprintln!("{sent} hostile messages sent");
+
+    // Still serving, nothing changed: same VMs, same config, the agent still runs on its VM.
+    let after = env.status();
+    let ids = |st: &murmur_workflows::status::PoolStatus| {
+        st.vms.iter().map(|v| v.id.0.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "hostile input changed the inventory"
+    );
+    assert_eq!(
+        after.generation, before.generation,
+        "a hostile flush went through"
+    );
+    assert_eq!(after.config_generation, before.config_generation);
+    assert_eq!(after.nukes, 0);
+    // (The per-run counter may have restarted with a continue-as-new: 1 MB payloads make
+    // history grow fast. The log keeps every rejection.)
+    assert!(
+        env.worker_log().contains("rejected malformed message"),
+        "rejections are logged"
+    );
+    let still = env.agent("target");
+    assert_eq!(still.phase, Some(Phase::Running));
+    assert_eq!(still.vm, agent.vm);
+    assert_no_task_failed(&env, &pool);
+    assert_no_task_failed(&env, &agent.workflow);
+
+    // And it still does its job.
+    let out = env.murmur_ok(&["pool", "flush"]);
+    assert!(out.contains("Flushed 2"), "{out}");
+    env.wait_for("2 fresh warm VMs", |s| warm(s) == 2);
+    env.murmur_ok(&["kill", "target"]);
+    env.wait_phase("target", Phase::Canceled);
+}
+
+fn send(env: &TestEnv, args: &[&str], input: &[String]) -> std::process::Output {
+    let mut cmd = env.command_for_temporal(args);
+    cmd.args(input);
+    let out = cmd.output().expect("run temporal");
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked"),
+        "temporal {args:?}: worker-side panic surfaced: {err}"
+    );
+    out
+}
+
+#[test]
+fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
+    let env = TestEnv::start("badcli");
+    env.set_workspace("default", "min_idle: 1\n");
+    let before = env.wait_for("1 warm VM", |s| warm(s) == 1);
+    let huge_description = format!("description: \"{}\"\n", "d".repeat(1 << 20));
+    let yaml_cases: Vec<(&str, String)> = vec![
+        ("not YAML", ": : :\n\t- [".into()),
+        ("a list", "- 1\n- 2\n".into()),
+        ("wrong type", "min_idle: lots\n".into()),
+        ("negative", "min_idle: -3\n".into()),
+        ("too big", "min_idle: 18446744073709551616\n".into()),
+        ("unknown field", "min_idle: 1\nflavour: spicy\n".into()),
+        ("1 MB description", huge_description),
+        ("bad image", "image_ref: \"../../etc/passwd\"\n".into()),
+        ("unicode", "image_ref: \"🚀\"\nmin_idle: 1\n".into()),
+    ];
+    for (what, yaml) in &yaml_cases {
+        let out = env.murmur_stdin(&["set", "workspace", "default"], yaml);
+        assert_clear_failure(&out, what);
+    }
+    let flag_cases: Vec<Vec<&str>> = vec![
+        vec!["pool", "status", "--bogus"],
+        vec!["pool", "flush", "--workspace", "Bad Name"],
+        vec!["patch", "workspace", "default", "--set", "min_idle=-1"],
+        vec!["patch", "workspace", "default", "--set", "min_idle"],
+        vec!["patch", "workspace", "default", "--set", "no.such.key=1"],
+        vec!["patch", "pool-config", "default", "--set", "max_vms=0"],
+        vec![
+            "patch",
+            "pool-config",
+            "default",
+            "--set",
+            "max_vms=99999999999999999999",
+        ],
+        vec!["get", "no-such-kind", "x"],
+        vec!["spawn", "Ünïcode slug", "--", "true"],
+        vec!["spawn", "ok-slug"],
+        vec!["wait", "target", "--timeout", "soon"],
+        vec!["kill", "no-such-agent"],
+    ];
+    for args in &flag_cases {
+        let out = env.murmur(args);
+        assert_clear_failure(&out, &args.join(" "));
+    }
+    let after = env.status();
+    assert_eq!(after.config_generation, before.config_generation);
+    assert_eq!(
+        after.workspaces[0].config_generation, before.workspaces[0].config_generation,
+        "a rejected change went through"
+    );
+    assert!(after.claims.is_empty(), "a rejected spawn claimed a VM");
+    // Still healthy.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while warm(&env.status()) != 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn assert_clear_failure(out: &std::process::Output, what: &str) {
+    let err = stderr(out);
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(1 | 2 | 64 | 65)),
+        "{what}: exit {code:?}, stderr {err}"
+    );
+    assert!(!err.trim().is_empty(), "{what}: no error message");
+    assert!(!err.contains("panicked"), "{what}: panic: {err}");
+    assert!(
+        err.len() < 4096,
+        "{what}: error message is a wall: {} bytes",
+        err.len()
+    );
+}
