@@ -10,11 +10,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{EnvOptions, PATIENCE, TestEnv, stderr, warm};
+use common::{EnvOptions, PATIENCE, PrivateServer, TestEnv, stderr, warm};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
 
@@ -267,104 +266,10 @@ fn an_image_that_never_becomes_ready_is_held_back_not_churned() {
     assert!(human.contains("backfill held back"), "{human}");
 }
 
-/// A Temporal dev server of this test's own, so restarting it disturbs no other test.
-struct PrivateServer {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateServer {
-    fn start(dir: PathBuf) -> Self {
-        let port = free_port();
-        let mut s = Self {
-            dir,
-            port,
-            child: None,
-        };
-        s.launch();
-        s
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn launch(&mut self) {
-        let cli = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/temporal");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .unwrap();
-        let child = Command::new(&cli)
-            .args(["server", "start-dev", "--ip", "127.0.0.1", "--headless"])
-            .args(["--port", &self.port.to_string()])
-            .args([
-                "--db-filename",
-                &self.dir.join("t.db").display().to_string(),
-            ])
-            .args(["--log-level", "error"])
-            .args(["--search-attribute", "MurmurTenant=Keyword"])
-            .args(["--search-attribute", "MurmurWorkspace=Keyword"])
-            .args(["--search-attribute", "MurmurKind=Keyword"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start a private dev server");
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let out = Command::new(&cli)
-                .args([
-                    "operator",
-                    "cluster",
-                    "health",
-                    "--address",
-                    &self.address(),
-                ])
-                .output()
-                .expect("temporal operator cluster health");
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private dev server never came up"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 #[test]
 fn a_server_restart_under_a_running_pool_loses_nothing() {
     let server_dir = tempfile::tempdir().unwrap();
-    let mut server = PrivateServer::start(server_dir.path().to_path_buf());
+    let mut server = PrivateServer::start(server_dir.path().to_path_buf(), &[]);
     let env = TestEnv::start_with(
         "restart",
         EnvOptions {
