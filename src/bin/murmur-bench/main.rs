@@ -39,7 +39,8 @@ struct Cli {
     #[arg(long)]
     no_record: bool,
     /// Scenarios: all, spawn, flush-10, flush-100, delete, claim-throughput, cli-latency, nuke,
-    /// footprint.
+    /// footprint; and soak (not in all: minutes long; sizes from MURMUR_SOAK_CLAIMS and
+    /// MURMUR_SOAK_FLUSHES).
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -271,6 +272,24 @@ fn report(figures: &[Figure], record: Option<(&Path, String)>) -> anyhow::Result
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let known = |name: &str| {
+        name == "all"
+            || scenarios::SCENARIOS
+                .iter()
+                .chain(scenarios::ON_REQUEST)
+                .any(|(n, _)| *n == name)
+    };
+    if let Some(unknown) = cli.scenarios.iter().find(|s| !known(s)) {
+        let names: Vec<&str> = scenarios::SCENARIOS
+            .iter()
+            .chain(scenarios::ON_REQUEST)
+            .map(|(n, _)| *n)
+            .collect();
+        anyhow::bail!(
+            "unknown scenario {unknown:?} (expected all or one of {})",
+            names.join(", ")
+        );
+    }
     let bench = start(&cli)?;
     // Every client of this process talks to the bench worker's task queue.
     // SAFETY: set before any other thread exists (the runtime is built below).
@@ -283,7 +302,10 @@ fn main() -> anyhow::Result<()> {
         let mut figures = Vec::new();
         let all = cli.scenarios.iter().any(|s| s == "all");
         let wanted = |name: &str| all || cli.scenarios.iter().any(|s| s == name);
-        for (name, _) in scenarios::SCENARIOS {
+        let on_request = scenarios::ON_REQUEST
+            .iter()
+            .filter(|(name, _)| cli.scenarios.iter().any(|s| s == name));
+        for (name, _) in scenarios::SCENARIOS.iter().chain(on_request) {
             if wanted(name) {
                 eprintln!("== {name}");
                 match scenarios::run(name, &bench).await {

@@ -12,7 +12,8 @@ use murmur_activities::provider::Provider;
 use murmur_activities::temporal_ops::update_pool;
 use murmur_workflows::agent::{OnIdle, Phase};
 use murmur_workflows::auth::{ops, unsigned_body};
-use murmur_workflows::machine::{BootSpec, ClaimRequest, ConfigChange};
+use murmur_workflows::machine::{BootSpec, ClaimRequest, ClaimState, ConfigChange};
+use murmur_workflows::messages::ReleaseRequest;
 use murmur_workflows::model::{Environment, VmId, VmState};
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{UntypedWorkflow, WorkflowListOptions, WorkflowTerminateOptions};
@@ -46,6 +47,12 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("footprint", "worker RSS and CPU with 1,000 agent workflows"),
 ];
 
+/// Scenarios that `all` leaves out (they run for minutes), run only when named.
+pub const ON_REQUEST: &[(&str, &str)] = &[(
+    "soak",
+    "thousands of claims, hundreds of flushes: history, continue-as-new, RSS, invariants",
+)];
+
 /// Runs one scenario.
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
     match name {
@@ -57,6 +64,7 @@ pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
         "cli-latency" => cli_latency(b).await,
         "nuke" => nuke(b).await,
         "footprint" => footprint(b).await,
+        "soak" => soak(b).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -532,4 +540,224 @@ fn cpu_ticks(pid: u32) -> u64 {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
+}
+
+/// Soak: thousands of claims and releases and hundreds of flushes through one pool (sizes from
+/// `MURMUR_SOAK_CLAIMS`, default 2,000, and `MURMUR_SOAK_FLUSHES`, default 200), checking
+/// after every round that no VM is held twice and `max_vms` holds, and at the end that the
+/// substrate equals the inventory. Reports history length per run, continue-as-new count
+/// and worker RSS. Not part of `all` (it runs for minutes).
+async fn soak(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let env_number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let total_claims = env_number("MURMUR_SOAK_CLAIMS", 2_000);
+    let flushes = env_number("MURMUR_SOAK_FLUSHES", 200).max(1);
+    let clients = 10usize;
+    let (ctx, pool, agents) = b.tenant("bench-soak").await?;
+    set_pool(&pool, 20, 5).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(120), settled_with(5)).await?;
+    let keys = KeyStore::open(&b.state_dir)?;
+    let client = murmur::client::connect("murmur-bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = pool_workflow_id(&ctx.tenant);
+    let rss_start = rss_mb(b.worker_pid());
+    let mut violations: Vec<String> = Vec::new();
+    let rounds = flushes;
+    let per_round = total_claims.div_ceil(rounds);
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    for round in 0..rounds {
+        // A round: `per_round` claim→release cycles from `clients` concurrent agents, then
+        // one flush.
+        let tasks = (0..clients).map(|c| {
+            let (client, keys, target, tenant) = (
+                client.clone(),
+                keys.clone(),
+                target.clone(),
+                ctx.tenant.clone(),
+            );
+            let tq = b.task_queue.clone();
+            let n = per_round / clients + usize::from(c < per_round % clients);
+            async move {
+                for i in 0..n {
+                    let id = format!("soak-{round}-{c}-{i}");
+                    cycle(&client, &keys, &tenant, &tq, &target, &id).await?;
+                }
+                anyhow::Ok(n)
+            }
+        });
+        for r in futures::future::join_all(tasks).await {
+            done += r?;
+        }
+        pool.flush().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let st = pool.status().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        if st.in_use > st.config.max_vms {
+            violations.push(format!("round {round}: {} VMs over max_vms", st.in_use));
+        }
+        let mut held = std::collections::BTreeSet::new();
+        for c in &st.claims {
+            if let Some(vm) = &c.vm
+                && !held.insert(vm.clone())
+            {
+                violations.push(format!("round {round}: {vm} held twice"));
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    let st = Bench::wait_pool(&pool, Duration::from_secs(120), settled_with(5)).await?;
+    let provider = ProcessProvider::inspector(&b.state_dir);
+    let substrate: std::collections::BTreeSet<String> = provider
+        .list(&ctx.tenant)
+        .await?
+        .into_iter()
+        .map(|v| v.id.0)
+        .collect();
+    let inventory: std::collections::BTreeSet<String> =
+        st.vms.iter().map(|v| v.id.0.clone()).collect();
+    if substrate != inventory {
+        violations.push(format!(
+            "substrate {} VMs vs inventory {} VMs at the end",
+            substrate.len(),
+            inventory.len()
+        ));
+    }
+    let history = run_history_lengths(&client, &target).await?;
+    let rss_end = rss_mb(b.worker_pid());
+    for v in &violations {
+        eprintln!("soak: INVARIANT VIOLATION: {v}");
+    }
+    eprintln!(
+        "soak: {done} claims, {rounds} flushes in {:.0} s; {} runs (continue-as-new {} times), \
+         history lengths {history:?}; worker RSS {rss_start:.0} → {rss_end:.0} MB; {} violations",
+        elapsed.as_secs_f64(),
+        history.len(),
+        history.len().saturating_sub(1),
+        violations.len()
+    );
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    let longest = history.iter().copied().max().unwrap_or(0) as f64;
+    Ok(vec![
+        figure(
+            &format!("soak: {done} claims + {rounds} flushes, wall time"),
+            vec![elapsed.as_secs_f64()],
+            "s",
+            "",
+            None,
+        ),
+        figure(
+            "soak: longest pool history of one run",
+            vec![longest],
+            "events",
+            "≤ 11,000 (rolls over at 10,000)",
+            Some(longest <= 11_000.0),
+        ),
+        figure(
+            "soak: continue-as-new count",
+            vec![history.len().saturating_sub(1) as f64],
+            "",
+            "",
+            None,
+        ),
+        figure(
+            "soak: worker RSS at the end",
+            vec![rss_end],
+            "MB",
+            &format!("≤ 150 MB (start {rss_start:.0} MB)"),
+            Some(rss_end <= 150.0),
+        ),
+        figure(
+            "soak: invariant violations",
+            vec![violations.len() as f64],
+            "",
+            "0",
+            Some(violations.is_empty()),
+        ),
+    ])
+}
+
+/// One agent's life without an agent workflow: claim (until served), then release.
+async fn cycle(
+    client: &temporalio_client::Client,
+    keys: &KeyStore,
+    tenant: &str,
+    tq: &str,
+    target: &str,
+    id: &str,
+) -> anyhow::Result<()> {
+    let mut req = ClaimRequest {
+        request: format!("{id}@run"),
+        agent: id.to_string(),
+        developer: "soak".into(),
+        workspace: "default".into(),
+        wait: false,
+        spawn_request_id: format!("{id}-spawn"),
+        auth: None,
+    };
+    req.auth = Some(keys.sign_service(ops::CLAIM, target, &unsigned_body(&req))?);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match update_pool(client, tenant, tq, PoolWorkflow::claim, req.clone().into()).await {
+            Ok(ClaimState::Assigned { .. }) => break,
+            Ok(ClaimState::Failed { reason }) => anyhow::bail!("claim {id} failed: {reason}"),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) if e.message.contains("in-flight updates") => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => anyhow::bail!("claim {id}: {e}"),
+        }
+        anyhow::ensure!(Instant::now() < deadline, "claim {id} never served");
+    }
+    let mut release = ReleaseRequest {
+        request: req.request.clone(),
+        auth: None,
+    };
+    release.auth = Some(keys.sign_service(ops::RELEASE, target, &unsigned_body(&release))?);
+    loop {
+        match update_pool(client, tenant, tq, PoolWorkflow::release, release.clone().into())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.message.contains("in-flight updates") => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => anyhow::bail!("release {id}: {e}"),
+        }
+        anyhow::ensure!(Instant::now() < deadline, "release {id} never answered");
+    }
+}
+
+/// History length of every run of a workflow id, oldest first.
+async fn run_history_lengths(
+    client: &temporalio_client::Client,
+    id: &str,
+) -> anyhow::Result<Vec<u64>> {
+    let query = format!("WorkflowId = '{id}'");
+    let mut stream = client.list_workflows(query, WorkflowListOptions::default());
+    let mut runs = Vec::new();
+    while let Some(item) = stream.next().await {
+        let wf = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+        runs.push((wf.start_time(), u64::try_from(wf.history_length()).unwrap_or(0)));
+    }
+    runs.sort_by_key(|r| r.0);
+    let mut lengths: Vec<u64> = runs.into_iter().map(|r| r.1).collect();
+    // Visibility reports no length for the run still open; ask the run itself.
+    if lengths.last() == Some(&0) {
+        let desc = client
+            .get_workflow_handle::<UntypedWorkflow>(id.to_string())
+            .describe(temporalio_client::WorkflowDescribeOptions::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let (Some(last), Some(info)) = (
+            lengths.last_mut(),
+            desc.raw_description.workflow_execution_info.as_ref(),
+        ) {
+            *last = u64::try_from(info.history_length).unwrap_or(0);
+        }
+    }
+    Ok(lengths)
 }
