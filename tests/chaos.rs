@@ -312,3 +312,68 @@ fn a_server_restart_under_a_running_pool_loses_nothing() {
     assert!(done.output_tail.unwrap_or_default().contains("made it"));
     env.wait_settled_and_sound(PATIENCE);
 }
+
+/// Regression (found by a kill -9 round during a nuke): the nuke's pause activity was retried
+/// after its worker died, the pool refused the second pause as a replay of the developer's
+/// request, and the nuke retried forever. The same nuke may pause again; a reset that is
+/// retried after the pool resumed must not wipe what the pool holds by then.
+#[test]
+fn a_retried_nuke_step_is_idempotent() {
+    use murmur_activities::auth::KeyStore;
+    use murmur_workflows::auth::{ops, unsigned_body};
+    use murmur_workflows::messages::NukeStep;
+
+    // (The steps are sent by hand, without the nuke's deletes in between: the VM warm before
+    // the reset is left to the reaper, which a fast schedule lets the test wait for.)
+    let env = TestEnv::start_with("nukeretry", EnvOptions::default().fast_reaper());
+    env.set_workspace("default", "min_idle: 1\n");
+    env.wait_for("1 warm VM", |s| warm(s) == 1);
+    let pool = format!("pool/{}", env.tenant);
+    let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
+    let step = |name: &str| {
+        let mut step = NukeStep {
+            actor: Some(format!("nuke/{}", env.tenant)),
+            authorized_request: "retried-nuke-1".into(),
+            ..NukeStep::default()
+        };
+        step.auth = Some(
+            keys.sign_service(ops::NUKE_STEP, &pool, &unsigned_body(&step))
+                .expect("sign"),
+        );
+        let input = serde_json::to_string(&step).unwrap();
+        env.temporal(&[
+            "workflow",
+            "update",
+            "execute",
+            "--workflow-id",
+            &pool,
+            "--name",
+            name,
+            "--input",
+            &input,
+        ])
+    };
+    for attempt in 1..=2 {
+        let out = step("nuke_pause");
+        assert!(
+            out.status.success(),
+            "pause attempt {attempt}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(env.status().nuke_in_progress);
+    let out = step("nuke_reset");
+    assert!(out.status.success(), "reset: {}", stderr(&out));
+    let after_reset = env.wait_for("the pool refilled after the reset", |s| {
+        warm(s) == 1 && !s.nuke_in_progress
+    });
+    let out = step("nuke_reset");
+    assert!(out.status.success(), "retried reset: {}", stderr(&out));
+    let st = env.status();
+    assert_eq!(st.nukes, 1, "the retried reset counted as a second nuke");
+    assert_eq!(
+        st.vms, after_reset.vms,
+        "the retried reset wiped the new inventory"
+    );
+    env.wait_settled_and_sound(PATIENCE);
+}

@@ -572,10 +572,12 @@ impl PoolWorkflow {
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         ctx.state_mut(|s| {
-            // The developer request behind the nuke works once, unless this pool started the
-            // nuke itself (then it admitted the request already).
+            // The developer request behind the nuke works once. The nuke holding the pool may
+            // ask again (its activity is retried when a worker dies under it), and a nuke this
+            // pool started itself was admitted when it was asked for.
             if s.pool.nuke_request.as_deref() != Some(req.authorized_request.as_str()) {
                 s.admit_once(ops::NUKE, &req.authorized_request, now, replaying)?;
+                s.pool.nuke_request = Some(req.authorized_request.clone());
             }
             Ok::<(), ApiError>(())
         })
@@ -625,6 +627,15 @@ impl PoolWorkflow {
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         Ok(ctx.state_mut(|s| {
+            if !s.pool.paused {
+                // A retried reset (the first answer was lost with its worker): the pool runs
+                // again and may hold new VMs and claims already; resetting again would lose them.
+                return NukeStepReply {
+                    generation: s.pool.generation,
+                    vms: s.pool.in_use(),
+                    held: Vec::new(),
+                };
+            }
             let cmds = s.pool.reset_after_nuke(req.report.deleted, now);
             s.outbox.extend(cmds);
             s.pool.nuke_request = None;

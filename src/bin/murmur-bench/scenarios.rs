@@ -718,8 +718,14 @@ async fn cycle(
     };
     release.auth = Some(keys.sign_service(ops::RELEASE, target, &unsigned_body(&release))?);
     loop {
-        match update_pool(client, tenant, tq, PoolWorkflow::release, release.clone().into())
-            .await
+        match update_pool(
+            client,
+            tenant,
+            tq,
+            PoolWorkflow::release,
+            release.clone().into(),
+        )
+        .await
         {
             Ok(_) => return Ok(()),
             Err(e) if e.message.contains("in-flight updates") => {
@@ -741,7 +747,10 @@ async fn run_history_lengths(
     let mut runs = Vec::new();
     while let Some(item) = stream.next().await {
         let wf = item.map_err(|e| anyhow::anyhow!("{e}"))?;
-        runs.push((wf.start_time(), u64::try_from(wf.history_length()).unwrap_or(0)));
+        runs.push((
+            wf.start_time(),
+            u64::try_from(wf.history_length()).unwrap_or(0),
+        ));
     }
     runs.sort_by_key(|r| r.0);
     let mut lengths: Vec<u64> = runs.into_iter().map(|r| r.1).collect();
