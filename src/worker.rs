@@ -18,6 +18,7 @@ use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
+use murmur_activities::qemu::{Accel, QemuProvider};
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::nuke_workflow::NukeWorkflow;
@@ -36,6 +37,48 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where VMs live.
+    pub substrate: Substrate,
+}
+
+/// The substrates a worker can run VMs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Substrate {
+    /// Local sandboxes (processes under a supervisor).
+    #[default]
+    Process,
+    /// Real Linux guests under qemu.
+    Qemu,
+}
+
+/// Starts the provider of `substrate` over `state_dir`.
+async fn provider(
+    substrate: Substrate,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match substrate {
+        Substrate::Process => {
+            let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
+            Arc::new(ProcessProvider::new(
+                state_dir,
+                SupervisorLaunch {
+                    program: exe,
+                    args: vec!["sandbox".into()],
+                },
+            )?)
+        }
+        Substrate::Qemu => {
+            let qemu = QemuProvider::new(state_dir)
+                .await
+                .map_err(|e| anyhow::anyhow!("qemu substrate: {e}"))?;
+            tracing::info!(accel = %qemu.accel(), "qemu substrate: guests run with {}",
+            match qemu.accel() {
+                Accel::Kvm => "KVM (a probe boot succeeded)",
+                Accel::Tcg => "TCG software emulation (KVM unavailable or its probe boot failed)",
+            });
+            Arc::new(qemu)
+        }
+    })
 }
 
 /// Runs the worker until a shutdown signal.
@@ -43,14 +86,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
-    let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
-    let provider: Arc<dyn Provider> = Arc::new(ProcessProvider::new(
-        &state_dir,
-        SupervisorLaunch {
-            program: exe,
-            args: vec!["sandbox".into()],
-        },
-    )?);
+    let provider = provider(config.substrate, &state_dir).await?;
+    let provider_name = provider.name();
     let keys = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
@@ -116,7 +153,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         stop();
     });
     tracing::info!(task_queue = %config.task_queue, state_dir = %state_dir.display(),
-        substrate = "process", "worker running");
+        substrate = provider_name, "worker running");
     polling.store(true, Ordering::Relaxed);
     let result = worker.run().await;
     polling.store(false, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //!
 //! - [`provider`]: the [`provider::Provider`] trait every substrate implements.
 //! - [`process`]: the embedded `process` substrate (local sandboxes).
+//! - [`qemu`]: the `qemu` substrate (real Linux guests and their guest agent).
 //! - [`sandbox`]: the supervisor that runs inside each `process` sandbox.
 //! - [`vm_activities`]: the boot and delete activities over a provider.
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
@@ -16,6 +17,7 @@ pub mod agent_activities;
 pub mod auth;
 pub mod process;
 pub mod provider;
+pub mod qemu;
 pub mod sandbox;
 pub mod temporal_ops;
 pub mod vm_activities;
