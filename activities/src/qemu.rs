@@ -185,6 +185,17 @@ impl QemuProvider {
         Ok(provider)
     }
 
+    /// A provider that only inspects and deletes VMs (no image build, no probe), for tests
+    /// and tools.
+    pub fn inspector(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            locks: Arc::default(),
+        }
+    }
+
     /// The accelerator guests run with.
     pub fn accel(&self) -> Accel {
         self.accel

@@ -73,7 +73,9 @@ async fn a_real_guest_boots_runs_commands_snapshots_and_is_deleted() {
 
     let started = Instant::now();
     p.create(&spec(&vm.0, "default")).await.expect("create");
-    p.create(&spec(&vm.0, "default")).await.expect("create is idempotent");
+    p.create(&spec(&vm.0, "default"))
+        .await
+        .expect("create is idempotent");
     let ready = p
         .wait_ready("t1", &vm, Duration::from_secs(60))
         .await
@@ -88,12 +90,17 @@ async fn a_real_guest_boots_runs_commands_snapshots_and_is_deleted() {
 
     let run = CommandSpec {
         run: "r1".into(),
-        argv: vec!["uname -r; cat /etc/murmur/vm; echo $MURMUR_VM $MURMUR_AGENT $MURMUR_IMAGE; exit 7".into()],
+        argv: vec![
+            "uname -r; cat /etc/murmur/vm; echo $MURMUR_VM $MURMUR_AGENT $MURMUR_IMAGE; exit 7"
+                .into(),
+        ],
         env: vec![("MURMUR_AGENT".into(), "it's-me".into())],
     };
     let t = Instant::now();
     p.start_command("t1", &vm, &run).await.expect("run");
-    p.start_command("t1", &vm, &run).await.expect("run is idempotent");
+    p.start_command("t1", &vm, &run)
+        .await
+        .expect("run is idempotent");
     assert_eq!(wait_exit(&p, &vm, "r1").await, 7);
     eprintln!("command round trip: {:?}", t.elapsed());
     let out = p
