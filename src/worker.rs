@@ -16,11 +16,13 @@ use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 
 use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
+use murmur_activities::bake_activities::BakeActivities;
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
 use murmur_activities::qemu::{Accel, QemuProvider};
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
+use murmur_workflows::bake_workflow::BakeWorkflow;
 use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
@@ -127,7 +129,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
+        .register_workflow::<BakeWorkflow>()?
         .register_activities(VmActivities::new(provider.clone()))
+        .register_activities(BakeActivities::new(provider.clone()))
         .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
         .register_activities(AuthActivities::new(keys))
         .build();

@@ -192,3 +192,87 @@ fn a_killed_worker_finds_its_guests_again_and_nothing_leaks() {
         "{done:#?}"
     );
 }
+
+#[test]
+fn bake_pin_flush_boots_guests_of_the_new_image() {
+    let Some(env) = qemu_env("qemu-bake") else {
+        return;
+    };
+    env.set_workspace("default", "min_idle: 2\nenvironment:\n  memory_mb: 192\n");
+    let before = wait_warm(&env, 2);
+    let yaml = "base: default\nscript: |\n  mkdir -p /opt/tools\n  echo v1 > /opt/tools/version\nfiles:\n  etc/motd: \"baked\\n\"\n";
+    let recipe = env.dir.path().join("tools.yaml");
+    std::fs::write(&recipe, yaml).expect("write recipe");
+    let recipe = recipe.display().to_string();
+    let id = serde_norway::from_str::<murmur_workflows::bake::Recipe>(yaml)
+        .expect("recipe")
+        .image_id(std::env::consts::ARCH);
+
+    let started = Instant::now();
+    let out = env.murmur(&["bake", &recipe]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        env.worker_log_tail()
+    );
+    eprintln!("qemu bake took {:?}", started.elapsed());
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("Bake started (image: {id})\n")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "murmur patch workspace default --set image_ref={id}\n"
+    )));
+    let meta = QemuProvider::inspector(env.state_dir())
+        .image_meta(&id)
+        .expect("the baked image is registered");
+    assert_eq!(meta.base.as_deref(), Some("default"));
+    // The scratch guest is gone: only the warm ones run.
+    eventually(&env, "the scratch guest to be deleted", || {
+        qemu_processes(&env).len() == 2 && substrate_ids(&env) == before
+    });
+
+    let out = env.murmur(&["bake", &recipe]);
+    assert_eq!(stdout(&out), format!("Image {id} already cached\n"));
+
+    env.murmur_ok(&[
+        "patch",
+        "workspace",
+        "default",
+        "--set",
+        &format!("image_ref={id}"),
+    ]);
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("2 warm guests of the new image", |s| {
+        s.workspaces[0].ready == 2 && s.vms.len() == 2 && s.vms.iter().all(|v| v.image == id)
+    });
+    wait_warm(&env, 2);
+    env.spawn(
+        "check",
+        "cat /opt/tools/version /etc/motd /etc/murmur/image; echo $MURMUR_IMAGE",
+    );
+    let done = env.wait_phase("check", Phase::Completed);
+    assert_eq!(
+        done.output_tail.as_deref(),
+        Some(format!("v1\nbaked\n{id}\n{id}\n").as_str()),
+        "the new guests run the baked image"
+    );
+
+    // A failing script: its output and exit code, no image, no scratch guest left.
+    let failing = env.dir.path().join("fail.yaml");
+    std::fs::write(&failing, "base: default\nscript: echo broken; exit 4\n").expect("write");
+    let out = env.murmur(&["bake", &failing.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("broken\n"), "{err}");
+    assert!(
+        err.contains("the provisioning script exited with 4"),
+        "{err}"
+    );
+    eventually(&env, "no scratch guest left", || {
+        qemu_processes(&env).len() == 2
+    });
+}

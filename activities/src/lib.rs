@@ -9,12 +9,14 @@
 //! - [`vm_activities`]: the boot and delete activities over a provider.
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
 //!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
+//! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
 //! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
 #![deny(missing_docs)]
 
 pub mod agent_activities;
 pub mod auth;
+pub mod bake_activities;
 pub mod process;
 pub mod provider;
 pub mod qemu;
