@@ -58,6 +58,8 @@ pub const CONSOLE_LOG: &str = "console.log";
 const MAX_SOCKET_PATH: usize = 107;
 /// How long one control-channel request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Niceness of qemu processes (the worker runs at 0).
+const QEMU_NICE: i32 = 10;
 /// How long a probe boot with KVM may take before KVM is declared unusable.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(6);
 
@@ -364,11 +366,15 @@ impl QemuProvider {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        // SAFETY: `setsid` is async-signal-safe; it detaches qemu from the worker's session so
-        // the guest outlives a worker crash or a Ctrl-C in the worker's terminal.
+        // SAFETY: `setsid` and `nice` are async-signal-safe. `setsid` detaches qemu from the
+        // worker's session so the guest outlives a worker crash or a Ctrl-C in the worker's
+        // terminal. `nice` lowers qemu's CPU priority below the worker's: a guest booting in
+        // the background (the backfill every claim triggers) runs a core flat out under TCG and
+        // must not slow the control plane answering spawns (an idle guest uses ~no CPU).
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                nix::libc::nice(QEMU_NICE);
                 Ok(())
             });
         }
@@ -687,9 +693,8 @@ async fn handshake(socket: &Path, timeout: Duration) -> Result<Ready, ChannelErr
         if left.is_zero() {
             return Err(ChannelError::Timeout(timeout));
         }
-        match tokio::time::timeout(left, handshake_once(socket)).await {
-            Ok(Ok(ready)) => return Ok(ready),
-            Ok(Err(_)) | Err(_) => {}
+        if let Ok(Ok(ready)) = tokio::time::timeout(left, handshake_once(socket)).await {
+            return Ok(ready);
         }
         tokio::time::sleep(Duration::from_millis(50).min(left)).await;
     }

@@ -44,7 +44,15 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "nuke of 100 keep-alive agents + 50 warm VMs (1 run)",
     ),
     ("footprint", "worker RSS and CPU with 1,000 agent workflows"),
+    (
+        "qemu-spawn",
+        "spawn → PHASE_RUNNING on the qemu substrate, warm guest vs cold boot (run it alone; \
+         not part of all)",
+    ),
 ];
+
+/// Scenarios that need the qemu substrate (the bench's worker then runs qemu).
+pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn"];
 
 /// Runs one scenario.
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
@@ -57,6 +65,7 @@ pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
         "cli-latency" => cli_latency(b).await,
         "nuke" => nuke(b).await,
         "footprint" => footprint(b).await,
+        "qemu-spawn" => spawn_qemu(b).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -187,6 +196,70 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[0].goal = "≤ 100 ms".into();
     out[0].met = Some(warm <= 100.0);
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(out)
+}
+
+/// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, and with none
+/// (every spawn cold-boots a guest). At least 10 measured runs each.
+async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    anyhow::ensure!(
+        b.substrate == "qemu",
+        "qemu-spawn needs the bench worker on the qemu substrate: run it alone (murmur-bench qemu-spawn)"
+    );
+    let (ctx, pool, agents) = b.tenant("bench-qemu").await?;
+    let runs = b.runs.max(10);
+    let mut out = Vec::new();
+    let mut medians = Vec::new();
+    for (label, min_idle) in [("spawn-warm (qemu)", 2), ("spawn-cold (qemu)", 0)] {
+        set_pool(&pool, 6, min_idle).await?;
+        let mut samples = Vec::new();
+        for i in 0..b.warmup + runs {
+            Bench::wait_pool(&pool, Duration::from_secs(120), |s| {
+                settled_with(min_idle)(s) && s.vms.len() == min_idle as usize
+            })
+            .await?;
+            let slug = format!("q{min_idle}-{i}");
+            let t0 = Instant::now();
+            agents
+                .spawn(&slug, vec!["sleep 300".into()], OnIdle::Terminate)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            loop {
+                let st = agents
+                    .status(&slug)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if st.phase == Some(Phase::Running) {
+                    break;
+                }
+                anyhow::ensure!(
+                    !st.phase.is_some_and(Phase::is_terminal),
+                    "agent {slug} ended: {st:?}"
+                );
+                anyhow::ensure!(
+                    t0.elapsed() < Duration::from_secs(120),
+                    "agent {slug} not running after 120 s"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let dt = ms(t0.elapsed());
+            if i >= b.warmup {
+                samples.push(dt);
+            }
+            agents
+                .kill(&slug)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        medians.push(median(&samples));
+        out.push(figure(label, samples, "ms", "", None));
+    }
+    let (warm, cold) = (medians[0], medians[1]);
+    let share = 100.0 * warm / cold.max(0.001);
+    out[0].goal = format!("≤ 5% of cold ({share:.1}%)");
+    out[0].met = Some(share <= 5.0);
+    set_pool(&pool, 6, 0).await?;
     cleanup(&pool, &agents, &ctx.tenant).await;
     Ok(out)
 }
