@@ -58,8 +58,8 @@ pub const CONSOLE_LOG: &str = "console.log";
 const MAX_SOCKET_PATH: usize = 107;
 /// How long one control-channel request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Niceness of qemu processes (the worker runs at 0).
-const QEMU_NICE: i32 = 10;
+/// Niceness of qemu processes unless `MURMUR_QEMU_NICE` says otherwise (the worker runs at 0).
+const QEMU_NICE: i32 = 19;
 /// How long a probe boot with KVM may take before KVM is declared unusable.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(6);
 
@@ -359,6 +359,10 @@ impl QemuProvider {
         let log2 = log
             .try_clone()
             .map_err(|e| SubstrateError::io("open qemu.log", e))?;
+        let niceness = std::env::var("MURMUR_QEMU_NICE")
+            .ok()
+            .and_then(|n| n.trim().parse::<i32>().ok())
+            .map_or(QEMU_NICE, |n| n.clamp(0, 19));
         let mut cmd = tokio::process::Command::new(&self.qemu);
         cmd.args(qemu_args(dir, &image, meta))
             .current_dir(dir)
@@ -372,9 +376,9 @@ impl QemuProvider {
         // the background (the backfill every claim triggers) runs a core flat out under TCG and
         // must not slow the control plane answering spawns (an idle guest uses ~no CPU).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
-                nix::libc::nice(QEMU_NICE);
+                nix::libc::nice(niceness);
                 Ok(())
             });
         }
