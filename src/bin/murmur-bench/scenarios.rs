@@ -200,8 +200,9 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     Ok(out)
 }
 
-/// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, and with none
-/// (every spawn cold-boots a guest). At least 10 measured runs each.
+/// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, with none
+/// (every spawn cold-boots a guest), and with 2 warm guests at `max_vms` (no backfill boot
+/// competes with the spawn). At least 10 measured runs each.
 async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     anyhow::ensure!(
         b.substrate == "qemu",
@@ -211,8 +212,14 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let runs = b.runs.max(10);
     let mut out = Vec::new();
     let mut medians = Vec::new();
-    for (label, min_idle) in [("spawn-warm (qemu)", 2), ("spawn-cold (qemu)", 0)] {
-        set_pool(&pool, 6, min_idle).await?;
+    // The second warm figure runs at max_vms = min_idle: the claim cannot start a backfill
+    // boot, so it shows what a guest booting next to the spawn costs it.
+    for (label, min_idle, max_vms) in [
+        ("spawn-warm (qemu)", 2, 6),
+        ("spawn-cold (qemu)", 0, 6),
+        ("spawn-warm (qemu, at max_vms: no backfill boot)", 2, 2),
+    ] {
+        set_pool(&pool, max_vms, min_idle).await?;
         let mut samples = Vec::new();
         for i in 0..b.warmup + runs {
             Bench::wait_pool(&pool, Duration::from_secs(120), |s| {
@@ -255,10 +262,12 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         medians.push(median(&samples));
         out.push(figure(label, samples, "ms", "", None));
     }
-    let (warm, cold) = (medians[0], medians[1]);
-    let share = 100.0 * warm / cold.max(0.001);
-    out[0].goal = format!("≤ 5% of cold ({share:.1}%)");
-    out[0].met = Some(share <= 5.0);
+    let cold = medians[1];
+    for (i, warm) in [(0, medians[0]), (2, medians[2])] {
+        let share = 100.0 * warm / cold.max(0.001);
+        out[i].goal = format!("≤ 5% of cold ({share:.1}%)");
+        out[i].met = Some(share <= 5.0);
+    }
     set_pool(&pool, 6, 0).await?;
     cleanup(&pool, &agents, &ctx.tenant).await;
     Ok(out)
