@@ -123,7 +123,7 @@ up() {
   "$murmur" pool up --wait
   cat >&2 <<EOF
 
-murmur is up: a pool of warm VMs on the process substrate.
+murmur is up: a pool of warm VMs on the ${MURMUR_SUBSTRATE:-process} substrate.
   $murmur pool status        # what the pool holds
   $murmur pool flush         # replace every warm VM
   $murmur spawn hi -- 'echo hello from \$MURMUR_AGENT'   # an agent on a warm VM
@@ -151,6 +151,7 @@ case "${1:-}" in
   clean)
     stop_pidfile "$WORKER_PID" worker; stop_pidfile "$SERVER_PID" "dev server"
     pkill -f -- "sandbox --dir $STATE/vms/" 2>/dev/null || true
+    pkill -f -- "unix:$STATE/qemu/vms/" 2>/dev/null || true
     rm -rf "$STATE"; say "removed $STATE" ;;
   up) up ;;
   test) run_tests ;;

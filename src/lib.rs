@@ -5,6 +5,7 @@
 //! - [`config`]: `.murmur/` discovery and the resolved [`config::Context`].
 //! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
 //! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
+//! - [`bake`]: `murmur bake`: recipes, starting or joining a bake, following it.
 //! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
 //! - [`metrics`]: the worker's `/metrics` and `/healthz` endpoint.
@@ -16,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod agents;
+pub mod bake;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -218,6 +218,9 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
     if let Some(ms) = st.last_flush_ms {
         facts.push(format!("last flush took {}", human_duration(ms)));
     }
+    if !st.accel.is_empty() {
+        facts.push(format!("VMs run with {}", st.accel));
+    }
     if st.nukes > 0 {
         facts.push(format!(
             "{} nuke(s), the last took {}",

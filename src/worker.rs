@@ -16,12 +16,15 @@ use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 
 use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
+use murmur_activities::bake_activities::BakeActivities;
 use murmur_activities::faults::{FaultConfig, FaultyProvider};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
+use murmur_activities::qemu::{Accel, QemuProvider};
 use murmur_activities::reaper::{ReaperActivities, ReaperSettings};
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
+use murmur_workflows::bake_workflow::BakeWorkflow;
 use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
@@ -44,6 +47,48 @@ pub struct WorkerConfig {
     pub boot_timeout: std::time::Duration,
     /// Faults to inject into the substrate (chaos tests only; `None` in production).
     pub faults: Option<FaultConfig>,
+    /// Where VMs live.
+    pub substrate: Substrate,
+}
+
+/// The substrates a worker can run VMs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Substrate {
+    /// Local sandboxes (processes under a supervisor).
+    #[default]
+    Process,
+    /// Real Linux guests under qemu.
+    Qemu,
+}
+
+/// Starts the provider of `substrate` over `state_dir`.
+async fn provider(
+    substrate: Substrate,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match substrate {
+        Substrate::Process => {
+            let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
+            Arc::new(ProcessProvider::new(
+                state_dir,
+                SupervisorLaunch {
+                    program: exe,
+                    args: vec!["sandbox".into()],
+                },
+            )?)
+        }
+        Substrate::Qemu => {
+            let qemu = QemuProvider::new(state_dir)
+                .await
+                .map_err(|e| anyhow::anyhow!("qemu substrate: {e}"))?;
+            tracing::info!(accel = %qemu.accel(), "qemu substrate: guests run with {}",
+            match qemu.accel() {
+                Accel::Kvm => "KVM (a probe boot succeeded)",
+                Accel::Tcg => "TCG software emulation (KVM unavailable or its probe boot failed)",
+            });
+            Arc::new(qemu)
+        }
+    })
 }
 
 /// Runs the worker until a shutdown signal.
@@ -51,14 +96,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
-    let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
-    let mut provider: Arc<dyn Provider> = Arc::new(ProcessProvider::new(
-        &state_dir,
-        SupervisorLaunch {
-            program: exe,
-            args: vec!["sandbox".into()],
-        },
-    )?);
+    let mut provider = provider(config.substrate, &state_dir).await?;
+    let provider_name = provider.name();
     if let Some(faults) = &config.faults {
         tracing::warn!(
             ?faults,
@@ -105,8 +144,10 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
+        .register_workflow::<BakeWorkflow>()?
         .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
+        .register_activities(BakeActivities::new(provider.clone()))
         .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
         .register_activities(AuthActivities::new(keys))
         .build();
@@ -132,7 +173,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         stop();
     });
     tracing::info!(task_queue = %config.task_queue, state_dir = %state_dir.display(),
-        substrate = "process", "worker running");
+        substrate = provider_name, "worker running");
     polling.store(true, Ordering::Relaxed);
     let result = worker.run().await;
     polling.store(false, Ordering::Relaxed);

@@ -295,6 +295,24 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         self.inner.list(tenant).await
     }
 
+    fn accelerator(&self) -> Option<String> {
+        self.inner.accelerator()
+    }
+
+    fn has_image(&self, image: &str) -> bool {
+        self.inner.has_image(image)
+    }
+
+    async fn snapshot(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        base: &str,
+        image: &str,
+    ) -> Result<(), SubstrateError> {
+        self.inner.snapshot(tenant, vm, base, image).await
+    }
+
     async fn start_command(
         &self,
         tenant: &str,

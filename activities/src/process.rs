@@ -460,6 +460,45 @@ impl Provider for ProcessProvider {
         }
     }
 
+    fn has_image(&self, image: &str) -> bool {
+        valid_image_ref(image) && self.images_dir().join(image).is_dir()
+    }
+
+    /// The sandbox's `root/` (the base image's template plus whatever the provisioning
+    /// script changed there) becomes the image's template, with `etc/murmur/image` = `image`.
+    async fn snapshot(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        _base: &str,
+        image: &str,
+    ) -> Result<(), SubstrateError> {
+        if !valid_image_ref(image) {
+            return Err(SubstrateError::Invalid {
+                what: "image id",
+                value: image.into(),
+            });
+        }
+        let root = self.sandbox_dir(tenant, vm)?.join("root");
+        if !root.is_dir() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let stage = self.images_dir().join(format!(".{image}.tmp"));
+        let target = self.images_dir().join(image);
+        let id = image.to_string();
+        let work = move || -> std::io::Result<()> {
+            let _ = std::fs::remove_dir_all(&stage);
+            copy_tree(&root, &stage)?;
+            std::fs::create_dir_all(stage.join("etc/murmur"))?;
+            std::fs::write(stage.join("etc/murmur/image"), format!("{id}\n"))?;
+            crate::qemu::replace_dir(&stage, &target)
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| SubstrateError::io("write image", std::io::Error::other(e)))?
+            .map_err(|e| SubstrateError::io(format!("register image {image}"), e))
+    }
+
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         let tenant_dir = self.tenant_dir(tenant)?;
         let entries = match std::fs::read_dir(&tenant_dir) {

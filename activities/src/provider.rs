@@ -131,6 +131,32 @@ pub trait Provider: Send + Sync + 'static {
     /// Short name (`process`, `qemu`).
     fn name(&self) -> &'static str;
 
+    /// The accelerator VMs run with, where that means something (`kvm`, `tcg` on qemu).
+    fn accelerator(&self) -> Option<String> {
+        None
+    }
+
+    /// True when the image exists on this substrate (bake uses it to answer "already cached").
+    fn has_image(&self, _image: &str) -> bool {
+        false
+    }
+
+    /// Captures the filesystem of a VM booted from `base` (and provisioned since) as the new
+    /// immutable image `image`, replacing an older image of that id. Substrates that cannot
+    /// snapshot refuse.
+    async fn snapshot(
+        &self,
+        _tenant: &str,
+        _vm: &VmId,
+        _base: &str,
+        _image: &str,
+    ) -> Result<(), SubstrateError> {
+        Err(SubstrateError::Invalid {
+            what: "operation on this substrate",
+            value: "snapshot".into(),
+        })
+    }
+
     /// Creates the VM described by `spec` and starts it. Creating a VM that already exists
     /// and is alive succeeds without doing anything; a dead leftover is replaced.
     async fn create(&self, spec: &BootSpec) -> Result<(), SubstrateError>;

@@ -35,7 +35,9 @@ use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
 use crate::provider::Provider;
-use crate::temporal_ops::running_agents_query;
+use crate::temporal_ops::{SA_KIND, SA_TENANT, running_agents_query};
+use murmur_workflows::bake::BAKE_WORKSPACE;
+use murmur_workflows::bake_workflow::scratch_vm_id;
 
 /// The worker's reaper settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,11 +85,16 @@ impl ReaperActivities {
     ) -> Result<ReapScan, ActivityError> {
         let client = ctx.client().clone();
         let work = async {
-            let vms = self
+            let mut vms = self
                 .provider
                 .list(&input.tenant)
                 .await
                 .map_err(|e| failure(e.to_string()))?;
+            if vms.iter().any(|v| v.workspace == BAKE_WORKSPACE) {
+                // Scratch VMs of bakes still running are the bakes', not orphans.
+                let baking = running_bake_vms(&client, &input.tenant).await?;
+                vms.retain(|v| !baking.contains(&v.id));
+            }
             let running = running_agents(&client, &input.tenant).await?;
             let finished = finished_claims(&client, &input.claims, &running).await?;
             let (stranded_found, stranded_terminated) = match input.stranded {
@@ -196,6 +203,26 @@ async fn stuck_for(client: &Client, id: &str, run: &str) -> Option<Duration> {
         u32::try_from(last.nanos).ok()?,
     ))?;
     at.elapsed().ok()
+}
+
+/// The scratch VMs of the bake workflows of `tenant` that are still running.
+async fn running_bake_vms(
+    client: &Client,
+    tenant: &str,
+) -> Result<BTreeSet<murmur_workflows::model::VmId>, ActivityError> {
+    let query = format!(
+        "{} = '{}' AND {} = 'bake' AND ExecutionStatus = 'Running'",
+        SA_TENANT.name(),
+        tenant,
+        SA_KIND.name()
+    );
+    let mut stream = client.list_workflows(query, WorkflowListOptions::default());
+    let mut vms = BTreeSet::new();
+    while let Some(item) = stream.next().await {
+        let wf = item.map_err(|e| failure(e.to_string()))?;
+        vms.insert(scratch_vm_id(wf.run_id()));
+    }
+    Ok(vms)
 }
 
 /// (workflow id, run id) of every running agent of `tenant`.

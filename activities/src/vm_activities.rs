@@ -61,11 +61,14 @@ impl VmActivities {
         match result {
             Ok(_) => {
                 let boot_ms = started.elapsed().as_millis() as u64;
+                let accel = self.provider.accelerator().unwrap_or_default();
                 tracing::info!(tenant = %spec.tenant, workspace = %spec.workspace, vm = %spec.vm,
-                    image = %spec.image, boot_ms, "vm ready");
+                    image = %spec.image, boot_ms, substrate = self.provider.name(), accel,
+                    "vm ready");
                 Ok(BootReport {
                     vm: spec.vm,
                     boot_ms,
+                    accel,
                 })
             }
             Err(e) => {

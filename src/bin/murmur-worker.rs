@@ -39,6 +39,10 @@ struct RunArgs {
     /// e.g. 127.0.0.1:9464.
     #[arg(long, env = "MURMUR_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Where VMs live: `process` (local sandboxes) or `qemu` (real Linux guests; needs
+    /// qemu-system-x86_64, builds its guest image under the state dir on first start).
+    #[arg(long, env = "MURMUR_SUBSTRATE", value_enum, default_value = "process")]
+    substrate: murmur::worker::Substrate,
     /// Time between reaper scans of the substrate (30s, 5m, ...).
     #[arg(long, env = "MURMUR_REAP_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     reap_interval: std::time::Duration,
@@ -233,6 +237,7 @@ async fn main() -> std::process::ExitCode {
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
                 metrics_addr: cli.run.metrics_addr,
+                substrate: cli.run.substrate,
                 reaper: murmur_activities::reaper::ReaperSettings {
                     interval: cli.run.reap_interval,
                     grace: cli.run.reap_grace,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use murmur_activities::process::ProcessProvider;
 use murmur_activities::provider::{Provider, VmInfo};
+use murmur_activities::qemu::QemuProvider;
 use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::status::PoolStatus;
 
@@ -23,6 +24,8 @@ pub struct TestEnv {
     worker: Option<Child>,
     /// Where the worker serves /metrics and /healthz, when enabled.
     pub metrics_addr: Option<String>,
+    /// The worker's substrate (`process` unless started with [`TestEnv::start_on`]).
+    pub substrate_name: String,
     /// Extra environment of the worker (reaper timing, fault injection, ...).
     pub worker_env: Vec<(String, String)>,
     /// The Temporal server to use instead of the shared dev server.
@@ -36,6 +39,8 @@ pub struct EnvOptions {
     pub worker_env: Vec<(String, String)>,
     /// A private Temporal server.
     pub temporal_address: Option<String>,
+    /// The worker's substrate (`process` when empty).
+    pub substrate: String,
 }
 
 impl EnvOptions {
@@ -56,6 +61,17 @@ impl TestEnv {
     /// Creates the environment and starts its worker.
     pub fn start(name: &str) -> Self {
         Self::start_with(name, EnvOptions::default())
+    }
+
+    /// Creates the environment and starts its worker on `substrate` (`process`, `qemu`).
+    pub fn start_on(name: &str, substrate: &str) -> Self {
+        Self::start_with(
+            name,
+            EnvOptions {
+                substrate: substrate.to_string(),
+                ..EnvOptions::default()
+            },
+        )
     }
 
     /// Creates the environment with `options` and starts its worker.
@@ -87,6 +103,11 @@ impl TestEnv {
             metrics_addr: None,
             worker_env: options.worker_env,
             temporal_address: options.temporal_address,
+            substrate_name: if options.substrate.is_empty() {
+                "process".to_string()
+            } else {
+                options.substrate
+            },
         };
         // Every test acts as a tenant admin unless it logs in otherwise.
         let admin = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
@@ -189,6 +210,7 @@ impl TestEnv {
         let child = cmd
             .env("MURMUR_TASK_QUEUE", &self.task_queue)
             .env("MURMUR_STATE_DIR", self.state_dir())
+            .env("MURMUR_SUBSTRATE", &self.substrate_name)
             .env("RUST_LOG", "info,temporalio_sdk_core=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -402,9 +424,18 @@ impl TestEnv {
         }
     }
 
+    /// The worker's substrate, for inspection and cleanup.
+    pub fn provider(&self) -> Box<dyn Provider> {
+        if self.substrate_name == "qemu" {
+            Box::new(QemuProvider::inspector(self.state_dir()))
+        } else {
+            Box::new(ProcessProvider::inspector(self.state_dir()))
+        }
+    }
+
     /// Every VM the substrate holds for this tenant.
     pub fn substrate(&self) -> Vec<VmInfo> {
-        block_on(ProcessProvider::inspector(self.state_dir()).list(&self.tenant)).unwrap()
+        block_on(self.provider().list(&self.tenant)).unwrap()
     }
 
     /// Sets a workspace from YAML.
@@ -501,7 +532,7 @@ impl Drop for TestEnv {
             "--reason",
             "test finished",
         ]);
-        let provider = ProcessProvider::inspector(self.state_dir());
+        let provider = self.provider();
         if let Ok(vms) = block_on(provider.list(&self.tenant)) {
             for vm in vms {
                 let _ = block_on(provider.delete(&self.tenant, &vm.id));

@@ -25,6 +25,10 @@ pub struct BootReport {
     pub vm: VmId,
     /// Milliseconds from create to ready, as measured by the substrate.
     pub boot_ms: u64,
+    /// The accelerator the VM runs with (`kvm`, `tcg` on the qemu substrate; empty where it
+    /// means nothing).
+    #[serde(default)]
+    pub accel: String,
 }
 
 impl ActivityDefinition for BootVm {

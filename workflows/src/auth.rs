@@ -25,6 +25,8 @@ pub mod ops {
     pub const SPAWN: &str = "agent.spawn";
     /// `murmur kill`.
     pub const KILL: &str = "agent.kill";
+    /// `murmur bake`.
+    pub const BAKE: &str = "image.bake";
     /// Worker-internal: an agent claims a VM.
     pub const CLAIM: &str = "pool.claim";
     /// Worker-internal: an agent releases its VM.

@@ -12,6 +12,8 @@
 //! - [`agent`]: agents as data: phases, spawn input, status, workflow ids.
 //! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).
 //! - [`nuke_workflow`]: the emergency wipe (`nuke/<tenant>`).
+//! - [`bake`]: bake recipes, content-addressed image ids, the bake's input and progress.
+//! - [`bake_workflow`]: baking one image (`bake/<tenant>/<image-id>`).
 //! - [`search_attrs`]: the search attributes every murmur workflow carries.
 //! - [`auth`]: credentials, signed bytes, roles and permissions, replay records.
 //! - [`gate`]: verifying a request's credential from inside a workflow.
@@ -25,6 +27,8 @@ pub mod activity_api;
 pub mod agent;
 pub mod agent_workflow;
 pub mod auth;
+pub mod bake;
+pub mod bake_workflow;
 pub mod error;
 pub mod gate;
 pub mod machine;

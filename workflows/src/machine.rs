@@ -161,6 +161,9 @@ pub struct Pool {
     /// What the reaper remembers and has done.
     #[serde(default)]
     pub reaper: ReaperState,
+    /// The accelerator the latest VM came up with (`kvm`, `tcg` on qemu; empty otherwise).
+    #[serde(default)]
+    pub accel: String,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -214,6 +217,7 @@ impl Pool {
             paused_at: None,
             last_nuke_ms: None,
             reaper: ReaperState::default(),
+            accel: String::new(),
             claim_seq: 0,
             id_seed,
             id_counter: 0,

@@ -109,7 +109,8 @@ pub struct PoolWorkflow {
 
 /// What finished among the activities the shell started.
 enum Outcome {
-    Booted(VmId),
+    /// A VM came up, with the accelerator it runs with (empty where not applicable).
+    Booted(VmId, String),
     BootFailed(VmId, String),
     Deleted(VmId),
     DeleteFailed(VmId),
@@ -243,7 +244,12 @@ impl PoolWorkflow {
                     let interval = c.state_mut(|s| {
                         let mut reap_again = None;
                         let cmds = match outcome {
-                            Outcome::Booted(vm) => s.pool.boot_succeeded(&vm, now),
+                            Outcome::Booted(vm, accel) => {
+                                if !accel.is_empty() {
+                                    s.pool.accel = accel;
+                                }
+                                s.pool.boot_succeeded(&vm, now)
+                            }
                             Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
@@ -969,7 +975,7 @@ fn start_command<'a>(
             let fut = c.execute_activity(BootVm, spec, opts);
             async move {
                 match fut.await {
-                    Ok(_) => Outcome::Booted(vm),
+                    Ok(report) => Outcome::Booted(vm, report.accel),
                     Err(e) => Outcome::BootFailed(vm, root_cause(&e)),
                 }
             }

@@ -99,6 +99,9 @@ pub struct PoolStatus {
     /// What the reaper found and did.
     #[serde(default)]
     pub reaper: ReaperStatus,
+    /// The accelerator VMs run with (`kvm` or `tcg` on the qemu substrate; empty otherwise).
+    #[serde(default)]
+    pub accel: String,
 }
 
 /// The reaper's totals (`murmur pool status`).
@@ -167,6 +170,7 @@ impl PoolStatus {
             last_flush_ms: pool.last_flush_ms,
             last_nuke_ms: pool.last_nuke_ms,
             reaper: ReaperStatus::of(&pool.reaper),
+            accel: pool.accel.clone(),
         }
     }
 

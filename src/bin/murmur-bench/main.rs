@@ -39,8 +39,8 @@ struct Cli {
     #[arg(long)]
     no_record: bool,
     /// Scenarios: all, spawn, flush-10, flush-100, delete, claim-throughput, cli-latency, nuke,
-    /// footprint; and soak (not in all: minutes long; sizes from MURMUR_SOAK_CLAIMS and
-    /// MURMUR_SOAK_FLUSHES).
+    /// footprint; qemu-spawn (alone: its worker runs the qemu substrate); and soak (not in
+    /// all: minutes long; sizes from MURMUR_SOAK_CLAIMS and MURMUR_SOAK_FLUSHES).
     #[arg(required = true)]
     scenarios: Vec<String>,
 }
@@ -87,6 +87,8 @@ pub struct Bench {
     pub runs: usize,
     /// Warm-up runs.
     pub warmup: usize,
+    /// The worker's substrate (`process`, or `qemu` for the qemu scenarios).
+    pub substrate: &'static str,
 }
 
 impl Bench {
@@ -157,10 +159,44 @@ impl Drop for Bench {
             .arg("-f")
             .arg(format!("sandbox --dir {}", self.state_dir.display()))
             .status();
+        // And every qemu guest.
+        if self.substrate == "qemu" {
+            let qemu = murmur_activities::qemu::QemuProvider::inspector(&self.state_dir);
+            let tenants = std::fs::read_dir(self.state_dir.join("qemu/vms"))
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(async {
+                    use murmur_activities::provider::Provider as _;
+                    for tenant in tenants {
+                        for vm in qemu.list(&tenant).await.unwrap_or_default() {
+                            let _ = qemu.delete(&tenant, &vm.id).await;
+                        }
+                    }
+                });
+            }
+        }
     }
 }
 
 fn start(cli: &Cli) -> anyhow::Result<Bench> {
+    let qemu = cli
+        .scenarios
+        .iter()
+        .any(|s| scenarios::QEMU_SCENARIOS.contains(&s.as_str()));
+    anyhow::ensure!(
+        !qemu
+            || cli
+                .scenarios
+                .iter()
+                .all(|s| scenarios::QEMU_SCENARIOS.contains(&s.as_str())),
+        "qemu scenarios run alone (their worker runs the qemu substrate)"
+    );
+    let substrate = if qemu { "qemu" } else { "process" };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let status = Command::new(root.join("devserver.sh"))
         .arg("start")
@@ -178,6 +214,7 @@ fn start(cli: &Cli) -> anyhow::Result<Bench> {
     let worker = Command::new(bin_dir.join("murmur-worker"))
         .env("MURMUR_STATE_DIR", &state_dir)
         .env("MURMUR_TASK_QUEUE", &task_queue)
+        .env("MURMUR_SUBSTRATE", substrate)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -191,6 +228,7 @@ fn start(cli: &Cli) -> anyhow::Result<Bench> {
         root,
         runs: cli.runs,
         warmup: cli.warmup,
+        substrate,
     })
 }
 
@@ -301,7 +339,10 @@ fn main() -> anyhow::Result<()> {
     let figures = runtime.block_on(async {
         let mut figures = Vec::new();
         let all = cli.scenarios.iter().any(|s| s == "all");
-        let wanted = |name: &str| all || cli.scenarios.iter().any(|s| s == name);
+        let wanted = |name: &str| {
+            (all && !scenarios::QEMU_SCENARIOS.contains(&name))
+                || cli.scenarios.iter().any(|s| s == name)
+        };
         let on_request = scenarios::ON_REQUEST
             .iter()
             .filter(|(name, _)| cli.scenarios.iter().any(|s| s == name));

@@ -45,6 +45,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "nuke of 100 keep-alive agents + 50 warm VMs (1 run)",
     ),
     ("footprint", "worker RSS and CPU with 1,000 agent workflows"),
+    (
+        "qemu-spawn",
+        "spawn → PHASE_RUNNING on the qemu substrate, warm guest vs cold boot (run it alone; \
+         not part of all)",
+    ),
 ];
 
 /// Scenarios that `all` leaves out (they run for minutes), run only when named.
@@ -52,6 +57,8 @@ pub const ON_REQUEST: &[(&str, &str)] = &[(
     "soak",
     "thousands of claims, hundreds of flushes: history, continue-as-new, RSS, invariants",
 )];
+/// Scenarios that need the qemu substrate (the bench's worker then runs qemu).
+pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn"];
 
 /// Runs one scenario.
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
@@ -65,6 +72,7 @@ pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
         "nuke" => nuke(b).await,
         "footprint" => footprint(b).await,
         "soak" => soak(b).await,
+        "qemu-spawn" => spawn_qemu(b).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -195,6 +203,79 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[0].goal = "≤ 100 ms".into();
     out[0].met = Some(warm <= 100.0);
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
+    cleanup(&pool, &agents, &ctx.tenant).await;
+    Ok(out)
+}
+
+/// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, with none
+/// (every spawn cold-boots a guest), and with 2 warm guests at `max_vms` (no backfill boot
+/// competes with the spawn). At least 10 measured runs each.
+async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    anyhow::ensure!(
+        b.substrate == "qemu",
+        "qemu-spawn needs the bench worker on the qemu substrate: run it alone (murmur-bench qemu-spawn)"
+    );
+    let (ctx, pool, agents) = b.tenant("bench-qemu").await?;
+    let runs = b.runs.max(10);
+    let mut out = Vec::new();
+    let mut medians = Vec::new();
+    // The second warm figure runs at max_vms = min_idle: the claim cannot start a backfill
+    // boot, so it shows what a guest booting next to the spawn costs it.
+    for (label, min_idle, max_vms) in [
+        ("spawn-warm (qemu)", 2, 6),
+        ("spawn-cold (qemu)", 0, 6),
+        ("spawn-warm (qemu, at max_vms: no backfill boot)", 2, 2),
+    ] {
+        set_pool(&pool, max_vms, min_idle).await?;
+        let mut samples = Vec::new();
+        for i in 0..b.warmup + runs {
+            Bench::wait_pool(&pool, Duration::from_secs(120), |s| {
+                settled_with(min_idle)(s) && s.vms.len() == min_idle as usize
+            })
+            .await?;
+            let slug = format!("q{min_idle}-{i}");
+            let t0 = Instant::now();
+            agents
+                .spawn(&slug, vec!["sleep 300".into()], OnIdle::Terminate)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            loop {
+                let st = agents
+                    .status(&slug)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if st.phase == Some(Phase::Running) {
+                    break;
+                }
+                anyhow::ensure!(
+                    !st.phase.is_some_and(Phase::is_terminal),
+                    "agent {slug} ended: {st:?}"
+                );
+                anyhow::ensure!(
+                    t0.elapsed() < Duration::from_secs(120),
+                    "agent {slug} not running after 120 s"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let dt = ms(t0.elapsed());
+            if i >= b.warmup {
+                samples.push(dt);
+            }
+            agents
+                .kill(&slug)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        medians.push(median(&samples));
+        out.push(figure(label, samples, "ms", "", None));
+    }
+    let cold = medians[1];
+    for (i, warm) in [(0, medians[0]), (2, medians[2])] {
+        let share = 100.0 * warm / cold.max(0.001);
+        out[i].goal = format!("≤ 5% of cold ({share:.1}%)");
+        out[i].met = Some(share <= 5.0);
+    }
+    set_pool(&pool, 6, 0).await?;
     cleanup(&pool, &agents, &ctx.tenant).await;
     Ok(out)
 }

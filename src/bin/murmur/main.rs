@@ -2,6 +2,7 @@
 
 mod agent;
 mod auth;
+mod bake;
 mod pool;
 mod resource;
 
@@ -103,11 +104,21 @@ enum Command {
     ///   murmur wait fix-auth
     ///   murmur wait --phase completed fix-auth
     Wait(agent::WaitArgs),
+    /// Bake an image: boot a scratch VM from the recipe's base, run its script as root, and
+    /// register the result as an immutable, content-addressed image (`img-<hash>` of base,
+    /// script, files and architecture). An unchanged recipe is answered from the cache.
+    ///
+    /// Recipe (YAML): base: default / script: | ... / timeout: 600 / files: {path: content}
+    ///
+    /// Example:
+    ///   murmur bake tools.yaml && murmur patch workspace web --set image_ref=img-3f2a9c0d1e4b
+    Bake(bake::BakeArgs),
 }
 
 /// What a command needs: where it acts and a connected client.
 pub(crate) struct Session {
     pub ctx: Context,
+    pub client: temporalio_client::Client,
     pub pool: PoolClient,
     pub agents: AgentClient,
 }
@@ -120,7 +131,8 @@ impl Session {
         let client = connect(&format!("murmur-cli:{}", ctx.developer)).await?;
         Ok(Self {
             pool: PoolClient::new(client.clone(), ctx.clone()),
-            agents: AgentClient::new(client, ctx.clone()),
+            agents: AgentClient::new(client.clone(), ctx.clone()),
+            client,
             ctx,
         })
     }
@@ -198,6 +210,7 @@ async fn main() -> ExitCode {
         Command::Ls(args) => agent::ls(args, workspace).await,
         Command::Status(args) => agent::status(args, workspace).await,
         Command::Wait(args) => agent::wait(args, workspace).await,
+        Command::Bake(args) => plain(bake::run(args, workspace).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

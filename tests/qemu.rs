@@ -1,0 +1,284 @@
+//! The `qemu` substrate end to end: real dev server, real worker, real qemu guests.
+//! Skipped (with the reason printed) only when `qemu-system-x86_64` is not installed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, ids_in, stderr, stdout, warm};
+use murmur_activities::qemu::{QemuProvider, find_qemu};
+use murmur_workflows::agent::Phase;
+use murmur_workflows::model::VmState;
+
+fn qemu_env(name: &str) -> Option<TestEnv> {
+    if find_qemu().is_none() {
+        eprintln!("SKIPPED: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        return None;
+    }
+    Some(TestEnv::start_on(name, "qemu"))
+}
+
+/// Pids of the qemu processes running a VM of this test's tenant (from /proc, not from
+/// murmur's own bookkeeping).
+fn qemu_processes(env: &TestEnv) -> BTreeSet<i32> {
+    let marker = format!(
+        "{}/",
+        env.state_dir().join("qemu/vms").join(&env.tenant).display()
+    );
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = state
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            cmd.starts_with(
+                &*find_qemu()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ) && cmd.contains(&marker)
+                && !zombie
+        })
+        .collect()
+}
+
+fn vm_dirs(env: &TestEnv) -> BTreeSet<String> {
+    std::fs::read_dir(env.state_dir().join("qemu/vms").join(&env.tenant))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn substrate_ids(env: &TestEnv) -> BTreeSet<String> {
+    env.substrate().into_iter().map(|v| v.id.0).collect()
+}
+
+/// Waits until `pred` holds, failing after [`common::PATIENCE`].
+fn eventually(env: &TestEnv, what: &str, pred: impl Fn() -> bool) {
+    let deadline = Instant::now() + common::PATIENCE;
+    while !pred() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            env.worker_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `n` warm VMs that the substrate holds exactly, each with one live qemu.
+fn wait_warm(env: &TestEnv, n: usize) -> BTreeSet<String> {
+    let st = env.wait_for("warm qemu VMs", |s| {
+        warm(s) as usize == n && s.vms.len() == n
+    });
+    // The accelerator the guests came up with is in the status (TCG here: KVM boots hang).
+    assert!(
+        matches!(st.accel.as_str(), "tcg" | "kvm"),
+        "pool status names the accelerator: {:?}",
+        st.accel
+    );
+    let ids: BTreeSet<String> = ids_in(&st, VmState::Warm).into_iter().collect();
+    eventually(env, "the substrate to hold exactly the warm VMs", || {
+        substrate_ids(env) == ids && qemu_processes(env).len() == n
+    });
+    assert!(env.substrate().iter().all(|v| v.alive));
+    ids
+}
+
+fn image_kernel(env: &TestEnv, image: &str) -> String {
+    QemuProvider::inspector(env.state_dir())
+        .image_meta(image)
+        .expect("image metadata")
+        .kernel
+}
+
+#[test]
+fn warm_guests_run_agents_and_flush_replaces_them() {
+    let Some(env) = qemu_env("qemu") else { return };
+    env.set_workspace("default", "min_idle: 2\nenvironment:\n  memory_mb: 192\n");
+    let first = wait_warm(&env, 2);
+    let log = std::fs::read_to_string(env.dir.path().join("worker.log")).unwrap_or_default();
+    assert!(
+        log.contains("qemu substrate: guests run with"),
+        "accel not logged"
+    );
+
+    // An agent's command runs inside the guest: its kernel, its marker file, its env.
+    env.spawn(
+        "kernel",
+        "uname -r; cat /etc/murmur/vm; echo vm=$MURMUR_VM image=$MURMUR_IMAGE",
+    );
+    let done = env.wait_phase("kernel", Phase::Completed);
+    let kernel = image_kernel(&env, "default");
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| stdout(&o).trim().to_string())
+        .unwrap_or_default();
+    eprintln!("guest kernel {kernel}, host kernel {host}");
+    assert_eq!(
+        done.output_tail.as_deref(),
+        Some(format!("{kernel}\n1\nvm=1 image=default\n").as_str()),
+        "{done:#?}"
+    );
+    let text = env.murmur_ok(&["status", "kernel"]);
+    assert!(
+        text.contains(&kernel),
+        "murmur status shows the guest kernel: {text}"
+    );
+    if host != kernel {
+        assert!(!text.contains(&host));
+    }
+
+    // The agent's VM is destroyed and the pool refills to 2.
+    let before = wait_warm(&env, 2);
+    assert!(first.iter().filter(|id| before.contains(*id)).count() == 1);
+    let old_pids = qemu_processes(&env);
+
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "Flushing warm VMs...\nFlushed 2 warm VMs \u{2014} pool will replenish with fresh ones\n"
+    );
+    // The flush answers once the guests are gone: no qemu of theirs, no directory left.
+    let now = qemu_processes(&env);
+    assert!(now.is_disjoint(&old_pids), "flushed qemu still running");
+    let dirs = vm_dirs(&env);
+    assert!(
+        before.iter().all(|id| !dirs.contains(id)),
+        "VM dirs left: {dirs:?}"
+    );
+
+    let fresh = wait_warm(&env, 2);
+    assert!(fresh.is_disjoint(&before));
+}
+
+#[test]
+fn a_killed_worker_finds_its_guests_again_and_nothing_leaks() {
+    let Some(mut env) = qemu_env("qemu-kill") else {
+        return;
+    };
+    env.set_workspace("default", "min_idle: 2\nenvironment:\n  memory_mb: 192\n");
+    let warm_before = wait_warm(&env, 2);
+    let pids = qemu_processes(&env);
+
+    env.kill_worker();
+    // Guests live in their own sessions: the crash does not take them down.
+    assert_eq!(qemu_processes(&env), pids);
+    env.start_worker();
+
+    // The restarted worker settles: 2 warm, inventory == substrate == live qemu processes.
+    let st = env.wait_for("the pool after the restart", |s| {
+        warm(s) == 2 && s.vms.len() == 2
+    });
+    let ids: BTreeSet<String> = ids_in(&st, VmState::Warm).into_iter().collect();
+    eventually(&env, "no leaked guest", || {
+        substrate_ids(&env) == ids && qemu_processes(&env).len() == 2 && vm_dirs(&env) == ids
+    });
+    eprintln!("warm before {warm_before:?}, after {ids:?}");
+
+    // And the guests it kept still answer.
+    env.spawn("after", "echo alive in $(uname -r)");
+    let done = env.wait_phase("after", Phase::Completed);
+    assert!(
+        done.output_tail
+            .as_deref()
+            .is_some_and(|t| t.starts_with("alive in ")),
+        "{done:#?}"
+    );
+}
+
+#[test]
+fn bake_pin_flush_boots_guests_of_the_new_image() {
+    let Some(env) = qemu_env("qemu-bake") else {
+        return;
+    };
+    env.set_workspace("default", "min_idle: 2\nenvironment:\n  memory_mb: 192\n");
+    let before = wait_warm(&env, 2);
+    let yaml = "base: default\nscript: |\n  mkdir -p /opt/tools\n  echo v1 > /opt/tools/version\nfiles:\n  etc/motd: \"baked\\n\"\n";
+    let recipe = env.dir.path().join("tools.yaml");
+    std::fs::write(&recipe, yaml).expect("write recipe");
+    let recipe = recipe.display().to_string();
+    let id = serde_norway::from_str::<murmur_workflows::bake::Recipe>(yaml)
+        .expect("recipe")
+        .image_id(std::env::consts::ARCH);
+
+    let started = Instant::now();
+    let out = env.murmur(&["bake", &recipe]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        env.worker_log_tail()
+    );
+    eprintln!("qemu bake took {:?}", started.elapsed());
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("Bake started (image: {id})\n")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "murmur patch workspace default --set image_ref={id}\n"
+    )));
+    let meta = QemuProvider::inspector(env.state_dir())
+        .image_meta(&id)
+        .expect("the baked image is registered");
+    assert_eq!(meta.base.as_deref(), Some("default"));
+    // The scratch guest is gone: only the warm ones run.
+    eventually(&env, "the scratch guest to be deleted", || {
+        qemu_processes(&env).len() == 2 && substrate_ids(&env) == before
+    });
+
+    let out = env.murmur(&["bake", &recipe]);
+    assert_eq!(stdout(&out), format!("Image {id} already cached\n"));
+
+    env.murmur_ok(&[
+        "patch",
+        "workspace",
+        "default",
+        "--set",
+        &format!("image_ref={id}"),
+    ]);
+    let out = env.murmur(&["pool", "flush"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_for("2 warm guests of the new image", |s| {
+        s.workspaces[0].ready == 2 && s.vms.len() == 2 && s.vms.iter().all(|v| v.image == id)
+    });
+    wait_warm(&env, 2);
+    env.spawn(
+        "check",
+        "cat /opt/tools/version /etc/motd /etc/murmur/image; echo $MURMUR_IMAGE",
+    );
+    let done = env.wait_phase("check", Phase::Completed);
+    assert_eq!(
+        done.output_tail.as_deref(),
+        Some(format!("v1\nbaked\n{id}\n{id}\n").as_str()),
+        "the new guests run the baked image"
+    );
+
+    // A failing script: its output and exit code, no image, no scratch guest left.
+    let failing = env.dir.path().join("fail.yaml");
+    std::fs::write(&failing, "base: default\nscript: echo broken; exit 4\n").expect("write");
+    let out = env.murmur(&["bake", &failing.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("broken\n"), "{err}");
+    assert!(
+        err.contains("the provisioning script exited with 4"),
+        "{err}"
+    );
+    eventually(&env, "no scratch guest left", || {
+        qemu_processes(&env).len() == 2
+    });
+}
