@@ -78,10 +78,16 @@ fn bake_pin_flush_boots_the_new_image() {
     ]);
     let out = env.murmur(&["pool", "flush"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let st = env.wait_for("2 warm VMs of the new image", |s| {
-        s.workspaces[0].ready == 2 && s.vms.iter().all(|v| v.image == id)
+    // VMs that were booting when the flush came are of the new image but a stale generation:
+    // they are deleted as they come up, so wait until only the 2 fresh ones remain.
+    let st = env.wait_for("only 2 warm VMs, of the new image", |s| {
+        s.workspaces[0].ready == 2 && s.vms.len() == 2 && s.vms.iter().all(|v| v.image == id)
     });
-    assert_eq!(st.vms.len(), 2);
+    assert!(
+        st.vms
+            .iter()
+            .all(|v| v.state == murmur_workflows::model::VmState::Warm)
+    );
     env.spawn(
         "check",
         "cat etc/tools/version etc/murmur/image; echo $MURMUR_IMAGE",

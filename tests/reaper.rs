@@ -108,24 +108,7 @@ fn stranded_agent_workflows_follow_the_policy() {
             .worker("MURMUR_STRANDED_AFTER", "1s"),
     );
     env.set_workspace("default", "min_idle: 0\n");
-    // An agent workflow of a type no current worker knows: its workflow task fails on every
-    // attempt, as it would for a build that was retired.
-    let id = format!("agent/{}/default/old/relic", env.tenant);
-    let out = env.temporal(&[
-        "workflow",
-        "start",
-        "--type",
-        "murmur.agent.v0",
-        "--task-queue",
-        &env.task_queue,
-        "--workflow-id",
-        &id,
-        "--search-attribute",
-        &format!("MurmurTenant=\"{}\"", env.tenant),
-        "--search-attribute",
-        "MurmurKind=\"agent\"",
-    ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    let id = start_stranded_agent(&env);
 
     // dry_run (the default): found and logged, left running.
     let st = env.wait_for("the stranded workflow found", |s| {
@@ -167,6 +150,16 @@ fn disabled_leaves_stranded_workflows_alone() {
         "--set",
         "reap_stranded_workflows=disabled",
     ]);
+    let id = start_stranded_agent(&env);
+    let st = env.wait_for("several scans", |s| s.reaper.scans >= 5);
+    assert_eq!(st.reaper.stranded_found, 0);
+    assert_eq!(st.reaper.stranded_terminated, 0);
+    assert!(workflow_status(&env, &id).contains("RUNNING"));
+}
+
+/// Starts an agent workflow of a type no current worker knows: its workflow task fails on
+/// every attempt, as it would for a build that was retired. Returns its id.
+fn start_stranded_agent(env: &TestEnv) -> String {
     let id = format!("agent/{}/default/old/relic", env.tenant);
     let out = env.temporal(&[
         "workflow",
@@ -183,10 +176,7 @@ fn disabled_leaves_stranded_workflows_alone() {
         "MurmurKind=\"agent\"",
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let st = env.wait_for("several scans", |s| s.reaper.scans >= 5);
-    assert_eq!(st.reaper.stranded_found, 0);
-    assert_eq!(st.reaper.stranded_terminated, 0);
-    assert!(workflow_status(&env, &id).contains("RUNNING"));
+    id
 }
 
 fn workflow_status(env: &TestEnv, id: &str) -> String {
