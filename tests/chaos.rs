@@ -6,7 +6,9 @@
 //! never over `max_vms`, and every agent either finished or still running with its VM.
 //!
 //! Rounds and the seed come from `MURMUR_CHAOS_ROUNDS` / `MURMUR_CHAOS_SEED` (printed, so a
-//! failing round can be replayed); CI runs a handful, `RELIABILITY.md` records longer runs.
+//! failing round can be replayed), the substrate of the kill rounds from
+//! `MURMUR_CHAOS_SUBSTRATE` (`process` unless `qemu`); CI runs a handful, `RELIABILITY.md`
+//! records longer runs.
 
 mod common;
 
@@ -76,7 +78,16 @@ fn agents_sound(env: &TestEnv, slugs: &[String]) {
 #[test]
 fn worker_killed_at_random_points_loses_and_leaks_nothing() {
     let mut dice = Dice::from_env();
-    let mut env = TestEnv::start_with("chaos", EnvOptions::default().fast_reaper());
+    // `MURMUR_CHAOS_SUBSTRATE=qemu` runs the rounds on real guests.
+    let substrate = std::env::var("MURMUR_CHAOS_SUBSTRATE").unwrap_or_default();
+    let mut env = TestEnv::start_with(
+        "chaos",
+        EnvOptions {
+            substrate,
+            ..EnvOptions::default()
+        }
+        .fast_reaper(),
+    );
     env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=6"]);
     env.set_workspace("default", "min_idle: 2\n");
     env.wait_for("2 warm VMs", |s| warm(s) == 2);
