@@ -253,14 +253,15 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             out,
             "Reaper: last scan {} ago; {} orphan(s) deleted, {} dead VM(s) replaced, {} claim(s) \
              of ended agents released, {} unknown VM(s) in their grace period; stranded agent \
-             workflows: {} now, {} terminated",
+             workflows: {} now, {} terminated; {} pause(s) of dead nukes resumed",
             human_duration(now.saturating_sub(at)),
             r.orphans_deleted,
             r.dead_vms_replaced,
             r.agent_claims_released,
             r.suspects,
             r.stranded_found,
-            r.stranded_terminated
+            r.stranded_terminated,
+            r.abandoned_nukes
         );
     }
     for (image, h) in &st.failing_images {

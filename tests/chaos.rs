@@ -388,3 +388,52 @@ fn a_retried_nuke_step_is_idempotent() {
     );
     env.wait_settled_and_sound(PATIENCE);
 }
+
+/// A nuke terminated by hand between its pause and its reset left the pool paused for good
+/// (no hand-outs, no backfill). The reaper now notices that no nuke runs and resumes the pool
+/// after its grace period, and its scan cleans up what the half-done nuke left.
+#[test]
+fn a_pool_left_paused_by_a_terminated_nuke_resumes() {
+    use murmur_activities::auth::KeyStore;
+    use murmur_workflows::auth::{ops, unsigned_body};
+    use murmur_workflows::messages::NukeStep;
+
+    let env = TestEnv::start_with("deadnuke", EnvOptions::default().fast_reaper());
+    env.set_workspace("default", "min_idle: 2\n");
+    env.wait_for("2 warm VMs", |s| warm(s) == 2);
+    let pool = format!("pool/{}", env.tenant);
+    // A nuke's first step, then the nuke is gone (as if terminated from the UI).
+    let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
+    let mut step = NukeStep {
+        actor: Some(format!("nuke/{}", env.tenant)),
+        authorized_request: "dead-nuke-1".into(),
+        ..NukeStep::default()
+    };
+    step.auth = Some(
+        keys.sign_service(ops::NUKE_STEP, &pool, &unsigned_body(&step))
+            .expect("sign"),
+    );
+    let input = serde_json::to_string(&step).unwrap();
+    let out = env.temporal(&[
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        &pool,
+        "--name",
+        "nuke_pause",
+        "--input",
+        &input,
+    ]);
+    assert!(out.status.success(), "pause: {}", stderr(&out));
+    assert!(env.status().nuke_in_progress);
+
+    let st = env.wait_for("the pool resumed by the reaper", |s| {
+        !s.nuke_in_progress && s.reaper.abandoned_nukes == 1
+    });
+    assert_eq!(warm(&st), 2);
+    // It serves again.
+    env.spawn("after", "true");
+    env.wait_phase("after", murmur_workflows::agent::Phase::Completed);
+    env.wait_settled_and_sound(PATIENCE);
+}

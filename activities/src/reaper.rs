@@ -38,6 +38,7 @@ use crate::provider::Provider;
 use crate::temporal_ops::{SA_KIND, SA_TENANT, running_agents_query};
 use murmur_workflows::bake::BAKE_WORKSPACE;
 use murmur_workflows::bake_workflow::scratch_vm_id;
+use murmur_workflows::nuke_workflow::nuke_workflow_id;
 
 /// The worker's reaper settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +105,13 @@ impl ReaperActivities {
                         .await
                 }
             };
+            let nuke_running = if input.check_nuke {
+                Some(nuke_running(&client, &input.tenant).await?)
+            } else {
+                None
+            };
             Ok::<_, ActivityError>(ReapScan {
+                nuke_running,
                 vms: vms
                     .into_iter()
                     .map(|v| ScannedVm {
@@ -203,6 +210,16 @@ async fn stuck_for(client: &Client, id: &str, run: &str) -> Option<Duration> {
         u32::try_from(last.nanos).ok()?,
     ))?;
     at.elapsed().ok()
+}
+
+/// Whether `nuke/<tenant>` runs (a closed or missing one does not).
+async fn nuke_running(client: &Client, tenant: &str) -> Result<bool, ActivityError> {
+    let handle = client.get_workflow_handle::<UntypedWorkflow>(nuke_workflow_id(tenant));
+    match handle.describe(WorkflowDescribeOptions::default()).await {
+        Ok(desc) => Ok(desc.status() == WorkflowExecutionStatus::Running),
+        Err(temporalio_client::errors::WorkflowInteractionError::NotFound(_)) => Ok(false),
+        Err(e) => Err(failure(e.to_string())),
+    }
 }
 
 /// The scratch VMs of the bake workflows of `tenant` that are still running.

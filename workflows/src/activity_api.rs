@@ -256,6 +256,8 @@ pub struct ReapInput {
     pub claims: Vec<String>,
     /// What to do with stranded agent workflows.
     pub stranded: crate::model::ReapPolicy,
+    /// The pool is paused for a nuke: say whether `nuke/<tenant>` still runs.
+    pub check_nuke: bool,
 }
 
 impl ActivityDefinition for ReapScanVms {

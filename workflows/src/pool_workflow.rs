@@ -55,6 +55,9 @@ const PERM_FLUSH: &str = "pool-config.delete";
 pub const HANDLER_WAIT: Duration = Duration::from_secs(30);
 /// Wait before retrying to start a nuke while the previous one is closing.
 const NUKE_RETRY_MS: Millis = 1_000;
+/// Patch marker: reaper scans run while the pool is paused, so a pool left paused by a nuke
+/// that died resumes.
+const PATCH_REAP_WHILE_PAUSED: &str = "reap-while-paused";
 /// Roll over to a new run once history grows past this many events.
 const MAX_HISTORY_EVENTS: u32 = 10_000;
 
@@ -103,6 +106,8 @@ pub struct PoolWorkflow {
     signalled: Vec<FlushRequest>,
     /// A reaper scan is due (set by the reaper's timer, and at the start of every run).
     reap_due: bool,
+    /// Scans also run while paused (this run is past [`PATCH_REAP_WHILE_PAUSED`]).
+    reap_while_paused: bool,
     /// Time between reaper scans (the worker's setting, from the last scan).
     reap_interval_ms: Millis,
 }
@@ -160,6 +165,7 @@ impl PoolWorkflow {
             // The first scan runs as soon as the run starts: leftovers of a crash are found
             // (and, after the grace period, deleted) without waiting a full interval.
             reap_due: true,
+            reap_while_paused: false,
             reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
         }
     }
@@ -202,6 +208,13 @@ impl PoolWorkflow {
             }
             for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
                 in_flight.push(check_signal(&c, &tenant, req));
+            }
+            // Scanning while paused (to find a nuke that died) came after runs that did not:
+            // their histories replay without it.
+            if c.state(|s| s.pool.paused && s.reap_due && !s.reap_while_paused)
+                && c.patched(PATCH_REAP_WHILE_PAUSED)
+            {
+                c.state_mut(|s| s.reap_while_paused = true);
             }
             if let Some((input, baseline)) = c.state_mut(|s| s.take_reap_due()) {
                 in_flight.push(start_reap(&c, input, baseline));
@@ -297,7 +310,7 @@ impl PoolWorkflow {
                     !s.outbox.is_empty()
                         || !s.signalled.is_empty()
                         || s.nuke_start_due()
-                        || (s.reap_due && !s.pool.paused)
+                        || (s.reap_due && (!s.pool.paused || s.reap_while_paused))
                 }) => { r?; }
                 _ = (&mut handlers_done).fuse() => {}
             }
@@ -853,9 +866,9 @@ impl PoolWorkflow {
     }
 
     /// The input of the reaper scan that is due, with the warm VMs it will judge, if one is.
-    /// While a nuke holds the pool the scan waits (the nuke deletes everything anyway).
+    /// While the pool is paused the scan only asks whether the nuke that paused it still runs.
     fn take_reap_due(&mut self) -> Option<(ReapInput, BTreeSet<VmId>)> {
-        if !self.reap_due || self.pool.paused {
+        if !self.reap_due || (self.pool.paused && !self.reap_while_paused) {
             return None;
         }
         self.reap_due = false;
@@ -863,6 +876,7 @@ impl PoolWorkflow {
             tenant: self.pool.tenant.clone(),
             claims: self.pool.claim_requests(),
             stranded: self.pool.config.spec.reap_stranded_workflows,
+            check_nuke: self.pool.paused,
         };
         Some((input, self.pool.reap_baseline()))
     }
@@ -886,9 +900,11 @@ impl PoolWorkflow {
                 let changed = after.orphans_deleted != before.orphans_deleted
                     || after.dead_vms_replaced != before.dead_vms_replaced
                     || after.agent_claims_released != before.agent_claims_released
-                    || after.stranded_terminated != before.stranded_terminated;
+                    || after.stranded_terminated != before.stranded_terminated
+                    || after.abandoned_nukes != before.abandoned_nukes;
                 if changed && !replaying {
                     tracing::warn!(tenant = %self.pool.tenant,
+                        abandoned_nukes = after.abandoned_nukes - before.abandoned_nukes,
                         orphans_deleted = after.orphans_deleted - before.orphans_deleted,
                         dead_vms_replaced = after.dead_vms_replaced - before.dead_vms_replaced,
                         agent_claims_released =

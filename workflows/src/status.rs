@@ -124,6 +124,8 @@ pub struct ReaperStatus {
     pub stranded_found: u32,
     /// Stranded agent workflows terminated, in total.
     pub stranded_terminated: u64,
+    /// Pauses resumed because their nuke ended without resetting the pool.
+    pub abandoned_nukes: u64,
 }
 
 impl ReaperStatus {
@@ -138,6 +140,7 @@ impl ReaperStatus {
             dead_vms_replaced: r.dead_vms_replaced,
             stranded_found: r.stranded_found,
             stranded_terminated: r.stranded_terminated,
+            abandoned_nukes: r.abandoned_nukes,
         }
     }
 }

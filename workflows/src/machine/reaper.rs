@@ -55,6 +55,8 @@ pub struct ReapScan {
     pub grace_ms: Millis,
     /// The worker's time between scans, in ms (0: the default).
     pub interval_ms: Millis,
+    /// Asked for while the pool is paused: whether the nuke that paused it still runs.
+    pub nuke_running: Option<bool>,
 }
 
 /// The reaper's memory and its totals, shown in `murmur pool status`.
@@ -77,6 +79,11 @@ pub struct ReaperState {
     pub stranded_terminated: u64,
     /// Unknown VMs waiting out their grace period, with how many scans in a row saw them.
     pub suspects: BTreeMap<VmId, u32>,
+    /// Scans in a row that found the pool paused with no nuke running.
+    pub paused_without_nuke: u32,
+    /// Pauses resumed because their nuke had ended without resetting the pool (terminated by
+    /// hand, say).
+    pub abandoned_nukes: u64,
 }
 
 impl ReapScan {
@@ -120,8 +127,24 @@ impl Pool {
         now: Millis,
     ) -> Vec<Command> {
         if self.paused {
-            // A nuke is wiping everything anyway; its reset starts from a clean slate.
-            return Vec::new();
+            // A nuke that ended without resetting the pool (terminated by hand) would leave it
+            // paused for good: after scans in a row spanning the grace period find no nuke
+            // running, the pool resumes, and this scan's findings clean up what the half-done
+            // nuke left (VMs it deleted are missing, agents it terminated have ended).
+            if scan.nuke_running != Some(false) {
+                // A nuke is wiping everything anyway; its reset starts from a clean slate.
+                self.reaper.paused_without_nuke = 0;
+                return Vec::new();
+            }
+            self.reaper.paused_without_nuke += 1;
+            if self.reaper.paused_without_nuke < scan.sightings_needed() {
+                return Vec::new();
+            }
+            self.paused = false;
+            self.paused_at = None;
+            self.nuke_request = None;
+            self.reaper.paused_without_nuke = 0;
+            self.reaper.abandoned_nukes += 1;
         }
         let needed = scan.sightings_needed();
         self.reaper.scans += 1;
@@ -322,11 +345,43 @@ mod tests {
     }
 
     #[test]
-    fn a_paused_pool_ignores_scans() {
+    fn a_paused_pool_ignores_scans_while_its_nuke_runs() {
         let (mut pool, mut ids) = pool_with_warm(1);
         ids.push(VmId("murmur-0rphan00".into()));
         pool.paused = true;
-        assert!(pool.reap(&scan_of(&ids, 1), &none(), 10_000).is_empty());
+        for running in [None, Some(true)] {
+            let mut scan = scan_of(&ids, 1);
+            scan.nuke_running = running;
+            for _ in 0..5 {
+                assert!(pool.reap(&scan, &none(), 10_000).is_empty());
+            }
+        }
         assert_eq!(pool.reaper.scans, 0);
+        assert!(pool.paused);
+    }
+
+    #[test]
+    fn a_pool_left_paused_by_a_dead_nuke_resumes_after_the_grace_period() {
+        let (mut pool, ids) = pool_with_warm(2);
+        pool.pause(0);
+        // The nuke deleted one warm VM, then was terminated by hand.
+        let mut scan = scan_of(&ids[1..], 2_000);
+        scan.nuke_running = Some(false);
+        let baseline = pool.reap_baseline();
+        assert!(pool.reap(&scan, &baseline, 1_000).is_empty());
+        assert!(pool.reap(&scan, &baseline, 2_000).is_empty());
+        assert!(pool.paused, "resumed before the grace period");
+        let cmds = pool.reap(&scan, &baseline, 3_000);
+        assert!(!pool.paused);
+        assert_eq!(pool.reaper.abandoned_nukes, 1);
+        assert_eq!(
+            deletes(&cmds),
+            vec![ids[0].clone()],
+            "the VM the nuke deleted"
+        );
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::Boot(_))),
+            "backfill resumes"
+        );
     }
 }
