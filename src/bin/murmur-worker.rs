@@ -27,40 +27,58 @@ struct Cli {
     run: RunArgs,
 }
 
+/// The worker's settings; accepted before or after `run` (and by the other subcommands,
+/// which use `--state-dir`).
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Task queue to poll.
-    #[arg(long, env = "MURMUR_TASK_QUEUE", default_value = "murmur")]
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_TASK_QUEUE",
+        default_value = "murmur"
+    )]
     task_queue: String,
     /// Directory for sandboxes, images and keys.
-    #[arg(long, env = "MURMUR_STATE_DIR", default_value = ".state")]
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_STATE_DIR",
+        default_value = ".state"
+    )]
     state_dir: PathBuf,
     /// Serve Prometheus metrics (/metrics) and a health check (/healthz) on this address,
     /// e.g. 127.0.0.1:9464.
-    #[arg(long, env = "MURMUR_METRICS_ADDR")]
+    #[arg(long, global = true, env = "MURMUR_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Where VMs live: `process` (local sandboxes) or `qemu` (real Linux guests; needs
     /// qemu-system-x86_64, builds its guest image under the state dir on first start).
-    #[arg(long, env = "MURMUR_SUBSTRATE", value_enum, default_value = "process")]
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_SUBSTRATE",
+        value_enum,
+        default_value = "process"
+    )]
     substrate: murmur::worker::Substrate,
     /// Time between reaper scans of the substrate (30s, 5m, ...).
-    #[arg(long, env = "MURMUR_REAP_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MURMUR_REAP_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     reap_interval: std::time::Duration,
     /// How long a VM the pool does not know must stay unknown before the reaper deletes it.
-    #[arg(long, env = "MURMUR_REAP_GRACE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MURMUR_REAP_GRACE", default_value = "60s", value_parser = parse_duration)]
     reap_grace: std::time::Duration,
     /// How long an agent workflow's task must have been failing before it counts as stranded
     /// (see reap_stranded_workflows).
-    #[arg(long, env = "MURMUR_STRANDED_AFTER", default_value = "48h", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MURMUR_STRANDED_AFTER", default_value = "48h", value_parser = parse_duration)]
     stranded_after: std::time::Duration,
     /// How long a new VM may take to answer its readiness handshake before its boot counts
     /// as failed (at most 60s).
-    #[arg(long, env = "MURMUR_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_boot_timeout)]
+    #[arg(long, global = true, env = "MURMUR_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_boot_timeout)]
     boot_timeout: std::time::Duration,
     /// Inject substrate faults, for chaos testing only, e.g.
     /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
     /// Off unless given.
-    #[arg(long, env = "MURMUR_FAULTS")]
+    #[arg(long, global = true, env = "MURMUR_FAULTS")]
     faults: Option<murmur_activities::faults::FaultConfig>,
 }
 
