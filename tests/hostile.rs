@@ -280,6 +280,22 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
         let out = env.murmur(args);
         assert_clear_failure(&out, &args.join(" "));
     }
+    // The worker's settings, before or after `run`: refused before anything starts.
+    for (args, says) in [
+        (vec!["run", "--faults", "explode=1"], "unknown key"),
+        (vec!["--faults", "create_fail=2"], "probability"),
+        (vec!["run", "--boot-timeout", "5m"], "between 1s and 60s"),
+        (vec!["run", "--reap-interval", "soon"], "invalid duration"),
+        (vec!["run", "--substrate", "cloud"], "possible values"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
+            .args(&args)
+            .env("MURMUR_STATE_DIR", env.state_dir())
+            .output()
+            .expect("run murmur-worker");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
     let after = env.status();
     assert_eq!(after.config_generation, before.config_generation);
     assert_eq!(
