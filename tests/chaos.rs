@@ -178,15 +178,20 @@ fn substrate_faults_and_leaks_are_survived_and_cleaned_up() {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64 % 1_000_000);
-    let faults = format!(
-        "create_fail=0.2,delete_fail=0.2,leak=0.05,ghost=0.1,latency=5ms..50ms,seed={seed}"
-    );
+    // `MURMUR_CHAOS_FAULTS` replaces the spec (e.g. to add hangs), `MURMUR_CHAOS_SUBSTRATE`
+    // the substrate.
+    let faults = std::env::var("MURMUR_CHAOS_FAULTS").unwrap_or_else(|_| {
+        format!("create_fail=0.2,delete_fail=0.2,leak=0.05,ghost=0.1,latency=5ms..50ms,seed={seed}")
+    });
     eprintln!("faults: {faults}");
     let env = TestEnv::start_with(
         "faults",
-        EnvOptions::default()
-            .fast_reaper()
-            .worker("MURMUR_FAULTS", &faults),
+        EnvOptions {
+            substrate: std::env::var("MURMUR_CHAOS_SUBSTRATE").unwrap_or_default(),
+            ..EnvOptions::default()
+        }
+        .fast_reaper()
+        .worker("MURMUR_FAULTS", &faults),
     );
     env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=8"]);
     env.set_workspace("default", "min_idle: 3\n");
@@ -211,8 +216,9 @@ fn substrate_faults_and_leaks_are_survived_and_cleaned_up() {
         .collect();
     let ghosts = faults.iter().filter(|l| l.contains("ghost")).count();
     let leaks = faults.iter().filter(|l| l.contains("leak")).count();
+    let hangs = faults.iter().filter(|l| l.contains("hang")).count();
     eprintln!(
-        "faults injected: {} (ghost deletes {ghosts}, leaks {leaks}); reaper: {:?}",
+        "faults injected: {} (ghost deletes {ghosts}, leaks {leaks}, hangs {hangs}); reaper: {:?}",
         faults.len(),
         st.reaper
     );
