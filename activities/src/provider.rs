@@ -94,6 +94,56 @@ pub struct VmInfo {
     pub alive: bool,
 }
 
+/// Lists the VMs a local substrate keeps as directories named by VM id under `tenant_dir`,
+/// each with a JSON metadata file `meta_file` naming its workspace and image (missing or
+/// unreadable metadata lists the VM anyway, with those fields empty: an orphan is still an
+/// orphan). `alive` says whether a VM directory's process runs.
+pub(crate) fn list_vm_dirs(
+    tenant: &str,
+    tenant_dir: &std::path::Path,
+    meta_file: &str,
+    alive: impl Fn(&std::path::Path) -> bool,
+) -> Result<Vec<VmInfo>, SubstrateError> {
+    /// The part of a VM's metadata a listing needs (both substrates write more).
+    #[derive(Default, Deserialize)]
+    #[serde(default)]
+    struct Labels {
+        workspace: String,
+        image: String,
+    }
+    let entries = match std::fs::read_dir(tenant_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(SubstrateError::io(
+                format!("list {}", tenant_dir.display()),
+                e,
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !VmId::is_valid(&name) {
+            continue;
+        }
+        let dir = entry.path();
+        let labels: Labels = std::fs::read(dir.join(meta_file))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        out.push(VmInfo {
+            id: VmId(name),
+            tenant: tenant.to_string(),
+            workspace: labels.workspace,
+            image: labels.image,
+            alive: alive(&dir),
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
 /// Proof of a finished readiness handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ready {

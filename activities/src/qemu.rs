@@ -36,7 +36,9 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::provider::{CommandSpec, CommandStatus, Provider, Ready, SubstrateError, VmInfo};
+use crate::provider::{
+    CommandSpec, CommandStatus, Provider, Ready, SubstrateError, VmInfo, list_vm_dirs,
+};
 
 /// The guest image build script (Debian packages only, reproducible).
 pub const BUILD_SCRIPT: &str = include_str!("../images/qemu/build.sh");
@@ -896,40 +898,9 @@ impl Provider for QemuProvider {
     }
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
-        let tenant_dir = self.tenant_dir(tenant)?;
-        let entries = match std::fs::read_dir(&tenant_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(SubstrateError::io(
-                    format!("list {}", tenant_dir.display()),
-                    e,
-                ));
-            }
-        };
-        let mut out = Vec::new();
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !VmId::is_valid(&name) {
-                continue;
-            }
-            let dir = entry.path();
-            let meta: Option<QemuVmMeta> = std::fs::read(dir.join(VM_META_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            out.push(VmInfo {
-                id: VmId(name),
-                tenant: tenant.to_string(),
-                workspace: meta
-                    .as_ref()
-                    .map(|m| m.workspace.clone())
-                    .unwrap_or_default(),
-                image: meta.as_ref().map(|m| m.image.clone()).unwrap_or_default(),
-                alive: qemu_pid(&dir).is_some(),
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        list_vm_dirs(tenant, &self.tenant_dir(tenant)?, VM_META_FILE, |dir| {
+            qemu_pid(dir).is_some()
+        })
     }
 
     async fn start_command(
