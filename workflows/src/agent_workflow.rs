@@ -196,9 +196,7 @@ impl AgentWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<KillRequest>,
     ) -> Result<(), UpdateError> {
-        req.as_result()
-            .map(|_| ())
-            .map_err(|e| Box::new(e) as UpdateError)
+        req.check().map_err(|e| Box::new(e) as UpdateError)
     }
 
     /// `murmur kill`: checks the signed request (`agent.edit`, signed for this run), then

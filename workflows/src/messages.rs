@@ -172,9 +172,7 @@ impl<T> Lenient<T> {
     pub fn into_result(self) -> Result<T, ApiError> {
         match self {
             Self::Valid(t) => Ok(t),
-            Self::Invalid(e) => Err(ApiError::invalid_argument(format!(
-                "payload is not a valid message: {e}"
-            ))),
+            Self::Invalid(e) => Err(not_a_message(&e)),
         }
     }
 
@@ -182,10 +180,13 @@ impl<T> Lenient<T> {
     pub fn as_result(&self) -> Result<&T, ApiError> {
         match self {
             Self::Valid(t) => Ok(t),
-            Self::Invalid(e) => Err(ApiError::invalid_argument(format!(
-                "payload is not a valid message: {e}"
-            ))),
+            Self::Invalid(e) => Err(not_a_message(e)),
         }
+    }
+
+    /// `Ok` when the input decoded: what a validator that checks nothing else returns.
+    pub fn check(&self) -> Result<(), ApiError> {
+        self.as_result().map(|_| ())
     }
 }
 
@@ -214,6 +215,11 @@ impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Lenient<T> {
     }
 }
 
+/// The refusal of a payload that did not decode (`reason` is already short).
+fn not_a_message(reason: &str) -> ApiError {
+    ApiError::invalid_argument(format!("payload is not a valid message: {reason}"))
+}
+
 /// Reads a JSON message from a raw payload list, the lenient way: no payload reads as `{}`
 /// (all-default types then accept it), anything undecodable is an `INVALID_ARGUMENT`.
 pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
@@ -233,12 +239,7 @@ pub fn decode_lenient<T: serde::de::DeserializeOwned>(raw: &RawValue) -> Result<
             )));
         }
     }
-    serde_json::from_slice(data).map_err(|e| {
-        ApiError::invalid_argument(format!(
-            "payload is not a valid message: {}",
-            short_error(&e.to_string())
-        ))
-    })
+    serde_json::from_slice(data).map_err(|e| not_a_message(&short_error(&e.to_string())))
 }
 
 /// Encodes a message the way the `temporal` CLI does (`json/plain`), for handlers that take

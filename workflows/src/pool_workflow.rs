@@ -530,7 +530,7 @@ impl PoolWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<ReleaseRequest>,
     ) -> Result<(), UpdateError> {
-        req.as_result().map(|_| ()).map_err(boxed)
+        req.check().map_err(boxed)
     }
 
     /// The agent behind a claim ended: its VM is deleted, never returned to the pool.
@@ -575,7 +575,7 @@ impl PoolWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<NukeStep>,
     ) -> Result<(), UpdateError> {
-        req.as_result().map(|_| ()).map_err(boxed)
+        req.check().map_err(boxed)
     }
 
     /// Nuke, step 1: stop hand-outs and backfill; answers once nothing is booting.
@@ -630,7 +630,7 @@ impl PoolWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<NukeStep>,
     ) -> Result<(), UpdateError> {
-        req.as_result().map(|_| ()).map_err(boxed)
+        req.check().map_err(boxed)
     }
 
     /// Nuke, last step: forget every VM and claim, bump the generation, resume backfill.
