@@ -168,26 +168,7 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         for i in 0..b.warmup + b.runs {
             Bench::wait_pool(&pool, Duration::from_secs(60), settled_with(min_idle)).await?;
             let slug = format!("s{min_idle}-{i}");
-            let t0 = Instant::now();
-            agents
-                .spawn(&slug, vec!["sleep 300".into()], OnIdle::Terminate)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            loop {
-                let st = agents
-                    .status(&slug)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if st.phase == Some(Phase::Running) {
-                    break;
-                }
-                anyhow::ensure!(
-                    !st.phase.is_some_and(Phase::is_terminal),
-                    "agent {slug} ended: {st:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let dt = ms(t0.elapsed());
+            let dt = ms(spawn_until_running(&agents, &slug).await?);
             if i >= b.warmup {
                 samples.push(dt);
             }
@@ -205,6 +186,33 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
     cleanup(&pool, &agents, &ctx.tenant).await;
     Ok(out)
+}
+
+/// Spawns `slug` (`sleep 300`) and polls every 2 ms until it runs: how long that took.
+async fn spawn_until_running(agents: &AgentClient, slug: &str) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    agents
+        .spawn(slug, vec!["sleep 300".into()], OnIdle::Terminate)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    loop {
+        let st = agents
+            .status(slug)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if st.phase == Some(Phase::Running) {
+            return Ok(t0.elapsed());
+        }
+        anyhow::ensure!(
+            !st.phase.is_some_and(Phase::is_terminal),
+            "agent {slug} ended: {st:?}"
+        );
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "agent {slug} not running after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, with none
@@ -234,30 +242,7 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
             })
             .await?;
             let slug = format!("q{min_idle}-{i}");
-            let t0 = Instant::now();
-            agents
-                .spawn(&slug, vec!["sleep 300".into()], OnIdle::Terminate)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            loop {
-                let st = agents
-                    .status(&slug)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if st.phase == Some(Phase::Running) {
-                    break;
-                }
-                anyhow::ensure!(
-                    !st.phase.is_some_and(Phase::is_terminal),
-                    "agent {slug} ended: {st:?}"
-                );
-                anyhow::ensure!(
-                    t0.elapsed() < Duration::from_secs(120),
-                    "agent {slug} not running after 120 s"
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let dt = ms(t0.elapsed());
+            let dt = ms(spawn_until_running(&agents, &slug).await?);
             if i >= b.warmup {
                 samples.push(dt);
             }
@@ -403,26 +388,14 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                 };
                 req.auth = Some(keys.sign_service(ops::CLAIM, &target, &unsigned_body(&req))?);
                 let t = Instant::now();
-                // The server admits at most 10 in-flight updates per workflow (dev server
-                // default); over that it answers "resource exhausted" and, like the claim
-                // activity, the client retries.
-                loop {
-                    match update_pool(
-                        &client,
-                        &ctx.tenant,
-                        &tq,
-                        PoolWorkflow::claim,
-                        req.clone().into(),
-                    )
-                    .await
-                    {
-                        Ok(_) => break,
-                        Err(e) if e.message.contains("in-flight updates") => {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Err(e) => anyhow::bail!("{e}"),
-                    }
-                }
+                update_admitted(
+                    &client,
+                    &ctx.tenant,
+                    &tq,
+                    || PoolWorkflow::claim,
+                    req.into(),
+                )
+                .await?;
                 lat.push(ms(t.elapsed()));
             }
             anyhow::Ok(lat)
@@ -782,13 +755,18 @@ async fn cycle(
     req.auth = Some(keys.sign_service(ops::CLAIM, target, &unsigned_body(&req))?);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match update_pool(client, tenant, tq, PoolWorkflow::claim, req.clone().into()).await {
+        match update_admitted(
+            client,
+            tenant,
+            tq,
+            || PoolWorkflow::claim,
+            req.clone().into(),
+        )
+        .await
+        {
             Ok(ClaimState::Assigned { .. }) => break,
             Ok(ClaimState::Failed { reason }) => anyhow::bail!("claim {id} failed: {reason}"),
             Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) if e.message.contains("in-flight updates") => {
-                tokio::time::sleep(Duration::from_millis(5)).await
-            }
             Err(e) => anyhow::bail!("claim {id}: {e}"),
         }
         anyhow::ensure!(Instant::now() < deadline, "claim {id} never served");
@@ -798,23 +776,36 @@ async fn cycle(
         auth: None,
     };
     release.auth = Some(keys.sign_service(ops::RELEASE, target, &unsigned_body(&release))?);
-    loop {
-        match update_pool(
-            client,
-            tenant,
-            tq,
-            PoolWorkflow::release,
-            release.clone().into(),
-        )
+    update_admitted(client, tenant, tq, || PoolWorkflow::release, release.into())
         .await
-        {
-            Ok(_) => return Ok(()),
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("release {id}: {e}"))
+}
+
+/// Sends a pool update, retrying while the server refuses it for having too many updates in
+/// flight on the workflow (10 on the dev server; like the claim activity, the client retries).
+/// `update` makes the update's marker (the markers cannot be copied).
+async fn update_admitted<U>(
+    client: &temporalio_client::Client,
+    tenant: &str,
+    tq: &str,
+    update: impl Fn() -> U,
+    input: U::Input,
+) -> anyhow::Result<U::Output>
+where
+    U: temporalio_common::UpdateDefinition<
+            Workflow = <PoolWorkflow as temporalio_common::HasWorkflowDefinition>::Run,
+        >,
+    U::Input: Clone + Send,
+{
+    loop {
+        match update_pool(client, tenant, tq, update(), input.clone()).await {
+            Ok(out) => return Ok(out),
             Err(e) if e.message.contains("in-flight updates") => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
-            Err(e) => anyhow::bail!("release {id}: {e}"),
+            Err(e) => anyhow::bail!("{e}"),
         }
-        anyhow::ensure!(Instant::now() < deadline, "release {id} never answered");
     }
 }
 
