@@ -336,40 +336,12 @@ fn a_server_restart_under_a_running_pool_loses_nothing() {
 /// retried after the pool resumed must not wipe what the pool holds by then.
 #[test]
 fn a_retried_nuke_step_is_idempotent() {
-    use murmur_activities::auth::KeyStore;
-    use murmur_workflows::auth::{ops, unsigned_body};
-    use murmur_workflows::messages::NukeStep;
-
     // (The steps are sent by hand, without the nuke's deletes in between: the VM warm before
     // the reset is left to the reaper, which a fast schedule lets the test wait for.)
     let env = TestEnv::start_with("nukeretry", EnvOptions::default().fast_reaper());
     env.set_workspace("default", "min_idle: 1\n");
     env.wait_for("1 warm VM", |s| warm(s) == 1);
-    let pool = format!("pool/{}", env.tenant);
-    let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
-    let step = |name: &str| {
-        let mut step = NukeStep {
-            actor: Some(format!("nuke/{}", env.tenant)),
-            authorized_request: "retried-nuke-1".into(),
-            ..NukeStep::default()
-        };
-        step.auth = Some(
-            keys.sign_service(ops::NUKE_STEP, &pool, &unsigned_body(&step))
-                .expect("sign"),
-        );
-        let input = serde_json::to_string(&step).unwrap();
-        env.temporal(&[
-            "workflow",
-            "update",
-            "execute",
-            "--workflow-id",
-            &pool,
-            "--name",
-            name,
-            "--input",
-            &input,
-        ])
-    };
+    let step = |name: &str| send_nuke_step(&env, name, "retried-nuke-1");
     for attempt in 1..=2 {
         let out = step("nuke_pause");
         assert!(
@@ -400,37 +372,11 @@ fn a_retried_nuke_step_is_idempotent() {
 /// after its grace period, and its scan cleans up what the half-done nuke left.
 #[test]
 fn a_pool_left_paused_by_a_terminated_nuke_resumes() {
-    use murmur_activities::auth::KeyStore;
-    use murmur_workflows::auth::{ops, unsigned_body};
-    use murmur_workflows::messages::NukeStep;
-
     let env = TestEnv::start_with("deadnuke", EnvOptions::default().fast_reaper());
     env.set_workspace("default", "min_idle: 2\n");
     env.wait_for("2 warm VMs", |s| warm(s) == 2);
-    let pool = format!("pool/{}", env.tenant);
     // A nuke's first step, then the nuke is gone (as if terminated from the UI).
-    let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
-    let mut step = NukeStep {
-        actor: Some(format!("nuke/{}", env.tenant)),
-        authorized_request: "dead-nuke-1".into(),
-        ..NukeStep::default()
-    };
-    step.auth = Some(
-        keys.sign_service(ops::NUKE_STEP, &pool, &unsigned_body(&step))
-            .expect("sign"),
-    );
-    let input = serde_json::to_string(&step).unwrap();
-    let out = env.temporal(&[
-        "workflow",
-        "update",
-        "execute",
-        "--workflow-id",
-        &pool,
-        "--name",
-        "nuke_pause",
-        "--input",
-        &input,
-    ]);
+    let out = send_nuke_step(&env, "nuke_pause", "dead-nuke-1");
     assert!(out.status.success(), "pause: {}", stderr(&out));
     assert!(env.status().nuke_in_progress);
 
@@ -442,4 +388,36 @@ fn a_pool_left_paused_by_a_terminated_nuke_resumes() {
     env.spawn("after", "true");
     env.wait_phase("after", murmur_workflows::agent::Phase::Completed);
     env.wait_settled_and_sound(PATIENCE);
+}
+
+/// Sends the pool a nuke step (`nuke_pause` or `nuke_reset`) the way the nuke workflow's
+/// activity does: signed with the worker's key, for the developer request `request`.
+fn send_nuke_step(env: &TestEnv, name: &str, request: &str) -> std::process::Output {
+    use murmur_activities::auth::KeyStore;
+    use murmur_workflows::auth::{ops, unsigned_body};
+    use murmur_workflows::messages::NukeStep;
+
+    let pool = format!("pool/{}", env.tenant);
+    let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
+    let mut step = NukeStep {
+        actor: Some(format!("nuke/{}", env.tenant)),
+        authorized_request: request.into(),
+        ..NukeStep::default()
+    };
+    step.auth = Some(
+        keys.sign_service(ops::NUKE_STEP, &pool, &unsigned_body(&step))
+            .expect("sign"),
+    );
+    let input = serde_json::to_string(&step).unwrap();
+    env.temporal(&[
+        "workflow",
+        "update",
+        "execute",
+        "--workflow-id",
+        &pool,
+        "--name",
+        name,
+        "--input",
+        &input,
+    ])
 }
