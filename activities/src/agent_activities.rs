@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use murmur_workflows::activity_api::{
     CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, TerminateInput,
     VM_LOST,
@@ -20,9 +19,7 @@ use murmur_workflows::machine::ClaimState;
 use murmur_workflows::messages::{Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
 use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
-use temporalio_client::{
-    UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowListOptions, WorkflowTerminateOptions,
-};
+use temporalio_client::{UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowTerminateOptions};
 use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
 use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
@@ -30,7 +27,7 @@ use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::KeyStore;
 use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
-use crate::temporal_ops::{interaction_error, running_agents_query, update_error, update_pool};
+use crate::temporal_ops::{interaction_error, running_runs, update_error, update_pool};
 
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -318,18 +315,10 @@ impl AgentActivities {
         ctx: ActivityContext,
         tenant: String,
     ) -> Result<Vec<String>, ActivityError> {
-        let client = ctx.client();
-        let mut stream = client.list_workflows(
-            running_agents_query(&tenant),
-            WorkflowListOptions::default(),
-        );
-        let mut ids = Vec::new();
-        while let Some(item) = stream.next().await {
-            let wf =
-                item.map_err(|e| retryable(ApiError::new(Code::Unavailable, e.to_string())))?;
-            ids.push(wf.id().to_string());
-        }
-        ids.sort();
+        let runs = running_runs(&ctx.client(), &tenant, "agent")
+            .await
+            .map_err(retryable)?;
+        let mut ids: Vec<String> = runs.into_iter().map(|(id, _)| id).collect();
         ids.dedup();
         Ok(ids)
     }

@@ -25,8 +25,7 @@ use murmur_workflows::machine::{ReapScan, ScannedVm};
 use murmur_workflows::model::{Millis, ReapPolicy};
 use temporalio_client::{
     Client, NamespacedClient, UntypedWorkflow, WorkflowDescribeOptions, WorkflowExecutionInfo,
-    WorkflowExecutionStatus, WorkflowFetchHistoryOptions, WorkflowHandle, WorkflowListOptions,
-    WorkflowTerminateOptions,
+    WorkflowExecutionStatus, WorkflowFetchHistoryOptions, WorkflowHandle, WorkflowTerminateOptions,
 };
 use temporalio_common::ActivityError;
 use temporalio_macros::activities;
@@ -35,7 +34,7 @@ use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
 use crate::provider::Provider;
-use crate::temporal_ops::{SA_KIND, SA_TENANT, running_agents_query};
+use crate::temporal_ops::running_runs;
 use murmur_workflows::bake::BAKE_WORKSPACE;
 use murmur_workflows::bake_workflow::scratch_vm_id;
 use murmur_workflows::nuke_workflow::nuke_workflow_id;
@@ -96,7 +95,9 @@ impl ReaperActivities {
                 let baking = running_bake_vms(&client, &input.tenant).await?;
                 vms.retain(|v| !baking.contains(&v.id));
             }
-            let running = running_agents(&client, &input.tenant).await?;
+            let running = running_runs(&client, &input.tenant, "agent")
+                .await
+                .map_err(|e| failure(e.to_string()))?;
             let finished = finished_claims(&client, &input.claims, &running).await?;
             let (stranded_found, stranded_terminated) = match input.stranded {
                 ReapPolicy::Disabled => (0, 0),
@@ -227,34 +228,10 @@ async fn running_bake_vms(
     client: &Client,
     tenant: &str,
 ) -> Result<BTreeSet<murmur_workflows::model::VmId>, ActivityError> {
-    let query = format!(
-        "{} = '{}' AND {} = 'bake' AND ExecutionStatus = 'Running'",
-        SA_TENANT.name(),
-        tenant,
-        SA_KIND.name()
-    );
-    let mut stream = client.list_workflows(query, WorkflowListOptions::default());
-    let mut vms = BTreeSet::new();
-    while let Some(item) = stream.next().await {
-        let wf = item.map_err(|e| failure(e.to_string()))?;
-        vms.insert(scratch_vm_id(wf.run_id()));
-    }
-    Ok(vms)
-}
-
-/// (workflow id, run id) of every running agent of `tenant`.
-async fn running_agents(
-    client: &Client,
-    tenant: &str,
-) -> Result<BTreeSet<(String, String)>, ActivityError> {
-    let mut stream =
-        client.list_workflows(running_agents_query(tenant), WorkflowListOptions::default());
-    let mut running = BTreeSet::new();
-    while let Some(item) = stream.next().await {
-        let wf = item.map_err(|e| failure(e.to_string()))?;
-        running.insert((wf.id().to_string(), wf.run_id().to_string()));
-    }
-    Ok(running)
+    let bakes = running_runs(client, tenant, "bake")
+        .await
+        .map_err(|e| failure(e.to_string()))?;
+    Ok(bakes.iter().map(|(_, run)| scratch_vm_id(run)).collect())
 }
 
 /// The claims whose agent workflow run has closed. Visibility lags behind, so a claim whose

@@ -13,14 +13,40 @@ use temporalio_common::{HasWorkflowDefinition, UpdateDefinition};
 
 pub use murmur_workflows::search_attrs::{SA_KIND, SA_TENANT, SA_WORKSPACE, search_attributes};
 
-/// Visibility query for the running agent workflows of a tenant.
-pub fn running_agents_query(tenant: &str) -> String {
+/// Visibility query for the running workflows of one kind (`agent`, `bake`, ...) of a tenant.
+pub fn running_query(tenant: &str, kind: &str) -> String {
     format!(
-        "{} = '{}' AND {} = 'agent' AND ExecutionStatus = 'Running'",
+        "{} = '{}' AND {} = '{}' AND ExecutionStatus = 'Running'",
         SA_TENANT.name(),
         tenant,
-        SA_KIND.name()
+        SA_KIND.name(),
+        kind
     )
+}
+
+/// Visibility query for the running agent workflows of a tenant.
+pub fn running_agents_query(tenant: &str) -> String {
+    running_query(tenant, "agent")
+}
+
+/// (workflow id, run id) of every running workflow of one kind of a tenant (a paginated
+/// visibility list).
+pub async fn running_runs(
+    client: &temporalio_client::Client,
+    tenant: &str,
+    kind: &str,
+) -> Result<std::collections::BTreeSet<(String, String)>, ApiError> {
+    use futures::StreamExt;
+    let mut stream = client.list_workflows(
+        running_query(tenant, kind),
+        temporalio_client::WorkflowListOptions::default(),
+    );
+    let mut runs = std::collections::BTreeSet::new();
+    while let Some(item) = stream.next().await {
+        let wf = item.map_err(|e| ApiError::new(Code::Unavailable, e.to_string()))?;
+        runs.insert((wf.id().to_string(), wf.run_id().to_string()));
+    }
+    Ok(runs)
 }
 
 /// Options that start `pool/<tenant>` if it is not running, and use the running one if it is.
