@@ -18,6 +18,7 @@ use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::bake_activities::BakeActivities;
 use murmur_activities::faults::{FaultConfig, FaultyProvider};
+use murmur_activities::host_activities::{HostActivities, RegistryActivities, register_host};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
 use murmur_activities::qemu::{Accel, QemuProvider};
@@ -25,8 +26,12 @@ use murmur_activities::reaper::{ReaperActivities, ReaperSettings};
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::bake_workflow::BakeWorkflow;
+use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
+use murmur_workflows::hosts::{HostRegistration, host_task_queue};
 use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 
 /// Concurrent activity task polls: flushes and nukes start many short activities at once.
@@ -49,6 +54,54 @@ pub struct WorkerConfig {
     pub faults: Option<FaultConfig>,
     /// Where VMs live.
     pub substrate: Substrate,
+    /// This worker as a VM host: its id (its queue is `murmur-host-<id>`) and capacity.
+    pub host: HostSettings,
+    /// Where the signing keys live (shared by every worker of a deployment).
+    pub keys_dir: Option<PathBuf>,
+}
+
+/// This worker as a VM host.
+#[derive(Clone, Debug)]
+pub struct HostSettings {
+    /// The host id (a DNS label).
+    pub id: String,
+    /// Most VMs it runs at once.
+    pub max_vms: u32,
+    /// Memory for its VMs, in MiB (0: not limited).
+    pub memory_mb: u64,
+}
+
+impl HostSettings {
+    /// The default host id: this machine's hostname, made a DNS label.
+    pub fn default_id() -> String {
+        let mut id: String = hostname()
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(60)
+            .collect();
+        if !id.starts_with(|c: char| c.is_ascii_lowercase()) {
+            id.insert_str(0, "h-");
+        }
+        id.trim_end_matches('-').to_string()
+    }
+
+    /// The default memory capacity: 80% of this machine's RAM for qemu guests; unlimited for
+    /// process sandboxes (their memory is nominal).
+    pub fn default_memory_mb(substrate: Substrate) -> u64 {
+        match substrate {
+            Substrate::Process => 0,
+            Substrate::Qemu => total_memory_mb().map_or(0, |total| total * 4 / 5),
+        }
+    }
+}
+
+/// This machine's RAM in MiB, from /proc/meminfo.
+fn total_memory_mb() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }
 
 /// The substrates a worker can run VMs on.
@@ -105,7 +158,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         );
         provider = Arc::new(FaultyProvider::new(provider, faults.clone()));
     }
-    let keys = KeyStore::open(&state_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
+    let keys_dir = config.keys_dir.clone().unwrap_or_else(|| state_dir.clone());
+    let keys = KeyStore::open(&keys_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
         .await
@@ -139,17 +193,39 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("start Temporal runtime: {e}"))?;
     let claims = Arc::new(ClaimLatencies::default());
     let polling = Arc::new(AtomicBool::new(false));
-    let options = WorkerOptions::new(config.task_queue.clone())
+    // The shared queue: every workflow, and the activities any worker can run. The VM
+    // activities are here too for pools from before host placement, whose VMs have no host.
+    let shared = WorkerOptions::new(config.task_queue.clone())
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
         .register_workflow::<BakeWorkflow>()?
+        .register_workflow::<HostRegistryWorkflow>()?
         .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
         .register_activities(BakeActivities::new(provider.clone()))
-        .register_activities(AgentActivities::new(provider, keys.clone(), claims.clone()))
-        .register_activities(AuthActivities::new(keys))
+        .register_activities(AgentActivities::new(
+            provider.clone(),
+            keys.clone(),
+            claims.clone(),
+        ))
+        .register_activities(AuthActivities::new(keys.clone()))
+        .register_activities(RegistryActivities)
+        .build();
+    // This host's queue: what must run where its VMs live.
+    let host_queue = host_task_queue(&config.task_queue, &config.host.id);
+    let last_lease_beat = Arc::new(AtomicU64::new(0));
+    let on_host = WorkerOptions::new(host_queue.clone())
+        .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
+        .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
+        .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
+        .register_activities(BakeActivities::new(provider.clone()))
+        .register_activities(AgentActivities::new(provider, keys, claims.clone()))
+        .register_activities(HostActivities::new(
+            config.host.id.clone(),
+            last_lease_beat.clone(),
+        ))
         .build();
     if let Some(listener) = metrics_listener {
         let state = Arc::new(MetricsState {
@@ -165,21 +241,92 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let mut worker = Worker::new(&runtime, client, options)?;
-    let stop = worker.shutdown_handle();
+    let mut shared_worker = Worker::new(&runtime, client.clone(), shared)?;
+    let mut host_worker = Worker::new(&runtime, client.clone(), on_host)?;
+    let (stop_shared, stop_host) = (
+        shared_worker.shutdown_handle(),
+        host_worker.shutdown_handle(),
+    );
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
-        stop();
+        stop_shared();
+        stop_host();
     });
-    tracing::info!(task_queue = %config.task_queue, state_dir = %state_dir.display(),
-        substrate = provider_name, "worker running");
+    let registration = HostRegistration {
+        host: config.host.id.clone(),
+        instance: format!(
+            "{}-{}",
+            std::process::id(),
+            murmur_activities::auth::now_ms()
+        ),
+        max_vms: config.host.max_vms,
+        memory_mb: config.host.memory_mb,
+        substrate: provider_name.to_string(),
+    };
+    let registrar = tokio::spawn(keep_registered(
+        client,
+        config.task_queue.clone(),
+        registration,
+        last_lease_beat,
+    ));
+    tracing::info!(task_queue = %config.task_queue, host = %config.host.id,
+        host_queue = %host_queue, max_vms = config.host.max_vms,
+        memory_mb = config.host.memory_mb, state_dir = %state_dir.display(),
+        keys_dir = %keys_dir.display(), substrate = provider_name, "worker running");
     polling.store(true, Ordering::Relaxed);
-    let result = worker.run().await;
+    // `Worker::run` is not `Send`: both run on this task.
+    let (shared_result, host_result) = tokio::join!(shared_worker.run(), host_worker.run());
     polling.store(false, Ordering::Relaxed);
-    result?;
+    registrar.abort();
+    shared_result?;
+    host_result?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// How long no lease may have run before the worker registers again (the registry was
+/// recreated, or it marked this host lost while it was cut off).
+const REREGISTER_AFTER: Duration = Duration::from_secs(45);
+
+/// Registers this worker as a host at once, then again whenever no lease has heartbeated for
+/// [`REREGISTER_AFTER`]. A registration the server refuses is retried.
+async fn keep_registered(
+    client: temporalio_client::Client,
+    task_queue: String,
+    registration: HostRegistration,
+    last_lease_beat: Arc<AtomicU64>,
+) {
+    let mut registered_at: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let since_beat = murmur_activities::auth::now_ms()
+            .saturating_sub(last_lease_beat.load(Ordering::Relaxed));
+        let due = match registered_at {
+            None => true,
+            Some(at) => {
+                at.elapsed() >= REREGISTER_AFTER
+                    && Duration::from_millis(since_beat) >= REREGISTER_AFTER
+            }
+        };
+        if !due {
+            continue;
+        }
+        match register_host(&client, &task_queue, &registration).await {
+            Ok(()) => {
+                if registered_at.is_some() {
+                    tracing::warn!(host = %registration.host,
+                        "no lease for {}s: registered again", REREGISTER_AFTER.as_secs());
+                } else {
+                    tracing::info!(host = %registration.host, "registered as a VM host");
+                }
+                registered_at = Some(std::time::Instant::now());
+            }
+            Err(e) => tracing::warn!(host = %registration.host, error = %e,
+                "host registration failed; retrying"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

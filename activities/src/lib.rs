@@ -10,6 +10,7 @@
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
 //!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
 //! - [`reaper`]: the reaper's scan (substrate listing, ended agents, stranded workflows).
+//! - [`host_activities`]: a host's lease, reading and announcing the host view, registering.
 //! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests.
 //! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
@@ -20,6 +21,7 @@ pub mod agent_activities;
 pub mod auth;
 pub mod bake_activities;
 pub mod faults;
+pub mod host_activities;
 pub mod process;
 pub mod provider;
 pub mod qemu;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use murmur_workflows::activity_api::ReapInput;
+use murmur_workflows::activity_api::{ReapInput, ReapScope};
 use murmur_workflows::machine::{ReapScan, ScannedVm};
 use murmur_workflows::model::{Millis, ReapPolicy};
 use temporalio_client::{
@@ -85,53 +85,64 @@ impl ReaperActivities {
     ) -> Result<ReapScan, ActivityError> {
         let client = ctx.client().clone();
         let work = async {
-            let mut vms = self
-                .provider
-                .list(&input.tenant)
-                .await
-                .map_err(|e| failure(e.to_string()))?;
-            if vms.iter().any(|v| v.workspace == BAKE_WORKSPACE) {
-                // Scratch VMs of bakes still running are the bakes', not orphans.
-                let baking = running_bake_vms(&client, &input.tenant).await?;
-                vms.retain(|v| !baking.contains(&v.id));
+            let mut scan = ReapScan {
+                grace_ms: millis(self.settings.grace),
+                interval_ms: millis(self.settings.interval),
+                ..ReapScan::default()
+            };
+            if input.scope != ReapScope::Workflows {
+                scan.vms = self.list_vms(&client, &input.tenant).await?;
+            }
+            if input.scope == ReapScope::HostVms {
+                return Ok(scan);
             }
             let running = running_runs(&client, &input.tenant, "agent")
                 .await
                 .map_err(|e| failure(e.to_string()))?;
-            let finished = finished_claims(&client, &input.claims, &running).await?;
-            let (stranded_found, stranded_terminated) = match input.stranded {
+            scan.finished_agents = finished_claims(&client, &input.claims, &running).await?;
+            (scan.stranded_found, scan.stranded_terminated) = match input.stranded {
                 ReapPolicy::Disabled => (0, 0),
                 policy => {
                     self.handle_stranded(&client, &input.tenant, &running, policy)
                         .await
                 }
             };
-            let nuke_running = if input.check_nuke {
-                Some(nuke_running(&client, &input.tenant).await?)
-            } else {
-                None
-            };
-            Ok::<_, ActivityError>(ReapScan {
-                nuke_running,
-                vms: vms
-                    .into_iter()
-                    .map(|v| ScannedVm {
-                        id: v.id,
-                        alive: v.alive,
-                    })
-                    .collect(),
-                finished_agents: finished,
-                stranded_found,
-                stranded_terminated,
-                grace_ms: millis(self.settings.grace),
-                interval_ms: millis(self.settings.interval),
-            })
+            if input.check_nuke {
+                scan.nuke_running = Some(nuke_running(&client, &input.tenant).await?);
+            }
+            Ok::<_, ActivityError>(scan)
         };
         with_heartbeats(&ctx, work).await?
     }
 }
 
 impl ReaperActivities {
+    /// The tenant's VMs in this worker's substrate, less the scratch VMs of bakes still
+    /// running (those are the bakes', not orphans).
+    async fn list_vms(
+        &self,
+        client: &Client,
+        tenant: &str,
+    ) -> Result<Vec<ScannedVm>, ActivityError> {
+        let mut vms = self
+            .provider
+            .list(tenant)
+            .await
+            .map_err(|e| failure(e.to_string()))?;
+        if vms.iter().any(|v| v.workspace == BAKE_WORKSPACE) {
+            let baking = running_bake_vms(client, tenant).await?;
+            vms.retain(|v| !baking.contains(&v.id));
+        }
+        Ok(vms
+            .into_iter()
+            .map(|v| ScannedVm {
+                id: v.id,
+                alive: v.alive,
+                host: None,
+            })
+            .collect())
+    }
+
     /// Finds stranded agent workflows among `running`; terminates them when `policy` is
     /// `enabled`, logs them when it is `dry_run`. Returns (found, terminated). Errors talking
     /// to the server are logged and skip the workflow: the VM reaping still runs.

@@ -43,6 +43,7 @@ fn spec(vm: &str, image: &str) -> BootSpec {
             vcpus: 1,
             memory_mb: 192,
         },
+        host: None,
     }
 }
 

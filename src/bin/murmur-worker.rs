@@ -75,11 +75,35 @@ struct RunArgs {
     /// as failed (at most 60s).
     #[arg(long, global = true, env = "MURMUR_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_boot_timeout)]
     boot_timeout: std::time::Duration,
+    /// This worker's id as a VM host: it polls `murmur-host-<id>` for the work on its VMs.
+    /// Default: this machine's hostname. Several workers on one machine need their own ids
+    /// (and state dirs).
+    #[arg(long, global = true, env = "MURMUR_HOST_ID", value_parser = parse_host_id)]
+    host_id: Option<String>,
+    /// Most VMs this host runs at once.
+    #[arg(long, global = true, env = "MURMUR_HOST_MAX_VMS", default_value = "500",
+        value_parser = clap::value_parser!(u32).range(1..))]
+    host_max_vms: u32,
+    /// Memory this host gives its VMs, in MiB (0: not limited). Default: 80% of this
+    /// machine's RAM on qemu, not limited for process sandboxes.
+    #[arg(long, global = true, env = "MURMUR_HOST_MEMORY_MB")]
+    host_memory_mb: Option<u64>,
+    /// Directory of the signing keys (default: the state dir). Every worker of a deployment
+    /// must share the same keys.
+    #[arg(long, global = true, env = "MURMUR_KEYS_DIR")]
+    keys_dir: Option<PathBuf>,
     /// Inject substrate faults, for chaos testing only, e.g.
     /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
     /// Off unless given.
     #[arg(long, global = true, env = "MURMUR_FAULTS")]
     faults: Option<murmur_activities::faults::FaultConfig>,
+}
+
+impl RunArgs {
+    /// Where the signing keys live.
+    fn keys_dir(&self) -> &std::path::Path {
+        self.keys_dir.as_deref().unwrap_or(&self.state_dir)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +181,12 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
     };
     let secs = secs.ok_or_else(|| anyhow::anyhow!("invalid duration {s:?}: too long"))?;
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// A host id: a DNS label, so it makes a task queue name.
+fn parse_host_id(s: &str) -> anyhow::Result<String> {
+    murmur_workflows::hosts::validate_host_id(s).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(s.to_string())
 }
 
 /// A boot timeout: a duration of at most the pool workflow's boot deadline.
@@ -248,8 +278,8 @@ async fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Some(Command::Sandbox { dir }) => murmur_activities::sandbox::run_supervisor(dir).await,
-        Some(Command::Token(cmd)) => token_command(&cli.run.state_dir, cmd),
-        Some(Command::Key(cmd)) => key_command(&cli.run.state_dir, cmd),
+        Some(Command::Token(cmd)) => token_command(cli.run.keys_dir(), cmd),
+        Some(Command::Key(cmd)) => key_command(cli.run.keys_dir(), cmd),
         Some(Command::Run) | None => {
             murmur::worker::run(murmur::worker::WorkerConfig {
                 task_queue: cli.run.task_queue,
@@ -263,6 +293,17 @@ async fn main() -> std::process::ExitCode {
                 },
                 faults: cli.run.faults,
                 boot_timeout: cli.run.boot_timeout,
+                host: murmur::worker::HostSettings {
+                    id: cli
+                        .run
+                        .host_id
+                        .unwrap_or_else(murmur::worker::HostSettings::default_id),
+                    max_vms: cli.run.host_max_vms,
+                    memory_mb: cli.run.host_memory_mb.unwrap_or_else(|| {
+                        murmur::worker::HostSettings::default_memory_mb(cli.run.substrate)
+                    }),
+                },
+                keys_dir: cli.run.keys_dir,
             })
             .await
         }

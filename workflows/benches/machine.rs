@@ -43,6 +43,8 @@ fn big_pool() -> Pool {
                 created_at: 1_000,
                 ready_at: Some(1_500 + u64::from(i)),
                 delete_reason: None,
+                host: None,
+                memory_mb: 256,
             },
         );
     }

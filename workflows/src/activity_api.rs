@@ -258,6 +258,21 @@ pub struct ReapInput {
     pub stranded: crate::model::ReapPolicy,
     /// The pool is paused for a nuke: say whether `nuke/<tenant>` still runs.
     pub check_nuke: bool,
+    /// What to look at (everything, unless the pool splits the scan across hosts).
+    pub scope: ReapScope,
+}
+
+/// The part of a reaper scan one activity does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReapScope {
+    /// The substrate and Temporal (one worker runs every VM: runs from before placement).
+    #[default]
+    Everything,
+    /// Only the VMs of the host whose queue runs it.
+    HostVms,
+    /// Only Temporal: ended claims, stranded agents, the nuke check.
+    Workflows,
 }
 
 impl ActivityDefinition for ReapScanVms {
@@ -280,4 +295,77 @@ impl ActivityDefinition for Verify {
     fn name(&self) -> &str {
         VERIFY
     }
+}
+
+/// Activity type name of [`ReadHosts`].
+pub const READ_HOSTS: &str = "murmur.read_hosts";
+/// Activity type name of [`HostLease`].
+pub const HOST_LEASE: &str = "murmur.host_lease";
+/// Activity type name of [`AnnounceHosts`].
+pub const ANNOUNCE_HOSTS: &str = "murmur.announce_hosts";
+
+/// Reads the registry's host view (its `hosts` query); an empty view at version 0 when the
+/// registry is not running.
+pub struct ReadHosts;
+
+impl ActivityDefinition for ReadHosts {
+    type Input = ();
+    type Output = crate::hosts::HostView;
+    fn name(&self) -> &str {
+        READ_HOSTS
+    }
+}
+
+/// A host's lease: runs on the host's own queue, heartbeating, for `term_ms`, then returns
+/// so the registry starts the next one. Its heartbeat (or schedule-to-start) timeout is how
+/// the registry learns the host is gone.
+pub struct HostLease;
+
+/// Input of [`HostLease`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LeaseInput {
+    /// The host the lease is for (a worker refuses a lease of another host).
+    pub host: String,
+    /// Which lease.
+    pub seq: u64,
+    /// How long the lease runs before it is renewed, in ms.
+    pub term_ms: u64,
+}
+
+impl ActivityDefinition for HostLease {
+    type Input = LeaseInput;
+    type Output = ();
+    fn name(&self) -> &str {
+        HOST_LEASE
+    }
+}
+
+/// Tells every running pool the host view (the pools' `hosts` signal). Returns how many pools
+/// were told.
+pub struct AnnounceHosts;
+
+impl ActivityDefinition for AnnounceHosts {
+    type Input = crate::hosts::HostView;
+    type Output = u32;
+    fn name(&self) -> &str {
+        ANNOUNCE_HOSTS
+    }
+}
+
+/// Options for an activity on `host`'s queue in the deployment of `shared_queue` (`None`: the
+/// shared queue itself). A host that stops
+/// polling its queue must not hold work forever, so such an activity may wait
+/// `start_within` to be picked up.
+pub fn on_host(
+    mut options: temporalio_sdk::ActivityOptions,
+    shared_queue: &str,
+    host: Option<&str>,
+    start_within: std::time::Duration,
+) -> temporalio_sdk::ActivityOptions {
+    if let Some(host) = host {
+        options.task_queue = Some(crate::hosts::host_task_queue(shared_queue, host));
+        options.schedule_to_start_timeout = Some(start_within);
+    }
+    options
 }

@@ -29,7 +29,7 @@ use temporalio_sdk::{
 
 use crate::activity_api::{
     CLAIM_REJECTED, ClaimInput, ClaimVm, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport,
-    VM_LOST,
+    VM_LOST, on_host,
 };
 use crate::agent::{AgentInput, AgentStatus, KillRequest, OnIdle, Phase};
 use crate::auth::{VerifyRequest, ops, unsigned_body};
@@ -38,7 +38,7 @@ use crate::gate;
 use crate::machine::{ClaimRequest, ClaimState};
 use crate::messages::Lenient;
 use crate::model::VmId;
-use crate::pool_workflow::{UpdateError, root_cause};
+use crate::pool_workflow::{HOST_START_WITHIN, UpdateError, root_cause};
 
 /// How often a waiting agent asks again where its claim stands, in case the pool's
 /// notification was lost (a pool continuing as new, say).
@@ -62,6 +62,8 @@ pub struct AgentWorkflow {
     claimed: bool,
     /// Set by the pool's `claim_settled` signal: ask again where the claim stands.
     claim_settled: bool,
+    /// Set by the pool's `vm_lost` signal: why the agent's VM is gone.
+    vm_lost: Option<String>,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -98,6 +100,7 @@ impl AgentWorkflow {
             killed_by: None,
             claimed: false,
             claim_settled: false,
+            vm_lost: None,
         }
     }
 
@@ -243,6 +246,16 @@ impl AgentWorkflow {
         self.claim_settled = true;
     }
 
+    /// From the pool: the VM this agent runs on is gone (lost with its host); the payload is
+    /// why, as text. The agent stops its command and fails with that reason. A payload that
+    /// is not text still stops it, with a generic reason.
+    #[signal(name = "vm_lost")]
+    pub fn vm_lost(&mut self, _ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
+        let reason = crate::messages::decode_lenient::<String>(&raw)
+            .unwrap_or_else(|_| "the agent's VM was lost".to_string());
+        self.vm_lost.get_or_insert(reason);
+    }
+
     /// The agent's status (`murmur status`).
     #[query]
     pub fn status(&self, _ctx: &WorkflowContextView) -> AgentStatus {
@@ -329,26 +342,18 @@ async fn work(
         .workflow_time()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as u64);
-    let vm: VmId = loop {
+    let (vm, host): (VmId, Option<String>) = loop {
         let input = ClaimInput {
             tenant: tenant.clone(),
             claim: claim.clone(),
             started_at,
         };
-        // Every claim call runs as a local activity and is answered at once (skipping the
-        // activity task queue is a large part of a warm spawn's latency).
-        let options = LocalActivityOptions::builder()
-            .start_to_close_timeout(Duration::from_secs(30))
-            .retry_policy(
-                RetryPolicy::builder()
-                    .initial_interval(Duration::from_millis(200))
-                    .maximum_interval(Duration::from_secs(5))
-                    .non_retryable_error_types([CLAIM_REJECTED])
-                    .build(),
-            )
-            .cancellation_token(stop.clone())
-            .build();
-        let answer = until_killed(c, stop, c.execute_local_activity(ClaimVm, input, options)).await;
+        let answer = until_killed(
+            c,
+            stop,
+            c.execute_local_activity(ClaimVm, input, claim_options(stop)),
+        )
+        .await;
         let state = match answer {
             Ok(state) => state,
             Err(_) if stop.is_cancelled() => return Ended::Canceled,
@@ -366,13 +371,13 @@ async fn work(
                 ClaimState::Waiting { position } => Some(*position),
                 _ => None,
             };
-            if let ClaimState::Assigned { vm } | ClaimState::Booting { vm } = &state {
+            if let ClaimState::Assigned { vm, .. } | ClaimState::Booting { vm } = &state {
                 s.status.vm = Some(vm.clone());
             }
         });
         refresh_details(c);
         match state {
-            ClaimState::Assigned { vm } => break vm,
+            ClaimState::Assigned { vm, host } => break (vm, host),
             ClaimState::Failed { reason } => return Ended::Failed(reason),
             ClaimState::Unknown => {
                 return Ended::Failed("the pool no longer knows this agent's claim".into());
@@ -414,14 +419,44 @@ async fn work(
         .summary(format!("run {}", input.command.join(" ")))
         .cancellation_token(stop.clone())
         .build();
-    match until_killed(c, stop, c.execute_activity(RunAgent, input, options)).await {
-        Ok(report) => Ended::Exited(report),
-        Err(_) if stop.is_cancelled() => Ended::Canceled,
-        Err(e) => Ended::Failed(format!(
-            "the agent's command could not run: {}",
-            root_cause(&e)
-        )),
+    let options = on_host(options, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+    let mut run = std::pin::pin!(until_killed(
+        c,
+        stop,
+        c.execute_activity(RunAgent, input, options)
+    ));
+    // The pool tells a running agent when its VM was lost with its host.
+    temporalio_sdk::workflows::select! {
+        out = (&mut run).fuse() => match out {
+            Ok(report) => Ended::Exited(report),
+            Err(_) if stop.is_cancelled() => Ended::Canceled,
+            Err(e) => Ended::Failed(format!(
+                "the agent's command could not run: {}",
+                root_cause(&e)
+            )),
+        },
+        _ = c.wait_condition(|s| s.vm_lost.is_some()).fuse() => {
+            stop.cancel();
+            let _ = run.await;
+            Ended::Failed(c.state(|s| s.vm_lost.clone().unwrap_or_default()))
+        }
     }
+}
+
+/// Options of a claim call: a local activity, answered at once (skipping the activity task
+/// queue is a large part of a warm spawn's latency).
+fn claim_options(stop: &WorkflowCancellationToken) -> LocalActivityOptions {
+    LocalActivityOptions::builder()
+        .start_to_close_timeout(Duration::from_secs(30))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(200))
+                .maximum_interval(Duration::from_secs(5))
+                .non_retryable_error_types([CLAIM_REJECTED])
+                .build(),
+        )
+        .cancellation_token(stop.clone())
+        .build()
 }
 
 /// Hands the VM back for deletion; runs even after a cancellation, and retries until the

@@ -182,6 +182,9 @@ pub struct BakeProgress {
     pub cached: Option<bool>,
     /// The scratch VM, once one was asked for.
     pub vm: Option<VmId>,
+    /// The host the bake runs on.
+    #[serde(default)]
+    pub host: Option<String>,
     /// Set when the bake failed: why.
     pub error: Option<String>,
     /// The provisioning script's output tail (after it ran).

@@ -23,7 +23,7 @@ use temporalio_sdk::{
     ActivityOptions, ApplicationFailure, WorkflowContext, WorkflowContextView, WorkflowResult,
 };
 
-use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput};
+use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput, ReadHosts, on_host};
 use crate::auth::{VerifyRequest, ops, unsigned_body};
 use crate::bake::{
     BAKE_WORKSPACE, BakeInput, BakeProgress, BakeReport, ImageExists, ProvisionInput, ProvisionVm,
@@ -123,6 +123,16 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
         r.error
     })?;
 
+    // Every step runs on one host: the scratch VM lives there, and so does the image.
+    let host = bake_host(c).await?;
+    let options = |what: &str, timeout: Duration| {
+        on_host(
+            options(what, timeout),
+            c.task_queue(),
+            host.as_deref(),
+            HOST_START_WITHIN,
+        )
+    };
     step(c, "checking the image cache");
     let short = |what: &str| options(what, Duration::from_secs(60));
     let unavailable = |e: temporalio_sdk::ActivityExecutionError| {
@@ -162,7 +172,7 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
     // The scratch VM's id comes from this run's id: the same on replay, new per run.
     let vm = scratch_vm_id(c.info().run_id());
     c.state_mut(|s| s.progress.vm = Some(vm.clone()));
-    let result = provision_and_snapshot(c, &input, &vm).await;
+    let result = provision_and_snapshot(c, &input, &vm, host.as_deref()).await;
 
     step(c, "deleting the scratch VM");
     let delete = DeleteVmInput {
@@ -179,6 +189,12 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
         )
         .summary(format!("delete scratch VM {vm}"))
         .build();
+    let delete_options = on_host(
+        delete_options,
+        c.task_queue(),
+        host.as_deref(),
+        HOST_START_WITHIN,
+    );
     let deleted = c.execute_activity(DeleteVm, delete, delete_options).await;
     let report = result?;
     deleted.map_err(unavailable)?;
@@ -192,11 +208,56 @@ pub fn scratch_vm_id(run_id: &str) -> VmId {
     VmId(format!("murmur-{hex}"))
 }
 
+/// How long a bake step may wait for its host to pick it up.
+const HOST_START_WITHIN: Duration = Duration::from_secs(60);
+
+/// Patch marker: bakes run on one registered host (runs from before host placement used the
+/// shared queue for every step).
+const PATCH_BAKE_ON_ONE_HOST: &str = "bake-on-one-host";
+
+/// The host this bake runs on: the live, non-draining host with the lowest id (`None` in
+/// histories from before host placement).
+async fn bake_host(c: &WorkflowContext<BakeWorkflow>) -> Result<Option<String>, ApiError> {
+    if !c.patched(PATCH_BAKE_ON_ONE_HOST) {
+        return Ok(None);
+    }
+    let view = c
+        .execute_activity(
+            ReadHosts,
+            (),
+            options("read the host registry", Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|e| ApiError::new(crate::error::Code::Unavailable, root_cause(&e)))?;
+    let host = view
+        .hosts
+        .values()
+        .find(|h| h.placeable())
+        .map(|h| h.host.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                crate::error::Code::Unavailable,
+                "no live host to bake on; start a murmur-worker (murmur host ls lists hosts)",
+            )
+        })?;
+    c.state_mut(|s| s.progress.host = Some(host.clone()));
+    Ok(Some(host))
+}
+
 async fn provision_and_snapshot(
     c: &WorkflowContext<BakeWorkflow>,
     input: &BakeInput,
     vm: &VmId,
+    host: Option<&str>,
 ) -> Result<BakeReport, ApiError> {
+    let options = |what: &str, timeout: Duration| {
+        on_host(
+            options(what, timeout),
+            c.task_queue(),
+            host,
+            HOST_START_WITHIN,
+        )
+    };
     step(c, "booting a scratch VM");
     let spec = BootSpec {
         vm: vm.clone(),
@@ -204,6 +265,7 @@ async fn provision_and_snapshot(
         workspace: BAKE_WORKSPACE.to_string(),
         image: input.recipe.base.clone(),
         environment: Environment::default(),
+        host: host.map(str::to_string),
     };
     let boot = options(
         &format!("boot scratch VM {vm} from {}", input.recipe.base),

@@ -17,6 +17,8 @@
 //! - [`search_attrs`]: the search attributes every murmur workflow carries.
 //! - [`auth`]: credentials, signed bytes, roles and permissions, replay records.
 //! - [`gate`]: verifying a request's credential from inside a workflow.
+//! - [`hosts`]: VM hosts, their task queues, the pure host registry and the view pools place by.
+//! - [`host_registry_workflow`]: the registry (`murmur-hosts`): leases, drains, announcements.
 //! - [`error`]: the `CODE: reason` error contract.
 //!
 //! Nothing here performs I/O or reads the clock; workflow time and randomness come from the
@@ -31,6 +33,8 @@ pub mod bake;
 pub mod bake_workflow;
 pub mod error;
 pub mod gate;
+pub mod host_registry_workflow;
+pub mod hosts;
 pub mod machine;
 pub mod messages;
 pub mod model;

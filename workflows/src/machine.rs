@@ -9,17 +9,20 @@
 //! `max_vms` and a new run can re-issue whatever was in flight ([`Pool::resume`]).
 
 mod claims;
+mod placement;
 mod reaper;
 
 use std::collections::BTreeMap;
 
 pub use claims::{Claim, ClaimRequest, ClaimState};
+pub use placement::HostUsage;
 pub use reaper::{
     DEFAULT_REAP_GRACE_MS, DEFAULT_REAP_INTERVAL_MS, ReapScan, ReaperState, ScannedVm,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::hosts::HostView;
 use crate::model::{
     DeleteReason, Environment, ImageHealth, Meta, Millis, POOL_CONFIG_NAME, PoolConfigSpec,
     Resource, ResourceDoc, ResourceKind, VmId, VmRecord, VmState, WorkspaceSpec, format_rfc3339,
@@ -66,6 +69,14 @@ pub enum Command {
         /// The agent's workflow id.
         agent: String,
     },
+    /// Tell a running agent its VM is gone (lost with its host), and why; the agent stops
+    /// its command and fails with the reason.
+    VmLost {
+        /// The agent's workflow id.
+        agent: String,
+        /// Why, for the agent's error.
+        reason: String,
+    },
 }
 
 /// Everything a substrate needs to create one VM.
@@ -81,6 +92,10 @@ pub struct BootSpec {
     pub image: String,
     /// Shape.
     pub environment: Environment,
+    /// The host it is placed on; its activities run on that host's task queue (`None`: the
+    /// shared queue, for runs from before host placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A change to a resource, as the CLI (or `temporal workflow update`) sends it.
@@ -164,6 +179,13 @@ pub struct Pool {
     /// The accelerator the latest VM came up with (`kvm`, `tcg` on qemu; empty otherwise).
     #[serde(default)]
     pub accel: String,
+    /// The hosts as the registry last said. Placement uses it once [`Pool::placement`] is on.
+    #[serde(default)]
+    pub hosts: HostView,
+    /// New VMs are placed on registered hosts (off only in runs from before host placement,
+    /// whose VMs all live behind the shared task queue).
+    #[serde(default)]
+    pub placement: bool,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -186,6 +208,9 @@ pub struct Counters {
     pub flushes: u64,
     /// Warm VMs destroyed by flushes.
     pub flushed_vms: u64,
+    /// VMs written off because their host was lost.
+    #[serde(default)]
+    pub written_off: u64,
 }
 
 impl Pool {
@@ -218,6 +243,8 @@ impl Pool {
             last_nuke_ms: None,
             reaper: ReaperState::default(),
             accel: String::new(),
+            hosts: HostView::default(),
+            placement: false,
             claim_seq: 0,
             id_seed,
             id_counter: 0,
@@ -269,6 +296,7 @@ impl Pool {
             workspace: vm.workspace.clone(),
             image: vm.image.clone(),
             environment,
+            host: vm.host.clone(),
         }
     }
 
@@ -295,6 +323,8 @@ impl Pool {
                         vm: vm.clone(),
                         reason: DeleteReason::StaleGeneration,
                     });
+                } else if self.on_draining_host(vm) {
+                    out.push(self.mark_deleting(vm, DeleteReason::Drained));
                 } else if let Some(rec) = self.vms.get_mut(vm) {
                     rec.state = VmState::Warm;
                 }
@@ -302,7 +332,7 @@ impl Pool {
             // Late or duplicate result: the VM is already past booting; nothing to do.
             Some(_) => {}
             // A VM we do not know came up: it must not leak.
-            None => out.push(self.adopt_orphan(vm, now)),
+            None => out.push(self.adopt_orphan(vm, None, now)),
         }
         out.extend(self.reconcile(now));
         out
@@ -340,10 +370,31 @@ impl Pool {
                 });
             }
             Some(_) => {}
-            None => out.push(self.adopt_orphan(vm, now)),
+            None => out.push(self.adopt_orphan(vm, None, now)),
         }
         out.extend(self.reconcile(now));
         out
+    }
+
+    /// A boot placed on `host` ended (`Ok` with the accelerator, or `Err` with why). A VM the
+    /// pool no longer knows (written off with its host meanwhile) is deleted on that host;
+    /// anything else is [`Pool::boot_succeeded`] or [`Pool::boot_failed`].
+    pub fn boot_ended_on(
+        &mut self,
+        vm: &VmId,
+        host: Option<&str>,
+        result: Result<(), &str>,
+        now: Millis,
+    ) -> Vec<Command> {
+        if !self.vms.contains_key(vm) {
+            let mut out = vec![self.adopt_orphan(vm, host.map(str::to_string), now)];
+            out.extend(self.reconcile(now));
+            return out;
+        }
+        match result {
+            Ok(()) => self.boot_succeeded(vm, now),
+            Err(error) => self.boot_failed(vm, error, now),
+        }
     }
 
     /// The substrate confirmed the VM is gone.
@@ -365,7 +416,7 @@ impl Pool {
         }
     }
 
-    fn adopt_orphan(&mut self, vm: &VmId, now: Millis) -> Command {
+    fn adopt_orphan(&mut self, vm: &VmId, host: Option<String>, now: Millis) -> Command {
         self.vms.insert(
             vm.clone(),
             VmRecord {
@@ -379,6 +430,8 @@ impl Pool {
                 created_at: now,
                 ready_at: None,
                 delete_reason: Some(DeleteReason::Orphan),
+                host,
+                memory_mb: 0,
             },
         );
         Command::Delete {
@@ -579,7 +632,7 @@ impl Pool {
                 .filter(|v| {
                     v.workspace == name && matches!(v.state, VmState::Booting | VmState::Warm)
                 })
-                .filter(|v| self.is_fresh(v))
+                .filter(|v| self.is_fresh(v) && !self.on_draining_host(&v.id))
                 .map(|v| (v.state, v.ready_at.unwrap_or(v.created_at), v.id.clone()))
                 .collect();
             let have = fresh.len() as u32;
@@ -613,7 +666,11 @@ impl Pool {
                     // The eviction frees room only once the delete is confirmed.
                     break;
                 }
-                out.push(self.start_boot(&name, &spec, now));
+                match self.start_boot(&name, &spec, now) {
+                    Some(boot) => out.push(boot),
+                    // No host has room: nothing to boot until one has.
+                    None => break,
+                }
                 missing -= 1;
             }
         }
@@ -715,7 +772,20 @@ impl Pool {
         }
     }
 
-    fn start_boot(&mut self, workspace: &str, spec: &WorkspaceSpec, now: Millis) -> Command {
+    /// Records a new VM of `workspace` as booting and returns its boot, placed on a host when
+    /// placement is on; `None` when no host has room for it.
+    fn start_boot(
+        &mut self,
+        workspace: &str,
+        spec: &WorkspaceSpec,
+        now: Millis,
+    ) -> Option<Command> {
+        let memory_mb = spec.environment.memory_mb;
+        let host = if self.placement {
+            Some(self.place(memory_mb)?)
+        } else {
+            None
+        };
         let id = self.next_vm_id();
         let rec = VmRecord {
             id: id.clone(),
@@ -728,11 +798,13 @@ impl Pool {
             created_at: now,
             ready_at: None,
             delete_reason: None,
+            host,
+            memory_mb,
         };
         self.counters.boots += 1;
         let cmd = Command::Boot(self.boot_spec(&rec));
         self.vms.insert(id, rec);
-        cmd
+        Some(cmd)
     }
 
     /// Draws the next unused VM id from a deterministic sequence (splitmix64 over the seed).

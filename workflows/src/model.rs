@@ -346,6 +346,8 @@ pub enum DeleteReason {
     Nuke,
     /// A warm VM the reaper found dead or missing in the substrate.
     Died,
+    /// A warm VM on a host being drained.
+    Drained,
 }
 
 /// One VM the pool knows about.
@@ -373,6 +375,13 @@ pub struct VmRecord {
     pub ready_at: Option<Millis>,
     /// Why it is being deleted, when deleting.
     pub delete_reason: Option<DeleteReason>,
+    /// The host it was placed on (`None`: runs from before host placement, whose VMs live
+    /// wherever the shared task queue's worker runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Memory it was booted with, in MiB (counts against its host's memory).
+    #[serde(default)]
+    pub memory_mb: u32,
 }
 
 /// Health of one image as seen through its boots.

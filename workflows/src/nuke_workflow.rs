@@ -25,8 +25,8 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    DeleteVm, DeleteVmInput, ListAgents, ListVms, PausePool, PoolStepInput, ResetPool,
-    TerminateAgent, TerminateInput,
+    DeleteVm, DeleteVmInput, ListAgents, ListVms, PausePool, PoolStepInput, ReadHosts, ResetPool,
+    TerminateAgent, TerminateInput, on_host,
 };
 use crate::auth::{VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
@@ -34,7 +34,7 @@ use crate::gate;
 pub use crate::messages::NukeReport;
 use crate::messages::NukeStep;
 use crate::model::VmId;
-use crate::pool_workflow::pool_workflow_id;
+use crate::pool_workflow::{HOST_START_WITHIN, pool_workflow_id};
 
 /// Deletes (and terminations) in flight at once.
 pub const NUKE_CONCURRENCY: usize = 8;
@@ -71,6 +71,9 @@ pub struct NukeProgress {
     pub vms: u64,
     /// VMs deleted so far.
     pub deleted: u64,
+    /// Hosts whose VMs could not be listed (their reapers delete what they hold once back).
+    #[serde(default)]
+    pub unreachable_hosts: Vec<String>,
 }
 
 /// The nuke workflow's state.
@@ -157,17 +160,15 @@ impl NukeWorkflow {
             agents_listed.into_iter().collect();
 
         step(&c, "deleting VMs");
-        let vms = c
-            .execute_activity(ListVms, tenant.clone(), admin_options("list VMs", 60))
-            .await?;
+        let vms = list_vms_everywhere(&c, &tenant).await?;
         let agent_vms = vms
             .iter()
-            .filter(|vm| held.get(vm).is_some_and(|a| terminated_agents.contains(a)))
+            .filter(|(vm, _)| held.get(vm).is_some_and(|a| terminated_agents.contains(a)))
             .count() as u64;
         c.state_mut(|s| s.progress.vms = vms.len() as u64);
         let jobs = vms
             .into_iter()
-            .map(|vm| {
+            .map(|(vm, host)| {
                 let input = DeleteVmInput {
                     tenant: tenant.clone(),
                     vm,
@@ -181,8 +182,11 @@ impl NukeWorkflow {
                             .retry_policy(unlimited_retries())
                             .summary(summary)
                             .build();
-                    let _ = c.execute_activity(DeleteVm, input, options).await;
-                    c.state_mut(|s| s.progress.deleted += 1);
+                    let options =
+                        on_host(options, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+                    if c.execute_activity(DeleteVm, input, options).await.is_ok() {
+                        c.state_mut(|s| s.progress.deleted += 1);
+                    }
                     refresh_details(&c);
                 }
                 .boxed_local()
@@ -252,6 +256,47 @@ async fn authorize(c: &WorkflowContext<NukeWorkflow>, tenant: &str) -> Result<St
         tracing::warn!(tenant, developer = %identity.developer, "nuke authorized");
     }
     Ok(input.auth.map(|a| a.request_id).unwrap_or_default())
+}
+
+/// Patch marker: the nuke lists and deletes VMs on every live host (runs from before host
+/// placement asked the one worker behind the shared queue).
+const PATCH_NUKE_EVERY_HOST: &str = "nuke-every-host";
+
+/// Every VM of the tenant, with the host it lives on: one listing per live host, each on the
+/// host's own queue. A host that does not answer is skipped (its reaper deletes what it holds
+/// when it is back) and named in the progress.
+async fn list_vms_everywhere(
+    c: &WorkflowContext<NukeWorkflow>,
+    tenant: &str,
+) -> Result<Vec<(VmId, Option<String>)>, temporalio_sdk::ActivityExecutionError> {
+    if !c.patched(PATCH_NUKE_EVERY_HOST) {
+        let vms = c
+            .execute_activity(ListVms, tenant.to_string(), admin_options("list VMs", 60))
+            .await?;
+        return Ok(vms.into_iter().map(|vm| (vm, None)).collect());
+    }
+    let view = c
+        .execute_activity(ReadHosts, (), admin_options("read the host registry", 60))
+        .await?;
+    let listings = futures::future::join_all(view.live().into_iter().map(|host| {
+        let options = on_host(
+            admin_options(&format!("list VMs on {host}"), 60),
+            c.task_queue(),
+            Some(&host),
+            HOST_START_WITHIN,
+        );
+        let fut = c.execute_activity(ListVms, tenant.to_string(), options);
+        async move { (host, fut.await) }
+    }))
+    .await;
+    let mut vms = Vec::new();
+    for (host, listing) in listings {
+        match listing {
+            Ok(found) => vms.extend(found.into_iter().map(|vm| (vm, Some(host.clone())))),
+            Err(_) => c.state_mut(|s| s.progress.unreachable_hosts.push(host)),
+        }
+    }
+    Ok(vms)
 }
 
 /// Runs the jobs with at most [`NUKE_CONCURRENCY`] in flight, starting them in order.

@@ -29,10 +29,13 @@ use temporalio_sdk::{
 
 use crate::agent_workflow::AgentWorkflow;
 
-use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput, ReapInput, ReapScanVms};
+use crate::activity_api::{
+    BootVm, DeleteVm, DeleteVmInput, ReadHosts, ReapInput, ReapScanVms, ReapScope, on_host,
+};
 use crate::auth::{Credential, Denial, Identity, VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
 use crate::gate::{self, Refusal};
+use crate::hosts::HostView;
 use crate::machine::{
     ClaimRequest, ClaimState, Command, DEFAULT_REAP_INTERVAL_MS, MAX_DENIALS, Pool, ReapScan,
 };
@@ -58,6 +61,12 @@ const NUKE_RETRY_MS: Millis = 1_000;
 /// Patch marker: reaper scans run while the pool is paused, so a pool left paused by a nuke
 /// that died resumes.
 const PATCH_REAP_WHILE_PAUSED: &str = "reap-while-paused";
+/// Patch marker: new VMs are placed on registered hosts and their activities routed to the
+/// host's queue (runs from before it keep every VM behind the shared queue).
+const PATCH_HOST_PLACEMENT: &str = "host-placement";
+/// How long an activity on a host's queue may wait to be picked up before the host counts as
+/// unreachable for it (the registry's lease decides whether the host is lost).
+pub const HOST_START_WITHIN: Duration = Duration::from_secs(30);
 /// Roll over to a new run once history grows past this many events.
 const MAX_HISTORY_EVENTS: u32 = 10_000;
 
@@ -114,9 +123,13 @@ pub struct PoolWorkflow {
 
 /// What finished among the activities the shell started.
 enum Outcome {
-    /// A VM came up, with the accelerator it runs with (empty where not applicable).
-    Booted(VmId, String),
-    BootFailed(VmId, String),
+    /// A VM placed on a host (`None`: the shared queue) came up, with the accelerator it runs
+    /// with (empty where not applicable).
+    Booted(VmId, Option<String>, String),
+    /// A boot failed, with why.
+    BootFailed(VmId, Option<String>, String),
+    /// A boot was never picked up: its host does not poll its queue.
+    BootNotStarted(VmId),
     Deleted(VmId),
     DeleteFailed(VmId),
     /// The nuke workflow started (true) or could not start yet (false: one still runs).
@@ -125,8 +138,13 @@ enum Outcome {
     Notified,
     /// A `flush` signal's credential was checked.
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
-    /// A reaper scan that started with these warm VMs finished (or failed, with why).
-    Reaped(BTreeSet<VmId>, Result<Box<ReapScan>, String>),
+    /// A reaper scan that started with these warm VMs finished (or failed, with why), with
+    /// the host view read before it (when placement is on and the registry answered).
+    Reaped(
+        BTreeSet<VmId>,
+        Result<Box<ReapScan>, String>,
+        Option<Box<HostView>>,
+    ),
     /// The reaper's timer fired: time for the next scan.
     ReapDue,
     /// The timer of a hold-back (image, seq) fired.
@@ -175,6 +193,9 @@ impl PoolWorkflow {
     pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<()> {
         let c = ctx.clone();
         let now = now_ms(&c);
+        if !c.state(|s| s.pool.placement) && c.patched(PATCH_HOST_PLACEMENT) {
+            c.state_mut(|s| s.pool.placement = true);
+        }
         c.state_mut(|s| {
             let cmds = if s.resumed {
                 s.pool.resume(now)
@@ -217,7 +238,11 @@ impl PoolWorkflow {
                 c.state_mut(|s| s.reap_while_paused = true);
             }
             if let Some((input, baseline)) = c.state_mut(|s| s.take_reap_due()) {
-                in_flight.push(start_reap(&c, input, baseline));
+                if c.state(|s| s.pool.placement) {
+                    in_flight.push(start_host_reap(&c, input, baseline));
+                } else {
+                    in_flight.push(start_reap(&c, input, baseline));
+                }
             }
             let details = c.state(details_markdown);
             if details != last_details {
@@ -257,13 +282,16 @@ impl PoolWorkflow {
                     let interval = c.state_mut(|s| {
                         let mut reap_again = None;
                         let cmds = match outcome {
-                            Outcome::Booted(vm, accel) => {
+                            Outcome::Booted(vm, host, accel) => {
                                 if !accel.is_empty() {
                                     s.pool.accel = accel;
                                 }
-                                s.pool.boot_succeeded(&vm, now)
+                                s.pool.boot_ended_on(&vm, host.as_deref(), Ok(()), now)
                             }
-                            Outcome::BootFailed(vm, err) => s.pool.boot_failed(&vm, &err, now),
+                            Outcome::BootFailed(vm, host, err) => {
+                                s.pool.boot_ended_on(&vm, host.as_deref(), Err(&err), now)
+                            }
+                            Outcome::BootNotStarted(vm) => s.pool.boot_not_started(&vm, now),
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
                             Outcome::Notified => Vec::new(),
@@ -271,8 +299,12 @@ impl PoolWorkflow {
                                 s.apply_signalled_flush(*req, verdict, now, replaying);
                                 Vec::new()
                             }
-                            Outcome::Reaped(baseline, scan) => {
-                                let cmds = s.reaped(&baseline, scan, now, replaying);
+                            Outcome::Reaped(baseline, scan, view) => {
+                                let mut cmds = match view {
+                                    Some(view) => s.pool.hosts_changed(*view, now),
+                                    None => Vec::new(),
+                                };
+                                cmds.extend(s.reaped(&baseline, scan, now, replaying));
                                 reap_again = Some(s.reap_interval_ms);
                                 cmds
                             }
@@ -416,6 +448,28 @@ impl PoolWorkflow {
         let now = to_millis(ctx.workflow_time());
         let cmds = self.pool.reconcile(now);
         self.outbox.extend(cmds);
+    }
+
+    /// The host registry's view changed (sent by the registry on every change; any payload is
+    /// accepted, a malformed one is logged and ignored). VMs of lost hosts are written off,
+    /// warm VMs of draining hosts deleted, and the pool backfills elsewhere.
+    #[signal(name = "hosts")]
+    pub fn hosts_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
+        match decode_lenient::<HostView>(&raw) {
+            Ok(view) => {
+                let now = to_millis(ctx.workflow_time());
+                let before = self.pool.counters.written_off;
+                let cmds = self.pool.hosts_changed(view, now);
+                self.outbox.extend(cmds);
+                let written_off = self.pool.counters.written_off - before;
+                if written_off > 0 && !ctx.is_replaying() {
+                    tracing::warn!(tenant = %self.pool.tenant, written_off,
+                        "VMs of lost hosts written off");
+                }
+            }
+            Err(e) if !ctx.is_replaying() => self.reject("hosts", &e),
+            Err(_) => self.rejected_messages += 1,
+        }
     }
 
     /// Validates a config change (rejections leave no trace in history).
@@ -877,6 +931,7 @@ impl PoolWorkflow {
             claims: self.pool.claim_requests(),
             stranded: self.pool.config.spec.reap_stranded_workflows,
             check_nuke: self.pool.paused,
+            scope: ReapScope::Everything,
         };
         Some((input, self.pool.reap_baseline()))
     }
@@ -986,13 +1041,19 @@ fn start_command<'a>(
                     .non_retryable_error_types(["BootFailed"])
                     .build(),
             )
-            .summary(format!("boot {} from {}", spec.vm, spec.image))
+            .summary(match &spec.host {
+                Some(host) => format!("boot {} from {} on {host}", spec.vm, spec.image),
+                None => format!("boot {} from {}", spec.vm, spec.image),
+            })
             .build();
+            let host = spec.host.clone();
+            let opts = on_host(opts, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
             let fut = c.execute_activity(BootVm, spec, opts);
             async move {
                 match fut.await {
-                    Ok(report) => Outcome::Booted(vm, report.accel),
-                    Err(e) => Outcome::BootFailed(vm, root_cause(&e)),
+                    Ok(report) => Outcome::Booted(vm, host, report.accel),
+                    Err(e) if never_started(&e) => Outcome::BootNotStarted(vm),
+                    Err(e) => Outcome::BootFailed(vm, host, root_cause(&e)),
                 }
             }
             .boxed_local()
@@ -1010,6 +1071,21 @@ fn start_command<'a>(
             }
             .boxed_local()
         }
+        Command::VmLost { agent, reason } => {
+            let payload =
+                crate::messages::encode_json(&reason).unwrap_or_else(|_| RawValue::empty());
+            let signal = c.external_workflow(agent, None).signal(
+                AgentWorkflow::vm_lost,
+                payload,
+                SignalWorkflowOptions::default(),
+            );
+            async move {
+                // An agent that has ended meanwhile needs no telling.
+                let _ = signal.await;
+                Outcome::Notified
+            }
+            .boxed_local()
+        }
         Command::Delete { vm, reason } => {
             let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
                 .heartbeat_timeout(Duration::from_secs(5))
@@ -1021,6 +1097,8 @@ fn start_command<'a>(
                 )
                 .summary(format!("delete {vm} ({reason:?})"))
                 .build();
+            let host = c.state(|s| s.pool.vms.get(&vm).and_then(|v| v.host.clone()));
+            let opts = on_host(opts, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
             let input = DeleteVmInput {
                 tenant: tenant.to_string(),
                 vm: vm.clone(),
@@ -1084,7 +1162,17 @@ fn start_reap<'a>(
     input: ReapInput,
     baseline: BTreeSet<VmId>,
 ) -> LocalBoxFuture<'a, Outcome> {
-    let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
+    let fut = c.execute_activity(ReapScanVms, input, reap_options("reaper scan"));
+    async move {
+        let scan = fut.await.map(Box::new).map_err(|e| root_cause(&e));
+        Outcome::Reaped(baseline, scan, None)
+    }
+    .boxed_local()
+}
+
+/// Options of the reaper's activities.
+fn reap_options(summary: &str) -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
         .heartbeat_timeout(Duration::from_secs(10))
         .retry_policy(
             RetryPolicy::builder()
@@ -1092,14 +1180,95 @@ fn start_reap<'a>(
                 .maximum_attempts(2)
                 .build(),
         )
-        .summary("reaper scan".to_string())
-        .build();
-    let fut = c.execute_activity(ReapScanVms, input, opts);
+        .summary(summary.to_string())
+        .build()
+}
+
+/// Runs one reaper scan across hosts: reads the host view, lists each live host's VMs on its
+/// own queue and asks Temporal about agents on the shared queue, then merges what came back.
+/// A host whose listing failed is left out of `hosts`, so none of its VMs is judged dead.
+fn start_host_reap<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    input: ReapInput,
+    baseline: BTreeSet<VmId>,
+) -> LocalBoxFuture<'a, Outcome> {
     async move {
-        let scan = fut.await.map(Box::new).map_err(|e| root_cause(&e));
-        Outcome::Reaped(baseline, scan)
+        let view = c
+            .execute_activity(ReadHosts, (), reap_options("read the host registry"))
+            .await
+            .ok()
+            .filter(|v| v.version > 0);
+        let live = match &view {
+            Some(v) => v.live(),
+            None => c.state(|s| s.pool.hosts.live()),
+        };
+        let host_scans: Vec<_> = live
+            .into_iter()
+            .map(|host| {
+                let scan = ReapInput {
+                    scope: ReapScope::HostVms,
+                    claims: Vec::new(),
+                    ..input.clone()
+                };
+                let opts = on_host(
+                    reap_options(&format!("reaper scan of {host}")),
+                    c.task_queue(),
+                    Some(&host),
+                    HOST_START_WITHIN,
+                );
+                let fut = c.execute_activity(ReapScanVms, scan, opts);
+                async move { (host, fut.await) }
+            })
+            .collect();
+        let workflows = ReapInput {
+            scope: ReapScope::Workflows,
+            ..input
+        };
+        let (listings, found) = futures::future::join(
+            futures::future::join_all(host_scans),
+            c.execute_activity(
+                ReapScanVms,
+                workflows,
+                reap_options("reaper scan of agents"),
+            ),
+        )
+        .await;
+        let scan = found.map_err(|e| root_cause(&e)).map(|mut merged| {
+            let mut hosts = Vec::new();
+            for (host, listing) in listings {
+                if let Ok(listing) = listing {
+                    merged.vms.extend(listing.vms.into_iter().map(|mut v| {
+                        v.host = Some(host.clone());
+                        v
+                    }));
+                    merged.grace_ms = merged.grace_ms.max(listing.grace_ms);
+                    merged.interval_ms = merged.interval_ms.max(listing.interval_ms);
+                    hosts.push(host);
+                }
+            }
+            merged.hosts = Some(hosts);
+            Box::new(merged)
+        });
+        Outcome::Reaped(baseline, scan, view.map(Box::new))
     }
     .boxed_local()
+}
+
+/// True when an activity failed because no worker picked it up in time (its host does not
+/// poll its queue), so it never ran.
+pub(crate) fn never_started(e: &temporalio_sdk::ActivityExecutionError) -> bool {
+    use temporalio_common::protos::temporal::api::enums::v1::TimeoutType;
+    use temporalio_common::protos::temporal::api::failure::v1::failure::FailureInfo;
+    let mut failure = e.failure();
+    while let Some(f) = failure {
+        if let Some(FailureInfo::TimeoutFailureInfo(t)) = &f.failure_info
+            && t.timeout_type == TimeoutType::ScheduleToStart as i32
+        {
+            return true;
+        }
+        failure = f.cause.as_deref();
+    }
+    false
 }
 
 /// Checks a `flush` signal's credential (the run loop applies the verdict).
@@ -1172,11 +1341,13 @@ fn details_markdown(s: &PoolWorkflow) -> String {
     out
 }
 
-fn to_millis(t: Option<SystemTime>) -> Millis {
+/// Epoch milliseconds of a workflow time (0 when unknown).
+pub(crate) fn to_millis(t: Option<SystemTime>) -> Millis {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
-fn now_ms<W>(c: &WorkflowContext<W>) -> Millis {
+/// The workflow's current time in epoch milliseconds.
+pub(crate) fn now_ms<W>(c: &WorkflowContext<W>) -> Millis {
     to_millis(c.workflow_time())
 }

@@ -47,7 +47,7 @@ pub struct WorkspaceStatus {
     /// Consecutive boot failures of the current image.
     pub boot_failures: u32,
     /// Why the workspace is not at `min_idle`, as stable codes
-    /// (`at_max_vms`, `image_failing`, `flush_in_progress`).
+    /// (`at_max_vms`, `image_failing`, `no_host_with_room`, `flush_in_progress`).
     pub reasons: Vec<String>,
 }
 
@@ -102,6 +102,23 @@ pub struct PoolStatus {
     /// The accelerator VMs run with (`kvm` or `tcg` on the qemu substrate; empty otherwise).
     #[serde(default)]
     pub accel: String,
+    /// The hosts this pool places on, with its own usage of each (empty before placement).
+    #[serde(default)]
+    pub hosts: Vec<PoolHostStatus>,
+}
+
+/// One host as a pool sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolHostStatus {
+    /// The host id.
+    pub host: String,
+    /// `live`, `draining` or `lost`.
+    pub state: String,
+    /// The host's VM capacity.
+    pub max_vms: u32,
+    /// This pool's VMs on it.
+    pub vms: u32,
 }
 
 /// The reaper's totals (`murmur pool status`).
@@ -174,6 +191,19 @@ impl PoolStatus {
             last_nuke_ms: pool.last_nuke_ms,
             reaper: ReaperStatus::of(&pool.reaper),
             accel: pool.accel.clone(),
+            hosts: {
+                let usage = pool.host_usage();
+                pool.hosts
+                    .hosts
+                    .values()
+                    .map(|h| PoolHostStatus {
+                        host: h.host.clone(),
+                        state: h.state_label().to_string(),
+                        max_vms: h.max_vms,
+                        vms: usage.get(&h.host).map_or(0, |u| u.vms),
+                    })
+                    .collect()
+            },
         }
     }
 
@@ -230,6 +260,9 @@ impl PoolStatus {
                     }
                     if boot_failures >= FAILURE_THRESHOLD {
                         reasons.push("image_failing".to_string());
+                    }
+                    if pool.no_host_with_room(ws.spec.environment.memory_mb) {
+                        reasons.push("no_host_with_room".to_string());
                     }
                 }
                 if flush_in_progress {

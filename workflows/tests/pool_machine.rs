@@ -391,6 +391,7 @@ impl World {
                         .map(|id| ScannedVm {
                             id: id.clone(),
                             alive: true,
+                            host: None,
                         })
                         .collect(),
                     finished_agents: self.dead_agents.clone(),
@@ -453,7 +454,7 @@ impl World {
         let mut owners: std::collections::BTreeMap<VmId, String> = Default::default();
         for request in &self.agents {
             match self.pool.claim_state(request) {
-                ClaimState::Assigned { vm } => {
+                ClaimState::Assigned { vm, .. } => {
                     let rec = &self.pool.vms[&vm];
                     assert_eq!(rec.state, VmState::Assigned);
                     if let Some(prev) = owners.insert(vm.clone(), request.clone()) {
@@ -490,7 +491,7 @@ impl World {
             }
         }
         for request in &self.dead_agents {
-            if let ClaimState::Assigned { vm } = self.pool.claim_state(request)
+            if let ClaimState::Assigned { vm, .. } = self.pool.claim_state(request)
                 && let Some(prev) = owners.insert(vm.clone(), request.clone())
             {
                 panic!("{vm} handed to {prev} and {request}");
@@ -748,7 +749,7 @@ fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
         ClaimState::Waiting { position: 1 }
     );
     // The same request again is the same claim, with the same VM.
-    let ClaimState::Assigned { vm } = w.pool.claim_state(&second) else {
+    let ClaimState::Assigned { vm, .. } = w.pool.claim_state(&second) else {
         panic!("second claim not served");
     };
     let again = ClaimRequest {
@@ -760,7 +761,10 @@ fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
         ..Default::default()
     };
     assert!(w.pool.claim(&again, w.now).is_empty());
-    assert_eq!(w.pool.claim_state(&second), ClaimState::Assigned { vm });
+    assert_eq!(
+        w.pool.claim_state(&second),
+        ClaimState::Assigned { vm, host: None }
+    );
 }
 
 #[test]

@@ -326,6 +326,7 @@ async fn delete(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                 workspace: "default".into(),
                 image: "default".into(),
                 environment: Environment::default(),
+                host: None,
             };
             let p = &provider;
             async move {

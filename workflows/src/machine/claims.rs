@@ -63,6 +63,9 @@ pub enum ClaimState {
     Assigned {
         /// The VM.
         vm: VmId,
+        /// The host it runs on (its activities go to that host's queue).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
     },
     /// A VM is being cold-booted for the agent.
     Booting {
@@ -159,8 +162,11 @@ impl Pool {
             };
         }
         match &claim.vm {
-            Some(vm) => match self.vms.get(vm).map(|v| v.state) {
-                Some(VmState::Assigned) => ClaimState::Assigned { vm: vm.clone() },
+            Some(vm) => match self.vms.get(vm) {
+                Some(rec) if rec.state == VmState::Assigned => ClaimState::Assigned {
+                    vm: vm.clone(),
+                    host: rec.host.clone(),
+                },
                 _ => ClaimState::Booting { vm: vm.clone() },
             },
             None => {
@@ -241,10 +247,10 @@ impl Pool {
                 out.push(Command::Notify { agent });
                 continue;
             }
-            if waiting_for_room == 0 && self.in_use() < self.config.spec.max_vms {
-                let Command::Boot(boot) = self.start_boot(&workspace, &spec, now) else {
-                    continue;
-                };
+            if waiting_for_room == 0
+                && self.in_use() < self.config.spec.max_vms
+                && let Some(Command::Boot(boot)) = self.start_boot(&workspace, &spec, now)
+            {
                 if let Some(rec) = self.vms.get_mut(&boot.vm) {
                     rec.claim = Some(request.clone());
                     rec.agent = Some(agent);

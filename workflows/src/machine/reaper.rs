@@ -37,6 +37,9 @@ pub struct ScannedVm {
     pub id: VmId,
     /// True when its process (or guest) is running.
     pub alive: bool,
+    /// The host it was found on (`None` from a scan of the shared queue's worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// What one reaper scan found.
@@ -57,6 +60,10 @@ pub struct ReapScan {
     pub interval_ms: Millis,
     /// Asked for while the pool is paused: whether the nuke that paused it still runs.
     pub nuke_running: Option<bool>,
+    /// The hosts whose VMs the scan listed (`None`: one listing of everything, from runs
+    /// before host placement). Only VMs of these hosts can be judged dead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
 }
 
 /// The reaper's memory and its totals, shown in `murmur pool status`.
@@ -151,23 +158,34 @@ impl Pool {
         self.reaper.last_scan_at = Some(now);
         self.reaper.stranded_found = scan.stranded_found;
         self.reaper.stranded_terminated += u64::from(scan.stranded_terminated);
-        let listed: BTreeMap<&VmId, bool> = scan.vms.iter().map(|v| (&v.id, v.alive)).collect();
+        let listed: BTreeMap<&VmId, (bool, Option<&String>)> = scan
+            .vms
+            .iter()
+            .map(|v| (&v.id, (v.alive, v.host.as_ref())))
+            .collect();
+        let scanned = |host: Option<&String>| match (&scan.hosts, host) {
+            (None, _) => true,
+            (Some(hosts), Some(h)) => hosts.contains(h),
+            (Some(_), None) => false,
+        };
 
         let mut out = Vec::new();
         // Unknown VMs: suspects first, deleted once the grace period has passed.
-        let unknown: BTreeSet<VmId> = listed
-            .keys()
-            .filter(|id| !self.vms.contains_key(**id))
-            .map(|id| (*id).clone())
+        let unknown: BTreeMap<VmId, Option<String>> = listed
+            .iter()
+            .filter(|(id, _)| !self.vms.contains_key(**id))
+            .map(|(id, (_, host))| ((*id).clone(), host.cloned()))
             .collect();
-        self.reaper.suspects.retain(|id, _| unknown.contains(id));
-        for id in unknown {
+        self.reaper
+            .suspects
+            .retain(|id, _| unknown.contains_key(id));
+        for (id, host) in unknown {
             let seen = self.reaper.suspects.entry(id.clone()).or_insert(0);
             *seen += 1;
             if *seen >= needed {
                 self.reaper.suspects.remove(&id);
                 self.reaper.orphans_deleted += 1;
-                out.push(self.adopt_orphan(&id, now));
+                out.push(self.adopt_orphan(&id, host, now));
             }
         }
 
@@ -176,7 +194,8 @@ impl Pool {
             .vms
             .values()
             .filter(|v| v.state == VmState::Warm && baseline.contains(&v.id))
-            .filter(|v| listed.get(&v.id) != Some(&true))
+            .filter(|v| scanned(v.host.as_ref()))
+            .filter(|v| listed.get(&v.id).map(|l| l.0) != Some(true))
             .map(|v| v.id.clone())
             .collect();
         for id in dead {
@@ -245,6 +264,7 @@ mod tests {
                 .map(|id| ScannedVm {
                     id: id.clone(),
                     alive: true,
+                    host: None,
                 })
                 .collect(),
             grace_ms,

@@ -1,0 +1,446 @@
+//! VM hosts: the workers that own VMs, the registry that knows which of them live, and the
+//! view a pool places its VMs by.
+//!
+//! Every `murmur-worker` is a host. It polls its own task queue (`murmur-host-<id>`) for the
+//! activities that must run where a VM lives, and registers with the registry workflow
+//! (`murmur-hosts`). Both names derive from the deployment's shared task queue (`murmur`), so
+//! deployments sharing a namespace (the tests' workers, say) never see each other's hosts. Liveness is Temporal's own: the registry keeps one long *lease* activity
+//! running on each live host's queue, with a heartbeat timeout. When the host dies, the lease
+//! fails on that timeout (or on its schedule-to-start timeout, when no worker polls the queue)
+//! and the host is marked lost. Nothing here compares clocks; every decision is an event.
+//!
+//! [`Registry`] is the pure part: registrations, lease outcomes and drains in, commands out.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::model::{Millis, is_dns_label};
+
+/// Workflow id of the host registry of the deployment whose shared task queue is
+/// `shared_queue`: `murmur-hosts` for the default queue `murmur`.
+pub fn registry_workflow_id(shared_queue: &str) -> String {
+    format!("{shared_queue}-hosts")
+}
+
+/// The task queue of `host`'s activities in the deployment whose shared task queue is
+/// `shared_queue`: `murmur-host-<host>` for the default queue `murmur`.
+pub fn host_task_queue(shared_queue: &str, host: &str) -> String {
+    format!("{shared_queue}-host-{host}")
+}
+
+/// Checks a host id (`[a-z][a-z0-9-]{0,62}`, so it is a task queue name and a DNS label).
+pub fn validate_host_id(host: &str) -> Result<(), ApiError> {
+    if is_dns_label(host) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_argument(format!(
+            "invalid host id {host:?}: must match [a-z][a-z0-9-]{{0,62}}"
+        )))
+    }
+}
+
+/// What a worker tells the registry when it starts (the `register` signal).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostRegistration {
+    /// The host id.
+    pub host: String,
+    /// Unique per worker process: a new one means the worker restarted.
+    pub instance: String,
+    /// Most VMs the host runs at once.
+    pub max_vms: u32,
+    /// Memory the host gives its VMs, in MiB (0: not limited).
+    pub memory_mb: u64,
+    /// `process` or `qemu`.
+    pub substrate: String,
+}
+
+impl HostRegistration {
+    /// Checks the fields a worker sends.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_host_id(&self.host)?;
+        if self.instance.is_empty() {
+            return Err(ApiError::invalid_argument(
+                "a registration needs an instance",
+            ));
+        }
+        if self.max_vms == 0 {
+            return Err(ApiError::invalid_argument("max_vms must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a host can be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Its lease runs: the host polls its queue and heartbeats.
+    #[default]
+    Live,
+    /// Its lease failed: the host is gone until it registers again.
+    Lost,
+}
+
+impl HostState {
+    /// Lower-case name for output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// One host as the registry knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostInfo {
+    /// The host id.
+    pub host: String,
+    /// Most VMs it runs at once.
+    pub max_vms: u32,
+    /// Memory for VMs, in MiB (0: not limited).
+    pub memory_mb: u64,
+    /// Its substrate.
+    pub substrate: String,
+    /// Live or lost.
+    pub state: HostState,
+    /// Set by `murmur host drain`: nothing new is placed here, warm VMs go.
+    pub draining: bool,
+    /// The worker process behind the current lease.
+    pub instance: String,
+    /// Which lease is current (an outcome of an older one changes nothing).
+    pub lease: u64,
+    /// When it last registered.
+    pub registered_at: Millis,
+    /// When it was last marked lost.
+    pub lost_at: Option<Millis>,
+    /// Times it was lost.
+    pub losses: u64,
+}
+
+impl HostInfo {
+    /// True when new VMs may be placed here.
+    pub fn placeable(&self) -> bool {
+        self.state == HostState::Live && !self.draining
+    }
+
+    /// `live`, `draining` or `lost`, as `murmur host ls` shows it.
+    pub fn state_label(&self) -> &'static str {
+        match (self.state, self.draining) {
+            (HostState::Lost, _) => "lost",
+            (HostState::Live, true) => "draining",
+            (HostState::Live, false) => "live",
+        }
+    }
+}
+
+/// The hosts as the registry last said, versioned so a pool keeps the newest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostView {
+    /// Goes up with every change (it starts at the registry's start time, so a registry
+    /// created again still counts up).
+    pub version: u64,
+    /// Hosts by id.
+    pub hosts: BTreeMap<String, HostInfo>,
+}
+
+impl HostView {
+    /// True when `host` is known and lost.
+    pub fn is_lost(&self, host: &str) -> bool {
+        self.hosts
+            .get(host)
+            .is_some_and(|h| h.state == HostState::Lost)
+    }
+
+    /// True when `host` is known, live and draining.
+    pub fn is_draining(&self, host: &str) -> bool {
+        self.hosts
+            .get(host)
+            .is_some_and(|h| h.state == HostState::Live && h.draining)
+    }
+
+    /// Ids of the live hosts.
+    pub fn live(&self) -> Vec<String> {
+        self.hosts
+            .values()
+            .filter(|h| h.state == HostState::Live)
+            .map(|h| h.host.clone())
+            .collect()
+    }
+}
+
+/// Something the registry workflow must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryCommand {
+    /// Run lease `seq` of `host` on the host's queue.
+    StartLease {
+        /// The host.
+        host: String,
+        /// The lease.
+        seq: u64,
+    },
+    /// Tell every pool the new view.
+    Announce,
+}
+
+/// How a lease activity ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// It ran its term: start the next one.
+    Renew,
+    /// It failed (heartbeat or schedule-to-start timeout, the worker stopped): the host is
+    /// gone. Carries why.
+    Failed(String),
+}
+
+/// The pure host registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Registry {
+    /// The current view.
+    pub view: HostView,
+    /// Why each host was last lost.
+    pub last_loss: BTreeMap<String, String>,
+}
+
+impl Registry {
+    /// A new registry; versions start at `now` so they keep rising across registries.
+    pub fn new(now: Millis) -> Self {
+        Self {
+            view: HostView {
+                version: now,
+                hosts: BTreeMap::new(),
+            },
+            last_loss: BTreeMap::new(),
+        }
+    }
+
+    /// Leases to start in a new run (continue-as-new): one per live host.
+    pub fn resume(&self) -> Vec<RegistryCommand> {
+        self.view
+            .hosts
+            .values()
+            .filter(|h| h.state == HostState::Live)
+            .map(|h| RegistryCommand::StartLease {
+                host: h.host.clone(),
+                seq: h.lease,
+            })
+            .collect()
+    }
+
+    /// A worker (re)registered. A new host, a lost one coming back, or a restarted worker (new
+    /// instance) gets a new lease; a repeated registration of a live worker changes nothing
+    /// but its capacity.
+    pub fn register(&mut self, reg: &HostRegistration, now: Millis) -> Vec<RegistryCommand> {
+        let entry = self
+            .view
+            .hosts
+            .entry(reg.host.clone())
+            .or_insert_with(|| HostInfo {
+                host: reg.host.clone(),
+                state: HostState::Lost,
+                ..Default::default()
+            });
+        let capacity_changed = entry.max_vms != reg.max_vms
+            || entry.memory_mb != reg.memory_mb
+            || entry.substrate != reg.substrate;
+        entry.max_vms = reg.max_vms;
+        entry.memory_mb = reg.memory_mb;
+        entry.substrate = reg.substrate.clone();
+        let mut out = Vec::new();
+        if entry.state == HostState::Lost || entry.instance != reg.instance {
+            entry.state = HostState::Live;
+            entry.instance = reg.instance.clone();
+            entry.lease += 1;
+            entry.registered_at = now;
+            out.push(RegistryCommand::StartLease {
+                host: reg.host.clone(),
+                seq: entry.lease,
+            });
+        }
+        if !out.is_empty() || capacity_changed {
+            self.view.version += 1;
+            out.push(RegistryCommand::Announce);
+        }
+        out
+    }
+
+    /// Lease `seq` of `host` ended. Only the current lease of a live host counts.
+    pub fn lease_ended(
+        &mut self,
+        host: &str,
+        seq: u64,
+        end: LeaseEnd,
+        now: Millis,
+    ) -> Vec<RegistryCommand> {
+        let Some(info) = self.view.hosts.get_mut(host) else {
+            return Vec::new();
+        };
+        if info.lease != seq || info.state != HostState::Live {
+            return Vec::new();
+        }
+        match end {
+            LeaseEnd::Renew => vec![RegistryCommand::StartLease {
+                host: host.to_string(),
+                seq,
+            }],
+            LeaseEnd::Failed(why) => {
+                info.state = HostState::Lost;
+                info.lost_at = Some(now);
+                info.losses += 1;
+                self.last_loss.insert(host.to_string(), why);
+                self.view.version += 1;
+                vec![RegistryCommand::Announce]
+            }
+        }
+    }
+
+    /// Starts (`draining`) or ends a drain of `host`.
+    pub fn set_draining(
+        &mut self,
+        host: &str,
+        draining: bool,
+    ) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
+        let info = self.view.hosts.get_mut(host).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no host {host}; murmur host ls lists the registered hosts"
+            ))
+        })?;
+        if info.draining == draining {
+            return Ok((info.clone(), Vec::new()));
+        }
+        info.draining = draining;
+        let info = info.clone();
+        self.view.version += 1;
+        Ok((info, vec![RegistryCommand::Announce]))
+    }
+}
+
+/// Input of the `drain` update of the registry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainRequest {
+    /// The host.
+    pub host: String,
+    /// End the drain instead of starting it.
+    pub undo: bool,
+    /// Who asks, for the log.
+    pub actor: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(host: &str, instance: &str) -> HostRegistration {
+        HostRegistration {
+            host: host.into(),
+            instance: instance.into(),
+            max_vms: 4,
+            memory_mb: 0,
+            substrate: "process".into(),
+        }
+    }
+
+    #[test]
+    fn a_new_host_gets_a_lease_and_is_announced() {
+        let mut r = Registry::new(1000);
+        let cmds = r.register(&reg("h1", "a"), 5);
+        assert_eq!(
+            cmds,
+            vec![
+                RegistryCommand::StartLease {
+                    host: "h1".into(),
+                    seq: 1
+                },
+                RegistryCommand::Announce
+            ]
+        );
+        assert_eq!(r.view.version, 1001);
+        assert!(r.view.hosts["h1"].placeable());
+        // The same worker registering again changes nothing.
+        assert!(r.register(&reg("h1", "a"), 6).is_empty());
+    }
+
+    #[test]
+    fn a_failed_lease_loses_the_host_and_a_stale_one_does_not() {
+        let mut r = Registry::new(0);
+        r.register(&reg("h1", "a"), 0);
+        // The worker restarted before its lease timed out: new lease, same host.
+        let cmds = r.register(&reg("h1", "b"), 1);
+        assert!(cmds.contains(&RegistryCommand::StartLease {
+            host: "h1".into(),
+            seq: 2
+        }));
+        // The old lease's timeout arrives late: ignored.
+        assert!(
+            r.lease_ended("h1", 1, LeaseEnd::Failed("heartbeat".into()), 2)
+                .is_empty()
+        );
+        assert_eq!(r.view.hosts["h1"].state, HostState::Live);
+        assert_eq!(
+            r.lease_ended("h1", 2, LeaseEnd::Renew, 3),
+            vec![RegistryCommand::StartLease {
+                host: "h1".into(),
+                seq: 2
+            }]
+        );
+        let cmds = r.lease_ended("h1", 2, LeaseEnd::Failed("heartbeat timeout".into()), 4);
+        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        assert!(r.view.is_lost("h1"));
+        assert_eq!(r.view.hosts["h1"].losses, 1);
+        // It comes back (same instance even): a new lease.
+        let cmds = r.register(&reg("h1", "b"), 5);
+        assert!(cmds.contains(&RegistryCommand::StartLease {
+            host: "h1".into(),
+            seq: 3
+        }));
+        assert!(!r.view.is_lost("h1"));
+    }
+
+    #[test]
+    fn drain_is_announced_once_and_unknown_hosts_are_not_found() {
+        let mut r = Registry::new(0);
+        r.register(&reg("h1", "a"), 0);
+        let (info, cmds) = r.set_draining("h1", true).unwrap();
+        assert_eq!(info.state_label(), "draining");
+        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        assert!(r.set_draining("h1", true).unwrap().1.is_empty());
+        assert!(!r.view.hosts["h1"].placeable());
+        let e = r.set_draining("nope", true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NOT_FOUND: no host nope; murmur host ls lists the registered hosts"
+        );
+    }
+
+    #[test]
+    fn resume_restarts_leases_of_live_hosts_only() {
+        let mut r = Registry::new(0);
+        r.register(&reg("h1", "a"), 0);
+        r.register(&reg("h2", "a"), 0);
+        r.lease_ended("h2", 1, LeaseEnd::Failed("gone".into()), 1);
+        assert_eq!(
+            r.resume(),
+            vec![RegistryCommand::StartLease {
+                host: "h1".into(),
+                seq: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn registrations_are_checked() {
+        assert!(reg("h1", "a").validate().is_ok());
+        assert!(reg("H1", "a").validate().is_err());
+        assert!(reg("h1", "").validate().is_err());
+        let mut r = reg("h1", "a");
+        r.max_vms = 0;
+        assert!(r.validate().is_err());
+    }
+}
