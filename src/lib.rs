@@ -5,6 +5,7 @@
 //! - [`config`]: `.murmur/` discovery and the resolved [`config::Context`].
 //! - [`client`]: connecting to Temporal and the pool operations the CLI offers.
 //! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
+//! - [`hosts`]: `murmur host ls | drain`: the deployment's VM hosts.
 //! - [`bake`]: `murmur bake`: recipes, starting or joining a bake, following it.
 //! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
@@ -20,6 +21,7 @@ pub mod agents;
 pub mod bake;
 pub mod client;
 pub mod config;
+pub mod hosts;
 pub mod metrics;
 pub mod output;
 pub mod progress;

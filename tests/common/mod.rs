@@ -30,6 +30,9 @@ pub struct TestEnv {
     pub worker_env: Vec<(String, String)>,
     /// The Temporal server to use instead of the shared dev server.
     pub temporal_address: Option<String>,
+    /// More workers of this deployment, each its own VM host: (host id, process while it
+    /// runs).
+    hosts: Vec<(String, Option<Child>)>,
 }
 
 /// How to set up a [`TestEnv`] that differs from the default.
@@ -100,6 +103,7 @@ impl TestEnv {
             tenant,
             dir,
             worker: None,
+            hosts: Vec::new(),
             metrics_addr: None,
             worker_env: options.worker_env,
             temporal_address: options.temporal_address,
@@ -159,31 +163,32 @@ impl TestEnv {
     }
 
     /// `GET path` on the worker's metrics endpoint: (status line, body). Waits for the
-    /// endpoint to come up.
+    /// endpoint to come up: until the worker has bound its port, a connection can fail, or
+    /// reach whatever else briefly held the port and be reset, so the exchange is retried.
     pub fn http_get(&self, path: &str) -> (String, String) {
         use std::io::{Read, Write};
         let addr = self.metrics_addr.as_deref().expect("metrics enabled");
         let deadline = Instant::now() + PATIENCE;
-        let mut stream = loop {
-            match std::net::TcpStream::connect(addr) {
-                Ok(s) => break s,
-                Err(e) => {
+        let raw = loop {
+            let exchange = std::net::TcpStream::connect(addr).and_then(|mut stream| {
+                let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+                stream.write_all(request.as_bytes())?;
+                let mut raw = String::new();
+                stream.read_to_string(&mut raw)?;
+                Ok(raw)
+            });
+            match exchange {
+                Ok(raw) if raw.starts_with("HTTP/1.1 ") => break raw,
+                other => {
                     assert!(
                         Instant::now() < deadline,
-                        "metrics endpoint never came up: {e}"
+                        "GET {path} never answered: {other:?}\n{}",
+                        self.worker_log_tail()
                     );
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
         };
-        let mut raw = String::new();
-        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
-        let exchange = stream
-            .write_all(request.as_bytes())
-            .and_then(|()| stream.read_to_string(&mut raw));
-        if let Err(e) = exchange {
-            panic!("GET {path}: {e}\n{}", self.worker_log_tail());
-        }
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
         (
             head.lines().next().unwrap_or_default().to_string(),
@@ -218,6 +223,76 @@ impl TestEnv {
             .spawn()
             .expect("start murmur-worker");
         self.worker = Some(child);
+    }
+
+    /// State directory of the extra host `host`.
+    pub fn host_state_dir(&self, host: &str) -> PathBuf {
+        self.dir.path().join("hosts").join(host)
+    }
+
+    /// Starts (or restarts) another worker of this deployment as VM host `host`: same task
+    /// queue and signing keys, its own state dir and log (`<host>.log`).
+    pub fn start_host(&mut self, host: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{host}.log")))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur-worker"));
+        if let Some(addr) = &self.temporal_address {
+            cmd.env("TEMPORAL_ADDRESS", addr);
+        }
+        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
+            .env("MURMUR_TASK_QUEUE", &self.task_queue)
+            .env("MURMUR_STATE_DIR", self.host_state_dir(host))
+            .env("MURMUR_KEYS_DIR", self.state_dir())
+            .env("MURMUR_HOST_ID", host)
+            .env("MURMUR_SUBSTRATE", &self.substrate_name)
+            .env("RUST_LOG", "info,temporalio_sdk_core=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start murmur-worker host");
+        match self.hosts.iter_mut().find(|(h, _)| h == host) {
+            Some((_, slot)) => {
+                assert!(slot.is_none(), "host {host} already running");
+                *slot = Some(child);
+            }
+            None => self.hosts.push((host.to_string(), Some(child))),
+        }
+    }
+
+    /// Kills extra host `host` with SIGKILL, as a crash would (its VMs stay behind).
+    pub fn kill_host(&mut self, host: &str) {
+        if let Some((_, slot)) = self.hosts.iter_mut().find(|(h, _)| h == host)
+            && let Some(mut child) = slot.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// This tenant's VMs in the substrate of extra host `host`.
+    pub fn host_substrate(&self, host: &str) -> Vec<VmInfo> {
+        let provider: Box<dyn Provider> = if self.substrate_name == "qemu" {
+            Box::new(QemuProvider::inspector(self.host_state_dir(host)))
+        } else {
+            Box::new(ProcessProvider::inspector(self.host_state_dir(host)))
+        };
+        block_on(provider.list(&self.tenant)).unwrap()
+    }
+
+    /// The tail of extra host `host`'s log.
+    pub fn host_log_tail(&self, host: &str) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join(format!("{host}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- {host} log (tail) ---\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
     }
 
     /// Kills the worker with SIGKILL, as a crash would.
@@ -512,6 +587,24 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.kill_worker();
+        let hosts: Vec<String> = self.hosts.iter().map(|(h, _)| h.clone()).collect();
+        for host in &hosts {
+            self.kill_host(host);
+            let provider = ProcessProvider::inspector(self.host_state_dir(host));
+            if let Ok(vms) = block_on(provider.list(&self.tenant)) {
+                for vm in vms {
+                    let _ = block_on(provider.delete(&self.tenant, &vm.id));
+                }
+            }
+        }
+        let _ = self.temporal(&[
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            &format!("{}-hosts", self.task_queue),
+            "--reason",
+            "test finished",
+        ]);
         let _ = self.temporal(&[
             "workflow",
             "terminate",

@@ -118,6 +118,7 @@ impl AgentWorkflow {
                 Ended::Failed(e.to_string())
             }
         };
+        let mut ended = ended;
         let canceled = match &ended {
             Ended::Canceled => true,
             Ended::Exited(report) => {
@@ -128,9 +129,18 @@ impl AgentWorkflow {
                 set_phase(&c, Phase::TaskComplete);
                 if c.state(|s| s.input.on_idle) == OnIdle::KeepAlive {
                     set_phase(&c, Phase::Idle);
-                    // Until a kill (Ok) or a cancellation (Err).
-                    let _ = c.wait_condition(|s| s.killed_by.is_some()).await;
-                    true
+                    // Until a kill (Ok), a cancellation (Err), or the VM is lost with its host.
+                    let _ = c
+                        .wait_condition(|s| s.killed_by.is_some() || s.vm_lost.is_some())
+                        .await;
+                    match c.state(|s| (s.killed_by.is_some(), s.vm_lost.clone())) {
+                        (false, Some(reason)) => {
+                            c.state_mut(|s| s.status.error = Some(reason.clone()));
+                            ended = Ended::Failed(reason);
+                            false
+                        }
+                        _ => true,
+                    }
                 } else {
                     false
                 }

@@ -376,9 +376,9 @@ impl Pool {
         out
     }
 
-    /// A boot placed on `host` ended (`Ok` with the accelerator, or `Err` with why). A VM the
-    /// pool no longer knows (written off with its host meanwhile) is deleted on that host;
-    /// anything else is [`Pool::boot_succeeded`] or [`Pool::boot_failed`].
+    /// A boot placed on `host` ended (`Ok`, or `Err` with why). A VM the pool no longer knows
+    /// (written off with its host meanwhile) is deleted on that host, unless the host is still
+    /// lost (then its reaper deletes it once the host is back); anything else is [`Pool::boot_succeeded`] or [`Pool::boot_failed`].
     pub fn boot_ended_on(
         &mut self,
         vm: &VmId,
@@ -387,7 +387,11 @@ impl Pool {
         now: Millis,
     ) -> Vec<Command> {
         if !self.vms.contains_key(vm) {
-            let mut out = vec![self.adopt_orphan(vm, host.map(str::to_string), now)];
+            let mut out = Vec::new();
+            // A lost host cannot be asked to delete it; its reaper will, once it is back.
+            if !host.is_some_and(|h| self.hosts.is_lost(h)) {
+                out.push(self.adopt_orphan(vm, host.map(str::to_string), now));
+            }
             out.extend(self.reconcile(now));
             return out;
         }
@@ -405,8 +409,16 @@ impl Pool {
         self.reconcile(now)
     }
 
-    /// A delete could not be confirmed; ask again.
+    /// A delete could not be confirmed; ask again. A VM whose host is lost cannot be asked:
+    /// it is written off (its host's reaper deletes it if the host comes back).
     pub fn delete_failed(&mut self, vm: &VmId) -> Vec<Command> {
+        if let Some(host) = self.vms.get(vm).and_then(|v| v.host.clone())
+            && self.hosts.is_lost(&host)
+        {
+            self.vms.remove(vm);
+            self.counters.written_off += 1;
+            return Vec::new();
+        }
         match self.vms.get(vm) {
             Some(rec) if rec.state == VmState::Deleting => vec![Command::Delete {
                 vm: vm.clone(),

@@ -6,10 +6,12 @@
 //! The world also misbehaves: deletes that report success and leave the VM behind (ghosts),
 //! warm VMs that die, agents that end without releasing; reaper scans, taken at one moment
 //! and applied later (as the activity does), must clean all of it up without ever deleting
-//! a VM the pool is using.
+//! a VM the pool is using. With placement on, VMs live on three hosts that can be lost (their
+//! VMs unreachable until they come back), come back, and be drained.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use murmur_workflows::hosts::{HostInfo, HostState, HostView};
 use murmur_workflows::machine::{
     ClaimRequest, ClaimState, Command, ConfigChange, Pool, ReapScan, ScannedVm,
 };
@@ -20,6 +22,9 @@ const WORKSPACES: [&str; 2] = ["web", "api"];
 const IMAGES: [&str; 3] = ["default", "img-2", "img-3"];
 /// The reaper's grace period in the model.
 const GRACE_MS: u64 = 60_000;
+/// The hosts of the placement model, each with room for [`HOST_MAX_VMS`] VMs.
+const HOSTS: [&str; 3] = ["a", "b", "c"];
+const HOST_MAX_VMS: u32 = 3;
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -66,6 +71,19 @@ enum Step {
     /// The workflow run ends (continue-as-new or crash before results arrive): in-flight
     /// activity results are lost, the state is carried over through serde, work is re-issued.
     Restart,
+    /// The n-th host stops (its lease fails): its VMs become unreachable.
+    HostLost {
+        pick: usize,
+    },
+    /// The n-th host, if lost, registers again.
+    HostBack {
+        pick: usize,
+    },
+    /// The n-th host's drain starts (`on`) or ends.
+    Drain {
+        pick: usize,
+        on: bool,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -85,6 +103,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::VmDies { pick }),
         2 => Just(Step::ScanStart),
         2 => Just(Step::ScanFinish),
+        1 => any::<usize>().prop_map(|pick| Step::HostLost { pick }),
+        1 => any::<usize>().prop_map(|pick| Step::HostBack { pick }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, on)| Step::Drain { pick, on }),
     ]
 }
 
@@ -113,10 +134,22 @@ struct World {
     scan: Option<(ReapScan, BTreeSet<VmId>)>,
     /// Running hold-back timers: (deadline, image, seq).
     timers: Vec<(u64, String, u64)>,
+    /// Placement on: the registry's view as the model keeps it (host steps do nothing
+    /// otherwise).
+    placement: bool,
+    view: HostView,
+    /// The host each VM was booted on.
+    vm_host: BTreeMap<VmId, String>,
+    /// Agents told their VM was lost: they end and release.
+    lost_agents: Vec<String>,
 }
 
 impl World {
     fn new() -> Self {
+        Self::with_placement(false)
+    }
+
+    fn with_placement(placement: bool) -> Self {
         let mut w = Self {
             pool: Pool::new("acme", 42, 1_000),
             now: 1_000,
@@ -132,7 +165,31 @@ impl World {
             vanished: BTreeSet::new(),
             scan: None,
             timers: Vec::new(),
+            placement,
+            view: HostView {
+                version: 1,
+                hosts: HOSTS
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.to_string(),
+                            HostInfo {
+                                host: h.to_string(),
+                                max_vms: HOST_MAX_VMS,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect(),
+            },
+            vm_host: BTreeMap::new(),
+            lost_agents: Vec::new(),
         };
+        if placement {
+            w.pool.placement = true;
+            let cmds = w.pool.hosts_changed(w.view.clone(), w.now);
+            w.absorb(cmds);
+        }
         for ws in WORKSPACES {
             w.change(
                 ResourceKind::Workspace,
@@ -194,6 +251,23 @@ impl World {
                 self.booted_for
                     .insert(spec.vm.clone(), (request.clone(), rec.image.clone()));
             }
+            if self.placement {
+                let host = spec.host.clone().expect("a placed boot names its host");
+                assert!(
+                    self.view.hosts[&host].placeable(),
+                    "placed on {host}, which is lost or draining"
+                );
+                let on_host = self
+                    .pool
+                    .vms
+                    .values()
+                    .filter(|v| v.host.as_deref() == Some(host.as_str()))
+                    .count() as u32;
+                assert!(on_host <= HOST_MAX_VMS, "{on_host} VMs on {host}");
+                self.vm_host.insert(spec.vm.clone(), host);
+            } else {
+                assert_eq!(spec.host, None);
+            }
             self.booted.insert(spec.vm);
         }
         for cmd in cmds {
@@ -203,9 +277,46 @@ impl World {
                     seq,
                     wait_ms,
                 } => self.timers.push((self.now + wait_ms, image, seq)),
+                Command::VmLost { agent, reason } => {
+                    assert!(reason.contains("was lost with host"), "{reason}");
+                    let request = format!("{agent}@run");
+                    if self.agents.contains(&request) {
+                        self.lost_agents.push(request);
+                    } else {
+                        // Ended already without releasing: the reaper releases its claim.
+                        assert!(self.dead_agents.contains(&request), "{agent} told, unknown");
+                    }
+                }
                 cmd => self.in_flight.push(cmd),
             }
         }
+    }
+
+    /// True when `vm` lives on a host that is lost now.
+    fn unreachable(&self, vm: &VmId) -> bool {
+        self.vm_host.get(vm).is_some_and(|h| self.view.is_lost(h))
+    }
+
+    /// Hosts of the view that are live.
+    fn live_hosts(&self) -> Vec<String> {
+        self.view.live()
+    }
+
+    /// Changes one host in the model's view and tells the pool.
+    fn change_host(&mut self, pick: usize, change: impl FnOnce(&mut HostInfo) -> bool) {
+        if !self.placement {
+            return;
+        }
+        let host = HOSTS[pick % HOSTS.len()];
+        let Some(info) = self.view.hosts.get_mut(host) else {
+            return;
+        };
+        if !change(info) {
+            return;
+        }
+        self.view.version += 1;
+        let cmds = self.pool.hosts_changed(self.view.clone(), self.now);
+        self.absorb(cmds);
     }
 
     fn apply(&mut self, s: &Step) {
@@ -216,6 +327,36 @@ impl World {
                 }
                 let cmd = self.in_flight.remove(pick % self.in_flight.len());
                 let cmds = match cmd {
+                    // Work sent to a lost host: never picked up, or cut short by its death.
+                    Command::Boot(spec) if self.unreachable(&spec.vm) => {
+                        if *leak {
+                            self.substrate.insert(spec.vm.clone());
+                            self.pool.boot_ended_on(
+                                &spec.vm,
+                                spec.host.as_deref(),
+                                Err("host died"),
+                                self.now,
+                            )
+                        } else {
+                            self.pool.boot_not_started(&spec.vm, self.now)
+                        }
+                    }
+                    Command::Delete { vm, .. } if self.unreachable(&vm) => {
+                        self.pool.delete_failed(&vm)
+                    }
+                    Command::Boot(spec) if self.placement => {
+                        let result = if *ok {
+                            self.substrate.insert(spec.vm.clone());
+                            Ok(())
+                        } else {
+                            if *leak {
+                                self.substrate.insert(spec.vm.clone());
+                            }
+                            Err("boom")
+                        };
+                        self.pool
+                            .boot_ended_on(&spec.vm, spec.host.as_deref(), result, self.now)
+                    }
                     Command::Boot(spec) => {
                         if *ok {
                             self.substrate.insert(spec.vm.clone());
@@ -243,7 +384,9 @@ impl World {
                             self.pool.delete_failed(&vm)
                         }
                     }
-                    Command::Notify { .. } | Command::HoldBack { .. } => Vec::new(),
+                    Command::Notify { .. } | Command::HoldBack { .. } | Command::VmLost { .. } => {
+                        Vec::new()
+                    }
                 };
                 self.absorb(cmds);
             }
@@ -347,8 +490,14 @@ impl World {
                     });
                 }
                 assert!(self.pool.pause(self.now));
-                let deleted = self.substrate.len() as u64;
-                self.substrate.clear();
+                // The nuke reaches every live host; a lost host keeps its VMs.
+                let before = self.substrate.len();
+                let substrate = std::mem::take(&mut self.substrate);
+                self.substrate = substrate
+                    .into_iter()
+                    .filter(|vm| self.unreachable(vm))
+                    .collect();
+                let deleted = (before - self.substrate.len()) as u64;
                 self.agents.clear();
                 self.handed.clear();
                 self.strays.clear();
@@ -384,19 +533,22 @@ impl World {
                 if self.scan.is_some() {
                     return;
                 }
+                // Only live hosts answer the listing.
                 let scan = ReapScan {
                     vms: self
                         .substrate
                         .iter()
+                        .filter(|id| !self.unreachable(id))
                         .map(|id| ScannedVm {
                             id: id.clone(),
                             alive: true,
-                            host: None,
+                            host: self.vm_host.get(id).cloned(),
                         })
                         .collect(),
                     finished_agents: self.dead_agents.clone(),
                     grace_ms: GRACE_MS,
                     interval_ms: GRACE_MS,
+                    hosts: self.placement.then(|| self.live_hosts()),
                     ..ReapScan::default()
                 };
                 self.scan = Some((scan, self.pool.reap_baseline()));
@@ -431,6 +583,10 @@ impl World {
                 for c in &self.in_flight {
                     if let Command::Boot(spec) = c {
                         self.substrate.insert(spec.vm.clone());
+                        if !self.pool.vms.contains_key(&spec.vm) {
+                            // Written off with its host meanwhile: only a reaper finds it.
+                            self.strays.insert(spec.vm.clone());
+                        }
                     }
                 }
                 self.in_flight.clear();
@@ -439,6 +595,56 @@ impl World {
                 let json = serde_json::to_string(&self.pool).unwrap();
                 self.pool = serde_json::from_str(&json).unwrap();
                 let cmds = self.pool.resume(self.now);
+                self.absorb(cmds);
+            }
+            Step::HostLost { pick } => {
+                self.change_host(*pick, |h| {
+                    let live = h.state == HostState::Live;
+                    h.state = HostState::Lost;
+                    live
+                });
+                let host = HOSTS[pick % HOSTS.len()];
+                if self.placement {
+                    assert!(
+                        self.pool
+                            .vms
+                            .values()
+                            .all(|v| v.host.as_deref() != Some(host)),
+                        "VMs of lost host {host} still in the inventory"
+                    );
+                }
+            }
+            Step::HostBack { pick } => {
+                let host = HOSTS[pick % HOSTS.len()];
+                if self.placement && self.view.is_lost(host) {
+                    // What it still holds and the pool wrote off: only its reaper finds it.
+                    for vm in &self.substrate {
+                        if self.vm_host.get(vm).map(String::as_str) == Some(host)
+                            && !self.pool.vms.contains_key(vm)
+                        {
+                            self.strays.insert(vm.clone());
+                        }
+                    }
+                }
+                self.change_host(*pick, |h| {
+                    let lost = h.state == HostState::Lost;
+                    h.state = HostState::Live;
+                    lost
+                });
+            }
+            Step::Drain { pick, on } => self.change_host(*pick, |h| {
+                let changed = h.draining != *on;
+                h.draining = *on;
+                changed
+            }),
+        }
+        // Agents told their VM was lost end, and release their claim.
+        for request in std::mem::take(&mut self.lost_agents) {
+            if let Some(i) = self.agents.iter().position(|r| r == &request) {
+                self.agents.remove(i);
+                self.handed.remove(&request);
+                let (deleting, cmds) = self.pool.release(&request, self.now);
+                assert_eq!(deleting, None, "a lost VM is deleted again");
                 self.absorb(cmds);
             }
         }
@@ -504,9 +710,23 @@ impl World {
         }
         for vm in &self.substrate {
             assert!(
-                self.pool.vms.contains_key(vm) || self.strays.contains(vm),
+                self.pool.vms.contains_key(vm) || self.strays.contains(vm) || self.unreachable(vm),
                 "VM {vm} exists but the pool lost it"
             );
+        }
+        for v in self.pool.vms.values() {
+            if let Some(host) = &v.host {
+                assert!(
+                    !self.view.is_lost(host),
+                    "{} kept on lost host {host}",
+                    v.id
+                );
+                assert!(
+                    !(v.state == VmState::Warm && self.view.is_draining(host)),
+                    "{} warm on draining host {host}",
+                    v.id
+                );
+            }
         }
         for v in self.pool.vms.values() {
             if matches!(v.state, VmState::Warm | VmState::Assigned) {
@@ -543,9 +763,28 @@ proptest! {
 
     #[test]
     fn pool_never_loses_or_overbooks_a_vm(steps in prop::collection::vec(step(), 1..120)) {
-        let mut w = World::new();
-        for s in &steps {
+        settles_soundly(World::new(), &steps)?;
+    }
+
+    #[test]
+    fn pool_on_hosts_never_loses_or_overbooks_a_vm(
+        steps in prop::collection::vec(step(), 1..120)
+    ) {
+        settles_soundly(World::with_placement(true), &steps)?;
+    }
+}
+
+/// Runs `steps`, then lets the world settle (hosts back, back-offs over, agents gone, two
+/// reaper scans a grace period apart) and checks that substrate and inventory agree.
+fn settles_soundly(mut w: World, steps: &[Step]) -> Result<(), TestCaseError> {
+    {
+        for s in steps {
             w.apply(s);
+        }
+        // Lost hosts come back and drains end.
+        for pick in 0..HOSTS.len() {
+            w.apply(&Step::HostBack { pick });
+            w.apply(&Step::Drain { pick, on: false });
         }
         // Far in the future, with every back-off over, everything settles.
         w.apply(&Step::Advance(3_600_000));
@@ -570,17 +809,31 @@ proptest! {
         prop_assert!(w.dead_agents.is_empty(), "claims of ended agents left");
         prop_assert_eq!(w.count(VmState::Assigned), 0);
         let recorded: BTreeSet<VmId> = w.pool.vms.keys().cloned().collect();
-        prop_assert_eq!(&recorded, &w.substrate, "substrate and inventory differ once settled");
+        prop_assert_eq!(
+            &recorded,
+            &w.substrate,
+            "substrate and inventory differ once settled"
+        );
         prop_assert_eq!(w.count(VmState::Booting) + w.count(VmState::Deleting), 0);
         let max = w.pool.config.spec.max_vms as usize;
         prop_assert!(w.substrate.len() <= max.max(w.count(VmState::Assigned)));
         for (name, ws) in &w.pool.workspaces {
-            let fresh = w.pool.vms.values()
+            let fresh = w
+                .pool
+                .vms
+                .values()
                 .filter(|v| &v.workspace == name && v.state == VmState::Warm && w.pool.is_fresh(v))
                 .count() as u32;
-            prop_assert!(fresh <= ws.spec.min_idle, "{} has {} warm, min_idle {}", name, fresh, ws.spec.min_idle);
+            prop_assert!(
+                fresh <= ws.spec.min_idle,
+                "{} has {} warm, min_idle {}",
+                name,
+                fresh,
+                ws.spec.min_idle
+            );
         }
     }
+    Ok(())
 }
 
 #[test]

@@ -3,6 +3,7 @@
 mod agent;
 mod auth;
 mod bake;
+mod host;
 mod pool;
 mod resource;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Manage the tenant's warm pool.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// The deployment's VM hosts: list them, drain one.
+    #[command(subcommand)]
+    Host(host::HostCommand),
     /// Print a resource as YAML.
     ///
     /// Examples:
@@ -187,7 +191,7 @@ async fn main() -> ExitCode {
     let json = std::env::args().any(|a| a == "--json");
     let cli = Cli::parse();
     let workspace = cli.workspace.as_deref();
-    if matches!(cli.command, Command::Pool(_)) && murmur::on_vm() {
+    if matches!(cli.command, Command::Pool(_) | Command::Host(_)) && murmur::on_vm() {
         // Decided before any connection is made (PRODUCT.md §5: a plain line, exit 1).
         eprintln!("{}", murmur::ON_VM_MESSAGE);
         return ExitCode::from(murmur::EXIT_FAILURE as u8);
@@ -195,6 +199,7 @@ async fn main() -> ExitCode {
     let plain = |r: Result<(), ApiError>| r.map_err(|e| (e, None));
     let result = match cli.command {
         Command::Pool(cmd) => plain(pool::run(cmd, workspace).await),
+        Command::Host(cmd) => plain(host::run(cmd).await),
         Command::Get(args) => plain(resource::get(args, workspace).await),
         Command::Set(args) => plain(resource::set(args, workspace).await),
         Command::Patch(args) => plain(resource::patch(args, workspace).await),

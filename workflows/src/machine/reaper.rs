@@ -171,9 +171,12 @@ impl Pool {
 
         let mut out = Vec::new();
         // Unknown VMs: suspects first, deleted once the grace period has passed.
+        // A host lost since the listing was taken cannot be asked to delete anything.
         let unknown: BTreeMap<VmId, Option<String>> = listed
             .iter()
-            .filter(|(id, _)| !self.vms.contains_key(**id))
+            .filter(|(id, (_, host))| {
+                !self.vms.contains_key(**id) && !host.is_some_and(|h| self.hosts.is_lost(h))
+            })
             .map(|(id, (_, host))| ((*id).clone(), host.cloned()))
             .collect();
         self.reaper

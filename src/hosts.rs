@@ -1,0 +1,111 @@
+//! `murmur host ls | drain`: the deployment's VM hosts, as the registry knows them, with the
+//! VMs the running pools have placed on each.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use murmur_activities::host_activities::read_hosts;
+use murmur_activities::temporal_ops::{SA_KIND, update_error};
+use murmur_workflows::error::{ApiError, Code};
+use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
+use murmur_workflows::hosts::{DrainRequest, HostInfo, HostView, registry_workflow_id};
+use murmur_workflows::pool_workflow::PoolWorkflow;
+use serde::{Deserialize, Serialize};
+use temporalio_client::{
+    Client, WorkflowExecuteUpdateOptions, WorkflowListOptions, WorkflowQueryOptions,
+};
+
+/// One row of `murmur host ls`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRow {
+    /// The registry's record of the host.
+    #[serde(flatten)]
+    pub info: HostInfo,
+    /// `live`, `draining` or `lost`.
+    pub status: String,
+    /// VMs the running pools have on it (booting, warm, assigned or deleting).
+    pub vms: u32,
+}
+
+/// The hosts of the deployment on `shared_queue`, with the VMs every running pool of it has
+/// placed on each. A pool that does not answer its query is left out of the counts.
+pub async fn list(client: &Client, shared_queue: &str) -> Result<Vec<HostRow>, ApiError> {
+    let view: HostView = read_hosts(client, shared_queue).await?;
+    let mut vms: BTreeMap<String, u32> = BTreeMap::new();
+    let query = format!(
+        "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{shared_queue}'",
+        SA_KIND.name()
+    );
+    let mut pools = client.list_workflows(query, WorkflowListOptions::default());
+    while let Some(item) = pools.next().await {
+        let wf = item.map_err(|e| ApiError::new(Code::Unavailable, e.to_string()))?;
+        let status = client
+            .get_workflow_handle::<PoolWorkflow>(wf.id().to_string())
+            .query(PoolWorkflow::status, (), WorkflowQueryOptions::default())
+            .await;
+        if let Ok(status) = status {
+            for h in status.hosts {
+                *vms.entry(h.host).or_default() += h.vms;
+            }
+        }
+    }
+    Ok(view
+        .hosts
+        .into_values()
+        .map(|info| HostRow {
+            status: info.state_label().to_string(),
+            vms: vms.get(&info.host).copied().unwrap_or(0),
+            info,
+        })
+        .collect())
+}
+
+/// Starts (or, with `undo`, ends) the drain of `host`; answers with the host's record.
+pub async fn drain(
+    client: &Client,
+    shared_queue: &str,
+    host: &str,
+    undo: bool,
+    actor: &str,
+) -> Result<HostInfo, ApiError> {
+    murmur_workflows::hosts::validate_host_id(host)?;
+    let req = DrainRequest {
+        host: host.to_string(),
+        undo,
+        actor: Some(actor.to_string()),
+    };
+    client
+        .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(shared_queue))
+        .execute_update(
+            HostRegistryWorkflow::drain,
+            req.into(),
+            WorkflowExecuteUpdateOptions::default(),
+        )
+        .await
+        .map_err(|e| {
+            update_error(
+                e,
+                "the host registry is not running: no murmur-worker has started on this task queue",
+            )
+        })
+}
+
+/// The `murmur host ls` table.
+pub fn table(rows: &[HostRow]) -> String {
+    let mut out = format!(
+        "{:<24} {:<9} {:>5} {:>8} {:>10} {:<9} {:>6}\n",
+        "HOST", "STATE", "VMS", "MAX_VMS", "MEMORY_MB", "SUBSTRATE", "LOSSES"
+    );
+    for r in rows {
+        let memory = if r.info.memory_mb == 0 {
+            "-".to_string()
+        } else {
+            r.info.memory_mb.to_string()
+        };
+        out.push_str(&format!(
+            "{:<24} {:<9} {:>5} {:>8} {:>10} {:<9} {:>6}\n",
+            r.info.host, r.status, r.vms, r.info.max_vms, memory, r.info.substrate, r.info.losses
+        ));
+    }
+    out
+}

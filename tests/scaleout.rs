@@ -1,0 +1,302 @@
+//! Scale-out: three worker processes of one deployment on this machine, each its own VM host
+//! (host id, state dir, substrate), against the one dev server. VMs spread across hosts; a
+//! host killed with SIGKILL is lost, its VMs are written off and replaced on the others (an
+//! agent there fails with the reason); restarted, its leftovers are reaped; a drain moves
+//! warm VMs off a host while its agent keeps running; flush and nuke reach every host.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{EnvOptions, PATIENCE, TestEnv, stdout, warm};
+use murmur::hosts::HostRow;
+use murmur_workflows::agent::Phase;
+use murmur_workflows::model::VmState;
+use murmur_workflows::status::PoolStatus;
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// A deployment of three hosts: the environment's own worker is `h1`.
+fn three_hosts(name: &str) -> TestEnv {
+    let mut env = TestEnv::start_with(
+        name,
+        EnvOptions::default()
+            .fast_reaper()
+            .worker("MURMUR_HOST_ID", "h1"),
+    );
+    env.start_host("h2");
+    env.start_host("h3");
+    wait_hosts(&env, "three live hosts", |rows| {
+        rows.iter().filter(|r| r.status == "live").count() == 3
+    });
+    env
+}
+
+fn hosts(env: &TestEnv) -> Vec<HostRow> {
+    let out = env.murmur_ok(&["host", "ls", "--json"]);
+    serde_json::from_str(&out).expect("host ls JSON")
+}
+
+fn wait_hosts(env: &TestEnv, what: &str, pred: impl Fn(&[HostRow]) -> bool) -> Vec<HostRow> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows = hosts(env);
+        if pred(&rows) {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; hosts: {rows:#?}\n{}",
+            env.worker_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// This tenant's VM ids in a host's substrate (`h1` is the environment's own state dir).
+fn on_host(env: &TestEnv, host: &str) -> BTreeSet<String> {
+    let vms = if host == "h1" {
+        env.substrate()
+    } else {
+        env.host_substrate(host)
+    };
+    vms.into_iter().map(|v| v.id.0).collect()
+}
+
+/// The pool's VMs per host, as its inventory records them.
+fn inventory_by_host(st: &PoolStatus) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for v in &st.vms {
+        by.entry(v.host.clone().unwrap_or_default())
+            .or_default()
+            .insert(v.id.0.clone());
+    }
+    by
+}
+
+/// Waits until nothing boots or is deleted and, on each of `live` hosts, the substrate holds
+/// exactly the VMs the inventory places there (nothing leaked, nothing counted twice).
+fn wait_sound(env: &TestEnv, live: &[&str], what: &str) -> PoolStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let st = env.status();
+        let settled = st
+            .vms
+            .iter()
+            .all(|v| matches!(v.state, VmState::Warm | VmState::Assigned));
+        let by = inventory_by_host(&st);
+        let mismatches: Vec<String> = live
+            .iter()
+            .filter_map(|h| {
+                let substrate = on_host(env, h);
+                let inventory = by.get(*h).cloned().unwrap_or_default();
+                (substrate != inventory)
+                    .then(|| format!("{h}: substrate {substrate:?} vs inventory {inventory:?}"))
+            })
+            .collect();
+        let placed: usize = by.values().map(BTreeSet::len).sum();
+        if settled && mismatches.is_empty() && placed == st.vms.len() && pred_ok(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not sound ({what}): {mismatches:#?}\nstatus: {st:#?}\n{}",
+            env.worker_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// No VM in the inventory without a host once placement is on, and never over `max_vms`.
+fn pred_ok(st: &PoolStatus) -> bool {
+    st.vms.iter().all(|v| v.host.is_some()) && st.in_use <= st.config.max_vms
+}
+
+#[test]
+fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_return() {
+    let mut env = three_hosts("scale-lost");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=12"]);
+    env.set_workspace("default", "min_idle: 6\n");
+    env.wait_for("6 warm VMs", |st| warm(st) == 6);
+    let st = wait_sound(&env, &HOSTS, "after backfill");
+    let by = inventory_by_host(&st);
+    for h in HOSTS {
+        assert_eq!(
+            by.get(h).map_or(0, BTreeSet::len),
+            2,
+            "equal hosts get equal shares: {by:#?}"
+        );
+    }
+
+    // An agent holds one VM; the host it runs on is the one that dies.
+    let out = env.murmur(&["spawn", "--on-idle", "keep-alive", "holder", "--", "true"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let agent = env.wait_phase("holder", Phase::Idle);
+    let vm = agent.vm.expect("agent VM").0;
+    let st = env.status();
+    let victim = st
+        .vms
+        .iter()
+        .find(|v| v.id.0 == vm)
+        .and_then(|v| v.host.clone())
+        .expect("the agent's VM has a host");
+    let victim_vms = on_host(&env, &victim);
+    assert!(victim_vms.contains(&vm));
+    let survivors: Vec<&str> = HOSTS.into_iter().filter(|h| *h != victim).collect();
+
+    if victim == "h1" {
+        env.kill_worker();
+    } else {
+        env.kill_host(&victim);
+    }
+    let rows = wait_hosts(&env, "the killed host to be lost", |rows| {
+        rows.iter()
+            .any(|r| r.info.host == victim && r.status == "lost")
+    });
+    assert_eq!(rows.iter().filter(|r| r.status == "live").count(), 2);
+
+    // Its VMs are written off and replaced on the others; the agent fails with the reason.
+    let failed = env.wait_phase("holder", Phase::Failed);
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("was lost with host {victim}")),
+        "agent error: {error}"
+    );
+    env.wait_for("6 warm VMs on the surviving hosts", |st| {
+        warm(st) == 6
+            && st
+                .vms
+                .iter()
+                .all(|v| v.host.as_deref() != Some(victim.as_str()))
+    });
+    let st = wait_sound(&env, &survivors, "after the host was lost");
+    assert!(
+        st.counters.written_off >= victim_vms.len() as u64,
+        "written off {} of {}",
+        st.counters.written_off,
+        victim_vms.len()
+    );
+    // Nothing double-counted: the inventory is exactly what the live hosts hold.
+    let live_total: usize = survivors.iter().map(|h| on_host(&env, h).len()).sum();
+    assert_eq!(st.vms.len(), live_total);
+    assert_eq!(st.in_use as usize, live_total);
+    // The dead host's VMs are still on its disk, unknown to the pool.
+    assert_eq!(on_host(&env, &victim), victim_vms);
+
+    // It comes back: registered again, and its reaper deletes the leftovers.
+    if victim == "h1" {
+        env.start_worker();
+    } else {
+        env.start_host(&victim);
+    }
+    wait_hosts(&env, "the host to be live again", |rows| {
+        rows.iter().filter(|r| r.status == "live").count() == 3
+    });
+    let deadline = Instant::now() + PATIENCE;
+    while !on_host(&env, &victim).is_disjoint(&victim_vms) {
+        assert!(
+            Instant::now() < deadline,
+            "leftovers of {victim} never reaped: {:?}\n{}",
+            on_host(&env, &victim),
+            env.worker_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = wait_sound(&env, &HOSTS, "after the host came back");
+    assert!(st.reaper.orphans_deleted >= victim_vms.len() as u64 - 1);
+    assert_eq!(warm(&st), 6);
+}
+
+#[test]
+fn drain_moves_warm_vms_off_a_host_and_flush_and_nuke_reach_every_host() {
+    let env = three_hosts("scale-drain");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=12"]);
+    env.set_workspace("default", "min_idle: 6\n");
+    env.wait_for("6 warm VMs", |st| warm(st) == 6);
+    wait_sound(&env, &HOSTS, "after backfill");
+
+    let out = env.murmur(&["spawn", "--on-idle", "keep-alive", "stays", "--", "true"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let vm = env.wait_phase("stays", Phase::Idle).vm.expect("agent VM").0;
+    let drained = env
+        .status()
+        .vms
+        .iter()
+        .find(|v| v.id.0 == vm)
+        .and_then(|v| v.host.clone())
+        .expect("the agent's VM has a host");
+
+    let out = env.murmur_ok(&["host", "drain", &drained]);
+    assert!(out.contains(&format!("Host {drained} draining")), "{out}");
+    let st = env.wait_for("no warm VM on the drained host", |st| {
+        warm(st) == 6
+            && st.vms.iter().all(|v| {
+                v.host.as_deref() != Some(drained.as_str()) || v.state == VmState::Assigned
+            })
+    });
+    // The agent keeps its VM on the drained host.
+    assert_eq!(env.agent("stays").phase, Some(Phase::Idle));
+    assert!(
+        st.vms
+            .iter()
+            .any(|v| v.id.0 == vm && v.host.as_deref() == Some(drained.as_str()))
+    );
+    let rows = hosts(&env);
+    let row = rows.iter().find(|r| r.info.host == drained).unwrap();
+    assert_eq!(row.status, "draining");
+    assert_eq!(row.vms, 1, "only the agent's VM is left there: {rows:#?}");
+    let st = wait_sound(&env, &HOSTS, "after the drain");
+
+    // A flush replaces every warm VM, on every host but the drained one.
+    let before: BTreeSet<String> = st
+        .vms
+        .iter()
+        .filter(|v| v.state == VmState::Warm)
+        .map(|v| v.id.0.clone())
+        .collect();
+    env.murmur_ok(&["pool", "flush"]);
+    let st = env.wait_for("6 fresh warm VMs", |st| {
+        warm(st) == 6
+            && st
+                .vms
+                .iter()
+                .filter(|v| v.state == VmState::Warm)
+                .all(|v| !before.contains(&v.id.0))
+    });
+    for v in st.vms.iter().filter(|v| v.state == VmState::Warm) {
+        assert_ne!(v.host.as_deref(), Some(drained.as_str()));
+    }
+    for h in HOSTS {
+        assert!(
+            on_host(&env, h).is_disjoint(&before),
+            "{h} kept flushed VMs"
+        );
+    }
+
+    // Undrained, the host takes VMs again; a nuke then wipes every host.
+    env.murmur_ok(&["host", "drain", "--undo", &drained]);
+    wait_hosts(&env, "the host live again", |rows| {
+        rows.iter()
+            .any(|r| r.info.host == drained && r.status == "live")
+    });
+    let st = wait_sound(&env, &HOSTS, "before the nuke");
+    let everything: BTreeSet<String> = st.vms.iter().map(|v| v.id.0.clone()).collect();
+    let out = env.murmur(&["pool", "flush", "--nuke"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        stdout(&out).contains("Nuke complete (7 terminated/deleted)"),
+        "{}",
+        stdout(&out)
+    );
+    for h in HOSTS {
+        assert!(
+            on_host(&env, h).is_disjoint(&everything),
+            "{h} kept VMs through the nuke: {:?}",
+            on_host(&env, h)
+        );
+    }
+    env.wait_phase("stays", Phase::Canceled);
+    let st = wait_sound(&env, &HOSTS, "after the nuke");
+    assert_eq!(warm(&st), 6);
+}
