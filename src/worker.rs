@@ -69,6 +69,8 @@ pub struct HostSettings {
     pub max_vms: u32,
     /// Memory for its VMs, in MiB (0: not limited).
     pub memory_mb: u64,
+    /// How long it may go without a lease heartbeat before the registry marks it lost.
+    pub lease_timeout: Duration,
 }
 
 impl HostSettings {
@@ -263,6 +265,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         max_vms: config.host.max_vms,
         memory_mb: config.host.memory_mb,
         substrate: provider_name.to_string(),
+        lease_timeout_ms: config.host.lease_timeout.as_millis() as u64,
     };
     let registrar = tokio::spawn(keep_registered(
         client,

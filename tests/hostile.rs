@@ -66,7 +66,7 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     let pool = format!("pool/{}", env.tenant);
     let cases = payloads(env.dir.path());
 
-    let pool_signals = ["flush", "up", "no_such_signal"];
+    let pool_signals = ["flush", "up", "hosts", "no_such_signal"];
     // `up` (reconcile now) is harmless and takes anything; every other update changes
     // something and must refuse all of these.
     let pool_updates = [
@@ -147,18 +147,14 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
             sent += 1;
         }
         let id = &agent.workflow;
-        send(
-            &env,
-            &[
-                "workflow",
-                "signal",
-                "--workflow-id",
-                id,
-                "--name",
-                "claim_settled",
-            ],
-            input,
-        );
+        for name in ["claim_settled", "vm_lost"] {
+            send(
+                &env,
+                &["workflow", "signal", "--workflow-id", id, "--name", name],
+                input,
+            );
+            sent += 1;
+        }
         for name in agent_updates {
             let out = send(
                 &env,
@@ -183,7 +179,54 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
             &["workflow", "query", "--workflow-id", id, "--name", "status"],
             input,
         );
-        sent += 4;
+        sent += 3;
+    }
+    // The host registry: registrations are checked, drains of unknown hosts refused.
+    let registry = format!("{}-hosts", env.task_queue);
+    for (what, input) in &cases {
+        send(
+            &env,
+            &[
+                "workflow",
+                "signal",
+                "--workflow-id",
+                &registry,
+                "--name",
+                "register",
+            ],
+            input,
+        );
+        let out = send(
+            &env,
+            &[
+                "workflow",
+                "update",
+                "execute",
+                "--workflow-id",
+                &registry,
+                "--name",
+                "drain",
+            ],
+            input,
+        );
+        assert!(
+            !out.status.success(),
+            "drain accepted hostile input {what}: {}",
+            stdout(&out)
+        );
+        send(
+            &env,
+            &[
+                "workflow",
+                "query",
+                "--workflow-id",
+                &registry,
+                "--name",
+                "hosts",
+            ],
+            input,
+        );
+        sent += 3;
     }
     eprintln!("{sent} hostile messages sent");
 
@@ -214,6 +257,12 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     assert_eq!(still.vm, agent.vm);
     assert_no_task_failed(&env, &pool);
     assert_no_task_failed(&env, &agent.workflow);
+    assert_no_task_failed(&env, &registry);
+    // The one host is still live and still the only one.
+    let hosts = env.murmur_ok(&["host", "ls", "--json"]);
+    let hosts: Vec<serde_json::Value> = serde_json::from_str(&hosts).unwrap();
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0]["status"], "live");
 
     // And it still does its job.
     let out = env.murmur_ok(&["pool", "flush"]);

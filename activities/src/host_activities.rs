@@ -29,9 +29,6 @@ use temporalio_sdk::activities::ActivityContext;
 use crate::auth::now_ms;
 use crate::temporal_ops::{SA_KIND, query_error, rpc_error};
 
-/// Time between a lease's heartbeats (well inside the registry's lease timeout).
-const LEASE_HEARTBEAT: Duration = Duration::from_secs(2);
-
 /// The lease activity of one host (registered on the host's own queue only).
 pub struct HostActivities {
     host: String,
@@ -72,7 +69,12 @@ impl HostActivities {
         let term = Duration::from_millis(input.term_ms.max(1_000));
         let ends = Instant::now() + term;
         tracing::debug!(host = %self.host, lease = input.seq, "host lease started");
-        let mut tick = tokio::time::interval(LEASE_HEARTBEAT);
+        let beat = Duration::from_millis(if input.beat_ms == 0 {
+            2_000
+        } else {
+            input.beat_ms.max(100)
+        });
+        let mut tick = tokio::time::interval(beat);
         loop {
             tokio::select! {
                 _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
@@ -104,7 +106,8 @@ impl RegistryActivities {
             .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))
     }
 
-    /// Sends the view to every running pool (their `hosts` signal); returns how many were told.
+    /// Tells every running pool of this deployment that the view changed (their `hosts`
+    /// signal, carrying only the version); returns how many were told.
     #[activity(name = "murmur.announce_hosts")]
     pub async fn announce_hosts(
         self: Arc<Self>,
@@ -112,7 +115,8 @@ impl RegistryActivities {
         view: HostView,
     ) -> Result<u32, ActivityError> {
         let client = ctx.client();
-        let payload = encode_json(&view)
+        // A doorbell: pools read the view from the registry themselves.
+        let payload = encode_json(&view.version)
             .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
         // Only this deployment's pools (the ones on this shared queue).
         let query = format!(

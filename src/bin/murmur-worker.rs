@@ -88,6 +88,11 @@ struct RunArgs {
     /// machine's RAM on qemu, not limited for process sandboxes.
     #[arg(long, global = true, env = "MURMUR_HOST_MEMORY_MB")]
     host_memory_mb: Option<u64>,
+    /// How long this host may go without a lease heartbeat before the registry marks it lost
+    /// and its VMs are written off (1s to 1h). Longer rides out slow restarts of a worker;
+    /// shorter replaces a dead host's VMs sooner.
+    #[arg(long, global = true, env = "MURMUR_HOST_LEASE_TIMEOUT", default_value = "15s", value_parser = parse_lease_timeout)]
+    host_lease_timeout: std::time::Duration,
     /// Directory of the signing keys (default: the state dir). Every worker of a deployment
     /// must share the same keys.
     #[arg(long, global = true, env = "MURMUR_KEYS_DIR")]
@@ -187,6 +192,16 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
 fn parse_host_id(s: &str) -> anyhow::Result<String> {
     murmur_workflows::hosts::validate_host_id(s).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     Ok(s.to_string())
+}
+
+/// A lease timeout: between 1s and 1h.
+fn parse_lease_timeout(s: &str) -> anyhow::Result<std::time::Duration> {
+    let d = parse_duration(s)?;
+    anyhow::ensure!(
+        (1..=3600).contains(&d.as_secs()),
+        "invalid lease timeout {s:?}: must be between 1s and 1h"
+    );
+    Ok(d)
 }
 
 /// A boot timeout: a duration of at most the pool workflow's boot deadline.
@@ -299,6 +314,7 @@ async fn main() -> std::process::ExitCode {
                         .host_id
                         .unwrap_or_else(murmur::worker::HostSettings::default_id),
                     max_vms: cli.run.host_max_vms,
+                    lease_timeout: cli.run.host_lease_timeout,
                     memory_mb: cli.run.host_memory_mb.unwrap_or_else(|| {
                         murmur::worker::HostSettings::default_memory_mb(cli.run.substrate)
                     }),

@@ -331,6 +331,8 @@ pub struct LeaseInput {
     pub seq: u64,
     /// How long the lease runs before it is renewed, in ms.
     pub term_ms: u64,
+    /// Time between heartbeats, in ms (0: two seconds); well inside the heartbeat timeout.
+    pub beat_ms: u64,
 }
 
 impl ActivityDefinition for HostLease {

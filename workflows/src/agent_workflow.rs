@@ -62,8 +62,8 @@ pub struct AgentWorkflow {
     claimed: bool,
     /// Set by the pool's `claim_settled` signal: ask again where the claim stands.
     claim_settled: bool,
-    /// Set by the pool's `vm_lost` signal: why the agent's VM is gone.
-    vm_lost: Option<String>,
+    /// Set by the pool's `vm_lost` signal: ask the pool whether the agent's VM is gone.
+    vm_lost: bool,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -100,7 +100,7 @@ impl AgentWorkflow {
             killed_by: None,
             claimed: false,
             claim_settled: false,
-            vm_lost: None,
+            vm_lost: false,
         }
     }
 
@@ -130,16 +130,13 @@ impl AgentWorkflow {
                 if c.state(|s| s.input.on_idle) == OnIdle::KeepAlive {
                     set_phase(&c, Phase::Idle);
                     // Until a kill (Ok), a cancellation (Err), or the VM is lost with its host.
-                    let _ = c
-                        .wait_condition(|s| s.killed_by.is_some() || s.vm_lost.is_some())
-                        .await;
-                    match c.state(|s| (s.killed_by.is_some(), s.vm_lost.clone())) {
-                        (false, Some(reason)) => {
+                    temporalio_sdk::workflows::select! {
+                        _ = c.wait_condition(|s| s.killed_by.is_some()).fuse() => true,
+                        reason = vm_lost(&c, &stop).fuse() => {
                             c.state_mut(|s| s.status.error = Some(reason.clone()));
                             ended = Ended::Failed(reason);
                             false
                         }
-                        _ => true,
                     }
                 } else {
                     false
@@ -256,14 +253,13 @@ impl AgentWorkflow {
         self.claim_settled = true;
     }
 
-    /// From the pool: the VM this agent runs on is gone (lost with its host); the payload is
-    /// why, as text. The agent stops its command and fails with that reason. A payload that
-    /// is not text still stops it, with a generic reason.
+    /// From the pool: the VM this agent runs on may be gone (lost with its host). The agent
+    /// asks the pool where its claim stands and, when the pool confirms, stops its command and
+    /// fails with the pool's reason. Any payload is accepted and ignored, so a stray signal
+    /// costs one question to the pool.
     #[signal(name = "vm_lost")]
-    pub fn vm_lost(&mut self, _ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
-        let reason = crate::messages::decode_lenient::<String>(&raw)
-            .unwrap_or_else(|_| "the agent's VM was lost".to_string());
-        self.vm_lost.get_or_insert(reason);
+    pub fn vm_lost(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
+        self.vm_lost = true;
     }
 
     /// The agent's status (`murmur status`).
@@ -445,10 +441,41 @@ async fn work(
                 root_cause(&e)
             )),
         },
-        _ = c.wait_condition(|s| s.vm_lost.is_some()).fuse() => {
+        reason = vm_lost(c, stop).fuse() => {
             stop.cancel();
             let _ = run.await;
-            Ended::Failed(c.state(|s| s.vm_lost.clone().unwrap_or_default()))
+            Ended::Failed(reason)
+        }
+    }
+}
+
+/// Resolves once the pool confirms the agent's VM is gone (after a `vm_lost` signal, the
+/// claim's state is `Failed`), with the pool's reason. Unconfirmed signals are ignored.
+async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellationToken) -> String {
+    loop {
+        if c.wait_condition(|s| s.vm_lost).await.is_err() {
+            // Cancelled: the caller's other branch ends the wait.
+            return futures::future::pending().await;
+        }
+        c.state_mut(|s| s.vm_lost = false);
+        let input = c.state(|s| ClaimInput {
+            tenant: s.input.tenant.clone(),
+            claim: ClaimRequest {
+                request: s.request.clone(),
+                agent: s.status.workflow.clone(),
+                developer: s.input.developer.clone(),
+                workspace: s.input.workspace.clone(),
+                wait: true,
+                spawn_request_id: String::new(),
+                auth: None,
+            },
+            started_at: 0,
+        });
+        let answer = c
+            .execute_local_activity(ClaimVm, input, claim_options(stop))
+            .await;
+        if let Ok(ClaimState::Failed { reason }) = answer {
+            return reason;
         }
     }
 }

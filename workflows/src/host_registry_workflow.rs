@@ -35,9 +35,6 @@ use crate::hosts::{
 use crate::messages::{Lenient, decode_lenient};
 use crate::pool_workflow::{UpdateError, next_finished, now_ms, root_cause, to_millis};
 
-/// How long a host may go without a heartbeat before its lease fails and it is lost; also how
-/// long a lease may wait to be picked up by the host.
-pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one lease runs before it is renewed.
 pub const LEASE_TERM: Duration = Duration::from_secs(600);
 /// Roll over to a new run once history grows past this many events.
@@ -243,16 +240,27 @@ fn start_lease<'a>(
     host: String,
     seq: u64,
 ) -> LocalBoxFuture<'a, Outcome> {
+    // How long the host may go without a heartbeat before its lease fails and it is lost;
+    // also how long a lease may wait to be picked up by the host.
+    let timeout = c.state(|s| {
+        s.registry
+            .view
+            .hosts
+            .get(&host)
+            .map(|h| h.lease_timeout())
+            .unwrap_or_default()
+    });
     let opts = ActivityOptions::with_start_to_close_timeout(LEASE_TERM + Duration::from_secs(60))
-        .heartbeat_timeout(LEASE_TIMEOUT)
+        .heartbeat_timeout(timeout)
         .retry_policy(RetryPolicy::builder().maximum_attempts(1).build())
         .summary(format!("lease {seq} of host {host}"))
         .build();
-    let opts = on_host(opts, c.task_queue(), Some(&host), LEASE_TIMEOUT);
+    let opts = on_host(opts, c.task_queue(), Some(&host), timeout);
     let input = LeaseInput {
         host: host.clone(),
         seq,
         term_ms: LEASE_TERM.as_millis() as u64,
+        beat_ms: (timeout.as_millis() as u64 / 4).clamp(250, 2_000),
     };
     let fut = c.execute_activity(HostLease, input, opts);
     async move {

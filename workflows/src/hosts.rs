@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::model::{Millis, is_dns_label};
 
+/// How long a host may go without a lease heartbeat before it is lost, unless its worker
+/// says otherwise (`--host-lease-timeout`).
+pub const DEFAULT_LEASE_TIMEOUT_MS: u64 = 15_000;
+
 /// Workflow id of the host registry of the deployment whose shared task queue is
 /// `shared_queue`: `murmur-hosts` for the default queue `murmur`.
 pub fn registry_workflow_id(shared_queue: &str) -> String {
@@ -55,6 +59,9 @@ pub struct HostRegistration {
     pub memory_mb: u64,
     /// `process` or `qemu`.
     pub substrate: String,
+    /// How long the host may go without a lease heartbeat before it is lost, in ms (0: the
+    /// default, [`DEFAULT_LEASE_TIMEOUT_MS`]).
+    pub lease_timeout_ms: u64,
 }
 
 impl HostRegistration {
@@ -68,6 +75,11 @@ impl HostRegistration {
         }
         if self.max_vms == 0 {
             return Err(ApiError::invalid_argument("max_vms must be positive"));
+        }
+        if self.lease_timeout_ms != 0 && !(1_000..=3_600_000).contains(&self.lease_timeout_ms) {
+            return Err(ApiError::invalid_argument(
+                "lease_timeout_ms must be between 1000 and 3600000",
+            ));
         }
         Ok(())
     }
@@ -120,9 +132,20 @@ pub struct HostInfo {
     pub lost_at: Option<Millis>,
     /// Times it was lost.
     pub losses: u64,
+    /// How long it may go without a lease heartbeat before it is lost, in ms (0: default).
+    pub lease_timeout_ms: u64,
 }
 
 impl HostInfo {
+    /// How long this host may go without a lease heartbeat before it is lost.
+    pub fn lease_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(if self.lease_timeout_ms == 0 {
+            DEFAULT_LEASE_TIMEOUT_MS
+        } else {
+            self.lease_timeout_ms
+        })
+    }
+
     /// True when new VMs may be placed here.
     pub fn placeable(&self) -> bool {
         self.state == HostState::Live && !self.draining
@@ -248,10 +271,12 @@ impl Registry {
             });
         let capacity_changed = entry.max_vms != reg.max_vms
             || entry.memory_mb != reg.memory_mb
-            || entry.substrate != reg.substrate;
+            || entry.substrate != reg.substrate
+            || entry.lease_timeout_ms != reg.lease_timeout_ms;
         entry.max_vms = reg.max_vms;
         entry.memory_mb = reg.memory_mb;
         entry.substrate = reg.substrate.clone();
+        entry.lease_timeout_ms = reg.lease_timeout_ms;
         let mut out = Vec::new();
         if entry.state == HostState::Lost || entry.instance != reg.instance {
             entry.state = HostState::Live;
@@ -344,6 +369,7 @@ mod tests {
             max_vms: 4,
             memory_mb: 0,
             substrate: "process".into(),
+            lease_timeout_ms: 0,
         }
     }
 

@@ -119,6 +119,10 @@ pub struct PoolWorkflow {
     reap_while_paused: bool,
     /// Time between reaper scans (the worker's setting, from the last scan).
     reap_interval_ms: Millis,
+    /// The registry said the host view changed: read it.
+    hosts_stale: bool,
+    /// A read of the host view is in flight.
+    hosts_reading: bool,
 }
 
 /// What finished among the activities the shell started.
@@ -151,6 +155,8 @@ enum Outcome {
     HoldBackOver(String, u64),
     /// The timer before retrying a nuke start fired.
     NukeRetryDue,
+    /// The host view was read (`None`: the read failed).
+    HostsRead(Option<Box<HostView>>),
 }
 
 #[workflow_methods]
@@ -185,6 +191,8 @@ impl PoolWorkflow {
             reap_due: true,
             reap_while_paused: false,
             reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
+            hosts_stale: false,
+            hosts_reading: false,
         }
     }
 
@@ -229,6 +237,9 @@ impl PoolWorkflow {
             }
             for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
                 in_flight.push(check_signal(&c, &tenant, req));
+            }
+            if c.state_mut(|s| s.take_hosts_read()) {
+                in_flight.push(read_hosts(&c));
             }
             // Scanning while paused (to find a nuke that died) came after runs that did not:
             // their histories replay without it.
@@ -292,6 +303,13 @@ impl PoolWorkflow {
                                 s.pool.boot_ended_on(&vm, host.as_deref(), Err(&err), now)
                             }
                             Outcome::BootNotStarted(vm) => s.pool.boot_not_started(&vm, now),
+                            Outcome::HostsRead(view) => {
+                                s.hosts_reading = false;
+                                match view {
+                                    Some(view) => s.hosts_changed(*view, now, replaying),
+                                    None => Vec::new(),
+                                }
+                            }
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
                             Outcome::Notified => Vec::new(),
@@ -301,7 +319,7 @@ impl PoolWorkflow {
                             }
                             Outcome::Reaped(baseline, scan, view) => {
                                 let mut cmds = match view {
-                                    Some(view) => s.pool.hosts_changed(*view, now),
+                                    Some(view) => s.hosts_changed(*view, now, replaying),
                                     None => Vec::new(),
                                 };
                                 cmds.extend(s.reaped(&baseline, scan, now, replaying));
@@ -342,6 +360,7 @@ impl PoolWorkflow {
                     !s.outbox.is_empty()
                         || !s.signalled.is_empty()
                         || s.nuke_start_due()
+                        || (s.hosts_stale && !s.hosts_reading)
                         || (s.reap_due && (!s.pool.paused || s.reap_while_paused))
                 }) => { r?; }
                 _ = (&mut handlers_done).fuse() => {}
@@ -450,26 +469,12 @@ impl PoolWorkflow {
         self.outbox.extend(cmds);
     }
 
-    /// The host registry's view changed (sent by the registry on every change; any payload is
-    /// accepted, a malformed one is logged and ignored). VMs of lost hosts are written off,
-    /// warm VMs of draining hosts deleted, and the pool backfills elsewhere.
+    /// The host registry says its view changed (a doorbell: any payload is accepted and
+    /// ignored). The pool reads the view from the registry itself, so a stray signal costs one
+    /// read and can never make the pool believe a host was lost.
     #[signal(name = "hosts")]
-    pub fn hosts_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
-        match decode_lenient::<HostView>(&raw) {
-            Ok(view) => {
-                let now = to_millis(ctx.workflow_time());
-                let before = self.pool.counters.written_off;
-                let cmds = self.pool.hosts_changed(view, now);
-                self.outbox.extend(cmds);
-                let written_off = self.pool.counters.written_off - before;
-                if written_off > 0 && !ctx.is_replaying() {
-                    tracing::warn!(tenant = %self.pool.tenant, written_off,
-                        "VMs of lost hosts written off");
-                }
-            }
-            Err(e) if !ctx.is_replaying() => self.reject("hosts", &e),
-            Err(_) => self.rejected_messages += 1,
-        }
+    pub fn hosts_signal(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
+        self.hosts_stale = true;
     }
 
     /// Validates a config change (rejections leave no trace in history).
@@ -908,6 +913,32 @@ impl PoolWorkflow {
         false
     }
 
+    /// Claims the read of the host view for the run loop, when one is asked for.
+    fn take_hosts_read(&mut self) -> bool {
+        if self.hosts_stale && !self.hosts_reading && self.pool.placement {
+            self.hosts_stale = false;
+            self.hosts_reading = true;
+            return true;
+        }
+        if !self.pool.placement {
+            // Runs from before placement have no use for the view.
+            self.hosts_stale = false;
+        }
+        false
+    }
+
+    /// Applies a host view read from the registry; logs VMs written off with lost hosts.
+    fn hosts_changed(&mut self, view: HostView, now: Millis, replaying: bool) -> Vec<Command> {
+        let before = self.pool.counters.written_off;
+        let cmds = self.pool.hosts_changed(view, now);
+        let written_off = self.pool.counters.written_off - before;
+        if written_off > 0 && !replaying {
+            tracing::warn!(tenant = %self.pool.tenant, written_off,
+                "VMs of lost hosts written off");
+        }
+        cmds
+    }
+
     /// Acts on a fired timer.
     fn timer_fired(&mut self, timer: Outcome, now: Millis) -> Vec<Command> {
         match timer {
@@ -1071,12 +1102,11 @@ fn start_command<'a>(
             }
             .boxed_local()
         }
-        Command::VmLost { agent, reason } => {
-            let payload =
-                crate::messages::encode_json(&reason).unwrap_or_else(|_| RawValue::empty());
+        Command::VmLost { agent, .. } => {
+            // The agent asks where its claim stands; the reason travels with that answer.
             let signal = c.external_workflow(agent, None).signal(
                 AgentWorkflow::vm_lost,
-                payload,
+                RawValue::empty(),
                 SignalWorkflowOptions::default(),
             );
             async move {
@@ -1250,6 +1280,16 @@ fn start_host_reap<'a>(
             Box::new(merged)
         });
         Outcome::Reaped(baseline, scan, view.map(Box::new))
+    }
+    .boxed_local()
+}
+
+/// Reads the host view from the registry.
+fn read_hosts<'a>(c: &'a WorkflowContext<PoolWorkflow>) -> LocalBoxFuture<'a, Outcome> {
+    let fut = c.execute_activity(ReadHosts, (), reap_options("read the host registry"));
+    async move {
+        let view = fut.await.ok().filter(|v| v.version > 0).map(Box::new);
+        Outcome::HostsRead(view)
     }
     .boxed_local()
 }

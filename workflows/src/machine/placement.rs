@@ -262,9 +262,13 @@ mod tests {
                 reason: format!("VM {vm} was lost with host {held_host}")
             }
         );
-        // A late boot result from the lost host is deleted there, not adopted as warm.
+        // A late boot result from the lost host is left to that host's reaper while the host
+        // is lost, and deleted there once it is back; never adopted as warm.
         let ghost = VmId::from_bits(0xdead);
-        let cmds = pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 4);
+        pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 4);
+        assert!(!pool.vms.contains_key(&ghost));
+        pool.hosts_changed(view(4, vec![host("a", 4), host("b", 4)]), 5);
+        let cmds = pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 6);
         assert!(cmds.contains(&Command::Delete {
             vm: ghost.clone(),
             reason: DeleteReason::Orphan
