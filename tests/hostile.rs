@@ -324,6 +324,9 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
         vec!["spawn", "ok-slug"],
         vec!["wait", "target", "--timeout", "soon"],
         vec!["kill", "no-such-agent"],
+        vec!["host", "drain", "Bad Host"],
+        vec!["host", "drain", "no-such-host"],
+        vec!["host", "frobnicate"],
     ];
     for args in &flag_cases {
         let out = env.murmur(args);
@@ -336,6 +339,10 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
         (vec!["run", "--boot-timeout", "5m"], "between 1s and 60s"),
         (vec!["run", "--reap-interval", "soon"], "invalid duration"),
         (vec!["run", "--substrate", "cloud"], "possible values"),
+        (vec!["run", "--host-id", "Worker_1"], "invalid host id"),
+        (vec!["--host-max-vms", "0"], "not in 1.."),
+        (vec!["run", "--host-lease-timeout", "0s"], "between 1s and 1h"),
+        (vec!["run", "--host-memory-mb", "lots"], "invalid digit"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
             .args(&args)

@@ -145,6 +145,7 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
     assert!(victim_vms.contains(&vm));
     let survivors: Vec<&str> = HOSTS.into_iter().filter(|h| *h != victim).collect();
 
+    let killed = Instant::now();
     if victim == "h1" {
         env.kill_worker();
     } else {
@@ -154,10 +155,12 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
         rows.iter()
             .any(|r| r.info.host == victim && r.status == "lost")
     });
+    let lost_after = killed.elapsed();
     assert_eq!(rows.iter().filter(|r| r.status == "live").count(), 2);
 
     // Its VMs are written off and replaced on the others; the agent fails with the reason.
     let failed = env.wait_phase("holder", Phase::Failed);
+    let agent_failed_after = killed.elapsed();
     let error = failed.error.unwrap_or_default();
     assert!(
         error.contains(&format!("was lost with host {victim}")),
@@ -170,6 +173,7 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
                 .iter()
                 .all(|v| v.host.as_deref() != Some(victim.as_str()))
     });
+    let replaced_after = killed.elapsed();
     let st = wait_sound(&env, &survivors, "after the host was lost");
     assert!(
         st.counters.written_off >= victim_vms.len() as u64,
@@ -185,6 +189,7 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
     assert_eq!(on_host(&env, &victim), victim_vms);
 
     // It comes back: registered again, and its reaper deletes the leftovers.
+    let restarted = Instant::now();
     if victim == "h1" {
         env.start_worker();
     } else {
@@ -203,9 +208,17 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let reaped_after = restarted.elapsed();
     let st = wait_sound(&env, &HOSTS, "after the host came back");
     assert!(st.reaper.orphans_deleted >= victim_vms.len() as u64 - 1);
     assert_eq!(warm(&st), 6);
+    // Figures for the record (not goals): reported by `cargo test --test scaleout -- --nocapture`.
+    eprintln!(
+        "host {victim} killed with {} VMs: lost after {lost_after:?}, agent failed after \
+         {agent_failed_after:?}, warm pool whole again after {replaced_after:?}; restarted: \
+         leftovers reaped after {reaped_after:?}",
+        victim_vms.len()
+    );
 }
 
 #[test]
@@ -227,6 +240,7 @@ fn drain_moves_warm_vms_off_a_host_and_flush_and_nuke_reach_every_host() {
         .and_then(|v| v.host.clone())
         .expect("the agent's VM has a host");
 
+    let drain_started = Instant::now();
     let out = env.murmur_ok(&["host", "drain", &drained]);
     assert!(out.contains(&format!("Host {drained} draining")), "{out}");
     let st = env.wait_for("no warm VM on the drained host", |st| {
@@ -235,6 +249,10 @@ fn drain_moves_warm_vms_off_a_host_and_flush_and_nuke_reach_every_host() {
                 v.host.as_deref() != Some(drained.as_str()) || v.state == VmState::Assigned
             })
     });
+    eprintln!(
+        "drain of {drained}: warm VMs replaced elsewhere after {:?}",
+        drain_started.elapsed()
+    );
     // The agent keeps its VM on the drained host.
     assert_eq!(env.agent("stays").phase, Some(Phase::Idle));
     assert!(
