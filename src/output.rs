@@ -247,6 +247,21 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             st.claims.len() - waiting
         );
     }
+    if !st.hosts.is_empty() {
+        let hosts: Vec<String> = st
+            .hosts
+            .iter()
+            .map(|h| format!("{} {} {}/{}", h.host, h.state, h.vms, h.max_vms))
+            .collect();
+        let mut line = format!("Hosts (this pool's VMs/capacity): {}", hosts.join(", "));
+        if st.counters.written_off > 0 {
+            line.push_str(&format!(
+                "; {} VM(s) written off with lost hosts",
+                st.counters.written_off
+            ));
+        }
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(at) = st.reaper.last_scan_at {
         let r = &st.reaper;
         let _ = writeln!(
