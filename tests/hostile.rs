@@ -341,7 +341,10 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
         (vec!["run", "--substrate", "cloud"], "possible values"),
         (vec!["run", "--host-id", "Worker_1"], "invalid host id"),
         (vec!["--host-max-vms", "0"], "not in 1.."),
-        (vec!["run", "--host-lease-timeout", "0s"], "between 1s and 1h"),
+        (
+            vec!["run", "--host-lease-timeout", "0s"],
+            "between 1s and 1h",
+        ),
         (vec!["run", "--host-memory-mb", "lots"], "invalid digit"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
