@@ -1,11 +1,11 @@
-//! `murmur host ls | drain`: the deployment's VM hosts, as the registry knows them, with the
+//! `murmur host ls | drain | forget`: the deployment's VM hosts, as the registry knows them, with the
 //! VMs the running pools have placed on each.
 
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use murmur_activities::host_activities::read_hosts;
-use murmur_activities::temporal_ops::{SA_KIND, update_error};
+use murmur_activities::temporal_ops::{running_pools_query, update_error};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
 use murmur_workflows::hosts::{DrainRequest, HostInfo, HostView, registry_workflow_id};
@@ -32,10 +32,7 @@ pub struct HostRow {
 pub async fn list(client: &Client, shared_queue: &str) -> Result<Vec<HostRow>, ApiError> {
     let view: HostView = read_hosts(client, shared_queue).await?;
     let mut vms: BTreeMap<String, u32> = BTreeMap::new();
-    let query = format!(
-        "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{shared_queue}'",
-        SA_KIND.name()
-    );
+    let query = running_pools_query(shared_queue);
     let mut pools = client.list_workflows(query, WorkflowListOptions::default());
     while let Some(item) = pools.next().await {
         let wf = item.map_err(|e| ApiError::new(Code::Unavailable, e.to_string()))?;
@@ -78,6 +75,35 @@ pub async fn drain(
         .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(shared_queue))
         .execute_update(
             HostRegistryWorkflow::drain,
+            req.into(),
+            WorkflowExecuteUpdateOptions::default(),
+        )
+        .await
+        .map_err(|e| {
+            update_error(
+                e,
+                "the host registry is not running: no murmur-worker has started on this task queue",
+            )
+        })
+}
+
+/// Forgets a lost host; answers with its last record.
+pub async fn forget(
+    client: &Client,
+    shared_queue: &str,
+    host: &str,
+    actor: &str,
+) -> Result<HostInfo, ApiError> {
+    murmur_workflows::hosts::validate_host_id(host)?;
+    let req = DrainRequest {
+        host: host.to_string(),
+        undo: false,
+        actor: Some(actor.to_string()),
+    };
+    client
+        .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(shared_queue))
+        .execute_update(
+            HostRegistryWorkflow::forget,
             req.into(),
             WorkflowExecuteUpdateOptions::default(),
         )

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use murmur_activities::agent_activities::ClaimLatencies;
+use murmur_activities::temporal_ops::running_pools_query;
 use murmur_workflows::model::VmState;
 use murmur_workflows::pool_workflow::PoolWorkflow;
-use murmur_workflows::search_attrs::SA_KIND;
 use murmur_workflows::status::PoolStatus;
 use temporalio_client::{Client, WorkflowListOptions, WorkflowQueryOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,11 +98,7 @@ async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<String>
 
 /// The pools this worker serves, by tenant.
 async fn pools(state: &MetricsState) -> Vec<PoolStatus> {
-    let query = format!(
-        "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{}'",
-        SA_KIND.name(),
-        state.task_queue.replace('\'', "")
-    );
+    let query = running_pools_query(&state.task_queue);
     let mut ids = Vec::new();
     let mut stream = state
         .client

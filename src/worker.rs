@@ -12,6 +12,7 @@ use temporalio_common::telemetry::metrics::CoreMeter;
 use temporalio_common::telemetry::{
     PrometheusExporterOptions, TelemetryOptions, start_prometheus_metric_exporter,
 };
+use temporalio_sdk::runtime::worker_tuner::{FixedSizeSlotSupplier, TunerHolder};
 use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 
 use crate::metrics::MetricsState;
@@ -36,6 +37,8 @@ use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 
 /// Concurrent activity task polls: flushes and nukes start many short activities at once.
 const ACTIVITY_POLLERS: usize = 20;
+/// Activity slots of a host's queue beyond one per VM (boots, deletes, scans, the lease).
+const HOST_SLOT_HEADROOM: usize = 64;
 
 /// What the worker needs to start.
 #[derive(Clone, Debug)]
@@ -218,7 +221,18 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // This host's queue: what must run where its VMs live.
     let host_queue = host_task_queue(&config.task_queue, &config.host.id);
     let last_lease_beat = Arc::new(AtomicU64::new(0));
+    // Every running agent holds a `run_agent` slot here for its whole life: room for one per
+    // VM plus boots, deletes, scans and the lease, so a full host never starves its lease.
+    let host_slots = config.host.max_vms as usize + HOST_SLOT_HEADROOM;
+    let host_tuner = TunerHolder::builder()
+        .workflow_task_slot_supplier(FixedSizeSlotSupplier::new(2))
+        .activity_task_slot_supplier(FixedSizeSlotSupplier::new(host_slots))
+        .local_activity_task_slot_supplier(FixedSizeSlotSupplier::new(2))
+        .nexus_task_slot_supplier(FixedSizeSlotSupplier::new(1))
+        .build();
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let on_host = WorkerOptions::new(host_queue.clone())
+        .tuner(host_tuner)
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
         .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
@@ -227,6 +241,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .register_activities(HostActivities::new(
             config.host.id.clone(),
             last_lease_beat.clone(),
+            stopping,
         ))
         .build();
     if let Some(listener) = metrics_listener {
@@ -252,6 +267,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
+        // The lease ends at once: the registry marks this host lost instead of placing work
+        // on a queue nobody will poll.
+        let _ = stopping_tx.send(true);
         stop_shared();
         stop_host();
     });

@@ -187,6 +187,21 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
     assert_eq!(st.in_use as usize, live_total);
     // The dead host's VMs are still on its disk, unknown to the pool.
     assert_eq!(on_host(&env, &victim), victim_vms);
+    // A live host cannot be forgotten; the lost one can, and is gone from every view.
+    let live = survivors[0];
+    let out = env.murmur(&["host", "forget", live]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        common::stderr(&out).starts_with(&format!("FAILED_PRECONDITION: host {live} is live")),
+        "{}",
+        common::stderr(&out)
+    );
+    env.murmur_ok(&["host", "forget", &victim]);
+    let rows = hosts(&env);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    env.wait_for("the pool to forget the host", |st| {
+        st.hosts.iter().all(|h| h.host != victim)
+    });
 
     // It comes back: registered again, and its reaper deletes the leftovers.
     let restarted = Instant::now();
@@ -218,6 +233,23 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
          {agent_failed_after:?}, warm pool whole again after {replaced_after:?}; restarted: \
          leftovers reaped after {reaped_after:?}",
         victim_vms.len()
+    );
+}
+
+#[test]
+fn a_host_stopped_with_sigterm_ends_its_lease_and_is_lost_at_once() {
+    let mut env = three_hosts("scale-stop");
+    env.stop_host("h3");
+    let rows = wait_hosts(&env, "h3 lost", |rows| {
+        rows.iter()
+            .any(|r| r.info.host == "h3" && r.status == "lost")
+    });
+    let h3 = rows.iter().find(|r| r.info.host == "h3").unwrap();
+    // Lost because it said so, not because its heartbeats stopped.
+    let why = h3.info.last_loss.clone().unwrap_or_default();
+    assert!(
+        why.contains("host h3 is shutting down"),
+        "lost because: {why}"
     );
 }
 

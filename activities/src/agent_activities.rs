@@ -173,7 +173,9 @@ impl AgentActivities {
             claim.into(),
         );
         let state = with_heartbeats(&ctx, call).await?.map_err(api_failure)?;
-        if let ClaimState::Assigned { vm, .. } = &state {
+        if let ClaimState::Assigned { vm, .. } = &state
+            && !input.probe
+        {
             let seconds = crate::auth::now_ms().saturating_sub(input.started_at) as f64 / 1000.0;
             let warm = !input.claim.wait;
             self.claims.record(warm, seconds);

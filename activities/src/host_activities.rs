@@ -27,21 +27,29 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::now_ms;
-use crate::temporal_ops::{SA_KIND, query_error, rpc_error};
+use crate::temporal_ops::{query_error, rpc_error, running_pools_query};
 
 /// The lease activity of one host (registered on the host's own queue only).
 pub struct HostActivities {
     host: String,
     last_lease_beat: Arc<AtomicU64>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl HostActivities {
     /// Leases of `host`; every heartbeat stores its time (epoch ms) in `last_lease_beat`, so
-    /// the worker notices when no lease runs and registers again.
-    pub fn new(host: impl Into<String>, last_lease_beat: Arc<AtomicU64>) -> Self {
+    /// the worker notices when no lease runs and registers again. When `stopping` turns true
+    /// (the worker is shutting down), a running lease fails at once, so the registry marks the
+    /// host lost instead of waiting out the lease's term.
+    pub fn new(
+        host: impl Into<String>,
+        last_lease_beat: Arc<AtomicU64>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             host: host.into(),
             last_lease_beat,
+            stopping,
         }
     }
 }
@@ -75,9 +83,19 @@ impl HostActivities {
             input.beat_ms.max(100)
         });
         let mut tick = tokio::time::interval(beat);
+        let mut stopping = self.stopping.clone();
         loop {
             tokio::select! {
                 _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(ActivityError::application(
+                        ApplicationFailure::builder(format!(
+                            "host {} is shutting down", self.host
+                        ))
+                        .non_retryable(true)
+                        .build(),
+                    ));
+                }
                 _ = tick.tick() => {}
             }
             let _ = ctx.record_heartbeat(()).await;
@@ -119,11 +137,7 @@ impl RegistryActivities {
         let payload = encode_json(&view.version)
             .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
         // Only this deployment's pools (the ones on this shared queue).
-        let query = format!(
-            "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{}'",
-            SA_KIND.name(),
-            ctx.info().task_queue
-        );
+        let query = running_pools_query(&ctx.info().task_queue);
         let mut pools = client.list_workflows(query, WorkflowListOptions::default());
         let mut told = 0u32;
         while let Some(item) = pools.next().await {

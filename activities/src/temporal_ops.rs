@@ -24,6 +24,16 @@ pub fn running_query(tenant: &str, kind: &str) -> String {
     )
 }
 
+/// Visibility query for the running pool workflows of the deployment whose shared task queue
+/// is `shared_queue` (quotes in the name are dropped, so it cannot end the literal).
+pub fn running_pools_query(shared_queue: &str) -> String {
+    format!(
+        "{} = 'pool' AND ExecutionStatus = 'Running' AND TaskQueue = '{}'",
+        SA_KIND.name(),
+        shared_queue.replace('\'', "")
+    )
+}
+
 /// Visibility query for the running agent workflows of a tenant.
 pub fn running_agents_query(tenant: &str) -> String {
     running_query(tenant, "agent")

@@ -274,6 +274,19 @@ impl TestEnv {
         }
     }
 
+    /// Stops extra host `host` with SIGTERM, as an operator would, and waits for it to exit.
+    pub fn stop_host(&mut self, host: &str) {
+        if let Some((_, slot)) = self.hosts.iter_mut().find(|(h, _)| h == host)
+            && let Some(mut child) = slot.take()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
     /// This tenant's VMs in the substrate of extra host `host`.
     pub fn host_substrate(&self, host: &str) -> Vec<VmInfo> {
         let provider: Box<dyn Provider> = if self.substrate_name == "qemu" {

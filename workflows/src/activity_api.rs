@@ -94,6 +94,9 @@ pub struct ClaimInput {
     /// When the agent started claiming (epoch ms), for the claim latency metric.
     #[serde(default)]
     pub started_at: u64,
+    /// Only asks where a claim the pool holds stands (no metric, no hand-out log line).
+    #[serde(default)]
+    pub probe: bool,
 }
 
 impl ActivityDefinition for ClaimVm {

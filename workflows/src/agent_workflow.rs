@@ -353,6 +353,7 @@ async fn work(
             tenant: tenant.clone(),
             claim: claim.clone(),
             started_at,
+            probe: false,
         };
         let answer = until_killed(
             c,
@@ -470,6 +471,7 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
                 auth: None,
             },
             started_at: 0,
+            probe: true,
         });
         let answer = c
             .execute_local_activity(ClaimVm, input, claim_options(stop))

@@ -130,7 +130,7 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
             options(what, timeout),
             c.task_queue(),
             host.as_deref(),
-            HOST_START_WITHIN,
+            BAKE_STEP_START_WITHIN,
         )
     };
     step(c, "checking the image cache");
@@ -193,7 +193,7 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
         delete_options,
         c.task_queue(),
         host.as_deref(),
-        HOST_START_WITHIN,
+        BAKE_STEP_START_WITHIN,
     );
     let deleted = c.execute_activity(DeleteVm, delete, delete_options).await;
     let report = result?;
@@ -209,7 +209,7 @@ pub fn scratch_vm_id(run_id: &str) -> VmId {
 }
 
 /// How long a bake step may wait for its host to pick it up.
-const HOST_START_WITHIN: Duration = Duration::from_secs(60);
+const BAKE_STEP_START_WITHIN: Duration = Duration::from_secs(60);
 
 /// Patch marker: bakes run on one registered host (runs from before host placement used the
 /// shared queue for every step).
@@ -255,7 +255,7 @@ async fn provision_and_snapshot(
             options(what, timeout),
             c.task_queue(),
             host,
-            HOST_START_WITHIN,
+            BAKE_STEP_START_WITHIN,
         )
     };
     step(c, "booting a scratch VM");

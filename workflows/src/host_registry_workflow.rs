@@ -7,8 +7,8 @@
 //! When the host dies the lease fails on its heartbeat timeout (or, when the host no longer
 //! polls, on its schedule-to-start timeout) and the host is marked lost. Every change of the
 //! view is announced to the running pools (`murmur.announce_hosts`), which also re-read it at
-//! every reaper scan. `drain` (an update) starts or ends a host's drain; `hosts` (a query)
-//! answers with the view.
+//! every reaper scan. `drain` (an update) starts or ends a host's drain, `forget` drops a lost
+//! host; `hosts` (a query) answers with the view.
 
 // `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
 // handlers themselves are documented below.
@@ -227,6 +227,37 @@ impl HostRegistryWorkflow {
         Ok(info)
     }
 
+    /// Refuses to forget a host that is unknown or still live, or a malformed request.
+    #[update_validator(forget)]
+    pub fn validate_forget(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<DrainRequest>,
+    ) -> Result<(), UpdateError> {
+        let req = req.as_result().map_err(boxed)?;
+        self.registry
+            .clone()
+            .forget(&req.host)
+            .map(|_| ())
+            .map_err(boxed)
+    }
+
+    /// Forgets a lost host (`murmur host forget`); answers with its last record.
+    #[update]
+    pub fn forget(
+        &mut self,
+        ctx: &mut SyncWorkflowContext<Self>,
+        req: Lenient<DrainRequest>,
+    ) -> Result<HostInfo, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
+        let (info, cmds) = self.registry.forget(&req.host).map_err(boxed)?;
+        if !ctx.is_replaying() {
+            tracing::warn!(host = %req.host, actor = ?req.actor, "lost host forgotten");
+        }
+        self.outbox.extend(cmds);
+        Ok(info)
+    }
+
     /// The hosts (`murmur host ls`).
     #[query]
     pub fn hosts(&self, _ctx: &WorkflowContextView) -> HostView {
@@ -243,12 +274,10 @@ fn start_lease<'a>(
     // How long the host may go without a heartbeat before its lease fails and it is lost;
     // also how long a lease may wait to be picked up by the host.
     let timeout = c.state(|s| {
-        s.registry
-            .view
-            .hosts
-            .get(&host)
-            .map(|h| h.lease_timeout())
-            .unwrap_or_default()
+        s.registry.view.hosts.get(&host).map_or(
+            Duration::from_millis(crate::hosts::DEFAULT_LEASE_TIMEOUT_MS),
+            |h| h.lease_timeout(),
+        )
     });
     let opts = ActivityOptions::with_start_to_close_timeout(LEASE_TERM + Duration::from_secs(60))
         .heartbeat_timeout(timeout)

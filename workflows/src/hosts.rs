@@ -132,6 +132,8 @@ pub struct HostInfo {
     pub lost_at: Option<Millis>,
     /// Times it was lost.
     pub losses: u64,
+    /// Why it was last lost (the lease's failure: a heartbeat timeout, a shutdown, ...).
+    pub last_loss: Option<String>,
     /// How long it may go without a lease heartbeat before it is lost, in ms (0: default).
     pub lease_timeout_ms: u64,
 }
@@ -227,8 +229,6 @@ pub enum LeaseEnd {
 pub struct Registry {
     /// The current view.
     pub view: HostView,
-    /// Why each host was last lost.
-    pub last_loss: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -239,7 +239,6 @@ impl Registry {
                 version: now,
                 hosts: BTreeMap::new(),
             },
-            last_loss: BTreeMap::new(),
         }
     }
 
@@ -318,7 +317,7 @@ impl Registry {
                 info.state = HostState::Lost;
                 info.lost_at = Some(now);
                 info.losses += 1;
-                self.last_loss.insert(host.to_string(), why);
+                info.last_loss = Some(why);
                 self.view.version += 1;
                 vec![RegistryCommand::Announce]
             }
@@ -346,7 +345,28 @@ impl Registry {
     }
 }
 
-/// Input of the `drain` update of the registry.
+impl Registry {
+    /// Forgets a lost host (a machine that will not come back), so views stop carrying it.
+    /// A live host cannot be forgotten: drain it and stop its worker first.
+    pub fn forget(&mut self, host: &str) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
+        let info = self.view.hosts.get(host).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no host {host}; murmur host ls lists the registered hosts"
+            ))
+        })?;
+        if info.state != HostState::Lost {
+            return Err(ApiError::failed_precondition(format!(
+                "host {host} is live; drain it, stop its worker, and forget it once it is lost"
+            )));
+        }
+        let info = self.view.hosts.remove(host).unwrap_or_default();
+        self.view.version += 1;
+        Ok((info, vec![RegistryCommand::Announce]))
+    }
+}
+
+/// Input of the `drain` and `forget` updates of the registry (`undo` only means something to
+/// `drain`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DrainRequest {
@@ -443,6 +463,27 @@ mod tests {
             e.to_string(),
             "NOT_FOUND: no host nope; murmur host ls lists the registered hosts"
         );
+    }
+
+    #[test]
+    fn only_lost_hosts_are_forgotten() {
+        let mut r = Registry::new(0);
+        r.register(&reg("h1", "a"), 0);
+        assert_eq!(
+            r.forget("h1").unwrap_err().code,
+            crate::error::Code::FailedPrecondition
+        );
+        r.lease_ended("h1", 1, LeaseEnd::Failed("gone".into()), 1);
+        let (info, cmds) = r.forget("h1").unwrap();
+        assert_eq!(info.host, "h1");
+        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        assert!(r.view.hosts.is_empty());
+        assert_eq!(
+            r.forget("h1").unwrap_err().code,
+            crate::error::Code::NotFound
+        );
+        // It may register again later, as a new host.
+        assert!(!r.register(&reg("h1", "b"), 2).is_empty());
     }
 
     #[test]

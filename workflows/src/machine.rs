@@ -186,6 +186,9 @@ pub struct Pool {
     /// whose VMs all live behind the shared task queue).
     #[serde(default)]
     pub placement: bool,
+    /// Hosts that did not pick up a boot since the last host view: no new VM goes there.
+    #[serde(default)]
+    pub unreachable_hosts: std::collections::BTreeSet<String>,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -245,6 +248,7 @@ impl Pool {
             accel: String::new(),
             hosts: HostView::default(),
             placement: false,
+            unreachable_hosts: Default::default(),
             claim_seq: 0,
             id_seed,
             id_counter: 0,

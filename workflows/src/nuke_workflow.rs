@@ -261,6 +261,8 @@ async fn authorize(c: &WorkflowContext<NukeWorkflow>, tenant: &str) -> Result<St
 /// Patch marker: the nuke lists and deletes VMs on every live host (runs from before host
 /// placement asked the one worker behind the shared queue).
 const PATCH_NUKE_EVERY_HOST: &str = "nuke-every-host";
+/// Reads of the host registry, 2 s apart, before a nuke gives up waiting for it to exist.
+const REGISTRY_WAITS: u32 = 30;
 
 /// Every VM of the tenant, with the host it lives on: one listing per live host, each on the
 /// host's own queue. A host that does not answer is skipped (its reaper deletes what it holds
@@ -275,9 +277,20 @@ async fn list_vms_everywhere(
             .await?;
         return Ok(vms.into_iter().map(|vm| (vm, None)).collect());
     }
-    let view = c
+    // Without a registry (version 0) there is no list of hosts: wait for one to start (every
+    // worker starts it when it registers) rather than delete nothing.
+    let mut view = c
         .execute_activity(ReadHosts, (), admin_options("read the host registry", 60))
         .await?;
+    for _ in 0..REGISTRY_WAITS {
+        if view.version > 0 {
+            break;
+        }
+        c.timer(Duration::from_secs(2)).await;
+        view = c
+            .execute_activity(ReadHosts, (), admin_options("read the host registry", 60))
+            .await?;
+    }
     let listings = futures::future::join_all(view.live().into_iter().map(|host| {
         let options = on_host(
             admin_options(&format!("list VMs on {host}"), 60),

@@ -123,6 +123,9 @@ pub struct PoolWorkflow {
     hosts_stale: bool,
     /// A read of the host view is in flight.
     hosts_reading: bool,
+    /// A run from before host placement heard from a host registry: roll over to a new run,
+    /// which places VMs on hosts.
+    roll_over_for_placement: bool,
 }
 
 /// What finished among the activities the shell started.
@@ -193,6 +196,7 @@ impl PoolWorkflow {
             reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
             hosts_stale: false,
             hosts_reading: false,
+            roll_over_for_placement: false,
         }
     }
 
@@ -204,6 +208,8 @@ impl PoolWorkflow {
         if !c.state(|s| s.pool.placement) && c.patched(PATCH_HOST_PLACEMENT) {
             c.state_mut(|s| s.pool.placement = true);
         }
+        // Every run starts by reading the host view: a new pool places nothing before it.
+        c.state_mut(|s| s.hosts_stale = s.pool.placement);
         c.state_mut(|s| {
             let cmds = if s.resumed {
                 s.pool.resume(now)
@@ -264,7 +270,8 @@ impl PoolWorkflow {
             // Roll over once history is long, between operations and with no handler running:
             // the new run starts from the same state.
             let roll_over = (c.continue_as_new_suggested()
-                || c.history_length() > MAX_HISTORY_EVENTS)
+                || c.history_length() > MAX_HISTORY_EVENTS
+                || c.state(|s| s.roll_over_for_placement))
                 && in_flight.is_empty()
                 && !c.state(|s| s.nuke_requested);
             if roll_over && c.all_handlers_finished() {
@@ -920,9 +927,10 @@ impl PoolWorkflow {
             self.hosts_reading = true;
             return true;
         }
-        if !self.pool.placement {
-            // Runs from before placement have no use for the view.
+        if !self.pool.placement && self.hosts_stale {
+            // A run from before placement: the next run places VMs on hosts.
             self.hosts_stale = false;
+            self.roll_over_for_placement = true;
         }
         false
     }

@@ -113,7 +113,8 @@ pub struct PoolStatus {
 pub struct PoolHostStatus {
     /// The host id.
     pub host: String,
-    /// `live`, `draining` or `lost`.
+    /// `live`, `draining`, `lost`, or `unreachable` (live, but it did not pick up this pool's
+    /// last boot; no new VM goes there until the next host view).
     pub state: String,
     /// The host's VM capacity.
     pub max_vms: u32,
@@ -198,7 +199,11 @@ impl PoolStatus {
                     .values()
                     .map(|h| PoolHostStatus {
                         host: h.host.clone(),
-                        state: h.state_label().to_string(),
+                        state: if h.placeable() && pool.unreachable_hosts.contains(&h.host) {
+                            "unreachable".to_string()
+                        } else {
+                            h.state_label().to_string()
+                        },
                         max_vms: h.max_vms,
                         vms: usage.get(&h.host).map_or(0, |u| u.vms),
                     })

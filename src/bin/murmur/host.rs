@@ -1,4 +1,4 @@
-//! `murmur host ls | drain`.
+//! `murmur host ls | drain | forget`.
 
 use clap::Subcommand;
 use murmur::client::{connect, task_queue};
@@ -36,6 +36,16 @@ pub(crate) enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Forget a lost host that will not come back (a machine replaced by another), so it no
+    /// longer shows in `murmur host ls` and in every pool's view. A live host cannot be
+    /// forgotten; a forgotten host that starts again registers as new.
+    ///
+    /// Example:
+    ///   murmur host forget worker-3
+    Forget {
+        /// The host id.
+        host: String,
+    },
 }
 
 pub(crate) async fn run(cmd: HostCommand) -> Result<(), ApiError> {
@@ -50,6 +60,10 @@ pub(crate) async fn run(cmd: HostCommand) -> Result<(), ApiError> {
             } else {
                 print!("{}", murmur::hosts::table(&rows));
             }
+        }
+        HostCommand::Forget { host } => {
+            let info = murmur::hosts::forget(&client, &queue, &host, &actor).await?;
+            println!("Host {} forgotten", info.host);
         }
         HostCommand::Drain { host, undo, json } => {
             let info = murmur::hosts::drain(&client, &queue, &host, undo, &actor).await?;

@@ -42,7 +42,7 @@ impl Pool {
         self.hosts
             .hosts
             .values()
-            .filter(|h| h.placeable())
+            .filter(|h| h.placeable() && !self.unreachable_hosts.contains(&h.host))
             .filter_map(|h| {
                 let used = usage.get(&h.host).copied().unwrap_or_default();
                 let fits_memory =
@@ -78,6 +78,8 @@ impl Pool {
             return Vec::new();
         }
         self.hosts = view;
+        // A fresh look: hosts that did not pick up a boot may be tried again.
+        self.unreachable_hosts.clear();
         let mut out = Vec::new();
         let placed: Vec<(VmId, String, VmState)> = self
             .vms
@@ -97,14 +99,16 @@ impl Pool {
 
     /// A boot was never picked up (its host stopped polling its queue), so nothing was
     /// created: the VM is forgotten, a claim it was booting for waits again in its place, and
-    /// the reconcile places a new boot (on another host once the registry says this one is
-    /// lost). Not an image failure.
+    /// the reconcile places a new boot elsewhere: the host counts as unreachable, and gets no
+    /// new VM, until the next host view arrives (at the next reaper scan, or sooner when the
+    /// registry announces a change). Not an image failure.
     pub fn boot_not_started(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
-        if self
-            .vms
-            .get(vm)
-            .is_some_and(|v| v.state == VmState::Booting)
+        if let Some(rec) = self.vms.get(vm)
+            && rec.state == VmState::Booting
         {
+            if let Some(host) = rec.host.clone() {
+                self.unreachable_hosts.insert(host);
+            }
             self.vms.remove(vm);
             for claim in self.claims.values_mut() {
                 if claim.vm.as_ref() == Some(vm) {
@@ -274,6 +278,23 @@ mod tests {
             reason: DeleteReason::Orphan
         }));
         assert_eq!(pool.vms[&ghost].host.as_deref(), Some(held_host.as_str()));
+    }
+
+    #[test]
+    fn a_host_that_does_not_pick_up_a_boot_gets_none_until_the_next_view() {
+        let (mut pool, cmds) = pool_with(1, vec![host("a", 4), host("b", 4)]);
+        let Some(Command::Boot(first)) = cmds.into_iter().find(|c| matches!(c, Command::Boot(_)))
+        else {
+            panic!("no boot");
+        };
+        let slow = first.host.clone().unwrap();
+        let cmds = pool.boot_not_started(&first.vm, 1);
+        let per = boots_per_host(&cmds);
+        assert_eq!(per.get(&slow), None, "placed on {slow} again: {per:?}");
+        assert_eq!(per.values().sum::<u32>(), 1);
+        assert!(pool.counters.boot_failures == 0, "not an image failure");
+        pool.hosts_changed(view(2, vec![host("a", 4), host("b", 4)]), 2);
+        assert!(pool.unreachable_hosts.is_empty());
     }
 
     #[test]
