@@ -9,11 +9,13 @@ use murmur_activities::temporal_ops::{running_pools_query, update_error};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
 use murmur_workflows::hosts::{DrainRequest, HostInfo, HostView, registry_workflow_id};
+use murmur_workflows::messages::Lenient;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use serde::{Deserialize, Serialize};
 use temporalio_client::{
     Client, WorkflowExecuteUpdateOptions, WorkflowListOptions, WorkflowQueryOptions,
 };
+use temporalio_common::{HasWorkflowDefinition, UpdateDefinition};
 
 /// One row of `murmur host ls`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,26 +67,8 @@ pub async fn drain(
     undo: bool,
     actor: &str,
 ) -> Result<HostInfo, ApiError> {
-    murmur_workflows::hosts::validate_host_id(host)?;
-    let req = DrainRequest {
-        host: host.to_string(),
-        undo,
-        actor: Some(actor.to_string()),
-    };
-    client
-        .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(shared_queue))
-        .execute_update(
-            HostRegistryWorkflow::drain,
-            req.into(),
-            WorkflowExecuteUpdateOptions::default(),
-        )
-        .await
-        .map_err(|e| {
-            update_error(
-                e,
-                "the host registry is not running: no murmur-worker has started on this task queue",
-            )
-        })
+    let req = host_request(host, undo, actor)?;
+    update_registry(client, shared_queue, HostRegistryWorkflow::drain, req).await
 }
 
 /// Forgets a lost host; answers with its last record.
@@ -94,19 +78,37 @@ pub async fn forget(
     host: &str,
     actor: &str,
 ) -> Result<HostInfo, ApiError> {
+    let req = host_request(host, false, actor)?;
+    update_registry(client, shared_queue, HostRegistryWorkflow::forget, req).await
+}
+
+/// A request about `host`, after checking its id.
+fn host_request(host: &str, undo: bool, actor: &str) -> Result<DrainRequest, ApiError> {
     murmur_workflows::hosts::validate_host_id(host)?;
-    let req = DrainRequest {
+    Ok(DrainRequest {
         host: host.to_string(),
-        undo: false,
+        undo,
         actor: Some(actor.to_string()),
-    };
+    })
+}
+
+/// Sends `update` to the registry of the deployment on `shared_queue`.
+async fn update_registry<U>(
+    client: &Client,
+    shared_queue: &str,
+    update: U,
+    req: DrainRequest,
+) -> Result<HostInfo, ApiError>
+where
+    U: UpdateDefinition<
+            Workflow = <HostRegistryWorkflow as HasWorkflowDefinition>::Run,
+            Input = Lenient<DrainRequest>,
+            Output = HostInfo,
+        >,
+{
     client
         .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(shared_queue))
-        .execute_update(
-            HostRegistryWorkflow::forget,
-            req.into(),
-            WorkflowExecuteUpdateOptions::default(),
-        )
+        .execute_update(update, req.into(), WorkflowExecuteUpdateOptions::default())
         .await
         .map_err(|e| {
             update_error(

@@ -199,30 +199,37 @@ impl TestEnv {
     /// Starts (or restarts) the worker process.
     pub fn start_worker(&mut self) {
         assert!(self.worker.is_none(), "worker already running");
+        let mut extra = Vec::new();
+        if let Some(addr) = &self.metrics_addr {
+            extra.push(("MURMUR_METRICS_ADDR".to_string(), addr.clone()));
+        }
+        let child = self.spawn_worker("worker.log", &self.state_dir(), &extra);
+        self.worker = Some(child);
+    }
+
+    /// Spawns a `murmur-worker` of this deployment with its state in `state_dir`, logging to
+    /// `log_name` in the project dir, with `extra` environment on top of the usual.
+    fn spawn_worker(&self, log_name: &str, state_dir: &Path, extra: &[(String, String)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("worker.log"))
+            .open(self.dir.path().join(log_name))
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur-worker"));
-        if let Some(addr) = &self.metrics_addr {
-            cmd.env("MURMUR_METRICS_ADDR", addr);
-        }
         if let Some(addr) = &self.temporal_address {
             cmd.env("TEMPORAL_ADDRESS", addr);
         }
         cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)));
-        let child = cmd
+        cmd.envs(extra.iter().map(|(k, v)| (k, v)))
             .env("MURMUR_TASK_QUEUE", &self.task_queue)
-            .env("MURMUR_STATE_DIR", self.state_dir())
+            .env("MURMUR_STATE_DIR", state_dir)
             .env("MURMUR_SUBSTRATE", &self.substrate_name)
             .env("RUST_LOG", "info,temporalio_sdk_core=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("start murmur-worker");
-        self.worker = Some(child);
+            .expect("start murmur-worker")
     }
 
     /// State directory of the extra host `host`.
@@ -233,28 +240,14 @@ impl TestEnv {
     /// Starts (or restarts) another worker of this deployment as VM host `host`: same task
     /// queue and signing keys, its own state dir and log (`<host>.log`).
     pub fn start_host(&mut self, host: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{host}.log")))
-            .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur-worker"));
-        if let Some(addr) = &self.temporal_address {
-            cmd.env("TEMPORAL_ADDRESS", addr);
-        }
-        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)));
-        let child = cmd
-            .env("MURMUR_TASK_QUEUE", &self.task_queue)
-            .env("MURMUR_STATE_DIR", self.host_state_dir(host))
-            .env("MURMUR_KEYS_DIR", self.state_dir())
-            .env("MURMUR_HOST_ID", host)
-            .env("MURMUR_SUBSTRATE", &self.substrate_name)
-            .env("RUST_LOG", "info,temporalio_sdk_core=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start murmur-worker host");
+        let extra = [
+            (
+                "MURMUR_KEYS_DIR".to_string(),
+                self.state_dir().display().to_string(),
+            ),
+            ("MURMUR_HOST_ID".to_string(), host.to_string()),
+        ];
+        let child = self.spawn_worker(&format!("{host}.log"), &self.host_state_dir(host), &extra);
         match self.hosts.iter_mut().find(|(h, _)| h == host) {
             Some((_, slot)) => {
                 assert!(slot.is_none(), "host {host} already running");

@@ -33,7 +33,9 @@ use crate::hosts::{
     DrainRequest, HostInfo, HostRegistration, HostView, LeaseEnd, Registry, RegistryCommand,
 };
 use crate::messages::{Lenient, decode_lenient};
-use crate::pool_workflow::{UpdateError, next_finished, now_ms, root_cause, to_millis};
+use crate::pool_workflow::{
+    UpdateError, handlers_finished_if, next_finished, now_ms, root_cause, to_millis,
+};
 
 /// How long one lease runs before it is renewed.
 pub const LEASE_TERM: Duration = Duration::from_secs(600);
@@ -124,15 +126,7 @@ impl HostRegistryWorkflow {
                 let Err(end) = c.continue_as_new(input, ContinueAsNewOptions::default());
                 return Err(end);
             }
-            let c2 = c.clone();
-            let mut handlers_done: LocalBoxFuture<'_, ()> = if roll_over {
-                async move {
-                    let _ = c2.wait_condition(|_| c2.all_handlers_finished()).await;
-                }
-                .boxed_local()
-            } else {
-                futures::future::pending().boxed_local()
-            };
+            let mut handlers_done = handlers_finished_if(&c, roll_over);
             temporalio_sdk::workflows::select! {
                 outcome = next_finished(&mut in_flight).fuse() => {
                     let now = now_ms(&c);

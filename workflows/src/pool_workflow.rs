@@ -119,10 +119,8 @@ pub struct PoolWorkflow {
     reap_while_paused: bool,
     /// Time between reaper scans (the worker's setting, from the last scan).
     reap_interval_ms: Millis,
-    /// The registry said the host view changed: read it.
-    hosts_stale: bool,
-    /// A read of the host view is in flight.
-    hosts_reading: bool,
+    /// A reaper scan (which reads the host view first) is in flight.
+    reap_in_flight: bool,
     /// A run from before host placement heard from a host registry: roll over to a new run,
     /// which places VMs on hosts.
     roll_over_for_placement: bool,
@@ -158,8 +156,6 @@ enum Outcome {
     HoldBackOver(String, u64),
     /// The timer before retrying a nuke start fired.
     NukeRetryDue,
-    /// The host view was read (`None`: the read failed).
-    HostsRead(Option<Box<HostView>>),
 }
 
 #[workflow_methods]
@@ -194,8 +190,7 @@ impl PoolWorkflow {
             reap_due: true,
             reap_while_paused: false,
             reap_interval_ms: DEFAULT_REAP_INTERVAL_MS,
-            hosts_stale: false,
-            hosts_reading: false,
+            reap_in_flight: false,
             roll_over_for_placement: false,
         }
     }
@@ -208,8 +203,6 @@ impl PoolWorkflow {
         if !c.state(|s| s.pool.placement) && c.patched(PATCH_HOST_PLACEMENT) {
             c.state_mut(|s| s.pool.placement = true);
         }
-        // Every run starts by reading the host view: a new pool places nothing before it.
-        c.state_mut(|s| s.hosts_stale = s.pool.placement);
         c.state_mut(|s| {
             let cmds = if s.resumed {
                 s.pool.resume(now)
@@ -243,9 +236,6 @@ impl PoolWorkflow {
             }
             for req in c.state_mut(|s| std::mem::take(&mut s.signalled)) {
                 in_flight.push(check_signal(&c, &tenant, req));
-            }
-            if c.state_mut(|s| s.take_hosts_read()) {
-                in_flight.push(read_hosts(&c));
             }
             // Scanning while paused (to find a nuke that died) came after runs that did not:
             // their histories replay without it.
@@ -283,15 +273,7 @@ impl PoolWorkflow {
                 let Err(end) = c.continue_as_new(input, ContinueAsNewOptions::default());
                 return Err(end);
             }
-            let c2 = c.clone();
-            let mut handlers_done: LocalBoxFuture<'_, ()> = if roll_over {
-                async move {
-                    let _ = c2.wait_condition(|_| c2.all_handlers_finished()).await;
-                }
-                .boxed_local()
-            } else {
-                futures::future::pending().boxed_local()
-            };
+            let mut handlers_done = handlers_finished_if(&c, roll_over);
 
             temporalio_sdk::workflows::select! {
                 outcome = next_finished(&mut in_flight).fuse() => {
@@ -310,13 +292,6 @@ impl PoolWorkflow {
                                 s.pool.boot_ended_on(&vm, host.as_deref(), Err(&err), now)
                             }
                             Outcome::BootNotStarted(vm) => s.pool.boot_not_started(&vm, now),
-                            Outcome::HostsRead(view) => {
-                                s.hosts_reading = false;
-                                match view {
-                                    Some(view) => s.hosts_changed(*view, now, replaying),
-                                    None => Vec::new(),
-                                }
-                            }
                             Outcome::Deleted(vm) => s.pool.deleted(&vm, now),
                             Outcome::DeleteFailed(vm) => s.pool.delete_failed(&vm),
                             Outcome::Notified => Vec::new(),
@@ -325,6 +300,7 @@ impl PoolWorkflow {
                                 Vec::new()
                             }
                             Outcome::Reaped(baseline, scan, view) => {
+                                s.reap_in_flight = false;
                                 let mut cmds = match view {
                                     Some(view) => s.hosts_changed(*view, now, replaying),
                                     None => Vec::new(),
@@ -367,7 +343,6 @@ impl PoolWorkflow {
                     !s.outbox.is_empty()
                         || !s.signalled.is_empty()
                         || s.nuke_start_due()
-                        || (s.hosts_stale && !s.hosts_reading)
                         || (s.reap_due && (!s.pool.paused || s.reap_while_paused))
                 }) => { r?; }
                 _ = (&mut handlers_done).fuse() => {}
@@ -477,11 +452,16 @@ impl PoolWorkflow {
     }
 
     /// The host registry says its view changed (a doorbell: any payload is accepted and
-    /// ignored). The pool reads the view from the registry itself, so a stray signal costs one
-    /// read and can never make the pool believe a host was lost.
+    /// ignored). It asks for a reaper scan, which reads the view from the registry itself, so
+    /// a stray signal costs one scan and can never make the pool believe a host was lost. A
+    /// run from before host placement rolls over instead: the next run places VMs on hosts.
     #[signal(name = "hosts")]
     pub fn hosts_signal(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
-        self.hosts_stale = true;
+        if self.pool.placement {
+            self.request_reap();
+        } else {
+            self.roll_over_for_placement = true;
+        }
     }
 
     /// Validates a config change (rejections leave no trace in history).
@@ -920,19 +900,13 @@ impl PoolWorkflow {
         false
     }
 
-    /// Claims the read of the host view for the run loop, when one is asked for.
-    fn take_hosts_read(&mut self) -> bool {
-        if self.hosts_stale && !self.hosts_reading && self.pool.placement {
-            self.hosts_stale = false;
-            self.hosts_reading = true;
-            return true;
+    /// Asks for a reaper scan (its timer fired, or the host view changed). Idempotent, and a
+    /// scan in flight absorbs it: whatever order a timer and a doorbell arrive in, and
+    /// whether or not they arrive in one activation, the same scans run.
+    fn request_reap(&mut self) {
+        if !self.reap_in_flight {
+            self.reap_due = true;
         }
-        if !self.pool.placement && self.hosts_stale {
-            // A run from before placement: the next run places VMs on hosts.
-            self.hosts_stale = false;
-            self.roll_over_for_placement = true;
-        }
-        false
     }
 
     /// Applies a host view read from the registry; logs VMs written off with lost hosts.
@@ -950,7 +924,7 @@ impl PoolWorkflow {
     /// Acts on a fired timer.
     fn timer_fired(&mut self, timer: Outcome, now: Millis) -> Vec<Command> {
         match timer {
-            Outcome::ReapDue => self.reap_due = true,
+            Outcome::ReapDue => self.request_reap(),
             Outcome::HoldBackOver(image, seq) => return self.pool.hold_back_over(&image, seq, now),
             Outcome::NukeRetryDue => self.nuke_retry_pending = false,
             _ => {}
@@ -965,6 +939,7 @@ impl PoolWorkflow {
             return None;
         }
         self.reap_due = false;
+        self.reap_in_flight = true;
         let input = ReapInput {
             tenant: self.pool.tenant.clone(),
             claims: self.pool.claim_requests(),
@@ -1097,33 +1072,9 @@ fn start_command<'a>(
             }
             .boxed_local()
         }
-        Command::Notify { agent } => {
-            let signal = c.external_workflow(agent, None).signal(
-                AgentWorkflow::claim_settled,
-                RawValue::empty(),
-                SignalWorkflowOptions::default(),
-            );
-            async move {
-                // An agent that has ended meanwhile cannot be told; nothing depends on it.
-                let _ = signal.await;
-                Outcome::Notified
-            }
-            .boxed_local()
-        }
-        Command::VmLost { agent, .. } => {
-            // The agent asks where its claim stands; the reason travels with that answer.
-            let signal = c.external_workflow(agent, None).signal(
-                AgentWorkflow::vm_lost,
-                RawValue::empty(),
-                SignalWorkflowOptions::default(),
-            );
-            async move {
-                // An agent that has ended meanwhile needs no telling.
-                let _ = signal.await;
-                Outcome::Notified
-            }
-            .boxed_local()
-        }
+        Command::Notify { agent } => tell_agent(c, agent, AgentWorkflow::claim_settled),
+        // The agent asks where its claim stands; the reason travels with that answer.
+        Command::VmLost { agent, .. } => tell_agent(c, agent, AgentWorkflow::vm_lost),
         Command::Delete { vm, reason } => {
             let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
                 .heartbeat_timeout(Duration::from_secs(5))
@@ -1151,6 +1102,44 @@ fn start_command<'a>(
             .boxed_local()
         }
     }
+}
+
+/// Sends `signal` (no payload) to an agent. An agent that has ended meanwhile cannot be told;
+/// nothing depends on it (agents also re-check on a timer, or ask the pool).
+fn tell_agent<'a, S>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    agent: String,
+    signal: S,
+) -> LocalBoxFuture<'a, Outcome>
+where
+    S: temporalio_common::SignalDefinition<Input = RawValue> + 'static,
+{
+    let sent = c.external_workflow(agent, None).signal(
+        signal,
+        RawValue::empty(),
+        SignalWorkflowOptions::default(),
+    );
+    async move {
+        let _ = sent.await;
+        Outcome::Notified
+    }
+    .boxed_local()
+}
+
+/// A future that resolves once every update handler has finished, when `roll_over` is asked
+/// for (the run loop then continues as new); pending forever otherwise.
+pub(crate) fn handlers_finished_if<W>(
+    c: &WorkflowContext<W>,
+    roll_over: bool,
+) -> LocalBoxFuture<'_, ()> {
+    if !roll_over {
+        return futures::future::pending().boxed_local();
+    }
+    let c2 = c.clone();
+    async move {
+        let _ = c2.wait_condition(|_| c2.all_handlers_finished()).await;
+    }
+    .boxed_local()
 }
 
 /// Starts `nuke/<tenant>` as an abandoned child (it must outlive this run, which it resets).
@@ -1288,16 +1277,6 @@ fn start_host_reap<'a>(
             Box::new(merged)
         });
         Outcome::Reaped(baseline, scan, view.map(Box::new))
-    }
-    .boxed_local()
-}
-
-/// Reads the host view from the registry.
-fn read_hosts<'a>(c: &'a WorkflowContext<PoolWorkflow>) -> LocalBoxFuture<'a, Outcome> {
-    let fut = c.execute_activity(ReadHosts, (), reap_options("read the host registry"));
-    async move {
-        let view = fut.await.ok().filter(|v| v.version > 0).map(Box::new);
-        Outcome::HostsRead(view)
     }
     .boxed_local()
 }
