@@ -234,7 +234,10 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let on_host = WorkerOptions::new(host_queue.clone())
         .tuner(host_tuner)
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
-        .register_activities(VmActivities::new(provider.clone(), config.boot_timeout))
+        .register_activities(
+            VmActivities::new(provider.clone(), config.boot_timeout)
+                .with_host_capacity(config.host.max_vms),
+        )
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
         .register_activities(BakeActivities::new(provider.clone()))
         .register_activities(AgentActivities::new(provider, keys, claims.clone()))

@@ -237,6 +237,52 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
 }
 
 #[test]
+fn a_full_host_refuses_boots_beyond_its_capacity_counting_every_tenant() {
+    // One host with room for 3 VMs, 2 of them taken by another tenant's pool.
+    let env = TestEnv::start_with(
+        "scale-full",
+        EnvOptions::default()
+            .fast_reaper()
+            .worker("MURMUR_HOST_ID", "h1")
+            .worker("MURMUR_HOST_MAX_VMS", "3"),
+    );
+    let other = format!("other-{}", env.tenant);
+    let mut planted: Vec<_> = ["murmur-0f0f0f01", "murmur-0f0f0f02"]
+        .iter()
+        .map(|id| env.plant_vm_of(&other, id))
+        .collect();
+    let host_total = || {
+        let others = murmur_activities::process::ProcessProvider::inspector(env.state_dir());
+        let theirs = common::block_on(murmur_activities::provider::Provider::list(&others, &other))
+            .unwrap()
+            .len();
+        theirs + env.substrate().len()
+    };
+    env.set_workspace("default", "min_idle: 3\n");
+    let st = env.wait_for("the one free slot taken", |st| warm(st) == 1);
+    // Scans keep placing the two missing VMs on the host; it keeps refusing them.
+    let scans = st.reaper.scans;
+    let st = env.wait_for("three more reaper scans", |st| {
+        assert!(host_total() <= 3, "host over capacity: {}", host_total());
+        assert!(warm(st) <= 1, "{st:#?}");
+        st.reaper.scans >= scans + 3
+    });
+    assert_eq!(
+        st.counters.boot_failures, 0,
+        "a full host is not an image failure"
+    );
+    assert!(env.worker_log().contains("host full: boot refused"));
+    // The other tenant's VMs go: the pool fills up.
+    for mut child in planted.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(env.state_dir().join("vms").join(&other));
+    env.wait_for("3 warm VMs once the host has room", |st| warm(st) == 3);
+    wait_sound(&env, &["h1"], "after the host had room");
+}
+
+#[test]
 fn a_host_stopped_with_sigterm_ends_its_lease_and_is_lost_at_once() {
     let mut env = three_hosts("scale-stop");
     env.stop_host("h3");

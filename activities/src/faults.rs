@@ -303,6 +303,10 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         self.inner.has_image(image)
     }
 
+    fn tenants(&self) -> Vec<String> {
+        self.inner.tenants()
+    }
+
     async fn snapshot(
         &self,
         tenant: &str,

@@ -501,6 +501,10 @@ impl Provider for ProcessProvider {
             .map_err(|e| SubstrateError::io(format!("register image {image}"), e))
     }
 
+    fn tenants(&self) -> Vec<String> {
+        crate::provider::tenant_dirs(&self.state_dir.join("vms"))
+    }
+
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         list_vm_dirs(tenant, &self.tenant_dir(tenant)?, META_FILE, |dir| {
             !Self::supervisor_pids(dir).is_empty()

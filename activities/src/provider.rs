@@ -98,6 +98,19 @@ pub struct VmInfo {
 /// each with a JSON metadata file `meta_file` naming its workspace and image (missing or
 /// unreadable metadata lists the VM anyway, with those fields empty: an orphan is still an
 /// orphan). `alive` says whether a VM directory's process runs.
+/// The tenant directories (DNS-label names) under a substrate's VM root.
+pub(crate) fn tenant_dirs(vms_root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(vms_root)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| murmur_workflows::model::is_dns_label(name))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub(crate) fn list_vm_dirs(
     tenant: &str,
     tenant_dir: &std::path::Path,
@@ -189,6 +202,11 @@ pub trait Provider: Send + Sync + 'static {
     /// True when the image exists on this substrate (bake uses it to answer "already cached").
     fn has_image(&self, _image: &str) -> bool {
         false
+    }
+
+    /// Every tenant with VMs on this substrate (host admission counts all of them).
+    fn tenants(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Captures the filesystem of a VM booted from `base` (and provisioned since) as the new

@@ -897,6 +897,10 @@ impl Provider for QemuProvider {
         Ok(())
     }
 
+    fn tenants(&self) -> Vec<String> {
+        crate::provider::tenant_dirs(&self.state_dir.join("qemu").join("vms"))
+    }
+
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         list_vm_dirs(tenant, &self.tenant_dir(tenant)?, VM_META_FILE, |dir| {
             qemu_pid(dir).is_some()

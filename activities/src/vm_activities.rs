@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use murmur_workflows::activity_api::{BootReport, DeleteVmInput};
+use murmur_workflows::activity_api::{BootReport, DeleteVmInput, HOST_FULL};
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::pool_workflow::BOOT_TIMEOUT;
 use temporalio_common::ActivityError;
@@ -26,6 +26,11 @@ pub const BOOT_FAILED: &str = "BootFailed";
 pub struct VmActivities {
     provider: Arc<dyn Provider>,
     boot_timeout: Duration,
+    /// Most VMs this host runs, every tenant's counted (`None`: no host admission).
+    host_max_vms: Option<u32>,
+    /// Admission check and create happen one boot at a time, so two boots cannot both take
+    /// the last slot.
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl VmActivities {
@@ -35,7 +40,58 @@ impl VmActivities {
         Self {
             provider,
             boot_timeout: boot_timeout.min(BOOT_TIMEOUT),
+            host_max_vms: None,
+            admission: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Refuses a boot (`HostFull`, not retried) once the substrate holds `max_vms` VMs of
+    /// every tenant together: pools count only their own VMs when they place, so two tenants'
+    /// pools sharing hosts could otherwise overcommit one.
+    pub fn with_host_capacity(mut self, max_vms: u32) -> Self {
+        self.host_max_vms = Some(max_vms);
+        self
+    }
+
+    /// Creates the VM unless the host is full. A VM that exists already (a retried boot)
+    /// is not counted against it.
+    async fn admit_and_create(&self, spec: &BootSpec) -> Result<(), ActivityError> {
+        let _one_at_a_time = self.admission.lock().await;
+        if let Some(max) = self.host_max_vms {
+            let mine = self
+                .provider
+                .list(&spec.tenant)
+                .await
+                .map_err(substrate_failure)?;
+            if !mine.iter().any(|v| v.id == spec.vm) {
+                let mut total = 0usize;
+                for tenant in self.provider.tenants() {
+                    total += self
+                        .provider
+                        .list(&tenant)
+                        .await
+                        .map_err(substrate_failure)?
+                        .len();
+                }
+                if total >= max as usize {
+                    tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, total, max,
+                        "host full: boot refused");
+                    return Err(ActivityError::application(
+                        ApplicationFailure::builder(format!(
+                            "host full: {total} of {max} VMs run here"
+                        ))
+                        .type_name(HOST_FULL.to_string())
+                        .non_retryable(true)
+                        .build(),
+                    ));
+                }
+            }
+        }
+        self.provider.create(spec).await.map_err(|e| {
+            tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, image = %spec.image,
+                error = %e, "vm create failed");
+            substrate_failure(e)
+        })
     }
 }
 
@@ -51,12 +107,10 @@ impl VmActivities {
         let started = Instant::now();
         tracing::info!(tenant = %spec.tenant, workspace = %spec.workspace, vm = %spec.vm,
             image = %spec.image, attempt = ctx.info().attempt, "vm boot started");
-        let work = async {
-            self.provider.create(&spec).await?;
-            self.provider
-                .wait_ready(&spec.tenant, &spec.vm, self.boot_timeout)
-                .await
-        };
+        with_heartbeats(&ctx, self.admit_and_create(&spec)).await??;
+        let work = self
+            .provider
+            .wait_ready(&spec.tenant, &spec.vm, self.boot_timeout);
         let result = with_heartbeats(&ctx, work).await?;
         match result {
             Ok(_) => {

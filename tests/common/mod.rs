@@ -328,8 +328,14 @@ impl TestEnv {
     /// Plants a VM the pool never booted: a sandbox directory with a live "supervisor" that
     /// ignores SIGTERM (so deleting it takes a few seconds). Returns the process.
     pub fn plant_orphan(&self, id: &str) -> Child {
+        self.plant_vm_of(&self.tenant.clone(), id)
+    }
+
+    /// Plants a live VM of another `tenant` in this worker's substrate (what a second
+    /// tenant's pool on the same host would have).
+    pub fn plant_vm_of(&self, tenant: &str, id: &str) -> Child {
         use std::os::unix::process::CommandExt;
-        let dir = self.state_dir().join("vms").join(&self.tenant).join(id);
+        let dir = self.state_dir().join("vms").join(tenant).join(id);
         std::fs::create_dir_all(dir.join("root")).unwrap();
         Command::new("/bin/sh")
             .args([

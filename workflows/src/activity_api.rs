@@ -76,6 +76,9 @@ pub const TERMINATE_AGENT: &str = "murmur.terminate_agent";
 /// Activity type name of [`ListVms`].
 pub const LIST_VMS: &str = "murmur.list_vms";
 
+/// Failure type of a boot a host refused because it runs its `--host-max-vms` VMs already
+/// (counting every tenant's); never retried there, the pool places the VM elsewhere.
+pub const HOST_FULL: &str = "HostFull";
 /// Failure type of a claim the pool refused (`CODE: reason` message); never retried.
 pub const CLAIM_REJECTED: &str = "ClaimRejected";
 /// Failure type of a VM that vanished under a running agent; never retried.

@@ -30,7 +30,8 @@ use temporalio_sdk::{
 use crate::agent_workflow::AgentWorkflow;
 
 use crate::activity_api::{
-    BootVm, DeleteVm, DeleteVmInput, ReadHosts, ReapInput, ReapScanVms, ReapScope, on_host,
+    BootVm, DeleteVm, DeleteVmInput, HOST_FULL, ReadHosts, ReapInput, ReapScanVms, ReapScope,
+    on_host,
 };
 use crate::auth::{Credential, Denial, Identity, VerifyRequest, ops, unsigned_body};
 use crate::error::ApiError;
@@ -1066,7 +1067,10 @@ fn start_command<'a>(
             async move {
                 match fut.await {
                     Ok(report) => Outcome::Booted(vm, host, report.accel),
-                    Err(e) if never_started(&e) => Outcome::BootNotStarted(vm),
+                    // Nothing was created: the host is not polling, or it is full.
+                    Err(e) if never_started(&e) || failed_with_type(&e, HOST_FULL) => {
+                        Outcome::BootNotStarted(vm)
+                    }
                     Err(e) => Outcome::BootFailed(vm, host, root_cause(&e)),
                 }
             }
@@ -1279,6 +1283,25 @@ fn start_host_reap<'a>(
         Outcome::Reaped(baseline, scan, view.map(Box::new))
     }
     .boxed_local()
+}
+
+/// True when an activity failed with an application failure of type `type_name` (anywhere
+/// in the cause chain).
+pub(crate) fn failed_with_type(
+    e: &temporalio_sdk::ActivityExecutionError,
+    type_name: &str,
+) -> bool {
+    use temporalio_common::protos::temporal::api::failure::v1::failure::FailureInfo;
+    let mut failure = e.failure();
+    while let Some(f) = failure {
+        if let Some(FailureInfo::ApplicationFailureInfo(info)) = &f.failure_info
+            && info.r#type == type_name
+        {
+            return true;
+        }
+        failure = f.cause.as_deref();
+    }
+    false
 }
 
 /// True when an activity failed because no worker picked it up in time (its host does not
