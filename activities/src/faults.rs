@@ -303,8 +303,8 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         self.inner.has_image(image)
     }
 
-    fn tenants(&self) -> Vec<String> {
-        self.inner.tenants()
+    fn host_vms(&self) -> Vec<(String, VmId)> {
+        self.inner.host_vms()
     }
 
     async fn snapshot(

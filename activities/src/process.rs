@@ -501,8 +501,8 @@ impl Provider for ProcessProvider {
             .map_err(|e| SubstrateError::io(format!("register image {image}"), e))
     }
 
-    fn tenants(&self) -> Vec<String> {
-        crate::provider::tenant_dirs(&self.state_dir.join("vms"))
+    fn host_vms(&self) -> Vec<(String, VmId)> {
+        crate::provider::vm_dirs_of_every_tenant(&self.state_dir.join("vms"))
     }
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {

@@ -94,23 +94,35 @@ pub struct VmInfo {
     pub alive: bool,
 }
 
+/// Every VM a local substrate keeps under `vms_root` (`<tenant>/<vm id>` directories), of
+/// every tenant, from the directory names alone: no metadata read, no liveness check.
+pub(crate) fn vm_dirs_of_every_tenant(vms_root: &std::path::Path) -> Vec<(String, VmId)> {
+    let names = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    names(vms_root)
+        .into_iter()
+        .filter(|tenant| murmur_workflows::model::is_dns_label(tenant))
+        .flat_map(|tenant| {
+            names(&vms_root.join(&tenant))
+                .into_iter()
+                .filter(|vm| VmId::is_valid(vm))
+                .map(move |vm| (tenant.clone(), VmId(vm)))
+        })
+        .collect()
+}
+
 /// Lists the VMs a local substrate keeps as directories named by VM id under `tenant_dir`,
 /// each with a JSON metadata file `meta_file` naming its workspace and image (missing or
 /// unreadable metadata lists the VM anyway, with those fields empty: an orphan is still an
 /// orphan). `alive` says whether a VM directory's process runs.
-/// The tenant directories (DNS-label names) under a substrate's VM root.
-pub(crate) fn tenant_dirs(vms_root: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(vms_root)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| murmur_workflows::model::is_dns_label(name))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 pub(crate) fn list_vm_dirs(
     tenant: &str,
     tenant_dir: &std::path::Path,
@@ -204,8 +216,9 @@ pub trait Provider: Send + Sync + 'static {
         false
     }
 
-    /// Every tenant with VMs on this substrate (host admission counts all of them).
-    fn tenants(&self) -> Vec<String> {
+    /// Every VM on this substrate, of every tenant, as (tenant, VM) — what host admission
+    /// counts. Cheap: no liveness check.
+    fn host_vms(&self) -> Vec<(String, VmId)> {
         Vec::new()
     }
 

@@ -897,8 +897,8 @@ impl Provider for QemuProvider {
         Ok(())
     }
 
-    fn tenants(&self) -> Vec<String> {
-        crate::provider::tenant_dirs(&self.state_dir.join("qemu").join("vms"))
+    fn host_vms(&self) -> Vec<(String, VmId)> {
+        crate::provider::vm_dirs_of_every_tenant(&self.state_dir.join("qemu").join("vms"))
     }
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {

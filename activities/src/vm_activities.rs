@@ -58,33 +58,22 @@ impl VmActivities {
     async fn admit_and_create(&self, spec: &BootSpec) -> Result<(), ActivityError> {
         let _one_at_a_time = self.admission.lock().await;
         if let Some(max) = self.host_max_vms {
-            let mine = self
-                .provider
-                .list(&spec.tenant)
-                .await
-                .map_err(substrate_failure)?;
-            if !mine.iter().any(|v| v.id == spec.vm) {
-                let mut total = 0usize;
-                for tenant in self.provider.tenants() {
-                    total += self
-                        .provider
-                        .list(&tenant)
-                        .await
-                        .map_err(substrate_failure)?
-                        .len();
-                }
-                if total >= max as usize {
-                    tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, total, max,
-                        "host full: boot refused");
-                    return Err(ActivityError::application(
-                        ApplicationFailure::builder(format!(
-                            "host full: {total} of {max} VMs run here"
-                        ))
-                        .type_name(HOST_FULL.to_string())
-                        .non_retryable(true)
-                        .build(),
-                    ));
-                }
+            let on_host = self.provider.host_vms();
+            let total = on_host.len();
+            let retried = on_host
+                .iter()
+                .any(|(tenant, vm)| *tenant == spec.tenant && *vm == spec.vm);
+            if !retried && total >= max as usize {
+                tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, total, max,
+                    "host full: boot refused");
+                return Err(ActivityError::application(
+                    ApplicationFailure::builder(format!(
+                        "host full: {total} of {max} VMs run here"
+                    ))
+                    .type_name(HOST_FULL.to_string())
+                    .non_retryable(true)
+                    .build(),
+                ));
             }
         }
         self.provider.create(spec).await.map_err(|e| {
