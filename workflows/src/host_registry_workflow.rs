@@ -190,14 +190,7 @@ impl HostRegistryWorkflow {
         req: &Lenient<DrainRequest>,
     ) -> Result<(), UpdateError> {
         let req = req.as_result().map_err(boxed)?;
-        if self.registry.view.hosts.contains_key(&req.host) {
-            Ok(())
-        } else {
-            Err(boxed(ApiError::not_found(format!(
-                "no host {}; murmur host ls lists the registered hosts",
-                req.host
-            ))))
-        }
+        self.registry.host(&req.host).map(|_| ()).map_err(boxed)
     }
 
     /// Starts (or, with `undo`, ends) a host's drain: pools stop placing VMs on it and delete
@@ -230,8 +223,7 @@ impl HostRegistryWorkflow {
     ) -> Result<(), UpdateError> {
         let req = req.as_result().map_err(boxed)?;
         self.registry
-            .clone()
-            .forget(&req.host)
+            .check_forget(&req.host)
             .map(|_| ())
             .map_err(boxed)
     }

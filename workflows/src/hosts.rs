@@ -324,41 +324,46 @@ impl Registry {
         }
     }
 
+    /// The host `host`, or `NOT_FOUND` naming the command that lists hosts.
+    pub fn host(&self, host: &str) -> Result<&HostInfo, ApiError> {
+        self.view.hosts.get(host).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no host {host}; murmur host ls lists the registered hosts"
+            ))
+        })
+    }
+
     /// Starts (`draining`) or ends a drain of `host`.
     pub fn set_draining(
         &mut self,
         host: &str,
         draining: bool,
     ) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
-        let info = self.view.hosts.get_mut(host).ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no host {host}; murmur host ls lists the registered hosts"
-            ))
-        })?;
+        let mut info = self.host(host)?.clone();
         if info.draining == draining {
-            return Ok((info.clone(), Vec::new()));
+            return Ok((info, Vec::new()));
         }
         info.draining = draining;
-        let info = info.clone();
+        self.view.hosts.insert(host.to_string(), info.clone());
         self.view.version += 1;
         Ok((info, vec![RegistryCommand::Announce]))
     }
-}
 
-impl Registry {
-    /// Forgets a lost host (a machine that will not come back), so views stop carrying it.
-    /// A live host cannot be forgotten: drain it and stop its worker first.
-    pub fn forget(&mut self, host: &str) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
-        let info = self.view.hosts.get(host).ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no host {host}; murmur host ls lists the registered hosts"
-            ))
-        })?;
+    /// Checks that `host` may be forgotten: known, and lost. A live host cannot be forgotten:
+    /// drain it and stop its worker first.
+    pub fn check_forget(&self, host: &str) -> Result<&HostInfo, ApiError> {
+        let info = self.host(host)?;
         if info.state != HostState::Lost {
             return Err(ApiError::failed_precondition(format!(
                 "host {host} is live; drain it, stop its worker, and forget it once it is lost"
             )));
         }
+        Ok(info)
+    }
+
+    /// Forgets a lost host (a machine that will not come back), so views stop carrying it.
+    pub fn forget(&mut self, host: &str) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
+        self.check_forget(host)?;
         let info = self.view.hosts.remove(host).unwrap_or_default();
         self.view.version += 1;
         Ok((info, vec![RegistryCommand::Announce]))
