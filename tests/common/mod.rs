@@ -282,12 +282,11 @@ impl TestEnv {
 
     /// This tenant's VMs in the substrate of extra host `host`.
     pub fn host_substrate(&self, host: &str) -> Vec<VmInfo> {
-        let provider: Box<dyn Provider> = if self.substrate_name == "qemu" {
-            Box::new(QemuProvider::inspector(self.host_state_dir(host)))
-        } else {
-            Box::new(ProcessProvider::inspector(self.host_state_dir(host)))
-        };
-        block_on(provider.list(&self.tenant)).unwrap()
+        block_on(
+            self.provider_at(self.host_state_dir(host))
+                .list(&self.tenant),
+        )
+        .unwrap()
     }
 
     /// The tail of extra host `host`'s log.
@@ -513,10 +512,25 @@ impl TestEnv {
 
     /// The worker's substrate, for inspection and cleanup.
     pub fn provider(&self) -> Box<dyn Provider> {
+        self.provider_at(self.state_dir())
+    }
+
+    /// This deployment's substrate kept under `state_dir` (the worker's, or an extra host's).
+    fn provider_at(&self, state_dir: PathBuf) -> Box<dyn Provider> {
         if self.substrate_name == "qemu" {
-            Box::new(QemuProvider::inspector(self.state_dir()))
+            Box::new(QemuProvider::inspector(state_dir))
         } else {
-            Box::new(ProcessProvider::inspector(self.state_dir()))
+            Box::new(ProcessProvider::inspector(state_dir))
+        }
+    }
+
+    /// Deletes every VM of this tenant from the substrate under `state_dir`.
+    fn delete_all_vms(&self, state_dir: PathBuf) {
+        let provider = self.provider_at(state_dir);
+        if let Ok(vms) = block_on(provider.list(&self.tenant)) {
+            for vm in vms {
+                let _ = block_on(provider.delete(&self.tenant, &vm.id));
+            }
         }
     }
 
@@ -602,12 +616,7 @@ impl Drop for TestEnv {
         let hosts: Vec<String> = self.hosts.iter().map(|(h, _)| h.clone()).collect();
         for host in &hosts {
             self.kill_host(host);
-            let provider = ProcessProvider::inspector(self.host_state_dir(host));
-            if let Ok(vms) = block_on(provider.list(&self.tenant)) {
-                for vm in vms {
-                    let _ = block_on(provider.delete(&self.tenant, &vm.id));
-                }
-            }
+            self.delete_all_vms(self.host_state_dir(host));
         }
         let _ = self.temporal(&[
             "workflow",
@@ -637,12 +646,7 @@ impl Drop for TestEnv {
             "--reason",
             "test finished",
         ]);
-        let provider = self.provider();
-        if let Ok(vms) = block_on(provider.list(&self.tenant)) {
-            for vm in vms {
-                let _ = block_on(provider.delete(&self.tenant, &vm.id));
-            }
-        }
+        self.delete_all_vms(self.state_dir());
     }
 }
 
