@@ -66,10 +66,16 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     let pool = format!("pool/{}", env.tenant);
     let cases = payloads(env.dir.path());
 
-    let pool_signals = ["flush", "up", "hosts", "no_such_signal"];
-    // `up` (reconcile now) is harmless and takes anything; every other update changes
-    // something and must refuse all of these.
-    let pool_updates = [
+    let registry = format!("{}-hosts", env.task_queue);
+    let agent_id = agent.workflow.clone();
+    // Every handler the CLI can reach, and whether it must refuse these payloads: `up`
+    // (reconcile now) and `admission` take anything harmlessly, every other update changes
+    // something; signals and queries just must not choke.
+    let mut handlers: Vec<(Door, &str, &str, bool)> = Vec::new();
+    for name in ["flush", "up", "hosts", "no_such_signal"] {
+        handlers.push((Door::Signal, &pool, name, false));
+    }
+    for name in [
         "flush",
         "apply_config",
         "claim",
@@ -77,157 +83,34 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
         "nuke_pause",
         "nuke_reset",
         "no_such_update",
-    ];
-    let pool_queries = ["status", "config", "version", "no_such_query"];
-    let agent_updates = ["kill"];
-    let mut sent = 0;
+    ] {
+        handlers.push((Door::Update, &pool, name, true));
+    }
+    handlers.push((Door::Update, &pool, "up", false));
+    handlers.push((Door::Update, &agent_id, "admission", false));
+    for name in ["status", "config", "version", "no_such_query"] {
+        handlers.push((Door::Query, &pool, name, false));
+    }
+    for name in ["claim_settled", "vm_lost"] {
+        handlers.push((Door::Signal, &agent_id, name, false));
+    }
+    handlers.push((Door::Update, &agent_id, "kill", true));
+    handlers.push((Door::Query, &agent_id, "status", false));
+    // The host registry: registrations are checked, drains of unknown hosts refused.
+    handlers.push((Door::Signal, &registry, "register", false));
+    handlers.push((Door::Update, &registry, "drain", true));
+    handlers.push((Door::Query, &registry, "hosts", false));
     for (what, input) in &cases {
-        for name in pool_signals {
-            send(
-                &env,
-                &["workflow", "signal", "--workflow-id", &pool, "--name", name],
-                input,
-            );
-            sent += 1;
-        }
-        for name in pool_updates {
-            let out = send(
-                &env,
-                &[
-                    "workflow",
-                    "update",
-                    "execute",
-                    "--workflow-id",
-                    &pool,
-                    "--name",
-                    name,
-                ],
-                input,
-            );
+        for &(door, workflow, name, must_refuse) in &handlers {
+            let out = knock(&env, door, workflow, name, input);
             assert!(
-                !out.status.success(),
-                "update {name} accepted hostile input {what}: {}",
+                !(must_refuse && out.status.success()),
+                "update {name} of {workflow} accepted hostile input {what}: {}",
                 stdout(&out)
             );
-            sent += 1;
         }
-        send(
-            &env,
-            &[
-                "workflow",
-                "update",
-                "execute",
-                "--workflow-id",
-                &pool,
-                "--name",
-                "up",
-            ],
-            input,
-        );
-        send(
-            &env,
-            &[
-                "workflow",
-                "update",
-                "execute",
-                "--workflow-id",
-                &agent.workflow,
-                "--name",
-                "admission",
-            ],
-            input,
-        );
-        sent += 2;
-        for name in pool_queries {
-            send(
-                &env,
-                &["workflow", "query", "--workflow-id", &pool, "--name", name],
-                input,
-            );
-            sent += 1;
-        }
-        let id = &agent.workflow;
-        for name in ["claim_settled", "vm_lost"] {
-            send(
-                &env,
-                &["workflow", "signal", "--workflow-id", id, "--name", name],
-                input,
-            );
-            sent += 1;
-        }
-        for name in agent_updates {
-            let out = send(
-                &env,
-                &[
-                    "workflow",
-                    "update",
-                    "execute",
-                    "--workflow-id",
-                    id,
-                    "--name",
-                    name,
-                ],
-                input,
-            );
-            assert!(
-                !out.status.success(),
-                "agent update {name} accepted hostile input {what}"
-            );
-        }
-        send(
-            &env,
-            &["workflow", "query", "--workflow-id", id, "--name", "status"],
-            input,
-        );
-        sent += 1 + agent_updates.len();
     }
-    // The host registry: registrations are checked, drains of unknown hosts refused.
-    let registry = format!("{}-hosts", env.task_queue);
-    for (what, input) in &cases {
-        send(
-            &env,
-            &[
-                "workflow",
-                "signal",
-                "--workflow-id",
-                &registry,
-                "--name",
-                "register",
-            ],
-            input,
-        );
-        let out = send(
-            &env,
-            &[
-                "workflow",
-                "update",
-                "execute",
-                "--workflow-id",
-                &registry,
-                "--name",
-                "drain",
-            ],
-            input,
-        );
-        assert!(
-            !out.status.success(),
-            "drain accepted hostile input {what}: {}",
-            stdout(&out)
-        );
-        send(
-            &env,
-            &[
-                "workflow",
-                "query",
-                "--workflow-id",
-                &registry,
-                "--name",
-                "hosts",
-            ],
-            input,
-        );
-        sent += 3;
-    }
+    let sent = cases.len() * handlers.len();
     eprintln!("{sent} hostile messages sent");
 
     // Still serving, nothing changed: same VMs, same config, the agent still runs on its VM.
@@ -272,8 +155,30 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     env.wait_phase("target", Phase::Canceled);
 }
 
-fn send(env: &TestEnv, args: &[&str], input: &[String]) -> std::process::Output {
-    let mut cmd = env.command_for_temporal(args);
+/// How a message reaches a workflow through the `temporal` CLI.
+#[derive(Clone, Copy)]
+enum Door {
+    Signal,
+    Update,
+    Query,
+}
+
+/// Sends `input` to handler `name` of `workflow` through `door`.
+fn knock(
+    env: &TestEnv,
+    door: Door,
+    workflow: &str,
+    name: &str,
+    input: &[String],
+) -> std::process::Output {
+    let verb: &[&str] = match door {
+        Door::Signal => &["workflow", "signal"],
+        Door::Update => &["workflow", "update", "execute"],
+        Door::Query => &["workflow", "query"],
+    };
+    let mut args = verb.to_vec();
+    args.extend(["--workflow-id", workflow, "--name", name]);
+    let mut cmd = env.command_for_temporal(&args);
     cmd.args(input);
     let out = cmd.output().expect("run temporal");
     let err = stderr(&out);
