@@ -164,19 +164,10 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let mut medians = Vec::new();
     for (label, min_idle) in [("spawn-warm (process)", 5), ("spawn-cold (process)", 0)] {
         set_pool(&pool, 30, min_idle).await?;
-        let mut samples = Vec::new();
-        for i in 0..b.warmup + b.runs {
-            Bench::wait_pool(&pool, Duration::from_secs(60), settled_with(min_idle)).await?;
-            let slug = format!("s{min_idle}-{i}");
-            let dt = ms(spawn_until_running(&agents, &slug).await?);
-            if i >= b.warmup {
-                samples.push(dt);
-            }
-            agents
-                .kill(&slug)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+        let ready = settled_with(min_idle);
+        let prefix = format!("s{min_idle}");
+        let patience = Duration::from_secs(60);
+        let samples = sample_spawns(b, &pool, &agents, b.runs, &prefix, patience, ready).await?;
         medians.push(median(&samples));
         out.push(figure(label, samples, "ms", "", None));
     }
@@ -186,6 +177,34 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
     cleanup(&pool, &agents, &ctx.tenant).await;
     Ok(out)
+}
+
+/// Spawns `b.warmup + runs` agents (`<prefix>-<i>`) one after another, each once the pool
+/// is `ready` (waiting up to `patience`), and kills each once it runs: the spawn → running
+/// latency of the runs after the warm-up, in ms.
+async fn sample_spawns(
+    b: &Bench,
+    pool: &PoolClient,
+    agents: &AgentClient,
+    runs: usize,
+    prefix: &str,
+    patience: Duration,
+    ready: impl Fn(&murmur_workflows::status::PoolStatus) -> bool,
+) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::new();
+    for i in 0..b.warmup + runs {
+        Bench::wait_pool(pool, patience, &ready).await?;
+        let slug = format!("{prefix}-{i}");
+        let dt = ms(spawn_until_running(agents, &slug).await?);
+        if i >= b.warmup {
+            samples.push(dt);
+        }
+        agents
+            .kill(&slug)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(samples)
 }
 
 /// Spawns `slug` (`sleep 300`) and polls every 2 ms until it runs: how long that took.
@@ -235,22 +254,13 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         ("spawn-warm (qemu, at max_vms: no backfill boot)", 2, 2),
     ] {
         set_pool(&pool, max_vms, min_idle).await?;
-        let mut samples = Vec::new();
-        for i in 0..b.warmup + runs {
-            Bench::wait_pool(&pool, Duration::from_secs(120), |s| {
-                settled_with(min_idle)(s) && s.vms.len() == min_idle as usize
-            })
-            .await?;
-            let slug = format!("q{min_idle}-{i}");
-            let dt = ms(spawn_until_running(&agents, &slug).await?);
-            if i >= b.warmup {
-                samples.push(dt);
-            }
-            agents
-                .kill(&slug)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+        let settled = settled_with(min_idle);
+        let ready = |s: &murmur_workflows::status::PoolStatus| {
+            settled(s) && s.vms.len() == min_idle as usize
+        };
+        let prefix = format!("q{min_idle}-{max_vms}");
+        let patience = Duration::from_secs(120);
+        let samples = sample_spawns(b, &pool, &agents, runs, &prefix, patience, ready).await?;
         medians.push(median(&samples));
         out.push(figure(label, samples, "ms", "", None));
     }
