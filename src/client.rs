@@ -1,24 +1,31 @@
 //! Talking to Temporal: connecting like the `temporal` CLI does, and the pool operations the
 //! CLI offers (flush, status, up, get/set/patch), each mapped onto the error contract.
 
-use murmur_activities::temporal_ops::{query_error, update_pool};
+use murmur_activities::temporal_ops::update_pool;
 use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ConfigChange;
-use murmur_workflows::messages::{ConfigRequest, FlushReply, FlushRequest, UpRequest, encode_json};
+use murmur_workflows::messages::{
+    ConfigRequest, ConfigSnapshot, FlushReply, FlushRequest, Inventory, InventoryPage, UpReply,
+    UpRequest, encode_json,
+};
 use murmur_workflows::model::ResourceDoc;
 use murmur_workflows::nuke_workflow::{
     NukeInput, NukeProgress, NukeReport, NukeWorkflow, nuke_workflow_id,
 };
-use murmur_workflows::pool_workflow::{ConfigSnapshot, PoolWorkflow, pool_workflow_id};
+use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use murmur_workflows::status::PoolStatus;
 use temporalio_client::envconfig::LoadClientConfigProfileOptions;
 use temporalio_client::{
-    Client, ClientOptions, Connection, WorkflowGetResultOptions, WorkflowIdConflictPolicy,
-    WorkflowIdReusePolicy, WorkflowQueryOptions, WorkflowStartOptions,
+    Client, ClientOptions, Connection, WorkflowDescribeOptions, WorkflowExecutionStatus,
+    WorkflowGetResultOptions, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
+    WorkflowQueryOptions, WorkflowStartOptions,
 };
 
 use crate::config::Context;
+
+/// How long a read waits for the pool to answer before saying why it does not.
+const POOL_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub use murmur_activities::temporal_ops::{SA_KIND, SA_TENANT, SA_WORKSPACE};
 
@@ -97,6 +104,11 @@ impl PoolClient {
 
     fn workflow_id(&self) -> String {
         pool_workflow_id(&self.ctx.tenant)
+    }
+
+    fn handle(&self) -> temporalio_client::WorkflowHandle<Client, PoolWorkflow> {
+        self.client
+            .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
     }
 
     fn not_running(&self) -> String {
@@ -192,8 +204,9 @@ impl PoolClient {
         Ok(req)
     }
 
-    /// Starts the pool if it is not running and asks it to reconcile now.
-    pub async fn up(&self) -> Result<PoolStatus, ApiError> {
+    /// Starts the pool if it is not running (a new run recovers the tenant's state first) and
+    /// asks it to reconcile now.
+    pub async fn up(&self) -> Result<UpReply, ApiError> {
         update_pool(
             &self.client,
             &self.ctx.tenant,
@@ -207,31 +220,119 @@ impl PoolClient {
         .await
     }
 
-    /// The pool's status.
+    /// The pool's status; when the pool does not answer, an `UNAVAILABLE` saying why (not
+    /// running, its workflow task failing, no worker polling).
     pub async fn status(&self) -> Result<PoolStatus, ApiError> {
-        self.client
-            .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
-            .query(PoolWorkflow::status, (), WorkflowQueryOptions::default())
-            .await
-            .map_err(|e| query_error(e, &self.not_running()))
+        let handle = self.handle();
+        let query = handle.query(PoolWorkflow::status, (), WorkflowQueryOptions::default());
+        self.answered(query).await
+    }
+
+    /// One page of the VM records and claims.
+    pub async fn inventory(&self, page: InventoryPage) -> Result<Inventory, ApiError> {
+        let handle = self.handle();
+        let query = handle.query(
+            PoolWorkflow::inventory,
+            page.into(),
+            WorkflowQueryOptions::default(),
+        );
+        self.answered(query).await
     }
 
     /// The build of the worker serving the pool.
     pub async fn worker_version(&self) -> Result<String, ApiError> {
-        self.client
-            .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
-            .query(PoolWorkflow::version, (), WorkflowQueryOptions::default())
-            .await
-            .map_err(|e| query_error(e, &self.not_running()))
+        let handle = self.handle();
+        let query = handle.query(PoolWorkflow::version, (), WorkflowQueryOptions::default());
+        self.answered(query).await
     }
 
-    /// Every resource of the tenant.
+    /// Every resource of the tenant. Answers even when the pool does not: from the record
+    /// its latest run keeps in its memo (a run that ended, or one that is wedged), or, while a
+    /// new run recovers and has not written one yet, from the run before.
     pub async fn config(&self) -> Result<ConfigSnapshot, ApiError> {
-        self.client
-            .get_workflow_handle::<PoolWorkflow>(self.workflow_id())
-            .query(PoolWorkflow::config, (), WorkflowQueryOptions::default())
+        let handle = self.handle();
+        let query = handle.query(PoolWorkflow::config, (), WorkflowQueryOptions::default());
+        match tokio::time::timeout(POOL_ANSWER_WITHIN, query).await {
+            Ok(Ok(snapshot)) if !snapshot.recovering => return Ok(snapshot),
+            Ok(Err(e))
+                if matches!(
+                    e,
+                    temporalio_client::errors::WorkflowQueryError::NotFound(_)
+                ) =>
+            {
+                return Err(ApiError::not_found(self.not_running()));
+            }
+            _ => {}
+        }
+        let record = murmur_activities::recovery::latest_record(&self.client, &self.ctx.tenant)
             .await
-            .map_err(|e| query_error(e, &self.not_running()))
+            .map_err(|e| ApiError::new(Code::Unavailable, e))?;
+        match record {
+            Some(record) => Ok(snapshot_of(record)),
+            None => Err(self.why_no_answer().await),
+        }
+    }
+
+    /// Waits for a query's answer, at most [`POOL_ANSWER_WITHIN`]; says why there is none.
+    async fn answered<T>(
+        &self,
+        query: impl std::future::Future<
+            Output = Result<T, temporalio_client::errors::WorkflowQueryError>,
+        >,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(POOL_ANSWER_WITHIN, query).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
+                Err(ApiError::not_found(self.not_running()))
+            }
+            Ok(Err(_)) | Err(_) => Err(self.why_no_answer().await),
+        }
+    }
+
+    /// Why the pool does not answer, from Temporal's description of its workflow.
+    pub async fn why_no_answer(&self) -> ApiError {
+        let id = self.workflow_id();
+        let handle = self
+            .client
+            .get_workflow_handle::<temporalio_client::UntypedWorkflow>(id.clone());
+        let desc = match handle.describe(WorkflowDescribeOptions::default()).await {
+            Ok(desc) => desc,
+            Err(temporalio_client::errors::WorkflowInteractionError::NotFound(_)) => {
+                return ApiError::not_found(self.not_running());
+            }
+            Err(e) => {
+                return ApiError::new(Code::Unavailable, format!("{id} does not answer: {e}"));
+            }
+        };
+        let status = desc.status();
+        if status != WorkflowExecutionStatus::Running {
+            return ApiError::new(
+                Code::Unavailable,
+                format!(
+                    "{id} is not running (its last run ended {}); murmur pool up starts a new run, which recovers the pool",
+                    format!("{status:?}").to_lowercase()
+                ),
+            );
+        }
+        if let Some(task) = desc.raw_description.pending_workflow_task.as_ref()
+            && task.attempt >= 2
+        {
+            return ApiError::new(
+                Code::Unavailable,
+                format!(
+                    "{id} does not answer: its workflow task has failed {} times in a row (see the worker log; a build that cannot run it?)",
+                    task.attempt - 1
+                ),
+            );
+        }
+        ApiError::new(
+            Code::Unavailable,
+            format!(
+                "{id} does not answer within {}s: is a murmur-worker polling task queue {}?",
+                POOL_ANSWER_WITHIN.as_secs(),
+                desc.task_queue()
+            ),
+        )
     }
 
     /// Applies a config change (starting the pool if needed) and returns the new document.
@@ -257,5 +358,18 @@ impl PoolClient {
             req.into(),
         )
         .await
+    }
+}
+
+/// The config snapshot of a pool's record.
+fn snapshot_of(record: murmur_workflows::machine::PoolRecord) -> ConfigSnapshot {
+    let mut pool = murmur_workflows::machine::Pool::new(record.tenant, 0, 0);
+    pool.config = record.config;
+    pool.workspaces = record.workspaces;
+    let mut docs = pool.docs().into_iter();
+    ConfigSnapshot {
+        pool_config: docs.next().unwrap_or_else(|| pool.pool_config_doc()),
+        workspaces: docs.collect(),
+        recovering: false,
     }
 }

@@ -96,8 +96,12 @@ async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<String>
     Some(String::from_utf8_lossy(&head).into_owned())
 }
 
-/// The pools this worker serves, by tenant.
-async fn pools(state: &MetricsState) -> Vec<PoolStatus> {
+/// How long a scrape waits for one pool's status.
+const POOL_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// The pools this worker serves: each tenant's status, or `None` when its pool did not
+/// answer (it still gets `murmur_pool_up 0`, so a wedged pool is visible, not missing).
+async fn pools(state: &MetricsState) -> Vec<(String, Option<PoolStatus>)> {
     let query = running_pools_query(&state.task_queue);
     let mut ids = Vec::new();
     let mut stream = state
@@ -108,21 +112,35 @@ async fn pools(state: &MetricsState) -> Vec<PoolStatus> {
     }
     let mut out = Vec::new();
     for id in ids {
-        let status = state
-            .client
-            .get_workflow_handle::<PoolWorkflow>(id)
-            .query(PoolWorkflow::status, (), WorkflowQueryOptions::default())
-            .await;
-        if let Ok(st) = status {
-            out.push(st);
-        }
+        let tenant = id.strip_prefix("pool/").unwrap_or(&id).to_string();
+        let handle = state.client.get_workflow_handle::<PoolWorkflow>(id);
+        let query = handle.query(PoolWorkflow::status, (), WorkflowQueryOptions::default());
+        let status = tokio::time::timeout(POOL_ANSWER_WITHIN, query)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        out.push((tenant, status));
     }
     out
 }
 
 /// The whole exposition: murmur's metrics, then the SDK's.
 async fn render(state: &MetricsState) -> String {
-    let mut out = render_pools(&pools(state).await);
+    let pools = pools(state).await;
+    let answered: Vec<PoolStatus> = pools.iter().filter_map(|(_, st)| st.clone()).collect();
+    let mut out = render_pools(&answered);
+    let _ = writeln!(
+        out,
+        "# HELP murmur_pool_up 1 when the tenant's pool answered its status query, 0 when it did not (wedged, or no worker runs it)."
+    );
+    let _ = writeln!(out, "# TYPE murmur_pool_up gauge");
+    for (tenant, st) in &pools {
+        let _ = writeln!(
+            out,
+            "murmur_pool_up{{tenant=\"{tenant}\"}} {}",
+            u8::from(st.is_some())
+        );
+    }
     state.claims.render(&mut out);
     let _ = writeln!(
         out,
@@ -210,7 +228,25 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
         "murmur_creates_in_flight",
         "gauge",
         "VM creates asked for and not finished (booting VMs).",
-        per_pool(&|p| p.vms.iter().filter(|v| v.state == VmState::Booting).count() as f64),
+        per_pool(&|p| {
+            p.workspaces
+                .iter()
+                .flat_map(|w| &w.groups)
+                .map(|g| f64::from(g.booting))
+                .sum()
+        }),
+    );
+    family(
+        "murmur_vms_stuck_deleting",
+        "gauge",
+        "VMs whose delete keeps failing (they count against max_vms; retried on a back-off).",
+        per_pool(&|p| f64::from(p.stuck_deleting_total)),
+    );
+    family(
+        "murmur_pool_recovering",
+        "gauge",
+        "1 while the pool rebuilds its state from the hosts and Temporal after a run that ended.",
+        per_pool(&|p| f64::from(u8::from(p.recovery.is_some()))),
     );
     let per_workspace = |f: &dyn Fn(&murmur_workflows::status::WorkspaceStatus) -> u32| {
         pools
@@ -241,18 +277,13 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
         "murmur_agents",
         "gauge",
         "Agents holding or waiting for a VM.",
-        per_pool(&|p| p.claims.len() as f64),
+        per_pool(&|p| f64::from(p.claims_total)),
     );
     family(
         "murmur_claims_waiting",
         "gauge",
         "Agents waiting for room under max_vms.",
-        per_pool(&|p| {
-            p.claims
-                .iter()
-                .filter(|c| c.vm.is_none() && c.failed.is_none())
-                .count() as f64
-        }),
+        per_pool(&|p| f64::from(p.claims_waiting)),
     );
     family(
         "murmur_boots_total",

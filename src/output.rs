@@ -137,11 +137,16 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         st.config.reap_stranded_workflows.as_str(),
         st.config_generation
     );
+    if let Some(r) = &st.recovery {
+        let _ = writeln!(out, "{}", recovery_line(r));
+    }
     if st.workspaces.is_empty() {
-        let _ = writeln!(
-            out,
-            "No workspaces yet: create one with murmur set workspace <name>"
-        );
+        if st.recovery.as_ref().is_none_or(|r| r.config_read) {
+            let _ = writeln!(
+                out,
+                "No workspaces yet: create one with murmur set workspace <name>"
+            );
+        }
         return out;
     }
     let mut rows = vec![[
@@ -235,17 +240,30 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         ));
     }
     let _ = writeln!(out, "{}", facts.join("; "));
-    let waiting = st
-        .claims
-        .iter()
-        .filter(|c| c.vm.is_none() && c.failed.is_none())
-        .count();
-    if !st.claims.is_empty() {
+    if st.claims_total > 0 {
         let _ = writeln!(
             out,
-            "Agents: {} holding or booting a VM, {waiting} waiting for room under max_vms",
-            st.claims.len() - waiting
+            "Agents: {} holding or booting a VM, {} waiting for room under max_vms",
+            st.claims_total.saturating_sub(st.claims_waiting),
+            st.claims_waiting
         );
+    }
+    if st.stuck_deleting_total > 0 {
+        let _ = writeln!(
+            out,
+            "Stuck deleting: {} VM(s) whose delete keeps failing (they count against max_vms; retried with back-off):",
+            st.stuck_deleting_total
+        );
+        for v in st.stuck_deleting.iter().take(5) {
+            let _ = writeln!(
+                out,
+                "  {} on {}: {} failure(s), last: {}",
+                v.id,
+                v.host.as_deref().unwrap_or("-"),
+                v.failures,
+                v.error
+            );
+        }
     }
     if !st.hosts.is_empty() {
         let hosts: Vec<String> = st
@@ -293,6 +311,17 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         );
     }
     out
+}
+
+/// The line saying how a recovery goes.
+pub fn recovery_line(r: &murmur_workflows::machine::Recovery) -> String {
+    if !r.config_read {
+        return "Recovering: reading the config the previous run left (the config below is not the tenant's yet)".to_string();
+    }
+    format!(
+        "Recovering: config from {}; {} round(s) over the hosts: {} VM(s) of running agents and {} warm VM(s) adopted, {} deleted (nobody owned them); nothing boots until it is done",
+        r.config_source, r.rounds, r.adopted_assigned, r.adopted_warm, r.deleted
+    )
 }
 
 /// A resource as the YAML `murmur get` prints and `murmur set` accepts.

@@ -217,6 +217,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         ))
         .register_activities(AuthActivities::new(keys.clone()))
         .register_activities(RegistryActivities)
+        .register_activities(murmur_activities::recovery::RecoveryActivities)
         .build();
     // This host's queue: what must run where its VMs live.
     let host_queue = host_task_queue(&config.task_queue, &config.host.id);

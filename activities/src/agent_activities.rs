@@ -1,23 +1,23 @@
 //! The activities of agents and nukes: claiming and releasing VMs through the pool workflow,
 //! running an agent's command in its VM, and the nuke's steps (pause and reset the pool,
-//! enumerate and terminate agent workflows, enumerate the substrate's VMs).
+//! terminate every agent workflow, delete every VM a host holds).
 
 // `#[activities]` generates an undocumented marker constant per activity; the activities
 // themselves are documented below.
 #![allow(missing_docs)]
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{
-    CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, TerminateInput,
-    VM_LOST,
+    CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, STEP_REFUSED,
+    TerminateAgentsInput, VM_LOST, VM_TAKEN, WipeReport,
 };
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ClaimState;
 use murmur_workflows::messages::{Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
-use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowTerminateOptions};
 use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
@@ -28,6 +28,13 @@ use temporalio_sdk::activities::ActivityContext;
 use crate::auth::KeyStore;
 use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{interaction_error, running_runs, update_error, update_pool};
+
+/// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs
+/// its workflow tasks, or they keep failing) must not hold the agent's call forever; the
+/// agent says so in its status and asks again.
+const CLAIM_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Terminations (nuke) and deletes (host wipe) in flight at once.
+const NUKE_CONCURRENCY: usize = 8;
 
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -135,7 +142,16 @@ impl AgentActivities {
             update,
             step.into(),
         );
-        with_heartbeats(ctx, call).await?.map_err(retryable)
+        with_heartbeats(ctx, call).await?.map_err(|e| match e.code {
+            Code::Unavailable | Code::Internal => retryable(e),
+            // The pool refused the step (a replayed or stale request): final.
+            _ => ActivityError::application(
+                ApplicationFailure::builder(e)
+                    .type_name(STEP_REFUSED.to_string())
+                    .non_retryable(true)
+                    .build(),
+            ),
+        })
     }
 
     /// Signs a worker-internal request to `pool/<tenant>` (any `auth` the message carries is
@@ -172,7 +188,19 @@ impl AgentActivities {
             PoolWorkflow::claim,
             claim.into(),
         );
-        let state = with_heartbeats(&ctx, call).await?.map_err(api_failure)?;
+        let answer = tokio::time::timeout(CLAIM_ANSWER_WITHIN, with_heartbeats(&ctx, call))
+            .await
+            .map_err(|_| {
+                retryable(ApiError::new(
+                    Code::Unavailable,
+                    format!(
+                        "pool/{} did not answer within {}s",
+                        input.tenant,
+                        CLAIM_ANSWER_WITHIN.as_secs()
+                    ),
+                ))
+            })?;
+        let state = answer?.map_err(api_failure)?;
         if let ClaimState::Assigned { vm, .. } = &state
             && !input.probe
         {
@@ -186,8 +214,8 @@ impl AgentActivities {
         Ok(state)
     }
 
-    /// Tells the pool an agent ended so it deletes the agent's VM. Without a running pool the
-    /// VM is deleted from the substrate directly.
+    /// Tells the pool an agent ended so it deletes the agent's VM. Without a running pool it
+    /// answers so (`pool_running: false`): the agent then deletes its VM on the VM's own host.
     #[activity(name = "murmur.release_vm")]
     pub async fn release_vm(
         self: Arc<Self>,
@@ -210,20 +238,11 @@ impl AgentActivities {
         match with_heartbeats(&ctx, call).await? {
             Ok(reply) => Ok(reply),
             Err(e) => match update_error(e, "not running") {
-                e if e.code == Code::NotFound => {
-                    if let Some(vm) = &input.vm {
-                        self.provider
-                            .delete(&input.tenant, vm)
-                            .await
-                            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
-                        tracing::warn!(tenant = %input.tenant, vm = %vm,
-                            "pool not running; deleted the agent's VM directly");
-                    }
-                    Ok(ReleaseReply {
-                        vm: input.vm,
-                        gone: true,
-                    })
-                }
+                e if e.code == Code::NotFound => Ok(ReleaseReply {
+                    vm: input.vm,
+                    gone: false,
+                    pool_running: false,
+                }),
                 e => Err(ActivityError::application(ApplicationFailure::new(e))),
             },
         }
@@ -245,6 +264,21 @@ impl AgentActivities {
             env: vec![("MURMUR_AGENT".to_string(), input.slug.clone())],
         };
         let (tenant, vm) = (input.tenant.as_str(), &input.vm);
+        if !input.owner.is_empty() {
+            // The VM's one owner, first come first served (a recovered pool may have handed
+            // it out again, or deleted it, before this agent started on it). Nothing of the
+            // agent ran yet, so a VM that is gone is as good as taken: it claims again.
+            self.provider
+                .claim_owner(tenant, vm, &input.owner)
+                .map_err(|e| match e {
+                    SubstrateError::VmGone(vm) => SubstrateError::Taken {
+                        vm,
+                        owner: murmur_workflows::activity_api::DELETING_OWNER.to_string(),
+                    },
+                    e => e,
+                })
+                .map_err(|e| run_failure(vm, e))?;
+        }
         self.provider
             .start_command(tenant, vm, &spec)
             .await
@@ -310,62 +344,129 @@ impl AgentActivities {
         self.nuke_step(&ctx, input, PoolWorkflow::nuke_reset).await
     }
 
-    /// Every running agent workflow of a tenant (a paginated visibility query).
-    #[activity(name = "murmur.list_agents")]
-    pub async fn list_agents(
+    /// Nuke step 2: terminates every running agent workflow of the tenant, listing them
+    /// with a visibility query and terminating [`NUKE_CONCURRENCY`] at a time, until none is
+    /// left. Idempotent: a retry lists again (the terminated ones are gone); the count it
+    /// heartbeated carries over.
+    #[activity(name = "murmur.terminate_agents")]
+    pub async fn terminate_agents(
         self: Arc<Self>,
         ctx: ActivityContext,
-        tenant: String,
-    ) -> Result<Vec<String>, ActivityError> {
-        let runs = running_runs(&ctx.client(), &tenant, "agent")
-            .await
-            .map_err(retryable)?;
-        let mut ids: Vec<String> = runs.into_iter().map(|(id, _)| id).collect();
-        ids.dedup();
-        Ok(ids)
-    }
-
-    /// Terminates one agent workflow; one that already ended is fine.
-    #[activity(name = "murmur.terminate_agent")]
-    pub async fn terminate_agent(
-        self: Arc<Self>,
-        ctx: ActivityContext,
-        input: TerminateInput,
-    ) -> Result<(), ActivityError> {
-        let handle = ctx
-            .client()
-            .get_workflow_handle::<UntypedWorkflow>(input.workflow_id.clone());
-        let options = WorkflowTerminateOptions::builder()
-            .reason(input.reason.clone())
-            .build();
-        match with_heartbeats(&ctx, handle.terminate(options)).await? {
-            Ok(()) => {
-                tracing::warn!(workflow = %input.workflow_id, "agent terminated");
-                Ok(())
-            }
-            Err(e) => {
-                let e = interaction_error(e, "gone");
-                // Already ended (not running any more) counts as done.
-                if e.code == Code::NotFound || e.message.contains("already completed") {
-                    Ok(())
-                } else {
-                    Err(retryable(e))
+        input: TerminateAgentsInput,
+    ) -> Result<u64, ActivityError> {
+        use futures::StreamExt;
+        let client = ctx.client();
+        let before: u64 = ctx
+            .heartbeat_details()
+            .deserialize::<u64>()
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let count = std::sync::atomic::AtomicU64::new(before);
+        let work = async {
+            loop {
+                let runs = running_runs(&client, &input.tenant, "agent")
+                    .await
+                    .map_err(retryable)?;
+                if runs.is_empty() {
+                    return Ok::<u64, ActivityError>(count.load(Ordering::Relaxed));
+                }
+                let ids: Vec<String> = runs.into_iter().map(|(id, _)| id).collect();
+                let ended = futures::stream::iter(ids)
+                    .map(|id| {
+                        let client = client.clone();
+                        let reason = input.reason.clone();
+                        async move { terminate(&client, &id, &reason).await }
+                    })
+                    .buffer_unordered(NUKE_CONCURRENCY)
+                    .collect::<Vec<_>>()
+                    .await;
+                for e in ended {
+                    match e {
+                        Ok(true) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => return Err(retryable(e)),
+                    }
                 }
             }
-        }
+        };
+        with_progress(&ctx, work, || count.load(Ordering::Relaxed)).await?
     }
 
-    /// Every VM of a tenant the substrate holds, orphans included.
-    #[activity(name = "murmur.list_vms")]
-    pub async fn list_vms(
+    /// Nuke step 3, on the host's own queue: deletes every VM of the tenant this host holds,
+    /// orphans included, [`NUKE_CONCURRENCY`] at a time. Counts the VMs an agent had started
+    /// on (their owner file names one).
+    #[activity(name = "murmur.wipe_host")]
+    pub async fn wipe_host(
         self: Arc<Self>,
         ctx: ActivityContext,
         tenant: String,
-    ) -> Result<Vec<VmId>, ActivityError> {
-        let vms = with_heartbeats(&ctx, self.provider.list(&tenant))
-            .await?
-            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
-        Ok(vms.into_iter().map(|v| v.id).collect())
+    ) -> Result<WipeReport, ActivityError> {
+        use futures::StreamExt;
+        let work = async {
+            let vms = self
+                .provider
+                .list(&tenant)
+                .await
+                .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+            let results = futures::stream::iter(vms)
+                .map(|vm| {
+                    let provider = self.provider.clone();
+                    let tenant = tenant.clone();
+                    async move {
+                        let owned = vm.owner.is_some();
+                        let deleted = provider.delete(&tenant, &vm.id).await;
+                        if let Err(e) = &deleted {
+                            tracing::warn!(tenant = %tenant, vm = %vm.id, error = %e,
+                                "nuke: VM not deleted");
+                        }
+                        (deleted.is_ok(), owned)
+                    }
+                })
+                .buffer_unordered(NUKE_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
+            let mut report = WipeReport::default();
+            for (deleted, owned) in results {
+                if deleted {
+                    report.deleted += 1;
+                    report.agent_vms += u64::from(owned);
+                } else {
+                    report.failed += 1;
+                }
+            }
+            Ok::<_, ActivityError>(report)
+        };
+        with_heartbeats(&ctx, work).await?
+    }
+}
+
+/// Terminates one agent workflow; true when it was terminated, false when it had ended.
+async fn terminate(
+    client: &temporalio_client::Client,
+    id: &str,
+    reason: &str,
+) -> Result<bool, ApiError> {
+    let handle = client.get_workflow_handle::<UntypedWorkflow>(id.to_string());
+    let options = WorkflowTerminateOptions::builder()
+        .reason(reason.to_string())
+        .build();
+    match handle.terminate(options).await {
+        Ok(()) => {
+            tracing::warn!(workflow = %id, "agent terminated");
+            Ok(true)
+        }
+        Err(e) => {
+            let e = interaction_error(e, "gone");
+            // Already ended (not running any more) counts as done.
+            if e.code == Code::NotFound || e.message.contains("already completed") {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
     }
 }
 
@@ -376,6 +477,16 @@ pub(crate) async fn with_heartbeats<T>(
     ctx: &ActivityContext,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, ActivityError> {
+    with_progress(ctx, work, || ()).await
+}
+
+/// Like [`with_heartbeats`], with `progress()` as each heartbeat's details (a retry of the
+/// activity reads the last one back).
+pub(crate) async fn with_progress<T, D: serde::Serialize + Send + 'static>(
+    ctx: &ActivityContext,
+    work: impl std::future::Future<Output = T>,
+    progress: impl Fn() -> D,
+) -> Result<T, ActivityError> {
     tokio::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -383,7 +494,7 @@ pub(crate) async fn with_heartbeats<T>(
             out = &mut work => return Ok(out),
             _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
             _ = tick.tick() => {
-                let _ = ctx.record_heartbeat(()).await;
+                let _ = ctx.record_heartbeat(progress()).await;
             }
         }
     }
@@ -407,12 +518,19 @@ fn retryable(e: ApiError) -> ActivityError {
     ActivityError::application(ApplicationFailure::new(e))
 }
 
-/// A VM that is gone cannot run anything, however often we retry.
-fn run_failure(vm: &VmId, e: SubstrateError) -> ActivityError {
+/// A VM that is gone cannot run anything, however often we retry; one another agent owns
+/// is not this agent's (the failure's message is the owner).
+fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> ActivityError {
     match e {
         SubstrateError::VmGone(_) => ActivityError::application(
             ApplicationFailure::builder(SubstrateError::VmGone(vm.clone()))
                 .type_name(VM_LOST.to_string())
+                .non_retryable(true)
+                .build(),
+        ),
+        SubstrateError::Taken { owner, .. } => ActivityError::application(
+            ApplicationFailure::builder(anyhow::anyhow!(owner))
+                .type_name(VM_TAKEN.to_string())
                 .non_retryable(true)
                 .build(),
         ),
@@ -423,7 +541,7 @@ fn run_failure(vm: &VmId, e: SubstrateError) -> ActivityError {
 #[cfg(test)]
 mod tests {
     use murmur_workflows::activity_api::{
-        ClaimVm, ListAgents, ListVms, PausePool, ReleaseVm, ResetPool, RunAgent, TerminateAgent,
+        ClaimVm, PausePool, ReleaseVm, ResetPool, RunAgent, TerminateAgents, WipeHost,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -436,11 +554,10 @@ mod tests {
         assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
         assert_eq!(AgentActivities::pause_pool.name(), PausePool.name());
         assert_eq!(AgentActivities::reset_pool.name(), ResetPool.name());
-        assert_eq!(AgentActivities::list_agents.name(), ListAgents.name());
         assert_eq!(
-            AgentActivities::terminate_agent.name(),
-            TerminateAgent.name()
+            AgentActivities::terminate_agents.name(),
+            TerminateAgents.name()
         );
-        assert_eq!(AgentActivities::list_vms.name(), ListVms.name());
+        assert_eq!(AgentActivities::wipe_host.name(), WipeHost.name());
     }
 }

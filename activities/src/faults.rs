@@ -15,6 +15,7 @@
 //! | `hang=P` | a create or delete hangs for `hang_for` (past the activity's timeout) |
 //! | `hang_for=D` | how long a hang lasts (default `120s`) |
 //! | `latency=A..B` | every create and delete first waits a uniform time in [A, B] |
+//! | `stuck_deletes=N` | the first N distinct VMs asked to be deleted can never be deleted (every delete of them fails) |
 //! | `seed=N` | seed of the fault dice (default: from the clock) |
 //!
 //! Durations take `ms`, `s` or `m`. Example: `create_fail=0.2,leak=0.1,latency=5ms..50ms`.
@@ -56,6 +57,8 @@ pub struct FaultConfig {
     pub hang_for: Duration,
     /// Extra latency of every create and delete, drawn uniformly from this range.
     pub latency: (Duration, Duration),
+    /// How many VMs (the first distinct ones asked to be deleted) can never be deleted.
+    pub stuck_deletes: usize,
     /// Seed of the dice.
     pub seed: u64,
 }
@@ -70,6 +73,7 @@ impl Default for FaultConfig {
             hang: 0.0,
             hang_for: Duration::from_secs(120),
             latency: (Duration::ZERO, Duration::ZERO),
+            stuck_deletes: 0,
             seed: 0,
         }
     }
@@ -111,6 +115,12 @@ impl std::str::FromStr for FaultConfig {
                     }
                     config.latency = (a, b);
                 }
+                "stuck_deletes" => {
+                    config.stuck_deletes = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad("expected a whole number"))?
+                }
                 "seed" => {
                     config.seed = value
                         .trim()
@@ -120,7 +130,7 @@ impl std::str::FromStr for FaultConfig {
                 _ => {
                     return Err(bad(
                         "unknown key (expected create_fail, leak, delete_fail, ghost, hang, \
-                         hang_for, latency or seed)",
+                         hang_for, latency, stuck_deletes or seed)",
                     ));
                 }
             }
@@ -191,6 +201,8 @@ pub struct FaultCounts {
     pub ghost: AtomicU64,
     /// Calls that hung.
     pub hang: AtomicU64,
+    /// Deletes refused because their VM is one of the undeletable ones.
+    pub stuck: AtomicU64,
 }
 
 /// A [`Provider`] that injects faults into another one's creates and deletes. Everything
@@ -199,6 +211,8 @@ pub struct FaultyProvider<P: ?Sized> {
     inner: std::sync::Arc<P>,
     config: FaultConfig,
     dice: Mutex<Dice>,
+    /// The VMs made undeletable (`stuck_deletes`), as they were first asked to be deleted.
+    stuck: Mutex<Vec<VmId>>,
     /// Faults injected so far.
     pub counts: FaultCounts,
 }
@@ -211,6 +225,7 @@ impl<P: Provider + ?Sized> FaultyProvider<P> {
             inner,
             config,
             dice,
+            stuck: Mutex::new(Vec::new()),
             counts: FaultCounts::default(),
         }
     }
@@ -232,6 +247,24 @@ impl<P: Provider + ?Sized> FaultyProvider<P> {
                 "injected fault");
             tokio::time::sleep(self.config.hang_for).await;
         }
+    }
+}
+
+impl<P: ?Sized> FaultyProvider<P> {
+    /// True when `vm` is one of the VMs made undeletable: the first `stuck_deletes` distinct
+    /// VMs whose delete was asked for.
+    fn undeletable(&self, vm: &VmId) -> bool {
+        let Ok(mut stuck) = self.stuck.lock() else {
+            return false;
+        };
+        if stuck.contains(vm) {
+            return true;
+        }
+        if stuck.len() < self.config.stuck_deletes {
+            stuck.push(vm.clone());
+            return true;
+        }
+        false
     }
 }
 
@@ -277,6 +310,11 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
     }
 
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        if self.undeletable(vm) {
+            self.counts.stuck.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(fault = "stuck_delete", vm = %vm, "injected fault");
+            return Err(injected("this VM cannot be deleted"));
+        }
         self.delay("delete", vm).await;
         if self.roll(self.config.delete_fail) {
             self.counts.delete_fail.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +331,19 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         self.inner.list(tenant).await
+    }
+
+    fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError> {
+        self.inner.claim_owner(tenant, vm, owner)
+    }
+
+    fn seal_for_delete(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        expected: Option<&str>,
+    ) -> Result<crate::provider::Seal, SubstrateError> {
+        self.inner.seal_for_delete(tenant, vm, expected)
     }
 
     fn accelerator(&self) -> Option<String> {

@@ -26,6 +26,7 @@ pub mod process;
 pub mod provider;
 pub mod qemu;
 pub mod reaper;
+pub mod recovery;
 pub mod sandbox;
 pub mod temporal_ops;
 pub mod vm_activities;

@@ -70,6 +70,9 @@ pub struct SandboxMeta {
     pub vcpus: u32,
     /// Requested memory in MiB (recorded; not enforced).
     pub memory_mb: u32,
+    /// The pool generation it was booted in.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl SandboxMeta {
@@ -272,7 +275,7 @@ impl Provider for ProcessProvider {
                 return Ok(());
             }
             // A dead leftover of an earlier attempt: start over.
-            remove_dir(&dir).await?;
+            crate::provider::remove_vm_dir(&dir).await?;
         }
         let image_dir = self.images_dir().join(&spec.image);
         if !image_dir.is_dir() {
@@ -285,6 +288,7 @@ impl Provider for ProcessProvider {
             image: spec.image.clone(),
             vcpus: spec.environment.vcpus,
             memory_mb: spec.environment.memory_mb,
+            generation: spec.generation,
         };
         let root = dir.join("root");
         std::fs::create_dir_all(&dir)
@@ -352,6 +356,19 @@ impl Provider for ProcessProvider {
         }
     }
 
+    fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError> {
+        crate::provider::claim_owner(&self.sandbox_dir(tenant, vm)?, vm, owner)
+    }
+
+    fn seal_for_delete(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        expected: Option<&str>,
+    ) -> Result<crate::provider::Seal, SubstrateError> {
+        crate::provider::seal_for_delete(&self.sandbox_dir(tenant, vm)?, vm, expected)
+    }
+
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
         let dir = self.sandbox_dir(tenant, vm)?;
         stop_supervisors(&dir).await;
@@ -359,7 +376,7 @@ impl Provider for ProcessProvider {
         for pid in run_pids(&dir) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        remove_dir(&dir).await
+        crate::provider::remove_vm_dir(&dir).await
     }
 
     async fn start_command(
@@ -643,18 +660,6 @@ fn serves(pid: i32, dir: &Path) -> bool {
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         args.windows(2).any(|w| w[0] == b"--dir" && w[1] == want)
     })
-}
-
-async fn remove_dir(dir: &Path) -> Result<(), SubstrateError> {
-    let d = dir.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
-        .await
-        .map_err(|e| SubstrateError::io("remove sandbox", std::io::Error::other(e)))?;
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SubstrateError::io(format!("remove {}", dir.display()), e)),
-    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), SubstrateError> {

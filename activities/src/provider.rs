@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use murmur_workflows::activity_api::DELETING_OWNER;
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,14 @@ pub enum SubstrateError {
         /// The value.
         value: String,
     },
+    /// The VM belongs to another agent (the substrate records one owner per VM).
+    #[error("{owner}")]
+    Taken {
+        /// The VM.
+        vm: VmId,
+        /// The owner's claim request (`<agent workflow id>@<run id>`).
+        owner: String,
+    },
     /// A local I/O error.
     #[error("{context}: {source}")]
     Io {
@@ -90,8 +99,151 @@ pub struct VmInfo {
     pub workspace: String,
     /// Image it was created from (empty when unknown).
     pub image: String,
+    /// Pool generation it was booted in (0 when unknown).
+    #[serde(default)]
+    pub generation: u64,
+    /// The agent that started on it (its claim request), from the VM's owner file.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// True when its metadata file could be read (an orphan whose record is missing or
+    /// corrupt lists with empty labels and `false`).
+    #[serde(default)]
+    pub labelled: bool,
     /// True when its supervisor (or guest) is running.
     pub alive: bool,
+}
+
+/// File in a VM's directory naming the agent that owns it: its claim request
+/// (`<agent workflow id>@<run id>`), written once, first come first served.
+pub const OWNER_FILE: &str = "owner";
+
+/// Records `owner` as the owner of the VM whose directory is `dir`, unless another owner is
+/// recorded already (then [`SubstrateError::Taken`]). Atomic: the owner file appears whole,
+/// through a hard link that fails when it exists, so two agents racing for one VM cannot
+/// both win.
+pub(crate) fn claim_owner(
+    dir: &std::path::Path,
+    vm: &VmId,
+    owner: &str,
+) -> Result<(), SubstrateError> {
+    if !dir.is_dir() {
+        return Err(SubstrateError::VmGone(vm.clone()));
+    }
+    let path = dir.join(OWNER_FILE);
+    if let Some(existing) = read_owner(dir) {
+        return if existing == owner {
+            Ok(())
+        } else {
+            Err(SubstrateError::Taken {
+                vm: vm.clone(),
+                owner: existing,
+            })
+        };
+    }
+    let tmp = dir.join(format!(".owner.{}", std::process::id()));
+    std::fs::write(&tmp, owner).map_err(|e| SubstrateError::io("write the owner file", e))?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_owner(dir) {
+            Some(existing) if existing == owner => Ok(()),
+            Some(existing) => Err(SubstrateError::Taken {
+                vm: vm.clone(),
+                owner: existing,
+            }),
+            None => Err(SubstrateError::io("read the owner file", e)),
+        },
+        Err(e) => Err(SubstrateError::io("record the VM's owner", e)),
+    }
+}
+
+/// Whether a VM may be deleted: sealed (no agent can start on it any more), or owned by
+/// another agent than the one the asker expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// Nobody else owns it; its owner record now says it is being deleted.
+    Sealed,
+    /// Another agent (this claim request) owns it: leave it alone.
+    OwnedBy(String),
+}
+
+/// Seals the VM in `dir` for deletion: records [`DELETING_OWNER`] as its owner unless an
+/// agent owns it. A VM owned by `expected` (the agent being released) or already sealed may
+/// go; one owned by anyone else may not.
+pub(crate) fn seal_for_delete(
+    dir: &std::path::Path,
+    vm: &VmId,
+    expected: Option<&str>,
+) -> Result<Seal, SubstrateError> {
+    match claim_owner(dir, vm, DELETING_OWNER) {
+        Ok(()) | Err(SubstrateError::VmGone(_)) => Ok(Seal::Sealed),
+        Err(SubstrateError::Taken { owner, .. })
+            if owner == DELETING_OWNER || Some(owner.as_str()) == expected =>
+        {
+            Ok(Seal::Sealed)
+        }
+        Err(SubstrateError::Taken { owner, .. }) => Ok(Seal::OwnedBy(owner)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The owner recorded in a VM's directory, if any.
+pub(crate) fn read_owner(dir: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(OWNER_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Removes a VM's directory tree, also when what ran in the VM left parts of it read-only
+/// (Go's module cache does): write permission is restored on every directory, then the tree
+/// is removed again. A tree that is already gone is fine.
+pub(crate) fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            make_writable(dir);
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`remove_tree`] off the async runtime, as a substrate error.
+pub(crate) async fn remove_vm_dir(dir: &std::path::Path) -> Result<(), SubstrateError> {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || remove_tree(&d))
+        .await
+        .map_err(|e| SubstrateError::io("remove VM dir", std::io::Error::other(e)))?
+        .map_err(|e| SubstrateError::io(format!("remove {}", dir.display()), e))
+}
+
+/// Gives the owner read, write and search permission on every directory under `dir` (not
+/// following symlinks), so its entries can be removed.
+fn make_writable(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&entry.path());
+            }
+        }
+    }
 }
 
 /// Every VM a local substrate keeps under `vms_root` (`<tenant>/<vm id>` directories), of
@@ -135,6 +287,7 @@ pub(crate) fn list_vm_dirs(
     struct Labels {
         workspace: String,
         image: String,
+        generation: u64,
     }
     let entries = match std::fs::read_dir(tenant_dir) {
         Ok(e) => e,
@@ -153,15 +306,19 @@ pub(crate) fn list_vm_dirs(
             continue;
         }
         let dir = entry.path();
-        let labels: Labels = std::fs::read(dir.join(meta_file))
+        let labels: Option<Labels> = std::fs::read(dir.join(meta_file))
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let labelled = labels.is_some();
+        let labels = labels.unwrap_or_default();
         out.push(VmInfo {
             id: VmId(name),
             tenant: tenant.to_string(),
             workspace: labels.workspace,
             image: labels.image,
+            generation: labels.generation,
+            owner: read_owner(&dir),
+            labelled,
             alive: alive(&dir),
         });
     }
@@ -187,6 +344,23 @@ pub struct CommandSpec {
     pub argv: Vec<String>,
     /// Extra environment (`MURMUR_AGENT`), on top of the VM's own.
     pub env: Vec<(String, String)>,
+}
+
+impl VmInfo {
+    /// What a reaper listing reports about this VM.
+    pub fn scanned(self) -> murmur_workflows::machine::ScannedVm {
+        murmur_workflows::machine::ScannedVm {
+            labels: self.labelled.then(|| murmur_workflows::machine::VmLabels {
+                workspace: self.workspace,
+                image: self.image,
+                generation: self.generation,
+                owner: self.owner,
+                owner_running: false,
+            }),
+            id: self.id,
+            alive: self.alive,
+        }
+    }
 }
 
 /// Where a command run stands.
@@ -237,6 +411,19 @@ pub trait Provider: Send + Sync + 'static {
             value: "snapshot".into(),
         })
     }
+
+    /// Records `owner` (an agent's claim request) as the VM's owner before the agent's
+    /// command starts; refuses with [`SubstrateError::Taken`] when another agent owns it.
+    fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError>;
+
+    /// Seals the VM for deletion unless an agent other than `expected` owns it (see
+    /// [`Seal`]).
+    fn seal_for_delete(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        expected: Option<&str>,
+    ) -> Result<Seal, SubstrateError>;
 
     /// Creates the VM described by `spec` and starts it. Creating a VM that already exists
     /// and is alive succeeds without doing anything; a dead leftover is replaced.

@@ -127,6 +127,9 @@ pub struct QemuVmMeta {
     pub memory_mb: u32,
     /// Accelerator it runs with.
     pub accel: Accel,
+    /// The pool generation it was booted in.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// Failures of the control channel.
@@ -305,6 +308,7 @@ impl QemuProvider {
             vcpus: 1,
             memory_mb: 128,
             accel: Accel::Kvm,
+            generation: 0,
         };
         let started = Instant::now();
         let ok = match self.spawn_qemu(&dir, &meta) {
@@ -764,18 +768,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SubstrateError> {
         .map_err(|e| SubstrateError::io(format!("chmod {}", path.display()), e))
 }
 
-async fn remove_dir(dir: &Path) -> Result<(), SubstrateError> {
-    let d = dir.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
-        .await
-        .map_err(|e| SubstrateError::io("remove VM dir", std::io::Error::other(e)))?;
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SubstrateError::io(format!("remove {}", dir.display()), e)),
-    }
-}
-
 #[async_trait]
 impl Provider for QemuProvider {
     fn name(&self) -> &'static str {
@@ -809,7 +801,7 @@ impl Provider for QemuProvider {
                 return Ok(());
             }
             // A dead leftover of an earlier attempt: start over.
-            remove_dir(&dir).await?;
+            crate::provider::remove_vm_dir(&dir).await?;
         }
         let meta = QemuVmMeta {
             id: spec.vm.clone(),
@@ -819,6 +811,7 @@ impl Provider for QemuProvider {
             vcpus: spec.environment.vcpus,
             memory_mb: spec.environment.memory_mb,
             accel: self.accel,
+            generation: spec.generation,
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| SubstrateError::io(format!("create {}", dir.display()), e))?;
@@ -879,6 +872,19 @@ impl Provider for QemuProvider {
         }
     }
 
+    fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError> {
+        crate::provider::claim_owner(&self.vm_dir(tenant, vm)?, vm, owner)
+    }
+
+    fn seal_for_delete(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        expected: Option<&str>,
+    ) -> Result<crate::provider::Seal, SubstrateError> {
+        crate::provider::seal_for_delete(&self.vm_dir(tenant, vm)?, vm, expected)
+    }
+
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
         let dir = self.vm_dir(tenant, vm)?;
         {
@@ -891,7 +897,7 @@ impl Provider for QemuProvider {
                     std::io::Error::other(format!("pid {pid} still running")),
                 ));
             }
-            remove_dir(&dir).await?;
+            crate::provider::remove_vm_dir(&dir).await?;
         }
         self.forget_lock(&dir);
         Ok(())
@@ -1202,6 +1208,7 @@ mod tests {
             vcpus: 2,
             memory_mb: 300,
             accel: Accel::Tcg,
+            generation: 1,
         };
         let args: Vec<String> = qemu_args(Path::new("/s/vm"), Path::new("/s/img"), &meta)
             .into_iter()

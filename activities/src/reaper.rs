@@ -1,18 +1,23 @@
-//! The reaper's scan (`murmur.reap_scan`): what the substrate holds for a tenant, which
-//! claimed agents have ended, and which agent workflows are stranded.
+//! The reaper's listings: what a host's substrate holds for a tenant (`murmur.list_host_vms`,
+//! on the host's own queue), and what Temporal says about the tenant's agents
+//! (`murmur.scan_agents`): which run, which are stranded, whether its nuke runs.
 //!
-//! The pool workflow decides what to delete ([`murmur_workflows::machine::Pool::reap`]); this
-//! activity only looks (and, when `reap_stranded_workflows: enabled`, terminates stranded
-//! agent workflows, which the pool does not own).
+//! Both answer as differences from the pool's digests (see
+//! [`murmur_workflows::machine::digest`]), so a pool that agrees with the world gets back
+//! almost nothing. The pool workflow decides what to delete or adopt
+//! ([`murmur_workflows::machine::Pool::host_listed`]); these activities only look (and, when
+//! `reap_stranded_workflows: enabled`, terminate stranded agent workflows, which the pool
+//! does not own).
 //!
 //! *Stranded* means stuck on a retired build: the agent workflow is running but its workflow
 //! task keeps failing (no worker can make progress on it: an unknown workflow type, a history
 //! the current code cannot replay) and it has made no progress for longer than
-//! `stranded_after`. The scan describes each running agent (a few at a time) and, for those
-//! whose workflow task is on its second attempt or later, reads when history last moved.
+//! `stranded_after`. Each round checks a bounded share of the running agents (a cursor walks
+//! through them by workflow id): it describes each and, for those whose workflow task is on
+//! its second attempt or later, reads when history last moved.
 
-// `#[activities]` generates an undocumented marker constant per activity; the activity itself
-// is documented below.
+// `#[activities]` generates an undocumented marker constant per activity; the activities
+// themselves are documented below.
 #![allow(missing_docs)]
 
 use std::collections::BTreeSet;
@@ -20,8 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use murmur_workflows::activity_api::{ReapInput, ReapScope};
-use murmur_workflows::machine::{ReapScan, ScannedVm};
+use murmur_workflows::activity_api::{AgentScanInput, HostListInput};
+use murmur_workflows::machine::reaper::running_differences;
+use murmur_workflows::machine::{AgentScan, HostScan, ScanSettings};
 use murmur_workflows::model::{Millis, ReapPolicy};
 use temporalio_client::{
     Client, NamespacedClient, UntypedWorkflow, WorkflowDescribeOptions, WorkflowExecutionInfo,
@@ -39,6 +45,9 @@ use murmur_workflows::bake::BAKE_WORKSPACE;
 use murmur_workflows::bake_workflow::scratch_vm_id;
 use murmur_workflows::nuke_workflow::nuke_workflow_id;
 
+/// Running agents a round checks for being stranded.
+const STRANDED_PER_ROUND: usize = 32;
+
 /// The worker's reaper settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReaperSettings {
@@ -48,6 +57,19 @@ pub struct ReaperSettings {
     pub grace: Duration,
     /// How long an agent workflow's task must have been failing before it counts as stranded.
     pub stranded_after: Duration,
+    /// History length after which a pool continues as new (0: the default, 10,000 events).
+    pub roll_over_events: u32,
+}
+
+impl ReaperSettings {
+    /// What the listings report to the pool.
+    fn scan_settings(&self) -> ScanSettings {
+        ScanSettings {
+            grace_ms: millis(self.grace),
+            interval_ms: millis(self.interval),
+            roll_over_events: self.roll_over_events,
+        }
+    }
 }
 
 impl Default for ReaperSettings {
@@ -56,6 +78,7 @@ impl Default for ReaperSettings {
             interval: Duration::from_secs(30),
             grace: Duration::from_secs(60),
             stranded_after: Duration::from_secs(48 * 3600),
+            roll_over_events: 0,
         }
     }
 }
@@ -75,39 +98,86 @@ impl ReaperActivities {
 
 #[activities]
 impl ReaperActivities {
-    /// Lists the tenant's VMs, finds claims of ended agents, and handles stranded agent
-    /// workflows per the pool's policy.
-    #[activity(name = "murmur.reap_scan")]
-    pub async fn reap_scan(
+    /// Lists the tenant's VMs on this host and answers with the differences from the pool's
+    /// digests: each VM of a differing bucket with its substrate record and whether the agent
+    /// that owns it runs. Scratch VMs of bakes that still run are the bakes', left out.
+    #[activity(name = "murmur.list_host_vms")]
+    pub async fn list_host_vms(
         self: Arc<Self>,
         ctx: ActivityContext,
-        input: ReapInput,
-    ) -> Result<ReapScan, ActivityError> {
+        input: HostListInput,
+    ) -> Result<HostScan, ActivityError> {
         let client = ctx.client().clone();
         let work = async {
-            let mut scan = ReapScan {
-                grace_ms: millis(self.settings.grace),
-                interval_ms: millis(self.settings.interval),
-                ..ReapScan::default()
-            };
-            if input.scope != ReapScope::Workflows {
-                scan.vms = self.list_vms(&client, &input.tenant).await?;
+            let mut vms = self
+                .provider
+                .list(&input.tenant)
+                .await
+                .map_err(|e| failure(e.to_string()))?;
+            if vms.iter().any(|v| v.workspace == BAKE_WORKSPACE) {
+                let baking = running_bake_vms(&client, &input.tenant).await?;
+                vms.retain(|v| !baking.contains(&v.id));
             }
-            if input.scope == ReapScope::HostVms {
-                return Ok(scan);
+            let listing = vms.into_iter().map(|v| v.scanned()).collect();
+            let mut scan = HostScan::answer(&input.digests, listing, self.settings.scan_settings());
+            let owners: BTreeSet<String> = scan
+                .diffs
+                .items
+                .iter()
+                .filter_map(|v| v.labels.as_ref()?.owner.clone())
+                .collect();
+            if !owners.is_empty() {
+                let running = running_requests(&client, &input.tenant).await?;
+                for vm in &mut scan.diffs.items {
+                    if let Some(labels) = vm.labels.as_mut() {
+                        labels.owner_running =
+                            labels.owner.as_ref().is_some_and(|o| running.contains(o));
+                    }
+                }
             }
+            Ok::<_, ActivityError>(scan)
+        };
+        with_heartbeats(&ctx, work).await?
+    }
+
+    /// Asks Temporal which of the tenant's agents run (as differences from the claims'
+    /// digests), checks this round's share of them for being stranded (handling them per the
+    /// pool's policy), and whether the tenant's nuke runs.
+    #[activity(name = "murmur.scan_agents")]
+    pub async fn scan_agents(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: AgentScanInput,
+    ) -> Result<AgentScan, ActivityError> {
+        let client = ctx.client().clone();
+        let work = async {
+            let req = input.request;
             let running = running_runs(&client, &input.tenant, "agent")
                 .await
                 .map_err(|e| failure(e.to_string()))?;
-            scan.finished_agents = finished_claims(&client, &input.claims, &running).await?;
-            (scan.stranded_found, scan.stranded_terminated) = match input.stranded {
-                ReapPolicy::Disabled => (0, 0),
-                policy => {
-                    self.handle_stranded(&client, &input.tenant, &running, policy)
-                        .await
-                }
+            let mut scan = AgentScan {
+                running: running_differences(
+                    &req.claims,
+                    running.iter().map(|(id, run)| format!("{id}@{run}")),
+                ),
+                settings: self.settings.scan_settings(),
+                ..AgentScan::default()
             };
-            if input.check_nuke {
+            if req.stranded != ReapPolicy::Disabled {
+                let share: Vec<(String, String)> = running
+                    .iter()
+                    .filter(|(id, _)| req.stranded_after.as_ref().is_none_or(|after| id > after))
+                    .take(STRANDED_PER_ROUND)
+                    .cloned()
+                    .collect();
+                scan.stranded_cursor = (share.len() == STRANDED_PER_ROUND)
+                    .then(|| share.last().map(|(id, _)| id.clone()))
+                    .flatten();
+                (scan.stranded_found, scan.stranded_terminated) = self
+                    .handle_stranded(&client, &input.tenant, &share, req.stranded)
+                    .await;
+            }
+            if req.check_nuke {
                 scan.nuke_running = Some(nuke_running(&client, &input.tenant).await?);
             }
             Ok::<_, ActivityError>(scan)
@@ -117,32 +187,6 @@ impl ReaperActivities {
 }
 
 impl ReaperActivities {
-    /// The tenant's VMs in this worker's substrate, less the scratch VMs of bakes still
-    /// running (those are the bakes', not orphans).
-    async fn list_vms(
-        &self,
-        client: &Client,
-        tenant: &str,
-    ) -> Result<Vec<ScannedVm>, ActivityError> {
-        let mut vms = self
-            .provider
-            .list(tenant)
-            .await
-            .map_err(|e| failure(e.to_string()))?;
-        if vms.iter().any(|v| v.workspace == BAKE_WORKSPACE) {
-            let baking = running_bake_vms(client, tenant).await?;
-            vms.retain(|v| !baking.contains(&v.id));
-        }
-        Ok(vms
-            .into_iter()
-            .map(|v| ScannedVm {
-                id: v.id,
-                alive: v.alive,
-                host: None,
-            })
-            .collect())
-    }
-
     /// Finds stranded agent workflows among `running`; terminates them when `policy` is
     /// `enabled`, logs them when it is `dry_run`. Returns (found, terminated). Errors talking
     /// to the server are logged and skip the workflow: the VM reaping still runs.
@@ -150,7 +194,7 @@ impl ReaperActivities {
         &self,
         client: &Client,
         tenant: &str,
-        running: &BTreeSet<(String, String)>,
+        running: &[(String, String)],
         policy: ReapPolicy,
     ) -> (u32, u32) {
         let stranded_after = self.settings.stranded_after;
@@ -245,34 +289,18 @@ async fn running_bake_vms(
     Ok(bakes.iter().map(|(_, run)| scratch_vm_id(run)).collect())
 }
 
-/// The claims whose agent workflow run has closed. Visibility lags behind, so a claim whose
-/// agent is not in the running list is confirmed with a describe before it counts.
-async fn finished_claims(
+/// The claim requests (`<workflow id>@<run id>`) of the tenant's running agents.
+async fn running_requests(
     client: &Client,
-    claims: &[String],
-    running: &BTreeSet<(String, String)>,
-) -> Result<Vec<String>, ActivityError> {
-    let mut finished = Vec::new();
-    for request in claims {
-        let Some((id, run)) = request.rsplit_once('@') else {
-            continue;
-        };
-        if running.contains(&(id.to_string(), run.to_string())) {
-            continue;
-        }
-        match run_handle(client, id, run)
-            .describe(WorkflowDescribeOptions::default())
-            .await
-        {
-            Ok(desc) if desc.status() == WorkflowExecutionStatus::Running => {}
-            Ok(_) => finished.push(request.clone()),
-            Err(temporalio_client::errors::WorkflowInteractionError::NotFound(_)) => {
-                finished.push(request.clone())
-            }
-            Err(e) => return Err(failure(e.to_string())),
-        }
-    }
-    Ok(finished)
+    tenant: &str,
+) -> Result<BTreeSet<String>, ActivityError> {
+    let running = running_runs(client, tenant, "agent")
+        .await
+        .map_err(|e| failure(e.to_string()))?;
+    Ok(running
+        .into_iter()
+        .map(|(id, run)| format!("{id}@{run}"))
+        .collect())
 }
 
 fn run_handle(client: &Client, id: &str, run: &str) -> WorkflowHandle<Client, UntypedWorkflow> {
@@ -294,13 +322,14 @@ fn failure(message: String) -> ActivityError {
 
 #[cfg(test)]
 mod tests {
-    use murmur_workflows::activity_api::ReapScanVms;
+    use murmur_workflows::activity_api::{ListHostVms, ScanAgents};
     use temporalio_common::ActivityDefinition;
 
     use super::ReaperActivities;
 
     #[test]
-    fn activity_name_matches_the_workflow_marker() {
-        assert_eq!(ReaperActivities::reap_scan.name(), ReapScanVms.name());
+    fn activity_names_match_the_workflow_markers() {
+        assert_eq!(ReaperActivities::list_host_vms.name(), ListHostVms.name());
+        assert_eq!(ReaperActivities::scan_agents.name(), ScanAgents.name());
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use murmur_workflows::activity_api::{BootReport, DeleteVmInput, HOST_FULL};
+use murmur_workflows::activity_api::{BootReport, DeleteReply, DeleteVmInput, HOST_FULL};
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::pool_workflow::BOOT_TIMEOUT;
 use temporalio_common::ActivityError;
@@ -16,7 +16,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
-use crate::provider::{Provider, SubstrateError};
+use crate::provider::{Provider, Seal, SubstrateError};
 
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
 /// lists it as non-retryable).
@@ -122,21 +122,35 @@ impl VmActivities {
         }
     }
 
-    /// Deletes a VM. Deleting a VM that is already gone succeeds.
+    /// Deletes a VM, unless another agent than `input.owner` owns it (then it answers with
+    /// that owner and deletes nothing). The VM's owner record is sealed first, so no agent can
+    /// start on it while it goes. Deleting a VM that is already gone succeeds.
     #[activity(name = "murmur.delete_vm")]
     pub async fn delete_vm(
         self: Arc<Self>,
         ctx: ActivityContext,
         input: DeleteVmInput,
-    ) -> Result<(), ActivityError> {
-        let result = with_heartbeats(&ctx, self.provider.delete(&input.tenant, &input.vm)).await?;
+    ) -> Result<DeleteReply, ActivityError> {
+        let (tenant, vm) = (input.tenant.as_str(), &input.vm);
+        let seal = self
+            .provider
+            .seal_for_delete(tenant, vm, input.owner.as_deref())
+            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+        if let Seal::OwnedBy(owner) = seal {
+            tracing::warn!(tenant, vm = %vm, %owner, expected = ?input.owner,
+                "vm not deleted: another agent owns it");
+            return Ok(DeleteReply {
+                owned_by: Some(owner),
+            });
+        }
+        let result = with_heartbeats(&ctx, self.provider.delete(tenant, vm)).await?;
         match result {
             Ok(()) => {
-                tracing::info!(tenant = %input.tenant, vm = %input.vm, "vm deleted");
-                Ok(())
+                tracing::info!(tenant, vm = %vm, "vm deleted");
+                Ok(DeleteReply::default())
             }
             Err(e) => {
-                tracing::warn!(tenant = %input.tenant, vm = %input.vm, error = %e, "vm delete failed");
+                tracing::warn!(tenant, vm = %vm, error = %e, "vm delete failed");
                 Err(ActivityError::application(ApplicationFailure::new(e)))
             }
         }

@@ -44,6 +44,7 @@ fn spec(vm: &str, image: &str) -> BootSpec {
             memory_mb: 192,
         },
         host: None,
+        generation: 1,
     }
 }
 

@@ -71,6 +71,11 @@ struct RunArgs {
     /// (see reap_stranded_workflows).
     #[arg(long, global = true, env = "MURMUR_STRANDED_AFTER", default_value = "48h", value_parser = parse_duration)]
     stranded_after: std::time::Duration,
+    /// History length (events) after which a pool workflow continues as new; its pools learn
+    /// it from their reaper rounds. Lower it to see rollovers often (tests).
+    #[arg(long, global = true, env = "MURMUR_POOL_ROLL_OVER", default_value = "10000",
+        value_parser = clap::value_parser!(u32).range(100..=50_000))]
+    pool_roll_over: u32,
     /// How long a new VM may take to answer its readiness handshake before its boot counts
     /// as failed (at most 60s).
     #[arg(long, global = true, env = "MURMUR_BOOT_TIMEOUT", default_value = "60s", value_parser = parse_boot_timeout)]
@@ -305,6 +310,7 @@ async fn main() -> std::process::ExitCode {
                     interval: cli.run.reap_interval,
                     grace: cli.run.reap_grace,
                     stranded_after: cli.run.stranded_after,
+                    roll_over_events: cli.run.pool_roll_over,
                 },
                 faults: cli.run.faults,
                 boot_timeout: cli.run.boot_timeout,

@@ -2,21 +2,57 @@
 //!
 //! The workflows crate must not depend on the activities crate, so the markers live here and
 //! the activities crate implements them under the same names (a test there checks the names
-//! match). Inputs and outputs are plain serde types.
+//! match). Inputs and outputs are plain serde types. Each marker is declared with
+//! [`activity!`](crate::activity): its type name, input and output in one line.
 
 use serde::{Deserialize, Serialize};
-use temporalio_common::ActivityDefinition;
 
-use crate::machine::BootSpec;
+use crate::machine::digest::Digests;
+use crate::machine::{AgentScan, AgentScanRequest, BootSpec, HostScan, PoolRecord};
 use crate::model::VmId;
 
-/// Activity type name of [`BootVm`].
-pub const BOOT_VM: &str = "murmur.boot_vm";
-/// Activity type name of [`DeleteVm`].
-pub const DELETE_VM: &str = "murmur.delete_vm";
+/// Declares an activity marker: a unit struct whose [`ActivityDefinition`] has the given
+/// type name, input and output, and whose `NAME` is that type name.
+///
+/// [`ActivityDefinition`]: temporalio_common::ActivityDefinition
+#[macro_export]
+macro_rules! activity {
+    ($(#[$doc:meta])* $marker:ident = $name:literal : $input:ty => $output:ty) => {
+        $(#[$doc])*
+        pub struct $marker;
 
-/// Creates a VM and waits for its readiness handshake (idempotent by VM id).
-pub struct BootVm;
+        impl $marker {
+            /// The activity's type name.
+            pub const NAME: &'static str = $name;
+        }
+
+        impl temporalio_common::ActivityDefinition for $marker {
+            type Input = $input;
+            type Output = $output;
+            fn name(&self) -> &str {
+                $name
+            }
+        }
+    };
+}
+
+/// Failure type of a boot refused because the host holds `--host-max-vms` VMs already (not
+/// retried; the pool places the VM elsewhere).
+pub const HOST_FULL: &str = "HostFull";
+/// Failure type of a claim the pool refused (`CODE: reason`; not retried).
+pub const CLAIM_REJECTED: &str = "ClaimRejected";
+/// Failure type of a command that cannot run because its VM is gone (not retried).
+pub const VM_LOST: &str = "VmLost";
+/// Failure type of a command refused because another agent owns the VM (not retried); the
+/// message is the owner's claim request.
+pub const VM_TAKEN: &str = "VmTaken";
+/// Failure type of a nuke step the pool refused (not retried: a refusal is final).
+pub const STEP_REFUSED: &str = "StepRefused";
+
+activity! {
+    /// Creates a VM and waits for its readiness handshake (idempotent by VM id).
+    BootVm = "murmur.boot_vm": BootSpec => BootReport
+}
 
 /// Result of a successful boot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,16 +67,12 @@ pub struct BootReport {
     pub accel: String,
 }
 
-impl ActivityDefinition for BootVm {
-    type Input = BootSpec;
-    type Output = BootReport;
-    fn name(&self) -> &str {
-        BOOT_VM
-    }
+activity! {
+    /// Deletes a VM (idempotent: deleting a VM that is gone succeeds) — unless the substrate
+    /// records another agent than `owner` as its owner: then nothing is deleted and the reply
+    /// names that agent.
+    DeleteVm = "murmur.delete_vm": DeleteVmInput => DeleteReply
 }
-
-/// Deletes a VM (idempotent: deleting a VM that is gone succeeds).
-pub struct DeleteVm;
 
 /// Input of [`DeleteVm`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,43 +81,49 @@ pub struct DeleteVmInput {
     pub tenant: String,
     /// The VM.
     pub vm: VmId,
+    /// The agent (claim request) the asker believes holds the VM, if any. Before deleting,
+    /// the substrate seals the VM's owner record with [`DELETING_OWNER`] (so no agent can
+    /// start on it any more); a VM another agent owns is left alone.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
-impl ActivityDefinition for DeleteVm {
-    type Input = DeleteVmInput;
-    type Output = ();
-    fn name(&self) -> &str {
-        DELETE_VM
+/// What [`DeleteVm`] did. Reads `null` too (what the activity answered before it could
+/// refuse), so histories from then replay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DeleteReply {
+    /// Set when the VM was not deleted because another agent owns it: that agent's claim
+    /// request.
+    pub owned_by: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DeleteReply {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(default)]
+        struct Fields {
+            owned_by: Option<String>,
+        }
+        impl Default for Fields {
+            fn default() -> Self {
+                Self { owned_by: None }
+            }
+        }
+        let fields: Option<Fields> = Option::deserialize(d)?;
+        Ok(Self {
+            owned_by: fields.and_then(|f| f.owned_by),
+        })
     }
 }
 
-/// Activity type name of [`ClaimVm`].
-pub const CLAIM_VM: &str = "murmur.claim_vm";
-/// Activity type name of [`ReleaseVm`].
-pub const RELEASE_VM: &str = "murmur.release_vm";
-/// Activity type name of [`RunAgent`].
-pub const RUN_AGENT: &str = "murmur.run_agent";
-/// Activity type name of [`PausePool`].
-pub const PAUSE_POOL: &str = "murmur.pause_pool";
-/// Activity type name of [`ResetPool`].
-pub const RESET_POOL: &str = "murmur.reset_pool";
-/// Activity type name of [`ListAgents`].
-pub const LIST_AGENTS: &str = "murmur.list_agents";
-/// Activity type name of [`TerminateAgent`].
-pub const TERMINATE_AGENT: &str = "murmur.terminate_agent";
-/// Activity type name of [`ListVms`].
-pub const LIST_VMS: &str = "murmur.list_vms";
+/// What a VM's owner record says once a delete has sealed it: no agent may start on it.
+pub const DELETING_OWNER: &str = "-deleting-";
 
-/// Failure type of a boot a host refused because it runs its `--host-max-vms` VMs already
-/// (counting every tenant's); never retried there, the pool places the VM elsewhere.
-pub const HOST_FULL: &str = "HostFull";
-/// Failure type of a claim the pool refused (`CODE: reason` message); never retried.
-pub const CLAIM_REJECTED: &str = "ClaimRejected";
-/// Failure type of a VM that vanished under a running agent; never retried.
-pub const VM_LOST: &str = "VmLost";
-
-/// Asks the tenant's pool for a VM (the pool's `claim` update, starting the pool if needed).
-pub struct ClaimVm;
+activity! {
+    /// Sends a claim to the tenant's pool (starting the pool if it is not running) and
+    /// answers with where the claim stands. A refusal fails with [`CLAIM_REJECTED`].
+    ClaimVm = "murmur.claim_vm": ClaimInput => crate::machine::ClaimState
+}
 
 /// Input of [`ClaimVm`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,17 +140,11 @@ pub struct ClaimInput {
     pub probe: bool,
 }
 
-impl ActivityDefinition for ClaimVm {
-    type Input = ClaimInput;
-    type Output = crate::machine::ClaimState;
-    fn name(&self) -> &str {
-        CLAIM_VM
-    }
+activity! {
+    /// Tells the pool an agent ended so it deletes the agent's VM; answers whether the pool
+    /// runs (without one, the agent deletes its VM on the VM's host itself).
+    ReleaseVm = "murmur.release_vm": ReleaseInput => crate::messages::ReleaseReply
 }
-
-/// Tells the pool an agent ended (the pool's `release` update); the pool deletes its VM.
-/// When the pool is not running, deletes the VM from the substrate directly.
-pub struct ReleaseVm;
 
 /// Input of [`ReleaseVm`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,21 +153,16 @@ pub struct ReleaseInput {
     pub tenant: String,
     /// The claim's request id.
     pub request: String,
-    /// The VM the agent held, if it knows one (for the direct delete).
+    /// The VM the agent held, if any.
     pub vm: Option<VmId>,
 }
 
-impl ActivityDefinition for ReleaseVm {
-    type Input = ReleaseInput;
-    type Output = crate::messages::ReleaseReply;
-    fn name(&self) -> &str {
-        RELEASE_VM
-    }
+activity! {
+    /// Runs an agent's command in its VM and waits for it to exit, heartbeating (idempotent
+    /// by run id). Fails with [`VM_LOST`] when the VM is gone and with [`VM_TAKEN`] when
+    /// another agent owns it.
+    RunAgent = "murmur.run_agent": RunInput => RunReport
 }
-
-/// Runs an agent's command inside its VM until it exits (idempotent by run id: a retry
-/// attaches to the command already running).
-pub struct RunAgent;
 
 /// Input of [`RunAgent`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +177,10 @@ pub struct RunInput {
     pub run: String,
     /// The command: one word runs through `/bin/sh -c`, several are executed as they are.
     pub command: Vec<String>,
+    /// The agent's claim request (`<workflow id>@<run id>`): the substrate records it as the
+    /// VM's owner before the command starts, and refuses a VM another agent owns.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// How an agent's command ended.
@@ -163,169 +194,140 @@ pub struct RunReport {
     pub duration_ms: u64,
 }
 
-impl ActivityDefinition for RunAgent {
-    type Input = RunInput;
-    type Output = RunReport;
-    fn name(&self) -> &str {
-        RUN_AGENT
-    }
+activity! {
+    /// Nuke step 1: asks the pool to stop hand-outs and backfill; answers once nothing boots.
+    /// A refusal fails with [`STEP_REFUSED`].
+    PausePool = "murmur.pause_pool": PoolStepInput => crate::messages::NukeStepReply
 }
 
-/// Nuke step: pause the pool (its `nuke_pause` update, starting the pool if needed).
-pub struct PausePool;
-
-impl ActivityDefinition for PausePool {
-    type Input = PoolStepInput;
-    type Output = crate::messages::NukeStepReply;
-    fn name(&self) -> &str {
-        PAUSE_POOL
-    }
-}
-
-/// Nuke step: reset and resume the pool (its `nuke_reset` update).
-pub struct ResetPool;
-
-impl ActivityDefinition for ResetPool {
-    type Input = PoolStepInput;
-    type Output = crate::messages::NukeStepReply;
-    fn name(&self) -> &str {
-        RESET_POOL
-    }
+activity! {
+    /// Nuke, last step: asks the pool to forget its inventory and resume.
+    ResetPool = "murmur.reset_pool": PoolStepInput => crate::messages::NukeStepReply
 }
 
 /// Input of [`PausePool`] and [`ResetPool`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStepInput {
-    /// Tenant.
+    /// Tenant whose pool is asked.
     pub tenant: String,
-    /// What the pool is told.
+    /// The step.
     pub step: crate::messages::NukeStep,
 }
 
-/// Lists the workflow ids of every running agent of a tenant (a paginated visibility query
-/// on the search attributes).
-pub struct ListAgents;
-
-impl ActivityDefinition for ListAgents {
-    type Input = String;
-    type Output = Vec<String>;
-    fn name(&self) -> &str {
-        LIST_AGENTS
-    }
+activity! {
+    /// Nuke step 2: terminates every running agent workflow of the tenant, a bounded number
+    /// at a time, listing them page by page; answers how many it terminated. Retried, it
+    /// lists again (the terminated ones are gone) and adds to the count it heartbeated.
+    TerminateAgents = "murmur.terminate_agents": TerminateAgentsInput => u64
 }
 
-/// Terminates one agent workflow; one that already ended counts as done.
-pub struct TerminateAgent;
-
-/// Input of [`TerminateAgent`].
+/// Input of [`TerminateAgents`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TerminateInput {
-    /// The agent workflow's id.
-    pub workflow_id: String,
-    /// Recorded as the termination reason.
+pub struct TerminateAgentsInput {
+    /// Tenant.
+    pub tenant: String,
+    /// The reason recorded with each termination.
     pub reason: String,
 }
 
-impl ActivityDefinition for TerminateAgent {
-    type Input = TerminateInput;
-    type Output = ();
-    fn name(&self) -> &str {
-        TERMINATE_AGENT
-    }
+activity! {
+    /// Nuke step 3, on each host's queue: deletes every VM of the tenant the host holds,
+    /// orphans included, a bounded number at a time.
+    WipeHost = "murmur.wipe_host": String => WipeReport
 }
 
-/// Lists every VM of a tenant the substrate holds, orphans included.
-pub struct ListVms;
-
-impl ActivityDefinition for ListVms {
-    type Input = String;
-    type Output = Vec<VmId>;
-    fn name(&self) -> &str {
-        LIST_VMS
-    }
-}
-
-/// Activity type name of [`ReapScanVms`].
-pub const REAP_SCAN: &str = "murmur.reap_scan";
-
-/// The reaper's look at the world: the tenant's VMs in the substrate, which claimed agents
-/// have ended, and (per `reap_stranded_workflows`) stranded agent workflows.
-pub struct ReapScanVms;
-
-/// Input of [`ReapScanVms`].
+/// What [`WipeHost`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ReapInput {
-    /// The tenant.
+pub struct WipeReport {
+    /// VMs deleted.
+    pub deleted: u64,
+    /// Of those, VMs an agent had started on (the substrate recorded an owner).
+    pub agent_vms: u64,
+    /// VMs that could not be deleted (left for the host's reaper).
+    pub failed: u64,
+}
+
+activity! {
+    /// A reaper listing on one host's queue: every VM of the tenant the host holds, answered
+    /// as the differences from the pool's digests ([`HostScan::answer`]), with each VM's
+    /// substrate record and whether its owner runs.
+    ListHostVms = "murmur.list_host_vms": HostListInput => HostScan
+}
+
+/// Input of [`ListHostVms`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostListInput {
+    /// Tenant.
     pub tenant: String,
-    /// Request ids (`<workflow id>@<run id>`) of the pool's claims, to check for ended agents.
-    pub claims: Vec<String>,
-    /// What to do with stranded agent workflows.
-    pub stranded: crate::model::ReapPolicy,
-    /// The pool is paused for a nuke: say whether `nuke/<tenant>` still runs.
-    pub check_nuke: bool,
-    /// What to look at (everything, unless the pool splits the scan across hosts).
-    pub scope: ReapScope,
+    /// The pool's digests of its VMs on this host.
+    pub digests: Digests,
 }
 
-/// The part of a reaper scan one activity does.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReapScope {
-    /// The substrate and Temporal (one worker runs every VM: runs from before placement).
-    #[default]
-    Everything,
-    /// Only the VMs of the host whose queue runs it.
-    HostVms,
-    /// Only Temporal: ended claims, stranded agents, the nuke check.
-    Workflows,
+activity! {
+    /// A reaper's question to Temporal: which agents run (as differences from the claims'
+    /// digests), stranded agent workflows (a bounded share per round), whether the nuke runs.
+    ScanAgents = "murmur.scan_agents": AgentScanInput => AgentScan
 }
 
-impl ActivityDefinition for ReapScanVms {
-    type Input = ReapInput;
-    type Output = crate::machine::ReapScan;
-    fn name(&self) -> &str {
-        REAP_SCAN
-    }
+/// Input of [`ScanAgents`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentScanInput {
+    /// Tenant.
+    pub tenant: String,
+    /// What the pool asks.
+    pub request: AgentScanRequest,
 }
 
-/// Activity type name of [`Verify`].
-pub const VERIFY: &str = "murmur.verify";
-
-/// Checks a request's credential (a local activity, so the verdict lands in history).
-pub struct Verify;
-
-impl ActivityDefinition for Verify {
-    type Input = crate::auth::VerifyRequest;
-    type Output = crate::auth::Verdict;
-    fn name(&self) -> &str {
-        VERIFY
-    }
+activity! {
+    /// Recovery: reads the record the latest earlier run of `pool/<tenant>` left in its memo
+    /// (or, for a run from before records, its config from its history).
+    ReadPoolRecord = "murmur.read_pool_record": RecordQuery => RecordRead
 }
 
-/// Activity type name of [`ReadHosts`].
-pub const READ_HOSTS: &str = "murmur.read_hosts";
-/// Activity type name of [`HostLease`].
-pub const HOST_LEASE: &str = "murmur.host_lease";
-/// Activity type name of [`AnnounceHosts`].
-pub const ANNOUNCE_HOSTS: &str = "murmur.announce_hosts";
-
-/// Reads the registry's host view (its `hosts` query); an empty view at version 0 when the
-/// registry is not running.
-pub struct ReadHosts;
-
-impl ActivityDefinition for ReadHosts {
-    type Input = ();
-    type Output = crate::hosts::HostView;
-    fn name(&self) -> &str {
-        READ_HOSTS
-    }
+/// Input of [`ReadPoolRecord`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecordQuery {
+    /// Tenant.
+    pub tenant: String,
+    /// The run asking (not an earlier run).
+    pub run_id: String,
 }
 
-/// A host's lease: runs on the host's own queue, heartbeating, for `term_ms`, then returns
-/// so the registry starts the next one. Its heartbeat (or schedule-to-start) timeout is how
-/// the registry learns the host is gone.
-pub struct HostLease;
+/// What [`ReadPoolRecord`] found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecordRead {
+    /// The record (`None`: no earlier run, or none with a readable config).
+    pub record: Option<PoolRecord>,
+    /// `memo` or `history`.
+    pub source: String,
+    /// The run it came from.
+    pub run_id: String,
+}
+
+/// Memo key under which a pool run keeps its [`PoolRecord`].
+pub const POOL_RECORD_MEMO: &str = "murmur.pool";
+
+activity! {
+    /// Checks a request's credential (a local activity: its verdict is recorded in history).
+    Verify = "murmur.verify": crate::auth::VerifyRequest => crate::auth::Verdict
+}
+
+activity! {
+    /// Reads the host registry's view (an empty view, version 0, when there is no registry).
+    ReadHosts = "murmur.read_hosts": () => crate::hosts::HostView
+}
+
+activity! {
+    /// A host's lease: runs on the host's own queue, heartbeating, for `term_ms`, then
+    /// returns so the registry starts the next one. Its heartbeat (or schedule-to-start)
+    /// timeout is how the registry learns the host is gone.
+    HostLease = "murmur.host_lease": LeaseInput => ()
+}
 
 /// Input of [`HostLease`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,30 +343,15 @@ pub struct LeaseInput {
     pub beat_ms: u64,
 }
 
-impl ActivityDefinition for HostLease {
-    type Input = LeaseInput;
-    type Output = ();
-    fn name(&self) -> &str {
-        HOST_LEASE
-    }
-}
-
-/// Tells every running pool the host view (the pools' `hosts` signal). Returns how many pools
-/// were told.
-pub struct AnnounceHosts;
-
-impl ActivityDefinition for AnnounceHosts {
-    type Input = crate::hosts::HostView;
-    type Output = u32;
-    fn name(&self) -> &str {
-        ANNOUNCE_HOSTS
-    }
+activity! {
+    /// Tells every running pool the host view changed (the pools' `hosts` doorbell).
+    /// Returns how many pools were told.
+    AnnounceHosts = "murmur.announce_hosts": crate::hosts::HostView => u32
 }
 
 /// Options for an activity on `host`'s queue in the deployment of `shared_queue` (`None`: the
-/// shared queue itself). A host that stops
-/// polling its queue must not hold work forever, so such an activity may wait
-/// `start_within` to be picked up.
+/// shared queue itself). A host that stops polling its queue must not hold work forever, so
+/// such an activity may wait `start_within` to be picked up.
 pub fn on_host(
     mut options: temporalio_sdk::ActivityOptions,
     shared_queue: &str,

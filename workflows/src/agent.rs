@@ -217,6 +217,10 @@ pub struct AgentStatus {
     pub output_tail: Option<String>,
     /// Why it failed, when it failed for another reason than its exit code.
     pub error: Option<String>,
+    /// While starting: what it is waiting for when that is not a VM (the pool does not
+    /// answer, say), so a stuck start says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl AgentStatus {

@@ -28,21 +28,23 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    CLAIM_REJECTED, ClaimInput, ClaimVm, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport,
-    VM_LOST, on_host,
+    CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, ReleaseInput, ReleaseVm,
+    RunAgent, RunInput, RunReport, VM_LOST, VM_TAKEN, on_host,
 };
 use crate::agent::{AgentInput, AgentStatus, KillRequest, OnIdle, Phase};
-use crate::auth::{VerifyRequest, ops, unsigned_body};
+use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
 use crate::gate;
 use crate::machine::{ClaimRequest, ClaimState};
 use crate::messages::Lenient;
 use crate::model::VmId;
-use crate::pool_workflow::{HOST_START_WITHIN, UpdateError, root_cause};
+use crate::shell::{HOST_START_WITHIN, UpdateError, failed_with_type, root_cause};
 
 /// How often a waiting agent asks again where its claim stands, in case the pool's
 /// notification was lost (a pool continuing as new, say).
 pub const CLAIM_RECHECK: Duration = Duration::from_secs(60);
+/// How long an agent waits before asking a pool that did not answer again.
+pub const POOL_RETRY: Duration = Duration::from_secs(5);
 /// Longest an agent's command may run.
 pub const MAX_RUN_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -64,6 +66,8 @@ pub struct AgentWorkflow {
     claim_settled: bool,
     /// Set by the pool's `vm_lost` signal: ask the pool whether the agent's VM is gone.
     vm_lost: bool,
+    /// The host of the agent's VM (its activities run on that host's queue).
+    vm_host: Option<String>,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -101,6 +105,7 @@ impl AgentWorkflow {
             claimed: false,
             claim_settled: false,
             vm_lost: false,
+            vm_host: None,
         }
     }
 
@@ -112,7 +117,7 @@ impl AgentWorkflow {
         // Everything the agent does stops on a kill or a cancellation.
         let stop = c.cancellation_token().child_token();
         let ended = match authorize(&c).await {
-            Ok(spawn_request_id) => work(&c, &stop, spawn_request_id).await,
+            Ok(spawn) => work(&c, &stop, spawn).await,
             Err(e) => {
                 c.state_mut(|s| s.admission = Some(Err(e.clone())));
                 Ended::Failed(e.to_string())
@@ -229,7 +234,7 @@ impl AgentWorkflow {
             op: ops::KILL.to_string(),
             target,
             body: unsigned_body(&req),
-            permission: Some("agent.edit".to_string()),
+            permission: Some(permissions::AGENT_EDIT.to_string()),
             credential: req.auth.clone(),
         };
         let who = gate::verify(ctx, verify).await.map_err(|r| {
@@ -270,8 +275,9 @@ impl AgentWorkflow {
 }
 
 /// Checks the spawn: the input names this workflow, and the developer's signed request
-/// (`agent.create`) is theirs. Returns the request id, which the pool admits once.
-async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<String, ApiError> {
+/// (`agent.create`) is theirs. Returns the request id and its signed time, which the pool
+/// admits once.
+async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<(String, u64), ApiError> {
     let (input, workflow) = c.state(|s| (s.input.clone(), s.status.workflow.clone()));
     input.validate()?;
     if input.workflow_id() != workflow {
@@ -285,7 +291,7 @@ async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<String, ApiErro
         op: ops::SPAWN.to_string(),
         target: workflow,
         body: unsigned_body(&input),
-        permission: Some("agent.create".to_string()),
+        permission: Some(permissions::AGENT_CREATE.to_string()),
         credential: input.auth.clone(),
     };
     let identity = gate::verify(c, req).await.map_err(|r| {
@@ -303,7 +309,9 @@ async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<String, ApiErro
             ),
         ));
     }
-    Ok(input.auth.map(|a| a.request_id).unwrap_or_default())
+    Ok(input
+        .auth
+        .map_or_else(Default::default, |a| (a.request_id, a.ts)))
 }
 
 /// Runs `fut` (an activity started with the `stop` token) until it ends or the agent is
@@ -322,33 +330,67 @@ async fn until_killed<T>(
     fut.await
 }
 
-/// Claims a VM and runs the command in it.
+/// Claims a VM and runs the command in it. A VM found owned by another agent (the pool
+/// recovered and handed it out again before its first agent started on it) is given back to
+/// the pool, which serves this claim again.
 async fn work(
     c: &WorkflowContext<AgentWorkflow>,
     stop: &WorkflowCancellationToken,
-    spawn_request_id: String,
+    (spawn_request_id, spawn_signed_at): (String, u64),
 ) -> Ended {
-    let (tenant, mut claim) = c.state(|s| {
-        (
-            s.input.tenant.clone(),
-            ClaimRequest {
-                request: s.request.clone(),
-                agent: s.status.workflow.clone(),
-                developer: s.input.developer.clone(),
-                workspace: s.input.workspace.clone(),
-                wait: false,
-                spawn_request_id,
-                auth: None,
-            },
-        )
+    let mut claim = c.state(|s| ClaimRequest {
+        request: s.request.clone(),
+        agent: s.status.workflow.clone(),
+        developer: s.input.developer.clone(),
+        workspace: s.input.workspace.clone(),
+        wait: false,
+        spawn_request_id,
+        spawn_signed_at,
+        taken_by: None,
+        auth: None,
     });
     // Admission, then waiting: each answer says where the claim stands.
     c.state_mut(|s| s.claimed = true);
-    let started_at = c
-        .workflow_time()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64);
-    let (vm, host): (VmId, Option<String>) = loop {
+    let started_at = crate::shell::now_ms(c);
+    loop {
+        let (vm, host) = match wait_for_vm(c, stop, &mut claim, started_at).await {
+            Ok(held) => held,
+            Err(ended) => return ended,
+        };
+        c.state_mut(|s| s.vm_host = host.clone());
+        match run(c, stop, vm, host).await {
+            Ran::Ended(ended) => return ended,
+            Ran::Taken(owner) => {
+                if !c.is_replaying() {
+                    tracing::warn!(agent = %claim.agent, %owner,
+                        "the VM handed out is another agent's; claiming again");
+                }
+                set_phase(c, Phase::Starting);
+                claim.taken_by = Some(owner);
+                claim.wait = true;
+            }
+        }
+    }
+}
+
+/// How a run in a VM ended.
+enum Ran {
+    /// Done, one way or another.
+    Ended(Ended),
+    /// The VM belongs to another agent (its claim request).
+    Taken(String),
+}
+
+/// Claims until the pool hands over a VM (with its host). While the pool does not answer,
+/// the status says so and the claim is sent again after [`POOL_RETRY`].
+async fn wait_for_vm(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    claim: &mut ClaimRequest,
+    started_at: u64,
+) -> Result<(VmId, Option<String>), Ended> {
+    let tenant = c.state(|s| s.input.tenant.clone());
+    loop {
         let input = ClaimInput {
             tenant: tenant.clone(),
             claim: claim.clone(),
@@ -361,19 +403,34 @@ async fn work(
             c.execute_local_activity(ClaimVm, input, claim_options(stop)),
         )
         .await;
+        claim.taken_by = None;
         let state = match answer {
             Ok(state) => state,
-            Err(_) if stop.is_cancelled() => return Ended::Canceled,
-            Err(e) => {
+            Err(_) if stop.is_cancelled() => return Err(Ended::Canceled),
+            Err(e) if failed_with_type(&e, CLAIM_REJECTED) => {
                 let err = claim_error(&e);
                 c.state_mut(|s| {
                     s.admission.get_or_insert(Err(err.clone()));
                 });
-                return Ended::Failed(err.to_string());
+                return Err(Ended::Failed(err.to_string()));
+            }
+            Err(e) => {
+                // The pool does not answer (a worker is down, or the pool is wedged): say so,
+                // and ask again.
+                c.state_mut(|s| {
+                    s.status.waiting = Some(format!("the pool does not answer: {}", root_cause(&e)))
+                });
+                refresh_details(c);
+                if wait_or_killed(c, POOL_RETRY).await {
+                    stop.cancel();
+                    return Err(Ended::Canceled);
+                }
+                continue;
             }
         };
         c.state_mut(|s| {
             s.admission.get_or_insert(Ok(()));
+            s.status.waiting = None;
             s.status.queue_position = match &state {
                 ClaimState::Waiting { position } => Some(*position),
                 _ => None,
@@ -384,14 +441,12 @@ async fn work(
         });
         refresh_details(c);
         match state {
-            ClaimState::Assigned { vm, host } => break (vm, host),
-            ClaimState::Failed { reason } => return Ended::Failed(reason),
-            ClaimState::Unknown => {
-                return Ended::Failed("the pool no longer knows this agent's claim".into());
-            }
-            ClaimState::Waiting { .. } | ClaimState::Booting { .. } => {
-                // Wait to be told (a signal from the pool), or re-check now and then in case
-                // a notification was lost; a kill ends the wait.
+            ClaimState::Assigned { vm, host } => return Ok((vm, host)),
+            ClaimState::Failed { reason } => return Err(Ended::Failed(reason)),
+            // Unknown: the pool lost the claim (it recovered after its run ended); the next
+            // claim is a new one. Waiting or booting: wait to be told (a signal from the
+            // pool), or re-check now and then in case a notification was lost.
+            ClaimState::Unknown | ClaimState::Waiting { .. } | ClaimState::Booting { .. } => {
                 claim.wait = true;
                 temporalio_sdk::workflows::select! {
                     _ = c.wait_condition(|s| s.claim_settled || s.killed_by.is_some()).fuse() => {}
@@ -399,13 +454,29 @@ async fn work(
                 }
                 if stop.is_cancelled() || c.state(|s| s.killed_by.is_some()) {
                     stop.cancel();
-                    return Ended::Canceled;
+                    return Err(Ended::Canceled);
                 }
                 c.state_mut(|s| s.claim_settled = false);
             }
         }
-    };
+    }
+}
 
+/// Waits `d`; true when the agent was killed meanwhile.
+async fn wait_or_killed(c: &WorkflowContext<AgentWorkflow>, d: Duration) -> bool {
+    temporalio_sdk::workflows::select! {
+        _ = c.wait_condition(|s| s.killed_by.is_some()).fuse() => true,
+        _ = c.timer(d).fuse() => false,
+    }
+}
+
+/// Runs the command in `vm` until it exits, the agent is killed, or the VM is lost.
+async fn run(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    vm: VmId,
+    host: Option<String>,
+) -> Ran {
     set_phase(c, Phase::Running);
     let input = c.state(|s| RunInput {
         tenant: s.input.tenant.clone(),
@@ -413,6 +484,7 @@ async fn work(
         slug: s.input.slug.clone(),
         run: s.run_id.clone(),
         command: s.input.command.clone(),
+        owner: s.request.clone(),
     });
     let options = ActivityOptions::with_start_to_close_timeout(MAX_RUN_TIME)
         .heartbeat_timeout(Duration::from_secs(5))
@@ -420,7 +492,7 @@ async fn work(
             RetryPolicy::builder()
                 .initial_interval(Duration::from_secs(1))
                 .maximum_interval(Duration::from_secs(10))
-                .non_retryable_error_types([VM_LOST])
+                .non_retryable_error_types([VM_LOST, VM_TAKEN])
                 .build(),
         )
         .summary(format!("run {}", input.command.join(" ")))
@@ -435,17 +507,18 @@ async fn work(
     // The pool tells a running agent when its VM was lost with its host.
     temporalio_sdk::workflows::select! {
         out = (&mut run).fuse() => match out {
-            Ok(report) => Ended::Exited(report),
-            Err(_) if stop.is_cancelled() => Ended::Canceled,
-            Err(e) => Ended::Failed(format!(
+            Ok(report) => Ran::Ended(Ended::Exited(report)),
+            Err(_) if stop.is_cancelled() => Ran::Ended(Ended::Canceled),
+            Err(e) if failed_with_type(&e, VM_TAKEN) => Ran::Taken(root_cause(&e)),
+            Err(e) => Ran::Ended(Ended::Failed(format!(
                 "the agent's command could not run: {}",
                 root_cause(&e)
-            )),
+            ))),
         },
         reason = vm_lost(c, stop).fuse() => {
             stop.cancel();
             let _ = run.await;
-            Ended::Failed(reason)
+            Ran::Ended(Ended::Failed(reason))
         }
     }
 }
@@ -468,6 +541,8 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
                 workspace: s.input.workspace.clone(),
                 wait: true,
                 spawn_request_id: String::new(),
+                spawn_signed_at: 0,
+                taken_by: None,
                 auth: None,
             },
             started_at: 0,
@@ -487,10 +562,13 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
 fn claim_options(stop: &WorkflowCancellationToken) -> LocalActivityOptions {
     LocalActivityOptions::builder()
         .start_to_close_timeout(Duration::from_secs(30))
+        // A few quick tries; after that the agent says in its status that the pool does not
+        // answer, and asks again on a timer.
         .retry_policy(
             RetryPolicy::builder()
                 .initial_interval(Duration::from_millis(200))
-                .maximum_interval(Duration::from_secs(5))
+                .maximum_interval(Duration::from_secs(2))
+                .maximum_attempts(3)
                 .non_retryable_error_types([CLAIM_REJECTED])
                 .build(),
         )
@@ -499,12 +577,17 @@ fn claim_options(stop: &WorkflowCancellationToken) -> LocalActivityOptions {
 }
 
 /// Hands the VM back for deletion; runs even after a cancellation, and retries until the
-/// pool (or, without a pool, the substrate) confirms.
+/// pool confirms. Without a running pool the agent deletes its VM itself, on the VM's host.
 async fn release(c: &WorkflowContext<AgentWorkflow>) {
-    let input = c.state(|s| ReleaseInput {
-        tenant: s.input.tenant.clone(),
-        request: s.request.clone(),
-        vm: s.status.vm.clone(),
+    let (input, host) = c.state(|s| {
+        (
+            ReleaseInput {
+                tenant: s.input.tenant.clone(),
+                request: s.request.clone(),
+                vm: s.status.vm.clone(),
+            },
+            s.vm_host.clone(),
+        )
     });
     let options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(60))
         .heartbeat_timeout(Duration::from_secs(5))
@@ -523,8 +606,52 @@ async fn release(c: &WorkflowContext<AgentWorkflow>) {
             .execute_activity(ReleaseVm, input.clone(), options.clone())
             .await
         {
+            Ok(reply) if !reply.pool_running => {
+                if let Some(vm) = &input.vm {
+                    delete_own_vm(c, &input.tenant, vm, host.as_deref()).await;
+                }
+                break;
+            }
             Ok(reply) if !reply.gone => continue,
             _ => break,
+        }
+    }
+}
+
+/// Deletes the agent's VM on its host's queue (no pool runs to do it).
+async fn delete_own_vm(
+    c: &WorkflowContext<AgentWorkflow>,
+    tenant: &str,
+    vm: &VmId,
+    host: Option<&str>,
+) {
+    let options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+        .heartbeat_timeout(Duration::from_secs(5))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_secs(1))
+                .maximum_interval(Duration::from_secs(10))
+                .maximum_attempts(10)
+                .build(),
+        )
+        .cancellation_token(WorkflowCancellationToken::new())
+        .summary(format!("delete {vm} (no pool runs)"))
+        .build();
+    let options = on_host(options, c.task_queue(), host, HOST_START_WITHIN);
+    let input = DeleteVmInput {
+        tenant: tenant.to_string(),
+        vm: vm.clone(),
+        owner: Some(c.state(|s| s.request.clone())),
+    };
+    let deleted = c.execute_activity(DeleteVm, input, options).await;
+    if !c.is_replaying() {
+        match deleted {
+            Ok(_) => {
+                tracing::warn!(tenant, vm = %vm, "no pool runs; deleted the agent's VM on its host")
+            }
+            // Left for the pool's reaper (a recovering pool deletes VMs of ended agents).
+            Err(e) => tracing::warn!(tenant, vm = %vm, error = %root_cause(&e),
+                "no pool runs and the VM could not be deleted"),
         }
     }
 }
@@ -556,6 +683,9 @@ fn refresh_details(c: &WorkflowContext<AgentWorkflow>) {
         );
         if let Some(p) = st.queue_position {
             out.push_str(&format!("- waiting for a VM: position {p}\n"));
+        }
+        if let Some(w) = &st.waiting {
+            out.push_str(&format!("- waiting: {w}\n"));
         }
         if let Some(code) = st.exit_code {
             out.push_str(&format!("- exit code: {code}\n"));

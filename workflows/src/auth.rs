@@ -130,6 +130,34 @@ pub fn unsigned_body<T: Serialize>(message: &T) -> String {
     value.to_string()
 }
 
+/// Who may do what: the permission every operation needs, in one place.
+///
+/// | operation | permission |
+/// |---|---|
+/// | `murmur pool flush`, `--nuke` | [`POOL_DELETE`] |
+/// | `murmur set` / `patch` of an existing resource | `<kind>.edit` ([`config`]) |
+/// | `murmur set` of a new workspace | `<kind>.create` ([`config`]) |
+/// | `murmur spawn` | [`AGENT_CREATE`] |
+/// | `murmur kill` | [`AGENT_EDIT`] |
+/// | `murmur bake` | [`IMAGE_CREATE`] |
+/// | claims, releases, nuke steps | none: signed by a worker key, refused from developers |
+pub mod permissions {
+    /// Flush and nuke.
+    pub const POOL_DELETE: &str = "pool-config.delete";
+    /// Spawn an agent.
+    pub const AGENT_CREATE: &str = "agent.create";
+    /// Kill an agent.
+    pub const AGENT_EDIT: &str = "agent.edit";
+    /// Bake an image.
+    pub const IMAGE_CREATE: &str = "image.create";
+
+    /// The permission a config write needs: `<kind>.edit` for a resource that exists,
+    /// `<kind>.create` for a new one.
+    pub fn config(kind: &str, exists: bool) -> String {
+        format!("{kind}.{}", if exists { "edit" } else { "create" })
+    }
+}
+
 /// Built-in role names.
 pub mod roles {
     /// Everything.
@@ -200,32 +228,6 @@ pub fn permission_denied(permission: &str) -> ApiError {
     )
 }
 
-/// Request ids already used, with when they may be forgotten (after the signing window, a
-/// replay fails the freshness check anyway). Kept in workflow state, so it is deterministic
-/// and survives continue-as-new.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeenRequests(std::collections::BTreeMap<String, u64>);
-
-impl SeenRequests {
-    /// Records `request_id` at workflow time `now`; refuses one seen before.
-    pub fn admit(&mut self, request_id: &str, now: u64) -> Result<(), ApiError> {
-        self.0.retain(|_, forget_at| *forget_at > now);
-        if self.0.contains_key(request_id) {
-            return Err(unauthenticated(format!(
-                "request {request_id} was already used; sign a new request"
-            )));
-        }
-        self.0
-            .insert(request_id.to_string(), now + 2 * REQUEST_WINDOW_MS);
-        Ok(())
-    }
-
-    /// True when `request_id` was admitted and not forgotten yet.
-    pub fn contains(&self, request_id: &str) -> bool {
-        self.0.contains_key(request_id)
-    }
-}
-
 /// One refused request, for operators (shown in status, logged by the worker).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Denial {
@@ -267,16 +269,6 @@ mod tests {
             permission_denied("pool-config.delete").to_string(),
             "PERMISSION_DENIED: your role does not have pool-config.delete permission"
         );
-    }
-
-    #[test]
-    fn a_request_id_works_once_within_the_window() {
-        let mut seen = SeenRequests::default();
-        assert!(seen.admit("r1", 1_000).is_ok());
-        assert!(seen.admit("r1", 2_000).is_err());
-        assert!(seen.admit("r2", 2_000).is_ok());
-        // Forgotten only once a replay would be stale anyway.
-        assert!(seen.admit("r1", 1_000 + 2 * REQUEST_WINDOW_MS + 1).is_ok());
     }
 
     #[test]

@@ -239,45 +239,20 @@ pub struct SnapshotInput {
     pub image: String,
 }
 
-/// Activity type name of [`ImageExists`].
-pub const IMAGE_EXISTS: &str = "murmur.image_exists";
-/// Activity type name of [`ProvisionVm`].
-pub const PROVISION_VM: &str = "murmur.provision_vm";
-/// Activity type name of [`SnapshotVm`].
-pub const SNAPSHOT_VM: &str = "murmur.snapshot_vm";
-
-/// True when the substrate holds the image.
-pub struct ImageExists;
-
-impl temporalio_common::ActivityDefinition for ImageExists {
-    type Input = String;
-    type Output = bool;
-    fn name(&self) -> &str {
-        IMAGE_EXISTS
-    }
+crate::activity! {
+    /// True when the substrate holds the image.
+    ImageExists = "murmur.image_exists": String => bool
 }
 
-/// Runs a bake's provisioning script in the scratch VM as root, with its timeout (idempotent:
-/// a retry attaches to the run already started).
-pub struct ProvisionVm;
-
-impl temporalio_common::ActivityDefinition for ProvisionVm {
-    type Input = ProvisionInput;
-    type Output = ProvisionReport;
-    fn name(&self) -> &str {
-        PROVISION_VM
-    }
+crate::activity! {
+    /// Runs a bake's provisioning script in the scratch VM as root, with its timeout
+    /// (idempotent: a retry attaches to the run already started).
+    ProvisionVm = "murmur.provision_vm": ProvisionInput => ProvisionReport
 }
 
-/// Captures the scratch VM as the new image and registers it.
-pub struct SnapshotVm;
-
-impl temporalio_common::ActivityDefinition for SnapshotVm {
-    type Input = SnapshotInput;
-    type Output = ();
-    fn name(&self) -> &str {
-        SNAPSHOT_VM
-    }
+crate::activity! {
+    /// Captures the scratch VM as the new image and registers it.
+    SnapshotVm = "murmur.snapshot_vm": SnapshotInput => ()
 }
 
 #[cfg(test)]

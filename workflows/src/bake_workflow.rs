@@ -33,7 +33,7 @@ use crate::error::ApiError;
 use crate::gate;
 use crate::machine::BootSpec;
 use crate::model::{Environment, VmId};
-use crate::pool_workflow::{BOOT_TIMEOUT, root_cause};
+use crate::shell::{BOOT_TIMEOUT, root_cause};
 
 /// The bake workflow's state.
 #[workflow]
@@ -178,6 +178,7 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
     let delete = DeleteVmInput {
         tenant: input.tenant.clone(),
         vm: vm.clone(),
+        owner: None,
     };
     let delete_options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
         .heartbeat_timeout(Duration::from_secs(5))
@@ -266,6 +267,7 @@ async fn provision_and_snapshot(
         image: input.recipe.base.clone(),
         environment: Environment::default(),
         host: host.map(str::to_string),
+        generation: 0,
     };
     let boot = options(
         &format!("boot scratch VM {vm} from {}", input.recipe.base),

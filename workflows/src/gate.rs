@@ -1,6 +1,7 @@
-//! The auth gate of the workflows: a request's credential is checked by the `murmur.verify`
-//! local activity (its verdict is recorded in history, so replays never re-check), then the
-//! request id is admitted once in workflow state.
+//! Verifying a request's credential from inside a workflow: the `murmur.verify` local
+//! activity checks it (its verdict is recorded in history, so replays never re-check);
+//! admitting a developer's request once is the pool machine's
+//! ([`crate::machine::admission`]).
 
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ pub async fn verify<W>(c: &WorkflowContext<W>, req: VerifyRequest) -> Result<Ide
             Code::Unavailable,
             format!(
                 "could not verify the request: {}",
-                crate::pool_workflow::root_cause(&e)
+                crate::shell::root_cause(&e)
             ),
         )
         .into()),

@@ -33,7 +33,7 @@ use crate::hosts::{
     DrainRequest, HostInfo, HostRegistration, HostView, LeaseEnd, Registry, RegistryCommand,
 };
 use crate::messages::{Lenient, decode_lenient};
-use crate::pool_workflow::{
+use crate::shell::{
     UpdateError, handlers_finished_if, next_finished, now_ms, root_cause, to_millis,
 };
 

@@ -8,7 +8,8 @@
 //! - [`status`]: the status view built from a pool.
 //! - [`messages`]: signal/update/query payloads and the lenient decoder.
 //! - [`activity_api`]: typed markers for the activities the workflows call.
-//! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`).
+//! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`): handlers, run loop, commands.
+//! - [`shell`]: what every workflow shell shares: ids, time, deterministic waiting, failures.
 //! - [`agent`]: agents as data: phases, spawn input, status, workflow ids.
 //! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).
 //! - [`nuke_workflow`]: the emergency wipe (`nuke/<tenant>`).
@@ -41,6 +42,7 @@ pub mod model;
 pub mod nuke_workflow;
 pub mod pool_workflow;
 pub mod search_attrs;
+pub mod shell;
 pub mod status;
 
 /// Task queue of the murmur worker unless overridden.

@@ -24,18 +24,87 @@ pub struct FlushRequest {
     pub auth: Option<crate::auth::Credential>,
 }
 
+/// Most VM ids a flush reply lists (the count is always complete).
+pub const FLUSH_REPLY_IDS: usize = 100;
+
 /// Result of a flush.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlushReply {
     /// Warm VMs destroyed.
     pub flushed: u32,
-    /// Their ids.
+    /// Their ids (the first [`FLUSH_REPLY_IDS`] of them).
     pub vms: Vec<VmId>,
     /// The pool generation after the flush.
     pub generation: u64,
+    /// Of the flushed VMs, those whose delete keeps failing (stuck deleting; the pool keeps
+    /// retrying them, and the flush does not wait for them).
+    #[serde(default)]
+    pub stuck: u32,
     /// For a nuke: what it terminated and deleted.
     #[serde(default)]
     pub nuke: Option<NukeReport>,
+}
+
+/// Answer of `up`: a summary (the full status is the `status` query).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpReply {
+    /// Tenant.
+    pub tenant: String,
+    /// The pool generation.
+    pub generation: u64,
+    /// VMs counting against `max_vms`.
+    pub in_use: u32,
+    /// `max_vms`.
+    pub max_vms: u32,
+    /// Warm VMs.
+    pub warm: u32,
+    /// VMs booting.
+    pub booting: u32,
+    /// True while the pool rebuilds its state after a run that ended.
+    pub recovering: bool,
+}
+
+/// Every resource of the tenant, as `murmur get` shows them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigSnapshot {
+    /// `pool-config default`.
+    pub pool_config: crate::model::ResourceDoc,
+    /// All workspaces.
+    pub workspaces: Vec<crate::model::ResourceDoc>,
+    /// True while a recovering pool has not read its config back yet (the documents are
+    /// defaults until then).
+    #[serde(default)]
+    pub recovering: bool,
+}
+
+/// Input of the `inventory` query: one page of the VM records and claims.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InventoryPage {
+    /// Start after this VM id (`None`: from the first).
+    pub after: Option<VmId>,
+    /// Start the claims after this request id (`None`: from the first).
+    pub claims_after: Option<String>,
+    /// Most records per page (0: the default; at most [`INVENTORY_PAGE_MAX`]).
+    pub limit: u32,
+}
+
+/// Largest page of the `inventory` query.
+pub const INVENTORY_PAGE_MAX: u32 = 500;
+
+/// One page of the inventory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Inventory {
+    /// VM records, by id.
+    pub vms: Vec<crate::model::VmRecord>,
+    /// Claims, by request id.
+    pub claims: Vec<crate::machine::Claim>,
+    /// True when there are more VM records after this page.
+    pub more_vms: bool,
+    /// True when there are more claims after this page.
+    pub more_claims: bool,
 }
 
 /// Result of a nuke.
@@ -93,12 +162,37 @@ pub struct ReleaseRequest {
 }
 
 /// Answer of `release`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReleaseReply {
     /// The VM the agent held, if it held one.
     pub vm: Option<VmId>,
     /// True once that VM is gone from the substrate (always true without a VM).
     pub gone: bool,
+    /// False when no pool runs: nobody deleted the VM, the agent must (on the VM's host).
+    pub pool_running: bool,
+}
+
+impl Default for ReleaseReply {
+    fn default() -> Self {
+        Self {
+            vm: None,
+            gone: false,
+            pool_running: true,
+        }
+    }
+}
+
+/// The developer's signed request behind a nuke started by `murmur pool flush --nuke`, as
+/// the nuke workflow received it: the pool verifies it again when the nuke pauses it, so a
+/// copy started later is refused for being stale, whatever the pool remembers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SignedNuke {
+    /// The nuke workflow's input without its credential, as signed.
+    pub body: String,
+    /// The credential.
+    pub credential: Option<crate::auth::Credential>,
 }
 
 /// Input of the pool's `nuke_pause` and `nuke_reset` updates (sent by the nuke workflow).
@@ -109,9 +203,11 @@ pub struct NukeStep {
     pub actor: Option<String>,
     /// For `nuke_reset`: what the nuke did.
     pub report: NukeReport,
-    /// For `nuke_pause`: the request id of the developer request that asked for the nuke
-    /// (used once: a nuke replayed from history is refused here, before it destroys anything).
+    /// For `nuke_pause` of a nuke the pool started: the request id the pool admitted.
     pub authorized_request: String,
+    /// For `nuke_pause` of a nuke started by a developer: their signed request (verified
+    /// and admitted once by the pool).
+    pub developer: Option<SignedNuke>,
     /// Proof that the worker sends it.
     pub auth: Option<crate::auth::Credential>,
 }
@@ -123,9 +219,6 @@ pub struct NukeStepReply {
     pub generation: u64,
     /// VMs in the pool's inventory afterwards.
     pub vms: u32,
-    /// For `nuke_pause`: the VMs held by agents, with the agent's workflow id.
-    #[serde(default)]
-    pub held: Vec<(VmId, String)>,
 }
 
 /// Input of the pool workflow's run: the tenant, and the state carried over by

@@ -382,6 +382,33 @@ pub struct VmRecord {
     /// Memory it was booted with, in MiB (counts against its host's memory).
     #[serde(default)]
     pub memory_mb: u32,
+    /// Delete attempts that failed in a row (each one an activity with its own retries); a
+    /// VM with failures is *stuck deleting*: it still counts against `max_vms`, its delete is
+    /// retried on a back-off timer, and nothing waits for it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delete_failures: u32,
+    /// Why its last delete failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_error: Option<String>,
+    /// The reaper round that was starting when it became warm: a round judges only VMs that
+    /// were warm before it started (its listing may predate a later boot).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub warm_round: u64,
+}
+
+impl VmRecord {
+    /// True when its delete failed and is waiting to be retried.
+    pub fn stuck_deleting(&self) -> bool {
+        self.state == VmState::Deleting && self.delete_failures > 0
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Health of one image as seen through its boots.

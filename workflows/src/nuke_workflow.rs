@@ -2,11 +2,13 @@
 //!
 //! Durable steps, each an activity whose result is in history, so a worker killed at any
 //! point resumes where it stopped: (1) pause the pool (no hand-outs, no backfill, nothing
-//! booting), (2) list every running agent workflow of the tenant and terminate each,
-//! (3) list every VM of the tenant the substrate holds, orphans included, and delete each,
-//! a bounded number at a time, (4) reset and resume the pool. The reported total counts
-//! each terminated agent once, its VM with it, plus every other VM deleted. A second nuke started while
-//! one runs joins it (the CLI starts with the `UseExisting` conflict policy).
+//! booting; the pool verifies the request behind the nuke again and admits it once, and a
+//! refusal is final), (2) terminate every running agent workflow of the tenant (one
+//! activity that lists page by page and terminates a bounded number at a time), (3) on every
+//! live host, delete every VM of the tenant it holds, orphans included, (4) reset and resume
+//! the pool. The reported total counts each terminated agent once, its VM with it, plus
+//! every other VM deleted. A second nuke started while one runs joins it (the CLI starts
+//! with the `UseExisting` conflict policy).
 
 // `#[workflow_methods]` turns each handler into a marker constant without a doc comment; the
 // handlers themselves are documented below.
@@ -14,8 +16,6 @@
 
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use temporalio_common::RetryPolicy;
 use temporalio_macros::{workflow, workflow_methods};
@@ -25,24 +25,17 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    DeleteVm, DeleteVmInput, ListAgents, ListVms, PausePool, PoolStepInput, ReadHosts, ResetPool,
-    TerminateAgent, TerminateInput, on_host,
+    PausePool, PoolStepInput, ReadHosts, ResetPool, STEP_REFUSED, TerminateAgents,
+    TerminateAgentsInput, WipeHost, WipeReport, on_host,
 };
-use crate::auth::{VerifyRequest, ops, unsigned_body};
+use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
 use crate::gate;
 pub use crate::messages::NukeReport;
-use crate::messages::NukeStep;
-use crate::model::VmId;
-use crate::pool_workflow::{HOST_START_WITHIN, pool_workflow_id};
+use crate::messages::{NukeStep, SignedNuke};
+use crate::shell::{HOST_START_WITHIN, failed_with_type, pool_workflow_id, root_cause};
 
-/// Deletes (and terminations) in flight at once.
-pub const NUKE_CONCURRENCY: usize = 8;
-
-/// Workflow id of a tenant's nuke.
-pub fn nuke_workflow_id(tenant: &str) -> String {
-    format!("nuke/{tenant}")
-}
+pub use crate::shell::nuke_workflow_id;
 
 /// Input of a nuke.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +102,7 @@ impl NukeWorkflow {
             .into());
         }
         step(&c, "checking the request");
-        let authorized_request = authorize(&c, &tenant)
+        let (authorized_request, developer) = authorize(&c, &tenant)
             .await
             .map_err(|e| WorkflowTermination::from(ApplicationFailure::new(e.to_string())))?;
         let actor = Some(format!("nuke/{tenant}"));
@@ -119,94 +112,63 @@ impl NukeWorkflow {
             tenant: tenant.clone(),
             step: NukeStep {
                 actor: actor.clone(),
-                report: NukeReport::default(),
                 authorized_request,
-                auth: None,
+                developer,
+                ..NukeStep::default()
             },
         };
-        let paused = c
+        if let Err(e) = c
             .execute_activity(PausePool, pause, admin_options("pause the pool", 120))
-            .await?;
+            .await
+        {
+            // A refusal (a replayed or stale request, another nuke) is final.
+            let reason = if failed_with_type(&e, STEP_REFUSED) {
+                root_cause(&e)
+            } else {
+                e.to_string()
+            };
+            if !c.is_replaying() {
+                tracing::warn!(tenant = %tenant, %reason, "nuke refused by the pool");
+            }
+            return Err(ApplicationFailure::new(reason).into());
+        }
 
         step(&c, "terminating agents");
-        let agents = c
-            .execute_activity(ListAgents, tenant.clone(), admin_options("list agents", 60))
+        let terminate = TerminateAgentsInput {
+            tenant: tenant.clone(),
+            reason: format!("nuke of tenant {tenant}"),
+        };
+        let terminated = c
+            .execute_activity(
+                TerminateAgents,
+                terminate,
+                admin_options("terminate agents", 3600),
+            )
             .await?;
-        c.state_mut(|s| s.progress.agents = agents.len() as u64);
-        let agents_listed = agents.clone();
-        let reason = format!("nuke of tenant {tenant}");
-        let jobs = agents
-            .into_iter()
-            .map(|workflow_id| {
-                let input = TerminateInput {
-                    workflow_id,
-                    reason: reason.clone(),
-                };
-                let c = c.clone();
-                async move {
-                    let _ = c
-                        .execute_activity(TerminateAgent, input, admin_options("terminate", 30))
-                        .await;
-                    c.state_mut(|s| s.progress.terminated += 1);
-                    refresh_details(&c);
-                }
-                .boxed_local()
-            })
-            .collect();
-        run_bounded(jobs).await;
-
-        let held: std::collections::BTreeMap<VmId, String> = paused.held.into_iter().collect();
-        let terminated_agents: std::collections::BTreeSet<String> =
-            agents_listed.into_iter().collect();
+        c.state_mut(|s| {
+            s.progress.agents = terminated;
+            s.progress.terminated = terminated;
+        });
 
         step(&c, "deleting VMs");
-        let vms = list_vms_everywhere(&c, &tenant).await?;
-        let agent_vms = vms
-            .iter()
-            .filter(|(vm, _)| held.get(vm).is_some_and(|a| terminated_agents.contains(a)))
-            .count() as u64;
-        c.state_mut(|s| s.progress.vms = vms.len() as u64);
-        let jobs = vms
-            .into_iter()
-            .map(|(vm, host)| {
-                let input = DeleteVmInput {
-                    tenant: tenant.clone(),
-                    vm,
-                };
-                let c = c.clone();
-                async move {
-                    let summary = format!("delete {}", input.vm);
-                    let options =
-                        ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
-                            .heartbeat_timeout(Duration::from_secs(5))
-                            .retry_policy(unlimited_retries())
-                            .summary(summary)
-                            .build();
-                    let options =
-                        on_host(options, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
-                    if c.execute_activity(DeleteVm, input, options).await.is_ok() {
-                        c.state_mut(|s| s.progress.deleted += 1);
-                    }
-                    refresh_details(&c);
-                }
-                .boxed_local()
-            })
-            .collect();
-        run_bounded(jobs).await;
+        let wiped = wipe_every_host(&c, &tenant).await?;
+        c.state_mut(|s| {
+            s.progress.vms = wiped.deleted + wiped.failed;
+            s.progress.deleted = wiped.deleted;
+        });
 
         step(&c, "resetting the pool");
-        let report = c.state(|s| NukeReport {
-            terminated: s.progress.terminated,
-            deleted: s.progress.deleted,
-            agent_vms,
-        });
+        let report = NukeReport {
+            terminated,
+            deleted: wiped.deleted,
+            agent_vms: wiped.agent_vms,
+        };
         let reset = PoolStepInput {
             tenant: tenant.clone(),
             step: NukeStep {
                 actor,
                 report: report.clone(),
-                authorized_request: String::new(),
-                auth: None,
+                ..NukeStep::default()
             },
         };
         c.execute_activity(ResetPool, reset, admin_options("reset the pool", 120))
@@ -226,24 +188,29 @@ impl NukeWorkflow {
     }
 }
 
-/// Who may nuke: started by the pool (which verified the developer's request), or carrying
-/// a developer's signed request with `pool-config.delete`. Returns the request id, which the
-/// pool admits once when the nuke pauses it.
-async fn authorize(c: &WorkflowContext<NukeWorkflow>, tenant: &str) -> Result<String, ApiError> {
+/// Who may nuke: started by the pool (which verified and admitted the developer's
+/// request), or carrying a developer's signed request with `pool-config.delete`. Returns the
+/// pool's request id, or the developer's signed request (the pool verifies it again and
+/// admits it once when the nuke pauses it).
+async fn authorize(
+    c: &WorkflowContext<NukeWorkflow>,
+    tenant: &str,
+) -> Result<(String, Option<SignedNuke>), ApiError> {
     let input = c.state(|s| s.input.clone());
     let started_by_pool = c
         .info()
         .parent()
         .is_some_and(|p| p.workflow_id() == pool_workflow_id(tenant));
     if started_by_pool {
-        return Ok(input.authorized_request.unwrap_or_default());
+        return Ok((input.authorized_request.unwrap_or_default(), None));
     }
+    let body = unsigned_body(&input);
     let req = VerifyRequest {
         tenant: tenant.to_string(),
         op: ops::NUKE.to_string(),
         target: nuke_workflow_id(tenant),
-        body: unsigned_body(&input),
-        permission: Some("pool-config.delete".to_string()),
+        body: body.clone(),
+        permission: Some(permissions::POOL_DELETE.to_string()),
         credential: input.auth.clone(),
     };
     let identity = gate::verify(c, req).await.map_err(|r| {
@@ -255,28 +222,25 @@ async fn authorize(c: &WorkflowContext<NukeWorkflow>, tenant: &str) -> Result<St
     if !c.is_replaying() {
         tracing::warn!(tenant, developer = %identity.developer, "nuke authorized");
     }
-    Ok(input.auth.map(|a| a.request_id).unwrap_or_default())
+    Ok((
+        String::new(),
+        Some(SignedNuke {
+            body,
+            credential: input.auth,
+        }),
+    ))
 }
 
-/// Patch marker: the nuke lists and deletes VMs on every live host (runs from before host
-/// placement asked the one worker behind the shared queue).
-const PATCH_NUKE_EVERY_HOST: &str = "nuke-every-host";
 /// Reads of the host registry, 2 s apart, before a nuke gives up waiting for it to exist.
 const REGISTRY_WAITS: u32 = 30;
 
-/// Every VM of the tenant, with the host it lives on: one listing per live host, each on the
-/// host's own queue. A host that does not answer is skipped (its reaper deletes what it holds
-/// when it is back) and named in the progress.
-async fn list_vms_everywhere(
+/// Deletes every VM of the tenant on every live host, each host's wipe on its own queue. A
+/// host that does not answer is skipped (its reaper deletes what it holds when it is back)
+/// and named in the progress.
+async fn wipe_every_host(
     c: &WorkflowContext<NukeWorkflow>,
     tenant: &str,
-) -> Result<Vec<(VmId, Option<String>)>, temporalio_sdk::ActivityExecutionError> {
-    if !c.patched(PATCH_NUKE_EVERY_HOST) {
-        let vms = c
-            .execute_activity(ListVms, tenant.to_string(), admin_options("list VMs", 60))
-            .await?;
-        return Ok(vms.into_iter().map(|vm| (vm, None)).collect());
-    }
+) -> Result<WipeReport, temporalio_sdk::ActivityExecutionError> {
     // Without a registry (version 0) there is no list of hosts: wait for one to start (every
     // worker starts it when it registers) rather than delete nothing.
     let mut view = c
@@ -286,48 +250,34 @@ async fn list_vms_everywhere(
         if view.version > 0 {
             break;
         }
-        c.timer(Duration::from_secs(2)).await;
+        c.timer(std::time::Duration::from_secs(2)).await;
         view = c
             .execute_activity(ReadHosts, (), admin_options("read the host registry", 60))
             .await?;
     }
-    let listings = futures::future::join_all(view.live().into_iter().map(|host| {
+    let wipes = futures::future::join_all(view.live().into_iter().map(|host| {
         let options = on_host(
-            admin_options(&format!("list VMs on {host}"), 60),
+            admin_options(&format!("delete every VM on {host}"), 3600),
             c.task_queue(),
             Some(&host),
             HOST_START_WITHIN,
         );
-        let fut = c.execute_activity(ListVms, tenant.to_string(), options);
+        let fut = c.execute_activity(WipeHost, tenant.to_string(), options);
         async move { (host, fut.await) }
     }))
     .await;
-    let mut vms = Vec::new();
-    for (host, listing) in listings {
-        match listing {
-            Ok(found) => vms.extend(found.into_iter().map(|vm| (vm, Some(host.clone())))),
+    let mut total = WipeReport::default();
+    for (host, wiped) in wipes {
+        match wiped {
+            Ok(w) => {
+                total.deleted += w.deleted;
+                total.agent_vms += w.agent_vms;
+                total.failed += w.failed;
+            }
             Err(_) => c.state_mut(|s| s.progress.unreachable_hosts.push(host)),
         }
     }
-    Ok(vms)
-}
-
-/// Runs the jobs with at most [`NUKE_CONCURRENCY`] in flight, starting them in order.
-async fn run_bounded(jobs: Vec<LocalBoxFuture<'_, ()>>) {
-    let mut pending = jobs.into_iter();
-    let mut running: Vec<LocalBoxFuture<'_, ()>> = Vec::new();
-    loop {
-        while running.len() < NUKE_CONCURRENCY {
-            match pending.next() {
-                Some(job) => running.push(job),
-                None => break,
-            }
-        }
-        if running.is_empty() {
-            return;
-        }
-        crate::pool_workflow::next_finished(&mut running).await;
-    }
+    Ok(total)
 }
 
 fn step(c: &WorkflowContext<NukeWorkflow>, name: &str) {
@@ -342,8 +292,8 @@ fn refresh_details(c: &WorkflowContext<NukeWorkflow>) {
     let details = c.state(|s| {
         let p = &s.progress;
         format!(
-            "**nuke/{}**: {}\n- agents terminated: {} of {}\n- VMs deleted: {} of {}\n",
-            s.input.tenant, p.step, p.terminated, p.agents, p.deleted, p.vms
+            "**nuke/{}**: {}\n- agents terminated: {}\n- VMs deleted: {} of {}\n",
+            s.input.tenant, p.step, p.terminated, p.deleted, p.vms
         )
     });
     c.set_current_details(details);

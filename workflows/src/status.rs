@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{Claim, Counters, FAILURE_THRESHOLD, Pool, ReaperState};
+use crate::machine::{Claim, Counters, FAILURE_THRESHOLD, Pool, ReaperState, Recovery};
 use crate::model::{ImageHealth, Millis, PoolConfigSpec, VmRecord, VmState};
 
 /// Counts of one (image, generation) group inside a workspace.
@@ -76,11 +76,32 @@ pub struct PoolStatus {
     pub counters: Counters,
     /// Signals rejected for malformed input since this run started.
     pub rejected_messages: u64,
-    /// The full inventory.
+    /// The first [`STATUS_LIST_MAX`] VM records, by id (the `inventory` query pages through
+    /// all of them).
     pub vms: Vec<VmRecord>,
-    /// Agents' claims: waiting for room, booting, or holding a VM.
+    /// How many VM records there are.
+    #[serde(default)]
+    pub vms_total: u32,
+    /// The first [`STATUS_LIST_MAX`] claims: waiting for room, booting, or holding a VM.
     #[serde(default)]
     pub claims: Vec<Claim>,
+    /// How many claims there are.
+    #[serde(default)]
+    pub claims_total: u32,
+    /// How many claims wait for room under `max_vms`.
+    #[serde(default)]
+    pub claims_waiting: u32,
+    /// VMs whose delete keeps failing (they count against `max_vms`; retried on a back-off
+    /// timer), the first [`STATUS_LIST_MAX`] of them.
+    #[serde(default)]
+    pub stuck_deleting: Vec<StuckVm>,
+    /// How many VMs are stuck deleting.
+    #[serde(default)]
+    pub stuck_deleting_total: u32,
+    /// Set while the pool rebuilds its state after a run that ended (see ARCHITECTURE.md,
+    /// recovery): where its config came from and what it adopted so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<Recovery>,
     /// The latest refused requests (who, what, why), oldest first.
     #[serde(default)]
     pub denials: Vec<crate::auth::Denial>,
@@ -105,6 +126,25 @@ pub struct PoolStatus {
     /// The hosts this pool places on, with its own usage of each (empty before placement).
     #[serde(default)]
     pub hosts: Vec<PoolHostStatus>,
+}
+
+/// Most items of each list in a status (so a status stays small at any pool size).
+pub const STATUS_LIST_MAX: usize = 200;
+
+/// A VM stuck deleting, for status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StuckVm {
+    /// The VM.
+    pub id: crate::model::VmId,
+    /// Its host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Delete attempts that failed in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// Why the last one failed.
+    #[serde(default)]
+    pub error: String,
 }
 
 /// One host as a pool sees it.
@@ -142,8 +182,12 @@ pub struct ReaperStatus {
     pub stranded_found: u32,
     /// Stranded agent workflows terminated, in total.
     pub stranded_terminated: u64,
-    /// Pauses resumed because their nuke ended without resetting the pool.
+    /// Nukes the pool stopped waiting for because they ended without resetting it.
     pub abandoned_nukes: u64,
+    /// VMs found held by a running agent the pool did not know, adopted.
+    pub adopted: u64,
+    /// Claims whose agent was not found running, waiting out the grace period.
+    pub claim_suspects: u32,
 }
 
 impl ReaperStatus {
@@ -159,6 +203,8 @@ impl ReaperStatus {
             stranded_found: r.stranded_found,
             stranded_terminated: r.stranded_terminated,
             abandoned_nukes: r.abandoned_nukes,
+            adopted: r.adopted,
+            claim_suspects: u32::try_from(r.claim_suspects.len()).unwrap_or(u32::MAX),
         }
     }
 }
@@ -183,8 +229,32 @@ impl PoolStatus {
             nuke_in_progress,
             counters: pool.counters.clone(),
             rejected_messages: 0,
-            vms: pool.vms.values().cloned().collect(),
-            claims: pool.claims.values().cloned().collect(),
+            vms: pool.vms.values().take(STATUS_LIST_MAX).cloned().collect(),
+            vms_total: pool.in_use(),
+            claims: pool
+                .claims
+                .values()
+                .take(STATUS_LIST_MAX)
+                .cloned()
+                .collect(),
+            claims_total: u32::try_from(pool.claims.len()).unwrap_or(u32::MAX),
+            claims_waiting: pool
+                .claims
+                .values()
+                .filter(|c| c.vm.is_none() && c.failed.is_none())
+                .count() as u32,
+            stuck_deleting: pool
+                .stuck_deleting()
+                .take(STATUS_LIST_MAX)
+                .map(|v| StuckVm {
+                    id: v.id.clone(),
+                    host: v.host.clone(),
+                    failures: v.delete_failures,
+                    error: v.delete_error.clone().unwrap_or_default(),
+                })
+                .collect(),
+            stuck_deleting_total: u32::try_from(pool.stuck_deleting().count()).unwrap_or(u32::MAX),
+            recovery: pool.recovery.clone(),
             denials: pool.denials.clone(),
             nukes: pool.nukes,
             last_reconcile_at: pool.last_reconcile_at,
@@ -275,6 +345,9 @@ impl PoolStatus {
                 }
                 if nuke_in_progress {
                     reasons.push("nuke_in_progress".to_string());
+                }
+                if pool.recovery.is_some() {
+                    reasons.push("recovering".to_string());
                 }
                 WorkspaceStatus {
                     name: name.clone(),

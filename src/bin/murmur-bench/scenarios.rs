@@ -337,6 +337,7 @@ async fn delete(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                 image: "default".into(),
                 environment: Environment::default(),
                 host: None,
+                generation: 1,
             };
             let p = &provider;
             async move {
@@ -395,6 +396,8 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                     workspace: "default".into(),
                     wait: false,
                     spawn_request_id: format!("bench-spawn-{c}-{i}"),
+                    spawn_signed_at: murmur_activities::auth::now_ms(),
+                    taken_by: None,
                     auth: None,
                 };
                 req.auth = Some(keys.sign_service(ops::CLAIM, &target, &unsigned_body(&req))?);
@@ -761,6 +764,8 @@ async fn cycle(
         workspace: "default".into(),
         wait: false,
         spawn_request_id: format!("{id}-spawn"),
+        spawn_signed_at: murmur_activities::auth::now_ms(),
+        taken_by: None,
         auth: None,
     };
     req.auth = Some(keys.sign_service(ops::CLAIM, target, &unsigned_body(&req))?);

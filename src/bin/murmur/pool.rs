@@ -100,9 +100,14 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
             ..
         } => watch_status(&session, Duration::from_secs(interval.max(1))).await,
         PoolCommand::Up { wait, timeout } => {
-            let mut st = session.pool.up().await?;
+            let up = session.pool.up().await?;
+            let timeout = Duration::from_secs(timeout);
+            let mut st = session.pool.status().await?;
+            if up.recovering {
+                st = wait_until_recovered(&session, st, timeout).await?;
+            }
             if wait {
-                st = wait_until_filled(&session, st, Duration::from_secs(timeout)).await?;
+                st = wait_until_filled(&session, st, timeout).await?;
             }
             print_status(&st, false)
         }
@@ -144,8 +149,36 @@ async fn watch_status(session: &Session, interval: Duration) -> Result<(), ApiEr
     }
 }
 
+/// Waits (with progress) until a pool that is recovering has rebuilt its state.
+async fn wait_until_recovered(
+    session: &Session,
+    mut st: PoolStatus,
+    timeout: Duration,
+) -> Result<PoolStatus, ApiError> {
+    let deadline = Instant::now() + timeout;
+    let mut progress = Progress::start("Recovering the pool");
+    while let Some(r) = &st.recovery {
+        progress.set(&murmur::output::recovery_line(r));
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                murmur_workflows::error::Code::Unavailable,
+                format!(
+                    "pool/{} did not finish recovering within {}s; see murmur pool status",
+                    st.tenant,
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(200));
+        until_interrupted(pause, "the recovery", "murmur pool status").await;
+        st = session.pool.status().await?;
+    }
+    progress.finish();
+    Ok(st)
+}
+
 fn filled(st: &PoolStatus) -> bool {
-    st.workspaces.iter().all(|w| w.ready >= w.min_idle)
+    st.recovery.is_none() && st.workspaces.iter().all(|w| w.ready >= w.min_idle)
 }
 
 async fn wait_until_filled(

@@ -49,8 +49,16 @@ pub struct ClaimRequest {
     /// False for an agent's first claim (admission), true when it asks again after being
     /// told its claim is settled (the claim latency metric tells warm from cold by it).
     pub wait: bool,
-    /// Request id of the developer's signed spawn (used once).
+    /// Request id of the developer's signed spawn (used once, by this claim's agent run).
     pub spawn_request_id: String,
+    /// When the developer signed the spawn (the agent verified it; the pool's replay check
+    /// compares it with other signed times, never with a clock).
+    pub spawn_signed_at: u64,
+    /// The agent found the VM it was handed already taken by another agent (the substrate
+    /// records one owner per VM, first come first served): that owner's claim request. The
+    /// pool gives the VM to that owner and serves this claim again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
     /// Proof that the worker sends it.
     pub auth: Option<crate::auth::Credential>,
 }
@@ -98,7 +106,12 @@ impl Pool {
                 "a claim needs a request id and an agent",
             ));
         }
-        if self.paused {
+        if !self.config_known() {
+            // Recovering: the workspaces are not read back yet; the handler checks again
+            // once they are.
+            return Ok(());
+        }
+        if self.nuke.holds_pool() {
             return Err(ApiError::failed_precondition(format!(
                 "a nuke of tenant {} is in progress; spawn again once it completes",
                 self.tenant
@@ -129,8 +142,12 @@ impl Pool {
             .count() as u32
     }
 
-    /// Records a claim (idempotent by request id) and serves what can be served.
+    /// Records a claim (idempotent by request id) and serves what can be served. A claim
+    /// whose VM was found taken by another agent gives the VM to that agent and waits again.
     pub fn claim(&mut self, req: &ClaimRequest, now: Millis) -> Vec<Command> {
+        if let Some(owner) = &req.taken_by {
+            return self.vm_taken(&req.request, owner, now);
+        }
         if self.claims.contains_key(&req.request) {
             return Vec::new();
         }
@@ -240,6 +257,7 @@ impl Pool {
                 if let Some(rec) = self.vms.get_mut(&vm) {
                     rec.state = VmState::Assigned;
                     rec.agent = Some(agent.clone());
+                    rec.claim = Some(request.clone());
                 }
                 if let Some(c) = self.claims.get_mut(&request) {
                     c.vm = Some(vm);
@@ -248,6 +266,7 @@ impl Pool {
                 continue;
             }
             if waiting_for_room == 0
+                && self.recovery.is_none()
                 && self.in_use() < self.config.spec.max_vms
                 && let Some(Command::Boot(boot)) = self.start_boot(&workspace, &spec, now)
             {
@@ -307,13 +326,13 @@ impl Pool {
             .filter(|c| c.vm.as_ref() == Some(vm))
             .map(|c| c.agent.clone());
         let rec = self.vms.get_mut(vm)?;
-        rec.claim = None;
         match owner {
             Some(agent) => {
                 rec.state = VmState::Assigned;
                 Some(Command::Notify { agent })
             }
             None => {
+                rec.claim = None;
                 rec.agent = None;
                 None
             }
@@ -335,16 +354,6 @@ impl Pool {
         })
     }
 
-    /// Nuke, step 1: stop hand-outs and backfill. Returns true once nothing is booting (the
-    /// nuke then sees every VM the pool will ever have created).
-    pub fn pause(&mut self, now: Millis) -> bool {
-        if !self.paused {
-            self.paused_at = Some(now);
-        }
-        self.paused = true;
-        self.booting() == 0
-    }
-
     /// VMs being booted right now.
     pub fn booting(&self) -> usize {
         self.vms
@@ -353,17 +362,111 @@ impl Pool {
             .count()
     }
 
-    /// Nuke, last step: every agent was terminated and every VM of the tenant deleted from the
-    /// substrate, so the pool forgets its inventory and claims, bumps the generation and
-    /// resumes backfill (empty). `deleted` counts towards the pool's totals.
-    pub fn reset_after_nuke(&mut self, deleted: u64, now: Millis) -> Vec<Command> {
-        self.vms.clear();
-        self.claims.clear();
-        self.generation += 1;
-        self.paused = false;
-        self.last_nuke_ms = self.paused_at.take().map(|t| now.saturating_sub(t));
-        self.nukes += 1;
-        self.counters.deleted += deleted;
+    /// The agent behind `request` found the VM it was handed owned by `owner` (another
+    /// agent's claim request, as the substrate records it): a pool that recovered adopted a
+    /// VM as warm before its first agent had started on it. The VM goes to `owner` (adopting
+    /// its claim if the pool does not know it) and `request` waits for another VM.
+    fn vm_taken(&mut self, request: &str, owner: &str, now: Millis) -> Vec<Command> {
+        let Some(vm) = self.claims.get(request).and_then(|c| c.vm.clone()) else {
+            return self.reconcile(now);
+        };
+        if owner == request {
+            return self.reconcile(now);
+        }
+        if let Some(c) = self.claims.get_mut(request) {
+            c.vm = None;
+        }
+        if owner == crate::activity_api::DELETING_OWNER {
+            // The VM is gone or going: if the pool still counts it as this claim's, it goes.
+            let ours = self
+                .vms
+                .get(&vm)
+                .is_some_and(|v| v.claim.as_deref() == Some(request));
+            if ours {
+                let mut out = vec![self.mark_deleting(&vm, DeleteReason::Died)];
+                out.extend(self.reconcile(now));
+                return out;
+            }
+        } else {
+            self.give_to_owner(&vm, owner, now);
+        }
         self.reconcile(now)
+    }
+
+    /// The substrate says `owner` (an agent's claim request) holds `vm`: the VM becomes that
+    /// agent's, whatever the pool thought (its claim is adopted when the pool does not know
+    /// it; a claim the VM was given to waits again). An owner that no longer runs is found by
+    /// the reaper like any agent that ended without releasing.
+    pub(super) fn give_to_owner(&mut self, vm: &VmId, owner: &str, now: Millis) {
+        let agent = agent_of(owner).to_string();
+        for c in self.claims.values_mut() {
+            if c.vm.as_ref() == Some(vm) && c.request != owner {
+                c.vm = None;
+            }
+        }
+        self.claim_seq += 1;
+        let seq = self.claim_seq;
+        let (developer, workspace) = agent_developer_and_workspace(&agent);
+        let workspace = workspace
+            .or_else(|| self.vms.get(vm).map(|v| v.workspace.clone()))
+            .unwrap_or_default();
+        let held = self
+            .claims
+            .entry(owner.to_string())
+            .or_insert_with(|| Claim {
+                request: owner.to_string(),
+                agent: agent.clone(),
+                developer,
+                workspace,
+                seq,
+                vm: None,
+                failed: None,
+                requested_at: now,
+            });
+        held.vm = Some(vm.clone());
+        if let Some(rec) = self.vms.get_mut(vm) {
+            rec.state = VmState::Assigned;
+            rec.agent = Some(agent);
+            rec.claim = Some(owner.to_string());
+            rec.delete_reason = None;
+            rec.delete_failures = 0;
+            rec.delete_error = None;
+        }
+        self.reaper.adopted += 1;
+    }
+
+    /// A delete was refused because the substrate records `owner` (another agent's claim)
+    /// as the VM's owner: the VM is that agent's, not the pool's to delete.
+    pub fn delete_refused(&mut self, vm: &VmId, owner: &str, now: Millis) -> Vec<Command> {
+        if self.vms.contains_key(vm) {
+            self.give_to_owner(vm, owner, now);
+        }
+        self.reconcile(now)
+    }
+
+    /// The claim request the substrate should find as `vm`'s owner, if any: a delete is
+    /// refused when the VM's owner file names another agent.
+    pub fn expected_owner(&self, vm: &VmId) -> Option<String> {
+        self.vms
+            .get(vm)
+            .filter(|v| v.state != VmState::Booting)
+            .and_then(|v| v.claim.clone())
+    }
+}
+
+/// The agent workflow id of a claim request (`<workflow id>@<run id>`).
+pub(super) fn agent_of(request: &str) -> &str {
+    request.rsplit_once('@').map_or(request, |(agent, _)| agent)
+}
+
+/// The developer and workspace named in an agent workflow id
+/// (`agent/<tenant>/<workspace>/<developer>/<slug>`).
+pub(super) fn agent_developer_and_workspace(agent: &str) -> (String, Option<String>) {
+    let parts: Vec<&str> = agent.split('/').collect();
+    match parts.as_slice() {
+        ["agent", _tenant, workspace, developer, _slug] => {
+            ((*developer).to_string(), Some((*workspace).to_string()))
+        }
+        _ => (String::new(), None),
     }
 }

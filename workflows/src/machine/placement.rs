@@ -57,9 +57,9 @@ impl Pool {
             .map(|(_, host)| host)
     }
 
-    /// True when placement is on and no host can take a VM of `memory_mb` now.
+    /// True when no host can take a VM of `memory_mb` now.
     pub fn no_host_with_room(&self, memory_mb: u32) -> bool {
-        self.placement && self.place(memory_mb).is_none()
+        self.place(memory_mb).is_none()
     }
 
     /// True when `vm` sits on a host being drained.
@@ -110,6 +110,7 @@ impl Pool {
                 self.unreachable_hosts.insert(host);
             }
             self.vms.remove(vm);
+            self.reaper.forgot(vm);
             for claim in self.claims.values_mut() {
                 if claim.vm.as_ref() == Some(vm) {
                     claim.vm = None;
@@ -124,6 +125,7 @@ impl Pool {
     /// another VM in its place in the queue; the agent holding it is told its claim failed.
     fn write_off(&mut self, id: &VmId, host: &str) -> Option<Command> {
         let rec = self.vms.remove(id)?;
+        self.reaper.forgot(id);
         self.counters.written_off += 1;
         let claim_of_vm = self.claims.values_mut().find(|c| c.vm.as_ref() == Some(id));
         let claim = claim_of_vm?;
@@ -166,7 +168,6 @@ mod tests {
 
     fn pool_with(min_idle: u32, hosts: Vec<HostInfo>) -> (Pool, Vec<Command>) {
         let mut pool = Pool::new("t", 7, 0);
-        pool.placement = true;
         pool.hosts_changed(view(1, hosts), 0);
         let change = pool
             .validate_change(

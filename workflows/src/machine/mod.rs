@@ -1,24 +1,40 @@
 //! The pure pool state machine: the tenant's VM inventory and every decision about it.
 //!
 //! The pool workflow feeds [`Pool`] events (activity results, flushes, config edits, timer
-//! ticks) and executes the [`Command`]s it returns. Every change ends in the same
-//! [`Pool::reconcile`] step that compares what is wanted (each workspace's `min_idle` of fresh
-//! VMs, under `max_vms`) with what exists and emits boots and deletes. A command's intent is
-//! recorded in the inventory *before* it is returned (a VM is `booting` as soon as its boot is
-//! asked for, `deleting` as soon as its delete is), so in-flight work always counts towards
-//! `max_vms` and a new run can re-issue whatever was in flight ([`Pool::resume`]).
+//! ticks, reaper listings) and executes the [`Command`]s it returns: activities to start and
+//! timers to set. Every change ends in the same [`Pool::reconcile`] step that compares what
+//! is wanted (each workspace's `min_idle` of fresh VMs, under `max_vms`) with what exists and
+//! emits boots and deletes. A command's intent is recorded in the inventory *before* it is
+//! returned (a VM is `booting` as soon as its boot is asked for, `deleting` as soon as its
+//! delete is), so in-flight work always counts towards `max_vms` and a new run can re-issue
+//! whatever was in flight ([`Pool::resume`]).
+//!
+//! One job per file: hand-out ([`claims`]), placement and host loss ([`placement`]), the
+//! reaper's rounds ([`reaper`]), recovery of a pool whose run ended ([`recovery`]), the nuke
+//! ([`nuke`]), admission of signed requests ([`admission`]), the digests that keep reaper
+//! listings small ([`digest`]) and the compact form carried across continue-as-new
+//! ([`packed`]).
 
+pub mod admission;
 mod claims;
+pub mod digest;
+pub mod nuke;
+mod packed;
 mod placement;
-mod reaper;
+pub mod reaper;
+pub mod recovery;
 
 use std::collections::BTreeMap;
 
+pub use admission::{Admission, ReplayGuard};
 pub use claims::{Claim, ClaimRequest, ClaimState};
+pub use nuke::NukeState;
 pub use placement::HostUsage;
 pub use reaper::{
-    DEFAULT_REAP_GRACE_MS, DEFAULT_REAP_INTERVAL_MS, ReapScan, ReaperState, ScannedVm,
+    AgentScan, AgentScanRequest, DEFAULT_REAP_GRACE_MS, DEFAULT_REAP_INTERVAL_MS, HostScan,
+    ReaperState, Round, ScanSettings, ScannedVm, VmLabels,
 };
+pub use recovery::{PoolRecord, Recovery};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -35,11 +51,18 @@ pub const FAILURE_THRESHOLD: u32 = 3;
 pub const BACKOFF_BASE_MS: Millis = 30_000;
 /// Longest hold-back.
 pub const BACKOFF_MAX_MS: Millis = 600_000;
+/// First wait before a failed delete is tried again; doubles per further failure.
+pub const DELETE_RETRY_BASE_MS: Millis = 5_000;
+/// Longest wait between delete attempts of a VM stuck deleting.
+pub const DELETE_RETRY_MAX_MS: Millis = 600_000;
+/// Most workspaces a tenant may have (every one is carried in the pool's record).
+pub const MAX_WORKSPACES: usize = 256;
 
 /// Refused requests kept for `murmur pool status`.
 pub const MAX_DENIALS: usize = 20;
 
-/// Something the workflow shell must do in the world.
+/// Something the workflow shell must do in the world: an activity to start, a signal to
+/// send, or a timer to set (timers end in the event the command names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Create the VM and wait for its readiness handshake.
@@ -51,7 +74,16 @@ pub enum Command {
         /// Why, for logs.
         reason: DeleteReason,
     },
-    /// Hold back backfill for an image: start a timer of `wait_ms`, then call
+    /// Timer: after `wait_ms`, call [`Pool::delete_retry_due`] with `vm` and `attempt`.
+    RetryDelete {
+        /// The VM stuck deleting.
+        vm: VmId,
+        /// Which failure this retry follows (a stale timer changes nothing).
+        attempt: u32,
+        /// How long to wait.
+        wait_ms: Millis,
+    },
+    /// Timer: hold back backfill for an image for `wait_ms`, then call
     /// [`Pool::hold_back_over`] with `image` and `seq`. A timer (recorded in history) rather
     /// than a clock comparison decides when the hold ends, so a replay always agrees.
     HoldBack {
@@ -77,9 +109,51 @@ pub enum Command {
         /// Why, for the agent's error.
         reason: String,
     },
+    /// Start `nuke/<tenant>` as an abandoned child; report with [`Pool::nuke_started`].
+    StartNuke {
+        /// The admitted developer request it acts for.
+        request: String,
+        /// Who asked.
+        actor: String,
+    },
+    /// Timer: after `wait_ms`, call [`Pool::nuke_retry_due`].
+    NukeRetry {
+        /// How long to wait.
+        wait_ms: Millis,
+    },
+    /// Read the record the previous run of this pool left (its config and generation);
+    /// report with [`Pool::record_read`].
+    ReadRecord,
+    /// Read the host registry's view; report with [`Pool::hosts_read`].
+    ReadHosts,
+    /// List what `host` holds for this tenant, answering with the differences from
+    /// `digests`; report with [`Pool::host_listed`].
+    ListHost {
+        /// The reaper round it belongs to.
+        round: u64,
+        /// The host (its own task queue runs the listing).
+        host: String,
+        /// The pool's digests of its VMs on that host.
+        digests: digest::Digests,
+    },
+    /// Ask Temporal which agents run (the differences from the claims' digests), about
+    /// stranded agent workflows and the nuke; report with [`Pool::agents_listed`].
+    ListAgents {
+        /// The reaper round it belongs to.
+        round: u64,
+        /// What to ask.
+        request: AgentScanRequest,
+    },
+    /// Timer: after `wait_ms`, call [`Pool::scan_due`] with `round`.
+    NextScan {
+        /// The round it starts.
+        round: u64,
+        /// How long to wait.
+        wait_ms: Millis,
+    },
 }
 
-/// Everything a substrate needs to create one VM.
+/// Everything a substrate needs to create one VM (and records with it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootSpec {
     /// The new VM's id.
@@ -93,9 +167,13 @@ pub struct BootSpec {
     /// Shape.
     pub environment: Environment,
     /// The host it is placed on; its activities run on that host's task queue (`None`: the
-    /// shared queue, for runs from before host placement).
+    /// shared queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The pool generation it is booted in (recorded by the substrate, so a pool that has to
+    /// recover knows whether the VM is still fresh).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A change to a resource, as the CLI (or `temporal workflow update`) sends it.
@@ -126,7 +204,8 @@ pub enum ValidChange {
     Workspace(String, WorkspaceSpec),
 }
 
-/// The tenant's pool: config, workspaces and VM inventory.
+/// The tenant's pool: config, workspaces and VM inventory. Serialized (for continue-as-new)
+/// with its inventory and claims packed ([`packed`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pool {
     /// Tenant this pool belongs to.
@@ -138,26 +217,24 @@ pub struct Pool {
     /// Workspaces by name.
     pub workspaces: BTreeMap<String, Resource<WorkspaceSpec>>,
     /// Every VM the pool is responsible for, in any state.
+    #[serde(with = "packed::vms")]
     pub vms: BTreeMap<VmId, VmRecord>,
-    /// Boot health per image.
+    /// Boot health per image (images no workspace and no VM uses are forgotten once healthy).
     pub images: BTreeMap<String, ImageHealth>,
     /// Totals since the pool was created.
     pub counters: Counters,
     /// Agents' claims by request id: waiting, booting or holding a VM.
-    #[serde(default)]
+    #[serde(with = "packed::claims")]
     pub claims: BTreeMap<String, Claim>,
-    /// True while a nuke runs: no hand-outs, no backfill.
+    /// Where the pool stands with a nuke.
     #[serde(default)]
-    pub paused: bool,
+    pub nuke: NukeState,
     /// Nukes completed.
     #[serde(default)]
     pub nukes: u64,
-    /// Request ids already used (replay protection).
+    /// Signed developer requests already used (replay protection).
     #[serde(default)]
-    pub seen_requests: crate::auth::SeenRequests,
-    /// Request id of the nuke this pool started itself (its pause is not a replay).
-    #[serde(default)]
-    pub nuke_request: Option<String>,
+    pub replays: ReplayGuard,
     /// The latest refused requests, newest last (at most [`MAX_DENIALS`]).
     #[serde(default)]
     pub denials: Vec<crate::auth::Denial>,
@@ -167,9 +244,6 @@ pub struct Pool {
     /// How long the last flush took (request to its VMs gone), in ms.
     #[serde(default)]
     pub last_flush_ms: Option<Millis>,
-    /// When the running nuke paused the pool.
-    #[serde(default)]
-    pub paused_at: Option<Millis>,
     /// How long the last nuke held the pool (pause to reset), in ms.
     #[serde(default)]
     pub last_nuke_ms: Option<Millis>,
@@ -179,16 +253,19 @@ pub struct Pool {
     /// The accelerator the latest VM came up with (`kvm`, `tcg` on qemu; empty otherwise).
     #[serde(default)]
     pub accel: String,
-    /// The hosts as the registry last said. Placement uses it once [`Pool::placement`] is on.
+    /// The hosts as the registry last said; new VMs are placed on them.
     #[serde(default)]
     pub hosts: HostView,
-    /// New VMs are placed on registered hosts (off only in runs from before host placement,
-    /// whose VMs all live behind the shared task queue).
-    #[serde(default)]
-    pub placement: bool,
     /// Hosts that did not pick up a boot since the last host view: no new VM goes there.
     #[serde(default)]
     pub unreachable_hosts: std::collections::BTreeSet<String>,
+    /// Set while a pool whose previous run ended without handing over its state rebuilds
+    /// it from its sources of truth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<Recovery>,
+    /// Bumped whenever what [`Pool::record`] returns changes (the shell then writes it down).
+    #[serde(default)]
+    pub record_rev: u64,
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
@@ -214,10 +291,14 @@ pub struct Counters {
     /// VMs written off because their host was lost.
     #[serde(default)]
     pub written_off: u64,
+    /// Delete attempts that failed (each then retried on a back-off timer).
+    #[serde(default)]
+    pub delete_failures: u64,
 }
 
 impl Pool {
-    /// A new pool with the default pool-config and no workspaces.
+    /// A new pool with the default pool-config and no workspaces (the first run of a tenant
+    /// that never had a pool, and tests).
     pub fn new(tenant: impl Into<String>, id_seed: u64, now: Millis) -> Self {
         Self {
             tenant: tenant.into(),
@@ -235,39 +316,45 @@ impl Pool {
             images: BTreeMap::new(),
             counters: Counters::default(),
             claims: BTreeMap::new(),
-            paused: false,
+            nuke: NukeState::Idle,
             nukes: 0,
-            seen_requests: Default::default(),
-            nuke_request: None,
+            replays: ReplayGuard::default(),
             denials: Vec::new(),
             last_reconcile_at: now,
             last_flush_ms: None,
-            paused_at: None,
             last_nuke_ms: None,
             reaper: ReaperState::default(),
             accel: String::new(),
             hosts: HostView::default(),
-            placement: false,
             unreachable_hosts: Default::default(),
+            recovery: None,
+            record_rev: 0,
             claim_seq: 0,
             id_seed,
             id_counter: 0,
         }
     }
 
-    /// VMs that count against `max_vms`: all of them, whatever their state.
+    /// VMs that count against `max_vms`: all of them, whatever their state (stuck deletes
+    /// included).
     pub fn in_use(&self) -> u32 {
         u32::try_from(self.vms.len()).unwrap_or(u32::MAX)
     }
 
-    /// Commands that re-issue every operation that was in flight, for a fresh workflow run
-    /// (continue-as-new) whose activities did not carry over. Activities are idempotent by VM
-    /// id, so re-issuing one that already finished is harmless.
+    /// Commands that re-issue every operation that was in flight, for a new workflow run
+    /// whose activities and timers did not carry over: boots and deletes (idempotent by VM
+    /// id), the timers of hold-backs and stuck deletes, the nuke's pending step, the record
+    /// read of a recovery, and a reaper round at once.
     pub fn resume(&mut self, now: Millis) -> Vec<Command> {
         let mut out = Vec::new();
         for vm in self.vms.values() {
             match vm.state {
                 VmState::Booting => out.push(Command::Boot(self.boot_spec(vm))),
+                VmState::Deleting if vm.delete_failures > 0 => out.push(Command::RetryDelete {
+                    vm: vm.id.clone(),
+                    attempt: vm.delete_failures,
+                    wait_ms: delete_backoff(vm.delete_failures),
+                }),
                 VmState::Deleting => out.push(Command::Delete {
                     vm: vm.id.clone(),
                     reason: vm.delete_reason.unwrap_or(DeleteReason::Orphan),
@@ -284,6 +371,8 @@ impl Pool {
                 });
             }
         }
+        out.extend(self.resume_nuke());
+        out.extend(self.resume_recovery());
         out.extend(self.reconcile(now));
         out
     }
@@ -301,6 +390,7 @@ impl Pool {
             image: vm.image.clone(),
             environment,
             host: vm.host.clone(),
+            generation: vm.generation,
         }
     }
 
@@ -308,6 +398,7 @@ impl Pool {
     pub fn boot_succeeded(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
         let mut out = Vec::new();
         let current_generation = self.generation;
+        let round = self.reaper.rounds;
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
                 let health = self.images.entry(rec.image.clone()).or_default();
@@ -315,6 +406,7 @@ impl Pool {
                 health.backoff_until = None;
                 health.held = false;
                 rec.ready_at = Some(now);
+                rec.warm_round = round;
                 if let Some(notify) = self.hand_booted_vm_to_claim(vm) {
                     // Handed to the agent it was booted for.
                     out.push(notify);
@@ -382,7 +474,8 @@ impl Pool {
 
     /// A boot placed on `host` ended (`Ok`, or `Err` with why). A VM the pool no longer knows
     /// (written off with its host meanwhile) is deleted on that host, unless the host is still
-    /// lost (then its reaper deletes it once the host is back); anything else is [`Pool::boot_succeeded`] or [`Pool::boot_failed`].
+    /// lost (then its reaper deletes it once the host is back); anything else is
+    /// [`Pool::boot_succeeded`] or [`Pool::boot_failed`].
     pub fn boot_ended_on(
         &mut self,
         vm: &VmId,
@@ -409,27 +502,57 @@ impl Pool {
     pub fn deleted(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
         if self.vms.remove(vm).is_some() {
             self.counters.deleted += 1;
+            self.reaper.forgot(vm);
         }
         self.reconcile(now)
     }
 
-    /// A delete could not be confirmed; ask again. A VM whose host is lost cannot be asked:
-    /// it is written off (its host's reaper deletes it if the host comes back).
-    pub fn delete_failed(&mut self, vm: &VmId) -> Vec<Command> {
+    /// A delete could not be confirmed (its activity gave up after its own retries). The VM
+    /// is now *stuck deleting*: it keeps counting against `max_vms`, the error is kept for
+    /// status, and the delete is tried again after a back-off timer, so nothing (a flush's
+    /// answer, continue-as-new) waits for it. A VM whose host is lost cannot be asked: it is
+    /// written off (its host's reaper deletes it if the host comes back).
+    pub fn delete_failed(&mut self, vm: &VmId, error: &str) -> Vec<Command> {
         if let Some(host) = self.vms.get(vm).and_then(|v| v.host.clone())
             && self.hosts.is_lost(&host)
         {
             self.vms.remove(vm);
+            self.reaper.forgot(vm);
             self.counters.written_off += 1;
             return Vec::new();
         }
-        match self.vms.get(vm) {
-            Some(rec) if rec.state == VmState::Deleting => vec![Command::Delete {
-                vm: vm.clone(),
-                reason: rec.delete_reason.unwrap_or(DeleteReason::Orphan),
-            }],
+        match self.vms.get_mut(vm) {
+            Some(rec) if rec.state == VmState::Deleting => {
+                rec.delete_failures += 1;
+                rec.delete_error = Some(truncate(error, 512));
+                self.counters.delete_failures += 1;
+                vec![Command::RetryDelete {
+                    vm: vm.clone(),
+                    attempt: rec.delete_failures,
+                    wait_ms: delete_backoff(rec.delete_failures),
+                }]
+            }
             _ => Vec::new(),
         }
+    }
+
+    /// The back-off timer of a stuck delete fired: delete again (a stale timer, for a VM that
+    /// is gone or failed again since, changes nothing).
+    pub fn delete_retry_due(&mut self, vm: &VmId, attempt: u32) -> Vec<Command> {
+        match self.vms.get(vm) {
+            Some(rec) if rec.state == VmState::Deleting && rec.delete_failures == attempt => {
+                vec![Command::Delete {
+                    vm: vm.clone(),
+                    reason: rec.delete_reason.unwrap_or(DeleteReason::Orphan),
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// VMs stuck deleting, with their last error.
+    pub fn stuck_deleting(&self) -> impl Iterator<Item = &VmRecord> {
+        self.vms.values().filter(|v| v.stuck_deleting())
     }
 
     fn adopt_orphan(&mut self, vm: &VmId, host: Option<String>, now: Millis) -> Command {
@@ -448,6 +571,9 @@ impl Pool {
                 delete_reason: Some(DeleteReason::Orphan),
                 host,
                 memory_mb: 0,
+                delete_failures: 0,
+                delete_error: None,
+                warm_round: 0,
             },
         );
         Command::Delete {
@@ -461,6 +587,7 @@ impl Pool {
     /// commands (deletes, then backfill from the current images).
     pub fn flush(&mut self, now: Millis) -> (Vec<VmId>, Vec<Command>) {
         self.generation += 1;
+        self.record_changed();
         self.counters.flushes += 1;
         let mut flushed = Vec::new();
         let mut out = Vec::new();
@@ -478,6 +605,13 @@ impl Pool {
         self.counters.flushed_vms += flushed.len() as u64;
         out.extend(self.reconcile(now));
         (flushed, out)
+    }
+
+    /// True once every VM of `vms` is gone from the substrate or stuck deleting: what a flush
+    /// waits for before it answers.
+    pub fn flush_settled(&self, vms: &[VmId]) -> bool {
+        vms.iter()
+            .all(|vm| self.vms.get(vm).is_none_or(VmRecord::stuck_deleting))
     }
 
     /// Checks a config change without applying it (the update validator runs this, so a
@@ -503,6 +637,12 @@ impl Pool {
             ResourceKind::Workspace => {
                 validate_workspace_name(name)?;
                 let ws = self.workspaces.get(name);
+                if ws.is_none() && self.workspaces.len() >= MAX_WORKSPACES {
+                    return Err(ApiError::failed_precondition(format!(
+                        "tenant {} has {MAX_WORKSPACES} workspaces, the most it may have; delete one first",
+                        self.tenant
+                    )));
+                }
                 (ws.map(|w| to_json(&w.spec)), ws.map(|w| w.meta.generation))
             }
         };
@@ -591,6 +731,7 @@ impl Pool {
                 make_doc(ResourceKind::Workspace, &name, ws)
             }
         };
+        self.record_changed();
         (doc, self.reconcile(now))
     }
 
@@ -615,6 +756,17 @@ impl Pool {
         }
     }
 
+    /// Every resource's document: the pool-config first, then the workspaces by name.
+    pub fn docs(&self) -> Vec<ResourceDoc> {
+        std::iter::once(self.pool_config_doc())
+            .chain(
+                self.workspaces
+                    .iter()
+                    .map(|(name, ws)| make_doc(ResourceKind::Workspace, name, ws)),
+            )
+            .collect()
+    }
+
     /// True when `vm` may be handed out: warm, from the workspace's current image and the
     /// pool's current generation.
     pub fn is_fresh(&self, vm: &VmRecord) -> bool {
@@ -627,11 +779,16 @@ impl Pool {
 
     /// The one reconcile step: compare each workspace's wanted warm VMs with what exists and
     /// emit boots (under `max_vms`, respecting image back-off) and deletes (surplus, and stale
-    /// warm VMs when their room is needed).
+    /// warm VMs when their room is needed). While a nuke holds the pool nothing happens;
+    /// while the pool recovers, claims are served only from VMs it has adopted, and nothing
+    /// boots or is shed (the inventory is not complete yet, so `max_vms` cannot be judged).
     pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
         self.last_reconcile_at = self.last_reconcile_at.max(now);
-        if self.paused {
+        if self.nuke.holds_pool() {
             return Vec::new();
+        }
+        if self.recovery.is_some() {
+            return self.serve_claims(now).0;
         }
         let mut out = self.shed_over_capacity();
         let (served, claims_waiting) = self.serve_claims(now);
@@ -690,7 +847,33 @@ impl Pool {
                 missing -= 1;
             }
         }
+        self.forget_healthy_images();
         out
+    }
+
+    /// Drops the boot health of images that are healthy and that no workspace and no VM
+    /// uses, so the map does not grow with every image ever baked.
+    fn forget_healthy_images(&mut self) {
+        if self.images.len() <= self.workspaces.len() {
+            return;
+        }
+        let wanted: std::collections::BTreeSet<&str> = self
+            .workspaces
+            .values()
+            .map(|w| w.spec.image_ref.as_str())
+            .chain(self.vms.values().map(|v| v.image.as_str()))
+            .collect();
+        let forget: Vec<String> = self
+            .images
+            .iter()
+            .filter(|(image, h)| {
+                !h.held && h.consecutive_failures == 0 && !wanted.contains(image.as_str())
+            })
+            .map(|(image, _)| image.clone())
+            .collect();
+        for image in forget {
+            self.images.remove(&image);
+        }
     }
 
     /// When `max_vms` was lowered below what exists, deletes warm VMs (stale ones first, then
@@ -711,11 +894,11 @@ impl Pool {
             .collect()
     }
 
-    /// VMs being deleted (room that will come free).
+    /// VMs being deleted and not stuck (room that will come free soon).
     fn deleting(&self) -> u32 {
         self.vms
             .values()
-            .filter(|v| v.state == VmState::Deleting)
+            .filter(|v| v.state == VmState::Deleting && v.delete_failures == 0)
             .count() as u32
     }
 
@@ -788,8 +971,8 @@ impl Pool {
         }
     }
 
-    /// Records a new VM of `workspace` as booting and returns its boot, placed on a host when
-    /// placement is on; `None` when no host has room for it.
+    /// Records a new VM of `workspace` as booting and returns its boot, placed on a host;
+    /// `None` when no host has room for it.
     fn start_boot(
         &mut self,
         workspace: &str,
@@ -797,11 +980,7 @@ impl Pool {
         now: Millis,
     ) -> Option<Command> {
         let memory_mb = spec.environment.memory_mb;
-        let host = if self.placement {
-            Some(self.place(memory_mb)?)
-        } else {
-            None
-        };
+        let host = Some(self.place(memory_mb)?);
         let id = self.next_vm_id();
         let rec = VmRecord {
             id: id.clone(),
@@ -816,6 +995,9 @@ impl Pool {
             delete_reason: None,
             host,
             memory_mb,
+            delete_failures: 0,
+            delete_error: None,
+            warm_round: 0,
         };
         self.counters.boots += 1;
         let cmd = Command::Boot(self.boot_spec(&rec));
@@ -839,6 +1021,17 @@ impl Pool {
             }
         }
     }
+
+    /// Notes that the pool's record (config, workspaces, generation) changed.
+    fn record_changed(&mut self) {
+        self.record_rev += 1;
+    }
+}
+
+/// Wait before the `failures`-th retry of a stuck delete.
+fn delete_backoff(failures: u32) -> Millis {
+    let doublings = failures.saturating_sub(1).min(10);
+    (DELETE_RETRY_BASE_MS << doublings).min(DELETE_RETRY_MAX_MS)
 }
 
 fn bump(meta: &mut Meta, actor: &str, now: Millis) {

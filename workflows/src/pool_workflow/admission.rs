@@ -1,0 +1,158 @@
+//! The pool's gate: every mutating request is verified by the `murmur.verify` local
+//! activity (its verdict is in history, so a replay never re-checks against keys that may
+//! have rotated since), then a developer's request is admitted once by the machine's replay
+//! guard. Refusals are recorded (who — from a verified identity only —, what, why) in the
+//! status and the worker log.
+
+use temporalio_sdk::WorkflowContext;
+
+use super::PoolWorkflow;
+use crate::auth::{Credential, Identity, VerifyRequest, ops, permissions, unsigned_body};
+use crate::error::ApiError;
+use crate::gate::{self, Refusal};
+use crate::machine::{Admission, ClaimRequest};
+use crate::messages::NukeStep;
+use crate::model::Millis;
+use crate::shell::{now_ms, nuke_workflow_id, pool_workflow_id};
+
+/// Verifies a developer's request to the pool (permission `permission`) and admits it once.
+pub(super) async fn developer(
+    ctx: &WorkflowContext<PoolWorkflow>,
+    op: &str,
+    body: String,
+    permission: &str,
+    credential: Option<Credential>,
+) -> Result<Identity, ApiError> {
+    let target = ctx.state(|s| pool_workflow_id(&s.pool.tenant));
+    verify_and_admit(ctx, op, target, body, permission, credential).await
+}
+
+/// Verifies a worker-internal request (claim, release, nuke step): signed with a worker key,
+/// fresh, refused from developers. Not recorded: these requests are idempotent by their own
+/// keys, and a stale copy fails the freshness check.
+pub(super) async fn service<T: serde::Serialize>(
+    ctx: &WorkflowContext<PoolWorkflow>,
+    op: &str,
+    message: &T,
+    credential: Option<Credential>,
+) -> Result<Identity, ApiError> {
+    let tenant = ctx.state(|s| s.pool.tenant.clone());
+    let req = VerifyRequest {
+        target: pool_workflow_id(&tenant),
+        tenant,
+        op: op.to_string(),
+        body: unsigned_body(message),
+        permission: None,
+        credential,
+    };
+    let verdict = gate::verify(ctx, req).await;
+    let now = now_ms(ctx);
+    let replaying = ctx.is_replaying();
+    ctx.state_mut(|s| verdict.map_err(|r| refused(s, op, r, now, replaying)))
+}
+
+/// The request a nuke's pause acts for: the pool's own (admitted when the `flush` with
+/// `nuke` arrived), or the developer's signed request to the nuke workflow, verified again
+/// now and admitted once.
+pub(super) async fn nuke(
+    ctx: &WorkflowContext<PoolWorkflow>,
+    step: &NukeStep,
+) -> Result<String, ApiError> {
+    let own = !step.authorized_request.is_empty()
+        && ctx.state(|s| s.pool.is_own_nuke(&step.authorized_request));
+    if own {
+        return Ok(step.authorized_request.clone());
+    }
+    let Some(signed) = &step.developer else {
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        let error = ApiError::failed_precondition(
+            "this nuke was not asked for through this pool and carries no signed request",
+        );
+        return Err(ctx.state_mut(|s| refused(s, ops::NUKE, error.into(), now, replaying)));
+    };
+    let target = ctx.state(|s| nuke_workflow_id(&s.pool.tenant));
+    verify_and_admit(
+        ctx,
+        ops::NUKE,
+        target,
+        signed.body.clone(),
+        permissions::POOL_DELETE,
+        signed.credential.clone(),
+    )
+    .await?;
+    Ok(signed
+        .credential
+        .as_ref()
+        .map(|c| c.request_id.clone())
+        .unwrap_or_default())
+}
+
+/// Admits the spawn request behind a new claim once: the agent verified it; its request id
+/// may be presented again only by the same agent run (which claims again after its pool was
+/// recovered).
+pub(super) fn spawn(s: &mut PoolWorkflow, req: &ClaimRequest, now: Millis) -> Result<(), ApiError> {
+    s.pool.admit(
+        &Admission {
+            op: ops::SPAWN,
+            developer: &req.developer,
+            request_id: &req.spawn_request_id,
+            signed_at: req.spawn_signed_at,
+            consumer: Some(&req.request),
+        },
+        now,
+    )
+}
+
+async fn verify_and_admit(
+    ctx: &WorkflowContext<PoolWorkflow>,
+    op: &str,
+    target: String,
+    body: String,
+    permission: &str,
+    credential: Option<Credential>,
+) -> Result<Identity, ApiError> {
+    let tenant = ctx.state(|s| s.pool.tenant.clone());
+    let req = VerifyRequest {
+        tenant,
+        op: op.to_string(),
+        target,
+        body,
+        permission: Some(permission.to_string()),
+        credential: credential.clone(),
+    };
+    let verdict = gate::verify(ctx, req).await;
+    let now = now_ms(ctx);
+    let replaying = ctx.is_replaying();
+    ctx.state_mut(|s| {
+        let identity = verdict.map_err(|r| refused(s, op, r, now, replaying))?;
+        let cred = credential.unwrap_or_default();
+        let admitted = s.pool.admit(
+            &Admission {
+                op,
+                developer: &identity.developer,
+                request_id: &cred.request_id,
+                signed_at: cred.ts,
+                consumer: None,
+            },
+            now,
+        );
+        if let Err(e) = &admitted
+            && !replaying
+        {
+            tracing::warn!(tenant = %s.pool.tenant, op, who = %identity.developer, error = %e,
+                "request denied");
+        }
+        admitted.map(|()| identity)
+    })
+}
+
+/// Records a refusal and returns its error.
+fn refused(s: &mut PoolWorkflow, op: &str, r: Refusal, now: Millis, replaying: bool) -> ApiError {
+    s.pool.record_denial(op, &r.who, &r.error, now);
+    if !replaying {
+        tracing::warn!(tenant = %s.pool.tenant, op, who = %r.who, error = %r.error,
+            "request denied");
+    }
+    r.error
+}
