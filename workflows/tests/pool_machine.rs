@@ -443,31 +443,32 @@ impl World {
         let cmds = match flight {
             Flight::Cmd(Command::Boot(spec)) => {
                 let host = spec.host.clone().unwrap_or_default();
-                let create = |w: &mut World| {
+                // A VM a failed boot leaves behind is often dead (its process exited).
+                let create = |w: &mut World, alive: bool| {
                     w.substrate.entry(spec.vm.clone()).or_insert(ModelVm {
                         host: host.clone(),
                         workspace: spec.workspace.clone(),
                         image: spec.image.clone(),
                         generation: spec.generation,
                         owner: None,
-                        alive: true,
+                        alive,
                         undeletable: false,
                     });
                 };
                 if self.view.is_lost(&host) {
                     if leak {
-                        create(self);
+                        create(self, true);
                         self.pool
                             .boot_ended_on(&spec.vm, Some(&host), Err("host died"), now)
                     } else {
                         self.pool.boot_not_started(&spec.vm, now)
                     }
                 } else if ok {
-                    create(self);
+                    create(self, true);
                     self.pool.boot_ended_on(&spec.vm, Some(&host), Ok(()), now)
                 } else {
                     if leak {
-                        create(self);
+                        create(self, spec.vm.0.as_bytes()[7] % 2 == 0);
                     }
                     self.pool
                         .boot_ended_on(&spec.vm, Some(&host), Err("boom"), now)

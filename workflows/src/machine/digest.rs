@@ -130,8 +130,15 @@ impl<T> Differences<T> {
             total,
             ..Self::default()
         };
+        let has_flagged = |b: u32| {
+            by_bucket
+                .get(&b)
+                .is_some_and(|items| items.iter().any(|(_, item)| flagged(item)))
+        };
         let differing: Vec<u32> = (0..buckets)
-            .filter(|b| theirs.sums.get(*b as usize).copied().unwrap_or(0) != ours(*b))
+            .filter(|b| {
+                theirs.sums.get(*b as usize).copied().unwrap_or(0) != ours(*b) || has_flagged(*b)
+            })
             .collect();
         for b in differing {
             let size = by_bucket.get(&b).map_or(0, Vec::len);
@@ -217,6 +224,16 @@ mod tests {
         let diff = Differences::between_flagging(&d, items, 100, |dead| *dead);
         assert_eq!(diff.reported, vec![bucket_of(&ks[3], 16)]);
         assert!(diff.items.contains(&true));
+    }
+
+    #[test]
+    fn a_flagged_item_alone_reports_its_bucket() {
+        // Nothing on the asker's side, one flagged item here: the sums agree (0), yet the
+        // bucket is reported.
+        let empty = Digests::of(std::iter::empty(), 1);
+        let diff = Differences::between_flagging(&empty, vec![("k".to_string(), true)], 10, |d| *d);
+        assert_eq!(diff.reported, vec![0]);
+        assert_eq!(diff.items, vec![true]);
     }
 
     #[test]
