@@ -1,13 +1,19 @@
-//! Determinism: golden histories of the pool, agent, nuke and host-registry workflows (flush,
-//! claim, kill, nuke, continue-as-new, hosts drained and lost), recorded with the Rust client
-//! into `tests/histories/`, must replay against the current workflow code. A change that would
-//! break running workflows fails here, in CI, without a server. `tests/histories/v1/` keeps
-//! the histories recorded before host placement: runs started then must still replay (the
-//! patch markers `host-placement`, `nuke-every-host` and `bake-on-one-host` see to it).
+//! Determinism: golden histories of the pool, agent, nuke and host-registry workflows,
+//! recorded with the Rust client into `tests/histories/`, must replay against the current
+//! workflow code. A change that would break running workflows fails here, in CI, without a
+//! server. The current set covers flushes, claims, kills, a nuke, hosts drained and lost,
+//! continue-as-new, and a run that recovered after its predecessor was terminated, in which a
+//! fired timer and a `flush` signal arrive in the same workflow task.
+//!
+//! Agents and the host registry are long-lived, so the histories of earlier builds
+//! (`tests/histories/v1/`: before host placement, `v2/`: before recovery) must replay too.
+//! The pool and nuke histories of those builds are kept in `tests/histories/retired/` and not
+//! replayed: the pool's run loop changed incompatibly with recovery (see ARCHITECTURE.md,
+//! "Upgrading"); a pool run of an earlier build is ended and its successor recovers.
 //!
 //! Re-record (after a deliberate, versioned change) with:
 //! `MURMUR_RECORD_HISTORIES=1 ./devserver.sh test -- --test replay -- --ignored record`
-//! (the recorder starts a private dev server that suggests continue-as-new early).
+//! (the recorder starts a private dev server and a worker that rolls over early).
 
 mod common;
 
@@ -39,36 +45,40 @@ fn histories_in(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The histories that must replay: this build's, and the agents' and registry's of earlier
+/// builds.
+const GOLDEN: [(&str, &[&str]); 3] = [
+    (
+        "",
+        &[
+            "pool-run1.json",
+            "pool-run2.json",
+            "pool-recovered.json",
+            "agent-completed.json",
+            "agent-killed.json",
+            "nuke.json",
+            "hosts.json",
+        ],
+    ),
+    ("v1", &["agent-completed.json", "agent-killed.json"]),
+    (
+        "v2",
+        &["agent-completed.json", "agent-killed.json", "hosts.json"],
+    ),
+];
+
 #[test]
 fn golden_histories_replay_against_the_current_workflow_code() {
-    let current = histories_in(&histories_dir());
-    let before_placement = histories_in(&histories_dir().join("v1"));
-    let names = |files: &[PathBuf]| -> Vec<String> {
-        files
-            .iter()
-            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect()
-    };
-    let common_names = [
-        "pool-run1.json",
-        "pool-run2.json",
-        "agent-completed.json",
-        "agent-killed.json",
-        "nuke.json",
-    ];
-    for (files, extra) in [
-        (&current, &["hosts.json"][..]),
-        (&before_placement, &[][..]),
-    ] {
-        let have = names(files);
-        for wanted in common_names.iter().chain(extra) {
-            assert!(
-                have.iter().any(|n| n == wanted),
-                "{wanted} missing: {have:?}"
-            );
+    let mut files = Vec::new();
+    for (dir, wanted) in GOLDEN {
+        let dir = histories_dir().join(dir);
+        let have = histories_in(&dir);
+        for name in wanted {
+            let file = dir.join(name);
+            assert!(have.contains(&file), "{} missing", file.display());
+            files.push(file);
         }
     }
-    let files: Vec<PathBuf> = current.into_iter().chain(before_placement).collect();
     let failures = block_on(async {
         let options = WorkflowReplayerOptions::new()
             .register_workflow::<PoolWorkflow>()
@@ -95,6 +105,38 @@ fn golden_histories_replay_against_the_current_workflow_code() {
     );
 }
 
+/// The recovered pool's history has a workflow task that handled a fired timer and a
+/// `flush` signal together (recorded with the worker down while both arrived); it must really
+/// contain one, so the golden case cannot silently stop covering it: both events between one
+/// workflow task's completion and the next one's start.
+#[test]
+fn the_recovered_history_has_a_timer_and_a_signal_in_one_workflow_task() {
+    let bytes = std::fs::read(histories_dir().join("pool-recovered.json")).unwrap();
+    let history: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let kinds: Vec<String> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["attributes"].as_object()?.keys().next().cloned())
+        .collect();
+    let mut since_completed: Vec<&str> = Vec::new();
+    let mut found = false;
+    for kind in &kinds {
+        match kind.as_str() {
+            "WorkflowTaskCompletedEventAttributes" => since_completed.clear(),
+            "WorkflowTaskStartedEventAttributes" => {
+                found |= since_completed.contains(&"TimerFiredEventAttributes")
+                    && since_completed.contains(&"WorkflowExecutionSignaledEventAttributes");
+            }
+            other => since_completed.push(other),
+        }
+    }
+    assert!(
+        found,
+        "no workflow task with both a fired timer and a signal"
+    );
+}
+
 /// Records the golden histories (see the module docs). Ignored unless asked for.
 #[test]
 #[ignore]
@@ -104,24 +146,20 @@ fn record() {
         return;
     }
     let server_dir = tempfile::tempdir().unwrap();
-    // Suggest continue-as-new after a few hundred events, so the pool rolls over quickly.
-    let server = PrivateServer::start(
-        server_dir.path().to_path_buf(),
-        &[
-            "--dynamic-config-value",
-            "limit.historyCount.suggestContinueAsNew=250",
-        ],
-    );
+    let server = PrivateServer::start(server_dir.path().to_path_buf(), &[]);
     // Two hosts; h2 is drained, undrained, and then lost (a short lease timeout keeps the
-    // recording quick).
+    // recording quick). A fast reaper and an early roll-over make every kind of event show up
+    // in a few minutes.
     let mut env = TestEnv::start_with(
         "golden",
         EnvOptions {
             temporal_address: Some(server.address()),
             ..EnvOptions::default()
         }
+        .fast_reaper()
         .worker("MURMUR_HOST_ID", "h1")
-        .worker("MURMUR_HOST_LEASE_TIMEOUT", "2s"),
+        .worker("MURMUR_HOST_LEASE_TIMEOUT", "2s")
+        .worker("MURMUR_POOL_ROLL_OVER", "400"),
     );
     env.start_host("h2");
     env.set_workspace("default", "min_idle: 2\n");
@@ -156,7 +194,7 @@ fn record() {
     env.wait_for("the pool back after the nuke", |s| {
         warm(s) == 2 && s.nukes == 1
     });
-    // Flushes until the pool continues as new.
+    // The pool rolls over on its own (a reaper round every second).
     let pool_id = format!("pool/{}", env.tenant);
     let deadline = std::time::Instant::now() + PATIENCE * 3;
     while runs(&env, &pool_id).len() < 2 {
@@ -164,26 +202,70 @@ fn record() {
             std::time::Instant::now() < deadline,
             "the pool never rolled over"
         );
-        env.murmur_ok(&["pool", "flush"]);
-        env.wait_for("2 warm VMs", |s| warm(s) == 2);
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    env.murmur_ok(&["pool", "flush"]);
     env.wait_for("2 warm VMs on the new run", |s| warm(s) == 2);
+    let rolled = runs(&env, &pool_id);
+
+    // Terminated while an agent runs: the next run recovers the config, the warm VMs and the
+    // agent's VM.
+    env.spawn("keeper", "sleep 30");
+    env.wait_phase("keeper", Phase::Running);
+    let out = env.temporal(&[
+        "workflow",
+        "terminate",
+        "--workflow-id",
+        &pool_id,
+        "--reason",
+        "golden",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    env.murmur_ok(&["pool", "up"]);
+    env.wait_for("the pool recovered", |s| {
+        s.recovery.is_none() && warm(s) == 2 && s.claims_total == 1
+    });
+    let recovered = runs(&env, &pool_id)
+        .last()
+        .cloned()
+        .expect("a recovered run");
+
+    // A fired timer and a `flush` signal in one workflow task: with the worker down, the
+    // reaper's timer fires and the signal arrives; the worker's next task gets both.
+    let signed = env.murmur_ok(&["auth", "sign", "flush"]);
+    let generation = env.status().generation;
+    env.kill_worker();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = env.temporal(&[
+        "workflow",
+        "signal",
+        "--workflow-id",
+        &pool_id,
+        "--name",
+        "flush",
+        "--input",
+        signed.trim(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    env.start_worker();
+    env.wait_for("the signalled flush applied", |s| {
+        s.generation > generation && warm(s) == 2
+    });
+    assert_eq!(
+        runs(&env, &pool_id).last(),
+        Some(&recovered),
+        "the recovered run rolled over before the timer and the signal were recorded"
+    );
 
     let out = histories_dir();
     std::fs::create_dir_all(&out).unwrap();
-    let pool_runs = runs(&env, &pool_id);
     let agent = |slug: &str| format!("agent/{}/default/tester/{slug}", env.tenant);
     let mut wanted = vec![
+        (pool_id.clone(), Some(rolled[0].clone()), "pool-run1.json"),
+        (pool_id.clone(), Some(rolled[1].clone()), "pool-run2.json"),
         (
             pool_id.clone(),
-            Some(pool_runs[0].clone()),
-            "pool-run1.json",
-        ),
-        (
-            pool_id.clone(),
-            Some(pool_runs[1].clone()),
-            "pool-run2.json",
+            Some(recovered.clone()),
+            "pool-recovered.json",
         ),
         (agent("done"), None, "agent-completed.json"),
         (agent("victim"), None, "agent-killed.json"),
