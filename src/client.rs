@@ -220,6 +220,28 @@ impl PoolClient {
         .await
     }
 
+    /// Ends the pool's current run (terminates it, with `reason`), so the next run recovers.
+    /// A pool that is not running is fine.
+    pub async fn end_run(&self, reason: &str) -> Result<(), ApiError> {
+        let handle = self
+            .client
+            .get_workflow_handle::<temporalio_client::UntypedWorkflow>(self.workflow_id());
+        let options = temporalio_client::WorkflowTerminateOptions::builder()
+            .reason(reason.to_string())
+            .build();
+        match handle.terminate(options).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = murmur_activities::temporal_ops::interaction_error(e, "not running");
+                if e.code == Code::NotFound || e.message.contains("already completed") {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// The pool's status; when the pool does not answer, an `UNAVAILABLE` saying why (not
     /// running, its workflow task failing, no worker polling).
     pub async fn status(&self) -> Result<PoolStatus, ApiError> {
@@ -254,12 +276,7 @@ impl PoolClient {
         let query = handle.query(PoolWorkflow::config, (), WorkflowQueryOptions::default());
         match tokio::time::timeout(POOL_ANSWER_WITHIN, query).await {
             Ok(Ok(snapshot)) if !snapshot.recovering => return Ok(snapshot),
-            Ok(Err(e))
-                if matches!(
-                    e,
-                    temporalio_client::errors::WorkflowQueryError::NotFound(_)
-                ) =>
-            {
+            Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
                 return Err(ApiError::not_found(self.not_running()));
             }
             _ => {}

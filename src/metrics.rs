@@ -129,18 +129,7 @@ async fn render(state: &MetricsState) -> String {
     let pools = pools(state).await;
     let answered: Vec<PoolStatus> = pools.iter().filter_map(|(_, st)| st.clone()).collect();
     let mut out = render_pools(&answered);
-    let _ = writeln!(
-        out,
-        "# HELP murmur_pool_up 1 when the tenant's pool answered its status query, 0 when it did not (wedged, or no worker runs it)."
-    );
-    let _ = writeln!(out, "# TYPE murmur_pool_up gauge");
-    for (tenant, st) in &pools {
-        let _ = writeln!(
-            out,
-            "murmur_pool_up{{tenant=\"{tenant}\"}} {}",
-            u8::from(st.is_some())
-        );
-    }
+    out.push_str(&render_pool_up(&pools));
     state.claims.render(&mut out);
     let _ = writeln!(
         out,
@@ -154,6 +143,25 @@ async fn render(state: &MetricsState) -> String {
     );
     if let Some(addr) = state.sdk_metrics {
         out.push_str(&fetch_sdk_metrics(addr).await.unwrap_or_default());
+    }
+    out
+}
+
+/// `murmur_pool_up`: 1 for each pool that answered, 0 for each that did not (so a wedged
+/// pool is visible instead of missing).
+pub fn render_pool_up(pools: &[(String, Option<PoolStatus>)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP murmur_pool_up 1 when the tenant's pool answered its status query, 0 when it did not (wedged, or no worker runs it)."
+    );
+    let _ = writeln!(out, "# TYPE murmur_pool_up gauge");
+    for (tenant, st) in pools {
+        let _ = writeln!(
+            out,
+            "murmur_pool_up{{tenant=\"{tenant}\"}} {}",
+            u8::from(st.is_some())
+        );
     }
     out
 }
@@ -394,4 +402,20 @@ async fn fetch_sdk_metrics(addr: SocketAddr) -> std::io::Result<String> {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
         .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_that_does_not_answer_is_reported_down_not_dropped() {
+        let up = PoolStatus {
+            tenant: "a".into(),
+            ..PoolStatus::default()
+        };
+        let text = render_pool_up(&[("a".into(), Some(up)), ("b".into(), None)]);
+        assert!(text.contains("murmur_pool_up{tenant=\"a\"} 1"), "{text}");
+        assert!(text.contains("murmur_pool_up{tenant=\"b\"} 0"), "{text}");
+    }
 }

@@ -32,7 +32,7 @@ use crate::temporal_ops::{interaction_error, running_runs, update_error, update_
 /// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs
 /// its workflow tasks, or they keep failing) must not hold the agent's call forever; the
 /// agent says so in its status and asks again.
-const CLAIM_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+const CLAIM_ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// Terminations (nuke) and deletes (host wipe) in flight at once.
 const NUKE_CONCURRENCY: usize = 8;
 

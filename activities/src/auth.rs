@@ -453,7 +453,19 @@ impl DeveloperKey {
 
     /// Signs a request.
     pub fn sign(&self, op: &str, target: &str, body: &str) -> Result<Credential, KeyError> {
-        let (request_id, ts) = (new_request_id()?, now_ms());
+        self.sign_at(op, target, body, now_ms())
+    }
+
+    /// Signs a request as if at `ts` (epoch ms): what a request signed earlier and copied out
+    /// of history looks like.
+    pub fn sign_at(
+        &self,
+        op: &str,
+        target: &str,
+        body: &str,
+        ts: u64,
+    ) -> Result<Credential, KeyError> {
+        let request_id = new_request_id()?;
         let sig = self
             .pair
             .sign(&signing_bytes(op, target, &request_id, ts, body));

@@ -350,7 +350,7 @@ impl VmInfo {
     /// What a reaper listing reports about this VM.
     pub fn scanned(self) -> murmur_workflows::machine::ScannedVm {
         murmur_workflows::machine::ScannedVm {
-            labels: self.labelled.then(|| murmur_workflows::machine::VmLabels {
+            labels: self.labelled.then_some(murmur_workflows::machine::VmLabels {
                 workspace: self.workspace,
                 image: self.image,
                 generation: self.generation,

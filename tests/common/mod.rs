@@ -28,6 +28,8 @@ pub struct TestEnv {
     pub substrate_name: String,
     /// Extra environment of the worker (reaper timing, fault injection, ...).
     pub worker_env: Vec<(String, String)>,
+    /// The user the worker runs as, when not the tests' own.
+    worker_uid: Option<u32>,
     /// The Temporal server to use instead of the shared dev server.
     pub temporal_address: Option<String>,
     /// More workers of this deployment, each its own VM host: (host id, process while it
@@ -44,6 +46,9 @@ pub struct EnvOptions {
     pub temporal_address: Option<String>,
     /// The worker's substrate (`process` when empty).
     pub substrate: String,
+    /// Run the worker as this user id (and group id), as an unprivileged worker would run
+    /// (only when the tests run as root; otherwise the worker is unprivileged already).
+    pub worker_uid: Option<u32>,
 }
 
 impl EnvOptions {
@@ -106,6 +111,9 @@ impl TestEnv {
             hosts: Vec::new(),
             metrics_addr: None,
             worker_env: options.worker_env,
+            worker_uid: options
+                .worker_uid
+                .filter(|_| nix::unistd::Uid::effective().is_root()),
             temporal_address: options.temporal_address,
             substrate_name: if options.substrate.is_empty() {
                 "process".to_string()
@@ -116,8 +124,44 @@ impl TestEnv {
         // Every test acts as a tenant admin unless it logs in otherwise.
         let admin = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
         env.login(&admin);
+        if let Some(uid) = env.worker_uid {
+            env.hand_state_to(uid);
+        }
         env.start_worker();
         env
+    }
+
+    /// Makes the state dir (keys included) `uid`'s, for a worker running as that user.
+    fn hand_state_to(&self, uid: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = self.state_dir();
+        std::fs::create_dir_all(&state).unwrap();
+        let out = Command::new("chown")
+            .args(["-R", &format!("{uid}:{uid}")])
+            .arg(&state)
+            .output()
+            .expect("chown");
+        assert!(out.status.success(), "chown: {}", stderr(&out));
+    }
+
+    /// The worker binary to run. A worker running as another user gets its own copy in the
+    /// project dir: the build's target dir may be under a home it cannot enter.
+    fn worker_binary(&self) -> PathBuf {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_murmur-worker"));
+        if self.worker_uid.is_none() {
+            return built;
+        }
+        let copy = self.dir.path().join("murmur-worker");
+        if !copy.exists() && std::fs::hard_link(&built, &copy).is_err() {
+            std::fs::copy(&built, &copy).expect("copy murmur-worker");
+        }
+        copy
+    }
+
+    /// True when the worker runs as another user than the tests (see [`EnvOptions`]).
+    pub fn worker_is_unprivileged(&self) -> bool {
+        self.worker_uid.is_some() || !nix::unistd::Uid::effective().is_root()
     }
 
     /// Issues a credential with this installation's worker key.
@@ -215,7 +259,7 @@ impl TestEnv {
             .append(true)
             .open(self.dir.path().join(log_name))
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur-worker"));
+        let mut cmd = Command::new(self.worker_binary());
         if let Some(addr) = &self.temporal_address {
             cmd.env("TEMPORAL_ADDRESS", addr);
         }
@@ -227,9 +271,12 @@ impl TestEnv {
             .env("RUST_LOG", "info,temporalio_sdk_core=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start murmur-worker")
+            .stderr(log);
+        if let Some(uid) = self.worker_uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid).env("HOME", state_dir);
+        }
+        cmd.spawn().expect("start murmur-worker")
     }
 
     /// State directory of the extra host `host`.
@@ -558,7 +605,15 @@ impl TestEnv {
 
     /// Spawns an agent and asserts the spawn was accepted.
     pub fn spawn(&self, slug: &str, command: &str) {
-        let out = self.murmur(&["spawn", slug, "--", command]);
+        self.spawn_with(&[], slug, command);
+    }
+
+    /// Spawns an agent with extra `murmur spawn` flags and asserts the spawn was accepted.
+    pub fn spawn_with(&self, flags: &[&str], slug: &str, command: &str) {
+        let mut args = vec!["spawn"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[slug, "--", command]);
+        let out = self.murmur(&args);
         assert!(
             out.status.success(),
             "spawn {slug} failed: {}\n{}",
@@ -783,4 +838,75 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// Runs `scenario` while `check` runs every 100 ms on another thread, and returns what the
+/// scenario returned with every violation `check` reported meanwhile (an invariant must hold
+/// while things happen, not only once they settle).
+pub fn while_checking<T>(
+    check: impl Fn() -> Option<String> + Sync,
+    scenario: impl FnOnce() -> T,
+) -> (T, Vec<String>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the watcher when the scenario ends, also when it panics (the scope would wait
+    /// for the watcher forever otherwise).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut violations = Vec::new();
+            while !done.load(Ordering::Acquire) {
+                if let Some(v) = check()
+                    && violations.len() < 20
+                {
+                    violations.push(v);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            violations
+        });
+        let out = {
+            let _stop = Stop(&done);
+            scenario()
+        };
+        let violations = watcher.join().expect("the watcher thread panicked");
+        (out, violations)
+    })
+}
+
+impl TestEnv {
+    /// Run ids of `pool/<tenant>`, oldest first.
+    pub fn pool_runs(&self) -> Vec<String> {
+        let out = self.temporal(&[
+            "workflow",
+            "list",
+            "--query",
+            &format!("WorkflowId = 'pool/{}'", self.tenant),
+            "-o",
+            "json",
+        ]);
+        let mut runs: Vec<(String, String)> =
+            serde_json::from_str::<Vec<serde_json::Value>>(&stdout(&out))
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|w| {
+                    Some((
+                        w["startTime"].as_str()?.to_string(),
+                        w["execution"]["runId"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+        runs.sort();
+        runs.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// The sandbox directory of a VM of this tenant.
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.state_dir().join("vms").join(&self.tenant).join(vm)
+    }
 }

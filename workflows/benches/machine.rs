@@ -12,6 +12,21 @@ const VMS: u32 = 10_000;
 /// A pool with `VMS` warm VMs in one workspace (max_vms leaves room for churn).
 fn big_pool() -> Pool {
     let mut pool = Pool::new("bench", 7, 1_000);
+    // One host with room for everything (placement picks it for every boot).
+    let view = murmur_workflows::hosts::HostView {
+        version: 1,
+        hosts: [(
+            "h1".to_string(),
+            murmur_workflows::hosts::HostInfo {
+                host: "h1".into(),
+                max_vms: 2 * VMS,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    pool.hosts_changed(view, 1_000);
     let set = |pool: &mut Pool, kind, name: &str, spec: serde_json::Value| {
         let change = ConfigChange::Set {
             spec,
@@ -43,8 +58,11 @@ fn big_pool() -> Pool {
                 created_at: 1_000,
                 ready_at: Some(1_500 + u64::from(i)),
                 delete_reason: None,
-                host: None,
+                host: Some("h1".into()),
                 memory_mb: 256,
+                delete_failures: 0,
+                delete_error: None,
+                warm_round: 0,
             },
         );
     }
@@ -79,11 +97,14 @@ fn events(c: &mut Criterion) {
             if let Some(vm) = vm {
                 cmds.extend(pool.deleted(&vm, 3_000));
             }
+            let mut booted = 0;
             for cmd in cmds {
                 if let Command::Boot(spec) = cmd {
+                    booted += 1;
                     black_box(pool.boot_succeeded(&spec.vm, 3_000));
                 }
             }
+            assert_eq!(booted, 1, "backfill boots one replacement");
         })
     });
     c.bench_function("reconcile, 10k VMs, nothing to do", |b| {

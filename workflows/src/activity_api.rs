@@ -99,15 +99,10 @@ pub struct DeleteReply {
 
 impl<'de> Deserialize<'de> for DeleteReply {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
+        #[derive(Default, Deserialize)]
         #[serde(default)]
         struct Fields {
             owned_by: Option<String>,
-        }
-        impl Default for Fields {
-            fn default() -> Self {
-                Self { owned_by: None }
-            }
         }
         let fields: Option<Fields> = Option::deserialize(d)?;
         Ok(Self {

@@ -189,13 +189,15 @@ impl AgentWorkflow {
     }
 
     /// Answers once the pool accepted the agent's claim (with the status) or refused it (with
-    /// the pool's `CODE: reason`). `murmur spawn` sends it together with the start.
+    /// the pool's `CODE: reason`), or once the agent found the pool does not answer (the
+    /// status then says so in `waiting`; the agent goes on asking). `murmur spawn` sends it
+    /// together with the start.
     #[update]
     pub async fn admission(
         ctx: &mut WorkflowContext<Self>,
         _req: Lenient<()>,
     ) -> Result<AgentStatus, UpdateError> {
-        ctx.wait_condition(|s| s.admission.is_some())
+        ctx.wait_condition(|s| s.admission.is_some() || s.status.waiting.is_some())
             .await
             .map_err(|e| Box::new(e) as UpdateError)?;
         ctx.state(|s| match &s.admission {
@@ -568,7 +570,7 @@ fn claim_options(stop: &WorkflowCancellationToken) -> LocalActivityOptions {
             RetryPolicy::builder()
                 .initial_interval(Duration::from_millis(200))
                 .maximum_interval(Duration::from_secs(2))
-                .maximum_attempts(3)
+                .maximum_attempts(2)
                 .non_retryable_error_types([CLAIM_REJECTED])
                 .build(),
         )

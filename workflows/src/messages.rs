@@ -222,14 +222,36 @@ pub struct NukeStepReply {
 }
 
 /// Input of the pool workflow's run: the tenant, and the state carried over by
-/// continue-as-new.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// continue-as-new. Read leniently: an input that does not decode (a pool started by hand
+/// with a wrong payload) starts a pool that recovers, its tenant taken from the workflow id,
+/// rather than a workflow task that fails forever.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct PoolInput {
     /// Tenant whose pool this is.
     pub tenant: String,
     /// State of the previous run, when continuing as new.
     #[serde(default)]
     pub carried: Option<Box<crate::machine::Pool>>,
+}
+
+impl<'de> Deserialize<'de> for PoolInput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(default)]
+            tenant: String,
+            #[serde(default)]
+            carried: Option<Box<crate::machine::Pool>>,
+        }
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(match Fields::deserialize(value) {
+            Ok(f) => Self {
+                tenant: f.tenant,
+                carried: f.carried,
+            },
+            Err(_) => Self::default(),
+        })
+    }
 }
 
 /// Longest error text kept about an undecodable message: a serde error may quote the whole

@@ -130,6 +130,20 @@ pub fn root_cause(e: &ActivityExecutionError) -> String {
     msg
 }
 
+/// The message of the first application failure in an activity error's cause chain (what
+/// the activity said, whole), or the innermost message when there is none.
+pub fn application_message(e: &ActivityExecutionError) -> String {
+    use temporalio_common::protos::temporal::api::failure::v1::failure::FailureInfo;
+    let mut failure = e.failure();
+    while let Some(f) = failure {
+        if matches!(f.failure_info, Some(FailureInfo::ApplicationFailureInfo(_))) {
+            return f.message.clone();
+        }
+        failure = f.cause.as_deref();
+    }
+    root_cause(e)
+}
+
 /// True when an activity failed with an application failure of type `type_name` (anywhere
 /// in the cause chain).
 pub fn failed_with_type(e: &ActivityExecutionError, type_name: &str) -> bool {

@@ -87,12 +87,18 @@ pub(crate) async fn spawn(args: SpawnArgs, workspace: Option<&str>) -> Outcome {
         OnIdleArg::Terminate => OnIdle::Terminate,
         OnIdleArg::KeepAlive => OnIdle::KeepAlive,
     };
-    session
+    let status = session
         .agents
         .spawn(&args.slug, args.command, on_idle)
         .await
         .map_err(with_hint)?;
     print!("{}", spawned(&args.slug));
+    if let Some(waiting) = &status.waiting {
+        eprintln!(
+            "note: {} is waiting: {waiting}; it starts once the pool answers (murmur status {})",
+            args.slug, args.slug
+        );
+    }
     Ok(())
 }
 

@@ -47,12 +47,23 @@ pub(crate) enum PoolCommand {
     },
     /// Start the pool workflow if it is not running and make it backfill now (idempotent).
     ///
-    /// Example:
+    /// A pool whose previous run ended (cancelled, terminated, stopped by the history limit)
+    /// recovers first: its config from the record the run left, its VMs from the hosts, the
+    /// claims of running agents from the VMs they own. `pool up` waits for that, with
+    /// progress.
+    ///
+    /// Examples:
     ///   murmur pool up --wait
+    ///   murmur pool up --restart     # end a wedged run; the new one recovers
     Up {
         /// Wait until every workspace has min_idle warm VMs.
         #[arg(long)]
         wait: bool,
+        /// End the pool's current run first (a run that does not answer, or one of an earlier
+        /// build that cannot replay); the new run recovers the config, the VMs and the agents'
+        /// claims. Needs namespace access, like `temporal workflow terminate`.
+        #[arg(long)]
+        restart: bool,
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120, requires = "wait")]
         timeout: u64,
@@ -99,7 +110,14 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
             interval,
             ..
         } => watch_status(&session, Duration::from_secs(interval.max(1))).await,
-        PoolCommand::Up { wait, timeout } => {
+        PoolCommand::Up {
+            wait,
+            timeout,
+            restart,
+        } => {
+            if restart {
+                session.pool.end_run("murmur pool up --restart").await?;
+            }
             let up = session.pool.up().await?;
             let timeout = Duration::from_secs(timeout);
             let mut st = session.pool.status().await?;

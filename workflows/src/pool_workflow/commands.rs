@@ -28,8 +28,8 @@ use crate::model::VmId;
 use crate::nuke_workflow::{NukeInput, NukeWorkflow};
 use crate::search_attrs::search_attributes;
 use crate::shell::{
-    BOOT_TIMEOUT, HOST_START_WITHIN, after, failed_with_type, never_started, nuke_workflow_id,
-    root_cause,
+    BOOT_TIMEOUT, HOST_START_WITHIN, after, application_message, failed_with_type, never_started,
+    nuke_workflow_id, root_cause,
 };
 
 /// How a command (or a check the shell started) ended.
@@ -234,7 +234,7 @@ fn delete<'a>(
                 None => Outcome::Deleted(vm),
                 Some(owner) => Outcome::DeleteRefused(vm, owner),
             },
-            Err(e) => Outcome::DeleteFailed(vm, root_cause(&e)),
+            Err(e) => Outcome::DeleteFailed(vm, application_message(&e)),
         }
     }
     .boxed_local()

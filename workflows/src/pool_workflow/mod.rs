@@ -67,10 +67,17 @@ impl PoolWorkflow {
     /// that carries nothing — a pool that first recovers from its sources of truth.
     #[init]
     pub fn new(ctx: &WorkflowContextView, input: PoolInput) -> Self {
+        // The workflow id names the tenant; an input that disagrees (or did not decode) does
+        // not get to pick another tenant's pool.
+        let tenant = ctx
+            .workflow_id()
+            .strip_prefix("pool/")
+            .unwrap_or(&input.tenant)
+            .to_string();
         let pool = match input.carried {
-            Some(pool) => *pool,
-            None => Pool::recovering(
-                input.tenant,
+            Some(pool) if pool.tenant == tenant => *pool,
+            _ => Pool::recovering(
+                tenant,
                 ctx.raw().randomness_seed,
                 to_millis(ctx.start_time()),
             ),
