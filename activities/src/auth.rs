@@ -253,24 +253,24 @@ impl KeyStore {
     /// request signature with the token's key (or a worker key), freshness, and permission.
     /// Replays are the caller's to check (request ids live in workflow state).
     pub fn verify(&self, req: &VerifyRequest, now_ms: u64) -> Verdict {
-        match self.check(req, now_ms) {
+        // Who a denial names comes only from a token whose signature verified: a forged
+        // token must not put someone else's name in the record of denials.
+        let mut who = None;
+        match self.check(req, now_ms, &mut who) {
             Ok(identity) => Verdict::Allowed(identity),
-            Err(error) => {
-                let who = req
-                    .credential
-                    .as_ref()
-                    .and_then(|c| c.token.as_deref())
-                    .and_then(|t| peek_claims(t).ok())
-                    .map_or_else(
-                        || "unknown".to_string(),
-                        |c| format!("{}@{}", c.sub, c.tenant),
-                    );
-                Verdict::Denied { error, who }
-            }
+            Err(error) => Verdict::Denied {
+                error,
+                who: who.unwrap_or_else(|| "unknown".to_string()),
+            },
         }
     }
 
-    fn check(&self, req: &VerifyRequest, now: u64) -> Result<Identity, ApiError> {
+    fn check(
+        &self,
+        req: &VerifyRequest,
+        now: u64,
+        who: &mut Option<String>,
+    ) -> Result<Identity, ApiError> {
         let cred = req.credential.as_ref().ok_or_else(missing_or_expired)?;
         let signed = signing_bytes(&req.op, &req.target, &cred.request_id, cred.ts, &req.body);
         let sig = B64
@@ -279,6 +279,7 @@ impl KeyStore {
         let (identity, public_key) = match (&cred.token, &cred.service) {
             (Some(token), _) => {
                 let claims = self.decode_token(token, now)?;
+                *who = Some(format!("{}@{}", claims.sub, claims.tenant));
                 let pk = B64
                     .decode(claims.cnf.pk.as_bytes())
                     .map_err(|_| unauthenticated("identity token is malformed"))?;
@@ -621,9 +622,14 @@ mod tests {
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
         forged.token = Some(String::from_utf8(bytes).unwrap());
         assert_eq!(
-            denied(store.verify(&request(forged, "pool-config.delete"), now)),
+            denied(store.verify(&request(forged.clone(), "pool-config.delete"), now)),
             "UNAUTHENTICATED: identity token signature is invalid"
         );
+        // A forged token does not get to name who was refused.
+        match store.verify(&request(forged, "pool-config.delete"), now) {
+            Verdict::Denied { who, .. } => assert_eq!(who, "unknown"),
+            Verdict::Allowed(i) => panic!("allowed {i:?}"),
+        }
         // No credential at all.
         let mut none = request(signed, "pool-config.delete");
         none.credential = None;
