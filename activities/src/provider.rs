@@ -350,13 +350,15 @@ impl VmInfo {
     /// What a reaper listing reports about this VM.
     pub fn scanned(self) -> murmur_workflows::machine::ScannedVm {
         murmur_workflows::machine::ScannedVm {
-            labels: self.labelled.then_some(murmur_workflows::machine::VmLabels {
-                workspace: self.workspace,
-                image: self.image,
-                generation: self.generation,
-                owner: self.owner,
-                owner_running: false,
-            }),
+            labels: self
+                .labelled
+                .then_some(murmur_workflows::machine::VmLabels {
+                    workspace: self.workspace,
+                    image: self.image,
+                    generation: self.generation,
+                    owner: self.owner,
+                    owner_running: false,
+                }),
             id: self.id,
             alive: self.alive,
         }
