@@ -1,6 +1,8 @@
 //! Talking to Temporal: connecting like the `temporal` CLI does, and the pool operations the
 //! CLI offers (flush, status, up, get/set/patch), each mapped onto the error contract.
 
+use std::time::Duration;
+
 use murmur_activities::temporal_ops::update_pool;
 use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
@@ -24,8 +26,22 @@ use temporalio_client::{
 
 use crate::config::Context;
 
-/// How long a read waits for the pool to answer before saying why it does not.
-const POOL_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest a read waits for the pool's answer while nothing says that the answer cannot
+/// come. After a worker dies holding the pool's workflow task, the server gives that task 10 s
+/// before handing it to another worker, which then replays the history: an answer can take
+/// that long.
+const POOL_ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// How often a read that waits for the pool checks that its answer can still come (the pool
+/// runs, its workflow task is not failing over and over, a worker polls its task queue).
+const CHECK_ANSWER_EVERY: Duration = Duration::from_secs(3);
+
+/// How long a config read waits for the running pool before reading the record its run keeps.
+const CONFIG_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// A worker that has not polled a task queue for this long is not polling it (a long poll
+/// lasts up to about 70 s).
+const POLLER_GONE_AFTER: Duration = Duration::from_secs(90);
 
 pub use murmur_activities::temporal_ops::{SA_KIND, SA_TENANT, SA_WORKSPACE};
 
@@ -244,10 +260,29 @@ impl PoolClient {
 
     /// The pool's status; when the pool does not answer, an `UNAVAILABLE` saying why (not
     /// running, its workflow task failing, no worker polling).
+    /// A run that has ended still answers (a worker replays its history); then the status
+    /// says so in `run_ended`.
     pub async fn status(&self) -> Result<PoolStatus, ApiError> {
         let handle = self.handle();
         let query = handle.query(PoolWorkflow::status, (), WorkflowQueryOptions::default());
-        self.answered(query).await
+        let (status, ended) = tokio::join!(self.answered(query), self.run_ended());
+        let mut status = status?;
+        status.run_ended = ended;
+        Ok(status)
+    }
+
+    /// How the pool's latest run ended (`terminated`, `cancelled`, ...), or `None` while it
+    /// runs (or when Temporal cannot say).
+    async fn run_ended(&self) -> Option<String> {
+        let handle = self
+            .client
+            .get_workflow_handle::<temporalio_client::UntypedWorkflow>(self.workflow_id());
+        let desc = handle
+            .describe(WorkflowDescribeOptions::default())
+            .await
+            .ok()?;
+        let status = desc.status();
+        (status != WorkflowExecutionStatus::Running).then(|| ended_as(status))
     }
 
     /// One page of the VM records and claims.
@@ -274,7 +309,7 @@ impl PoolClient {
     pub async fn config(&self) -> Result<ConfigSnapshot, ApiError> {
         let handle = self.handle();
         let query = handle.query(PoolWorkflow::config, (), WorkflowQueryOptions::default());
-        match tokio::time::timeout(POOL_ANSWER_WITHIN, query).await {
+        match tokio::time::timeout(CONFIG_ANSWER_WITHIN, query).await {
             Ok(Ok(snapshot)) if !snapshot.recovering => return Ok(snapshot),
             Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
                 return Err(ApiError::not_found(self.not_running()));
@@ -290,24 +325,42 @@ impl PoolClient {
         }
     }
 
-    /// Waits for a query's answer, at most [`POOL_ANSWER_WITHIN`]; says why there is none.
+    /// Waits for a query's answer; says why there is none as soon as it is clear that none
+    /// can come, and at the latest after [`POOL_ANSWER_WITHIN`].
     async fn answered<T>(
         &self,
         query: impl std::future::Future<
             Output = Result<T, temporalio_client::errors::WorkflowQueryError>,
         >,
     ) -> Result<T, ApiError> {
-        match tokio::time::timeout(POOL_ANSWER_WITHIN, query).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
-                Err(ApiError::not_found(self.not_running()))
+        let started = tokio::time::Instant::now();
+        tokio::pin!(query);
+        loop {
+            let error = match tokio::time::timeout(CHECK_ANSWER_EVERY, &mut query).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
+                    return Err(ApiError::not_found(self.not_running()));
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => None,
+            };
+            let queue = match self.diagnose().await {
+                Diagnosis::CannotCome(why) => return Err(why),
+                Diagnosis::MayCome { queue } => queue,
+            };
+            if error.is_some() || started.elapsed() >= POOL_ANSWER_WITHIN {
+                return Err(self.no_answer(&format!(
+                    "no answer within {}s although a worker polled its task queue {queue} lately (is it still running? see its log){}",
+                    started.elapsed().as_secs(),
+                    error.map(|e| format!("; the query failed: {e}")).unwrap_or_default()
+                )));
             }
-            Ok(Err(_)) | Err(_) => Err(self.why_no_answer().await),
         }
     }
 
-    /// Why the pool does not answer, from Temporal's description of its workflow.
-    pub async fn why_no_answer(&self) -> ApiError {
+    /// Whether the pool can still answer: not when it does not run, when its workflow task
+    /// fails again and again, or when no worker polls its task queue.
+    async fn diagnose(&self) -> Diagnosis {
         let id = self.workflow_id();
         let handle = self
             .client
@@ -315,41 +368,90 @@ impl PoolClient {
         let desc = match handle.describe(WorkflowDescribeOptions::default()).await {
             Ok(desc) => desc,
             Err(temporalio_client::errors::WorkflowInteractionError::NotFound(_)) => {
-                return ApiError::not_found(self.not_running());
+                return Diagnosis::CannotCome(ApiError::not_found(self.not_running()));
             }
-            Err(e) => {
-                return ApiError::new(Code::Unavailable, format!("{id} does not answer: {e}"));
-            }
+            Err(e) => return Diagnosis::CannotCome(self.no_answer(&e.to_string())),
         };
         let status = desc.status();
         if status != WorkflowExecutionStatus::Running {
-            return ApiError::new(
+            return Diagnosis::CannotCome(ApiError::new(
                 Code::Unavailable,
                 format!(
                     "{id} is not running (its last run ended {}); murmur pool up starts a new run, which recovers the pool",
-                    format!("{status:?}").to_lowercase()
+                    ended_as(status)
                 ),
-            );
+            ));
         }
+        // A first retry follows a worker that died holding the task; more mean it fails.
         if let Some(task) = desc.raw_description.pending_workflow_task.as_ref()
-            && task.attempt >= 2
+            && task.attempt >= 3
         {
-            return ApiError::new(
-                Code::Unavailable,
-                format!(
-                    "{id} does not answer: its workflow task has failed {} times in a row (see the worker log; a build that cannot run it?)",
-                    task.attempt - 1
-                ),
-            );
+            return Diagnosis::CannotCome(self.no_answer(&format!(
+                "its workflow task has failed {} times in a row (see the worker log; a build that cannot run it?)",
+                task.attempt - 1
+            )));
         }
+        let queue = desc.task_queue().to_string();
+        match self.pollers_of(&queue).await {
+            Ok(0) => Diagnosis::CannotCome(self.no_answer(&format!(
+                "no murmur-worker polls its task queue {queue} (start one: murmur-worker run --task-queue {queue})"
+            ))),
+            Ok(_) | Err(_) => Diagnosis::MayCome { queue },
+        }
+    }
+
+    /// An `UNAVAILABLE` saying that the pool does not answer, and why.
+    fn no_answer(&self, why: &str) -> ApiError {
         ApiError::new(
             Code::Unavailable,
-            format!(
-                "{id} does not answer within {}s: is a murmur-worker polling task queue {}?",
-                POOL_ANSWER_WITHIN.as_secs(),
-                desc.task_queue()
-            ),
+            format!("{} does not answer: {why}", self.workflow_id()),
         )
+    }
+
+    /// Workers that polled the workflow task queue `queue` within [`POLLER_GONE_AFTER`].
+    async fn pollers_of(&self, queue: &str) -> Result<usize, tonic::Status> {
+        use temporalio_client::NamespacedClient;
+        use temporalio_common::protos::temporal::api::enums::v1::{TaskQueueKind, TaskQueueType};
+        use temporalio_common::protos::temporal::api::taskqueue::v1::TaskQueue;
+        use temporalio_common::protos::temporal::api::workflowservice::v1::DescribeTaskQueueRequest;
+        let request = DescribeTaskQueueRequest {
+            namespace: self.client.namespace(),
+            task_queue: Some(TaskQueue {
+                name: queue.to_string(),
+                kind: TaskQueueKind::Normal as i32,
+                ..TaskQueue::default()
+            }),
+            task_queue_type: TaskQueueType::Workflow as i32,
+            ..DescribeTaskQueueRequest::default()
+        };
+        let reply = self
+            .client
+            .connection()
+            .workflow_service()
+            .describe_task_queue(tonic::Request::new(request))
+            .await?
+            .into_inner();
+        let now = std::time::SystemTime::now();
+        Ok(reply
+            .pollers
+            .iter()
+            .filter(|p| {
+                p.last_access_time
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_none_or(|ago| ago < POLLER_GONE_AFTER)
+            })
+            .count())
+    }
+
+    /// Why the pool does not answer (when nothing is found wrong: which task queue it waits on).
+    pub async fn why_no_answer(&self) -> ApiError {
+        match self.diagnose().await {
+            Diagnosis::CannotCome(why) => why,
+            Diagnosis::MayCome { queue } => self.no_answer(&format!(
+                "no answer in time although a worker polled its task queue {queue} lately (is it still running? see its log)"
+            )),
+        }
     }
 
     /// Applies a config change (starting the pool if needed) and returns the new document.
@@ -389,4 +491,30 @@ fn snapshot_of(record: murmur_workflows::machine::PoolRecord) -> ConfigSnapshot 
         workspaces: docs.collect(),
         recovering: false,
     }
+}
+
+/// Whether a pool that has not answered yet still can.
+enum Diagnosis {
+    /// It cannot; the error says why.
+    CannotCome(ApiError),
+    /// It may: it runs, and a worker polled its task queue `queue` lately.
+    MayCome {
+        /// The task queue of the pool's run.
+        queue: String,
+    },
+}
+
+/// How a run ended, as a word: `completed`, `failed`, `cancelled`, `terminated`,
+/// `continued_as_new`, `timed_out`.
+fn ended_as(status: WorkflowExecutionStatus) -> String {
+    match status {
+        WorkflowExecutionStatus::Completed => "completed",
+        WorkflowExecutionStatus::Failed => "failed",
+        WorkflowExecutionStatus::Canceled => "cancelled",
+        WorkflowExecutionStatus::Terminated => "terminated",
+        WorkflowExecutionStatus::ContinuedAsNew => "continued_as_new",
+        WorkflowExecutionStatus::TimedOut => "timed_out",
+        _ => "in an unknown way",
+    }
+    .to_string()
 }

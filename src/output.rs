@@ -111,6 +111,12 @@ pub fn human_duration(ms: Millis) -> String {
 /// The human status view.
 pub fn status_table(st: &PoolStatus, now: Millis) -> String {
     let mut out = String::new();
+    if let Some(how) = &st.run_ended {
+        let _ = writeln!(
+            out,
+            "NOT RUNNING: the pool's last run ended ({how}); below is its last state. Nothing hands out, backfills or deletes VMs until `murmur pool up` starts a new run, which recovers the pool."
+        );
+    }
     let _ = writeln!(
         out,
         "Pool pool/{}  generation {}  {} of {} VMs in use{}{}",

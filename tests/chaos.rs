@@ -332,8 +332,10 @@ fn a_server_restart_under_a_running_pool_loses_nothing() {
 
 /// Regression (found by a kill -9 round during a nuke): the nuke's pause activity was retried
 /// after its worker died, the pool refused the second pause as a replay of the developer's
-/// request, and the nuke retried forever. The same nuke may pause again; a reset that is
-/// retried after the pool resumed must not wipe what the pool holds by then.
+/// request, and the nuke retried forever. The same nuke may pause again (its developer's
+/// signed request, admitted once by the first pause, is not a replay when the nuke holding
+/// the pool presents it again); a reset that is retried after the pool resumed must not wipe
+/// what the pool holds by then.
 #[test]
 fn a_retried_nuke_step_is_idempotent() {
     // (The steps are sent by hand, without the nuke's deletes in between: the VM warm before
@@ -341,7 +343,8 @@ fn a_retried_nuke_step_is_idempotent() {
     let env = TestEnv::start_with("nukeretry", EnvOptions::default().fast_reaper());
     env.set_workspace("default", "min_idle: 1\n");
     env.wait_for("1 warm VM", |s| warm(s) == 1);
-    let step = |name: &str| send_nuke_step(&env, name, "retried-nuke-1");
+    let request = developer_nuke(&env);
+    let step = |name: &str| send_nuke_step(&env, name, &request);
     for attempt in 1..=2 {
         let out = step("nuke_pause");
         assert!(
@@ -376,7 +379,7 @@ fn a_pool_left_paused_by_a_terminated_nuke_resumes() {
     env.set_workspace("default", "min_idle: 2\n");
     env.wait_for("2 warm VMs", |s| warm(s) == 2);
     // A nuke's first step, then the nuke is gone (as if terminated from the UI).
-    let out = send_nuke_step(&env, "nuke_pause", "dead-nuke-1");
+    let out = send_nuke_step(&env, "nuke_pause", &developer_nuke(&env));
     assert!(out.status.success(), "pause: {}", stderr(&out));
     assert!(env.status().nuke_in_progress);
 
@@ -390,9 +393,37 @@ fn a_pool_left_paused_by_a_terminated_nuke_resumes() {
     env.wait_settled_and_sound(PATIENCE);
 }
 
+/// A developer's signed request for a nuke of the test's tenant, as `murmur pool flush
+/// --nuke` signs it (with a fresh request id).
+fn developer_nuke(env: &TestEnv) -> murmur_workflows::messages::SignedNuke {
+    use murmur_activities::auth::DeveloperKey;
+    use murmur_workflows::auth::{ops, unsigned_body};
+    use murmur_workflows::nuke_workflow::{NukeInput, nuke_workflow_id};
+
+    let credential = env.credential(&env.tenant, "tester", "murmur-tenant-admin", "1h");
+    let key = DeveloperKey::from_credential(&credential).expect("a developer key");
+    let input = NukeInput {
+        tenant: env.tenant.clone(),
+        actor: Some("tester".into()),
+        ..NukeInput::default()
+    };
+    let body = unsigned_body(&input);
+    let signed = key
+        .sign(ops::NUKE, &nuke_workflow_id(&env.tenant), &body)
+        .expect("sign");
+    murmur_workflows::messages::SignedNuke {
+        body,
+        credential: Some(signed),
+    }
+}
+
 /// Sends the pool a nuke step (`nuke_pause` or `nuke_reset`) the way the nuke workflow's
-/// activity does: signed with the worker's key, for the developer request `request`.
-fn send_nuke_step(env: &TestEnv, name: &str, request: &str) -> std::process::Output {
+/// activity does: signed with the worker's key, acting for the developer's `request`.
+fn send_nuke_step(
+    env: &TestEnv,
+    name: &str,
+    request: &murmur_workflows::messages::SignedNuke,
+) -> std::process::Output {
     use murmur_activities::auth::KeyStore;
     use murmur_workflows::auth::{ops, unsigned_body};
     use murmur_workflows::messages::NukeStep;
@@ -401,7 +432,7 @@ fn send_nuke_step(env: &TestEnv, name: &str, request: &str) -> std::process::Out
     let keys = KeyStore::open(&env.state_dir()).expect("worker keys");
     let mut step = NukeStep {
         actor: Some(format!("nuke/{}", env.tenant)),
-        authorized_request: request.into(),
+        developer: Some(request.clone()),
         ..NukeStep::default()
     };
     step.auth = Some(

@@ -32,27 +32,21 @@ fn pool_ends_under_a_running_agent(name: &str, end: &[&str]) {
     let workspace_before = env.murmur_ok(&["get", "workspace", "default"]);
     let pool_id = format!("pool/{}", env.tenant);
 
-    // The agent's VM must exist until its command has exited.
-    let exited = AtomicBool::new(false);
+    // The agent's VM must exist until the agent has completed. (Its deletion right after
+    // the completion can come before a sample sees the completion: a VM found gone counts
+    // only while the agent has not completed.)
+    let completed = AtomicBool::new(false);
     let vm_dir = env.vm_dir(&vm.0);
-    let run_exit = |dir: &std::path::Path| {
-        std::fs::read_dir(dir.join("runs"))
-            .map(|runs| {
-                runs.filter_map(Result::ok)
-                    .any(|r| r.path().join("exit").exists())
-            })
-            .unwrap_or(false)
-    };
     let ((), violations) = while_checking(
         || {
-            if exited.load(Ordering::Acquire) {
+            if completed.load(Ordering::Acquire) || vm_dir.exists() {
                 return None;
             }
-            if run_exit(&vm_dir) {
-                exited.store(true, Ordering::Release);
+            if env.agent("keep").phase == Some(Phase::Completed) {
+                completed.store(true, Ordering::Release);
                 return None;
             }
-            (!vm_dir.exists()).then(|| format!("{vm}, held by the running agent, is gone"))
+            Some(format!("{vm}, held by the running agent, is gone"))
         },
         || {
             let mut args = vec!["workflow"];
@@ -60,11 +54,18 @@ fn pool_ends_under_a_running_agent(name: &str, end: &[&str]) {
             args.extend_from_slice(&["--workflow-id", &pool_id]);
             let out = env.temporal(&args);
             assert!(out.status.success(), "{}", stderr(&out));
-            // No pool runs now: `murmur get` answers from the record the run left.
+            // No pool runs now: `murmur get` answers from the record the run left, and the
+            // status, still answered from the ended run, says that it ended.
             assert_eq!(
                 env.murmur_ok(&["get", "pool-config", "default"]),
                 config_before
             );
+            assert!(
+                env.status().run_ended.is_some(),
+                "the status of an ended run did not say so"
+            );
+            let text = env.murmur_ok(&["pool", "status"]);
+            assert!(text.starts_with("NOT RUNNING"), "{text}");
             let out = env.murmur(&["pool", "up"]);
             assert!(
                 out.status.success(),

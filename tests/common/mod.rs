@@ -655,6 +655,26 @@ impl TestEnv {
             .join("root")
     }
 
+    /// Copies the worker logs of a failed test out of its directory (which is removed) into
+    /// `<target>/tmp/failed/<tenant>/`, and says where.
+    fn keep_logs(&self) {
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("failed")
+            .join(&self.tenant);
+        if std::fs::create_dir_all(&keep).is_err() {
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let _ = std::fs::copy(&path, keep.join(entry.file_name()));
+                }
+            }
+        }
+        eprintln!("worker logs of this test kept in {}", keep.display());
+    }
+
     pub fn worker_log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -668,6 +688,9 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.kill_worker();
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         let hosts: Vec<String> = self.hosts.iter().map(|(h, _)| h.clone()).collect();
         for host in &hosts {
             self.kill_host(host);

@@ -126,6 +126,11 @@ pub struct PoolStatus {
     /// The hosts this pool places on, with its own usage of each (empty before placement).
     #[serde(default)]
     pub hosts: Vec<PoolHostStatus>,
+    /// Set by the client when the run that answered has ended (`terminated`, `cancelled`,
+    /// ...): the status is that run's last state, and nothing serves the pool until a new
+    /// run starts (`murmur pool up`), which recovers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_ended: Option<String>,
 }
 
 /// Most items of each list in a status (so a status stays small at any pool size).
@@ -279,6 +284,7 @@ impl PoolStatus {
                     })
                     .collect()
             },
+            run_ended: None,
         }
     }
 

@@ -53,15 +53,20 @@ pub(super) async fn service<T: serde::Serialize>(
 
 /// The request a nuke's pause acts for: the pool's own (admitted when the `flush` with
 /// `nuke` arrived), or the developer's signed request to the nuke workflow, verified again
-/// now and admitted once.
+/// now and admitted once. A pause retried by the nuke that holds the pool (its first answer
+/// was lost with its worker) is that nuke's again, not a replay.
 pub(super) async fn nuke(
     ctx: &WorkflowContext<PoolWorkflow>,
     step: &NukeStep,
 ) -> Result<String, ApiError> {
-    let own = !step.authorized_request.is_empty()
-        && ctx.state(|s| s.pool.is_own_nuke(&step.authorized_request));
-    if own {
-        return Ok(step.authorized_request.clone());
+    let request = step
+        .developer
+        .as_ref()
+        .and_then(|d| d.credential.as_ref())
+        .map(|c| c.request_id.clone())
+        .unwrap_or_else(|| step.authorized_request.clone());
+    if !request.is_empty() && ctx.state(|s| s.pool.is_own_nuke(&request)) {
+        return Ok(request);
     }
     let Some(signed) = &step.developer else {
         let now = now_ms(ctx);
