@@ -128,11 +128,11 @@ pub async fn bake(
             Ok(report)
         }
         Err(e) => {
-            // The query answers after the run ended too: it has the reason and the output.
-            let progress = handle
-                .query(BakeWorkflow::progress, (), WorkflowQueryOptions::default())
-                .await
-                .unwrap_or(last);
+            // The failure carries the final progress (the reason and the script's output).
+            let progress = match failure_progress(&e) {
+                Some(progress) => progress,
+                None => last,
+            };
             if !told && progress.cached == Some(false) {
                 event(BakeEvent::Cache(false));
             }
@@ -146,4 +146,17 @@ pub async fn bake(
             })
         }
     }
+}
+
+/// The progress a failed bake carries in its failure's details.
+fn failure_progress(e: &temporalio_client::errors::WorkflowGetResultError) -> Option<BakeProgress> {
+    use temporalio_client::errors::WorkflowGetResultError;
+    use temporalio_common::error::IncomingError;
+    let WorkflowGetResultError::Failed(failure) = e else {
+        return None;
+    };
+    let IncomingError::Application(app) = failure.as_ref() else {
+        return None;
+    };
+    app.details::<BakeProgress>().ok().flatten()
 }

@@ -43,7 +43,7 @@ pub fn on_vm() -> bool {
         || std::path::Path::new("/etc/murmur/vm").exists()
 }
 
-/// Hint printed under an error, per code (PRODUCT.md §5).
+/// Hint printed under an error, per code.
 pub fn hint(code: murmur_workflows::error::Code) -> Option<&'static str> {
     use murmur_workflows::error::Code;
     match code {

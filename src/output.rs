@@ -10,7 +10,7 @@ use murmur_workflows::status::PoolStatus;
 /// First line of a flush.
 pub const FLUSH_START: &str = "Flushing warm VMs...";
 
-/// The flush result line (PRODUCT.md §6).
+/// The flush result line.
 pub fn flush_result(flushed: u32) -> String {
     match flushed {
         0 => "No warm VMs to flush".to_string(),
@@ -22,7 +22,7 @@ pub fn flush_result(flushed: u32) -> String {
 /// First line of a nuke.
 pub const NUKE_START: &str = "Nuking all workflows and VMs...";
 
-/// The nuke result line (PRODUCT.md §6).
+/// The nuke result line.
 pub fn nuke_result(total: u64) -> String {
     format!("Nuke complete ({total} terminated/deleted)")
 }

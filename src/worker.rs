@@ -19,7 +19,9 @@ use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::bake_activities::BakeActivities;
 use murmur_activities::faults::{FaultConfig, FaultyProvider};
-use murmur_activities::host_activities::{HostActivities, RegistryActivities, register_host};
+use murmur_activities::host_activities::{
+    HostActivities, RegistryActivities, leave_registry, register_host,
+};
 use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::provider::Provider;
 use murmur_activities::qemu::{Accel, QemuProvider};
@@ -28,7 +30,7 @@ use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::bake_workflow::BakeWorkflow;
 use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
-use murmur_workflows::hosts::{HostRegistration, host_task_queue};
+use murmur_workflows::hosts::{HostLeave, HostRegistration, host_task_queue};
 use murmur_workflows::nuke_workflow::NukeWorkflow;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use std::sync::atomic::AtomicU64;
@@ -268,15 +270,6 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         shared_worker.shutdown_handle(),
         host_worker.shutdown_handle(),
     );
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        // The lease ends at once: the registry marks this host lost instead of placing work
-        // on a queue nobody will poll.
-        let _ = stopping_tx.send(true);
-        stop_shared();
-        stop_host();
-    });
     let registration = HostRegistration {
         host: config.host.id.clone(),
         instance: format!(
@@ -289,6 +282,35 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         substrate: provider_name.to_string(),
         lease_timeout_ms: config.host.lease_timeout.as_millis() as u64,
     };
+    let leave = HostLeave {
+        host: registration.host.clone(),
+        instance: registration.instance.clone(),
+        reason: format!("host {} is shutting down", registration.host),
+    };
+    let (leave_client, leave_queue) = (client.clone(), config.task_queue.clone());
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        // The registry marks this host lost now instead of placing work on a queue nobody
+        // will poll: the worker says it leaves, and a running lease ends at once.
+        let _ = stopping_tx.send(true);
+        match tokio::time::timeout(
+            LEAVE_WITHIN,
+            leave_registry(&leave_client, &leave_queue, &leave),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not tell the registry this host leaves; it is lost when its lease times out")
+            }
+            Err(_) => tracing::warn!(
+                "the registry did not take this host's leave in time; it is lost when its lease times out"
+            ),
+        }
+        stop_shared();
+        stop_host();
+    });
     let registrar = tokio::spawn(keep_registered(
         client,
         config.task_queue.clone(),
@@ -309,6 +331,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     tracing::info!("worker stopped");
     Ok(())
 }
+
+/// How long a stopping worker waits for the registry to take its leave.
+const LEAVE_WITHIN: Duration = Duration::from_secs(3);
 
 /// How long no lease may have run before the worker registers again (the registry was
 /// recreated, or it marked this host lost while it was cut off).

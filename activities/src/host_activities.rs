@@ -13,7 +13,7 @@ use futures::StreamExt;
 use murmur_workflows::activity_api::LeaseInput;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::host_registry_workflow::{HostRegistryWorkflow, RegistryInput};
-use murmur_workflows::hosts::{HostRegistration, HostView, registry_workflow_id};
+use murmur_workflows::hosts::{HostLeave, HostRegistration, HostView, registry_workflow_id};
 use murmur_workflows::messages::encode_json;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use temporalio_client::errors::WorkflowQueryError;
@@ -176,6 +176,29 @@ pub async fn read_hosts(client: &Client, shared_queue: &str) -> Result<HostView,
         Ok(view) => Ok(view),
         Err(WorkflowQueryError::NotFound(_)) => Ok(HostView::default()),
         Err(e) => Err(query_error(e, "the host registry is not running")),
+    }
+}
+
+/// Tells the registry that this worker's host stops (it is lost at once). A registry that is
+/// not running has nothing to forget.
+pub async fn leave_registry(
+    client: &Client,
+    task_queue: &str,
+    leave: &HostLeave,
+) -> Result<(), ApiError> {
+    let payload = encode_json(leave).map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+    let result = client
+        .get_workflow_handle::<HostRegistryWorkflow>(registry_workflow_id(task_queue))
+        .signal(
+            HostRegistryWorkflow::leave,
+            payload,
+            WorkflowSignalOptions::default(),
+        )
+        .await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(temporalio_client::errors::WorkflowInteractionError::NotFound(_)) => Ok(()),
+        Err(e) => Err(rpc_error(&e.to_string())),
     }
 }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::model::{VmId, is_dns_label};
 
-/// Where an agent is in its life (PRODUCT.md §4).
+/// Where an agent is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// Claiming a warm VM or waiting for one to boot.

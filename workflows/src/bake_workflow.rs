@@ -66,7 +66,13 @@ impl BakeWorkflow {
             Err(e) => {
                 c.state_mut(|s| s.progress.error = Some(e.to_string()));
                 step(&c, "failed");
-                Err(ApplicationFailure::new(e.to_string()).into())
+                // The failure carries the progress (the reason and the script's output), so
+                // the caller has it with the result, not from a query after the run ended.
+                let progress = c.state(|s| s.progress.clone());
+                Err(ApplicationFailure::builder(e.to_string())
+                    .details(progress)
+                    .build()
+                    .into())
             }
         }
     }

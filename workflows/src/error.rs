@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// gRPC-style status codes murmur reports (PRODUCT.md §5).
+/// gRPC-style status codes murmur reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Code {

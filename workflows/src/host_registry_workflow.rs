@@ -30,7 +30,8 @@ use temporalio_sdk::{
 use crate::activity_api::{AnnounceHosts, HostLease, LeaseInput, on_host};
 use crate::error::ApiError;
 use crate::hosts::{
-    DrainRequest, HostInfo, HostRegistration, HostView, LeaseEnd, Registry, RegistryCommand,
+    DrainRequest, HostInfo, HostLeave, HostRegistration, HostView, LeaseEnd, Registry,
+    RegistryCommand,
 };
 use crate::messages::{Lenient, decode_lenient};
 use crate::shell::{
@@ -177,6 +178,30 @@ impl HostRegistryWorkflow {
                 self.rejected_messages += 1;
                 if !ctx.is_replaying() {
                     tracing::warn!(error = %e, "rejected malformed host registration");
+                }
+            }
+        }
+    }
+
+    /// A worker that stops says so: its host is lost at once (any payload is accepted; a
+    /// malformed one is logged and ignored, a leave of an earlier instance changes nothing).
+    #[signal(name = "leave")]
+    pub fn leave(&mut self, ctx: &mut SyncWorkflowContext<Self>, raw: RawValue) {
+        let leave = decode_lenient::<HostLeave>(&raw).and_then(|l| l.validate().map(|()| l));
+        match leave {
+            Ok(leave) => {
+                let now = to_millis(ctx.workflow_time());
+                let cmds = self.registry.leave(&leave, now);
+                if !cmds.is_empty() && !ctx.is_replaying() {
+                    tracing::warn!(host = %leave.host, instance = %leave.instance,
+                        reason = %leave.reason, "host lost: it is leaving");
+                }
+                self.outbox.extend(cmds);
+            }
+            Err(e) => {
+                self.rejected_messages += 1;
+                if !ctx.is_replaying() {
+                    tracing::warn!(error = %e, "rejected malformed host leave");
                 }
             }
         }

@@ -85,6 +85,38 @@ impl HostRegistration {
     }
 }
 
+/// What a worker tells the registry when it stops (the `leave` signal): the host is lost at
+/// once, whether or not a lease of it runs at that moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostLeave {
+    /// The host id.
+    pub host: String,
+    /// The instance that registered (a newer instance of the host is not affected).
+    pub instance: String,
+    /// Why, as the host says it (`host h3 is shutting down`).
+    pub reason: String,
+}
+
+/// Longest reason a `leave` may give.
+const MAX_LEAVE_REASON: usize = 200;
+
+impl HostLeave {
+    /// Checks the fields a worker sends.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_host_id(&self.host)?;
+        if self.instance.is_empty() {
+            return Err(ApiError::invalid_argument("a leave needs an instance"));
+        }
+        if self.reason.is_empty() || self.reason.len() > MAX_LEAVE_REASON {
+            return Err(ApiError::invalid_argument(format!(
+                "a leave needs a reason of at most {MAX_LEAVE_REASON} bytes"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a host can be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -313,15 +345,33 @@ impl Registry {
                 host: host.to_string(),
                 seq,
             }],
-            LeaseEnd::Failed(why) => {
-                info.state = HostState::Lost;
-                info.lost_at = Some(now);
-                info.losses += 1;
-                info.last_loss = Some(why);
-                self.view.version += 1;
-                vec![RegistryCommand::Announce]
-            }
+            LeaseEnd::Failed(why) => self.lose(host, why, now),
         }
+    }
+
+    /// The live instance `leave.instance` of a host stops: the host is lost now (its lease,
+    /// if one runs, ends later and changes nothing). A leave of an earlier instance, or of a
+    /// host that is not live, changes nothing.
+    pub fn leave(&mut self, leave: &HostLeave, now: Millis) -> Vec<RegistryCommand> {
+        match self.view.hosts.get(&leave.host) {
+            Some(info) if info.state == HostState::Live && info.instance == leave.instance => {
+                self.lose(&leave.host, leave.reason.clone(), now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Marks `host` lost for `why` and announces the view.
+    fn lose(&mut self, host: &str, why: String, now: Millis) -> Vec<RegistryCommand> {
+        let Some(info) = self.view.hosts.get_mut(host) else {
+            return Vec::new();
+        };
+        info.state = HostState::Lost;
+        info.lost_at = Some(now);
+        info.losses += 1;
+        info.last_loss = Some(why);
+        self.view.version += 1;
+        vec![RegistryCommand::Announce]
     }
 
     /// The host `host`, or `NOT_FOUND` naming the command that lists hosts.
@@ -416,6 +466,34 @@ mod tests {
         assert!(r.view.hosts["h1"].placeable());
         // The same worker registering again changes nothing.
         assert!(r.register(&reg("h1", "a"), 6).is_empty());
+    }
+
+    #[test]
+    fn a_host_that_leaves_is_lost_at_once_but_not_its_next_instance() {
+        let leave = |instance: &str| HostLeave {
+            host: "h1".into(),
+            instance: instance.into(),
+            reason: "host h1 is shutting down".into(),
+        };
+        let mut r = Registry::new(0);
+        r.register(&reg("h1", "a"), 0);
+        // An earlier instance's leave, arriving late after a restart, changes nothing.
+        r.register(&reg("h1", "b"), 1);
+        assert!(r.leave(&leave("a"), 2).is_empty());
+        assert_eq!(r.view.hosts["h1"].state, HostState::Live);
+        assert_eq!(r.leave(&leave("b"), 3), vec![RegistryCommand::Announce]);
+        assert!(r.view.is_lost("h1"));
+        assert_eq!(
+            r.view.hosts["h1"].last_loss.as_deref(),
+            Some("host h1 is shutting down")
+        );
+        // The lease that still ran ends later: no second loss.
+        assert!(
+            r.lease_ended("h1", 2, LeaseEnd::Failed("heartbeat timeout".into()), 4)
+                .is_empty()
+        );
+        assert_eq!(r.view.hosts["h1"].losses, 1);
+        assert!(leave("").validate().is_err());
     }
 
     #[test]

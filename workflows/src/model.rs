@@ -103,7 +103,7 @@ impl Default for PoolConfigSpec {
 }
 
 impl PoolConfigSpec {
-    /// Checks the rules of PRODUCT.md §2.
+    /// Checks the pool config: a positive `max_vms`, a description within its limits.
     pub fn validate(&self) -> Result<(), ApiError> {
         if self.max_vms == 0 {
             return Err(ApiError::invalid_argument("max_vms must be positive"));

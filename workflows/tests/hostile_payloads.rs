@@ -56,7 +56,6 @@ fn check<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(), TestCaseErr
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
     fn any_json_is_a_lenient_input_with_a_short_error(v in json()) {

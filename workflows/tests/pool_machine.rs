@@ -18,7 +18,7 @@
 //! a VM handed out warm is of the current image and generation; the pool never deletes a VM a
 //! live agent owns; no pre-flush VM is warm. Once the world settles, substrate == inventory.
 //!
-//! `PROPTEST_CASES` sets the number of cases (default 300).
+//! `PROPTEST_CASES` sets the number of cases (proptest's default: 256).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -1037,15 +1037,18 @@ impl World {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+/// The properties below run with proptest's default config, so `PROPTEST_CASES` sets how many
+/// cases they run (a fixed `with_cases` would silently override it).
+#[test]
+fn the_number_of_cases_comes_from_proptest_cases() {
+    let cases = ProptestConfig::default().cases;
+    match std::env::var("PROPTEST_CASES") {
+        Ok(v) => assert_eq!(Ok(cases), v.parse::<u32>(), "PROPTEST_CASES={v}"),
+        Err(_) => assert_eq!(cases, 256),
+    }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn pool_on_one_host_never_loses_or_overbooks_a_vm(steps in prop::collection::vec(step(), 1..120)) {

@@ -192,7 +192,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let workspace = cli.workspace.as_deref();
     if matches!(cli.command, Command::Pool(_) | Command::Host(_)) && murmur::on_vm() {
-        // Decided before any connection is made (PRODUCT.md §5: a plain line, exit 1).
+        // Decided before any connection is made (a plain line, exit 1).
         eprintln!("{}", murmur::ON_VM_MESSAGE);
         return ExitCode::from(murmur::EXIT_FAILURE as u8);
     }

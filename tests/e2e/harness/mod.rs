@@ -1,6 +1,5 @@
 //! Test harness: a real worker process against the real dev server (started by
 //! `./devserver.sh test`), one tenant, task queue and state directory per test.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,6 +10,12 @@ use murmur_activities::provider::{Provider, VmInfo};
 use murmur_activities::qemu::QemuProvider;
 use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::status::PoolStatus;
+
+mod invariants;
+mod server;
+
+pub use invariants::{Allow, while_checking};
+pub use server::PrivateServer;
 
 /// How long a test waits for the pool to reach a state before failing.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -336,17 +341,6 @@ impl TestEnv {
         .unwrap()
     }
 
-    /// The tail of extra host `host`'s log.
-    pub fn host_log_tail(&self, host: &str) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join(format!("{host}.log")))
-            .unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        format!(
-            "--- {host} log (tail) ---\n{}",
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        )
-    }
-
     /// Kills the worker with SIGKILL, as a crash would.
     pub fn kill_worker(&mut self) {
         if let Some(mut child) = self.worker.take() {
@@ -394,77 +388,6 @@ impl TestEnv {
             .process_group(0)
             .spawn()
             .expect("start orphan")
-    }
-
-    /// The product's promises, checked against the real substrate: every VM the substrate
-    /// holds is in the pool's inventory and every warm or assigned VM is in the substrate; no
-    /// VM is held by two agents; never more than `max_vms`. Returns the violations found.
-    pub fn invariant_violations(&self) -> Vec<String> {
-        use murmur_workflows::model::VmState;
-        use std::collections::{BTreeMap, BTreeSet};
-        let st = self.status();
-        let substrate: BTreeSet<String> = self.substrate().into_iter().map(|v| v.id.0).collect();
-        let inventory: BTreeSet<String> = st.vms.iter().map(|v| v.id.0.clone()).collect();
-        let mut violations = Vec::new();
-        for vm in substrate.difference(&inventory) {
-            violations.push(format!("{vm} is in the substrate but not in the pool"));
-        }
-        for v in &st.vms {
-            if matches!(v.state, VmState::Warm | VmState::Assigned) && !substrate.contains(&v.id.0)
-            {
-                violations.push(format!(
-                    "{} is {:?} but not in the substrate",
-                    v.id, v.state
-                ));
-            }
-        }
-        let mut holders: BTreeMap<String, String> = BTreeMap::new();
-        for c in &st.claims {
-            if let Some(vm) = &c.vm
-                && let Some(other) = holders.insert(vm.0.clone(), c.request.clone())
-            {
-                violations.push(format!("{vm} held by {other} and {}", c.request));
-            }
-        }
-        if st.in_use > st.config.max_vms {
-            violations.push(format!(
-                "{} VMs in use, max_vms {}",
-                st.in_use, st.config.max_vms
-            ));
-        }
-        violations
-    }
-
-    /// Waits until nothing boots or is being deleted and the invariants hold (the reaper
-    /// included: a leak must be found and deleted), failing with the violations after
-    /// `patience`.
-    pub fn wait_settled_and_sound(&self, patience: Duration) -> PoolStatus {
-        use murmur_workflows::model::VmState;
-        let deadline = Instant::now() + patience;
-        loop {
-            let st = self.status();
-            let settled = st
-                .vms
-                .iter()
-                .all(|v| matches!(v.state, VmState::Warm | VmState::Assigned));
-            let violations = self.invariant_violations();
-            if settled && violations.is_empty() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "invariants do not hold: {violations:#?}\nstatus: {st:#?}\n{}",
-                self.worker_log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// True while the worker process runs.
-    pub fn worker_running(&mut self) -> bool {
-        self.worker
-            .as_mut()
-            .is_some_and(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false))
     }
 
     /// The whole worker log.
@@ -676,12 +599,7 @@ impl TestEnv {
     }
 
     pub fn worker_log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        format!(
-            "--- worker log (tail) ---\n{}",
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        )
+        log_tail(&self.dir.path().join("worker.log"))
     }
 }
 
@@ -728,6 +646,31 @@ impl Drop for TestEnv {
     }
 }
 
+/// The last 40 lines of the worker log `path`, headed.
+pub fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    format!(
+        "--- worker log (tail) ---\n{}",
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
+}
+
+/// An in-process Temporal client of the server at `address` (the shared dev server when
+/// `None`), for checks that read often.
+pub async fn temporal_client(address: Option<&str>) -> Result<temporalio_client::Client, String> {
+    use temporalio_client::{Client, ClientOptions, Connection, ConnectionOptions};
+    let address = address
+        .map(str::to_string)
+        .or_else(|| std::env::var("TEMPORAL_ADDRESS").ok())
+        .unwrap_or_else(|| "localhost:7233".to_string());
+    let target = url::Url::parse(&format!("http://{address}")).map_err(|e| e.to_string())?;
+    let connection = Connection::connect(ConnectionOptions::new(target).build())
+        .await
+        .map_err(|e| e.to_string())?;
+    Client::new(connection, ClientOptions::new("default").build()).map_err(|e| e.to_string())
+}
+
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -760,146 +703,6 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A Temporal dev server of this test's own, so restarting it disturbs no other test.
-pub struct PrivateServer {
-    dir: PathBuf,
-    port: u16,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl PrivateServer {
-    /// Starts a dev server with its database in `dir`; `extra` are more `start-dev` flags.
-    pub fn start(dir: PathBuf, extra: &[&str]) -> Self {
-        let port = free_port();
-        let mut s = Self {
-            dir,
-            port,
-            extra: extra.iter().map(|e| e.to_string()).collect(),
-            child: None,
-        };
-        s.launch();
-        s
-    }
-
-    /// Where it listens.
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// (Re)starts the server process on the same port and database.
-    pub fn launch(&mut self) {
-        let cli = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/temporal");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .unwrap();
-        let child = Command::new(&cli)
-            .args(["server", "start-dev", "--ip", "127.0.0.1", "--headless"])
-            .args(["--port", &self.port.to_string()])
-            .args([
-                "--db-filename",
-                &self.dir.join("t.db").display().to_string(),
-            ])
-            .args(["--log-level", "error"])
-            .args(["--search-attribute", "MurmurTenant=Keyword"])
-            .args(["--search-attribute", "MurmurWorkspace=Keyword"])
-            .args(["--search-attribute", "MurmurKind=Keyword"])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start a private dev server");
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let out = Command::new(&cli)
-                .args([
-                    "operator",
-                    "cluster",
-                    "health",
-                    "--address",
-                    &self.address(),
-                ])
-                .output()
-                .expect("temporal operator cluster health");
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private dev server never came up"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Stops the server (SIGTERM) and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// Runs `scenario` while `check` runs every 100 ms on another thread, and returns what the
-/// scenario returned with every violation `check` reported meanwhile (an invariant must hold
-/// while things happen, not only once they settle).
-pub fn while_checking<T>(
-    check: impl Fn() -> Option<String> + Sync,
-    scenario: impl FnOnce() -> T,
-) -> (T, Vec<String>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    /// Stops the watcher when the scenario ends, also when it panics (the scope would wait
-    /// for the watcher forever otherwise).
-    struct Stop<'a>(&'a AtomicBool);
-    impl Drop for Stop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let watcher = s.spawn(|| {
-            let mut violations = Vec::new();
-            while !done.load(Ordering::Acquire) {
-                if let Some(v) = check()
-                    && violations.len() < 20
-                {
-                    violations.push(v);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            violations
-        });
-        let out = {
-            let _stop = Stop(&done);
-            scenario()
-        };
-        let violations = watcher.join().expect("the watcher thread panicked");
-        (out, violations)
-    })
 }
 
 impl TestEnv {

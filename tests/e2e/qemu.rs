@@ -1,12 +1,10 @@
 //! The `qemu` substrate end to end: real dev server, real worker, real qemu guests.
 //! Skipped (with the reason printed) only when `qemu-system-x86_64` is not installed.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, ids_in, stderr, stdout, warm};
+use crate::harness::{TestEnv, ids_in, stderr, stdout, warm};
 use murmur_activities::qemu::{QemuProvider, find_qemu};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
@@ -63,9 +61,9 @@ fn substrate_ids(env: &TestEnv) -> BTreeSet<String> {
     env.substrate().into_iter().map(|v| v.id.0).collect()
 }
 
-/// Waits until `pred` holds, failing after [`common::PATIENCE`].
+/// Waits until `pred` holds, failing after [`crate::harness::PATIENCE`].
 fn eventually(env: &TestEnv, what: &str, pred: impl Fn() -> bool) {
-    let deadline = Instant::now() + common::PATIENCE;
+    let deadline = Instant::now() + crate::harness::PATIENCE;
     while !pred() {
         assert!(
             Instant::now() < deadline,

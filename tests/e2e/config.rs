@@ -1,8 +1,6 @@
 //! `murmur get | set | patch` and the error contract, against a real pool workflow.
 
-mod common;
-
-use common::{TestEnv, stderr, stdout};
+use crate::harness::{TestEnv, stderr, stdout};
 
 #[test]
 fn invalid_config_is_rejected_with_the_exact_error_and_changes_nothing() {

@@ -2,15 +2,11 @@
 //! while agents run, kill, and the nuke (also across a worker crash). Real worker, real dev
 //! server, real sandboxes.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, TestEnv, ids_in, stderr, stdout, warm};
+use crate::harness::{Allow, PATIENCE, TestEnv, ids_in, stderr, stdout, warm};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
 
@@ -102,71 +98,53 @@ fn twenty_concurrent_spawns_share_ten_vms() {
     env.set_workspace("default", "min_idle: 5\n");
     env.wait_for("5 warm VMs", |s| warm(s) == 5);
 
-    // Watch the substrate the whole time: never more than max_vms sandboxes.
-    let stop = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicUsize::new(0));
-    let watcher = {
-        let (stop, most) = (stop.clone(), most.clone());
-        let dir = env.state_dir().join("vms").join(&env.tenant);
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let n = std::fs::read_dir(&dir).map_or(0, |d| d.count());
-                most.fetch_max(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
-
-    let slugs: Vec<String> = (0..20).map(|i| format!("task-{i}")).collect();
-    let spawns: Vec<_> = slugs
-        .iter()
-        .map(|slug| {
-            env.murmur_cmd(&["spawn", slug, "--", "sleep 0.3; echo ok"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start murmur spawn")
-        })
-        .collect();
-    for child in spawns {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
-
-    let deadline = Instant::now() + PATIENCE;
-    let mut vms = BTreeSet::new();
-    for slug in &slugs {
-        loop {
-            let st = env.agent(slug);
-            if st.phase == Some(Phase::Completed) {
-                assert_eq!(st.output_tail.as_deref(), Some("ok\n"));
-                assert!(vms.insert(st.vm.unwrap().0), "a VM served two agents");
-                break;
-            }
-            assert!(st.phase != Some(Phase::Failed), "{slug} failed: {st:#?}");
-            assert!(Instant::now() < deadline, "{slug} never completed: {st:#?}");
-            std::thread::sleep(Duration::from_millis(100));
+    // The invariants (never over max_vms in the substrate, no VM held twice, nothing the
+    // pool does not know) are checked the whole time.
+    env.sound_while(Allow::default(), |_| {
+        let slugs: Vec<String> = (0..20).map(|i| format!("task-{i}")).collect();
+        let spawns: Vec<_> = slugs
+            .iter()
+            .map(|slug| {
+                env.murmur_cmd(&["spawn", slug, "--", "sleep 0.3; echo ok"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start murmur spawn")
+            })
+            .collect();
+        for child in spawns {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
         }
-    }
-    assert_eq!(vms.len(), 20);
 
-    // Nothing left behind: no claim, no assigned VM, the substrate is exactly the warm pool.
-    let settled = env.wait_for("the pool to settle", |s| {
-        s.claims.is_empty() && s.vms.iter().all(|v| v.state == VmState::Warm) && warm(s) == 5
+        let deadline = Instant::now() + PATIENCE;
+        let mut vms = BTreeSet::new();
+        for slug in &slugs {
+            loop {
+                let st = env.agent(slug);
+                if st.phase == Some(Phase::Completed) {
+                    assert_eq!(st.output_tail.as_deref(), Some("ok\n"));
+                    assert!(vms.insert(st.vm.unwrap().0), "a VM served two agents");
+                    break;
+                }
+                assert!(st.phase != Some(Phase::Failed), "{slug} failed: {st:#?}");
+                assert!(Instant::now() < deadline, "{slug} never completed: {st:#?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        assert_eq!(vms.len(), 20);
+
+        // Nothing left behind: no claim, no assigned VM, the substrate is exactly the warm pool.
+        let settled = env.wait_for("the pool to settle", |s| {
+            s.claims.is_empty() && s.vms.iter().all(|v| v.state == VmState::Warm) && warm(s) == 5
+        });
+        let inventory: BTreeSet<String> = settled.vms.iter().map(|v| v.id.0.clone()).collect();
+        assert_eq!(substrate_ids(&env), inventory);
+        assert!(
+            inventory.is_disjoint(&vms),
+            "a used VM went back to the pool"
+        );
     });
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
-    let max_seen = most.load(Ordering::Relaxed);
-    assert!(
-        max_seen <= 10,
-        "{max_seen} sandboxes at once, max_vms is 10"
-    );
-    let inventory: BTreeSet<String> = settled.vms.iter().map(|v| v.id.0.clone()).collect();
-    assert_eq!(substrate_ids(&env), inventory);
-    assert!(
-        inventory.is_disjoint(&vms),
-        "a used VM went back to the pool"
-    );
 }
 
 #[test]
@@ -537,38 +515,40 @@ fn agents_queued_at_max_vms_leave_the_pool_responsive_and_are_told_when_served()
     let env = TestEnv::start("queue");
     env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=2"]);
     env.set_workspace("default", "min_idle: 0\n");
-    let slugs: Vec<String> = (0..12).map(|i| format!("q{i}")).collect();
-    for slug in &slugs {
-        env.spawn(slug, UNTIL_GO);
-    }
-    let st = env.wait_for("2 agents on VMs, 10 queued", |s| {
-        s.claims.len() == 12 && s.claims.iter().filter(|c| c.vm.is_none()).count() == 10
-    });
-    // Ten queued agents hold no update open: the pool still answers writes at once.
-    let out = env.murmur(&["pool", "flush"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    env.murmur_ok(&["patch", "workspace", "default", "--set", "description=busy"]);
-    let queued = env.agent(&slugs[11]);
-    assert_eq!(queued.phase, Some(Phase::Starting));
-    assert!(queued.queue_position.is_some(), "{queued:?}");
-
-    // The two running agents finish; the next two in line are told and start.
-    let running: Vec<String> = st
-        .claims
-        .iter()
-        .filter_map(|c| c.vm.as_ref().map(|vm| vm.0.clone()))
-        .collect();
-    for vm in &running {
-        // Their VMs may still be booting: wait until the command runs there.
-        let root = env.vm_root(vm);
-        let deadline = Instant::now() + PATIENCE;
-        while !root.exists() {
-            assert!(Instant::now() < deadline, "VM {vm} never came up");
-            std::thread::sleep(Duration::from_millis(20));
+    env.sound_while(Allow::default(), |_| {
+        let slugs: Vec<String> = (0..12).map(|i| format!("q{i}")).collect();
+        for slug in &slugs {
+            env.spawn(slug, UNTIL_GO);
         }
-        release(&env, vm);
-    }
-    env.wait_for("the next two agents on VMs", |s| {
-        s.claims.len() == 10 && s.claims.iter().filter(|c| c.vm.is_some()).count() == 2
+        let st = env.wait_for("2 agents on VMs, 10 queued", |s| {
+            s.claims.len() == 12 && s.claims.iter().filter(|c| c.vm.is_none()).count() == 10
+        });
+        // Ten queued agents hold no update open: the pool still answers writes at once.
+        let out = env.murmur(&["pool", "flush"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        env.murmur_ok(&["patch", "workspace", "default", "--set", "description=busy"]);
+        let queued = env.agent(&slugs[11]);
+        assert_eq!(queued.phase, Some(Phase::Starting));
+        assert!(queued.queue_position.is_some(), "{queued:?}");
+
+        // The two running agents finish; the next two in line are told and start.
+        let running: Vec<String> = st
+            .claims
+            .iter()
+            .filter_map(|c| c.vm.as_ref().map(|vm| vm.0.clone()))
+            .collect();
+        for vm in &running {
+            // Their VMs may still be booting: wait until the command runs there.
+            let root = env.vm_root(vm);
+            let deadline = Instant::now() + PATIENCE;
+            while !root.exists() {
+                assert!(Instant::now() < deadline, "VM {vm} never came up");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            release(&env, vm);
+        }
+        env.wait_for("the next two agents on VMs", |s| {
+            s.claims.len() == 10 && s.claims.iter().filter(|c| c.vm.is_some()).count() == 2
+        });
     });
 }

@@ -2,12 +2,12 @@
 //! flush), that cannot delete a VM, or that does not answer loses no VM, no agent and no
 //! config, and says what is going on; a nuke copied out of history changes nothing.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{EnvOptions, PATIENCE, TestEnv, ids_in, stderr, stdout, warm, while_checking};
+use crate::harness::{
+    Allow, EnvOptions, PATIENCE, TestEnv, ids_in, stderr, stdout, warm, while_checking,
+};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
 
@@ -32,69 +32,77 @@ fn pool_ends_under_a_running_agent(name: &str, end: &[&str]) {
     let workspace_before = env.murmur_ok(&["get", "workspace", "default"]);
     let pool_id = format!("pool/{}", env.tenant);
 
-    // The agent's VM must exist until the agent has completed. (Its deletion right after
-    // the completion can come before a sample sees the completion: a VM found gone counts
-    // only while the agent has not completed.)
+    // The agent's VM must exist until its command has exited and the agent lets it go
+    // (task complete, destroying, completed). A sample can find the VM deleted before it sees
+    // that, so a VM found gone counts only while the agent is not that far.
     let completed = AtomicBool::new(false);
     let vm_dir = env.vm_dir(&vm.0);
-    let ((), violations) = while_checking(
-        || {
-            if completed.load(Ordering::Acquire) || vm_dir.exists() {
-                return None;
-            }
-            if env.agent("keep").phase == Some(Phase::Completed) {
-                completed.store(true, Ordering::Release);
-                return None;
-            }
-            Some(format!("{vm}, held by the running agent, is gone"))
-        },
-        || {
-            let mut args = vec!["workflow"];
-            args.extend_from_slice(end);
-            args.extend_from_slice(&["--workflow-id", &pool_id]);
-            let out = env.temporal(&args);
-            assert!(out.status.success(), "{}", stderr(&out));
-            // No pool runs now: `murmur get` answers from the record the run left, and the
-            // status, still answered from the ended run, says that it ended.
-            assert_eq!(
-                env.murmur_ok(&["get", "pool-config", "default"]),
-                config_before
-            );
-            assert!(
-                env.status().run_ended.is_some(),
-                "the status of an ended run did not say so"
-            );
-            let text = env.murmur_ok(&["pool", "status"]);
-            assert!(text.starts_with("NOT RUNNING"), "{text}");
-            let out = env.murmur(&["pool", "up"]);
-            assert!(
-                out.status.success(),
-                "pool up: {}\n{}",
-                stderr(&out),
-                env.worker_log_tail()
-            );
-            let st = env.status();
-            assert!(
-                st.recovery.is_none(),
-                "pool up answered before the recovery ended"
-            );
-            let claim = st
-                .claims
-                .iter()
-                .find(|c| c.agent.ends_with("/keep"))
-                .expect("the agent's claim was rebuilt");
-            assert_eq!(claim.vm.as_ref(), Some(&vm), "the agent's VM changed");
-            let mut warm_after = ids_in(&st, VmState::Warm);
-            warm_after.sort();
-            assert_eq!(warm_after, warm_before, "the warm VMs were not adopted");
-            let done = env.wait_phase("keep", Phase::Completed);
-            assert_eq!(done.vm.as_ref(), Some(&vm));
-            assert!(
-                done.output_tail.unwrap_or_default().contains("still-here"),
-                "the agent did not finish its command"
-            );
-        },
-    );
+    let ((), violations) = env.sound_while(Allow::default(), |_| {
+        while_checking(
+            || {
+                if completed.load(Ordering::Acquire) || vm_dir.exists() {
+                    return None;
+                }
+                if matches!(
+                    env.agent("keep").phase,
+                    Some(Phase::TaskComplete | Phase::Destroying | Phase::Completed)
+                ) {
+                    completed.store(true, Ordering::Release);
+                    return None;
+                }
+                Some(format!("{vm}, held by the running agent, is gone"))
+            },
+            || {
+                let mut args = vec!["workflow"];
+                args.extend_from_slice(end);
+                args.extend_from_slice(&["--workflow-id", &pool_id]);
+                let out = env.temporal(&args);
+                assert!(out.status.success(), "{}", stderr(&out));
+                // No pool runs now: `murmur get` answers from the record the run left, and the
+                // status, still answered from the ended run, says that it ended.
+                assert_eq!(
+                    env.murmur_ok(&["get", "pool-config", "default"]),
+                    config_before
+                );
+                assert!(
+                    env.status().run_ended.is_some(),
+                    "the status of an ended run did not say so"
+                );
+                let text = env.murmur_ok(&["pool", "status"]);
+                assert!(text.starts_with("NOT RUNNING"), "{text}");
+                let out = env.murmur(&["pool", "up"]);
+                assert!(
+                    out.status.success(),
+                    "pool up: {}\n{}",
+                    stderr(&out),
+                    env.worker_log_tail()
+                );
+                let st = env.status();
+                assert!(
+                    st.recovery.is_none(),
+                    "pool up answered before the recovery ended"
+                );
+                let claim = st
+                    .claims
+                    .iter()
+                    .find(|c| c.agent.ends_with("/keep"))
+                    .expect("the agent's claim was rebuilt");
+                assert_eq!(claim.vm.as_ref(), Some(&vm), "the agent's VM changed");
+                // Adopted warm VMs pass their readiness handshake again before they are warm; no
+                // other VM may have been booted in their place.
+                let st = env.wait_for("2 warm VMs again", |s| warm(s) == 2);
+                let mut warm_after = ids_in(&st, VmState::Warm);
+                warm_after.sort();
+                assert_eq!(warm_after, warm_before, "the warm VMs were not adopted");
+                let done = env.wait_phase("keep", Phase::Completed);
+                assert_eq!(done.vm.as_ref(), Some(&vm));
+                assert!(
+                    done.output_tail.unwrap_or_default().contains("still-here"),
+                    "the agent did not finish its command"
+                );
+            },
+        )
+    });
     assert!(violations.is_empty(), "{violations:#?}");
     assert_eq!(
         env.murmur_ok(&["get", "pool-config", "default"]),
@@ -139,37 +147,46 @@ fn a_pool_terminated_in_the_middle_of_a_flush_finishes_it_after_recovery() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("murmur pool flush");
-    env.wait_for("the flush under way", |s| s.flush_in_progress);
-    let out = env.temporal(&[
-        "workflow",
-        "terminate",
-        "--workflow-id",
-        &format!("pool/{}", env.tenant),
-        "--reason",
-        "test",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let flushed = flush.wait_with_output().expect("the flush ends");
-    assert!(
-        !flushed.status.success() && !stderr(&flushed).is_empty(),
-        "the interrupted flush must fail with a reason: {}",
-        stdout(&flushed)
-    );
-    env.murmur_ok(&["pool", "up"]);
-    let st = env.wait_for("3 fresh warm VMs", |s| {
-        warm(s) == 3 && s.vms.iter().all(|v| v.state == VmState::Warm)
-    });
-    assert_eq!(
-        st.generation,
-        generation + 1,
-        "the flush's generation was lost"
-    );
-    for vm in &before {
+    // A boot the ended run had in flight still creates its VM after the new run has listed
+    // the hosts: an orphan until the reaper deletes it (checked at the end), so orphans are
+    // allowed while this runs; nothing may be lost or held twice.
+    let allow = Allow {
+        orphans: true,
+        ..Allow::default()
+    };
+    env.sound_while(allow, |_| {
+        env.wait_for("the flush under way", |s| s.flush_in_progress);
+        let out = env.temporal(&[
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            &format!("pool/{}", env.tenant),
+            "--reason",
+            "test",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let flushed = flush.wait_with_output().expect("the flush ends");
         assert!(
-            !st.vms.iter().any(|v| &v.id.0 == vm),
-            "{vm}, flushed, is still in the pool"
+            !flushed.status.success() && !stderr(&flushed).is_empty(),
+            "the interrupted flush must fail with a reason: {}",
+            stdout(&flushed)
         );
-    }
+        env.murmur_ok(&["pool", "up"]);
+        let st = env.wait_for("3 fresh warm VMs", |s| {
+            warm(s) == 3 && s.vms.iter().all(|v| v.state == VmState::Warm)
+        });
+        assert_eq!(
+            st.generation,
+            generation + 1,
+            "the flush's generation was lost"
+        );
+        for vm in &before {
+            assert!(
+                !st.vms.iter().any(|v| &v.id.0 == vm),
+                "{vm}, flushed, is still in the pool"
+            );
+        }
+    });
     env.wait_settled_and_sound(PATIENCE);
 }
 

@@ -3,11 +3,9 @@
 //! murmur are given back, and stranded agent workflows are handled per
 //! `reap_stranded_workflows`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{EnvOptions, PATIENCE, TestEnv, ids_in, stdout, warm};
+use crate::harness::{EnvOptions, PATIENCE, TestEnv, ids_in, stdout, warm};
 use murmur_activities::process::ProcessProvider;
 use murmur_workflows::model::VmState;
 
@@ -82,7 +80,7 @@ fn the_vm_of_an_agent_terminated_from_outside_is_given_back() {
         "--reason",
         "operator pressed the big red button",
     ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
 
     env.wait_for("the agent's claim released by the reaper", |s| {
         s.claims.is_empty() && s.reaper.agent_claims_released == 1
@@ -175,7 +173,7 @@ fn start_stranded_agent(env: &TestEnv) -> String {
         "--search-attribute",
         "MurmurKind=\"agent\"",
     ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     id
 }
 

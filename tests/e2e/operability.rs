@@ -1,9 +1,7 @@
 //! What an operator sees: the worker's metrics and health endpoint against the pool's own
 //! status, the `--json` schemas, version and completions.
 
-mod common;
-
-use common::{TestEnv, stderr, warm};
+use crate::harness::{TestEnv, stderr, warm};
 use murmur_workflows::agent::Phase;
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition.
@@ -19,7 +17,7 @@ fn metrics_match_the_pool_status_and_health_says_polling() {
     let mut env = TestEnv::start("metrics");
     env.enable_metrics();
     // The endpoint comes up before the worker polls; health turns 200 once it does.
-    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
     let body = loop {
         let (status, body) = env.http_get("/healthz");
         if status == "HTTP/1.1 200 OK" {

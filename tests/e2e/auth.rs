@@ -2,10 +2,8 @@
 //! tokens through the murmur CLI and the `temporal` CLI, replays of requests copied out of a
 //! workflow history, key rotation, and secrets kept out of the worker's log.
 
-mod common;
-
+use crate::harness::{TestEnv, ids_in, stderr, stdout, warm};
 use base64::Engine as _;
-use common::{TestEnv, ids_in, stderr, stdout, warm};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
 

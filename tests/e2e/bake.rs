@@ -2,9 +2,7 @@
 //! content-addressed ids, the cache, failures and timeouts, permissions, and bake → pin →
 //! flush → fresh VMs from the new image.
 
-mod common;
-
-use common::{TestEnv, stderr, stdout, warm};
+use crate::harness::{TestEnv, stderr, stdout, warm};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::bake::Recipe;
 
@@ -184,7 +182,10 @@ fn bad_recipes_and_missing_permissions_are_refused() {
 /// and still reaps a scratch VM whose bake is gone.
 #[test]
 fn a_running_bake_keeps_its_scratch_vm_under_a_fast_reaper() {
-    let env = TestEnv::start_with("bakereap", common::EnvOptions::default().fast_reaper());
+    let env = TestEnv::start_with(
+        "bakereap",
+        crate::harness::EnvOptions::default().fast_reaper(),
+    );
     env.set_workspace("default", "min_idle: 0\n");
     // Provisioning outlasts the reaper's grace period (2 s) several times over.
     let yaml = "base: default\nscript: |\n  sleep 6\n  echo slow > slow.txt\n";
@@ -219,5 +220,5 @@ fn a_running_bake_keeps_its_scratch_vm_under_a_fast_reaper() {
     env.wait_for("the stale scratch VM reaped", |s| {
         s.reaper.orphans_deleted >= 1
     });
-    env.wait_settled_and_sound(common::PATIENCE);
+    env.wait_settled_and_sound(crate::harness::PATIENCE);
 }

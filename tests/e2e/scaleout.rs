@@ -4,12 +4,10 @@
 //! agent there fails with the reason); restarted, its leftovers are reaped; a drain moves
 //! warm VMs off a host while its agent keeps running; flush and nuke reach every host.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{EnvOptions, PATIENCE, TestEnv, stdout, warm};
+use crate::harness::{EnvOptions, PATIENCE, TestEnv, stdout, warm};
 use murmur::hosts::HostRow;
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
@@ -131,7 +129,7 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
 
     // An agent holds one VM; the host it runs on is the one that dies.
     let out = env.murmur(&["spawn", "--on-idle", "keep-alive", "holder", "--", "true"]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     let agent = env.wait_phase("holder", Phase::Idle);
     let vm = agent.vm.expect("agent VM").0;
     let st = env.status();
@@ -192,9 +190,10 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
     let out = env.murmur(&["host", "forget", live]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        common::stderr(&out).starts_with(&format!("FAILED_PRECONDITION: host {live} is live")),
+        crate::harness::stderr(&out)
+            .starts_with(&format!("FAILED_PRECONDITION: host {live} is live")),
         "{}",
-        common::stderr(&out)
+        crate::harness::stderr(&out)
     );
     env.murmur_ok(&["host", "forget", &victim]);
     let rows = hosts(&env);
@@ -227,7 +226,7 @@ fn vms_spread_a_lost_host_is_replaced_elsewhere_and_its_leftovers_reaped_on_retu
     let st = wait_sound(&env, &HOSTS, "after the host came back");
     assert!(st.reaper.orphans_deleted >= victim_vms.len() as u64 - 1);
     assert_eq!(warm(&st), 6);
-    // Figures for the record (not goals): reported by `cargo test --test scaleout -- --nocapture`.
+    // Figures for the record (not goals): reported by `cargo test --test e2e scaleout:: -- --nocapture`.
     eprintln!(
         "host {victim} killed with {} VMs: lost after {lost_after:?}, agent failed after \
          {agent_failed_after:?}, warm pool whole again after {replaced_after:?}; restarted: \
@@ -253,9 +252,10 @@ fn a_full_host_refuses_boots_beyond_its_capacity_counting_every_tenant() {
         .collect();
     let host_total = || {
         let others = murmur_activities::process::ProcessProvider::inspector(env.state_dir());
-        let theirs = common::block_on(murmur_activities::provider::Provider::list(&others, &other))
-            .unwrap()
-            .len();
+        let theirs =
+            crate::harness::block_on(murmur_activities::provider::Provider::list(&others, &other))
+                .unwrap()
+                .len();
         theirs + env.substrate().len()
     };
     env.set_workspace("default", "min_idle: 3\n");
@@ -308,7 +308,7 @@ fn drain_moves_warm_vms_off_a_host_and_flush_and_nuke_reach_every_host() {
     wait_sound(&env, &HOSTS, "after backfill");
 
     let out = env.murmur(&["spawn", "--on-idle", "keep-alive", "stays", "--", "true"]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     let vm = env.wait_phase("stays", Phase::Idle).vm.expect("agent VM").0;
     let drained = env
         .status()
@@ -379,7 +379,7 @@ fn drain_moves_warm_vms_off_a_host_and_flush_and_nuke_reach_every_host() {
     let st = wait_sound(&env, &HOSTS, "before the nuke");
     let everything: BTreeSet<String> = st.vms.iter().map(|v| v.id.0.clone()).collect();
     let out = env.murmur(&["pool", "flush", "--nuke"]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     assert!(
         stdout(&out).contains("Nuke complete (7 terminated/deleted)"),
         "{}",

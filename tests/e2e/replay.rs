@@ -12,14 +12,12 @@
 //! "Upgrading"); a pool run of an earlier build is ended and its successor recovers.
 //!
 //! Re-record (after a deliberate, versioned change) with:
-//! `MURMUR_RECORD_HISTORIES=1 ./devserver.sh test -- --test replay -- --ignored record`
+//! `MURMUR_RECORD_HISTORIES=1 ./devserver.sh test -- --test e2e replay:: -- --ignored record`
 //! (the recorder starts a private dev server and a worker that rolls over early).
-
-mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{EnvOptions, PATIENCE, PrivateServer, TestEnv, block_on, warm};
+use crate::harness::{EnvOptions, PATIENCE, PrivateServer, TestEnv, block_on, warm};
 use murmur_workflows::agent::Phase;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::host_registry_workflow::HostRegistryWorkflow;
@@ -219,7 +217,7 @@ fn record() {
         "--reason",
         "golden",
     ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     env.murmur_ok(&["pool", "up"]);
     env.wait_for("the pool recovered", |s| {
         s.recovery.is_none() && warm(s) == 2 && s.claims_total == 1
@@ -245,7 +243,7 @@ fn record() {
         "--input",
         signed.trim(),
     ]);
-    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     env.start_worker();
     env.wait_for("the signalled flush applied", |s| {
         s.generation > generation && warm(s) == 2
@@ -309,7 +307,7 @@ fn runs(env: &TestEnv, id: &str) -> Vec<String> {
         "-o",
         "json",
     ]);
-    let text = common::stdout(&out);
+    let text = crate::harness::stdout(&out);
     let mut runs: Vec<(String, String)> = serde_json::from_str::<Vec<serde_json::Value>>(&text)
         .unwrap_or_default()
         .into_iter()

@@ -4,9 +4,7 @@
 //! keep serving (no workflow task ever fails) and nothing changes. The `murmur` CLI gets bad
 //! flags and bad YAML: a clear error, a non-zero exit code, no panic, nothing changed.
 
-mod common;
-
-use common::{PATIENCE, TestEnv, stderr, stdout, warm};
+use crate::harness::{PATIENCE, TestEnv, stderr, stdout, warm};
 use murmur_workflows::agent::Phase;
 
 /// Payloads that no handler accepts as a valid request (or accepts as a harmless no-op).
@@ -43,14 +41,102 @@ fn payloads(dir: &std::path::Path) -> Vec<(String, Vec<String>)> {
 }
 
 /// No workflow task of `workflow` has failed: a bad message was refused, not choked on.
-fn assert_no_task_failed(env: &TestEnv, workflow: &str) {
-    let out = env.temporal(&["workflow", "show", "--workflow-id", workflow, "-o", "json"]);
+/// Every failed workflow task of every run of `workflow` (`run <id>: event <n>: <cause>`).
+fn failed_tasks(env: &TestEnv, workflow: &str) -> Vec<String> {
+    let out = env.temporal(&[
+        "workflow",
+        "list",
+        "--query",
+        &format!("WorkflowId = '{workflow}'"),
+        "-o",
+        "json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let history = stdout(&out);
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&stdout(&out)).expect("runs JSON");
+    let mut run_ids: std::collections::BTreeSet<String> = runs
+        .iter()
+        .filter_map(|r| r["execution"]["runId"].as_str().map(str::to_string))
+        .collect();
+    // The latest run, also if visibility does not list it yet.
+    let out = env.temporal(&[
+        "workflow",
+        "describe",
+        "--workflow-id",
+        workflow,
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let latest: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("describe JSON");
+    if let Some(id) = latest["workflowExecutionInfo"]["execution"]["runId"].as_str() {
+        run_ids.insert(id.to_string());
+    }
+    assert!(!run_ids.is_empty(), "no run of {workflow}");
+    let mut failed = Vec::new();
+    for run_id in &run_ids {
+        let out = env.temporal(&[
+            "workflow",
+            "show",
+            "--workflow-id",
+            workflow,
+            "--run-id",
+            run_id.as_str(),
+            "-o",
+            "json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let history: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("history JSON");
+        for event in history["events"].as_array().into_iter().flatten() {
+            if event["eventType"] == "EVENT_TYPE_WORKFLOW_TASK_FAILED" {
+                failed.push(format!(
+                    "run {run_id}: event {}: {}",
+                    event["eventId"], event["workflowTaskFailedEventAttributes"]["cause"]
+                ));
+            }
+        }
+    }
+    failed
+}
+
+/// No workflow task of any run of `workflow` failed.
+fn assert_no_task_failed(env: &TestEnv, workflow: &str) {
+    let failed = failed_tasks(env, workflow);
     assert!(
-        !history.contains("EVENT_TYPE_WORKFLOW_TASK_FAILED"),
-        "a workflow task of {workflow} failed on hostile input"
+        failed.is_empty(),
+        "workflow tasks of {workflow} failed on hostile input: {failed:#?}"
     );
+}
+
+/// The detector sees a real failed workflow task: one of a workflow type no worker knows.
+fn assert_the_detector_sees_a_failed_task(env: &TestEnv) {
+    let id = format!("stranded/{}", env.tenant);
+    let out = env.temporal(&[
+        "workflow",
+        "start",
+        "--type",
+        "NoSuchWorkflow",
+        "--task-queue",
+        &env.task_queue,
+        "--workflow-id",
+        &id,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while failed_tasks(env, &id).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed task of {id} was never seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = env.temporal(&[
+        "workflow",
+        "terminate",
+        "--workflow-id",
+        &id,
+        "--reason",
+        "test",
+    ]);
 }
 
 #[test]
@@ -98,6 +184,7 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     handlers.push((Door::Query, &agent_id, "status", false));
     // The host registry: registrations are checked, drains of unknown hosts refused.
     handlers.push((Door::Signal, &registry, "register", false));
+    handlers.push((Door::Signal, &registry, "leave", false));
     handlers.push((Door::Update, &registry, "drain", true));
     handlers.push((Door::Query, &registry, "hosts", false));
     for (what, input) in &cases {
@@ -138,6 +225,7 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     let still = env.agent("target");
     assert_eq!(still.phase, Some(Phase::Running));
     assert_eq!(still.vm, agent.vm);
+    assert_the_detector_sees_a_failed_task(&env);
     assert_no_task_failed(&env, &pool);
     assert_no_task_failed(&env, &agent.workflow);
     assert_no_task_failed(&env, &registry);

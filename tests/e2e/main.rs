@@ -1,0 +1,43 @@
+//! murmur's end-to-end tests: one test binary (linking the worker once), one module per
+//! feature. Every test starts real `murmur-worker` processes against the Temporal dev server
+//! that `./devserver.sh test` starts (each test with its own tenant, task queue and state
+//! directory), drives them with the real `murmur` and `temporal` CLIs, and checks what the
+//! substrates really hold.
+//!
+//! Run one feature with `cargo test --test e2e <module>::`, e.g.
+//! `cargo test --test e2e recovery::`.
+//!
+//! | module | what it covers |
+//! |---|---|
+//! | [`flush`] | flush output, generations, concurrent flushes |
+//! | [`config`] | get / set / patch of pool config and workspaces |
+//! | [`agents`] | spawn, claims, warm hand-out, keep-alive, queueing at `max_vms` |
+//! | [`auth`] | credentials, roles, signed requests, denials |
+//! | [`operability`] | status, metrics, health, logs, progress |
+//! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
+//! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
+//! | [`chaos`] | worker kill -9, server restarts, substrate faults |
+//! | [`hostile`] | malformed payloads to every handler, bad flags and YAML |
+//! | [`bake`] | `murmur bake`: images built in VMs |
+//! | [`qemu`] | the same pool on real qemu guests |
+//! | [`scaleout`] | three worker hosts: loss, drain, shared capacity |
+//! | [`replay`] | golden histories replayed against the current code |
+//! | [`invariant_checks`] | the continuous invariant check reports a violation that clears |
+//! | [`harness`] | the test environment: workers, CLIs, substrates, invariant checks |
+
+mod harness;
+
+mod agents;
+mod auth;
+mod bake;
+mod chaos;
+mod config;
+mod flush;
+mod hostile;
+mod invariant_checks;
+mod operability;
+mod qemu;
+mod reaper;
+mod recovery;
+mod replay;
+mod scaleout;
