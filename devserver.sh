@@ -2,7 +2,9 @@
 # murmur's local environment: a Temporal dev server, the murmur worker, and a warm pool.
 #
 #   ./devserver.sh up       dev server + worker + a pool of warm VMs (the README's first command)
-#   ./devserver.sh test     dev server + the whole test suite (the README's second command)
+#   ./devserver.sh test     dev server + the whole test suite (the README's second command);
+#                           installs qemu for its tests when missing (root with apt-get)
+#   ./devserver.sh qemu     only install qemu and the guest image's packages when missing
 #   ./devserver.sh start    start the Temporal dev server only (idempotent)
 #   ./devserver.sh stop     stop the worker and the dev server (VMs keep running, as on a real host)
 #   ./devserver.sh clean    stop everything, delete every sandbox and all state under $MURMUR_STATE_DIR
@@ -132,7 +134,47 @@ murmur is up: a pool of warm VMs on the ${MURMUR_SUBSTRATE:-process} substrate.
 EOF
 }
 
+# The qemu tests need qemu-system-x86_64, and the guest image build needs cpio and
+# busybox-static: Debian packages, installed here when missing (as root with apt-get).
+# Returns non-zero, saying why, when they are still missing.
+ensure_qemu() {
+  local qemu="${MURMUR_QEMU:-$(command -v qemu-system-x86_64 || true)}"
+  if [[ -n "$qemu" && -x "$qemu" ]] && command -v cpio >/dev/null && dpkg -s busybox-static >/dev/null 2>&1; then
+    return 0
+  fi
+  if [[ -n "${MURMUR_QEMU:-}" && ! -x "$MURMUR_QEMU" ]]; then
+    say "MURMUR_QEMU=$MURMUR_QEMU is not an executable"
+    return 1
+  fi
+  if ! command -v apt-get >/dev/null || [[ "$(id -u)" != 0 ]]; then
+    say "qemu-system-x86_64, cpio or busybox-static is missing and cannot be installed here (needs root and apt-get): apt-get install qemu-system-x86 cpio busybox-static"
+    return 1
+  fi
+  say "installing qemu-system-x86, cpio and busybox-static (apt-get)"
+  apt-get update -qq
+  # Some machines ship qemu-utils from bookworm-backports, which Breaks the qemu-system-common
+  # that bookworm's qemu-system-x86 needs: take bookworm's qemu-utils alongside (a downgrade)
+  # so qemu-img stays installed. Elsewhere the plain install works.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      --allow-downgrades qemu-system-x86 qemu-utils/bookworm busybox-static cpio >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      qemu-system-x86 busybox-static cpio >/dev/null \
+    || { say "apt-get could not install the qemu packages"; return 1; }
+  command -v qemu-system-x86_64 >/dev/null || { say "qemu-system-x86_64 still missing after the install"; return 1; }
+}
+
 run_tests() {
+  # qemu: installed when it can be; without it the qemu tests are reported as ignored, unless
+  # MURMUR_REQUIRE_QEMU=1 (CI), which makes its absence an error here.
+  if ensure_qemu; then
+    # Build the guest image once; it fills the package cache (~/.cache/murmur/debs) the
+    # tests' workers build their own copies from.
+    bash "$ROOT/activities/images/qemu/build.sh" "$STATE/qemu/images/default"
+  elif [[ "${MURMUR_REQUIRE_QEMU:-}" == 1 ]]; then
+    die "qemu is required here (MURMUR_REQUIRE_QEMU=1) and missing; see the line above"
+  else
+    say "the qemu tests will be reported as ignored"
+  fi
   start_server
   cd "$ROOT"
   # Integration tests start their own workers (one task queue and state dir per test).
@@ -155,6 +197,7 @@ case "${1:-}" in
     rm -rf "$STATE"; say "removed $STATE" ;;
   up) up ;;
   test) run_tests ;;
+  qemu) ensure_qemu || die "qemu is missing; see the line above" ;;
   temporal) shift; install_cli; exec "$TEMPORAL" "$@" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac
