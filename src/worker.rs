@@ -18,14 +18,15 @@ use temporalio_sdk::runtime::{PollerBehavior, RuntimeOptions};
 use crate::metrics::MetricsState;
 use murmur_activities::auth::{AuthActivities, KeyStore};
 use murmur_activities::bake_activities::BakeActivities;
-use murmur_activities::faults::{FaultConfig, FaultyProvider};
 use murmur_activities::host_activities::{
     HostActivities, RegistryActivities, leave_registry, register_host,
 };
-use murmur_activities::process::{ProcessProvider, SupervisorLaunch};
-use murmur_activities::provider::Provider;
-use murmur_activities::qemu::{Accel, QemuProvider};
 use murmur_activities::reaper::{ReaperActivities, ReaperSettings};
+use murmur_activities::substrate::Provider;
+use murmur_activities::substrate::faults::{FaultConfig, FaultyProvider};
+use murmur_activities::substrate::process::{ProcessProvider, SupervisorLaunch};
+use murmur_activities::substrate::qemu::QemuProvider;
+use murmur_activities::substrate::qemu::launch::Accel;
 use murmur_activities::vm_activities::VmActivities;
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::bake_workflow::BakeWorkflow;

@@ -26,7 +26,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::KeyStore;
-use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
+use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{interaction_error, running_runs, update_error, update_pool};
 
 /// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs

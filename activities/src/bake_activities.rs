@@ -15,7 +15,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
-use crate::provider::{CommandSpec, CommandStatus, Provider, SubstrateError};
+use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 
 /// Run id of a bake's provisioning script inside its scratch VM (one bake per VM, so a retry
 /// after a worker crash attaches to the same run).

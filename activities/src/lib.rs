@@ -2,31 +2,31 @@
 //!
 //! # Layout
 //!
-//! - [`provider`]: the [`provider::Provider`] trait every substrate implements.
-//! - [`process`]: the embedded `process` substrate (local sandboxes).
-//! - [`qemu`]: the `qemu` substrate (real Linux guests and their guest agent).
-//! - [`sandbox`]: the supervisor that runs inside each `process` sandbox.
+//! - [`substrate`]: where VMs really live, with no Temporal in it: the
+//!   [`substrate::Provider`] trait every substrate implements, the VM-directory helpers the
+//!   local substrates share (`vm_dir`), the `process` substrate and its sandbox supervisor,
+//!   the `qemu` substrate (`guest`, `launch`, `images`), and the fault-injecting wrapper
+//!   (`faults`), for chaos tests.
+//!
+//! The rest are the Temporal activities over a substrate:
+//!
 //! - [`vm_activities`]: the boot and delete activities over a provider.
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
 //!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
 //! - [`reaper`]: the reaper's scan (substrate listing, ended agents, stranded workflows).
 //! - [`host_activities`]: a host's lease, reading and announcing the host view, registering.
-//! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests.
 //! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
+//! - [`recovery`]: reading a pool's record back (memo, or the history of an older run).
 //! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
 #![deny(missing_docs)]
 
 pub mod agent_activities;
 pub mod auth;
 pub mod bake_activities;
-pub mod faults;
 pub mod host_activities;
-pub mod process;
-pub mod provider;
-pub mod qemu;
 pub mod reaper;
 pub mod recovery;
-pub mod sandbox;
+pub mod substrate;
 pub mod temporal_ops;
 pub mod vm_activities;

@@ -39,7 +39,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
-use crate::provider::Provider;
+use crate::substrate::Provider;
 use crate::temporal_ops::running_runs;
 use murmur_workflows::bake::BAKE_WORKSPACE;
 use murmur_workflows::bake_workflow::scratch_vm_id;

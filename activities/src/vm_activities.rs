@@ -16,7 +16,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::agent_activities::with_heartbeats;
-use crate::provider::{Provider, Seal, SubstrateError};
+use crate::substrate::{Provider, Seal, SubstrateError};
 
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
 /// lists it as non-retryable).

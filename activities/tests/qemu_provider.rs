@@ -5,8 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use murmur_activities::provider::{CommandSpec, CommandStatus, Provider};
-use murmur_activities::qemu::{QemuProvider, find_qemu, qemu_pid};
+use murmur_activities::substrate::qemu::QemuProvider;
+use murmur_activities::substrate::qemu::launch::{find_qemu, qemu_pid};
+use murmur_activities::substrate::{CommandSpec, CommandStatus, Provider};
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::{Environment, VmId};
 

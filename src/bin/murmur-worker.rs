@@ -106,7 +106,7 @@ struct RunArgs {
     /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
     /// Off unless given.
     #[arg(long, global = true, env = "MURMUR_FAULTS")]
-    faults: Option<murmur_activities::faults::FaultConfig>,
+    faults: Option<murmur_activities::substrate::faults::FaultConfig>,
 }
 
 impl RunArgs {
@@ -297,7 +297,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Some(Command::Sandbox { dir }) => murmur_activities::sandbox::run_supervisor(dir).await,
+        Some(Command::Sandbox { dir }) => {
+            murmur_activities::substrate::sandbox::run_supervisor(dir).await
+        }
         Some(Command::Token(cmd)) => token_command(cli.run.keys_dir(), cmd),
         Some(Command::Key(cmd)) => key_command(cli.run.keys_dir(), cmd),
         Some(Command::Run) | None => {

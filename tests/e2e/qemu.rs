@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::harness::{TestEnv, ids_in, stderr, stdout, warm};
-use murmur_activities::qemu::{QemuProvider, find_qemu};
+use murmur_activities::substrate::qemu::QemuProvider;
+use murmur_activities::substrate::qemu::launch::find_qemu;
 use murmur_workflows::agent::Phase;
 use murmur_workflows::model::VmState;
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::{EnvOptions, PATIENCE, TestEnv, ids_in, stdout, warm};
-use murmur_activities::process::ProcessProvider;
+use murmur_activities::substrate::process::ProcessProvider;
 use murmur_workflows::model::VmState;
 
 #[test]

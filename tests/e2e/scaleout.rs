@@ -251,11 +251,13 @@ fn a_full_host_refuses_boots_beyond_its_capacity_counting_every_tenant() {
         .map(|id| env.plant_vm_of(&other, id))
         .collect();
     let host_total = || {
-        let others = murmur_activities::process::ProcessProvider::inspector(env.state_dir());
-        let theirs =
-            crate::harness::block_on(murmur_activities::provider::Provider::list(&others, &other))
-                .unwrap()
-                .len();
+        let others =
+            murmur_activities::substrate::process::ProcessProvider::inspector(env.state_dir());
+        let theirs = crate::harness::block_on(murmur_activities::substrate::Provider::list(
+            &others, &other,
+        ))
+        .unwrap()
+        .len();
         theirs + env.substrate().len()
     };
     env.set_workspace("default", "min_idle: 3\n");

@@ -161,7 +161,7 @@ impl Drop for Bench {
             .status();
         // And every qemu guest.
         if self.substrate == "qemu" {
-            let qemu = murmur_activities::qemu::QemuProvider::inspector(&self.state_dir);
+            let qemu = murmur_activities::substrate::qemu::QemuProvider::inspector(&self.state_dir);
             let tenants = std::fs::read_dir(self.state_dir.join("qemu/vms"))
                 .map(|d| {
                     d.filter_map(Result::ok)
@@ -171,7 +171,7 @@ impl Drop for Bench {
                 .unwrap_or_default();
             if let Ok(rt) = tokio::runtime::Runtime::new() {
                 rt.block_on(async {
-                    use murmur_activities::provider::Provider as _;
+                    use murmur_activities::substrate::Provider as _;
                     for tenant in tenants {
                         for vm in qemu.list(&tenant).await.unwrap_or_default() {
                             let _ = qemu.delete(&tenant, &vm.id).await;

@@ -26,7 +26,7 @@ use murmur_workflows::model::VmState;
 use murmur_workflows::pool_workflow::PoolWorkflow;
 use murmur_workflows::status::PoolStatus;
 
-use murmur_activities::provider::Provider;
+use murmur_activities::substrate::Provider;
 use std::path::PathBuf;
 
 use super::TestEnv;

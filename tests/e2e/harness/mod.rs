@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use murmur_activities::process::ProcessProvider;
-use murmur_activities::provider::{Provider, VmInfo};
-use murmur_activities::qemu::QemuProvider;
+use murmur_activities::substrate::process::ProcessProvider;
+use murmur_activities::substrate::qemu::QemuProvider;
+use murmur_activities::substrate::{Provider, VmInfo};
 use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::status::PoolStatus;
 

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::VmId;
 
-use crate::provider::{CommandSpec, CommandStatus, Provider, Ready, SubstrateError, VmInfo};
+use super::{CommandSpec, CommandStatus, Provider, Ready, Seal, SubstrateError, VmInfo};
 
 /// A fault spec that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -342,7 +342,7 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         tenant: &str,
         vm: &VmId,
         expected: Option<&str>,
-    ) -> Result<crate::provider::Seal, SubstrateError> {
+    ) -> Result<Seal, SubstrateError> {
         self.inner.seal_for_delete(tenant, vm, expected)
     }
 

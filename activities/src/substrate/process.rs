@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use murmur_workflows::machine::BootSpec;
-use murmur_workflows::model::{VmId, is_dns_label, valid_image_ref};
+use murmur_workflows::model::{VmId, valid_image_ref};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::provider::{
-    CommandSpec, CommandStatus, Provider, Ready, SubstrateError, VmInfo, list_vm_dirs,
+use super::vm_dir::{
+    all_pids, check_image_id, check_run_id, check_socket_path, list_vm_dirs, live_cmdline,
+    recorded_pid, remove_vm_dir, replace_dir, set_mode,
 };
+use super::{CommandSpec, CommandStatus, Provider, Ready, Seal, SubstrateError, VmInfo};
 
 /// Name of the file describing a sandbox.
 pub const META_FILE: &str = "vm.json";
@@ -42,17 +44,19 @@ pub const OUTPUT_FILE: &str = "output.log";
 pub const PID_FILE: &str = "pid";
 /// A run's exit code, written when it exits.
 pub const EXIT_FILE: &str = "exit";
-/// Longest path a unix socket can have on Linux.
-const MAX_SOCKET_PATH: usize = 107;
 /// The default image's files, embedded in the binary.
 const DEFAULT_IMAGE_FILES: &[(&str, &str, u32)] = &[
     (
         "etc/murmur/image",
-        include_str!("../images/default/etc/murmur/image"),
+        include_str!("../../images/default/etc/murmur/image"),
         0o644,
     ),
-    ("README", include_str!("../images/default/README"), 0o644),
-    ("boot.sh", include_str!("../images/default/boot.sh"), 0o755),
+    ("README", include_str!("../../images/default/README"), 0o644),
+    (
+        "boot.sh",
+        include_str!("../../images/default/boot.sh"),
+        0o755,
+    ),
 ];
 
 /// What `vm.json` records about a sandbox.
@@ -138,25 +142,13 @@ impl ProcessProvider {
         self.state_dir.join("images")
     }
 
-    fn tenant_dir(&self, tenant: &str) -> Result<PathBuf, SubstrateError> {
-        if !is_dns_label(tenant) {
-            return Err(SubstrateError::Invalid {
-                what: "tenant",
-                value: tenant.into(),
-            });
-        }
-        Ok(self.state_dir.join("vms").join(tenant))
+    fn vms_root(&self) -> PathBuf {
+        self.state_dir.join("vms")
     }
 
     /// The sandbox directory of a VM.
     pub fn sandbox_dir(&self, tenant: &str, vm: &VmId) -> Result<PathBuf, SubstrateError> {
-        if !VmId::is_valid(&vm.0) {
-            return Err(SubstrateError::Invalid {
-                what: "vm id",
-                value: vm.0.clone(),
-            });
-        }
-        Ok(self.tenant_dir(tenant)?.join(&vm.0))
+        super::vm_dir::vm_dir(&self.vms_root(), tenant, vm)
     }
 
     fn install_default_image(&self) -> Result<(), SubstrateError> {
@@ -187,19 +179,13 @@ impl ProcessProvider {
     /// gone, every process's command line is searched for `--dir <dir>` (which also finds
     /// supervisors nobody recorded).
     pub fn supervisor_pids(dir: &Path) -> Vec<i32> {
-        if let Some(pid) = std::fs::read_to_string(dir.join(SUPERVISOR_PID_FILE))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
+        if let Some(pid) = recorded_pid(dir, SUPERVISOR_PID_FILE)
             && serves(pid, dir)
         {
             return vec![pid];
         }
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        all_pids()
+            .into_iter()
             .filter(|pid| serves(*pid, dir))
             .collect()
     }
@@ -263,19 +249,13 @@ impl Provider for ProcessProvider {
         if !valid_image_ref(&spec.image) {
             return Err(SubstrateError::ImageNotFound(spec.image.clone()));
         }
-        let socket = dir.join(CONTROL_SOCKET);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(SubstrateError::Invalid {
-                what: "state dir (control socket path too long)",
-                value: socket.display().to_string(),
-            });
-        }
+        check_socket_path(&dir.join(CONTROL_SOCKET))?;
         if dir.exists() {
             if !Self::supervisor_pids(&dir).is_empty() {
                 return Ok(());
             }
             // A dead leftover of an earlier attempt: start over.
-            crate::provider::remove_vm_dir(&dir).await?;
+            remove_vm_dir(&dir).await?;
         }
         let image_dir = self.images_dir().join(&spec.image);
         if !image_dir.is_dir() {
@@ -357,7 +337,7 @@ impl Provider for ProcessProvider {
     }
 
     fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError> {
-        crate::provider::claim_owner(&self.sandbox_dir(tenant, vm)?, vm, owner)
+        super::vm_dir::claim_owner(&self.sandbox_dir(tenant, vm)?, vm, owner)
     }
 
     fn seal_for_delete(
@@ -365,8 +345,8 @@ impl Provider for ProcessProvider {
         tenant: &str,
         vm: &VmId,
         expected: Option<&str>,
-    ) -> Result<crate::provider::Seal, SubstrateError> {
-        crate::provider::seal_for_delete(&self.sandbox_dir(tenant, vm)?, vm, expected)
+    ) -> Result<Seal, SubstrateError> {
+        super::vm_dir::seal_for_delete(&self.sandbox_dir(tenant, vm)?, vm, expected)
     }
 
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
@@ -376,7 +356,7 @@ impl Provider for ProcessProvider {
         for pid in run_pids(&dir) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        crate::provider::remove_vm_dir(&dir).await
+        remove_vm_dir(&dir).await
     }
 
     async fn start_command(
@@ -386,12 +366,7 @@ impl Provider for ProcessProvider {
         spec: &CommandSpec,
     ) -> Result<(), SubstrateError> {
         let dir = self.sandbox_dir(tenant, vm)?;
-        if !valid_run_id(&spec.run) {
-            return Err(SubstrateError::Invalid {
-                what: "run id",
-                value: spec.run.clone(),
-            });
-        }
+        check_run_id(&spec.run)?;
         if !dir.exists() {
             return Err(SubstrateError::VmGone(vm.clone()));
         }
@@ -492,12 +467,7 @@ impl Provider for ProcessProvider {
         _base: &str,
         image: &str,
     ) -> Result<(), SubstrateError> {
-        if !valid_image_ref(image) {
-            return Err(SubstrateError::Invalid {
-                what: "image id",
-                value: image.into(),
-            });
-        }
+        check_image_id(image)?;
         let root = self.sandbox_dir(tenant, vm)?.join("root");
         if !root.is_dir() {
             return Err(SubstrateError::VmGone(vm.clone()));
@@ -510,7 +480,7 @@ impl Provider for ProcessProvider {
             copy_tree(&root, &stage)?;
             std::fs::create_dir_all(stage.join("etc/murmur"))?;
             std::fs::write(stage.join("etc/murmur/image"), format!("{id}\n"))?;
-            crate::qemu::replace_dir(&stage, &target)
+            replace_dir(&stage, &target)
         };
         tokio::task::spawn_blocking(work)
             .await
@@ -519,11 +489,12 @@ impl Provider for ProcessProvider {
     }
 
     fn host_vms(&self) -> Vec<(String, VmId)> {
-        crate::provider::vm_dirs_of_every_tenant(&self.state_dir.join("vms"))
+        super::vm_dir::vm_dirs_of_every_tenant(&self.vms_root())
     }
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
-        list_vm_dirs(tenant, &self.tenant_dir(tenant)?, META_FILE, |dir| {
+        let tenant_dir = super::vm_dir::tenant_dir(&self.vms_root(), tenant)?;
+        list_vm_dirs(tenant, &tenant_dir, META_FILE, |dir| {
             !Self::supervisor_pids(dir).is_empty()
         })
     }
@@ -533,11 +504,6 @@ impl Provider for ProcessProvider {
 pub fn run_dir(dir: &Path, run: &str) -> PathBuf {
     let runs = dir.join(RUNS_DIR);
     if run.is_empty() { runs } else { runs.join(run) }
-}
-
-/// Run ids are file names: `[A-Za-z0-9-]{1,64}`.
-pub fn valid_run_id(run: &str) -> bool {
-    (1..=64).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// Process group ids of the runs of a sandbox that have not exited.
@@ -647,25 +613,11 @@ async fn stop_supervisors(dir: &Path) {
 
 /// True when process `pid` is alive (not a zombie) and serves the sandbox at `dir`.
 fn serves(pid: i32, dir: &Path) -> bool {
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state == "Z" || state == "X")
-    });
-    if zombie {
-        return false;
-    }
     let want = dir.as_os_str().as_encoded_bytes();
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+    live_cmdline(pid).is_some_and(|cmd| {
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         args.windows(2).any(|w| w[0] == b"--dir" && w[1] == want)
     })
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<(), SubstrateError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| SubstrateError::io(format!("chmod {}", path.display()), e))
 }
 
 /// Copies a directory tree (files, directories, symlinks), keeping permissions.

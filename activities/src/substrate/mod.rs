@@ -1,14 +1,34 @@
-//! The substrate interface: where VMs really live.
+//! Substrates: where VMs really live. No Temporal in here.
 //!
 //! Every substrate (the embedded `process` one, `qemu`, later cloud providers) implements
 //! [`Provider`]: create from an image, wait for the readiness handshake, delete, and list
 //! what exists for a tenant so orphans can be found. Create and delete are idempotent by VM
-//! id, because Temporal may run an activity more than once.
+//! id, because Temporal may run an activity more than once; but nothing in this module knows
+//! about Temporal: the activities (the rest of the crate) call a [`Provider`], never the
+//! other way round (`activities/tests/layering.rs` checks it).
+//!
+//! # Layout
+//!
+//! - this file: the [`Provider`] trait and the types it speaks ([`SubstrateError`],
+//!   [`VmInfo`], [`Ready`], [`CommandSpec`], [`CommandStatus`], [`Seal`]);
+//! - [`vm_dir`]: what every local substrate keeps in a VM's directory and how (the owner
+//!   record, listing, removal of read-only trees, path and run-id checks);
+//! - [`process`]: the embedded `process` substrate (local sandboxes), and [`sandbox`], the
+//!   supervisor that runs inside each of them;
+//! - [`qemu`]: the `qemu` substrate (real Linux guests and their guest agent);
+//! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests.
+//!
+//! `process` and `qemu` do not import each other: what they share is in [`vm_dir`].
+
+pub mod faults;
+pub mod process;
+pub mod qemu;
+pub mod sandbox;
+pub mod vm_dir;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use murmur_workflows::activity_api::DELETING_OWNER;
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
@@ -113,51 +133,6 @@ pub struct VmInfo {
     pub alive: bool,
 }
 
-/// File in a VM's directory naming the agent that owns it: its claim request
-/// (`<agent workflow id>@<run id>`), written once, first come first served.
-pub const OWNER_FILE: &str = "owner";
-
-/// Records `owner` as the owner of the VM whose directory is `dir`, unless another owner is
-/// recorded already (then [`SubstrateError::Taken`]). Atomic: the owner file appears whole,
-/// through a hard link that fails when it exists, so two agents racing for one VM cannot
-/// both win.
-pub(crate) fn claim_owner(
-    dir: &std::path::Path,
-    vm: &VmId,
-    owner: &str,
-) -> Result<(), SubstrateError> {
-    if !dir.is_dir() {
-        return Err(SubstrateError::VmGone(vm.clone()));
-    }
-    let path = dir.join(OWNER_FILE);
-    if let Some(existing) = read_owner(dir) {
-        return if existing == owner {
-            Ok(())
-        } else {
-            Err(SubstrateError::Taken {
-                vm: vm.clone(),
-                owner: existing,
-            })
-        };
-    }
-    let tmp = dir.join(format!(".owner.{}", std::process::id()));
-    std::fs::write(&tmp, owner).map_err(|e| SubstrateError::io("write the owner file", e))?;
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_owner(dir) {
-            Some(existing) if existing == owner => Ok(()),
-            Some(existing) => Err(SubstrateError::Taken {
-                vm: vm.clone(),
-                owner: existing,
-            }),
-            None => Err(SubstrateError::io("read the owner file", e)),
-        },
-        Err(e) => Err(SubstrateError::io("record the VM's owner", e)),
-    }
-}
-
 /// Whether a VM may be deleted: sealed (no agent can start on it any more), or owned by
 /// another agent than the one the asker expected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,164 +141,6 @@ pub enum Seal {
     Sealed,
     /// Another agent (this claim request) owns it: leave it alone.
     OwnedBy(String),
-}
-
-/// Seals the VM in `dir` for deletion: records [`DELETING_OWNER`] as its owner unless an
-/// agent owns it. A VM owned by `expected` (the agent being released) or already sealed may
-/// go; one owned by anyone else may not.
-pub(crate) fn seal_for_delete(
-    dir: &std::path::Path,
-    vm: &VmId,
-    expected: Option<&str>,
-) -> Result<Seal, SubstrateError> {
-    match claim_owner(dir, vm, DELETING_OWNER) {
-        Ok(()) | Err(SubstrateError::VmGone(_)) => Ok(Seal::Sealed),
-        Err(SubstrateError::Taken { owner, .. })
-            if owner == DELETING_OWNER || Some(owner.as_str()) == expected =>
-        {
-            Ok(Seal::Sealed)
-        }
-        Err(SubstrateError::Taken { owner, .. }) => Ok(Seal::OwnedBy(owner)),
-        Err(e) => Err(e),
-    }
-}
-
-/// The owner recorded in a VM's directory, if any.
-pub(crate) fn read_owner(dir: &std::path::Path) -> Option<String> {
-    std::fs::read_to_string(dir.join(OWNER_FILE))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
-/// Removes a VM's directory tree, also when what ran in the VM left parts of it read-only
-/// (Go's module cache does): write permission is restored on every directory, then the tree
-/// is removed again. A tree that is already gone is fine.
-pub(crate) fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            make_writable(dir);
-            match std::fs::remove_dir_all(dir) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// [`remove_tree`] off the async runtime, as a substrate error.
-pub(crate) async fn remove_vm_dir(dir: &std::path::Path) -> Result<(), SubstrateError> {
-    let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || remove_tree(&d))
-        .await
-        .map_err(|e| SubstrateError::io("remove VM dir", std::io::Error::other(e)))?
-        .map_err(|e| SubstrateError::io(format!("remove {}", dir.display()), e))
-}
-
-/// Gives the owner read, write and search permission on every directory under `dir` (not
-/// following symlinks), so its entries can be removed.
-fn make_writable(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    if !meta.is_dir() {
-        return;
-    }
-    let mode = meta.permissions().mode();
-    if mode & 0o700 != 0o700 {
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&entry.path());
-            }
-        }
-    }
-}
-
-/// Every VM a local substrate keeps under `vms_root` (`<tenant>/<vm id>` directories), of
-/// every tenant, from the directory names alone: no metadata read, no liveness check.
-pub(crate) fn vm_dirs_of_every_tenant(vms_root: &std::path::Path) -> Vec<(String, VmId)> {
-    let names = |dir: &std::path::Path| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    names(vms_root)
-        .into_iter()
-        .filter(|tenant| murmur_workflows::model::is_dns_label(tenant))
-        .flat_map(|tenant| {
-            names(&vms_root.join(&tenant))
-                .into_iter()
-                .filter(|vm| VmId::is_valid(vm))
-                .map(move |vm| (tenant.clone(), VmId(vm)))
-        })
-        .collect()
-}
-
-/// Lists the VMs a local substrate keeps as directories named by VM id under `tenant_dir`,
-/// each with a JSON metadata file `meta_file` naming its workspace and image (missing or
-/// unreadable metadata lists the VM anyway, with those fields empty: an orphan is still an
-/// orphan). `alive` says whether a VM directory's process runs.
-pub(crate) fn list_vm_dirs(
-    tenant: &str,
-    tenant_dir: &std::path::Path,
-    meta_file: &str,
-    alive: impl Fn(&std::path::Path) -> bool,
-) -> Result<Vec<VmInfo>, SubstrateError> {
-    /// The part of a VM's metadata a listing needs (both substrates write more).
-    #[derive(Default, Deserialize)]
-    #[serde(default)]
-    struct Labels {
-        workspace: String,
-        image: String,
-        generation: u64,
-    }
-    let entries = match std::fs::read_dir(tenant_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(SubstrateError::io(
-                format!("list {}", tenant_dir.display()),
-                e,
-            ));
-        }
-    };
-    let mut out = Vec::new();
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !VmId::is_valid(&name) {
-            continue;
-        }
-        let dir = entry.path();
-        let labels: Option<Labels> = std::fs::read(dir.join(meta_file))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let labelled = labels.is_some();
-        let labels = labels.unwrap_or_default();
-        out.push(VmInfo {
-            id: VmId(name),
-            tenant: tenant.to_string(),
-            workspace: labels.workspace,
-            image: labels.image,
-            generation: labels.generation,
-            owner: read_owner(&dir),
-            labelled,
-            alive: alive(&dir),
-        });
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
 }
 
 /// Proof of a finished readiness handshake.

@@ -1,6 +1,6 @@
 //! The sandbox supervisor: the "init" of a `process`-substrate VM.
 //!
-//! Started by [`crate::process::ProcessProvider`] in its own session with the VM's clean
+//! Started by [`super::process::ProcessProvider`] in its own session with the VM's clean
 //! environment. It runs the image's `boot.sh` (a failure is written to `boot.failed` and the
 //! VM never becomes ready), then serves a line protocol on `control.sock`:
 //!
@@ -23,11 +23,12 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::process::{
+use super::CommandSpec;
+use super::process::{
     BOOT_FAILED_FILE, BOOT_SCRIPT, CONTROL_SOCKET, EXIT_FILE, META_FILE, OUTPUT_FILE, PID_FILE,
-    SandboxMeta, run_dir, valid_run_id,
+    SandboxMeta, run_dir, run_pids,
 };
-use crate::provider::CommandSpec;
+use super::vm_dir::valid_run_id;
 
 /// Runs the supervisor of the sandbox at `dir` until SIGTERM.
 pub async fn run_supervisor(dir: PathBuf) -> anyhow::Result<()> {
@@ -185,7 +186,7 @@ fn cancel_run(dir: &Path, run: &str) -> anyhow::Result<()> {
 
 /// Kills every run still going (the VM is being deleted).
 fn stop_all_runs(dir: &Path) {
-    for pid in crate::process::run_pids(dir) {
+    for pid in run_pids(dir) {
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }

@@ -1,0 +1,447 @@
+//! The `qemu` substrate: each VM is a real Linux guest.
+//!
+//! Layout under the state directory:
+//!
+//! - `qemu/images/<image>/`: `vmlinuz`, `initrd.gz` and `image.json`
+//!   ([`images::ImageMeta`]); the base image `default` is built from Debian packages by the
+//!   embedded `build.sh` ([`QemuProvider::ensure_base_image`]); baked images add a layer to
+//!   their base's initrd.
+//! - `qemu/vms/<tenant>/<vm>/`: `vm.json` ([`launch::QemuVmMeta`]), `qemu.pid`, `ctl.sock`
+//!   (the guest's second serial port, the guest agent's control channel), `console.log` (the
+//!   first serial port) and `qemu.log` (qemu's own stderr).
+//!
+//! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
+//!
+//! # Layout
+//!
+//! - this file: [`QemuProvider`] and its [`Provider`] implementation;
+//! - [`guest`]: the control-channel protocol spoken with the guest agent;
+//! - [`launch`]: finding qemu, the accelerator and its KVM probe, the command line, telling
+//!   the VM's qemu from other processes, stopping it;
+//! - [`images`]: image metadata, the embedded guest files, the base image build and the
+//!   bake's snapshot of a guest.
+
+pub mod guest;
+pub mod images;
+pub mod launch;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use murmur_workflows::machine::BootSpec;
+use murmur_workflows::model::VmId;
+
+use self::guest::{
+    ChannelError, REQUEST_TIMEOUT, command_script, decode_data, handshake, parse_status, request,
+    truncate,
+};
+use self::images::ImageMeta;
+use self::launch::{
+    Accel, CONTROL_SOCKET, QemuVmMeta, VM_META_FILE, exit_report, find_qemu, qemu_pid, spawn_qemu,
+    stop_qemu,
+};
+use crate::substrate::vm_dir::{
+    check_image_id, check_run_id, check_socket_path, claim_owner, list_vm_dirs, remove_vm_dir,
+    seal_for_delete, tenant_dir, valid_run_id, vm_dir, vm_dirs_of_every_tenant,
+};
+use crate::substrate::{CommandSpec, CommandStatus, Provider, Ready, Seal, SubstrateError, VmInfo};
+
+/// The `qemu` substrate.
+#[derive(Clone)]
+pub struct QemuProvider {
+    state_dir: PathBuf,
+    qemu: PathBuf,
+    accel: Accel,
+    locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for QemuProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuProvider")
+            .field("state_dir", &self.state_dir)
+            .field("qemu", &self.qemu)
+            .field("accel", &self.accel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QemuProvider {
+    /// A provider keeping its VMs and images under `<state_dir>/qemu`. Finds
+    /// `qemu-system-x86_64` (or `$MURMUR_QEMU`), builds the base image when it is missing, and
+    /// picks the accelerator ([`launch::choose_accel`]).
+    pub async fn new(state_dir: impl Into<PathBuf>) -> Result<Self, SubstrateError> {
+        let state_dir = state_dir.into();
+        let qemu = find_qemu().ok_or_else(|| SubstrateError::Invalid {
+            what: "substrate",
+            value: "qemu: qemu-system-x86_64 not found (apt-get install -y qemu-system-x86, \
+                    or set MURMUR_QEMU)"
+                .into(),
+        })?;
+        let mut provider = Self {
+            state_dir,
+            qemu,
+            accel: Accel::Tcg,
+            locks: Arc::default(),
+        };
+        provider.ensure_base_image().await?;
+        provider.accel =
+            launch::choose_accel(&provider.qemu, &provider.qemu_dir(), &provider.images_dir())
+                .await;
+        Ok(provider)
+    }
+
+    /// A provider that only inspects and deletes VMs (no image build, no probe), for tests
+    /// and tools.
+    pub fn inspector(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Tcg,
+            locks: Arc::default(),
+        }
+    }
+
+    /// The accelerator guests run with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// `<state>/qemu`: everything this substrate keeps.
+    fn qemu_dir(&self) -> PathBuf {
+        self.state_dir.join("qemu")
+    }
+
+    /// Where qemu images live (`<state>/qemu/images`).
+    pub fn images_dir(&self) -> PathBuf {
+        self.qemu_dir().join("images")
+    }
+
+    /// The metadata of an image, if it exists.
+    pub fn image_meta(&self, image: &str) -> Option<ImageMeta> {
+        images::image_meta(&self.images_dir(), image)
+    }
+
+    /// Builds the base image `default` with the embedded `build.sh` unless it exists.
+    pub async fn ensure_base_image(&self) -> Result<(), SubstrateError> {
+        images::ensure_base_image(&self.images_dir(), &self.qemu_dir().join(".build")).await
+    }
+
+    fn vms_root(&self) -> PathBuf {
+        self.qemu_dir().join("vms")
+    }
+
+    /// The directory of a VM.
+    pub fn vm_dir(&self, tenant: &str, vm: &VmId) -> Result<PathBuf, SubstrateError> {
+        vm_dir(&self.vms_root(), tenant, vm)
+    }
+
+    fn lock(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(dir.to_path_buf()).or_default().clone()
+    }
+
+    fn forget_lock(&self, dir: &Path) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(dir);
+    }
+
+    /// Sends one request to the guest agent of a VM (serialised per VM in this worker).
+    async fn ask(
+        &self,
+        dir: &Path,
+        vm: &VmId,
+        verb: &str,
+        args: &str,
+    ) -> Result<String, SubstrateError> {
+        if !dir.exists() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let lock = self.lock(dir);
+        let _guard = lock.lock().await;
+        match request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await {
+            Ok(answer) => Ok(answer),
+            Err(ChannelError::Refused(reason)) => Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason,
+            }),
+            Err(e) if qemu_pid(dir).is_none() => {
+                tracing::debug!(vm = %vm, error = %e, "qemu is gone");
+                Err(SubstrateError::VmGone(vm.clone()))
+            }
+            Err(e) => Err(SubstrateError::io(
+                format!("talk to VM {vm}"),
+                std::io::Error::other(e.to_string()),
+            )),
+        }
+    }
+
+    /// Reads a file of a running guest over the control channel.
+    pub async fn read_guest_file(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        path: &str,
+    ) -> Result<Vec<u8>, SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let answer = self.ask(&dir, vm, "get", path).await?;
+        decode_data(&answer).map_err(|reason| SubstrateError::Guest {
+            vm: vm.clone(),
+            reason,
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for QemuProvider {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accelerator(&self) -> Option<String> {
+        Some(self.accel.as_str().to_string())
+    }
+
+    fn has_image(&self, image: &str) -> bool {
+        self.image_meta(image).is_some()
+    }
+
+    async fn create(&self, spec: &BootSpec) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(&spec.tenant, &spec.vm)?;
+        check_socket_path(&dir.join(CONTROL_SOCKET))?;
+        if self.image_meta(&spec.image).is_none() {
+            return Err(SubstrateError::ImageNotFound(spec.image.clone()));
+        }
+        let lock = self.lock(&dir);
+        let _guard = lock.lock().await;
+        if dir.exists() {
+            if qemu_pid(&dir).is_some() {
+                return Ok(());
+            }
+            // A dead leftover of an earlier attempt: start over.
+            remove_vm_dir(&dir).await?;
+        }
+        let meta = QemuVmMeta {
+            id: spec.vm.clone(),
+            tenant: spec.tenant.clone(),
+            workspace: spec.workspace.clone(),
+            image: spec.image.clone(),
+            vcpus: spec.environment.vcpus,
+            memory_mb: spec.environment.memory_mb,
+            accel: self.accel,
+            generation: spec.generation,
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SubstrateError::io(format!("create {}", dir.display()), e))?;
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| SubstrateError::io("encode vm.json", e.into()))?;
+        std::fs::write(dir.join(VM_META_FILE), json)
+            .map_err(|e| SubstrateError::io("write vm.json", e))?;
+        spawn_qemu(
+            &self.qemu,
+            &self.images_dir().join(&meta.image),
+            &dir,
+            &meta,
+        )
+    }
+
+    async fn wait_ready(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        timeout: Duration,
+    ) -> Result<Ready, SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let socket = dir.join(CONTROL_SOCKET);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !dir.exists() {
+                return Err(SubstrateError::BootFailed {
+                    vm: vm.clone(),
+                    reason: "VM was deleted while booting".into(),
+                });
+            }
+            if qemu_pid(&dir).is_none() {
+                return Err(SubstrateError::BootFailed {
+                    vm: vm.clone(),
+                    reason: format!(
+                        "qemu exited before the guest was ready: {}",
+                        exit_report(&dir)
+                    ),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SubstrateError::BootTimeout {
+                    vm: vm.clone(),
+                    timeout,
+                });
+            }
+            let attempt = {
+                let lock = self.lock(&dir);
+                let _guard = lock.lock().await;
+                handshake(&socket, left.min(Duration::from_secs(1))).await
+            };
+            if let Ok(ready) = attempt {
+                if &ready.vm == vm {
+                    return Ok(ready);
+                }
+                return Err(SubstrateError::BootFailed {
+                    vm: vm.clone(),
+                    reason: format!("handshake answered for {}", ready.vm),
+                });
+            }
+        }
+    }
+
+    fn claim_owner(&self, tenant: &str, vm: &VmId, owner: &str) -> Result<(), SubstrateError> {
+        claim_owner(&self.vm_dir(tenant, vm)?, vm, owner)
+    }
+
+    fn seal_for_delete(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        expected: Option<&str>,
+    ) -> Result<Seal, SubstrateError> {
+        seal_for_delete(&self.vm_dir(tenant, vm)?, vm, expected)
+    }
+
+    async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        {
+            let lock = self.lock(&dir);
+            let _guard = lock.lock().await;
+            stop_qemu(&dir, Duration::from_secs(2)).await;
+            if let Some(pid) = qemu_pid(&dir) {
+                return Err(SubstrateError::io(
+                    format!("stop qemu of VM {vm}"),
+                    std::io::Error::other(format!("pid {pid} still running")),
+                ));
+            }
+            remove_vm_dir(&dir).await?;
+        }
+        self.forget_lock(&dir);
+        Ok(())
+    }
+
+    fn host_vms(&self) -> Vec<(String, VmId)> {
+        vm_dirs_of_every_tenant(&self.vms_root())
+    }
+
+    async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
+        let tenant_dir = tenant_dir(&self.vms_root(), tenant)?;
+        list_vm_dirs(tenant, &tenant_dir, VM_META_FILE, |dir| {
+            qemu_pid(dir).is_some()
+        })
+    }
+
+    async fn start_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &CommandSpec,
+    ) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        check_run_id(&spec.run)?;
+        let script = command_script(spec, "/root").map_err(|reason| SubstrateError::Guest {
+            vm: vm.clone(),
+            reason,
+        })?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let answer = self
+            .ask(&dir, vm, "run", &format!("{} {b64}", spec.run))
+            .await?;
+        if answer == "ok" {
+            Ok(())
+        } else {
+            Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
+            })
+        }
+    }
+
+    async fn command_status(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<CommandStatus, SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        if !valid_run_id(run) {
+            return Ok(CommandStatus::Unknown);
+        }
+        let answer = self.ask(&dir, vm, "status", run).await?;
+        parse_status(&answer).ok_or_else(|| SubstrateError::Guest {
+            vm: vm.clone(),
+            reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
+        })
+    }
+
+    async fn command_output_tail(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        max_bytes: usize,
+    ) -> Result<String, SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        if !valid_run_id(run) {
+            return Ok(String::new());
+        }
+        let answer = self
+            .ask(&dir, vm, "tail", &format!("{run} {max_bytes}"))
+            .await?;
+        let bytes = decode_data(&answer).map_err(|reason| SubstrateError::Guest {
+            vm: vm.clone(),
+            reason,
+        })?;
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        if bytes.len() >= max_bytes
+            && let Some(nl) = text.find('\n')
+        {
+            text.drain(..=nl);
+        }
+        Ok(text)
+    }
+
+    async fn cancel_command(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+    ) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        if !dir.exists() || !valid_run_id(run) {
+            return Ok(());
+        }
+        match self.ask(&dir, vm, "cancel", run).await {
+            Ok(_) | Err(SubstrateError::VmGone(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Turns a provisioned guest into the image `image`: the guest writes its image id and
+    /// packs every file changed since boot as a cpio layer ([`images::pack_guest`]), the host
+    /// fetches it over the control channel and appends it to the base's initrd
+    /// ([`images::add_layer`]).
+    async fn snapshot(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        base: &str,
+        image: &str,
+    ) -> Result<(), SubstrateError> {
+        check_image_id(image)?;
+        let base_meta = self
+            .image_meta(base)
+            .ok_or_else(|| SubstrateError::ImageNotFound(base.into()))?;
+        images::pack_guest(self, tenant, vm, image).await?;
+        let layer = self.read_guest_file(tenant, vm, images::LAYER_PATH).await?;
+        images::add_layer(&self.images_dir(), base, &base_meta, image, layer).await
+    }
+}
