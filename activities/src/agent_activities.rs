@@ -26,6 +26,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::KeyStore;
+use crate::heartbeat::{with_heartbeats, with_progress};
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{interaction_error, running_runs, update_error, update_pool};
 
@@ -250,7 +251,9 @@ impl AgentActivities {
 
     /// Runs the agent's command in its VM and waits for it to exit, heartbeating. Idempotent
     /// by run id: a retry (after a worker crash) attaches to the command already running.
-    /// Cancelling the activity stops the command.
+    /// Cancelling the activity stops the command. Heartbeats from its own status loop, not
+    /// through [`with_heartbeats`]: a cancellation must reach the command, not just drop the
+    /// activity's work.
     #[activity(name = "murmur.run_agent")]
     pub async fn run_agent(
         self: Arc<Self>,
@@ -465,36 +468,6 @@ async fn terminate(
                 Ok(false)
             } else {
                 Err(e)
-            }
-        }
-    }
-}
-
-/// Runs `work` while heartbeating every second, so a dead worker is noticed within the
-/// heartbeat timeout instead of the whole start-to-close timeout. Returns `Err` when the
-/// activity is cancelled.
-pub(crate) async fn with_heartbeats<T>(
-    ctx: &ActivityContext,
-    work: impl std::future::Future<Output = T>,
-) -> Result<T, ActivityError> {
-    with_progress(ctx, work, || ()).await
-}
-
-/// Like [`with_heartbeats`], with `progress()` as each heartbeat's details (a retry of the
-/// activity reads the last one back).
-pub(crate) async fn with_progress<T, D: serde::Serialize + Send + 'static>(
-    ctx: &ActivityContext,
-    work: impl std::future::Future<Output = T>,
-    progress: impl Fn() -> D,
-) -> Result<T, ActivityError> {
-    tokio::pin!(work);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            out = &mut work => return Ok(out),
-            _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
-            _ = tick.tick() => {
-                let _ = ctx.record_heartbeat(progress()).await;
             }
         }
     }

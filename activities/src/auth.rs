@@ -403,6 +403,8 @@ mod activity_impl {
     #[activities]
     impl AuthActivities {
         /// Verifies a request's credential; a denial is logged (never the credential itself).
+        /// Does not heartbeat: it is a local activity (they cannot) and never waits on
+        /// anything but the key store.
         #[activity(name = "murmur.verify")]
         pub async fn verify(
             self: Arc<Self>,

@@ -14,7 +14,7 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
-use crate::agent_activities::with_heartbeats;
+use crate::heartbeat::with_heartbeats;
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 
 /// Run id of a bake's provisioning script inside its scratch VM (one bake per VM, so a retry
@@ -54,10 +54,10 @@ impl BakeActivities {
     #[activity(name = "murmur.image_exists")]
     pub async fn image_exists(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         image: String,
     ) -> Result<bool, ActivityError> {
-        Ok(self.provider.has_image(&image))
+        with_heartbeats(&ctx, async { self.provider.has_image(&image) }).await
     }
 
     /// Runs the provisioning script as root in the scratch VM, at most `timeout_secs`; on

@@ -27,6 +27,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::now_ms;
+use crate::heartbeat::with_heartbeats;
 use crate::temporal_ops::{query_error, rpc_error, running_pools_query};
 
 /// The lease activity of one host (registered on the host's own queue only).
@@ -57,7 +58,9 @@ impl HostActivities {
 #[activities]
 impl HostActivities {
     /// Heartbeats for the lease's term, then returns so the registry renews it. If this host
-    /// dies, the missing heartbeats fail the lease and the registry marks the host lost.
+    /// dies, the missing heartbeats fail the lease and the registry marks the host lost. The
+    /// heartbeats are the lease itself, so it beats from its own loop (at the lease's
+    /// `beat_ms`), not through [`with_heartbeats`].
     #[activity(name = "murmur.host_lease")]
     pub async fn host_lease(
         self: Arc<Self>,
@@ -119,8 +122,8 @@ impl RegistryActivities {
         ctx: ActivityContext,
         _input: (),
     ) -> Result<HostView, ActivityError> {
-        read_hosts(&ctx.client(), &ctx.info().task_queue)
-            .await
+        with_heartbeats(&ctx, read_hosts(&ctx.client(), &ctx.info().task_queue))
+            .await?
             .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))
     }
 
@@ -132,33 +135,39 @@ impl RegistryActivities {
         ctx: ActivityContext,
         view: HostView,
     ) -> Result<u32, ActivityError> {
-        let client = ctx.client();
-        // A doorbell: pools read the view from the registry themselves.
-        let payload = encode_json(&view.version)
-            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
-        // Only this deployment's pools (the ones on this shared queue).
-        let query = running_pools_query(&ctx.info().task_queue);
-        let mut pools = client.list_workflows(query, WorkflowListOptions::default());
-        let mut told = 0u32;
-        while let Some(item) = pools.next().await {
-            let wf = item.map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
-            let result = client
-                .get_workflow_handle::<PoolWorkflow>(wf.id().to_string())
-                .signal(
-                    PoolWorkflow::hosts_signal,
-                    payload.clone(),
-                    WorkflowSignalOptions::default(),
-                )
-                .await;
-            match result {
-                Ok(()) => told += 1,
-                // A pool that closed meanwhile re-reads the view when it runs again.
-                Err(e) => tracing::warn!(pool = %wf.id(), error = %e, "host view not delivered"),
-            }
-        }
-        tracing::info!(version = view.version, pools = told, "host view announced");
-        Ok(told)
+        with_heartbeats(&ctx, announce(&ctx, &view)).await?
     }
+}
+
+/// Signals `hosts` with the view's version to every running pool on the activity's shared
+/// queue; how many were told.
+async fn announce(ctx: &ActivityContext, view: &HostView) -> Result<u32, ActivityError> {
+    let client = ctx.client();
+    // A doorbell: pools read the view from the registry themselves.
+    let payload = encode_json(&view.version)
+        .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+    // Only this deployment's pools (the ones on this shared queue).
+    let query = running_pools_query(&ctx.info().task_queue);
+    let mut pools = client.list_workflows(query, WorkflowListOptions::default());
+    let mut told = 0u32;
+    while let Some(item) = pools.next().await {
+        let wf = item.map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+        let result = client
+            .get_workflow_handle::<PoolWorkflow>(wf.id().to_string())
+            .signal(
+                PoolWorkflow::hosts_signal,
+                payload.clone(),
+                WorkflowSignalOptions::default(),
+            )
+            .await;
+        match result {
+            Ok(()) => told += 1,
+            // A pool that closed meanwhile re-reads the view when it runs again.
+            Err(e) => tracing::warn!(pool = %wf.id(), error = %e, "host view not delivered"),
+        }
+    }
+    tracing::info!(version = view.version, pools = told, "host view announced");
+    Ok(told)
 }
 
 /// Reads the view of the registry of the deployment on `shared_queue` through its `hosts`

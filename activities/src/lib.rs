@@ -16,6 +16,7 @@
 //! - [`reaper`]: the reaper's scan (substrate listing, ended agents, stranded workflows).
 //! - [`host_activities`]: a host's lease, reading and announcing the host view, registering.
 //! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
+//! - [`heartbeat`]: heartbeating while an activity works (every activity does).
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
 //! - [`recovery`]: reading a pool's record back (memo, or the history of an older run).
 //! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
@@ -24,6 +25,7 @@
 pub mod agent_activities;
 pub mod auth;
 pub mod bake_activities;
+pub mod heartbeat;
 pub mod host_activities;
 pub mod reaper;
 pub mod recovery;

@@ -38,7 +38,7 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
-use crate::agent_activities::with_heartbeats;
+use crate::heartbeat::with_heartbeats;
 use crate::substrate::Provider;
 use crate::temporal_ops::running_runs;
 use murmur_workflows::bake::BAKE_WORKSPACE;

@@ -31,7 +31,7 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
-use crate::agent_activities::with_heartbeats;
+use crate::heartbeat::with_heartbeats;
 
 /// Earlier runs looked at for a record (the newest that has one wins).
 const RUNS_LOOKED_AT: usize = 20;

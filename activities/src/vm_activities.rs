@@ -15,7 +15,7 @@ use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
-use crate::agent_activities::with_heartbeats;
+use crate::heartbeat::with_heartbeats;
 use crate::substrate::{Provider, Seal, SubstrateError};
 
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
