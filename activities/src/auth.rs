@@ -566,14 +566,14 @@ mod tests {
     }
 
     fn request(cred: Credential, permission: &str) -> VerifyRequest {
-        VerifyRequest {
-            tenant: "acme".into(),
-            op: ops::FLUSH.into(),
-            target: "pool/acme".into(),
-            body: "{}".into(),
-            permission: Some(permission.into()),
-            credential: Some(cred),
-        }
+        VerifyRequest::developer(
+            "acme",
+            ops::FLUSH,
+            "pool/acme",
+            "{}".into(),
+            permission,
+            Some(cred),
+        )
     }
 
     fn denied(v: Verdict) -> String {

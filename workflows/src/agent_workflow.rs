@@ -231,14 +231,14 @@ impl AgentWorkflow {
                 format!("{}@{}", s.status.workflow, s.run_id),
             )
         });
-        let verify = VerifyRequest {
+        let verify = VerifyRequest::developer(
             tenant,
-            op: ops::KILL.to_string(),
+            ops::KILL,
             target,
-            body: unsigned_body(&req),
-            permission: Some(permissions::AGENT_EDIT.to_string()),
-            credential: req.auth.clone(),
-        };
+            unsigned_body(&req),
+            permissions::AGENT_EDIT,
+            req.auth.clone(),
+        );
         let who = gate::verify(ctx, verify).await.map_err(|r| {
             if !ctx.is_replaying() {
                 tracing::warn!(who = %r.who, error = %r.error, "kill denied");
@@ -288,14 +288,14 @@ async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<(String, u64), 
             input.workflow_id()
         )));
     }
-    let req = VerifyRequest {
-        tenant: input.tenant.clone(),
-        op: ops::SPAWN.to_string(),
-        target: workflow,
-        body: unsigned_body(&input),
-        permission: Some(permissions::AGENT_CREATE.to_string()),
-        credential: input.auth.clone(),
-    };
+    let req = VerifyRequest::developer(
+        &input.tenant,
+        ops::SPAWN,
+        workflow,
+        unsigned_body(&input),
+        permissions::AGENT_CREATE,
+        input.auth.clone(),
+    );
     let identity = gate::verify(c, req).await.map_err(|r| {
         if !c.is_replaying() {
             tracing::warn!(who = %r.who, error = %r.error, "spawn denied");

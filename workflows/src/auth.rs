@@ -97,6 +97,44 @@ pub struct VerifyRequest {
     pub credential: Option<Credential>,
 }
 
+impl VerifyRequest {
+    /// A developer's request: `body` (the message as [`unsigned_body`] renders it) of
+    /// operation `op` on workflow `target` of `tenant`, which needs `permission` (see
+    /// [`permissions`]), signed with `credential`.
+    pub fn developer(
+        tenant: impl Into<String>,
+        op: &str,
+        target: impl Into<String>,
+        body: String,
+        permission: &str,
+        credential: Option<Credential>,
+    ) -> Self {
+        Self {
+            permission: Some(permission.to_string()),
+            ..Self::service(tenant, op, target, body, credential)
+        }
+    }
+
+    /// A worker-internal request (claim, release, nuke step): like [`Self::developer`], but
+    /// no permission admits it, so only a worker's own key does.
+    pub fn service(
+        tenant: impl Into<String>,
+        op: &str,
+        target: impl Into<String>,
+        body: String,
+        credential: Option<Credential>,
+    ) -> Self {
+        Self {
+            tenant: tenant.into(),
+            op: op.to_string(),
+            target: target.into(),
+            body,
+            permission: None,
+            credential,
+        }
+    }
+}
+
 /// The verifier's answer (a denial is an answer, not an activity failure).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {

@@ -24,7 +24,7 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{BootVm, DeleteVm, DeleteVmInput, ReadHosts, on_host};
-use crate::auth::{VerifyRequest, ops, unsigned_body};
+use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::bake::{
     BAKE_WORKSPACE, BakeInput, BakeProgress, BakeReport, ImageExists, ProvisionInput, ProvisionVm,
     SnapshotInput, SnapshotVm, bake_workflow_id,
@@ -114,14 +114,14 @@ async fn bake(c: &WorkflowContext<BakeWorkflow>) -> Result<BakeReport, ApiError>
         )));
     }
     step(c, "checking the request");
-    let req = VerifyRequest {
-        tenant: input.tenant.clone(),
-        op: ops::BAKE.to_string(),
-        target: expected,
-        body: unsigned_body(&input),
-        permission: Some("image.create".to_string()),
-        credential: input.auth.clone(),
-    };
+    let req = VerifyRequest::developer(
+        &input.tenant,
+        ops::BAKE,
+        expected,
+        unsigned_body(&input),
+        permissions::IMAGE_CREATE,
+        input.auth.clone(),
+    );
     gate::verify(c, req).await.map_err(|r| {
         if !c.is_replaying() {
             tracing::warn!(who = %r.who, error = %r.error, "bake denied");

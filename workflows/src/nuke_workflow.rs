@@ -205,14 +205,14 @@ async fn authorize(
         return Ok((input.authorized_request.unwrap_or_default(), None));
     }
     let body = unsigned_body(&input);
-    let req = VerifyRequest {
-        tenant: tenant.to_string(),
-        op: ops::NUKE.to_string(),
-        target: nuke_workflow_id(tenant),
-        body: body.clone(),
-        permission: Some(permissions::POOL_DELETE.to_string()),
-        credential: input.auth.clone(),
-    };
+    let req = VerifyRequest::developer(
+        tenant,
+        ops::NUKE,
+        nuke_workflow_id(tenant),
+        body.clone(),
+        permissions::POOL_DELETE,
+        input.auth.clone(),
+    );
     let identity = gate::verify(c, req).await.map_err(|r| {
         if !c.is_replaying() {
             tracing::warn!(tenant, who = %r.who, error = %r.error, "nuke denied");

@@ -37,14 +37,13 @@ pub(super) async fn service<T: serde::Serialize>(
     credential: Option<Credential>,
 ) -> Result<Identity, ApiError> {
     let tenant = ctx.state(|s| s.pool.tenant.clone());
-    let req = VerifyRequest {
-        target: pool_workflow_id(&tenant),
-        tenant,
-        op: op.to_string(),
-        body: unsigned_body(message),
-        permission: None,
+    let req = VerifyRequest::service(
+        &tenant,
+        op,
+        pool_workflow_id(&tenant),
+        unsigned_body(message),
         credential,
-    };
+    );
     let verdict = gate::verify(ctx, req).await;
     let now = now_ms(ctx);
     let replaying = ctx.is_replaying();
@@ -118,14 +117,7 @@ async fn verify_and_admit(
     credential: Option<Credential>,
 ) -> Result<Identity, ApiError> {
     let tenant = ctx.state(|s| s.pool.tenant.clone());
-    let req = VerifyRequest {
-        tenant,
-        op: op.to_string(),
-        target,
-        body,
-        permission: Some(permission.to_string()),
-        credential: credential.clone(),
-    };
+    let req = VerifyRequest::developer(tenant, op, target, body, permission, credential.clone());
     let verdict = gate::verify(ctx, req).await;
     let now = now_ms(ctx);
     let replaying = ctx.is_replaying();

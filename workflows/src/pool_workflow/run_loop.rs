@@ -113,14 +113,14 @@ fn check_signal<'a>(
     tenant: &str,
     req: FlushRequest,
 ) -> LocalBoxFuture<'a, Outcome> {
-    let verify = VerifyRequest {
-        tenant: tenant.to_string(),
-        op: if req.nuke { ops::NUKE } else { ops::FLUSH }.to_string(),
-        target: pool_workflow_id(tenant),
-        body: unsigned_body(&req),
-        permission: Some(super::PERM_FLUSH.to_string()),
-        credential: req.auth.clone(),
-    };
+    let verify = VerifyRequest::developer(
+        tenant,
+        if req.nuke { ops::NUKE } else { ops::FLUSH },
+        pool_workflow_id(tenant),
+        unsigned_body(&req),
+        super::PERM_FLUSH,
+        req.auth.clone(),
+    );
     async move {
         let verdict = gate::verify(c, verify).await;
         Outcome::SignalChecked(Box::new(req), verdict)
