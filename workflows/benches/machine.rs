@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use murmur_workflows::machine::{ClaimRequest, Command, ConfigChange, Pool};
+use murmur_workflows::machine::{ClaimRequest, ConfigChange, Intent, Pool};
 use murmur_workflows::model::{ResourceKind, VmId, VmRecord, VmState};
 
 const VMS: u32 = 10_000;
@@ -91,15 +91,15 @@ fn events(c: &mut Criterion) {
                 workspace: "web".into(),
                 ..Default::default()
             };
-            let mut cmds = pool.claim(&req, 3_000);
+            let mut intents = pool.claim(&req, 3_000);
             let (vm, more) = pool.release(&req.request, 3_000);
-            cmds.extend(more);
+            intents.extend(more);
             if let Some(vm) = vm {
-                cmds.extend(pool.deleted(&vm, 3_000));
+                intents.extend(pool.deleted(&vm, 3_000));
             }
             let mut booted = 0;
-            for cmd in cmds {
-                if let Command::Boot(spec) = cmd {
+            for intent in intents {
+                if let Intent::Boot(spec) = intent {
                     booted += 1;
                     black_box(pool.boot_succeeded(&spec.vm, 3_000));
                 }

@@ -31,7 +31,7 @@ use crate::activity_api::{AnnounceHosts, HostLease, LeaseInput, on_host};
 use crate::error::ApiError;
 use crate::hosts::{
     DrainRequest, HostInfo, HostLeave, HostRegistration, HostView, LeaseEnd, Registry,
-    RegistryCommand,
+    RegistryIntent,
 };
 use crate::messages::{Lenient, decode_lenient};
 use crate::shell::{
@@ -56,8 +56,8 @@ pub struct RegistryInput {
 pub struct HostRegistryWorkflow {
     registry: Registry,
     carried: bool,
-    /// Commands produced by handlers, started by the run loop.
-    outbox: Vec<RegistryCommand>,
+    /// Intents produced by handlers, started by the run loop.
+    outbox: Vec<RegistryIntent>,
     /// Messages rejected for bad input.
     rejected_messages: u64,
 }
@@ -95,20 +95,20 @@ impl HostRegistryWorkflow {
             if s.carried {
                 let resumed = s.registry.resume();
                 s.outbox.extend(resumed);
-                s.outbox.push(RegistryCommand::Announce);
+                s.outbox.push(RegistryIntent::Announce);
             }
         });
         let mut in_flight: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
         let mut announcing = false;
         let mut announce_again = false;
         loop {
-            for cmd in c.state_mut(|s| std::mem::take(&mut s.outbox)) {
-                match cmd {
-                    RegistryCommand::StartLease { host, seq } => {
+            for intent in c.state_mut(|s| std::mem::take(&mut s.outbox)) {
+                match intent {
+                    RegistryIntent::StartLease { host, seq } => {
                         in_flight.push(start_lease(&c, host, seq));
                     }
-                    RegistryCommand::Announce if announcing => announce_again = true,
-                    RegistryCommand::Announce => {
+                    RegistryIntent::Announce if announcing => announce_again = true,
+                    RegistryIntent::Announce => {
                         announcing = true;
                         in_flight.push(announce(&c));
                     }
@@ -141,14 +141,14 @@ impl HostRegistryWorkflow {
                                 tracing::warn!(host = %host, lease = seq, why = %why,
                                     "host lease failed: host lost");
                             }
-                            let cmds = s.registry.lease_ended(&host, seq, end, now);
-                            s.outbox.extend(cmds);
+                            let intents = s.registry.lease_ended(&host, seq, end, now);
+                            s.outbox.extend(intents);
                         }),
                         Outcome::Announced => {
                             announcing = false;
                             if announce_again {
                                 announce_again = false;
-                                c.state_mut(|s| s.outbox.push(RegistryCommand::Announce));
+                                c.state_mut(|s| s.outbox.push(RegistryIntent::Announce));
                             }
                         }
                     }
@@ -167,12 +167,12 @@ impl HostRegistryWorkflow {
         match reg {
             Ok(reg) => {
                 let now = to_millis(ctx.workflow_time());
-                let cmds = self.registry.register(&reg, now);
-                if !cmds.is_empty() && !ctx.is_replaying() {
+                let intents = self.registry.register(&reg, now);
+                if !intents.is_empty() && !ctx.is_replaying() {
                     tracing::info!(host = %reg.host, instance = %reg.instance,
                         max_vms = reg.max_vms, memory_mb = reg.memory_mb, "host registered");
                 }
-                self.outbox.extend(cmds);
+                self.outbox.extend(intents);
             }
             Err(e) => {
                 self.rejected_messages += 1;
@@ -191,12 +191,12 @@ impl HostRegistryWorkflow {
         match leave {
             Ok(leave) => {
                 let now = to_millis(ctx.workflow_time());
-                let cmds = self.registry.leave(&leave, now);
-                if !cmds.is_empty() && !ctx.is_replaying() {
+                let intents = self.registry.leave(&leave, now);
+                if !intents.is_empty() && !ctx.is_replaying() {
                     tracing::warn!(host = %leave.host, instance = %leave.instance,
                         reason = %leave.reason, "host lost: it is leaving");
                 }
-                self.outbox.extend(cmds);
+                self.outbox.extend(intents);
             }
             Err(e) => {
                 self.rejected_messages += 1;
@@ -227,15 +227,15 @@ impl HostRegistryWorkflow {
         req: Lenient<DrainRequest>,
     ) -> Result<HostInfo, UpdateError> {
         let req = req.into_result().map_err(boxed)?;
-        let (info, cmds) = self
+        let (info, intents) = self
             .registry
             .set_draining(&req.host, !req.undo)
             .map_err(boxed)?;
-        if !cmds.is_empty() && !ctx.is_replaying() {
+        if !intents.is_empty() && !ctx.is_replaying() {
             tracing::warn!(host = %req.host, draining = !req.undo, actor = ?req.actor,
                 "host drain changed");
         }
-        self.outbox.extend(cmds);
+        self.outbox.extend(intents);
         Ok(info)
     }
 
@@ -261,11 +261,11 @@ impl HostRegistryWorkflow {
         req: Lenient<DrainRequest>,
     ) -> Result<HostInfo, UpdateError> {
         let req = req.into_result().map_err(boxed)?;
-        let (info, cmds) = self.registry.forget(&req.host).map_err(boxed)?;
+        let (info, intents) = self.registry.forget(&req.host).map_err(boxed)?;
         if !ctx.is_replaying() {
             tracing::warn!(host = %req.host, actor = ?req.actor, "lost host forgotten");
         }
-        self.outbox.extend(cmds);
+        self.outbox.extend(intents);
         Ok(info)
     }
 

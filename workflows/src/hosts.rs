@@ -9,7 +9,7 @@
 //! fails on that timeout (or on its schedule-to-start timeout, when no worker polls the queue)
 //! and the host is marked lost. Nothing here compares clocks; every decision is an event.
 //!
-//! [`Registry`] is the pure part: registrations, lease outcomes and drains in, commands out.
+//! [`Registry`] is the pure part: registrations, lease outcomes and drains in, intents out.
 
 use std::collections::BTreeMap;
 
@@ -233,7 +233,7 @@ impl HostView {
 
 /// Something the registry workflow must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RegistryCommand {
+pub enum RegistryIntent {
     /// Run lease `seq` of `host` on the host's queue.
     StartLease {
         /// The host.
@@ -275,12 +275,12 @@ impl Registry {
     }
 
     /// Leases to start in a new run (continue-as-new): one per live host.
-    pub fn resume(&self) -> Vec<RegistryCommand> {
+    pub fn resume(&self) -> Vec<RegistryIntent> {
         self.view
             .hosts
             .values()
             .filter(|h| h.state == HostState::Live)
-            .map(|h| RegistryCommand::StartLease {
+            .map(|h| RegistryIntent::StartLease {
                 host: h.host.clone(),
                 seq: h.lease,
             })
@@ -290,7 +290,7 @@ impl Registry {
     /// A worker (re)registered. A new host, a lost one coming back, or a restarted worker (new
     /// instance) gets a new lease; a repeated registration of a live worker changes nothing
     /// but its capacity.
-    pub fn register(&mut self, reg: &HostRegistration, now: Millis) -> Vec<RegistryCommand> {
+    pub fn register(&mut self, reg: &HostRegistration, now: Millis) -> Vec<RegistryIntent> {
         let entry = self
             .view
             .hosts
@@ -314,14 +314,14 @@ impl Registry {
             entry.instance = reg.instance.clone();
             entry.lease += 1;
             entry.registered_at = now;
-            out.push(RegistryCommand::StartLease {
+            out.push(RegistryIntent::StartLease {
                 host: reg.host.clone(),
                 seq: entry.lease,
             });
         }
         if !out.is_empty() || capacity_changed {
             self.view.version += 1;
-            out.push(RegistryCommand::Announce);
+            out.push(RegistryIntent::Announce);
         }
         out
     }
@@ -333,7 +333,7 @@ impl Registry {
         seq: u64,
         end: LeaseEnd,
         now: Millis,
-    ) -> Vec<RegistryCommand> {
+    ) -> Vec<RegistryIntent> {
         let Some(info) = self.view.hosts.get_mut(host) else {
             return Vec::new();
         };
@@ -341,7 +341,7 @@ impl Registry {
             return Vec::new();
         }
         match end {
-            LeaseEnd::Renew => vec![RegistryCommand::StartLease {
+            LeaseEnd::Renew => vec![RegistryIntent::StartLease {
                 host: host.to_string(),
                 seq,
             }],
@@ -352,7 +352,7 @@ impl Registry {
     /// The live instance `leave.instance` of a host stops: the host is lost now (its lease,
     /// if one runs, ends later and changes nothing). A leave of an earlier instance, or of a
     /// host that is not live, changes nothing.
-    pub fn leave(&mut self, leave: &HostLeave, now: Millis) -> Vec<RegistryCommand> {
+    pub fn leave(&mut self, leave: &HostLeave, now: Millis) -> Vec<RegistryIntent> {
         match self.view.hosts.get(&leave.host) {
             Some(info) if info.state == HostState::Live && info.instance == leave.instance => {
                 self.lose(&leave.host, leave.reason.clone(), now)
@@ -362,7 +362,7 @@ impl Registry {
     }
 
     /// Marks `host` lost for `why` and announces the view.
-    fn lose(&mut self, host: &str, why: String, now: Millis) -> Vec<RegistryCommand> {
+    fn lose(&mut self, host: &str, why: String, now: Millis) -> Vec<RegistryIntent> {
         let Some(info) = self.view.hosts.get_mut(host) else {
             return Vec::new();
         };
@@ -371,7 +371,7 @@ impl Registry {
         info.losses += 1;
         info.last_loss = Some(why);
         self.view.version += 1;
-        vec![RegistryCommand::Announce]
+        vec![RegistryIntent::Announce]
     }
 
     /// The host `host`, or `NOT_FOUND` naming the command that lists hosts.
@@ -388,7 +388,7 @@ impl Registry {
         &mut self,
         host: &str,
         draining: bool,
-    ) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
+    ) -> Result<(HostInfo, Vec<RegistryIntent>), ApiError> {
         let mut info = self.host(host)?.clone();
         if info.draining == draining {
             return Ok((info, Vec::new()));
@@ -396,7 +396,7 @@ impl Registry {
         info.draining = draining;
         self.view.hosts.insert(host.to_string(), info.clone());
         self.view.version += 1;
-        Ok((info, vec![RegistryCommand::Announce]))
+        Ok((info, vec![RegistryIntent::Announce]))
     }
 
     /// Checks that `host` may be forgotten: known, and lost. A live host cannot be forgotten:
@@ -412,11 +412,11 @@ impl Registry {
     }
 
     /// Forgets a lost host (a machine that will not come back), so views stop carrying it.
-    pub fn forget(&mut self, host: &str) -> Result<(HostInfo, Vec<RegistryCommand>), ApiError> {
+    pub fn forget(&mut self, host: &str) -> Result<(HostInfo, Vec<RegistryIntent>), ApiError> {
         self.check_forget(host)?;
         let info = self.view.hosts.remove(host).unwrap_or_default();
         self.view.version += 1;
-        Ok((info, vec![RegistryCommand::Announce]))
+        Ok((info, vec![RegistryIntent::Announce]))
     }
 }
 
@@ -451,15 +451,15 @@ mod tests {
     #[test]
     fn a_new_host_gets_a_lease_and_is_announced() {
         let mut r = Registry::new(1000);
-        let cmds = r.register(&reg("h1", "a"), 5);
+        let intents = r.register(&reg("h1", "a"), 5);
         assert_eq!(
-            cmds,
+            intents,
             vec![
-                RegistryCommand::StartLease {
+                RegistryIntent::StartLease {
                     host: "h1".into(),
                     seq: 1
                 },
-                RegistryCommand::Announce
+                RegistryIntent::Announce
             ]
         );
         assert_eq!(r.view.version, 1001);
@@ -481,7 +481,7 @@ mod tests {
         r.register(&reg("h1", "b"), 1);
         assert!(r.leave(&leave("a"), 2).is_empty());
         assert_eq!(r.view.hosts["h1"].state, HostState::Live);
-        assert_eq!(r.leave(&leave("b"), 3), vec![RegistryCommand::Announce]);
+        assert_eq!(r.leave(&leave("b"), 3), vec![RegistryIntent::Announce]);
         assert!(r.view.is_lost("h1"));
         assert_eq!(
             r.view.hosts["h1"].last_loss.as_deref(),
@@ -501,8 +501,8 @@ mod tests {
         let mut r = Registry::new(0);
         r.register(&reg("h1", "a"), 0);
         // The worker restarted before its lease timed out: new lease, same host.
-        let cmds = r.register(&reg("h1", "b"), 1);
-        assert!(cmds.contains(&RegistryCommand::StartLease {
+        let intents = r.register(&reg("h1", "b"), 1);
+        assert!(intents.contains(&RegistryIntent::StartLease {
             host: "h1".into(),
             seq: 2
         }));
@@ -514,18 +514,18 @@ mod tests {
         assert_eq!(r.view.hosts["h1"].state, HostState::Live);
         assert_eq!(
             r.lease_ended("h1", 2, LeaseEnd::Renew, 3),
-            vec![RegistryCommand::StartLease {
+            vec![RegistryIntent::StartLease {
                 host: "h1".into(),
                 seq: 2
             }]
         );
-        let cmds = r.lease_ended("h1", 2, LeaseEnd::Failed("heartbeat timeout".into()), 4);
-        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        let intents = r.lease_ended("h1", 2, LeaseEnd::Failed("heartbeat timeout".into()), 4);
+        assert_eq!(intents, vec![RegistryIntent::Announce]);
         assert!(r.view.is_lost("h1"));
         assert_eq!(r.view.hosts["h1"].losses, 1);
         // It comes back (same instance even): a new lease.
-        let cmds = r.register(&reg("h1", "b"), 5);
-        assert!(cmds.contains(&RegistryCommand::StartLease {
+        let intents = r.register(&reg("h1", "b"), 5);
+        assert!(intents.contains(&RegistryIntent::StartLease {
             host: "h1".into(),
             seq: 3
         }));
@@ -536,9 +536,9 @@ mod tests {
     fn drain_is_announced_once_and_unknown_hosts_are_not_found() {
         let mut r = Registry::new(0);
         r.register(&reg("h1", "a"), 0);
-        let (info, cmds) = r.set_draining("h1", true).unwrap();
+        let (info, intents) = r.set_draining("h1", true).unwrap();
         assert_eq!(info.state_label(), "draining");
-        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        assert_eq!(intents, vec![RegistryIntent::Announce]);
         assert!(r.set_draining("h1", true).unwrap().1.is_empty());
         assert!(!r.view.hosts["h1"].placeable());
         let e = r.set_draining("nope", true).unwrap_err();
@@ -557,9 +557,9 @@ mod tests {
             crate::error::Code::FailedPrecondition
         );
         r.lease_ended("h1", 1, LeaseEnd::Failed("gone".into()), 1);
-        let (info, cmds) = r.forget("h1").unwrap();
+        let (info, intents) = r.forget("h1").unwrap();
         assert_eq!(info.host, "h1");
-        assert_eq!(cmds, vec![RegistryCommand::Announce]);
+        assert_eq!(intents, vec![RegistryIntent::Announce]);
         assert!(r.view.hosts.is_empty());
         assert_eq!(
             r.forget("h1").unwrap_err().code,
@@ -577,7 +577,7 @@ mod tests {
         r.lease_ended("h2", 1, LeaseEnd::Failed("gone".into()), 1);
         assert_eq!(
             r.resume(),
-            vec![RegistryCommand::StartLease {
+            vec![RegistryIntent::StartLease {
                 host: "h1".into(),
                 seq: 1
             }]

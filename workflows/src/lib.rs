@@ -4,11 +4,11 @@
 //! # Layout
 //!
 //! - [`model`]: resources (pool-config, workspace), VM records, validation and patching.
-//! - [`machine`]: [`machine::Pool`], the pure state machine: events in, commands out.
+//! - [`machine`]: [`machine::Pool`], the pure state machine: events in, intents out.
 //! - [`status`]: the status view built from a pool.
 //! - [`messages`]: signal/update/query payloads and the lenient decoder.
 //! - [`activity_api`]: typed markers for the activities the workflows call.
-//! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`): handlers, run loop, commands.
+//! - [`pool_workflow`]: the Temporal shell (`pool/<tenant>`): handlers, run loop, intents.
 //! - [`shell`]: what every workflow shell shares: ids, time, deterministic waiting, failures.
 //! - [`agent`]: agents as data: phases, spawn input, status, workflow ids.
 //! - [`agent_workflow`]: one agent's life (`agent/<tenant>/<workspace>/<developer>/<slug>`).

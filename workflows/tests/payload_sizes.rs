@@ -8,7 +8,7 @@
 
 use murmur_workflows::hosts::{HostInfo, HostView};
 use murmur_workflows::machine::{
-    ClaimRequest, Command, ConfigChange, HostScan, Pool, ScanSettings, ScannedVm, VmLabels,
+    ClaimRequest, ConfigChange, HostScan, Intent, Pool, ScanSettings, ScannedVm, VmLabels,
 };
 use murmur_workflows::messages::{FLUSH_REPLY_IDS, FlushReply, PoolInput};
 use murmur_workflows::model::{ResourceKind, VmId, VmRecord, VmState};
@@ -160,7 +160,7 @@ fn check(shape: &str, pool: &Pool, carried_limit: usize) {
 
     // A flush of every warm VM: the reply lists a bounded number of ids.
     let mut flushing = pool.clone();
-    let (flushed, cmds) = flushing.flush(5_000);
+    let (flushed, intents) = flushing.flush(5_000);
     let reply = FlushReply {
         flushed: flushed.len() as u32,
         vms: flushed.into_iter().take(FLUSH_REPLY_IDS).collect(),
@@ -168,25 +168,25 @@ fn check(shape: &str, pool: &Pool, carried_limit: usize) {
         ..FlushReply::default()
     };
     sizes.push(("flush reply", size("flush reply", shape, &reply)));
-    let biggest_command = cmds
+    let biggest_command = intents
         .iter()
         .map(|c| serde_json::to_vec(c).unwrap().len())
         .max();
     println!(
         "{shape:>9} | {:<52} | {:>8} bytes",
-        "largest command of that flush",
+        "largest intent of that flush",
         biggest_command.unwrap_or(0)
     );
 
     // A reaper round: what it asks (digests per host) and what an agreeing host answers.
     let mut scanning = pool.clone();
-    let mut cmds = scanning.request_scan();
-    cmds.extend(scanning.hosts_read(None, 6_000));
+    let mut intents = scanning.request_scan();
+    intents.extend(scanning.hosts_read(None, 6_000));
     let mut requests = 0;
-    for cmd in &cmds {
-        let n = serde_json::to_vec(cmd).unwrap().len();
+    for intent in &intents {
+        let n = serde_json::to_vec(intent).unwrap().len();
         requests = requests.max(n);
-        if let Command::ListHost { host, digests, .. } = cmd {
+        if let Intent::ListHost { host, digests, .. } = intent {
             let listing: Vec<ScannedVm> = pool
                 .vms
                 .values()

@@ -26,7 +26,7 @@ use murmur_workflows::hosts::{HostInfo, HostState, HostView};
 use murmur_workflows::machine::digest::Digests;
 use murmur_workflows::machine::reaper::running_differences;
 use murmur_workflows::machine::{
-    AgentScan, AgentScanRequest, ClaimRequest, ClaimState, Command, ConfigChange, HostScan, Pool,
+    AgentScan, AgentScanRequest, ClaimRequest, ClaimState, ConfigChange, HostScan, Intent, Pool,
     PoolRecord, ScanSettings, ScannedVm, VmLabels,
 };
 use murmur_workflows::model::{ResourceKind, VmId, VmState};
@@ -46,7 +46,7 @@ const DELETING: &str = murmur_workflows::activity_api::DELETING_OWNER;
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// Finish the n-th in-flight command (modulo their number). `leak`: a failed boot left
+    /// Finish the n-th in-flight intent (modulo their number). `leak`: a failed boot left
     /// its VM behind, or a successful delete did not really delete (a ghost).
     Finish {
         pick: usize,
@@ -159,10 +159,10 @@ struct Agent {
     started: Option<VmId>,
 }
 
-/// A command in flight, with what a listing saw when it was taken.
+/// An intent in flight, with what a listing saw when it was taken.
 #[derive(Clone, Debug)]
 enum Flight {
-    Cmd(Command),
+    Intent(Intent),
     /// A delete, with the owner the pool expected when it issued it.
     Delete {
         vm: VmId,
@@ -188,8 +188,8 @@ struct World {
     now: u64,
     seed: u64,
     in_flight: Vec<Flight>,
-    /// Running timers: (deadline, the command that set them).
-    timers: Vec<(u64, Command)>,
+    /// Running timers: (deadline, the intent that set them).
+    timers: Vec<(u64, Intent)>,
     substrate: BTreeMap<VmId, ModelVm>,
     /// Every VM a boot was ever asked for.
     booted: BTreeSet<VmId>,
@@ -256,11 +256,11 @@ impl World {
                     .collect(),
             },
         };
-        let cmds = w.pool.hosts_changed(w.view.clone(), w.now);
-        w.absorb(cmds);
+        let intents = w.pool.hosts_changed(w.view.clone(), w.now);
+        w.absorb(intents);
         // The run starts (a reaper round at once).
-        let cmds = w.pool.resume(w.now);
-        w.absorb(cmds);
+        let intents = w.pool.resume(w.now);
+        w.absorb(intents);
         for ws in WORKSPACES {
             w.change(
                 ResourceKind::Workspace,
@@ -296,8 +296,8 @@ impl World {
             .pool
             .validate_change(kind, name, &change)
             .expect("valid change");
-        let (_, cmds) = self.pool.commit_change(valid, "prop", self.now);
-        self.absorb(cmds);
+        let (_, intents) = self.pool.commit_change(valid, "prop", self.now);
+        self.absorb(intents);
     }
 
     fn live_requests(&self) -> BTreeSet<String> {
@@ -310,11 +310,11 @@ impl World {
             .is_some_and(|v| self.view.is_lost(&v.host))
     }
 
-    /// Takes the commands the machine returned: checks boots, starts the rest.
-    fn absorb(&mut self, cmds: Vec<Command>) {
-        for cmd in cmds {
-            match cmd {
-                Command::Boot(spec) => {
+    /// Takes the intents the machine returned: checks boots, starts the rest.
+    fn absorb(&mut self, intents: Vec<Intent>) {
+        for intent in intents {
+            match intent {
+                Intent::Boot(spec) => {
                     if !self.booted.contains(&spec.vm) {
                         assert!(
                             self.pool.in_use() <= self.pool.config.spec.max_vms,
@@ -347,9 +347,9 @@ impl World {
                         }
                         self.booted.insert(spec.vm.clone());
                     }
-                    self.in_flight.push(Flight::Cmd(Command::Boot(spec)));
+                    self.in_flight.push(Flight::Intent(Intent::Boot(spec)));
                 }
-                Command::Delete { vm, .. } => {
+                Intent::Delete { vm, .. } => {
                     let expected = self.pool.expected_owner(&vm);
                     // The pool never asks to delete a VM a live agent owns, unless it cannot
                     // know: the VM was handed out by a run that ended before its agent
@@ -365,8 +365,8 @@ impl World {
                     }
                     self.in_flight.push(Flight::Delete { vm, expected });
                 }
-                Command::ReadHosts => self.in_flight.push(Flight::ReadHosts(self.view.clone())),
-                Command::ListHost {
+                Intent::ReadHosts => self.in_flight.push(Flight::ReadHosts(self.view.clone())),
+                Intent::ListHost {
                     round,
                     host,
                     digests,
@@ -397,7 +397,7 @@ impl World {
                         listing,
                     });
                 }
-                Command::ListAgents { round, request } => {
+                Intent::ListAgents { round, request } => {
                     let running = self.live_requests().into_iter().collect();
                     self.in_flight.push(Flight::ListAgents {
                         round,
@@ -406,13 +406,13 @@ impl World {
                         nuke_running: false,
                     });
                 }
-                Command::HoldBack { wait_ms, .. }
-                | Command::RetryDelete { wait_ms, .. }
-                | Command::NukeRetry { wait_ms }
-                | Command::NextScan { wait_ms, .. } => {
-                    self.timers.push((self.now + wait_ms, cmd));
+                Intent::HoldBack { wait_ms, .. }
+                | Intent::RetryDelete { wait_ms, .. }
+                | Intent::NukeRetry { wait_ms }
+                | Intent::NextScan { wait_ms, .. } => {
+                    self.timers.push((self.now + wait_ms, intent));
                 }
-                Command::VmLost { agent, reason } => {
+                Intent::VmLost { agent, reason } => {
                     assert!(reason.contains("was lost with host"), "{reason}");
                     // The agent ends and releases its claim (its VM is gone with the host).
                     if let Some(i) = self
@@ -421,14 +421,14 @@ impl World {
                         .position(|a| a.request.starts_with(&format!("{agent}@")))
                     {
                         let a = self.agents.remove(i);
-                        let (deleting, cmds) = self.pool.release(&a.request, self.now);
+                        let (deleting, intents) = self.pool.release(&a.request, self.now);
                         assert_eq!(deleting, None, "a lost VM is deleted again");
-                        self.absorb(cmds);
+                        self.absorb(intents);
                     }
                 }
-                Command::Notify { .. } => {}
-                cmd @ (Command::StartNuke { .. } | Command::ReadRecord) => {
-                    self.in_flight.push(Flight::Cmd(cmd));
+                Intent::Notify { .. } => {}
+                intent @ (Intent::StartNuke { .. } | Intent::ReadRecord) => {
+                    self.in_flight.push(Flight::Intent(intent));
                 }
             }
         }
@@ -440,8 +440,8 @@ impl World {
         }
         let flight = self.in_flight.remove(pick % self.in_flight.len());
         let now = self.now;
-        let cmds = match flight {
-            Flight::Cmd(Command::Boot(spec)) => {
+        let intents = match flight {
+            Flight::Intent(Intent::Boot(spec)) => {
                 let host = spec.host.clone().unwrap_or_default();
                 // A VM a failed boot leaves behind is often dead (its process exited).
                 let create = |w: &mut World, alive: bool| {
@@ -509,12 +509,12 @@ impl World {
                     }
                 }
             }
-            Flight::Cmd(Command::StartNuke { .. }) => self.pool.nuke_started(ok),
-            Flight::Cmd(Command::ReadRecord) => {
+            Flight::Intent(Intent::StartNuke { .. }) => self.pool.nuke_started(ok),
+            Flight::Intent(Intent::ReadRecord) => {
                 let record = self.record.clone();
                 self.pool.record_read(record, "memo", now)
             }
-            Flight::Cmd(other) => panic!("not an activity: {other:?}"),
+            Flight::Intent(other) => panic!("not an activity: {other:?}"),
             Flight::ReadHosts(view) => self.pool.hosts_read(ok.then_some(view), now),
             Flight::ListHost {
                 round,
@@ -544,7 +544,7 @@ impl World {
                     .agents_listed(round, scan.ok_or_else(|| "no answer".to_string()), now)
             }
         };
-        self.absorb(cmds);
+        self.absorb(intents);
     }
 
     fn advance(&mut self, ms: u64) {
@@ -555,19 +555,17 @@ impl World {
             .partition(|t| t.0 <= now);
         self.timers = running;
         for (_, timer) in due {
-            let cmds = match timer {
-                Command::HoldBack { image, seq, .. } => self.pool.hold_back_over(&image, seq, now),
-                Command::RetryDelete { vm, attempt, .. } => {
-                    self.pool.delete_retry_due(&vm, attempt)
-                }
-                Command::NukeRetry { .. } => self.pool.nuke_retry_due(),
-                Command::NextScan { round, .. } => self.pool.scan_due(round),
+            let intents = match timer {
+                Intent::HoldBack { image, seq, .. } => self.pool.hold_back_over(&image, seq, now),
+                Intent::RetryDelete { vm, attempt, .. } => self.pool.delete_retry_due(&vm, attempt),
+                Intent::NukeRetry { .. } => self.pool.nuke_retry_due(),
+                Intent::NextScan { round, .. } => self.pool.scan_due(round),
                 other => panic!("not a timer: {other:?}"),
             };
-            self.absorb(cmds);
+            self.absorb(intents);
         }
-        let cmds = self.pool.reconcile(now);
-        self.absorb(cmds);
+        let intents = self.pool.reconcile(now);
+        self.absorb(intents);
     }
 
     /// What agents do on their own between steps: look at their claim; one the pool lost
@@ -609,8 +607,8 @@ impl World {
                 {
                     let req = self.claim_request(&request, &self.agents[i].workspace.clone());
                     if self.pool.validate_claim(&req).is_ok() {
-                        let cmds = self.pool.claim(&req, now);
-                        self.absorb(cmds);
+                        let intents = self.pool.claim(&req, now);
+                        self.absorb(intents);
                     }
                 }
                 _ => {}
@@ -644,13 +642,13 @@ impl World {
                     .map(|v| v.id.clone())
                     .collect();
                 let assigned_before = self.count(VmState::Assigned);
-                let (flushed, cmds) = self.pool.flush(now);
+                let (flushed, intents) = self.pool.flush(now);
                 assert_eq!(
                     flushed.iter().cloned().collect::<BTreeSet<_>>(),
                     warm_before
                 );
                 assert_eq!(self.count(VmState::Assigned), assigned_before);
-                self.absorb(cmds);
+                self.absorb(intents);
             }
             Step::SetMinIdle { ws, n } => self.change(
                 ResourceKind::Workspace,
@@ -680,7 +678,7 @@ impl World {
                 let request = format!("agent/{TENANT}/{workspace}/dev/a{}@r1", self.next_agent);
                 let req = self.claim_request(&request, &workspace);
                 if self.pool.validate_claim(&req).is_ok() {
-                    let cmds = self.pool.claim(&req, now);
+                    let intents = self.pool.claim(&req, now);
                     // A retried claim is the same claim.
                     assert!(self.pool.validate_claim(&req).is_ok());
                     assert!(self.pool.claim(&req, now).is_empty());
@@ -690,7 +688,7 @@ impl World {
                         handed: None,
                         started: None,
                     });
-                    self.absorb(cmds);
+                    self.absorb(intents);
                 } else {
                     assert!(
                         self.pool.nuke.holds_pool(),
@@ -721,8 +719,8 @@ impl World {
                             self.claim_request(&request, &self.agents[i].workspace.clone());
                         req.taken_by = Some(DELETING.into());
                         self.agents[i].handed = None;
-                        let cmds = self.pool.claim(&req, now);
-                        self.absorb(cmds);
+                        let intents = self.pool.claim(&req, now);
+                        self.absorb(intents);
                     }
                     // Its host is lost: the agent fails and releases.
                     Some(v) if self.view.is_lost(&v.host) => self.end_agent(i),
@@ -738,8 +736,8 @@ impl World {
                                 self.claim_request(&request, &self.agents[i].workspace.clone());
                             req.taken_by = Some(owner);
                             self.agents[i].handed = None;
-                            let cmds = self.pool.claim(&req, now);
-                            self.absorb(cmds);
+                            let intents = self.pool.claim(&req, now);
+                            self.absorb(intents);
                         }
                     },
                 }
@@ -784,13 +782,13 @@ impl World {
             }
             Step::Nuke => self.nuke(),
             Step::Doorbell => {
-                let cmds = self.pool.request_scan();
-                self.absorb(cmds);
+                let intents = self.pool.request_scan();
+                self.absorb(intents);
             }
             Step::Restart => {
                 // Results of in-flight boots may have happened in the substrate already.
                 for f in &self.in_flight {
-                    if let Flight::Cmd(Command::Boot(spec)) = f {
+                    if let Flight::Intent(Intent::Boot(spec)) = f {
                         let host = spec.host.clone().unwrap_or_default();
                         self.substrate.entry(spec.vm.clone()).or_insert(ModelVm {
                             host,
@@ -810,14 +808,14 @@ impl World {
                 self.timers.clear();
                 let json = serde_json::to_string(&self.pool).unwrap();
                 self.pool = serde_json::from_str(&json).unwrap();
-                let cmds = self.pool.resume(now);
-                self.absorb(cmds);
+                let intents = self.pool.resume(now);
+                self.absorb(intents);
             }
             Step::Terminate => {
                 // In-flight boots may have created their VMs; everything the run knew is now
                 // only in the substrate and the record.
                 for f in &self.in_flight {
-                    if let Flight::Cmd(Command::Boot(spec)) = f {
+                    if let Flight::Intent(Intent::Boot(spec)) = f {
                         let host = spec.host.clone().unwrap_or_default();
                         self.substrate.entry(spec.vm.clone()).or_insert(ModelVm {
                             host,
@@ -840,8 +838,8 @@ impl World {
                 }
                 self.seed += 1;
                 self.pool = Pool::recovering(TENANT, self.seed, now);
-                let cmds = self.pool.resume(now);
-                self.absorb(cmds);
+                let intents = self.pool.resume(now);
+                self.absorb(intents);
             }
             Step::HostLost { pick } => {
                 self.change_host(*pick, |h| {
@@ -887,7 +885,7 @@ impl World {
             ClaimState::Assigned { vm, .. } => Some(vm),
             _ => None,
         };
-        let (deleting, cmds) = self.pool.release(&a.request, self.now);
+        let (deleting, intents) = self.pool.release(&a.request, self.now);
         assert_eq!(
             deleting, known,
             "release deletes exactly the VM the claim held"
@@ -901,7 +899,7 @@ impl World {
             // The pool did not know (yet) it held this VM: a reaper or recovery finds it.
             self.strays.insert(vm);
         }
-        self.absorb(cmds);
+        self.absorb(intents);
     }
 
     /// `murmur pool flush --nuke`: pause, terminate agents, wipe live hosts, reset.
@@ -918,7 +916,7 @@ impl World {
         while let Some(i) = self
             .in_flight
             .iter()
-            .position(|f| matches!(f, Flight::Cmd(Command::Boot(_))))
+            .position(|f| matches!(f, Flight::Intent(Intent::Boot(_))))
         {
             self.finish(i, true, false);
         }
@@ -930,9 +928,9 @@ impl World {
         let deleted = (before - self.substrate.len()) as u64;
         self.strays.retain(|vm| self.substrate.contains_key(vm));
         self.vanished.clear();
-        let cmds = self.pool.reset_after_nuke(deleted, self.now);
+        let intents = self.pool.reset_after_nuke(deleted, self.now);
         assert!(!self.pool.nuke.under_way());
-        self.absorb(cmds);
+        self.absorb(intents);
         // The nuke terminated every agent; their claims went with the reset.
         self.dead.clear();
         for (id, _) in self.substrate.iter() {
@@ -951,8 +949,8 @@ impl World {
             return;
         }
         self.view.version += 1;
-        let cmds = self.pool.hosts_changed(self.view.clone(), self.now);
-        self.absorb(cmds);
+        let intents = self.pool.hosts_changed(self.view.clone(), self.now);
+        self.absorb(intents);
         let lost = self.view.is_lost(host);
         if lost {
             assert!(
@@ -1032,7 +1030,7 @@ impl World {
                 leak: false,
             });
             guard += 1;
-            assert!(guard < 20_000, "commands never settle");
+            assert!(guard < 20_000, "intents never settle");
         }
     }
 }
@@ -1240,7 +1238,7 @@ fn a_failing_image_stops_backfill_instead_of_churning() {
         let Some(i) = w
             .in_flight
             .iter()
-            .position(|f| matches!(f, Flight::Cmd(Command::Boot(_))))
+            .position(|f| matches!(f, Flight::Intent(Intent::Boot(_))))
         else {
             w.drain();
             continue;
@@ -1276,27 +1274,28 @@ fn a_failing_image_stops_backfill_instead_of_churning() {
         !w.pool
             .reconcile(w.now + murmur_workflows::machine::BACKOFF_MAX_MS)
             .iter()
-            .any(|c| matches!(c, Command::Boot(_))),
+            .any(|c| matches!(c, Intent::Boot(_))),
         "the clock alone ended a hold-back"
     );
     let mut holds: Vec<(String, u64)> = w
         .timers
         .iter()
         .filter_map(|(_, t)| match t {
-            Command::HoldBack { image, seq, .. } => Some((image.clone(), *seq)),
+            Intent::HoldBack { image, seq, .. } => Some((image.clone(), *seq)),
             _ => None,
         })
         .collect();
     holds.sort_by_key(|h| h.1);
     let (image, seq) = holds.pop().expect("a hold-back timer runs");
     for (old_image, old_seq) in holds {
-        let cmds = w.pool.hold_back_over(&old_image, old_seq, w.now);
-        assert!(!cmds.iter().any(|c| matches!(c, Command::Boot(_))));
+        let intents = w.pool.hold_back_over(&old_image, old_seq, w.now);
+        assert!(!intents.iter().any(|c| matches!(c, Intent::Boot(_))));
     }
-    let cmds = w.pool.hold_back_over(&image, seq, w.now);
+    let intents = w.pool.hold_back_over(&image, seq, w.now);
     assert_eq!(
-        cmds.iter()
-            .filter(|c| matches!(c, Command::Boot(_)))
+        intents
+            .iter()
+            .filter(|c| matches!(c, Intent::Boot(_)))
             .count(),
         1
     );
@@ -1306,8 +1305,8 @@ fn claim(w: &mut World, n: u32, ws: &str) -> String {
     let request = format!("agent/{TENANT}/{ws}/dev/n{n}@r1");
     let req = w.claim_request(&request, ws);
     w.pool.validate_claim(&req).expect("claim accepted");
-    let cmds = w.pool.claim(&req, w.now);
-    w.absorb(cmds);
+    let intents = w.pool.claim(&req, w.now);
+    w.absorb(intents);
     w.agents.push(Agent {
         request: request.clone(),
         workspace: ws.into(),

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Pool};
+use super::{Intent, Pool};
 use crate::error::ApiError;
 use crate::model::{DeleteReason, Millis, VmId, VmState};
 
@@ -144,7 +144,7 @@ impl Pool {
 
     /// Records a claim (idempotent by request id) and serves what can be served. A claim
     /// whose VM was found taken by another agent gives the VM to that agent and waits again.
-    pub fn claim(&mut self, req: &ClaimRequest, now: Millis) -> Vec<Command> {
+    pub fn claim(&mut self, req: &ClaimRequest, now: Millis) -> Vec<Intent> {
         if let Some(owner) = &req.taken_by {
             return self.vm_taken(&req.request, owner, now);
         }
@@ -201,8 +201,8 @@ impl Pool {
 
     /// The agent behind `request` ended: its VM is deleted (never returned to the pool) and the
     /// claim forgotten. A VM still booting for it joins the pool like any other boot. Returns
-    /// the VM being deleted, if any, and the commands. Releasing an unknown claim does nothing.
-    pub fn release(&mut self, request: &str, now: Millis) -> (Option<VmId>, Vec<Command>) {
+    /// the VM being deleted, if any, and the intents. Releasing an unknown claim does nothing.
+    pub fn release(&mut self, request: &str, now: Millis) -> (Option<VmId>, Vec<Intent>) {
         let Some(claim) = self.claims.remove(request) else {
             return (None, Vec::new());
         };
@@ -237,9 +237,9 @@ impl Pool {
     }
 
     /// Serves waiting claims: a fresh warm VM of the claim's workspace when there is one,
-    /// else a cold boot while there is room, first come first served. Returns the commands
+    /// else a cold boot while there is room, first come first served. Returns the intents
     /// and whether some claim is still waiting for room (backfill must then hold back).
-    pub(super) fn serve_claims(&mut self, now: Millis) -> (Vec<Command>, bool) {
+    pub(super) fn serve_claims(&mut self, now: Millis) -> (Vec<Intent>, bool) {
         let mut out = Vec::new();
         let mut waiting_for_room = 0u32;
         for request in self.waiting_claims() {
@@ -262,13 +262,13 @@ impl Pool {
                 if let Some(c) = self.claims.get_mut(&request) {
                     c.vm = Some(vm);
                 }
-                out.push(Command::Notify { agent });
+                out.push(Intent::Notify { agent });
                 continue;
             }
             if waiting_for_room == 0
                 && self.recovery.is_none()
                 && self.in_use() < self.config.spec.max_vms
-                && let Some(Command::Boot(boot)) = self.start_boot(&workspace, &spec, now)
+                && let Some(Intent::Boot(boot)) = self.start_boot(&workspace, &spec, now)
             {
                 if let Some(rec) = self.vms.get_mut(&boot.vm) {
                     rec.claim = Some(request.clone());
@@ -277,7 +277,7 @@ impl Pool {
                 if let Some(c) = self.claims.get_mut(&request) {
                     c.vm = Some(boot.vm.clone());
                 }
-                out.push(Command::Boot(boot));
+                out.push(Intent::Boot(boot));
                 continue;
             }
             waiting_for_room += 1;
@@ -290,7 +290,7 @@ impl Pool {
 
     /// Makes room for claims waiting at `max_vms`: deletes warm VMs (stale ones first, then
     /// the oldest), counting the deletes already under way as room on its way.
-    fn evict_for_claims(&mut self, waiting: u32) -> Vec<Command> {
+    fn evict_for_claims(&mut self, waiting: u32) -> Vec<Intent> {
         let wanted = waiting.saturating_sub(self.deleting()) as usize;
         self.warm_in_eviction_order()
             .into_iter()
@@ -318,7 +318,7 @@ impl Pool {
     /// A VM booted for a claim came up: it is the claim's, whatever happened to the pool's
     /// generation meanwhile; returns the notification for its agent. `None` when the claim is
     /// gone (the VM then joins the pool).
-    pub(super) fn hand_booted_vm_to_claim(&mut self, vm: &VmId) -> Option<Command> {
+    pub(super) fn hand_booted_vm_to_claim(&mut self, vm: &VmId) -> Option<Intent> {
         let request = self.vms.get(vm).and_then(|v| v.claim.clone())?;
         let owner = self
             .claims
@@ -329,7 +329,7 @@ impl Pool {
         match owner {
             Some(agent) => {
                 rec.state = VmState::Assigned;
-                Some(Command::Notify { agent })
+                Some(Intent::Notify { agent })
             }
             None => {
                 rec.claim = None;
@@ -341,7 +341,7 @@ impl Pool {
 
     /// A VM booted for a claim failed: the claim fails with the boot's error; returns the
     /// notification for its agent.
-    pub(super) fn fail_claim_of(&mut self, vm: &VmId, error: &str) -> Option<Command> {
+    pub(super) fn fail_claim_of(&mut self, vm: &VmId, error: &str) -> Option<Intent> {
         let request = self.vms.get(vm).and_then(|v| v.claim.clone())?;
         let c = self.claims.get_mut(&request)?;
         if c.vm.as_ref() != Some(vm) {
@@ -349,7 +349,7 @@ impl Pool {
         }
         c.vm = None;
         c.failed = Some(format!("the VM booted for this agent failed: {error}"));
-        Some(Command::Notify {
+        Some(Intent::Notify {
             agent: c.agent.clone(),
         })
     }
@@ -366,7 +366,7 @@ impl Pool {
     /// agent's claim request, as the substrate records it): a pool that recovered adopted a
     /// VM as warm before its first agent had started on it. The VM goes to `owner` (adopting
     /// its claim if the pool does not know it) and `request` waits for another VM.
-    fn vm_taken(&mut self, request: &str, owner: &str, now: Millis) -> Vec<Command> {
+    fn vm_taken(&mut self, request: &str, owner: &str, now: Millis) -> Vec<Intent> {
         let Some(vm) = self.claims.get(request).and_then(|c| c.vm.clone()) else {
             return self.reconcile(now);
         };
@@ -437,7 +437,7 @@ impl Pool {
 
     /// A delete was refused because the substrate records `owner` (another agent's claim)
     /// as the VM's owner: the VM is that agent's, not the pool's to delete.
-    pub fn delete_refused(&mut self, vm: &VmId, owner: &str, now: Millis) -> Vec<Command> {
+    pub fn delete_refused(&mut self, vm: &VmId, owner: &str, now: Millis) -> Vec<Intent> {
         if self.vms.contains_key(vm) {
             self.give_to_owner(vm, owner, now);
         }

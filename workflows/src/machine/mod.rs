@@ -1,10 +1,10 @@
 //! The pure pool state machine: the tenant's VM inventory and every decision about it.
 //!
 //! The pool workflow feeds [`Pool`] events (activity results, flushes, config edits, timer
-//! ticks, reaper listings) and executes the [`Command`]s it returns: activities to start and
+//! ticks, reaper listings) and executes the [`Intent`]s it returns: activities to start and
 //! timers to set. Every change ends in the same [`Pool::reconcile`] step that compares what
 //! is wanted (each workspace's `min_idle` of fresh VMs, under `max_vms`) with what exists and
-//! emits boots and deletes. A command's intent is recorded in the inventory *before* it is
+//! emits boots and deletes. An intent is recorded in the inventory *before* it is
 //! returned (a VM is `booting` as soon as its boot is asked for, `deleting` as soon as its
 //! delete is), so in-flight work always counts towards `max_vms` and a new run can re-issue
 //! whatever was in flight ([`Pool::resume`]).
@@ -62,9 +62,9 @@ pub const MAX_WORKSPACES: usize = 256;
 pub const MAX_DENIALS: usize = 20;
 
 /// Something the workflow shell must do in the world: an activity to start, a signal to
-/// send, or a timer to set (timers end in the event the command names).
+/// send, or a timer to set (timers end in the event the intent names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Command {
+pub enum Intent {
     /// Create the VM and wait for its readiness handshake.
     Boot(BootSpec),
     /// Delete the VM from the substrate (idempotent).
@@ -341,21 +341,21 @@ impl Pool {
         u32::try_from(self.vms.len()).unwrap_or(u32::MAX)
     }
 
-    /// Commands that re-issue every operation that was in flight, for a new workflow run
+    /// Intents that re-issue every operation that was in flight, for a new workflow run
     /// whose activities and timers did not carry over: boots and deletes (idempotent by VM
     /// id), the timers of hold-backs and stuck deletes, the nuke's pending step, the record
     /// read of a recovery, and a reaper round at once.
-    pub fn resume(&mut self, now: Millis) -> Vec<Command> {
+    pub fn resume(&mut self, now: Millis) -> Vec<Intent> {
         let mut out = Vec::new();
         for vm in self.vms.values() {
             match vm.state {
-                VmState::Booting => out.push(Command::Boot(self.boot_spec(vm))),
-                VmState::Deleting if vm.delete_failures > 0 => out.push(Command::RetryDelete {
+                VmState::Booting => out.push(Intent::Boot(self.boot_spec(vm))),
+                VmState::Deleting if vm.delete_failures > 0 => out.push(Intent::RetryDelete {
                     vm: vm.id.clone(),
                     attempt: vm.delete_failures,
                     wait_ms: delete_backoff(vm.delete_failures),
                 }),
-                VmState::Deleting => out.push(Command::Delete {
+                VmState::Deleting => out.push(Intent::Delete {
                     vm: vm.id.clone(),
                     reason: vm.delete_reason.unwrap_or(DeleteReason::Orphan),
                 }),
@@ -364,7 +364,7 @@ impl Pool {
         }
         for (image, h) in &self.images {
             if h.held {
-                out.push(Command::HoldBack {
+                out.push(Intent::HoldBack {
                     image: image.clone(),
                     seq: h.hold_seq,
                     wait_ms: h.backoff_until.map_or(1, |t| t.saturating_sub(now).max(1)),
@@ -395,7 +395,7 @@ impl Pool {
     }
 
     /// A VM finished its readiness handshake.
-    pub fn boot_succeeded(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
+    pub fn boot_succeeded(&mut self, vm: &VmId, now: Millis) -> Vec<Intent> {
         let mut out = Vec::new();
         let current_generation = self.generation;
         let round = self.reaper.rounds;
@@ -415,7 +415,7 @@ impl Pool {
                 {
                     rec.state = VmState::Deleting;
                     rec.delete_reason = Some(DeleteReason::StaleGeneration);
-                    out.push(Command::Delete {
+                    out.push(Intent::Delete {
                         vm: vm.clone(),
                         reason: DeleteReason::StaleGeneration,
                     });
@@ -436,8 +436,8 @@ impl Pool {
 
     /// A VM did not become ready (or its create failed). It is deleted, in case the substrate
     /// created something before failing, and the image's failure count goes up.
-    pub fn boot_failed(&mut self, vm: &VmId, error: &str, now: Millis) -> Vec<Command> {
-        let mut out: Vec<Command> = self.fail_claim_of(vm, error).into_iter().collect();
+    pub fn boot_failed(&mut self, vm: &VmId, error: &str, now: Millis) -> Vec<Intent> {
+        let mut out: Vec<Intent> = self.fail_claim_of(vm, error).into_iter().collect();
         match self.vms.get_mut(vm) {
             Some(rec) if rec.state == VmState::Booting => {
                 rec.state = VmState::Deleting;
@@ -454,13 +454,13 @@ impl Pool {
                     h.backoff_until = Some(now + wait);
                     h.held = true;
                     h.hold_seq += 1;
-                    out.push(Command::HoldBack {
+                    out.push(Intent::HoldBack {
                         image: image.clone(),
                         seq: h.hold_seq,
                         wait_ms: wait,
                     });
                 }
-                out.push(Command::Delete {
+                out.push(Intent::Delete {
                     vm: vm.clone(),
                     reason: DeleteReason::BootFailed,
                 });
@@ -482,7 +482,7 @@ impl Pool {
         host: Option<&str>,
         result: Result<(), &str>,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         if !self.vms.contains_key(vm) {
             let mut out = Vec::new();
             // A lost host cannot be asked to delete it; its reaper will, once it is back.
@@ -499,7 +499,7 @@ impl Pool {
     }
 
     /// The substrate confirmed the VM is gone.
-    pub fn deleted(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
+    pub fn deleted(&mut self, vm: &VmId, now: Millis) -> Vec<Intent> {
         if self.vms.remove(vm).is_some() {
             self.counters.deleted += 1;
             self.reaper.forgot(vm);
@@ -512,7 +512,7 @@ impl Pool {
     /// status, and the delete is tried again after a back-off timer, so nothing (a flush's
     /// answer, continue-as-new) waits for it. A VM whose host is lost cannot be asked: it is
     /// written off (its host's reaper deletes it if the host comes back).
-    pub fn delete_failed(&mut self, vm: &VmId, error: &str) -> Vec<Command> {
+    pub fn delete_failed(&mut self, vm: &VmId, error: &str) -> Vec<Intent> {
         if let Some(host) = self.vms.get(vm).and_then(|v| v.host.clone())
             && self.hosts.is_lost(&host)
         {
@@ -526,7 +526,7 @@ impl Pool {
                 rec.delete_failures += 1;
                 rec.delete_error = Some(truncate(error, 512));
                 self.counters.delete_failures += 1;
-                vec![Command::RetryDelete {
+                vec![Intent::RetryDelete {
                     vm: vm.clone(),
                     attempt: rec.delete_failures,
                     wait_ms: delete_backoff(rec.delete_failures),
@@ -538,10 +538,10 @@ impl Pool {
 
     /// The back-off timer of a stuck delete fired: delete again (a stale timer, for a VM that
     /// is gone or failed again since, changes nothing).
-    pub fn delete_retry_due(&mut self, vm: &VmId, attempt: u32) -> Vec<Command> {
+    pub fn delete_retry_due(&mut self, vm: &VmId, attempt: u32) -> Vec<Intent> {
         match self.vms.get(vm) {
             Some(rec) if rec.state == VmState::Deleting && rec.delete_failures == attempt => {
-                vec![Command::Delete {
+                vec![Intent::Delete {
                     vm: vm.clone(),
                     reason: rec.delete_reason.unwrap_or(DeleteReason::Orphan),
                 }]
@@ -555,7 +555,7 @@ impl Pool {
         self.vms.values().filter(|v| v.stuck_deleting())
     }
 
-    fn adopt_orphan(&mut self, vm: &VmId, host: Option<String>, now: Millis) -> Command {
+    fn adopt_orphan(&mut self, vm: &VmId, host: Option<String>, now: Millis) -> Intent {
         self.vms.insert(
             vm.clone(),
             VmRecord {
@@ -576,7 +576,7 @@ impl Pool {
                 warm_round: 0,
             },
         );
-        Command::Delete {
+        Intent::Delete {
             vm: vm.clone(),
             reason: DeleteReason::Orphan,
         }
@@ -584,8 +584,8 @@ impl Pool {
 
     /// Flush: bump the generation and destroy every warm VM at once. Booting VMs are discarded
     /// when they come up; assigned VMs are not touched. Returns the flushed VM ids and the
-    /// commands (deletes, then backfill from the current images).
-    pub fn flush(&mut self, now: Millis) -> (Vec<VmId>, Vec<Command>) {
+    /// intents (deletes, then backfill from the current images).
+    pub fn flush(&mut self, now: Millis) -> (Vec<VmId>, Vec<Intent>) {
         self.generation += 1;
         self.record_changed();
         self.counters.flushes += 1;
@@ -596,7 +596,7 @@ impl Pool {
                 rec.state = VmState::Deleting;
                 rec.delete_reason = Some(DeleteReason::Flush);
                 flushed.push(rec.id.clone());
-                out.push(Command::Delete {
+                out.push(Intent::Delete {
                     vm: rec.id.clone(),
                     reason: DeleteReason::Flush,
                 });
@@ -707,7 +707,7 @@ impl Pool {
         change: ValidChange,
         actor: &str,
         now: Millis,
-    ) -> (ResourceDoc, Vec<Command>) {
+    ) -> (ResourceDoc, Vec<Intent>) {
         let doc = match change {
             ValidChange::PoolConfig(spec) => {
                 if spec != self.config.spec {
@@ -782,7 +782,7 @@ impl Pool {
     /// warm VMs when their room is needed). While a nuke holds the pool nothing happens;
     /// while the pool recovers, claims are served only from VMs it has adopted, and nothing
     /// boots or is shed (the inventory is not complete yet, so `max_vms` cannot be judged).
-    pub fn reconcile(&mut self, now: Millis) -> Vec<Command> {
+    pub fn reconcile(&mut self, now: Millis) -> Vec<Intent> {
         self.last_reconcile_at = self.last_reconcile_at.max(now);
         if self.nuke.holds_pool() {
             return Vec::new();
@@ -878,7 +878,7 @@ impl Pool {
 
     /// When `max_vms` was lowered below what exists, deletes warm VMs (stale ones first, then
     /// the oldest) until what remains fits. Assigned VMs are never touched.
-    fn shed_over_capacity(&mut self) -> Vec<Command> {
+    fn shed_over_capacity(&mut self) -> Vec<Intent> {
         let excess = self
             .in_use()
             .saturating_sub(self.config.spec.max_vms)
@@ -927,7 +927,7 @@ impl Pool {
 
     /// The timer of hold-back `seq` of `image` fired: backfill may try the image again (one
     /// probe boot at a time). The timer of an older hold-back changes nothing.
-    pub fn hold_back_over(&mut self, image: &str, seq: u64, now: Millis) -> Vec<Command> {
+    pub fn hold_back_over(&mut self, image: &str, seq: u64, now: Millis) -> Vec<Intent> {
         if let Some(h) = self.images.get_mut(image)
             && h.held
             && h.hold_seq == seq
@@ -960,12 +960,12 @@ impl Pool {
             .map(|v| v.id.clone())
     }
 
-    fn mark_deleting(&mut self, id: &VmId, reason: DeleteReason) -> Command {
+    fn mark_deleting(&mut self, id: &VmId, reason: DeleteReason) -> Intent {
         if let Some(rec) = self.vms.get_mut(id) {
             rec.state = VmState::Deleting;
             rec.delete_reason = Some(reason);
         }
-        Command::Delete {
+        Intent::Delete {
             vm: id.clone(),
             reason,
         }
@@ -973,12 +973,7 @@ impl Pool {
 
     /// Records a new VM of `workspace` as booting and returns its boot, placed on a host;
     /// `None` when no host has room for it.
-    fn start_boot(
-        &mut self,
-        workspace: &str,
-        spec: &WorkspaceSpec,
-        now: Millis,
-    ) -> Option<Command> {
+    fn start_boot(&mut self, workspace: &str, spec: &WorkspaceSpec, now: Millis) -> Option<Intent> {
         let memory_mb = spec.environment.memory_mb;
         let host = Some(self.place(memory_mb)?);
         let id = self.next_vm_id();
@@ -1000,9 +995,9 @@ impl Pool {
             warm_round: 0,
         };
         self.counters.boots += 1;
-        let cmd = Command::Boot(self.boot_spec(&rec));
+        let intent = Intent::Boot(self.boot_spec(&rec));
         self.vms.insert(id, rec);
-        Some(cmd)
+        Some(intent)
     }
 
     /// Draws the next unused VM id from a deterministic sequence (splitmix64 over the seed).

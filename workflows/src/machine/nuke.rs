@@ -6,7 +6,7 @@
 //! with `nuke` reaches the pool, which verifies and admits the request and starts the nuke
 //! as a child. Either way the nuke's pause step is where the pool lets it hold the pool.
 //!
-//! | from | event | to | command |
+//! | from | event | to | intent |
 //! |---|---|---|---|
 //! | `Idle` | [`Pool::request_nuke`] | `Starting` | `StartNuke` |
 //! | `Starting` | [`Pool::nuke_started`]`(true)` | `Started` | — |
@@ -20,12 +20,12 @@
 //!
 //! Only `Paused` stops hand-outs and backfill. A request made while a nuke is already under
 //! way joins it (the caller waits for the next reset). `Starting` and `RetryWait` re-issue
-//! their command in a new run ([`Pool::resume`]); starting a nuke that already runs fails and
+//! their intent in a new run ([`Pool::resume`]); starting a nuke that already runs fails and
 //! is retried until that nuke pauses the pool, so the states converge.
 
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Pool};
+use super::{Intent, Pool};
 use crate::error::ApiError;
 use crate::model::Millis;
 
@@ -92,7 +92,7 @@ impl NukeState {
 impl Pool {
     /// A verified, admitted `flush` with `nuke`: start the nuke, unless one is already under
     /// way (then the caller joins it).
-    pub fn request_nuke(&mut self, request: &str, actor: &str) -> Vec<Command> {
+    pub fn request_nuke(&mut self, request: &str, actor: &str) -> Vec<Intent> {
         if self.nuke.under_way() {
             return Vec::new();
         }
@@ -100,7 +100,7 @@ impl Pool {
             request: request.to_string(),
             actor: actor.to_string(),
         };
-        vec![Command::StartNuke {
+        vec![Intent::StartNuke {
             request: request.to_string(),
             actor: actor.to_string(),
         }]
@@ -108,7 +108,7 @@ impl Pool {
 
     /// The start of the nuke ended: it runs (`true`), or the previous nuke has not closed yet
     /// (`false`: wait, then try again).
-    pub fn nuke_started(&mut self, started: bool) -> Vec<Command> {
+    pub fn nuke_started(&mut self, started: bool) -> Vec<Intent> {
         let NukeState::Starting { request, actor } = std::mem::take(&mut self.nuke) else {
             // Paused meanwhile by the nuke that runs: nothing to do.
             return Vec::new();
@@ -118,21 +118,21 @@ impl Pool {
             Vec::new()
         } else {
             self.nuke = NukeState::RetryWait { request, actor };
-            vec![Command::NukeRetry {
+            vec![Intent::NukeRetry {
                 wait_ms: NUKE_RETRY_MS,
             }]
         }
     }
 
     /// The retry timer of a nuke start fired.
-    pub fn nuke_retry_due(&mut self) -> Vec<Command> {
+    pub fn nuke_retry_due(&mut self) -> Vec<Intent> {
         match std::mem::take(&mut self.nuke) {
             NukeState::RetryWait { request, actor } => {
                 self.nuke = NukeState::Starting {
                     request: request.clone(),
                     actor: actor.clone(),
                 };
-                vec![Command::StartNuke { request, actor }]
+                vec![Intent::StartNuke { request, actor }]
             }
             other => {
                 self.nuke = other;
@@ -174,7 +174,7 @@ impl Pool {
     /// the substrate, so the pool forgets its inventory and claims, bumps the generation and
     /// resumes backfill (empty). `deleted` counts towards the totals. A reset of a pool no
     /// nuke holds (a retried reset) changes nothing.
-    pub fn reset_after_nuke(&mut self, deleted: u64, now: Millis) -> Vec<Command> {
+    pub fn reset_after_nuke(&mut self, deleted: u64, now: Millis) -> Vec<Intent> {
         let NukeState::Paused { since, .. } = self.nuke else {
             return Vec::new();
         };
@@ -194,7 +194,7 @@ impl Pool {
 
     /// The reaper found no nuke running for the whole grace period while one was under way
     /// (it was terminated by hand, or died before its pause): the pool stops waiting for it.
-    pub fn nuke_abandoned(&mut self, now: Millis) -> Vec<Command> {
+    pub fn nuke_abandoned(&mut self, now: Millis) -> Vec<Intent> {
         if !self.nuke.under_way() {
             return Vec::new();
         }
@@ -203,14 +203,14 @@ impl Pool {
         self.reconcile(now)
     }
 
-    /// Commands that re-issue the nuke's pending step in a new run.
-    pub(super) fn resume_nuke(&self) -> Vec<Command> {
+    /// Intents that re-issue the nuke's pending step in a new run.
+    pub(super) fn resume_nuke(&self) -> Vec<Intent> {
         match &self.nuke {
-            NukeState::Starting { request, actor } => vec![Command::StartNuke {
+            NukeState::Starting { request, actor } => vec![Intent::StartNuke {
                 request: request.clone(),
                 actor: actor.clone(),
             }],
-            NukeState::RetryWait { .. } => vec![Command::NukeRetry {
+            NukeState::RetryWait { .. } => vec![Intent::NukeRetry {
                 wait_ms: NUKE_RETRY_MS,
             }],
             _ => Vec::new(),

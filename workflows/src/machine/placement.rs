@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Command, Pool};
+use super::{Intent, Pool};
 use crate::hosts::HostView;
 use crate::model::{DeleteReason, Millis, VmId, VmState};
 
@@ -73,7 +73,7 @@ impl Pool {
     /// The registry's view of the hosts changed. An older view than the one held changes
     /// nothing. VMs of lost hosts are written off; warm VMs of draining hosts are deleted;
     /// then the usual reconcile backfills elsewhere.
-    pub fn hosts_changed(&mut self, view: HostView, now: Millis) -> Vec<Command> {
+    pub fn hosts_changed(&mut self, view: HostView, now: Millis) -> Vec<Intent> {
         if view.version < self.hosts.version {
             return Vec::new();
         }
@@ -102,7 +102,7 @@ impl Pool {
     /// the reconcile places a new boot elsewhere: the host counts as unreachable, and gets no
     /// new VM, until the next host view arrives (at the next reaper scan, or sooner when the
     /// registry announces a change). Not an image failure.
-    pub fn boot_not_started(&mut self, vm: &VmId, now: Millis) -> Vec<Command> {
+    pub fn boot_not_started(&mut self, vm: &VmId, now: Millis) -> Vec<Intent> {
         if let Some(rec) = self.vms.get(vm)
             && rec.state == VmState::Booting
         {
@@ -123,7 +123,7 @@ impl Pool {
     /// Forgets a VM whose host was lost: it cannot be reached, so nothing is asked of it (the
     /// host's reaper deletes it if the host comes back). A claim it was booting for waits for
     /// another VM in its place in the queue; the agent holding it is told its claim failed.
-    fn write_off(&mut self, id: &VmId, host: &str) -> Option<Command> {
+    fn write_off(&mut self, id: &VmId, host: &str) -> Option<Intent> {
         let rec = self.vms.remove(id)?;
         self.reaper.forgot(id);
         self.counters.written_off += 1;
@@ -133,7 +133,7 @@ impl Pool {
         if rec.state == VmState::Assigned {
             let reason = format!("VM {id} was lost with host {host}");
             claim.failed = Some(reason.clone());
-            return Some(Command::VmLost {
+            return Some(Intent::VmLost {
                 agent: claim.agent.clone(),
                 reason,
             });
@@ -166,7 +166,7 @@ mod tests {
         }
     }
 
-    fn pool_with(min_idle: u32, hosts: Vec<HostInfo>) -> (Pool, Vec<Command>) {
+    fn pool_with(min_idle: u32, hosts: Vec<HostInfo>) -> (Pool, Vec<Intent>) {
         let mut pool = Pool::new("t", 7, 0);
         pool.hosts_changed(view(1, hosts), 0);
         let change = pool
@@ -179,14 +179,14 @@ mod tests {
                 },
             )
             .unwrap();
-        let (_, cmds) = pool.commit_change(change, "ana", 0);
-        (pool, cmds)
+        let (_, intents) = pool.commit_change(change, "ana", 0);
+        (pool, intents)
     }
 
-    fn boots_per_host(cmds: &[Command]) -> BTreeMap<String, u32> {
+    fn boots_per_host(intents: &[Intent]) -> BTreeMap<String, u32> {
         let mut per = BTreeMap::new();
-        for c in cmds {
-            if let Command::Boot(b) = c {
+        for c in intents {
+            if let Intent::Boot(b) = c {
                 *per.entry(b.host.clone().unwrap_or_default()).or_insert(0) += 1;
             }
         }
@@ -195,9 +195,9 @@ mod tests {
 
     #[test]
     fn boots_spread_across_hosts_by_load() {
-        let (_, cmds) = pool_with(6, vec![host("a", 4), host("b", 4), host("c", 8)]);
+        let (_, intents) = pool_with(6, vec![host("a", 4), host("b", 4), host("c", 8)]);
         // Loads: a 2/4, b 2/4, c 2/8... the least-loaded host gets each boot in turn.
-        let per = boots_per_host(&cmds);
+        let per = boots_per_host(&intents);
         assert_eq!(per.values().sum::<u32>(), 6);
         assert!(per.len() == 3, "{per:?}");
         assert!(per["c"] >= per["a"]);
@@ -205,29 +205,29 @@ mod tests {
 
     #[test]
     fn capacity_is_respected_and_no_room_boots_nothing() {
-        let (pool, cmds) = pool_with(5, vec![host("a", 1), host("b", 2)]);
-        assert_eq!(boots_per_host(&cmds).values().sum::<u32>(), 3);
+        let (pool, intents) = pool_with(5, vec![host("a", 1), host("b", 2)]);
+        assert_eq!(boots_per_host(&intents).values().sum::<u32>(), 3);
         assert!(pool.no_host_with_room(256));
         let mut small = host("m", 10);
         small.memory_mb = 600;
-        let (_, cmds) = pool_with(5, vec![small]);
+        let (_, intents) = pool_with(5, vec![small]);
         // 256 MiB each: two fit in 600.
-        assert_eq!(boots_per_host(&cmds).values().sum::<u32>(), 2);
+        assert_eq!(boots_per_host(&intents).values().sum::<u32>(), 2);
     }
 
     #[test]
     fn without_hosts_nothing_boots_until_one_registers() {
-        let (mut pool, cmds) = pool_with(2, vec![]);
-        assert!(cmds.is_empty());
-        let cmds = pool.hosts_changed(view(2, vec![host("a", 4)]), 1);
-        assert_eq!(boots_per_host(&cmds)["a"], 2);
+        let (mut pool, intents) = pool_with(2, vec![]);
+        assert!(intents.is_empty());
+        let intents = pool.hosts_changed(view(2, vec![host("a", 4)]), 1);
+        assert_eq!(boots_per_host(&intents)["a"], 2);
     }
 
     #[test]
     fn a_lost_host_is_written_off_and_replaced_elsewhere() {
-        let (mut pool, cmds) = pool_with(4, vec![host("a", 4), host("b", 4)]);
-        for c in &cmds {
-            if let Command::Boot(b) = c {
+        let (mut pool, intents) = pool_with(4, vec![host("a", 4), host("b", 4)]);
+        for c in &intents {
+            if let Intent::Boot(b) = c {
                 pool.boot_succeeded(&b.vm, 1);
             }
         }
@@ -247,7 +247,7 @@ mod tests {
         let mut lost = view(3, vec![host("a", 4), host("b", 4)]);
         lost.hosts.get_mut(&held_host).unwrap().state = HostState::Lost;
         let before = pool.vms.len();
-        let cmds = pool.hosts_changed(lost, 3);
+        let intents = pool.hosts_changed(lost, 3);
         let on_lost = pool
             .vms
             .values()
@@ -255,9 +255,9 @@ mod tests {
             .count();
         assert_eq!(on_lost, 0);
         assert!(pool.counters.written_off >= 1);
-        assert!(pool.vms.len() < before + boots_per_host(&cmds).values().sum::<u32>() as usize);
-        assert!(!boots_per_host(&cmds).contains_key(&held_host));
-        assert!(cmds.contains(&Command::VmLost {
+        assert!(pool.vms.len() < before + boots_per_host(&intents).values().sum::<u32>() as usize);
+        assert!(!boots_per_host(&intents).contains_key(&held_host));
+        assert!(intents.contains(&Intent::VmLost {
             agent: "agent/x".into(),
             reason: format!("VM {vm} was lost with host {held_host}"),
         }));
@@ -273,8 +273,8 @@ mod tests {
         pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 4);
         assert!(!pool.vms.contains_key(&ghost));
         pool.hosts_changed(view(4, vec![host("a", 4), host("b", 4)]), 5);
-        let cmds = pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 6);
-        assert!(cmds.contains(&Command::Delete {
+        let intents = pool.boot_ended_on(&ghost, Some(&held_host), Ok(()), 6);
+        assert!(intents.contains(&Intent::Delete {
             vm: ghost.clone(),
             reason: DeleteReason::Orphan
         }));
@@ -283,14 +283,14 @@ mod tests {
 
     #[test]
     fn a_host_that_does_not_pick_up_a_boot_gets_none_until_the_next_view() {
-        let (mut pool, cmds) = pool_with(1, vec![host("a", 4), host("b", 4)]);
-        let Some(Command::Boot(first)) = cmds.into_iter().find(|c| matches!(c, Command::Boot(_)))
+        let (mut pool, intents) = pool_with(1, vec![host("a", 4), host("b", 4)]);
+        let Some(Intent::Boot(first)) = intents.into_iter().find(|c| matches!(c, Intent::Boot(_)))
         else {
             panic!("no boot");
         };
         let slow = first.host.clone().unwrap();
-        let cmds = pool.boot_not_started(&first.vm, 1);
-        let per = boots_per_host(&cmds);
+        let intents = pool.boot_not_started(&first.vm, 1);
+        let per = boots_per_host(&intents);
         assert_eq!(per.get(&slow), None, "placed on {slow} again: {per:?}");
         assert_eq!(per.values().sum::<u32>(), 1);
         assert!(pool.counters.boot_failures == 0, "not an image failure");
@@ -300,24 +300,24 @@ mod tests {
 
     #[test]
     fn draining_deletes_warm_vms_and_places_elsewhere() {
-        let (mut pool, cmds) = pool_with(2, vec![host("a", 4), host("b", 4)]);
-        for c in &cmds {
-            if let Command::Boot(b) = c {
+        let (mut pool, intents) = pool_with(2, vec![host("a", 4), host("b", 4)]);
+        for c in &intents {
+            if let Intent::Boot(b) = c {
                 pool.boot_succeeded(&b.vm, 1);
             }
         }
         let mut drained = view(2, vec![host("a", 4), host("b", 4)]);
         drained.hosts.get_mut("a").unwrap().draining = true;
-        let cmds = pool.hosts_changed(drained, 2);
-        assert!(cmds.iter().any(|c| matches!(
+        let intents = pool.hosts_changed(drained, 2);
+        assert!(intents.iter().any(|c| matches!(
             c,
-            Command::Delete {
+            Intent::Delete {
                 reason: DeleteReason::Drained,
                 ..
             }
         )));
-        assert_eq!(boots_per_host(&cmds).get("a"), None);
-        assert_eq!(boots_per_host(&cmds)["b"], 1);
+        assert_eq!(boots_per_host(&intents).get("a"), None);
+        assert_eq!(boots_per_host(&intents)["b"], 1);
         // An older view changes nothing.
         assert!(pool.hosts_changed(view(1, vec![]), 3).is_empty());
     }

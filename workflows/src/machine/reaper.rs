@@ -1,9 +1,9 @@
 //! The reaper: rounds that compare what the hosts and Temporal really hold with the
-//! inventory, on a schedule, and turn the differences into the pool's ordinary commands.
+//! inventory, on a schedule, and turn the differences into the pool's ordinary intents.
 //!
-//! A round reads the host registry's view ([`Command::ReadHosts`]), then lists every live
-//! host ([`Command::ListHost`], on the host's own queue) and asks Temporal about agents
-//! ([`Command::ListAgents`]). Each listing is compared through [digests](super::digest): the
+//! A round reads the host registry's view ([`Intent::ReadHosts`]), then lists every live
+//! host ([`Intent::ListHost`], on the host's own queue) and asks Temporal about agents
+//! ([`Intent::ListAgents`]). Each listing is compared through [digests](super::digest): the
 //! pool sends per-bucket sums of the VM ids it places on the host (and of its claims' request
 //! ids), the other side answers with the buckets that differ, so a round of a pool that
 //! agrees with the world writes a few kilobytes to history whatever its size. Every listing
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::claims::{agent_developer_and_workspace, agent_of};
 use super::digest::{Differences, Digests, bucket_of, buckets_for};
-use super::{Claim, Command, Pool};
+use super::{Claim, Intent, Pool};
 use crate::hosts::HostView;
 use crate::model::{DeleteReason, Millis, ReapPolicy, VmId, VmRecord, VmState};
 
@@ -295,7 +295,7 @@ impl ReaperState {
 impl Pool {
     /// Asks for a round now (the host registry rang its doorbell, say). A round in flight
     /// absorbs it: whatever order a timer and a doorbell arrive in, the same rounds run.
-    pub fn request_scan(&mut self) -> Vec<Command> {
+    pub fn request_scan(&mut self) -> Vec<Intent> {
         if !self.config_known() {
             // A recovering pool lists its hosts only once its config is read back (the
             // listing is judged against it); reading the record starts the first round.
@@ -308,7 +308,7 @@ impl Pool {
     }
 
     /// The timer before round `next` fired.
-    pub fn scan_due(&mut self, next: u64) -> Vec<Command> {
+    pub fn scan_due(&mut self, next: u64) -> Vec<Intent> {
         match self.reaper.round {
             Round::Waiting { next: n } if n == next && self.config_known() => self.start_round(),
             _ => Vec::new(),
@@ -316,19 +316,19 @@ impl Pool {
     }
 
     /// A new run: whatever round was in flight did not carry over; start one at once.
-    pub(super) fn restart_rounds(&mut self) -> Vec<Command> {
+    pub(super) fn restart_rounds(&mut self) -> Vec<Intent> {
         self.reaper.round = Round::Idle;
         self.start_round()
     }
 
-    fn start_round(&mut self) -> Vec<Command> {
+    fn start_round(&mut self) -> Vec<Intent> {
         self.reaper.round = Round::ReadingHosts;
-        vec![Command::ReadHosts]
+        vec![Intent::ReadHosts]
     }
 
     /// The host view read at the start of a round (`None`: the registry could not be read;
     /// the view held is used). Starts the round's listings.
-    pub fn hosts_read(&mut self, view: Option<HostView>, now: Millis) -> Vec<Command> {
+    pub fn hosts_read(&mut self, view: Option<HostView>, now: Millis) -> Vec<Intent> {
         if self.reaper.round != Round::ReadingHosts {
             return Vec::new();
         }
@@ -354,7 +354,7 @@ impl Pool {
                 let known = self.reaper.host_totals.get(&host).copied().unwrap_or(0);
                 let buckets = buckets_for(ids.len().max(known as usize));
                 self.reaper.host_buckets.insert(host.clone(), buckets);
-                out.push(Command::ListHost {
+                out.push(Intent::ListHost {
                     round: self.reaper.rounds,
                     host: host.clone(),
                     digests: Digests::of(ids, buckets),
@@ -369,7 +369,7 @@ impl Pool {
             self.reaper.claim_buckets = buckets;
             Digests::of(self.claims.keys().map(String::as_str), buckets)
         };
-        out.push(Command::ListAgents {
+        out.push(Intent::ListAgents {
             round: self.reaper.rounds,
             request: AgentScanRequest {
                 claims,
@@ -398,7 +398,7 @@ impl Pool {
         host: &str,
         scan: Result<HostScan, String>,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         if round != self.reaper.rounds {
             return Vec::new();
         }
@@ -427,7 +427,7 @@ impl Pool {
         round: u64,
         scan: Result<AgentScan, String>,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         if round != self.reaper.rounds {
             return Vec::new();
         }
@@ -448,7 +448,7 @@ impl Pool {
 
     /// Ends the round once every listing arrived, and sets the timer of the next one (at
     /// once while the pool recovers).
-    fn round_progress(&mut self, now: Millis) -> Vec<Command> {
+    fn round_progress(&mut self, now: Millis) -> Vec<Intent> {
         let Round::Listing { hosts, agents } = &self.reaper.round else {
             return Vec::new();
         };
@@ -465,7 +465,7 @@ impl Pool {
         } else {
             self.reaper.settings.interval()
         };
-        out.push(Command::NextScan {
+        out.push(Intent::NextScan {
             round: next,
             wait_ms,
         });
@@ -473,7 +473,7 @@ impl Pool {
         out
     }
 
-    fn apply_host_scan(&mut self, host: &str, scan: HostScan, now: Millis) -> Vec<Command> {
+    fn apply_host_scan(&mut self, host: &str, scan: HostScan, now: Millis) -> Vec<Intent> {
         self.reaper.settings = scan.settings;
         let diffs = scan.diffs;
         self.reaper
@@ -509,9 +509,9 @@ impl Pool {
                 || !(agrees(bucket_of(&id.0, buckets)) || judged(id))
         });
         for vm in unknown {
-            if let Some(cmds) = self.adopt(host, vm, now) {
+            if let Some(intents) = self.adopt(host, vm, now) {
                 self.reaper.suspects.remove(&vm.id);
-                out.extend(cmds);
+                out.extend(intents);
                 continue;
             }
             if self.recovery.is_some() {
@@ -553,7 +553,7 @@ impl Pool {
         out
     }
 
-    fn apply_agent_scan(&mut self, scan: AgentScan, now: Millis) -> Vec<Command> {
+    fn apply_agent_scan(&mut self, scan: AgentScan, now: Millis) -> Vec<Intent> {
         self.reaper.settings = scan.settings;
         self.reaper.stranded_found = scan.stranded_found;
         self.reaper.stranded_terminated += u64::from(scan.stranded_terminated);
@@ -614,8 +614,8 @@ impl Pool {
             if *seen >= needed {
                 self.reaper.claim_suspects.remove(&request);
                 self.reaper.agent_claims_released += 1;
-                let (_, cmds) = self.release(&request, now);
-                out.extend(cmds);
+                let (_, intents) = self.release(&request, now);
+                out.extend(intents);
             }
         }
         let claims = &self.claims;
@@ -630,7 +630,7 @@ impl Pool {
     /// VM of a workspace's current image and the pool's generation (it is booted again,
     /// which for a VM that is up is only its readiness handshake). A recovering pool deletes
     /// what nobody owns at once. `None`: not adopted (a suspect).
-    fn adopt(&mut self, host: &str, vm: &ScannedVm, now: Millis) -> Option<Vec<Command>> {
+    fn adopt(&mut self, host: &str, vm: &ScannedVm, now: Millis) -> Option<Vec<Intent>> {
         let labels = vm.labels.as_ref()?;
         if let Some(owner) = &labels.owner
             && labels.owner_running
@@ -657,7 +657,7 @@ impl Pool {
             return Some(vec![self.adopt_orphan(&vm.id, Some(host.to_string()), now)]);
         }
         let rec = self.adopted_record(host, vm, labels, VmState::Booting, now);
-        let boot = Command::Boot(self.boot_spec(&rec));
+        let boot = Intent::Boot(self.boot_spec(&rec));
         self.vms.insert(vm.id.clone(), rec);
         Some(vec![boot])
     }
@@ -669,7 +669,7 @@ impl Pool {
         labels: &VmLabels,
         owner: &str,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         let agent = agent_of(owner).to_string();
         match self.claims.get_mut(owner) {
             // The agent holds another VM already: this one is not its.
@@ -702,7 +702,7 @@ impl Pool {
             r.adopted_assigned += 1;
         }
         // The agent may be waiting for the claim it made before the pool recovered.
-        vec![Command::Notify { agent }]
+        vec![Intent::Notify { agent }]
     }
 
     fn adopted_record(
@@ -779,7 +779,7 @@ mod tests {
         let ids: Vec<VmId> = boots
             .iter()
             .filter_map(|c| match c {
-                Command::Boot(s) => Some(s.vm.clone()),
+                Intent::Boot(s) => Some(s.vm.clone()),
                 _ => None,
             })
             .collect();
@@ -805,7 +805,7 @@ mod tests {
         running: &[String],
         grace_ms: Millis,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         let mut out = pool.request_scan();
         out.extend(pool.hosts_read(Some(view()), now));
         let mut list_host = None;
@@ -813,20 +813,20 @@ mod tests {
         let round = pool.reaper.rounds;
         for c in &out {
             match c {
-                Command::ListHost { host, digests, .. } => {
+                Intent::ListHost { host, digests, .. } => {
                     list_host = Some((host.clone(), digests.clone()))
                 }
-                Command::ListAgents { request, .. } => list_agents = Some(request.clone()),
+                Intent::ListAgents { request, .. } => list_agents = Some(request.clone()),
                 _ => {}
             }
         }
-        let mut cmds = Vec::new();
+        let mut intents = Vec::new();
         if let Some((host, digests)) = list_host {
             let scan = HostScan::answer(&digests, vms.to_vec(), settings(grace_ms));
-            cmds.extend(pool.host_listed(round, &host, Ok(scan), now));
+            intents.extend(pool.host_listed(round, &host, Ok(scan), now));
         }
         let req = list_agents.expect("a round asks Temporal");
-        cmds.extend(pool.agents_listed(
+        intents.extend(pool.agents_listed(
             round,
             Ok(AgentScan {
                 running: running_differences(&req.claims, running.iter().cloned()),
@@ -835,7 +835,7 @@ mod tests {
             }),
             now,
         ));
-        cmds
+        intents
     }
 
     fn alive(ids: &[VmId]) -> Vec<ScannedVm> {
@@ -848,10 +848,11 @@ mod tests {
             .collect()
     }
 
-    fn deletes(cmds: &[Command]) -> Vec<VmId> {
-        cmds.iter()
+    fn deletes(intents: &[Intent]) -> Vec<VmId> {
+        intents
+            .iter()
             .filter_map(|c| match c {
-                Command::Delete { vm, .. } => Some(vm.clone()),
+                Intent::Delete { vm, .. } => Some(vm.clone()),
                 _ => None,
             })
             .collect()
@@ -879,8 +880,8 @@ mod tests {
         let (mut pool, ids) = pool_with_warm(5);
         let mut out = pool.request_scan();
         out.extend(pool.hosts_read(Some(view()), 50));
-        let Some(Command::ListHost { digests, .. }) =
-            out.iter().find(|c| matches!(c, Command::ListHost { .. }))
+        let Some(Intent::ListHost { digests, .. }) =
+            out.iter().find(|c| matches!(c, Intent::ListHost { .. }))
         else {
             panic!("no listing asked for");
         };
@@ -902,8 +903,8 @@ mod tests {
         with_stray.push(VmId("murmur-57a70000".into()));
         round(&mut pool, &alive(&with_stray), &[], 1_000, 100);
         assert_eq!(pool.reaper.suspects.len(), 1);
-        let cmds = round(&mut pool, &alive(&ids), &[], 1_000, 5_000);
-        assert!(deletes(&cmds).is_empty());
+        let intents = round(&mut pool, &alive(&ids), &[], 1_000, 5_000);
+        assert!(deletes(&intents).is_empty());
         assert!(pool.reaper.suspects.is_empty());
     }
 
@@ -913,15 +914,15 @@ mod tests {
         // ids[0] is missing from the listing; ids[1] is listed but dead.
         let mut listing = alive(&ids[1..]);
         listing[0].alive = false;
-        let cmds = round(&mut pool, &listing, &[], 1_000, 60);
-        let (mut gone, mut want) = (deletes(&cmds), ids.clone());
+        let intents = round(&mut pool, &listing, &[], 1_000, 60);
+        let (mut gone, mut want) = (deletes(&intents), ids.clone());
         gone.sort();
         want.sort();
         assert_eq!(gone, want);
         assert_eq!(pool.reaper.dead_vms_replaced, 2);
-        let boots = cmds
+        let boots = intents
             .iter()
-            .filter(|c| matches!(c, Command::Boot(_)))
+            .filter(|c| matches!(c, Intent::Boot(_)))
             .count();
         assert_eq!(boots, 2, "backfill replaces what was reaped");
     }
@@ -937,13 +938,13 @@ mod tests {
             .reconcile(21)
             .into_iter()
             .find_map(|c| match c {
-                Command::Boot(s) => Some(s.vm),
+                Intent::Boot(s) => Some(s.vm),
                 _ => None,
             })
             .unwrap();
         pool.boot_succeeded(&boot, 22);
-        let Some(Command::ListHost { digests, .. }) =
-            out.iter().find(|c| matches!(c, Command::ListHost { .. }))
+        let Some(Intent::ListHost { digests, .. }) =
+            out.iter().find(|c| matches!(c, Intent::ListHost { .. }))
         else {
             panic!()
         };
@@ -956,7 +957,7 @@ mod tests {
                 .collect(),
             LISTING_CAP,
         );
-        let cmds = pool.host_listed(
+        let intents = pool.host_listed(
             pool.reaper.rounds,
             HOST,
             Ok(HostScan {
@@ -966,7 +967,7 @@ mod tests {
             23,
         );
         assert!(
-            !deletes(&cmds).contains(&boot),
+            !deletes(&intents).contains(&boot),
             "judged a VM newer than the round"
         );
     }
@@ -987,8 +988,8 @@ mod tests {
         assert!(deletes(&round(&mut pool, &alive(&ids), &running, 1_000, 30)).is_empty());
         // The agent ends without releasing: two rounds without it.
         assert!(deletes(&round(&mut pool, &alive(&ids), &[], 1_000, 40)).is_empty());
-        let cmds = round(&mut pool, &alive(&ids), &[], 1_000, 50);
-        assert_eq!(deletes(&cmds), vec![ids[0].clone()]);
+        let intents = round(&mut pool, &alive(&ids), &[], 1_000, 50);
+        assert_eq!(deletes(&intents), vec![ids[0].clone()]);
         assert!(pool.claims.is_empty());
         assert_eq!(pool.reaper.agent_claims_released, 1);
     }
@@ -1011,7 +1012,7 @@ mod tests {
             }),
         });
         for now in [100, 1_100, 2_100, 3_100] {
-            let cmds = round(
+            let intents = round(
                 &mut pool,
                 &listing,
                 std::slice::from_ref(&owner),
@@ -1019,7 +1020,7 @@ mod tests {
                 now,
             );
             assert!(
-                !deletes(&cmds).contains(&held),
+                !deletes(&intents).contains(&held),
                 "deleted a VM its agent holds"
             );
         }
@@ -1036,7 +1037,7 @@ mod tests {
             let mut out = pool.request_scan();
             out.extend(pool.hosts_read(Some(view()), now));
             assert!(
-                !out.iter().any(|c| matches!(c, Command::ListHost { .. })),
+                !out.iter().any(|c| matches!(c, Intent::ListHost { .. })),
                 "a held pool lists hosts"
             );
             pool.agents_listed(
@@ -1059,7 +1060,7 @@ mod tests {
         assert!(!pool.nuke.holds_pool());
         assert_eq!(pool.reaper.abandoned_nukes, 1);
         // The next round judges the substrate again: the VM the nuke deleted is replaced.
-        let cmds = round(&mut pool, &alive(&ids[1..]), &[], 2_000, 4_000);
-        assert_eq!(deletes(&cmds), vec![ids[0].clone()]);
+        let intents = round(&mut pool, &alive(&ids[1..]), &[], 2_000, 4_000);
+        assert_eq!(deletes(&intents), vec![ids[0].clone()]);
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! - **Config** comes from the pool's *record* ([`PoolRecord`]: config, workspaces,
 //!   generation, totals), which every run writes into its workflow memo whenever it changes;
-//!   the memo of a closed run stays readable ([`Command::ReadRecord`]).
+//!   the memo of a closed run stays readable ([`Intent::ReadRecord`]).
 //! - **VMs** come from the hosts: every VM's substrate record names its tenant, workspace,
 //!   image, generation and, once an agent started on it, the agent (its claim request). The
 //!   recovering pool's reaper rounds run back to back; each listing's VMs are adopted as
@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Counters, Pool};
+use super::{Counters, Intent, Pool};
 use crate::model::{Millis, PoolConfigSpec, Resource, WorkspaceSpec};
 use std::collections::BTreeMap;
 
@@ -102,7 +102,7 @@ impl Pool {
         record: Option<PoolRecord>,
         source: &str,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         let Some(recovery) = self.recovery.as_mut() else {
             return Vec::new();
         };
@@ -127,17 +127,17 @@ impl Pool {
 
     /// What a new run starts with: the record read of a recovery that has not got it yet,
     /// else a reaper round at once.
-    pub(super) fn resume_recovery(&mut self) -> Vec<Command> {
+    pub(super) fn resume_recovery(&mut self) -> Vec<Intent> {
         if self.config_known() {
             self.restart_rounds()
         } else {
-            vec![Command::ReadRecord]
+            vec![Intent::ReadRecord]
         }
     }
 
     /// A round ended: while recovering, it ends the recovery once every live host answered
     /// in full (or after [`RECOVERY_MAX_ROUNDS`]); the ordinary reconcile then takes over.
-    pub(super) fn round_finished_recovery(&mut self, _now: Millis) -> Vec<Command> {
+    pub(super) fn round_finished_recovery(&mut self, _now: Millis) -> Vec<Intent> {
         let incomplete = self.reaper.incomplete;
         let Some(r) = self.recovery.as_mut() else {
             return Vec::new();

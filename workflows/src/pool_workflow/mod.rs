@@ -1,7 +1,7 @@
 //! `PoolWorkflow` (`pool/<tenant>`): the thin Temporal shell around [`Pool`].
 //!
 //! The shell owns no decisions. Its handlers check credentials and feed the machine requests;
-//! its run loop ([`run_loop`]) carries out the machine's commands ([`commands`]) and feeds
+//! its run loop ([`run_loop`]) carries out the machine's intents ([`intents`]) and feeds
 //! their outcomes back; [`views`] renders status, details and the record a later run starts
 //! from. Handlers reachable from the `temporal` CLI take lenient input; a malformed signal is
 //! logged and counted, never a failed workflow task.
@@ -11,7 +11,7 @@
 #![allow(missing_docs)]
 
 mod admission;
-mod commands;
+mod intents;
 mod run_loop;
 mod views;
 
@@ -23,7 +23,7 @@ use temporalio_sdk::{SyncWorkflowContext, WorkflowContext, WorkflowContextView, 
 
 use crate::auth::{ops, unsigned_body};
 use crate::error::ApiError;
-use crate::machine::{ClaimRequest, ClaimState, Command, Pool};
+use crate::machine::{ClaimRequest, ClaimState, Intent, Pool};
 use crate::messages::{
     ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS, FlushReply, FlushRequest, Inventory,
     InventoryPage, Lenient, NukeReport, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
@@ -47,8 +47,8 @@ pub const HANDLER_WAIT: Duration = Duration::from_secs(30);
 #[workflow]
 pub struct PoolWorkflow {
     pool: Pool,
-    /// Commands produced by handlers and outcomes, started by the run loop.
-    outbox: Vec<Command>,
+    /// Intents produced by handlers and outcomes, started by the run loop.
+    outbox: Vec<Intent>,
     /// Flush updates waiting for their deletes.
     flushes_in_progress: u32,
     /// Messages rejected for bad input (this run).
@@ -93,7 +93,7 @@ impl PoolWorkflow {
         }
     }
 
-    /// The run loop: carry out commands, feed their outcomes to the machine, roll over.
+    /// The run loop: carry out intents, feed their outcomes to the machine, roll over.
     #[run]
     pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<()> {
         run_loop::run(ctx).await
@@ -132,8 +132,8 @@ impl PoolWorkflow {
             .unwrap_or_default();
         if req.nuke {
             let before = ctx.state_mut(|s| {
-                let cmds = s.pool.request_nuke(&request_id, &who.developer);
-                s.outbox.extend(cmds);
+                let intents = s.pool.request_nuke(&request_id, &who.developer);
+                s.outbox.extend(intents);
                 s.pool.nukes
             });
             ctx.wait_condition(|s| s.pool.nukes > before)
@@ -182,8 +182,8 @@ impl PoolWorkflow {
     #[update]
     pub fn up(&mut self, ctx: &mut SyncWorkflowContext<Self>, _req: Lenient<UpRequest>) -> UpReply {
         let now = to_millis(ctx.workflow_time());
-        let cmds = self.pool.reconcile(now);
-        self.outbox.extend(cmds);
+        let intents = self.pool.reconcile(now);
+        self.outbox.extend(intents);
         views::up_reply(&self.pool)
     }
 
@@ -191,8 +191,8 @@ impl PoolWorkflow {
     #[signal(name = "up")]
     pub fn up_signal(&mut self, ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
         let now = to_millis(ctx.workflow_time());
-        let cmds = self.pool.reconcile(now);
-        self.outbox.extend(cmds);
+        let intents = self.pool.reconcile(now);
+        self.outbox.extend(intents);
     }
 
     /// The host registry says its view changed (a doorbell: any payload is accepted and
@@ -200,8 +200,8 @@ impl PoolWorkflow {
     /// so a stray signal costs one round and can never make the pool believe a host was lost.
     #[signal(name = "hosts")]
     pub fn hosts_signal(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
-        let cmds = self.pool.request_scan();
-        self.outbox.extend(cmds);
+        let intents = self.pool.request_scan();
+        self.outbox.extend(intents);
     }
 
     /// Validates a config change (rejections leave no trace in history). While a recovering
@@ -252,8 +252,8 @@ impl PoolWorkflow {
                 .pool
                 .validate_change(kind, &req.name, &req.change)
                 .map_err(boxed)?;
-            let (doc, cmds) = s.pool.commit_change(change, &who.developer, now);
-            s.outbox.extend(cmds);
+            let (doc, intents) = s.pool.commit_change(change, &who.developer, now);
+            s.outbox.extend(intents);
             if !replaying {
                 tracing::info!(tenant = %s.pool.tenant, kind = kind.as_str(), name = %req.name,
                     generation = doc.generation, actor = %who.developer, "config changed");
@@ -299,8 +299,8 @@ impl PoolWorkflow {
         let replaying = ctx.is_replaying();
         ctx.state_mut(|s| -> Result<(), UpdateError> {
             s.pool.validate_claim(&req).map_err(boxed)?;
-            let cmds = s.pool.claim(&req, now);
-            s.outbox.extend(cmds);
+            let intents = s.pool.claim(&req, now);
+            s.outbox.extend(intents);
             if !replaying {
                 tracing::info!(tenant = %s.pool.tenant, agent = %req.agent,
                     claim = ?s.pool.claim_state(&req.request), "claim");
@@ -338,8 +338,8 @@ impl PoolWorkflow {
         let replaying = ctx.is_replaying();
         let (held, deleting) = ctx.state_mut(|s| {
             let held = s.pool.claims.get(&req.request).and_then(|c| c.vm.clone());
-            let (deleting, cmds) = s.pool.release(&req.request, now);
-            s.outbox.extend(cmds);
+            let (deleting, intents) = s.pool.release(&req.request, now);
+            s.outbox.extend(intents);
             if !replaying {
                 tracing::info!(tenant = %s.pool.tenant, request = %req.request, vm = ?held,
                     "release");
@@ -430,8 +430,8 @@ impl PoolWorkflow {
         let replaying = ctx.is_replaying();
         Ok(ctx.state_mut(|s| {
             if s.pool.nuke.holds_pool() {
-                let cmds = s.pool.reset_after_nuke(req.report.deleted, now);
-                s.outbox.extend(cmds);
+                let intents = s.pool.reset_after_nuke(req.report.deleted, now);
+                s.outbox.extend(intents);
                 s.last_nuke = Some(req.report.clone());
                 if !replaying {
                     tracing::warn!(tenant = %s.pool.tenant, actor = ?req.actor,
@@ -481,8 +481,8 @@ impl PoolWorkflow {
         actor: &str,
         replaying: bool,
     ) -> (Vec<crate::model::VmId>, u64) {
-        let (vms, cmds) = self.pool.flush(now);
-        self.outbox.extend(cmds);
+        let (vms, intents) = self.pool.flush(now);
+        self.outbox.extend(intents);
         self.flushes_in_progress += 1;
         if !replaying {
             tracing::info!(tenant = %self.pool.tenant, actor, flushed = vms.len(),

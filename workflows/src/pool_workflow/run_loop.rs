@@ -1,6 +1,6 @@
 //! The pool's run loop. On every wake-up it first drains *every* outcome that is ready
 //! (activities in the order they were started, then timers in the order they were set) into
-//! the machine, then issues commands from state in one fixed order: the machine's commands
+//! the machine, then issues intents from state in one fixed order: the machine's intents
 //! as it returned them, then credential checks of `flush` signals, then the record (memo),
 //! then the Web UI's details. What happens therefore depends only on history, never on
 //! which of two results arriving in the same workflow task was polled first.
@@ -15,12 +15,12 @@ use temporalio_common::MemoValue;
 use temporalio_sdk::{ContinueAsNewOptions, WorkflowContext, WorkflowResult};
 
 use super::PoolWorkflow;
-use super::commands::{self, Outcome, Started};
+use super::intents::{self, Outcome, Started};
 use super::views;
 use crate::activity_api::POOL_RECORD_MEMO;
 use crate::auth::{Identity, VerifyRequest, ops, unsigned_body};
 use crate::gate::{self, Refusal};
-use crate::machine::Command;
+use crate::machine::Intent;
 use crate::messages::{FlushRequest, PoolInput};
 use crate::model::Millis;
 use crate::shell::{all_ready, handlers_finished_if, now_ms, pool_workflow_id};
@@ -30,8 +30,8 @@ pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResu
     let c = ctx.clone();
     let now = now_ms(&c);
     c.state_mut(|s| {
-        let cmds = s.pool.resume(now);
-        s.outbox.extend(cmds);
+        let intents = s.pool.resume(now);
+        s.outbox.extend(intents);
     });
     let mut in_flight: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
     let mut timers: Vec<LocalBoxFuture<'_, Outcome>> = Vec::new();
@@ -64,8 +64,8 @@ pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResu
                 let replaying = c.is_replaying();
                 c.state_mut(|s| {
                     for outcome in outcomes {
-                        let cmds = s.apply(outcome, now, replaying);
-                        s.outbox.extend(cmds);
+                        let intents = s.apply(outcome, now, replaying);
+                        s.outbox.extend(intents);
                     }
                 });
             }
@@ -81,15 +81,15 @@ fn issue<'a>(
     in_flight: &mut Vec<LocalBoxFuture<'a, Outcome>>,
     timers: &mut Vec<LocalBoxFuture<'a, Outcome>>,
 ) {
-    let (tenant, cmds, signals) = c.state_mut(|s| {
+    let (tenant, intents, signals) = c.state_mut(|s| {
         (
             s.pool.tenant.clone(),
             std::mem::take(&mut s.outbox),
             std::mem::take(&mut s.signalled),
         )
     });
-    for cmd in cmds {
-        match commands::start(c, &tenant, cmd) {
+    for intent in intents {
+        match intents::start(c, &tenant, intent) {
             Started::InFlight(f) => in_flight.push(f),
             Started::Timer(f) => timers.push(f),
         }
@@ -149,8 +149,8 @@ impl PoolWorkflow {
         Some(self.pool.record())
     }
 
-    /// Feeds one outcome to the machine; returns its commands.
-    fn apply(&mut self, outcome: Outcome, now: Millis, replaying: bool) -> Vec<Command> {
+    /// Feeds one outcome to the machine; returns its intents.
+    fn apply(&mut self, outcome: Outcome, now: Millis, replaying: bool) -> Vec<Intent> {
         let tenant = self.pool.tenant.clone();
         match outcome {
             Outcome::Booted(vm, host, accel) => {
@@ -195,19 +195,19 @@ impl PoolWorkflow {
             Outcome::HostsRead(view) => self.pool.hosts_read(view.map(|v| *v), now),
             Outcome::HostListed(round, host, scan) => {
                 let before = self.pool.reaper.clone();
-                let cmds = self.pool.host_listed(round, &host, scan.map(|s| *s), now);
+                let intents = self.pool.host_listed(round, &host, scan.map(|s| *s), now);
                 if !replaying {
                     log_reaper(&tenant, &before, &self.pool.reaper);
                 }
-                cmds
+                intents
             }
             Outcome::AgentsListed(round, scan) => {
                 let before = self.pool.reaper.clone();
-                let cmds = self.pool.agents_listed(round, scan.map(|s| *s), now);
+                let intents = self.pool.agents_listed(round, scan.map(|s| *s), now);
                 if !replaying {
                     log_reaper(&tenant, &before, &self.pool.reaper);
                 }
-                cmds
+                intents
             }
             Outcome::ScanDue(round) => self.pool.scan_due(round),
             Outcome::SignalChecked(req, verdict) => {
@@ -223,7 +223,7 @@ impl PoolWorkflow {
         verdict: Result<Identity, Refusal>,
         now: Millis,
         replaying: bool,
-    ) -> Vec<Command> {
+    ) -> Vec<Intent> {
         let op = if req.nuke { ops::NUKE } else { ops::FLUSH };
         let cred = req.auth.clone().unwrap_or_default();
         let admitted = verdict

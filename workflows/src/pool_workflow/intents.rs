@@ -1,4 +1,4 @@
-//! Carrying out the machine's [`Command`]s: each becomes an activity, a signal, a child
+//! Carrying out the machine's [`Intent`]s: each becomes an activity, a signal, a child
 //! workflow start or a timer, whose end comes back as an [`Outcome`] for the run loop to feed
 //! to the machine.
 
@@ -22,7 +22,7 @@ use crate::agent_workflow::AgentWorkflow;
 use crate::auth::Identity;
 use crate::gate::Refusal;
 use crate::hosts::HostView;
-use crate::machine::{AgentScan, Command, HostScan};
+use crate::machine::{AgentScan, HostScan, Intent};
 use crate::messages::FlushRequest;
 use crate::model::VmId;
 use crate::nuke_workflow::{NukeInput, NukeWorkflow};
@@ -32,7 +32,7 @@ use crate::shell::{
     nuke_workflow_id, root_cause,
 };
 
-/// How a command (or a check the shell started) ended.
+/// How an intent (or a check the shell started) ended.
 pub(super) enum Outcome {
     /// A VM placed on a host came up, with the accelerator it runs with (empty where not
     /// applicable).
@@ -72,7 +72,7 @@ pub(super) enum Outcome {
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
 }
 
-/// A started command: activities and signals hold off continue-as-new until they end;
+/// A started intent: activities and signals hold off continue-as-new until they end;
 /// timers do not (a new run sets its own from the carried state).
 pub(super) enum Started<'a> {
     /// Must end before the run may roll over.
@@ -81,15 +81,15 @@ pub(super) enum Started<'a> {
     Timer(LocalBoxFuture<'a, Outcome>),
 }
 
-/// Starts `cmd`.
+/// Starts `intent`.
 pub(super) fn start<'a>(
     c: &'a WorkflowContext<PoolWorkflow>,
     tenant: &str,
-    cmd: Command,
+    intent: Intent,
 ) -> Started<'a> {
-    match cmd {
-        Command::Boot(spec) => Started::InFlight(boot(c, spec)),
-        Command::Delete { vm, reason } => {
+    match intent {
+        Intent::Boot(spec) => Started::InFlight(boot(c, spec)),
+        Intent::Delete { vm, reason } => {
             let (host, owner) = c.state(|s| {
                 (
                     s.pool.vms.get(&vm).and_then(|v| v.host.clone()),
@@ -98,30 +98,30 @@ pub(super) fn start<'a>(
             });
             Started::InFlight(delete(c, tenant, vm, host, owner, &format!("{reason:?}")))
         }
-        Command::RetryDelete {
+        Intent::RetryDelete {
             vm,
             attempt,
             wait_ms,
         } => Started::Timer(after(c, wait_ms, Outcome::DeleteRetryDue(vm, attempt))),
-        Command::HoldBack {
+        Intent::HoldBack {
             image,
             seq,
             wait_ms,
         } => Started::Timer(after(c, wait_ms, Outcome::HoldBackOver(image, seq))),
-        Command::Notify { agent } => {
+        Intent::Notify { agent } => {
             Started::InFlight(tell_agent(c, agent, AgentWorkflow::claim_settled))
         }
         // The agent asks where its claim stands; the reason travels with that answer.
-        Command::VmLost { agent, .. } => {
+        Intent::VmLost { agent, .. } => {
             Started::InFlight(tell_agent(c, agent, AgentWorkflow::vm_lost))
         }
-        Command::StartNuke { request, actor } => {
+        Intent::StartNuke { request, actor } => {
             Started::InFlight(start_nuke(c, tenant, request, actor))
         }
-        Command::NukeRetry { wait_ms } => Started::Timer(after(c, wait_ms, Outcome::NukeRetryDue)),
-        Command::ReadRecord => Started::InFlight(read_record(c, tenant)),
-        Command::ReadHosts => Started::InFlight(read_hosts(c)),
-        Command::ListHost {
+        Intent::NukeRetry { wait_ms } => Started::Timer(after(c, wait_ms, Outcome::NukeRetryDue)),
+        Intent::ReadRecord => Started::InFlight(read_record(c, tenant)),
+        Intent::ReadHosts => Started::InFlight(read_hosts(c)),
+        Intent::ListHost {
             round,
             host,
             digests,
@@ -145,7 +145,7 @@ pub(super) fn start<'a>(
                 .boxed_local(),
             )
         }
-        Command::ListAgents { round, request } => {
+        Intent::ListAgents { round, request } => {
             let input = AgentScanInput {
                 tenant: tenant.to_string(),
                 request,
@@ -159,7 +159,7 @@ pub(super) fn start<'a>(
                 .boxed_local(),
             )
         }
-        Command::NextScan { round, wait_ms } => {
+        Intent::NextScan { round, wait_ms } => {
             Started::Timer(after(c, wait_ms, Outcome::ScanDue(round)))
         }
     }
