@@ -327,9 +327,9 @@ impl AgentActivities {
         })
     }
 
-    /// Nuke step 1: pause the pool; answers once nothing boots.
-    #[activity(name = "murmur.pause_pool")]
-    pub async fn pause_pool(
+    /// Nuke step 1: the pool's `nuke_pause`; answers once nothing boots.
+    #[activity(name = "murmur.nuke_pause")]
+    pub async fn nuke_pause(
         self: Arc<Self>,
         ctx: ActivityContext,
         input: PoolStepInput,
@@ -337,9 +337,30 @@ impl AgentActivities {
         self.nuke_step(&ctx, input, PoolWorkflow::nuke_pause).await
     }
 
-    /// Nuke, last step: reset and resume the pool.
+    /// Nuke, last step: the pool's `nuke_reset` (reset and resume).
+    #[activity(name = "murmur.nuke_reset")]
+    pub async fn nuke_reset(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PoolStepInput,
+    ) -> Result<NukeStepReply, ActivityError> {
+        self.nuke_step(&ctx, input, PoolWorkflow::nuke_reset).await
+    }
+
+    /// [`Self::nuke_pause`] under its name from before the nuke workflow's patch
+    /// `nuke-step-names`, for nukes that scheduled it so and were in flight across an upgrade.
+    #[activity(name = "murmur.pause_pool")]
+    pub async fn nuke_pause_before_rename(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PoolStepInput,
+    ) -> Result<NukeStepReply, ActivityError> {
+        self.nuke_step(&ctx, input, PoolWorkflow::nuke_pause).await
+    }
+
+    /// [`Self::nuke_reset`] under its name from before the patch `nuke-step-names`.
     #[activity(name = "murmur.reset_pool")]
-    pub async fn reset_pool(
+    pub async fn nuke_reset_before_rename(
         self: Arc<Self>,
         ctx: ActivityContext,
         input: PoolStepInput,
@@ -514,7 +535,8 @@ fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> Activit
 #[cfg(test)]
 mod tests {
     use murmur_workflows::activity_api::{
-        ClaimVm, PausePool, ReleaseVm, ResetPool, RunAgent, TerminateAgents, WipeHost,
+        ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, ReleaseVm,
+        RunAgent, TerminateAgents, WipeHost,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -525,8 +547,16 @@ mod tests {
         assert_eq!(AgentActivities::claim_vm.name(), ClaimVm.name());
         assert_eq!(AgentActivities::release_vm.name(), ReleaseVm.name());
         assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
-        assert_eq!(AgentActivities::pause_pool.name(), PausePool.name());
-        assert_eq!(AgentActivities::reset_pool.name(), ResetPool.name());
+        assert_eq!(AgentActivities::nuke_pause.name(), NukePause.name());
+        assert_eq!(AgentActivities::nuke_reset.name(), NukeReset.name());
+        assert_eq!(
+            AgentActivities::nuke_pause_before_rename.name(),
+            NukePauseBeforeRename.name()
+        );
+        assert_eq!(
+            AgentActivities::nuke_reset_before_rename.name(),
+            NukeResetBeforeRename.name()
+        );
         assert_eq!(
             AgentActivities::terminate_agents.name(),
             TerminateAgents.name()

@@ -6,7 +6,10 @@
 //! fired timer and a `flush` signal arrive in the same workflow task.
 //!
 //! Agents and the host registry are long-lived, so the histories of earlier builds
-//! (`tests/histories/v1/`: before host placement, `v2/`: before recovery) must replay too.
+//! (`tests/histories/v1/`: before host placement, `v2/`: before recovery) must replay too, and
+//! so must the nuke of the build before its pool steps were renamed (`v3/`: it scheduled
+//! `murmur.pause_pool` and `murmur.reset_pool`; the patch `nuke-step-names` keeps it
+//! replaying, and a nuke in flight across the upgrade running).
 //! The pool and nuke histories of those builds are kept in `tests/histories/retired/` and not
 //! replayed: the pool's run loop changed incompatibly with recovery (see ARCHITECTURE.md,
 //! "Upgrading"); a pool run of an earlier build is ended and its successor recovers.
@@ -43,9 +46,9 @@ fn histories_in(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The histories that must replay: this build's, and the agents' and registry's of earlier
-/// builds.
-const GOLDEN: [(&str, &[&str]); 3] = [
+/// The histories that must replay: this build's, the agents' and registry's of earlier
+/// builds, and the nuke's from before its pool steps were renamed (patch `nuke-step-names`).
+const GOLDEN: [(&str, &[&str]); 4] = [
     (
         "",
         &[
@@ -63,6 +66,7 @@ const GOLDEN: [(&str, &[&str]); 3] = [
         "v2",
         &["agent-completed.json", "agent-killed.json", "hosts.json"],
     ),
+    ("v3", &["nuke.json"]),
 ];
 
 #[test]

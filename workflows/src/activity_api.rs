@@ -190,17 +190,31 @@ pub struct RunReport {
 }
 
 activity! {
-    /// Nuke step 1: asks the pool to stop hand-outs and backfill; answers once nothing boots.
-    /// A refusal fails with [`STEP_REFUSED`].
-    PausePool = "murmur.pause_pool": PoolStepInput => crate::messages::NukeStepReply
+    /// Nuke step 1: the pool's `nuke_pause` update, which stops hand-outs and backfill;
+    /// answers once nothing boots. A refusal fails with [`STEP_REFUSED`].
+    NukePause = "murmur.nuke_pause": PoolStepInput => crate::messages::NukeStepReply
 }
 
 activity! {
-    /// Nuke, last step: asks the pool to forget its inventory and resume.
-    ResetPool = "murmur.reset_pool": PoolStepInput => crate::messages::NukeStepReply
+    /// Nuke, last step: the pool's `nuke_reset` update, which forgets the inventory and
+    /// resumes.
+    NukeReset = "murmur.nuke_reset": PoolStepInput => crate::messages::NukeStepReply
 }
 
-/// Input of [`PausePool`] and [`ResetPool`].
+activity! {
+    /// [`NukePause`] under the name nukes scheduled before the patch
+    /// `nuke-step-names` (`murmur.pause_pool`): they replay with it, and a worker still runs
+    /// it for a nuke that was in flight when the worker was upgraded.
+    NukePauseBeforeRename = "murmur.pause_pool": PoolStepInput => crate::messages::NukeStepReply
+}
+
+activity! {
+    /// [`NukeReset`] under its name from before the patch `nuke-step-names`
+    /// (`murmur.reset_pool`), like [`NukePauseBeforeRename`].
+    NukeResetBeforeRename = "murmur.reset_pool": PoolStepInput => crate::messages::NukeStepReply
+}
+
+/// Input of [`NukePause`] and [`NukeReset`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStepInput {
     /// Tenant whose pool is asked.

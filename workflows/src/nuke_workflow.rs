@@ -25,8 +25,8 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    PausePool, PoolStepInput, ReadHosts, ResetPool, STEP_REFUSED, TerminateAgents,
-    TerminateAgentsInput, WipeHost, WipeReport, on_host,
+    NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, PoolStepInput, ReadHosts,
+    STEP_REFUSED, TerminateAgents, TerminateAgentsInput, WipeHost, WipeReport, on_host,
 };
 use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
@@ -36,6 +36,11 @@ use crate::messages::{NukeStep, SignedNuke};
 use crate::shell::{HOST_START_WITHIN, failed_with_type, pool_workflow_id, root_cause};
 
 pub use crate::shell::nuke_workflow_id;
+
+/// Patch marker: the pool steps are scheduled as `murmur.nuke_pause` and `murmur.nuke_reset`
+/// (one name per step: the pool's update, the activity and the machine's method), no longer
+/// as `murmur.pause_pool` and `murmur.reset_pool`.
+const PATCH_NUKE_STEP_NAMES: &str = "nuke-step-names";
 
 /// Input of a nuke.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +113,10 @@ impl NukeWorkflow {
         let actor = Some(format!("nuke/{tenant}"));
 
         step(&c, "pausing the pool");
+        // Nukes scheduled their pool steps as `murmur.pause_pool` / `murmur.reset_pool`
+        // before this patch; one such history replays (and a nuke in flight then runs on)
+        // with those names. Asked once, for both steps.
+        let renamed = c.patched(PATCH_NUKE_STEP_NAMES);
         let pause = PoolStepInput {
             tenant: tenant.clone(),
             step: NukeStep {
@@ -117,10 +126,14 @@ impl NukeWorkflow {
                 ..NukeStep::default()
             },
         };
-        if let Err(e) = c
-            .execute_activity(PausePool, pause, admin_options("pause the pool", 120))
-            .await
-        {
+        let pause_options = admin_options("pause the pool", 120);
+        let paused = if renamed {
+            c.execute_activity(NukePause, pause, pause_options).await
+        } else {
+            c.execute_activity(NukePauseBeforeRename, pause, pause_options)
+                .await
+        };
+        if let Err(e) = paused {
             // A refusal (a replayed or stale request, another nuke) is final.
             let reason = if failed_with_type(&e, STEP_REFUSED) {
                 root_cause(&e)
@@ -171,8 +184,13 @@ impl NukeWorkflow {
                 ..NukeStep::default()
             },
         };
-        c.execute_activity(ResetPool, reset, admin_options("reset the pool", 120))
-            .await?;
+        let reset_options = admin_options("reset the pool", 120);
+        if renamed {
+            c.execute_activity(NukeReset, reset, reset_options).await?;
+        } else {
+            c.execute_activity(NukeResetBeforeRename, reset, reset_options)
+                .await?;
+        }
         step(&c, "done");
         if !c.is_replaying() {
             tracing::warn!(tenant = %tenant, terminated = report.terminated,

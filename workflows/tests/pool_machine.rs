@@ -908,7 +908,7 @@ impl World {
             return;
         }
         let request = format!("nuke-{}", self.now);
-        if self.pool.nuke_paused(&request, self.now).is_err() {
+        if self.pool.nuke_pause(&request, self.now).is_err() {
             return;
         }
         assert!(self.pool.reconcile(self.now).is_empty(), "a held pool acts");
@@ -928,7 +928,7 @@ impl World {
         let deleted = (before - self.substrate.len()) as u64;
         self.strays.retain(|vm| self.substrate.contains_key(vm));
         self.vanished.clear();
-        let intents = self.pool.reset_after_nuke(deleted, self.now);
+        let intents = self.pool.nuke_reset(deleted, self.now);
         assert!(!self.pool.nuke.under_way());
         self.absorb(intents);
         // The nuke terminated every agent; their claims went with the reset.
@@ -1407,7 +1407,7 @@ fn the_developer_limit_counts_live_agents_and_a_nuke_refuses_claims() {
     assert!(w.pool.validate_claim(&other).is_ok());
     w.apply(&Step::Release { pick: 0 });
     assert!(w.pool.validate_claim(&next).is_ok());
-    w.pool.nuke_paused("n1", w.now).unwrap();
+    w.pool.nuke_pause("n1", w.now).unwrap();
     let e = w.pool.validate_claim(&next).unwrap_err();
     assert!(
         e.to_string()

@@ -12,10 +12,10 @@
 //! | `Starting` | [`Pool::nuke_started`]`(true)` | `Started` | — |
 //! | `Starting` | [`Pool::nuke_started`]`(false)` (the previous nuke is still closing) | `RetryWait` | `NukeRetry` (a timer) |
 //! | `RetryWait` | [`Pool::nuke_retry_due`] | `Starting` | `StartNuke` |
-//! | `Idle`, `Starting`, `RetryWait`, `Started` | [`Pool::nuke_paused`] | `Paused` | — |
-//! | `Paused` by the same request | [`Pool::nuke_paused`] (a retried pause) | `Paused` | — |
-//! | `Paused` by another request | [`Pool::nuke_paused`] | refused | — |
-//! | `Paused` | [`Pool::reset_after_nuke`] | `Idle` | backfill |
+//! | `Idle`, `Starting`, `RetryWait`, `Started` | [`Pool::nuke_pause`] | `Paused` | — |
+//! | `Paused` by the same request | [`Pool::nuke_pause`] (a retried pause) | `Paused` | — |
+//! | `Paused` by another request | [`Pool::nuke_pause`] | refused | — |
+//! | `Paused` | [`Pool::nuke_reset`] | `Idle` | backfill |
 //! | any but `Idle` | [`Pool::nuke_abandoned`] (reaper: no nuke running for the grace period) | `Idle` | backfill |
 //!
 //! Only `Paused` stops hand-outs and backfill. A request made while a nuke is already under
@@ -151,7 +151,7 @@ impl Pool {
     /// Nuke step 1 for `request` (already admitted, or [`Pool::is_own_nuke`]): the pool stops
     /// hand-outs and backfill. Returns whether nothing boots any more (the pause answers once
     /// that is so, so the nuke sees every VM the pool will have created).
-    pub fn nuke_paused(&mut self, request: &str, now: Millis) -> Result<bool, ApiError> {
+    pub fn nuke_pause(&mut self, request: &str, now: Millis) -> Result<bool, ApiError> {
         match &self.nuke {
             NukeState::Paused { request: r, .. } if r != request => {
                 return Err(ApiError::failed_precondition(format!(
@@ -174,7 +174,7 @@ impl Pool {
     /// the substrate, so the pool forgets its inventory and claims, bumps the generation and
     /// resumes backfill (empty). `deleted` counts towards the totals. A reset of a pool no
     /// nuke holds (a retried reset) changes nothing.
-    pub fn reset_after_nuke(&mut self, deleted: u64, now: Millis) -> Vec<Intent> {
+    pub fn nuke_reset(&mut self, deleted: u64, now: Millis) -> Vec<Intent> {
         let NukeState::Paused { since, .. } = self.nuke else {
             return Vec::new();
         };

@@ -1032,7 +1032,7 @@ mod tests {
     #[test]
     fn a_pool_a_dead_nuke_left_waiting_stops_waiting_after_the_grace_period() {
         let (mut pool, ids) = pool_with_warm(2);
-        pool.nuke_paused("r1", 0).unwrap();
+        pool.nuke_pause("r1", 0).unwrap();
         let nuke_gone = |pool: &mut Pool, now| {
             let mut out = pool.request_scan();
             out.extend(pool.hosts_read(Some(view()), now));

@@ -389,7 +389,7 @@ impl PoolWorkflow {
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         ctx.state_mut(|s| {
-            let paused = s.pool.nuke_paused(&request, now);
+            let paused = s.pool.nuke_pause(&request, now);
             if paused.is_ok() && !replaying {
                 tracing::warn!(tenant = %s.pool.tenant, actor = ?req.actor, "nuke: pool paused");
             }
@@ -430,7 +430,7 @@ impl PoolWorkflow {
         let replaying = ctx.is_replaying();
         Ok(ctx.state_mut(|s| {
             if s.pool.nuke.holds_pool() {
-                let intents = s.pool.reset_after_nuke(req.report.deleted, now);
+                let intents = s.pool.nuke_reset(req.report.deleted, now);
                 s.outbox.extend(intents);
                 s.last_nuke = Some(req.report.clone());
                 if !replaying {
