@@ -2,8 +2,9 @@
 # murmur's local environment: a Temporal dev server, the murmur worker, and a warm pool.
 #
 #   ./devserver.sh up       dev server + worker + a pool of warm VMs (the README's first command)
-#   ./devserver.sh test     dev server + the whole test suite (the README's second command);
-#                           installs qemu for its tests when missing (root with apt-get)
+#   ./devserver.sh test     dev server + the whole test suite (the README's second command):
+#                           the Rust tests, then the Python client's (python/tests); installs
+#                           qemu for its tests when missing (root with apt-get)
 #   ./devserver.sh qemu     only install qemu and the guest image's packages when missing
 #   ./devserver.sh start    start the Temporal dev server only (idempotent)
 #   ./devserver.sh stop     stop the worker and the dev server (VMs keep running, as on a real host)
@@ -179,6 +180,17 @@ run_tests() {
   cd "$ROOT"
   # Integration tests start their own workers (one task queue and state dir per test).
   cargo test --workspace --all-targets
+  run_python_tests
+}
+
+# The Python client's suite (python/tests), against the same dev server and the worker the
+# Rust tests built; its closing line (`N passed in ...`) is the count.
+run_python_tests() {
+  say "installing the Python client and its test tools into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+    -c "$ROOT/python/constraints.txt" "$ROOT/python[test]"
+  MURMUR_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" \
+    "$VENV/bin/python" -m pytest "$ROOT/python/tests" -p no:cacheprovider
 }
 
 status() {

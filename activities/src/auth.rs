@@ -469,16 +469,29 @@ impl DeveloperKey {
         ts: u64,
     ) -> Result<Credential, KeyError> {
         let request_id = new_request_id()?;
+        Ok(self.sign_exactly(op, target, body, &request_id, ts))
+    }
+
+    /// Signs a request with a given request id and time: deterministic (Ed25519 signatures
+    /// are), which is what the shared signing test vectors check in every implementation.
+    pub fn sign_exactly(
+        &self,
+        op: &str,
+        target: &str,
+        body: &str,
+        request_id: &str,
+        ts: u64,
+    ) -> Credential {
         let sig = self
             .pair
-            .sign(&signing_bytes(op, target, &request_id, ts, body));
-        Ok(Credential {
+            .sign(&signing_bytes(op, target, request_id, ts, body));
+        Credential {
             token: Some(self.token.clone()),
             service: None,
-            request_id,
+            request_id: request_id.to_string(),
             ts,
             sig: B64.encode(sig.as_ref()),
-        })
+        }
     }
 }
 
