@@ -94,23 +94,28 @@ pub fn find_qemu() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The niceness qemu processes get: `MURMUR_QEMU_NICE` (0..=19), else 19.
+pub fn niceness_from_env() -> i32 {
+    std::env::var("MURMUR_QEMU_NICE")
+        .ok()
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .map_or(QEMU_NICE, |n| n.clamp(0, 19))
+}
+
 /// Starts the VM's qemu in `dir` from the image directory `image` (in its own session, at
-/// `MURMUR_QEMU_NICE`), and records its pid.
+/// `niceness`), and records its pid.
 pub fn spawn_qemu(
     qemu: &Path,
     image: &Path,
     dir: &Path,
     meta: &QemuVmMeta,
+    niceness: i32,
 ) -> Result<(), SubstrateError> {
     let log = std::fs::File::create(dir.join(QEMU_LOG))
         .map_err(|e| SubstrateError::io("create qemu.log", e))?;
     let log2 = log
         .try_clone()
         .map_err(|e| SubstrateError::io("open qemu.log", e))?;
-    let niceness = std::env::var("MURMUR_QEMU_NICE")
-        .ok()
-        .and_then(|n| n.trim().parse::<i32>().ok())
-        .map_or(QEMU_NICE, |n| n.clamp(0, 19));
     let mut cmd = tokio::process::Command::new(qemu);
     cmd.args(qemu_args(dir, image, meta))
         .current_dir(dir)
@@ -186,7 +191,13 @@ async fn probe_kvm(qemu: &Path, qemu_dir: &Path, images: &Path) -> bool {
         generation: 0,
     };
     let started = Instant::now();
-    let ok = match spawn_qemu(qemu, &images.join(&meta.image), &dir, &meta) {
+    let ok = match spawn_qemu(
+        qemu,
+        &images.join(&meta.image),
+        &dir,
+        &meta,
+        niceness_from_env(),
+    ) {
         Ok(()) => handshake(&dir.join(CONTROL_SOCKET), KVM_PROBE_TIMEOUT)
             .await
             .is_ok(),

@@ -56,6 +56,7 @@ pub struct QemuProvider {
     state_dir: PathBuf,
     qemu: PathBuf,
     accel: Accel,
+    niceness: i32,
     locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -65,6 +66,7 @@ impl std::fmt::Debug for QemuProvider {
             .field("state_dir", &self.state_dir)
             .field("qemu", &self.qemu)
             .field("accel", &self.accel)
+            .field("niceness", &self.niceness)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +87,7 @@ impl QemuProvider {
             state_dir,
             qemu,
             accel: Accel::Tcg,
+            niceness: launch::niceness_from_env(),
             locks: Arc::default(),
         };
         provider.ensure_base_image().await?;
@@ -101,8 +104,15 @@ impl QemuProvider {
             state_dir: state_dir.into(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
+            niceness: launch::niceness_from_env(),
             locks: Arc::default(),
         }
+    }
+
+    /// Runs this provider's guests at `niceness` (0..=19) instead of `MURMUR_QEMU_NICE`'s.
+    pub fn with_niceness(mut self, niceness: i32) -> Self {
+        self.niceness = niceness.clamp(0, 19);
+        self
     }
 
     /// The accelerator guests run with.
@@ -245,6 +255,7 @@ impl Provider for QemuProvider {
             &self.images_dir().join(&meta.image),
             &dir,
             &meta,
+            self.niceness,
         )
     }
 
