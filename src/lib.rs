@@ -29,6 +29,11 @@ pub mod worker;
 
 /// Exit status of a failed operation (any `CODE: reason` error).
 pub const EXIT_FAILURE: i32 = 1;
+
+/// This build's version (`Cargo.toml`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this build was made from (`unknown` outside a git checkout).
+pub const COMMIT: &str = env!("MURMUR_COMMIT");
 /// Exit status of a malformed command line.
 pub const EXIT_USAGE: i32 = 2;
 /// Exit status when Temporal cannot be reached.

@@ -1,4 +1,5 @@
-//! The worker's operations endpoint: `/metrics` (Prometheus text) and `/healthz`.
+//! The worker's operations endpoint: `/metrics` (Prometheus text), `/healthz` (liveness: the
+//! process serves) and `/readyz` (readiness: the worker polls its task queues).
 //!
 //! murmur's own metrics are read from the pools this worker serves at scrape time (each
 //! running `pool/<tenant>` on the task queue answers its `status` query), so they are exactly
@@ -59,12 +60,19 @@ pub async fn serve(
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render(&state).await),
-                "/healthz" if state.polling.load(Ordering::Relaxed) => (
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/readyz" if state.polling.load(Ordering::Relaxed) => (
                     "200 OK",
-                    format!("ok: polling task queue {}\n", state.task_queue),
+                    format!("ready: polling task queue {}\n", state.task_queue),
                 ),
-                "/healthz" => ("503 Service Unavailable", "not polling\n".to_string()),
-                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string()),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    format!("not ready: not polling task queue {}\n", state.task_queue),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "try /metrics, /healthz or /readyz\n".to_string(),
+                ),
             };
             let response = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -133,6 +141,17 @@ async fn render(state: &MetricsState) -> String {
     state.claims.render(&mut out);
     let _ = writeln!(
         out,
+        "# HELP murmur_build_info The worker's build: always 1, labelled with its version and commit."
+    );
+    let _ = writeln!(out, "# TYPE murmur_build_info gauge");
+    let _ = writeln!(
+        out,
+        "murmur_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        crate::VERSION,
+        crate::COMMIT
+    );
+    let _ = writeln!(
+        out,
         "# HELP murmur_worker_polling 1 while the worker polls its task queue."
     );
     let _ = writeln!(out, "# TYPE murmur_worker_polling gauge");
@@ -182,7 +201,9 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
         VmState::Assigned,
         VmState::Deleting,
     ];
-    let mut vms = Vec::new();
+    // Keyed by whether the VMs are of the pool's current generation, not by the generation
+    // itself: a label value per flush would start new series at every flush.
+    let mut vms: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
     for p in pools {
         for ws in &p.workspaces {
             for g in &ws.groups {
@@ -193,17 +214,15 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
                         VmState::Assigned => g.assigned,
                         VmState::Deleting => g.deleting,
                     };
-                    vms.push((
-                        format!(
-                            "tenant=\"{}\",workspace=\"{}\",image=\"{}\",generation=\"{}\",state=\"{}\"",
-                            p.tenant,
-                            ws.name,
-                            g.image,
-                            g.generation,
-                            state_name(state)
-                        ),
-                        f64::from(n),
-                    ));
+                    let labels = format!(
+                        "tenant=\"{}\",workspace=\"{}\",image=\"{}\",current_generation=\"{}\",state=\"{}\"",
+                        p.tenant,
+                        ws.name,
+                        g.image,
+                        g.generation == p.generation,
+                        state_name(state)
+                    );
+                    *vms.entry(labels).or_default() += f64::from(n);
                 }
             }
         }
@@ -211,8 +230,8 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
     family(
         "murmur_vms",
         "gauge",
-        "VMs by tenant, workspace, image, pool generation and state.",
-        vms,
+        "VMs by tenant, workspace, image, whether of the pool's current generation (older ones are never handed out), and state.",
+        vms.into_iter().collect(),
     );
     let per_pool = |f: &dyn Fn(&PoolStatus) -> f64| -> Vec<(String, f64)> {
         pools
@@ -364,9 +383,9 @@ pub fn render_pools(pools: &[PoolStatus]) -> String {
         per_pool(&|p| p.denials.len() as f64),
     );
     family(
-        "murmur_rejected_messages",
-        "gauge",
-        "Malformed signals rejected since the pool's run started.",
+        "murmur_rejected_messages_total",
+        "counter",
+        "Malformed signals rejected since the pool's run started (resets when a run continues as new).",
         per_pool(&|p| p.rejected_messages as f64),
     );
     family(

@@ -182,8 +182,13 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // The SDK's own metrics go to a private exporter that /metrics appends to murmur's.
     let sdk_exporter = match config.metrics_addr {
         Some(_) => {
+            // Prometheus conventions: counters end in `_total`, durations are seconds and
+            // say so in their names.
             let options = PrometheusExporterOptions::builder()
                 .socket_addr(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .counters_total_suffix(true)
+                .use_seconds_for_durations(true)
+                .unit_suffix(true)
                 .build();
             Some(start_prometheus_metric_exporter(options)?)
         }

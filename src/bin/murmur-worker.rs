@@ -47,7 +47,7 @@ struct RunArgs {
         default_value = ".state"
     )]
     state_dir: PathBuf,
-    /// Serve Prometheus metrics (/metrics) and a health check (/healthz) on this address,
+    /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) on this address,
     /// e.g. 127.0.0.1:9464.
     #[arg(long, global = true, env = "MURMUR_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -283,8 +283,10 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,temporalio_sdk_core=warn"));
+    // Colour only for a person at a terminal; a log file or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),

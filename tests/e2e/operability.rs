@@ -12,22 +12,40 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Every `murmur_*` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("murmur_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
 fn metrics_match_the_pool_status_and_health_says_polling() {
     let mut env = TestEnv::start("metrics");
     env.enable_metrics();
-    // The endpoint comes up before the worker polls; health turns 200 once it does.
+    // The endpoint comes up before the worker polls: alive at once, ready once it polls.
     let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
     let body = loop {
-        let (status, body) = env.http_get("/healthz");
+        let (live, body) = env.http_get("/healthz");
+        assert_eq!((live.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));
+        let (status, body) = env.http_get("/readyz");
         if status == "HTTP/1.1 200 OK" {
             break body;
         }
         assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+        assert!(
+            body.starts_with("not ready: not polling task queue"),
+            "{body}"
+        );
         assert!(std::time::Instant::now() < deadline, "never polling");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    assert!(body.starts_with("ok: polling task queue"), "{body}");
+    assert!(body.starts_with("ready: polling task queue"), "{body}");
 
     env.set_workspace("default", "min_idle: 2\n");
     env.wait_for("2 warm VMs", |s| warm(s) == 2);
@@ -43,8 +61,7 @@ fn metrics_match_the_pool_status_and_health_says_polling() {
             &text,
             "murmur_vms",
             &format!(
-                "tenant=\"{t}\",workspace=\"default\",image=\"default\",generation=\"{}\",state=\"{state}\"",
-                st.generation
+                "tenant=\"{t}\",workspace=\"default\",image=\"default\",current_generation=\"true\",state=\"{state}\""
             ),
         )
     };
@@ -73,11 +90,53 @@ fn metrics_match_the_pool_status_and_health_says_polling() {
     );
     assert_eq!(sample(&text, "murmur_worker_polling", ""), None);
     assert!(text.contains("\nmurmur_worker_polling 1\n"), "{text}");
-    // The SDK's own worker metrics are appended.
-    assert!(
-        text.lines().any(|l| l.starts_with("temporal_")),
-        "no SDK metrics in: {text}"
+    let build = format!(
+        "version=\"{}\",commit=\"{}\"",
+        env!("CARGO_PKG_VERSION"),
+        env!("MURMUR_COMMIT")
     );
+    assert_eq!(
+        sample(&text, "murmur_build_info", &build),
+        Some(1.0),
+        "{text}"
+    );
+    // Counters are counters, named `_total`.
+    assert!(text.contains("# TYPE murmur_rejected_messages_total counter\n"));
+    // The SDK's own worker metrics are appended, in Prometheus conventions: counters end in
+    // `_total`, durations are seconds and say so.
+    let types: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE temporal_"))
+        .collect();
+    assert!(!types.is_empty(), "no SDK metrics in: {text}");
+    assert!(
+        types
+            .iter()
+            .filter(|t| t.ends_with(" counter"))
+            .all(|t| t.split(' ').next().is_some_and(|n| n.ends_with("_total"))),
+        "{types:?}"
+    );
+    assert!(
+        types.iter().any(|t| t.contains("_seconds "))
+            && !types.iter().any(|t| t.contains("_milliseconds")),
+        "{types:?}"
+    );
+    // The deploy files' alerts and dashboard name only metrics the worker exports.
+    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/murmur.json"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let named = metric_names(&std::fs::read_to_string(&path).expect("read deploy file"));
+        assert!(!named.is_empty(), "{file} names no murmur metric");
+        for name in named {
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{file} uses {name}, which the worker does not export"
+            );
+        }
+    }
     let (status, _) = env.http_get("/nope");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
@@ -149,7 +208,11 @@ fn version_reports_client_and_worker_and_completions_are_generated() {
     env.set_workspace("default", "min_idle: 0\n");
     let out = env.murmur_ok(&["version"]);
     let version = env!("CARGO_PKG_VERSION");
-    assert!(out.contains(&format!("client: murmur {version}")), "{out}");
+    let commit = env!("MURMUR_COMMIT");
+    assert!(
+        out.contains(&format!("client: murmur {version} (commit {commit})")),
+        "{out}"
+    );
     assert!(
         out.contains(&format!("worker: murmur-worker {version}")),
         "{out}"

@@ -165,7 +165,11 @@ fn report(e: &ApiError, hint: Option<&str>, json: bool) -> ExitCode {
 
 /// `murmur version`: the client, and the worker that answers the pool's queries.
 async fn version(workspace: Option<&str>) -> Result<(), ApiError> {
-    println!("client: murmur {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "client: murmur {} (commit {})",
+        murmur::VERSION,
+        murmur::COMMIT
+    );
     let worker = match Session::open(workspace).await {
         Ok(session) => session
             .pool
@@ -185,6 +189,7 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     // Commands with --json report errors as {"code": ..., "message": ...} too.

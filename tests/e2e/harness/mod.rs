@@ -27,7 +27,7 @@ pub struct TestEnv {
     pub task_queue: String,
     pub dir: tempfile::TempDir,
     worker: Option<Child>,
-    /// Where the worker serves /metrics and /healthz, when enabled.
+    /// Where the worker serves /metrics, /healthz and /readyz, when enabled.
     pub metrics_addr: Option<String>,
     /// The worker's substrate (`process` unless started with [`TestEnv::start_on`]).
     pub substrate_name: String,
