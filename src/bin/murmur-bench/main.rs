@@ -144,6 +144,18 @@ impl Bench {
         }
     }
 
+    /// How many VMs of `tenant` the bench host's substrate holds.
+    pub fn vms_of(&self, tenant: &str) -> usize {
+        use murmur_activities::substrate::Provider as _;
+        let vms = if self.substrate == "qemu" {
+            murmur_activities::substrate::qemu::QemuProvider::inspector(&self.state_dir).host_vms()
+        } else {
+            murmur_activities::substrate::process::ProcessProvider::inspector(&self.state_dir)
+                .host_vms()
+        };
+        vms.iter().filter(|(t, _)| t == tenant).count()
+    }
+
     /// The worker's process id (for footprint).
     pub fn worker_pid(&self) -> u32 {
         self.worker.id()

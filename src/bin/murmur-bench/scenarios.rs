@@ -133,28 +133,51 @@ fn settled_with(ready: u32) -> impl Fn(&murmur_workflows::status::PoolStatus) ->
     }
 }
 
-/// Terminates every running workflow of the tenant (the bench's worker stops with the run).
-async fn cleanup(pool: &PoolClient, agents: &AgentClient, tenant: &str) {
-    let _ = (pool, agents);
-    let Ok(client) = murmur::client::connect("murmur-bench").await else {
-        return;
-    };
+/// Leaves the bench host as the scenario found it: no VM and no running workflow of the
+/// tenant, so the next scenario is measured on a clean host (earlier scenarios once filled the
+/// host's admission limit with VMs whose pool had only been terminated). `min_idle` goes to 0
+/// first (a nuke keeps the config and the pool would refill), the nuke terminates every agent
+/// and deletes every VM the substrate holds for the tenant, then the idle pool's run is
+/// terminated. A VM of the tenant still on the host afterwards is an error.
+async fn cleanup(b: &Bench, pool: &PoolClient, tenant: &str) -> anyhow::Result<()> {
+    pool.apply_config(
+        "workspace",
+        "default",
+        ConfigChange::Set {
+            spec: serde_json::json!({ "min_idle": 0 }),
+            expected_generation: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cleanup of {tenant}: min_idle 0: {e}"))?;
+    pool.nuke(|_| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("cleanup of {tenant}: nuke: {e}"))?;
+    let client = murmur::client::connect("murmur-bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let query = format!("MurmurTenant = '{tenant}' AND ExecutionStatus = 'Running'");
     let mut ids = Vec::new();
     let mut stream = client.list_workflows(query, WorkflowListOptions::default());
-    while let Some(Ok(wf)) = stream.next().await {
-        ids.push(wf.id().to_string());
+    while let Some(item) = stream.next().await {
+        ids.push(item.map_err(|e| anyhow::anyhow!("{e}"))?.id().to_string());
     }
     for id in ids {
         let _ = client
             .get_workflow_handle::<UntypedWorkflow>(id)
             .terminate(
                 WorkflowTerminateOptions::builder()
-                    .reason("bench done")
+                    .reason("bench scenario done")
                     .build(),
             )
             .await;
     }
+    let left = b.vms_of(tenant);
+    anyhow::ensure!(
+        left == 0,
+        "cleanup of {tenant}: {left} VMs are still on the bench host after the nuke"
+    );
+    Ok(())
 }
 
 /// `murmur spawn` → the agent's command runs, with a warm VM and with a cold boot.
@@ -175,7 +198,7 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[0].goal = "≤ 100 ms".into();
     out[0].met = Some(warm <= 100.0);
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(out)
 }
 
@@ -271,13 +294,13 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         out[i].met = Some(share <= 5.0);
     }
     set_pool(&pool, 6, 0).await?;
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(out)
 }
 
 /// Flush of `n` warm VMs: until the CLI has its answer, and until the pool is back at min_idle.
 async fn flush(b: &Bench, n: u32, runs: usize) -> anyhow::Result<Vec<Figure>> {
-    let (ctx, pool, agents) = b.tenant(&format!("bench-flush{n}")).await?;
+    let (ctx, pool, _agents) = b.tenant(&format!("bench-flush{n}")).await?;
     set_pool(&pool, n + 10, n).await?;
     let (mut answer, mut refill) = (Vec::new(), Vec::new());
     for i in 0..b.warmup.min(1) + runs {
@@ -292,7 +315,7 @@ async fn flush(b: &Bench, n: u32, runs: usize) -> anyhow::Result<Vec<Figure>> {
             refill.push(ms(t0.elapsed()));
         }
     }
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     let goal_answer = if n >= 100 { "≤ 1000 ms" } else { "" };
     let met = (n >= 100).then(|| median(&answer) <= 1000.0);
     Ok(vec![
@@ -371,7 +394,7 @@ async fn delete(b: &Bench) -> anyhow::Result<Vec<Figure>> {
 
 /// Claims per second one pool workflow sustains, and their latency at that rate.
 async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
-    let (ctx, pool, agents) = b.tenant("bench-claims").await?;
+    let (ctx, pool, _agents) = b.tenant("bench-claims").await?;
     let total = 200usize;
     let clients = 50usize;
     set_pool(&pool, 400, total as u32).await?;
@@ -420,7 +443,7 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         latencies.extend(r?);
     }
     let rate = total as f64 / t0.elapsed().as_secs_f64();
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(vec![
         figure(
             "claim-throughput: claims/s (50 clients)",
@@ -435,7 +458,7 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
 
 /// `murmur pool status` end to end vs `temporal workflow query` of the same query.
 async fn cli_latency(b: &Bench) -> anyhow::Result<Vec<Figure>> {
-    let (ctx, pool, agents) = b.tenant("bench-cli").await?;
+    let (ctx, pool, _agents) = b.tenant("bench-cli").await?;
     set_pool(&pool, 10, 2).await?;
     Bench::wait_pool(&pool, Duration::from_secs(60), settled_with(2)).await?;
     let project = b.state_dir.join("cli-project");
@@ -479,7 +502,7 @@ async fn cli_latency(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         }
     }
     let ratio = median(&ours) / median(&theirs).max(0.001);
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(vec![
         figure(
             "cli-latency: murmur pool status",
@@ -540,7 +563,7 @@ async fn nuke(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let dt = ms(t0.elapsed());
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(vec![figure(
         &format!(
             "nuke 100 agents + 50 warm ({} terminated/deleted)",
@@ -567,7 +590,7 @@ async fn footprint(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let cpu = (cpu_ticks(b.worker_pid()) - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
     let rss = rss_mb(b.worker_pid());
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     Ok(vec![
         figure(
             "footprint: worker RSS, 1,000 agents (990 queued)",
@@ -625,7 +648,7 @@ async fn soak(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let total_claims = env_number("MURMUR_SOAK_CLAIMS", 2_000);
     let flushes = env_number("MURMUR_SOAK_FLUSHES", 200).max(1);
     let clients = 10usize;
-    let (ctx, pool, agents) = b.tenant("bench-soak").await?;
+    let (ctx, pool, _agents) = b.tenant("bench-soak").await?;
     set_pool(&pool, 20, 5).await?;
     Bench::wait_pool(&pool, Duration::from_secs(120), settled_with(5)).await?;
     let keys = KeyStore::open(&b.state_dir)?;
@@ -707,7 +730,7 @@ async fn soak(b: &Bench) -> anyhow::Result<Vec<Figure>> {
         history.len().saturating_sub(1),
         violations.len()
     );
-    cleanup(&pool, &agents, &ctx.tenant).await;
+    cleanup(b, &pool, &ctx.tenant).await?;
     let longest = history.iter().copied().max().unwrap_or(0) as f64;
     Ok(vec![
         figure(
