@@ -199,7 +199,7 @@ fn record() {
     // The pool rolls over on its own (a reaper round every second).
     let pool_id = format!("pool/{}", env.tenant);
     let deadline = std::time::Instant::now() + PATIENCE * 3;
-    while runs(&env, &pool_id).len() < 2 {
+    while env.runs_of(&pool_id).len() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "the pool never rolled over"
@@ -207,7 +207,7 @@ fn record() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     env.wait_for("2 warm VMs on the new run", |s| warm(s) == 2);
-    let rolled = runs(&env, &pool_id);
+    let rolled = env.runs_of(&pool_id);
 
     // Terminated while an agent runs: the next run recovers the config, the warm VMs and the
     // agent's VM.
@@ -226,7 +226,8 @@ fn record() {
     env.wait_for("the pool recovered", |s| {
         s.recovery.is_none() && warm(s) == 2 && s.claims_total == 1
     });
-    let recovered = runs(&env, &pool_id)
+    let recovered = env
+        .runs_of(&pool_id)
         .last()
         .cloned()
         .expect("a recovered run");
@@ -235,8 +236,16 @@ fn record() {
     // reaper's timer fires and the signal arrives; the worker's next task gets both.
     let signed = env.murmur_ok(&["auth", "sign", "flush"]);
     let generation = env.status().generation;
+    let fired_before = timers_fired(&env, &pool_id);
     env.kill_worker();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while timers_fired(&env, &pool_id) == fired_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no timer fired while the worker was down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let out = env.temporal(&[
         "workflow",
         "signal",
@@ -253,7 +262,7 @@ fn record() {
         s.generation > generation && warm(s) == 2
     });
     assert_eq!(
-        runs(&env, &pool_id).last(),
+        env.runs_of(&pool_id).last(),
         Some(&recovered),
         "the recovered run rolled over before the timer and the signal were recorded"
     );
@@ -301,27 +310,10 @@ fn record() {
     drop(server);
 }
 
-/// Run ids of a workflow id, oldest first.
-fn runs(env: &TestEnv, id: &str) -> Vec<String> {
-    let out = env.temporal(&[
-        "workflow",
-        "list",
-        "--query",
-        &format!("WorkflowId = '{id}'"),
-        "-o",
-        "json",
-    ]);
-    let text = crate::harness::stdout(&out);
-    let mut runs: Vec<(String, String)> = serde_json::from_str::<Vec<serde_json::Value>>(&text)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|w| {
-            Some((
-                w["startTime"].as_str()?.to_string(),
-                w["execution"]["runId"].as_str()?.to_string(),
-            ))
-        })
-        .collect();
-    runs.sort();
-    runs.into_iter().map(|(_, r)| r).collect()
+/// How many timers have fired in the latest run of workflow `id` (from its history).
+fn timers_fired(env: &TestEnv, id: &str) -> usize {
+    let out = env.temporal(&["workflow", "show", "--workflow-id", id, "-o", "json"]);
+    crate::harness::stdout(&out)
+        .matches("EVENT_TYPE_TIMER_FIRED")
+        .count()
 }

@@ -708,11 +708,16 @@ pub fn stderr(o: &Output) -> String {
 impl TestEnv {
     /// Run ids of `pool/<tenant>`, oldest first.
     pub fn pool_runs(&self) -> Vec<String> {
+        self.runs_of(&format!("pool/{}", self.tenant))
+    }
+
+    /// Run ids of workflow `id`, oldest first.
+    pub fn runs_of(&self, id: &str) -> Vec<String> {
         let out = self.temporal(&[
             "workflow",
             "list",
             "--query",
-            &format!("WorkflowId = 'pool/{}'", self.tenant),
+            &format!("WorkflowId = '{id}'"),
             "-o",
             "json",
         ]);
