@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
@@ -293,9 +294,9 @@ class Agent:
         status = m.AgentStatus.from_json(data)
         state = description.status
         if state == temporalio.client.WorkflowExecutionStatus.TERMINATED:
-            status = _with_phase(status, m.Phase.CANCELED)
+            status = replace(status, phase=m.Phase.CANCELED)
         elif state == temporalio.client.WorkflowExecutionStatus.TIMED_OUT:
-            status = _with_phase(status, m.Phase.FAILED)
+            status = replace(status, phase=m.Phase.FAILED)
         return status
 
     async def wait(
@@ -346,12 +347,6 @@ class Agent:
             pass  # the result is the cancellation; what matters is that cleanup has run
 
 
-def _with_phase(status: m.AgentStatus, phase: m.Phase) -> m.AgentStatus:
-    from dataclasses import replace
-
-    return replace(status, phase=phase)
-
-
 def _closed_phase(state: Any) -> m.Phase:
     if state == temporalio.client.WorkflowExecutionStatus.COMPLETED:
         return m.Phase.COMPLETED
@@ -381,8 +376,12 @@ class Pool:
         """The pool's status, as ``murmur pool status --json`` prints it (``warm``,
         ``in_use``, ``max_vms``, ``generation``, ``vms``, ``claims``, ...)."""
         handle = self._murmur.client.get_workflow_handle(self.workflow_id)
-        status: dict[str, Any] = await _call(handle.query("status"), self._not_running())
-        description = await _call(handle.describe(), self._not_running())
+        status: dict[str, Any]
+        description: temporalio.client.WorkflowExecutionDescription
+        status, description = await asyncio.gather(
+            _call(handle.query("status"), self._not_running()),
+            _call(handle.describe(), self._not_running()),
+        )
         state = description.status
         if state is not None and state != temporalio.client.WorkflowExecutionStatus.RUNNING:
             # The CLI's words for how a run ended.
