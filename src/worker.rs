@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use murmur_activities::agent_activities::{AgentActivities, ClaimLatencies};
+use murmur_activities::agent_activities::AgentActivities;
+use murmur_activities::meters::{ClaimLatencies, RefusedBoots};
 use temporalio_common::telemetry::metrics::CoreMeter;
 use temporalio_common::telemetry::{
     PrometheusExporterOptions, TelemetryOptions, start_prometheus_metric_exporter,
@@ -50,8 +51,11 @@ pub struct WorkerConfig {
     pub task_queue: String,
     /// Where sandboxes, images and keys live.
     pub state_dir: PathBuf,
-    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How often the pool-level series are read from Temporal (in the background; a scrape
+    /// reads the last snapshot).
+    pub metrics_refresh: std::time::Duration,
     /// The reaper's schedule and grace periods.
     pub reaper: ReaperSettings,
     /// How long a VM may take to answer its readiness handshake.
@@ -205,6 +209,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let runtime = Runtime::from_current_tokio(runtime_options)
         .map_err(|e| anyhow::anyhow!("start Temporal runtime: {e}"))?;
     let claims = Arc::new(ClaimLatencies::default());
+    let refused_boots = RefusedBoots::default();
     let polling = Arc::new(AtomicBool::new(false));
     // The shared queue: every workflow, and the activities any worker can run. The VM
     // activities are here too for pools from before host placement, whose VMs have no host.
@@ -245,11 +250,11 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
         .register_activities(
             VmActivities::new(provider.clone(), config.boot_timeout)
-                .with_host_capacity(config.host.max_vms),
+                .with_host_capacity(config.host.max_vms, refused_boots.clone()),
         )
         .register_activities(ReaperActivities::new(provider.clone(), config.reaper))
         .register_activities(BakeActivities::new(provider.clone()))
-        .register_activities(AgentActivities::new(provider, keys, claims.clone()))
+        .register_activities(AgentActivities::new(provider.clone(), keys, claims.clone()))
         .register_activities(HostActivities::new(
             config.host.id.clone(),
             last_lease_beat.clone(),
@@ -257,12 +262,35 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         ))
         .build();
     if let Some(listener) = metrics_listener {
-        let state = Arc::new(MetricsState {
+        let pools = Arc::new(crate::metrics::snapshot::SnapshotCache::default());
+        let registry = crate::metrics::process_registry(vec![
+            claims.collector(),
+            refused_boots.collector(),
+            Box::new(pools.refreshed_at.clone()),
+            Box::new(pools.failures.clone()),
+            Box::new(pools.exported.clone()),
+        ])?;
+        let source = crate::metrics::snapshot::PoolSource {
             client: client.clone(),
+            task_queue: config.task_queue.clone(),
+            host: config.host.id.clone(),
+        };
+        tokio::spawn(crate::metrics::snapshot::refresh_forever(
+            source,
+            pools.clone(),
+            config.metrics_refresh,
+        ));
+        let state = Arc::new(MetricsState {
             task_queue: config.task_queue.clone(),
             sdk_metrics: sdk_exporter.as_ref().map(|e| e.bound_addr),
             polling: polling.clone(),
-            claims,
+            registry,
+            pools,
+            host: crate::metrics::HostSeries {
+                id: config.host.id.clone(),
+                provider: provider.clone(),
+                max_vms: config.host.max_vms,
+            },
         });
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(listener, state).await {

@@ -40,66 +40,7 @@ const NUKE_CONCURRENCY: usize = 8;
 /// How much of an agent's output its status keeps.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
-/// Upper bounds (seconds) of the claim latency histogram buckets.
-const CLAIM_BUCKETS: [f64; 12] = [
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
-/// Claim latency (from the agent's first claim to its VM being assigned) as measured by this
-/// worker, warm (served at once from the warm pool) and cold (booted for it, or queued).
-#[derive(Debug, Default)]
-pub struct ClaimLatencies {
-    inner: std::sync::Mutex<[Histogram; 2]>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: [u64; CLAIM_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl ClaimLatencies {
-    /// Records one claim.
-    pub fn record(&self, warm: bool, seconds: f64) {
-        if let Ok(mut h) = self.inner.lock() {
-            let h = &mut h[usize::from(!warm)];
-            h.count += 1;
-            h.sum += seconds;
-            for (i, bound) in CLAIM_BUCKETS.iter().enumerate() {
-                if seconds <= *bound {
-                    h.buckets[i] += 1;
-                }
-            }
-        }
-    }
-
-    /// Appends the histogram in Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let Ok(h) = self.inner.lock() else {
-            return;
-        };
-        let name = "murmur_claim_latency_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} From an agent's first claim to its VM being assigned, measured by this worker."
-        );
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (kind, h) in [("warm", &h[0]), ("cold", &h[1])] {
-            for (bound, n) in CLAIM_BUCKETS.iter().zip(h.buckets) {
-                let _ = writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {n}");
-            }
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "{name}_sum{{kind=\"{kind}\"}} {}", h.sum);
-            let _ = writeln!(out, "{name}_count{{kind=\"{kind}\"}} {}", h.count);
-        }
-    }
-}
+use crate::meters::ClaimLatencies;
 
 /// Activities that talk to the pool workflow, to Temporal's visibility, and to VMs. Their
 /// requests to the pool are signed with the worker's key.

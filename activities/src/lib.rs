@@ -17,6 +17,8 @@
 //! - [`host_activities`]: a host's lease, reading and announcing the host view, registering.
 //! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
 //! - [`heartbeat`]: heartbeating while an activity works (every activity does).
+//! - [`meters`]: what the activities measure for the worker's `/metrics` (claim latency,
+//!   boots a full host refused).
 //! - [`auth`]: worker keys, identity tokens, request signatures, the `murmur.verify` check.
 //! - [`recovery`]: reading a pool's record back (memo, or the history of an older run).
 //! - [`temporal_ops`]: search attributes, starting the pool on demand, client error mapping.
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod bake_activities;
 pub mod heartbeat;
 pub mod host_activities;
+pub mod meters;
 pub mod reaper;
 pub mod recovery;
 pub mod substrate;

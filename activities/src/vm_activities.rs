@@ -16,6 +16,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::heartbeat::with_heartbeats;
+use crate::meters::RefusedBoots;
 use crate::substrate::{Provider, Seal, SubstrateError};
 
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
@@ -31,6 +32,8 @@ pub struct VmActivities {
     /// Admission check and create happen one boot at a time, so two boots cannot both take
     /// the last slot.
     admission: tokio::sync::Mutex<()>,
+    /// Counts the boots refused because the host was full.
+    refused: Option<RefusedBoots>,
 }
 
 impl VmActivities {
@@ -42,14 +45,17 @@ impl VmActivities {
             boot_timeout: boot_timeout.min(BOOT_TIMEOUT),
             host_max_vms: None,
             admission: tokio::sync::Mutex::new(()),
+            refused: None,
         }
     }
 
     /// Refuses a boot (`HostFull`, not retried) once the substrate holds `max_vms` VMs of
     /// every tenant together: pools count only their own VMs when they place, so two tenants'
-    /// pools sharing hosts could otherwise overcommit one.
-    pub fn with_host_capacity(mut self, max_vms: u32) -> Self {
+    /// pools sharing hosts could otherwise overcommit one. Each refusal is counted in
+    /// `refused`.
+    pub fn with_host_capacity(mut self, max_vms: u32, refused: RefusedBoots) -> Self {
         self.host_max_vms = Some(max_vms);
+        self.refused = Some(refused);
         self
     }
 
@@ -66,6 +72,9 @@ impl VmActivities {
             if !retried && total >= max as usize {
                 tracing::warn!(tenant = %spec.tenant, vm = %spec.vm, total, max,
                     "host full: boot refused");
+                if let Some(refused) = &self.refused {
+                    refused.count();
+                }
                 return Err(ActivityError::application(
                     ApplicationFailure::builder(format!(
                         "host full: {total} of {max} VMs run here"

@@ -51,6 +51,10 @@ struct RunArgs {
     /// e.g. 127.0.0.1:9464.
     #[arg(long, global = true, env = "MURMUR_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// How often the pool-level metrics are read from Temporal, in the background (a scrape
+    /// never calls Temporal; it serves the last read).
+    #[arg(long, global = true, env = "MURMUR_METRICS_REFRESH", default_value = "15s", value_parser = parse_duration)]
+    metrics_refresh: std::time::Duration,
     /// Where VMs live: `process` (local sandboxes) or `qemu` (real Linux guests; needs
     /// qemu-system-x86_64, builds its guest image under the state dir on first start).
     #[arg(
@@ -309,6 +313,7 @@ async fn main() -> std::process::ExitCode {
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
                 metrics_addr: cli.run.metrics_addr,
+                metrics_refresh: cli.run.metrics_refresh,
                 substrate: cli.run.substrate,
                 reaper: murmur_activities::reaper::ReaperSettings {
                     interval: cli.run.reap_interval,

@@ -13,7 +13,8 @@
 //! | [`config`] | get / set / patch of pool config and workspaces |
 //! | [`agents`] | spawn, claims, warm hand-out, keep-alive, queueing at `max_vms` |
 //! | [`auth`] | credentials, roles, signed requests, denials |
-//! | [`operability`] | status, metrics, health, logs, progress |
+//! | [`operability`] | status, `--json` schemas, version, completions |
+//! | [`metrics`] | `/metrics` parsed as Prometheus does, health, a fleet's sums, scrape cost, deploy files |
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
 //! | [`chaos`] | worker kill -9, server restarts, substrate faults |
@@ -35,6 +36,7 @@ mod config;
 mod flush;
 mod hostile;
 mod invariant_checks;
+mod metrics;
 mod operability;
 mod qemu;
 mod reaper;

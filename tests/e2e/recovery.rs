@@ -247,14 +247,8 @@ fn a_vm_that_cannot_be_deleted_is_stuck_and_blocks_nothing() {
     assert_eq!(st.in_use, 3, "a stuck VM counts against max_vms");
     let text = env.murmur_ok(&["pool", "status"]);
     assert!(text.contains("Stuck deleting: 1 VM(s)"), "{text}");
-    let (_, body) = env.http_get("/metrics");
-    assert!(
-        body.contains(&format!(
-            "murmur_vms_stuck_deleting{{tenant=\"{}\"}} 1",
-            env.tenant
-        )),
-        "{body}"
-    );
+    let series = format!("murmur_vms_stuck_deleting{{tenant=\"{}\"}} 1\n", env.tenant);
+    env.wait_metrics("the stuck VM", |text| text.contains(&series));
     // The pool rolls over with the VM stuck, carries it, and still answers flushes.
     let runs_before = env.pool_runs().len();
     let deadline = Instant::now() + PATIENCE * 2;

@@ -20,6 +20,15 @@ pub use server::PrivateServer;
 /// How long a test waits for the pool to reach a state before failing.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// A free loopback address (`127.0.0.1:<port>`).
+fn free_loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// One isolated murmur installation: a project dir with `.murmur/murmur.yaml`, a state dir,
 /// a worker on its own task queue.
 pub struct TestEnv {
@@ -29,6 +38,8 @@ pub struct TestEnv {
     worker: Option<Child>,
     /// Where the worker serves /metrics, /healthz and /readyz, when enabled.
     pub metrics_addr: Option<String>,
+    /// How often that worker reads the pools for its metrics.
+    metrics_refresh: String,
     /// The worker's substrate (`process` unless started with [`TestEnv::start_on`]).
     pub substrate_name: String,
     /// Extra environment of the worker (reaper timing, fault injection, ...).
@@ -115,6 +126,7 @@ impl TestEnv {
             worker: None,
             hosts: Vec::new(),
             metrics_addr: None,
+            metrics_refresh: "1s".to_string(),
             worker_env: options.worker_env,
             worker_uid: options
                 .worker_uid
@@ -198,29 +210,56 @@ impl TestEnv {
         self.dir.path().join("state")
     }
 
-    /// Restarts the worker with its metrics endpoint on a free loopback port.
+    /// Restarts the worker with its metrics endpoint on a free loopback port, reading the
+    /// pools every second.
     pub fn enable_metrics(&mut self) -> String {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        self.enable_metrics_refreshing_every("1s")
+    }
+
+    /// Restarts the worker with its metrics endpoint on a free loopback port, reading the
+    /// pools every `refresh`.
+    pub fn enable_metrics_refreshing_every(&mut self, refresh: &str) -> String {
+        let addr = free_loopback_addr();
         self.metrics_addr = Some(addr.clone());
+        self.metrics_refresh = refresh.to_string();
         self.kill_worker();
         self.start_worker();
         addr
     }
 
-    /// `GET path` on the worker's metrics endpoint: (status line, body). Waits for the
+    /// `GET path` on the worker's metrics endpoint: (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let addr = self.metrics_addr.as_deref().expect("metrics enabled");
+        self.http_get_at(addr, path)
+    }
+
+    /// Reads the worker's `/metrics` until `pred` holds for its text (the pool-level series
+    /// follow the pools within a refresh), returning that text.
+    pub fn wait_metrics(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (_, text) = self.http_get("/metrics");
+            if pred(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what} in /metrics:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `GET path` on the metrics endpoint at `addr`: (status line, body). Waits for the
     /// endpoint to come up: until the worker has bound its port, a connection can fail, or
     /// reach whatever else briefly held the port and be reset, so the exchange is retried.
-    pub fn http_get(&self, path: &str) -> (String, String) {
+    pub fn http_get_at(&self, addr: &str, path: &str) -> (String, String) {
         use std::io::{Read, Write};
-        let addr = self.metrics_addr.as_deref().expect("metrics enabled");
         let deadline = Instant::now() + PATIENCE;
         let raw = loop {
             let exchange = std::net::TcpStream::connect(addr).and_then(|mut stream| {
-                let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+                let request =
+                    format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
                 stream.write_all(request.as_bytes())?;
                 let mut raw = String::new();
                 stream.read_to_string(&mut raw)?;
@@ -251,6 +290,10 @@ impl TestEnv {
         let mut extra = Vec::new();
         if let Some(addr) = &self.metrics_addr {
             extra.push(("MURMUR_METRICS_ADDR".to_string(), addr.clone()));
+            extra.push((
+                "MURMUR_METRICS_REFRESH".to_string(),
+                self.metrics_refresh.clone(),
+            ));
         }
         let child = self.spawn_worker("worker.log", &self.state_dir(), &extra);
         self.worker = Some(child);
@@ -292,13 +335,33 @@ impl TestEnv {
     /// Starts (or restarts) another worker of this deployment as VM host `host`: same task
     /// queue and signing keys, its own state dir and log (`<host>.log`).
     pub fn start_host(&mut self, host: &str) {
-        let extra = [
+        self.start_host_with(host, &[]);
+    }
+
+    /// Starts another host as [`TestEnv::start_host`] does, with its metrics endpoint on a
+    /// free loopback port (reading the pools every second); returns the endpoint's address.
+    pub fn start_host_with_metrics(&mut self, host: &str) -> String {
+        let addr = free_loopback_addr();
+        self.start_host_with(
+            host,
+            &[
+                ("MURMUR_METRICS_ADDR".to_string(), addr.clone()),
+                ("MURMUR_METRICS_REFRESH".to_string(), "1s".to_string()),
+            ],
+        );
+        addr
+    }
+
+    /// Starts another host with `more` environment.
+    fn start_host_with(&mut self, host: &str, more: &[(String, String)]) {
+        let mut extra = vec![
             (
                 "MURMUR_KEYS_DIR".to_string(),
                 self.state_dir().display().to_string(),
             ),
             ("MURMUR_HOST_ID".to_string(), host.to_string()),
         ];
+        extra.extend_from_slice(more);
         let child = self.spawn_worker(&format!("{host}.log"), &self.host_state_dir(host), &extra);
         match self.hosts.iter_mut().find(|(h, _)| h == host) {
             Some((_, slot)) => {
@@ -330,6 +393,12 @@ impl TestEnv {
             );
             let _ = child.wait();
         }
+    }
+
+    /// `tenant`'s VMs in the substrate kept under `state_dir` (any tenant, not only this
+    /// environment's).
+    pub fn vms_of(&self, state_dir: PathBuf, tenant: &str) -> Vec<VmInfo> {
+        block_on(self.provider_at(state_dir).list(tenant)).unwrap()
     }
 
     /// This tenant's VMs in the substrate of extra host `host`.
