@@ -14,6 +14,7 @@
 //! | [`agents`] | spawn, claims, warm hand-out, keep-alive, queueing at `max_vms` |
 //! | [`auth`] | credentials, roles, signed requests, denials |
 //! | [`operability`] | status, metrics, health, logs, progress |
+//! | [`output`] | `-o json|yaml` on every command, errors per format, `ls --all / --watch` |
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
 //! | [`chaos`] | worker kill -9, server restarts, substrate faults |
@@ -36,6 +37,7 @@ mod flush;
 mod hostile;
 mod invariant_checks;
 mod operability;
+mod output;
 mod qemu;
 mod reaper;
 mod recovery;
