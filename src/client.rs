@@ -164,48 +164,6 @@ pub async fn connect_with(identity: &str, options: &TemporalOptions) -> Result<C
         .map_err(|e| ApiError::new(Code::Unavailable, format!("Temporal client: {e}")))
 }
 
-#[cfg(test)]
-mod options_tests {
-    use super::*;
-
-    #[test]
-    fn flags_override_the_profile_which_the_file_selects() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("temporal.toml");
-        std::fs::write(
-            &file,
-            "[profile.default]\naddress = \"file-default:7233\"\nnamespace = \"ns-default\"\n\n\
-             [profile.prod]\naddress = \"prod.example:7233\"\nnamespace = \"ns-prod\"\n",
-        )
-        .unwrap();
-        let mut options = TemporalOptions {
-            profile: Some("prod".into()),
-            config_file: Some(file.clone()),
-            ..Default::default()
-        };
-        // The environment may set TEMPORAL_ADDRESS (the e2e harness does); flags win over it.
-        if std::env::var_os("TEMPORAL_ADDRESS").is_none()
-            && std::env::var_os("TEMPORAL_NAMESPACE").is_none()
-        {
-            let (conn, client) = load_options(&options).unwrap();
-            assert_eq!(conn.target.as_str(), "http://prod.example:7233/");
-            assert_eq!(client.namespace, "ns-prod");
-        }
-        options.address = Some("flag.example:7233".into());
-        options.namespace = Some("ns-flag".into());
-        let (conn, client) = load_options(&options).unwrap();
-        assert_eq!(conn.target.as_str(), "http://flag.example:7233/");
-        assert_eq!(client.namespace, "ns-flag");
-
-        options.profile = Some("missing".into());
-        let err = load_options(&options).unwrap_err();
-        assert_eq!(err.code, Code::InvalidArgument, "{err}");
-        options.profile = None;
-        options.config_file = Some(dir.path().join("absent.toml"));
-        assert!(load_options(&options).is_err());
-    }
-}
-
 /// Pool operations of one tenant.
 pub struct PoolClient {
     client: Client,
@@ -622,4 +580,46 @@ fn ended_as(status: WorkflowExecutionStatus) -> String {
         _ => "in an unknown way",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_profile_which_the_file_selects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("temporal.toml");
+        std::fs::write(
+            &file,
+            "[profile.default]\naddress = \"file-default:7233\"\nnamespace = \"ns-default\"\n\n\
+             [profile.prod]\naddress = \"prod.example:7233\"\nnamespace = \"ns-prod\"\n",
+        )
+        .unwrap();
+        let mut options = TemporalOptions {
+            profile: Some("prod".into()),
+            config_file: Some(file.clone()),
+            ..Default::default()
+        };
+        // The environment may set TEMPORAL_ADDRESS (the e2e harness does); flags win over it.
+        if std::env::var_os("TEMPORAL_ADDRESS").is_none()
+            && std::env::var_os("TEMPORAL_NAMESPACE").is_none()
+        {
+            let (conn, client) = load_options(&options).unwrap();
+            assert_eq!(conn.target.as_str(), "http://prod.example:7233/");
+            assert_eq!(client.namespace, "ns-prod");
+        }
+        options.address = Some("flag.example:7233".into());
+        options.namespace = Some("ns-flag".into());
+        let (conn, client) = load_options(&options).unwrap();
+        assert_eq!(conn.target.as_str(), "http://flag.example:7233/");
+        assert_eq!(client.namespace, "ns-flag");
+
+        options.profile = Some("missing".into());
+        let err = load_options(&options).unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument, "{err}");
+        options.profile = None;
+        options.config_file = Some(dir.path().join("absent.toml"));
+        assert!(load_options(&options).is_err());
+    }
 }
