@@ -41,6 +41,8 @@ type Found = (
 pub struct AgentRow {
     /// The agent's slug.
     pub slug: String,
+    /// The developer who started it.
+    pub developer: String,
     /// Its phase, lower case (`running`).
     pub phase: String,
     /// Its VM, when it holds one.
@@ -228,8 +230,14 @@ impl AgentClient {
         Ok(())
     }
 
-    /// The developer's agents in the current workspace: running ones, or every one with `all`.
-    pub async fn list(&self, all: bool) -> Result<Vec<AgentRow>, ApiError> {
+    /// Agents in the current workspace: the developer's own, or every developer's with
+    /// `every_developer`; running ones, or ended ones too with `ended`. Sorted by developer,
+    /// then slug.
+    pub async fn list(
+        &self,
+        ended: bool,
+        every_developer: bool,
+    ) -> Result<Vec<AgentRow>, ApiError> {
         let mut query = format!(
             "{} = '{}' AND {} = 'agent' AND {} = '{}'",
             SA_TENANT.name(),
@@ -238,15 +246,24 @@ impl AgentClient {
             SA_WORKSPACE.name(),
             self.ctx.workspace
         );
-        if !all {
+        if !ended {
             query.push_str(" AND ExecutionStatus = 'Running'");
         }
-        let prefix = agent_workflow_id(
-            &self.ctx.tenant,
-            &self.ctx.workspace,
-            &self.ctx.developer,
-            "",
+        // agent/<tenant>/<workspace>/ for every developer, .../<developer>/ for one.
+        let in_workspace = format!(
+            "{}/",
+            agent_workflow_id(&self.ctx.tenant, &self.ctx.workspace, "", "").trim_end_matches('/')
         );
+        let prefix = if every_developer {
+            in_workspace.clone()
+        } else {
+            agent_workflow_id(
+                &self.ctx.tenant,
+                &self.ctx.workspace,
+                &self.ctx.developer,
+                "",
+            )
+        };
         let mut stream = self
             .client
             .list_workflows(query, WorkflowListOptions::default());
@@ -261,7 +278,14 @@ impl AgentClient {
         }
         let mut rows = Vec::new();
         for (id, state) in found {
-            let slug = id[prefix.len()..].to_string();
+            // Developers hold no `/` (token issue refuses them), slugs are DNS labels.
+            let Some((developer, slug)) = id
+                .strip_prefix(&in_workspace)
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(d, s)| (d.to_string(), s.to_string()))
+            else {
+                continue;
+            };
             let row = if state == WorkflowExecutionStatus::Running {
                 let st = self
                     .client
@@ -271,6 +295,7 @@ impl AgentClient {
                     .ok();
                 AgentRow {
                     slug,
+                    developer,
                     phase: st
                         .as_ref()
                         .and_then(|s| s.phase)
@@ -282,6 +307,7 @@ impl AgentClient {
             } else {
                 AgentRow {
                     slug,
+                    developer,
                     phase: closed_phase(state).short(),
                     vm: None,
                     workflow: id,
@@ -289,7 +315,7 @@ impl AgentClient {
             };
             rows.push(row);
         }
-        rows.sort_by(|a, b| a.slug.cmp(&b.slug));
+        rows.sort_by(|a, b| (&a.developer, &a.slug).cmp(&(&b.developer, &b.slug)));
         Ok(rows)
     }
 
@@ -325,8 +351,8 @@ impl AgentClient {
                 return Err(ApiError::new(
                     Code::FailedPrecondition,
                     format!(
-                        "agent {slug} did not reach {phase} within {}s (it is in {})",
-                        timeout.map_or(0, |t| t.as_secs()),
+                        "agent {slug} did not reach {phase} within {} (it is in {})",
+                        crate::duration::format_duration(timeout.unwrap_or_default()),
                         st.phase.map_or("no phase yet", Phase::as_str)
                     ),
                 ));

@@ -82,13 +82,76 @@ pub fn task_queue() -> String {
         .unwrap_or_else(|| murmur_workflows::DEFAULT_TASK_QUEUE.to_string())
 }
 
+/// Where and how to reach Temporal, as the `temporal` CLI's global flags say it. Unset fields
+/// fall back to the environment (`TEMPORAL_ADDRESS`, `TEMPORAL_NAMESPACE`, `TEMPORAL_PROFILE`,
+/// `TEMPORAL_CONFIG_FILE`, TLS and API-key variables), then the config file's profile, then
+/// `localhost:7233` and `default`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TemporalOptions {
+    /// The server's `host:port` (or URL); overrides the profile's and the environment's.
+    pub address: Option<String>,
+    /// The namespace; overrides the profile's and the environment's.
+    pub namespace: Option<String>,
+    /// The config file's profile to load (default: `default`).
+    pub profile: Option<String>,
+    /// The TOML config file (default: the `temporal` CLI's,
+    /// `~/.config/temporalio/temporal.toml`).
+    pub config_file: Option<std::path::PathBuf>,
+}
+
 /// Connects with the same settings as the `temporal` CLI (`TEMPORAL_ADDRESS`,
 /// `TEMPORAL_NAMESPACE`, TLS and API key variables, config profiles).
 pub async fn connect(identity: &str) -> Result<Client, ApiError> {
-    let (mut conn_opts, client_opts) = ClientOptions::load_from_config(
-        LoadClientConfigProfileOptions::default(),
-    )
-    .map_err(|e| ApiError::invalid_argument(format!("Temporal client configuration: {e}")))?;
+    connect_with(identity, &TemporalOptions::default()).await
+}
+
+/// The connection and client options `options` select: the config file's profile, the
+/// environment over it, `options`' address and namespace over both.
+pub fn load_options(
+    options: &TemporalOptions,
+) -> Result<(temporalio_client::ConnectionOptions, ClientOptions), ApiError> {
+    use temporalio_client::envconfig::DataSource;
+    let invalid = |e: &dyn std::fmt::Display| {
+        ApiError::invalid_argument(format!("Temporal client configuration: {e}"))
+    };
+    // A file that is named must exist (the SDK reads an absent one as empty).
+    if let Some(path) = &options.config_file
+        && !path.is_file()
+    {
+        return Err(ApiError::invalid_argument(format!(
+            "Temporal config file {} does not exist",
+            path.display()
+        )));
+    }
+    let load = LoadClientConfigProfileOptions::builder()
+        .maybe_config_source(
+            options
+                .config_file
+                .as_ref()
+                .map(|p| DataSource::Path(p.display().to_string())),
+        )
+        .maybe_config_file_profile(options.profile.clone())
+        .build();
+    let mut profile = temporalio_common::envconfig::load_client_config_profile(load, None)
+        .map_err(|e| invalid(&e))?;
+    if let Some(address) = options.address.as_ref().filter(|a| !a.is_empty()) {
+        profile.address = Some(address.clone());
+    }
+    if let Some(namespace) = options.namespace.as_ref().filter(|n| !n.is_empty()) {
+        profile.namespace = Some(namespace.clone());
+    }
+    let namespace = profile
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let conn_opts =
+        temporalio_client::ConnectionOptions::try_from(profile).map_err(|e| invalid(&e))?;
+    Ok((conn_opts, ClientOptions::new(namespace).build()))
+}
+
+/// Connects as [`connect`] does, with `options` over the environment and config file.
+pub async fn connect_with(identity: &str, options: &TemporalOptions) -> Result<Client, ApiError> {
+    let (mut conn_opts, client_opts) = load_options(options)?;
     conn_opts.identity = identity.to_string();
     let target = conn_opts.target.to_string();
     let connection = Connection::connect(conn_opts).await.map_err(|e| {
@@ -517,4 +580,46 @@ fn ended_as(status: WorkflowExecutionStatus) -> String {
         _ => "in an unknown way",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_profile_which_the_file_selects() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("temporal.toml");
+        std::fs::write(
+            &file,
+            "[profile.default]\naddress = \"file-default:7233\"\nnamespace = \"ns-default\"\n\n\
+             [profile.prod]\naddress = \"prod.example:7233\"\nnamespace = \"ns-prod\"\n",
+        )
+        .unwrap();
+        let mut options = TemporalOptions {
+            profile: Some("prod".into()),
+            config_file: Some(file.clone()),
+            ..Default::default()
+        };
+        // The environment may set TEMPORAL_ADDRESS (the e2e harness does); flags win over it.
+        if std::env::var_os("TEMPORAL_ADDRESS").is_none()
+            && std::env::var_os("TEMPORAL_NAMESPACE").is_none()
+        {
+            let (conn, client) = load_options(&options).unwrap();
+            assert_eq!(conn.target.as_str(), "http://prod.example:7233/");
+            assert_eq!(client.namespace, "ns-prod");
+        }
+        options.address = Some("flag.example:7233".into());
+        options.namespace = Some("ns-flag".into());
+        let (conn, client) = load_options(&options).unwrap();
+        assert_eq!(conn.target.as_str(), "http://flag.example:7233/");
+        assert_eq!(client.namespace, "ns-flag");
+
+        options.profile = Some("missing".into());
+        let err = load_options(&options).unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument, "{err}");
+        options.profile = None;
+        options.config_file = Some(dir.path().join("absent.toml"));
+        assert!(load_options(&options).is_err());
+    }
 }

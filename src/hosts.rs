@@ -118,22 +118,68 @@ where
         })
 }
 
-/// The `murmur host ls` table.
+/// The `murmur host ls` table (nothing when there are no hosts).
 pub fn table(rows: &[HostRow]) -> String {
-    let mut out = format!(
-        "{:<24} {:<9} {:>5} {:>8} {:>10} {:<9} {:>6}\n",
-        "HOST", "STATE", "VMS", "MAX_VMS", "MEMORY_MB", "SUBSTRATE", "LOSSES"
-    );
-    for r in rows {
-        let memory = if r.info.memory_mb == 0 {
-            "-".to_string()
-        } else {
-            r.info.memory_mb.to_string()
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let memory = if r.info.memory_mb == 0 {
+                "-".to_string()
+            } else {
+                r.info.memory_mb.to_string()
+            };
+            vec![
+                r.info.host.clone(),
+                r.status.clone(),
+                r.vms.to_string(),
+                r.info.max_vms.to_string(),
+                memory,
+                r.info.substrate.clone(),
+                r.info.losses.to_string(),
+            ]
+        })
+        .collect();
+    crate::output::table(
+        &[
+            "HOST",
+            "STATE",
+            "VMS",
+            "MAX_VMS",
+            "MEMORY_MB",
+            "SUBSTRATE",
+            "LOSSES",
+        ],
+        &cells,
+        3,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_host_ids_are_not_truncated() {
+        let id = format!("host-{}", "x".repeat(58));
+        assert_eq!(id.len(), 63);
+        let row = HostRow {
+            info: HostInfo {
+                host: id.clone(),
+                max_vms: 500,
+                substrate: "process".into(),
+                ..Default::default()
+            },
+            status: "live".into(),
+            vms: 3,
         };
-        out.push_str(&format!(
-            "{:<24} {:<9} {:>5} {:>8} {:>10} {:<9} {:>6}\n",
-            r.info.host, r.status, r.vms, r.info.max_vms, memory, r.info.substrate, r.info.losses
-        ));
+        let text = table(&[row]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("HOST "), "{text}");
+        let fields: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [id.as_str(), "live", "3", "500", "-", "process", "0"]
+        );
+        assert_eq!(lines[0].find("STATE"), lines[1].find("live"));
     }
-    out
 }

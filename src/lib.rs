@@ -7,6 +7,7 @@
 //! - [`agents`]: the agent operations the CLI offers (spawn, kill, status, ls, wait).
 //! - [`hosts`]: `murmur host ls | drain`: the deployment's VM hosts.
 //! - [`bake`]: `murmur bake`: recipes, starting or joining a bake, following it.
+//! - [`duration`]: durations on command lines (`30s`, `1h30m`, `500ms`).
 //! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
 //! - [`metrics`]: the worker's `/metrics` and `/healthz` endpoint.
@@ -21,6 +22,7 @@ pub mod agents;
 pub mod bake;
 pub mod client;
 pub mod config;
+pub mod duration;
 pub mod hosts;
 pub mod metrics;
 pub mod output;
@@ -46,6 +48,12 @@ pub const ON_VM_MESSAGE: &str = "pool commands are not supported on VMs";
 pub fn on_vm() -> bool {
     std::env::var("MURMUR_VM").is_ok_and(|v| v == "1")
         || std::path::Path::new("/etc/murmur/vm").exists()
+}
+
+/// True when output to a stream may carry colour: the stream is a terminal and `NO_COLOR` is
+/// unset or empty (<https://no-color.org>).
+pub fn colour(stream_is_terminal: bool) -> bool {
+    stream_is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Hint printed under an error, per code.

@@ -1,11 +1,119 @@
-//! How results look on a terminal: the normative flush lines, the status table, YAML
-//! documents.
+//! How results look: the output formats (`-o text|json|yaml`), the normative flush lines,
+//! the one table renderer every table goes through, the status view, YAML documents, errors.
 
 use std::fmt::Write as _;
+
+use murmur_workflows::error::ApiError;
+use serde::Serialize;
 
 use murmur_workflows::agent::{AgentStatus, Phase};
 use murmur_workflows::model::{Millis, ResourceDoc};
 use murmur_workflows::status::PoolStatus;
+
+/// How a command prints what it answers (`-o, --output`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// For people: tables and `key: value` lines (for `get`, YAML).
+    #[default]
+    Text,
+    /// One JSON document (pretty-printed; one line per document when watching).
+    Json,
+    /// One YAML document.
+    Yaml,
+}
+
+/// A value that cannot be rendered in the format asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// serde_json refused the value.
+    #[error("cannot render as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// serde_norway refused the value.
+    #[error("cannot render as YAML: {0}")]
+    Yaml(#[from] serde_norway::Error),
+}
+
+impl From<RenderError> for ApiError {
+    fn from(e: RenderError) -> Self {
+        ApiError::new(murmur_workflows::error::Code::Internal, e.to_string())
+    }
+}
+
+impl Format {
+    /// True for the machine formats (JSON, YAML).
+    pub fn is_structured(self) -> bool {
+        self != Format::Text
+    }
+
+    /// `value` as a document of this format, ending in a newline: pretty JSON for `Json`,
+    /// YAML for `Yaml` and `Text` (callers print their own text forms).
+    pub fn document<T: Serialize + ?Sized>(self, value: &T) -> Result<String, RenderError> {
+        Ok(match self {
+            Format::Json => serde_json::to_string_pretty(value)? + "\n",
+            Format::Yaml | Format::Text => serde_norway::to_string(value)?,
+        })
+    }
+
+    /// `value` as one line of JSON, or (YAML, text) a YAML document that starts with `---`:
+    /// what a watch prints per change.
+    pub fn stream_item<T: Serialize + ?Sized>(self, value: &T) -> Result<String, RenderError> {
+        Ok(match self {
+            Format::Json => serde_json::to_string(value)? + "\n",
+            Format::Yaml | Format::Text => format!("---\n{}", serde_norway::to_string(value)?),
+        })
+    }
+}
+
+/// An error as a document: what `-o json` / `-o yaml` print on stderr.
+#[derive(Debug, Serialize)]
+struct ErrorDoc<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<&'a str>,
+}
+
+/// What stderr shows for a failed operation: `CODE: reason` plus the hint line for text;
+/// `{"code", "message", "hint"}` as one JSON line or as a YAML mapping otherwise.
+pub fn error_text(e: &ApiError, hint: Option<&str>, format: Format) -> String {
+    let doc = ErrorDoc {
+        code: e.code.as_str(),
+        message: &e.message,
+        hint,
+    };
+    let structured = match format {
+        Format::Text => None,
+        Format::Json => serde_json::to_string(&doc).ok().map(|t| t + "\n"),
+        Format::Yaml => serde_norway::to_string(&doc).ok(),
+    };
+    structured.unwrap_or_else(|| match hint {
+        Some(h) => format!("{e}\n{h}\n"),
+        None => format!("{e}\n"),
+    })
+}
+
+/// The one table renderer: a header row and rows, no borders, columns left-aligned and
+/// separated by `gap` spaces, cells never truncated or wrapped, no trailing blanks, no
+/// colour. Renders nothing at all when there are no rows.
+pub fn table<S: AsRef<str>>(header: &[&str], rows: &[Vec<S>], gap: u16) -> String {
+    use comfy_table::{CellAlignment, ContentArrangement, Table, presets::NOTHING};
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut t = Table::new();
+    t.load_style(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row.iter().map(AsRef::as_ref).collect::<Vec<&str>>());
+    }
+    let last = header.len().saturating_sub(1);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, if i < last { gap } else { 0 }));
+        column.set_cell_alignment(CellAlignment::Left);
+    }
+    t.lines().map(|l| l.trim_end().to_string() + "\n").collect()
+}
 
 /// First line of a flush.
 pub const FLUSH_START: &str = "Flushing warm VMs...";
@@ -72,28 +180,28 @@ pub fn agent_status(st: &AgentStatus) -> String {
     out
 }
 
-/// `murmur ls`: a `SLUG PHASE VM` table; nothing at all when there are no agents.
-pub fn agent_table(rows: &[crate::agents::AgentRow]) -> String {
-    if rows.is_empty() {
-        return String::new();
+/// `murmur ls`: a `SLUG PHASE VM` table (`DEVELOPER SLUG PHASE VM` with `developers`);
+/// nothing at all when there are no agents.
+pub fn agent_table(rows: &[crate::agents::AgentRow], developers: bool) -> String {
+    let mut header = vec!["SLUG", "PHASE", "VM"];
+    if developers {
+        header.insert(0, "DEVELOPER");
     }
-    let mut table = vec![["SLUG".to_string(), "PHASE".into(), "VM".into()]];
-    for r in rows {
-        table.push([
-            r.slug.clone(),
-            r.phase.clone(),
-            r.vm.as_ref().map(|v| v.to_string()).unwrap_or_default(),
-        ]);
-    }
-    let w0 = table.iter().map(|r| r[0].len()).max().unwrap_or(0);
-    let w1 = table.iter().map(|r| r[1].len()).max().unwrap_or(0);
-    let mut out = String::new();
-    for r in table {
-        let _ = writeln!(out, "{:<w0$}   {:<w1$}   {}", r[0], r[1], r[2]);
-    }
-    out.lines()
-        .map(|l| l.trim_end().to_string() + "\n")
-        .collect()
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.slug.clone(),
+                r.phase.clone(),
+                r.vm.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            ];
+            if developers {
+                row.insert(0, r.developer.clone());
+            }
+            row
+        })
+        .collect();
+    table(&header, &cells, 3)
 }
 
 /// A duration as `850ms`, `42s`, `3m10s`, `2h5m`, `3d4h`.
@@ -155,18 +263,19 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
         }
         return out;
     }
-    let mut rows = vec![[
-        "WORKSPACE".to_string(),
-        "IMAGE".into(),
-        "GEN".into(),
-        "WARM".into(),
-        "BOOTING".into(),
-        "ASSIGNED".into(),
-        "DELETING".into(),
-        "OLDEST WARM".into(),
-        "BOOT FAILURES".into(),
-        "STATUS".into(),
-    ]];
+    let header = [
+        "WORKSPACE",
+        "IMAGE",
+        "GEN",
+        "WARM",
+        "BOOTING",
+        "ASSIGNED",
+        "DELETING",
+        "OLDEST WARM",
+        "BOOT FAILURES",
+        "STATUS",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for ws in &st.workspaces {
         let oldest = ws
             .oldest_warm_since
@@ -182,7 +291,7 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             ws.reasons.join(",")
         };
         if ws.groups.is_empty() {
-            rows.push([
+            rows.push(vec![
                 ws.name.clone(),
                 ws.image_ref.clone(),
                 st.generation.to_string(),
@@ -197,7 +306,7 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             continue;
         }
         for g in &ws.groups {
-            rows.push([
+            rows.push(vec![
                 ws.name.clone(),
                 g.image.clone(),
                 g.generation.to_string(),
@@ -211,17 +320,7 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    out.push_str(&table(&header, &rows, 2));
     let mut facts = vec![format!(
         "last reconcile {} ago",
         human_duration(now.saturating_sub(st.last_reconcile_at))
@@ -241,7 +340,7 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
     }
     if !st.denials.is_empty() {
         facts.push(format!(
-            "{} refused request(s), see --json .denials",
+            "{} refused request(s), see -o json .denials",
             st.denials.len()
         ));
     }
@@ -420,8 +519,67 @@ mod tests {
 
     #[test]
     fn empty_agent_list_prints_nothing() {
-        assert_eq!(agent_table(&[]), "");
+        assert_eq!(agent_table(&[], false), "");
+        assert_eq!(agent_table(&[], true), "");
         assert_eq!(nuke_result(8), "Nuke complete (8 terminated/deleted)");
+    }
+
+    #[test]
+    fn tables_are_left_aligned_untruncated_and_plain() {
+        let host = "h".repeat(63);
+        let text = table(
+            &["HOST", "STATE", "VMS"],
+            &[
+                vec![host.clone(), "live".into(), "12".into()],
+                vec!["w-2".into(), "lost".into(), "0".into()],
+            ],
+            3,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("{:<66}STATE   VMS", "HOST"));
+        assert_eq!(lines[1], format!("{host}   live    12"));
+        assert_eq!(lines[2], format!("{:<66}lost    0", "w-2"));
+        assert!(!text.contains('\x1b'), "no escape codes: {text:?}");
+        assert!(text.lines().all(|l| l == l.trim_end()));
+        assert_eq!(table::<String>(&["A"], &[], 2), "");
+    }
+
+    #[test]
+    fn agent_table_has_a_developer_column_for_every_developer() {
+        let row = |developer: &str, slug: &str| crate::agents::AgentRow {
+            slug: slug.into(),
+            developer: developer.into(),
+            phase: "running".into(),
+            vm: None,
+            workflow: format!("agent/t/w/{developer}/{slug}"),
+        };
+        let rows = [row("ana", "fix"), row("bob.smith", "build")];
+        assert_eq!(
+            agent_table(&rows, false),
+            "SLUG    PHASE     VM\nfix     running\nbuild   running\n"
+        );
+        assert_eq!(
+            agent_table(&rows, true),
+            "DEVELOPER   SLUG    PHASE     VM\nana         fix     running\nbob.smith   build   running\n"
+        );
+    }
+
+    #[test]
+    fn errors_render_in_each_format() {
+        let e = ApiError::not_found("agent x does not exist");
+        assert_eq!(
+            error_text(&e, Some("try ls"), Format::Text),
+            "NOT_FOUND: agent x does not exist\ntry ls\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&error_text(&e, Some("try ls"), Format::Json)).unwrap();
+        assert_eq!(json["code"], "NOT_FOUND");
+        assert_eq!(json["message"], "agent x does not exist");
+        assert_eq!(json["hint"], "try ls");
+        let yaml: serde_json::Value =
+            serde_norway::from_str(&error_text(&e, None, Format::Yaml)).unwrap();
+        assert_eq!(yaml["code"], "NOT_FOUND");
+        assert!(yaml.get("hint").is_none());
     }
 
     #[test]

@@ -179,22 +179,9 @@ enum KeyCommand {
     },
 }
 
-/// Parses `90s`, `30m`, `12h`, `7d` (or plain seconds).
+/// Parses `90s`, `1h30m`, `500ms`, `7d` (humantime), or plain seconds.
 fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
-    let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().map_err(|_| {
-        anyhow::anyhow!("invalid duration {s:?}: expected a number and s, m, h or d")
-    })?;
-    let secs = match unit {
-        "" | "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => anyhow::bail!("invalid duration {s:?}: expected a number and s, m, h or d"),
-    };
-    let secs = secs.ok_or_else(|| anyhow::anyhow!("invalid duration {s:?}: too long"))?;
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(murmur::duration::parse_duration(s)?)
 }
 
 /// A host id: a DNS label, so it makes a task queue name.
@@ -287,10 +274,13 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,temporalio_sdk_core=warn"));
-    // Colour only for a person at a terminal; a log file or journald gets plain text.
+    // Colour only for a person at a terminal (and not with NO_COLOR); a log file or journald
+    // gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(murmur::colour(std::io::IsTerminal::is_terminal(
+            &std::io::stderr(),
+        )))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),

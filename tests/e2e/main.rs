@@ -15,6 +15,7 @@
 //! | [`auth`] | credentials, roles, signed requests, denials |
 //! | [`operability`] | status, `--json` schemas, version, completions |
 //! | [`metrics`] | `/metrics` parsed as Prometheus does, health, a fleet's sums, scrape cost, deploy files |
+//! | [`output`] | `-o json|yaml` on every command, errors per format, `ls --all / --watch` |
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
 //! | [`chaos`] | worker kill -9, server restarts, substrate faults |
@@ -38,6 +39,7 @@ mod hostile;
 mod invariant_checks;
 mod metrics;
 mod operability;
+mod output;
 mod qemu;
 mod reaper;
 mod recovery;

@@ -373,7 +373,7 @@ class Pool:
         return f"the pool of tenant {self._murmur.context.tenant} is not running; start it with murmur pool up"
 
     async def status(self) -> dict[str, Any]:
-        """The pool's status, as ``murmur pool status --json`` prints it (``warm``,
+        """The pool's status, as ``murmur pool status -o json`` prints it (``warm``,
         ``in_use``, ``max_vms``, ``generation``, ``vms``, ``claims``, ...)."""
         handle = self._murmur.client.get_workflow_handle(self.workflow_id)
         status: dict[str, Any]

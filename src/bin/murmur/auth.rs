@@ -4,12 +4,13 @@ use std::io::Read as _;
 
 use clap::{Subcommand, ValueEnum};
 use murmur::config::{CONFIG_DIR, Context, Env, LOCAL_FILE, LocalConfig, resolve};
+use murmur::output::Format;
 use murmur_activities::auth::{DeveloperKey, TokenClaims, now_ms, peek_claims, split_credential};
 use murmur_workflows::auth::unauthenticated;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::model::format_rfc3339;
 
-use crate::Session;
+use crate::{Globals, Session, emit};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AuthCommand {
@@ -25,12 +26,9 @@ pub(crate) enum AuthCommand {
         token: Option<String>,
     },
     /// Show tenant, developer, role and expiry of the stored token (never the token itself).
-    Status {
-        /// Print it as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print a signed request as JSON, for the `temporal` CLI. Valid for 2 minutes, once.
+    Status,
+    /// Print a signed request as JSON (YAML with -o yaml), for the `temporal` CLI. Valid for
+    /// 2 minutes, once.
     ///
     /// Example:
     ///   temporal workflow update execute --workflow-id pool/demo --name flush \
@@ -50,18 +48,25 @@ pub(crate) enum SignedOperation {
     Nuke,
 }
 
-pub(crate) async fn run(cmd: AuthCommand, workspace: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn run(cmd: AuthCommand, globals: &Globals) -> Result<(), ApiError> {
+    let workspace = globals.workspace.as_deref();
     match cmd {
-        AuthCommand::Login { token } => login(token, workspace),
-        AuthCommand::Status { json } => status(workspace, json),
+        AuthCommand::Login { token } => login(token, workspace, globals.format),
+        AuthCommand::Status => status(workspace, globals.format),
         AuthCommand::Sign { operation } => {
-            let session = Session::open(workspace).await?;
+            let session = Session::open(globals).await?;
             let req = session
                 .pool
                 .signed_flush(matches!(operation, SignedOperation::Nuke))?;
-            let text = serde_json::to_string(&req)
-                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
-            println!("{text}");
+            // The text form is one line of JSON: what `temporal ... --input` takes.
+            match globals.format {
+                Format::Yaml => print!("{}", Format::Yaml.document(&req)?),
+                Format::Json | Format::Text => {
+                    let text = serde_json::to_string(&req)
+                        .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+                    println!("{text}");
+                }
+            }
             Ok(())
         }
     }
@@ -73,7 +78,7 @@ fn context(workspace: Option<&str>) -> Result<Context, ApiError> {
     resolve(&cwd, &Env::from_process(), workspace)
 }
 
-fn login(token: Option<String>, workspace: Option<&str>) -> Result<(), ApiError> {
+fn login(token: Option<String>, workspace: Option<&str>, format: Format) -> Result<(), ApiError> {
     let credential = match token {
         Some(t) => t,
         None => {
@@ -113,14 +118,20 @@ fn login(token: Option<String>, workspace: Option<&str>) -> Result<(), ApiError>
         .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
     write_private(&path, &text)?;
     ignore_in_git(&project);
-    println!(
-        "Logged in as {} (tenant {}, role {}, expires {})",
-        claims.sub,
-        claims.tenant,
-        claims.role,
-        format_rfc3339(claims.exp * 1000)
-    );
-    Ok(())
+    let st = AuthStatus {
+        expired: claims.exp * 1000 <= now_ms(),
+        expires_at: format_rfc3339(claims.exp * 1000),
+        tenant: claims.tenant,
+        developer: claims.sub,
+        role: claims.role,
+        private_key: true,
+    };
+    emit(format, &st, || {
+        format!(
+            "Logged in as {} (tenant {}, role {}, expires {})\n",
+            st.developer, st.tenant, st.role, st.expires_at
+        )
+    })
 }
 
 /// Writes `text` to `path` readable by the owner only (it holds a private key).
@@ -160,7 +171,7 @@ fn ignore_in_git(project: &std::path::Path) {
     let _ = std::fs::write(&gitignore, format!("{text}{sep}{line}"));
 }
 
-/// What `murmur auth status --json` prints.
+/// What `murmur auth status -o json|yaml` (and `auth login -o json|yaml`) prints.
 #[derive(serde::Serialize)]
 struct AuthStatus {
     tenant: String,
@@ -171,7 +182,7 @@ struct AuthStatus {
     private_key: bool,
 }
 
-fn status(workspace: Option<&str>, json: bool) -> Result<(), ApiError> {
+fn status(workspace: Option<&str>, format: Format) -> Result<(), ApiError> {
     let ctx = context(workspace)?;
     let identity = ctx
         .identity
@@ -188,28 +199,21 @@ fn status(workspace: Option<&str>, json: bool) -> Result<(), ApiError> {
         expired,
         private_key: DeveloperKey::new(&identity.token, &identity.key).is_ok(),
     };
-    if json {
-        let text = serde_json::to_string_pretty(&st)
-            .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
-        println!("{text}");
-    } else {
-        println!("tenant:    {}", st.tenant);
-        println!("developer: {}", st.developer);
-        println!("role:      {}", st.role);
-        println!(
-            "expires:   {}{}",
+    emit(format, &st, || {
+        format!(
+            "tenant:    {}\ndeveloper: {}\nrole:      {}\nexpires:   {}{}\nkey:       {}\n",
+            st.tenant,
+            st.developer,
+            st.role,
             st.expires_at,
-            if expired { " (expired)" } else { "" }
-        );
-        println!(
-            "key:       {}",
+            if expired { " (expired)" } else { "" },
             if st.private_key {
                 "present"
             } else {
                 "missing or unusable"
             }
-        );
-    }
+        )
+    })?;
     if expired {
         return Err(murmur_workflows::auth::missing_or_expired());
     }

@@ -8,7 +8,7 @@ use murmur::bake::{BakeEvent, bake, read_recipe};
 use murmur::progress::{Progress, until_interrupted};
 use murmur_workflows::error::ApiError;
 
-use crate::Session;
+use crate::{Globals, Session, emit};
 
 #[derive(Args, Debug)]
 pub(crate) struct BakeArgs {
@@ -20,10 +20,11 @@ pub(crate) struct BakeArgs {
     recipe: PathBuf,
 }
 
-pub(crate) async fn run(args: BakeArgs, workspace: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn run(args: BakeArgs, globals: &Globals) -> Result<(), ApiError> {
     let recipe = read_recipe(&args.recipe)?;
     let image = recipe.image_id(murmur::bake::arch());
-    let session = Session::open(workspace).await?;
+    let session = Session::open(globals).await?;
+    let structured = globals.format.is_structured();
     let mut progress: Option<Progress> = None;
     let work = bake(
         &session.client,
@@ -33,8 +34,10 @@ pub(crate) async fn run(args: BakeArgs, workspace: Option<&str>) -> Result<(), A
         |event| match event {
             BakeEvent::Cache(true) => {}
             BakeEvent::Cache(false) => {
-                println!("Bake started (image: {image})");
-                let _ = std::io::stdout().flush();
+                if !structured {
+                    println!("Bake started (image: {image})");
+                    let _ = std::io::stdout().flush();
+                }
                 progress = Some(Progress::start("booting a scratch VM"));
             }
             BakeEvent::Step(p) => {
@@ -49,18 +52,16 @@ pub(crate) async fn run(args: BakeArgs, workspace: Option<&str>) -> Result<(), A
         bar.finish();
     }
     match result {
-        Ok(report) if report.cached => {
-            println!("Image {} already cached", report.image);
-            Ok(())
-        }
-        Ok(report) => {
-            println!("Image {} baked; to use it:", report.image);
-            println!(
-                "  murmur patch workspace {} --set image_ref={}",
-                session.ctx.workspace, report.image
-            );
-            Ok(())
-        }
+        Ok(report) => emit(globals.format, &report, || {
+            if report.cached {
+                format!("Image {} already cached\n", report.image)
+            } else {
+                format!(
+                    "Image {} baked; to use it:\n  murmur patch workspace {} --set image_ref={}\n",
+                    report.image, session.ctx.workspace, report.image
+                )
+            }
+        }),
         Err(failure) => {
             if let Some(tail) = failure.output_tail.filter(|t| !t.is_empty()) {
                 eprintln!("--- provisioning script output (last lines) ---");

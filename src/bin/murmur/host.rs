@@ -1,8 +1,10 @@
 //! `murmur host ls | drain | forget`.
 
 use clap::Subcommand;
-use murmur::client::{connect, task_queue};
+use murmur::client::task_queue;
 use murmur_workflows::error::ApiError;
+
+use crate::{Globals, emit};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum HostCommand {
@@ -11,12 +13,8 @@ pub(crate) enum HostCommand {
     ///
     /// Examples:
     ///   murmur host ls
-    ///   murmur host ls --json | jq '.[] | select(.status == "lost") | .host'
-    Ls {
-        /// Print the hosts as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    ///   murmur host ls -o json | jq '.[] | select(.status == "lost") | .host'
+    Ls,
     /// Drain a host: pools stop placing VMs on it and delete its warm VMs (they are replaced
     /// on other hosts); agents running there finish. With --undo, the host takes VMs again.
     ///
@@ -32,9 +30,6 @@ pub(crate) enum HostCommand {
         /// End the drain.
         #[arg(long)]
         undo: bool,
-        /// Print the host as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Forget a lost host that will not come back (a machine replaced by another), so it no
     /// longer shows in `murmur host ls` and in every pool's view. A live host cannot be
@@ -48,40 +43,32 @@ pub(crate) enum HostCommand {
     },
 }
 
-pub(crate) async fn run(cmd: HostCommand) -> Result<(), ApiError> {
+pub(crate) async fn run(cmd: HostCommand, globals: &Globals) -> Result<(), ApiError> {
     let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let client = connect(&format!("murmur-cli:{actor}")).await?;
+    let client = globals.connect(&format!("murmur-cli:{actor}")).await?;
     let queue = task_queue();
+    let format = globals.format;
     match cmd {
-        HostCommand::Ls { json } => {
+        HostCommand::Ls => {
             let rows = murmur::hosts::list(&client, &queue).await?;
-            if json {
-                println!("{}", to_json(&rows)?);
-            } else {
-                print!("{}", murmur::hosts::table(&rows));
-            }
+            emit(format, &rows, || murmur::hosts::table(&rows))
         }
         HostCommand::Forget { host } => {
             let info = murmur::hosts::forget(&client, &queue, &host, &actor).await?;
-            println!("Host {} forgotten", info.host);
+            emit(format, &info, || format!("Host {} forgotten\n", info.host))
         }
-        HostCommand::Drain { host, undo, json } => {
+        HostCommand::Drain { host, undo } => {
             let info = murmur::hosts::drain(&client, &queue, &host, undo, &actor).await?;
-            if json {
-                println!("{}", to_json(&info)?);
-            } else if undo {
-                println!("Host {} takes new VMs again", info.host);
-            } else {
-                println!(
-                    "Host {} draining: no new VMs are placed there and its warm VMs are being replaced elsewhere",
-                    info.host
-                );
-            }
+            emit(format, &info, || {
+                if undo {
+                    format!("Host {} takes new VMs again\n", info.host)
+                } else {
+                    format!(
+                        "Host {} draining: no new VMs are placed there and its warm VMs are being replaced elsewhere\n",
+                        info.host
+                    )
+                }
+            })
         }
     }
-    Ok(())
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ApiError> {
-    serde_json::to_string_pretty(v).map_err(|e| ApiError::invalid_argument(e.to_string()))
 }

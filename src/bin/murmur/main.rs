@@ -7,20 +7,29 @@ mod host;
 mod pool;
 mod resource;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use murmur::agents::AgentClient;
-use murmur::client::{PoolClient, connect};
+use murmur::client::{PoolClient, TemporalOptions, connect_with};
 use murmur::config::{Context, Env, resolve};
+use murmur::output::Format;
 use murmur_workflows::error::{ApiError, Code};
 
 /// Warm pools of agent VMs, run as Temporal workflows.
 ///
 /// Tenant and workspace come from .murmur/murmur.yaml (searched upwards from the current
 /// directory) and .murmur/murmur.local.yaml; MURMUR_TENANT and MURMUR_WORKSPACE override them.
-/// Temporal is reached like the `temporal` CLI does: TEMPORAL_ADDRESS (default
-/// localhost:7233), TEMPORAL_NAMESPACE (default `default`).
+/// Temporal is reached like the `temporal` CLI does: a profile of its config file
+/// (--config-file or TEMPORAL_CONFIG_FILE, default ~/.config/temporalio/temporal.toml;
+/// --profile or TEMPORAL_PROFILE, default `default`), the TEMPORAL_* environment variables
+/// over it (TLS, API key, ...), and --address / --namespace (TEMPORAL_ADDRESS,
+/// TEMPORAL_NAMESPACE) over both; localhost:7233 and `default` when nothing says otherwise.
+///
+/// Output: -o text (default, for people), -o json or -o yaml (for programs) on every command
+/// that prints data; errors then come as a document too: {"code", "message", "hint"} on
+/// stderr.
 ///
 /// Exit codes: 0 success, 1 the operation failed (a `CODE: reason` line on stderr),
 /// 2 invalid command line, 69 Temporal unreachable.
@@ -30,8 +39,56 @@ struct Cli {
     /// Workspace context (overrides murmur.yaml, murmur.local.yaml and MURMUR_WORKSPACE).
     #[arg(long, global = true)]
     workspace: Option<String>,
+    /// Output format of results and errors: text, json or yaml.
+    #[arg(
+        short = 'o',
+        long,
+        value_enum,
+        global = true,
+        default_value_t = Format::Text,
+        value_name = "FORMAT"
+    )]
+    output: Format,
+    /// The same as -o json (what scripts used before -o existed).
+    #[arg(long, global = true, hide = true)]
+    json: bool,
+    /// Temporal server address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "TEMPORAL_ADDRESS",
+        value_name = "HOST:PORT"
+    )]
+    address: Option<String>,
+    /// Temporal namespace.
+    #[arg(short = 'n', long, global = true, env = "TEMPORAL_NAMESPACE")]
+    namespace: Option<String>,
+    /// Profile of the Temporal config file to use.
+    #[arg(long, global = true, env = "TEMPORAL_PROFILE")]
+    profile: Option<String>,
+    /// The Temporal config file (TOML, as the `temporal` CLI reads it).
+    #[arg(long, global = true, env = "TEMPORAL_CONFIG_FILE", value_name = "PATH")]
+    config_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What every command takes from the global flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Globals {
+    /// --workspace.
+    pub workspace: Option<String>,
+    /// How to print results and errors.
+    pub format: Format,
+    /// Where Temporal is.
+    pub temporal: TemporalOptions,
+}
+
+impl Globals {
+    /// Connects to Temporal as `identity`.
+    pub async fn connect(&self, identity: &str) -> Result<temporalio_client::Client, ApiError> {
+        connect_with(identity, &self.temporal).await
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -42,11 +99,12 @@ enum Command {
     /// The deployment's VM hosts: list them, drain one.
     #[command(subcommand)]
     Host(host::HostCommand),
-    /// Print a resource as YAML.
+    /// Print a resource as YAML (as JSON with -o json).
     ///
     /// Examples:
     ///   murmur get pool-config default
     ///   murmur get workspace web
+    ///   murmur get workspace web -o json | jq .spec.min_idle
     Get(resource::GetArgs),
     /// Replace a resource from YAML (stdin, or -f FILE); creates a workspace that does not exist.
     ///
@@ -90,15 +148,20 @@ enum Command {
     Kill(agent::SlugArgs),
     /// List your agents in the workspace: SLUG PHASE VM (nothing when there are none).
     ///
+    /// With --all, every developer's agents (a DEVELOPER column first); with --ended, ended
+    /// agents too; with --watch, again whenever the list changes, until Ctrl-C.
+    ///
     /// Examples:
     ///   murmur ls
+    ///   murmur ls --all
+    ///   murmur ls -w -o json    # one JSON array per change, one per line
     ///   murmur ls -q | xargs -n1 murmur kill
     Ls(agent::LsArgs),
     /// Show an agent: workflow, phase, VM, exit code, output tail.
     ///
     /// Example:
     ///   murmur status fix-auth
-    ///   murmur status --json fix-auth | jq .exit_code
+    ///   murmur status -o json fix-auth | jq .exit_code
     Status(agent::StatusArgs),
     /// Wait until an agent reaches a phase (or went through it), then print its status.
     ///
@@ -128,11 +191,13 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    async fn open(workspace: Option<&str>) -> Result<Self, ApiError> {
+    async fn open(globals: &Globals) -> Result<Self, ApiError> {
         let cwd = std::env::current_dir()
             .map_err(|e| ApiError::failed_precondition(format!("current directory: {e}")))?;
-        let ctx = resolve(&cwd, &Env::from_process(), workspace)?;
-        let client = connect(&format!("murmur-cli:{}", ctx.developer)).await?;
+        let ctx = resolve(&cwd, &Env::from_process(), globals.workspace.as_deref())?;
+        let client = globals
+            .connect(&format!("murmur-cli:{}", ctx.developer))
+            .await?;
         Ok(Self {
             pool: PoolClient::new(client.clone(), ctx.clone()),
             agents: AgentClient::new(client.clone(), ctx.clone()),
@@ -142,35 +207,44 @@ impl Session {
     }
 }
 
-/// Prints an error per the contract and picks the exit code.
-fn report(e: &ApiError, hint: Option<&str>, json: bool) -> ExitCode {
+/// Prints an error per the contract (in `format`) and picks the exit code.
+fn report(e: &ApiError, hint: Option<&str>, format: Format) -> ExitCode {
     let hint = hint.or(murmur::hint(e.code));
-    if json {
-        let mut doc = serde_json::json!({ "code": e.code.as_str(), "message": e.message });
-        if let Some(h) = hint {
-            doc["hint"] = h.into();
-        }
-        eprintln!("{doc}");
-    } else {
-        eprintln!("{e}");
-        if let Some(hint) = hint {
-            eprintln!("{hint}");
-        }
-    }
+    eprint!("{}", murmur::output::error_text(e, hint, format));
     ExitCode::from(match e.code {
         Code::Unavailable => murmur::EXIT_UNAVAILABLE as u8,
         _ => murmur::EXIT_FAILURE as u8,
     })
 }
 
+/// Prints `value` in `format`: its document for JSON and YAML, `text` for text.
+pub(crate) fn emit<T: serde::Serialize + ?Sized>(
+    format: Format,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> Result<(), ApiError> {
+    if format.is_structured() {
+        print!("{}", format.document(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
+/// What `murmur version -o json|yaml` prints.
+#[derive(serde::Serialize)]
+struct VersionDoc {
+    /// The client's version.
+    client: &'static str,
+    /// The commit the client was built from.
+    commit: &'static str,
+    /// The worker's version, or `unknown (why)`.
+    worker: String,
+}
+
 /// `murmur version`: the client, and the worker that answers the pool's queries.
-async fn version(workspace: Option<&str>) -> Result<(), ApiError> {
-    println!(
-        "client: murmur {} (commit {})",
-        murmur::VERSION,
-        murmur::COMMIT
-    );
-    let worker = match Session::open(workspace).await {
+async fn version(globals: &Globals) -> Result<(), ApiError> {
+    let worker = match Session::open(globals).await {
         Ok(session) => session
             .pool
             .worker_version()
@@ -178,8 +252,17 @@ async fn version(workspace: Option<&str>) -> Result<(), ApiError> {
             .unwrap_or_else(|e| format!("unknown ({e})")),
         Err(e) => format!("unknown ({e})"),
     };
-    println!("worker: {worker}");
-    Ok(())
+    let doc = VersionDoc {
+        client: murmur::VERSION,
+        commit: murmur::COMMIT,
+        worker,
+    };
+    emit(globals.format, &doc, || {
+        format!(
+            "client: murmur {} (commit {})\nworker: {}\n",
+            doc.client, doc.commit, doc.worker
+        )
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -189,41 +272,129 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(murmur::colour(std::io::IsTerminal::is_terminal(
+            &std::io::stderr(),
+        )))
         .with_writer(std::io::stderr)
         .init();
-    // Commands with --json report errors as {"code": ..., "message": ...} too.
-    let json = std::env::args().any(|a| a == "--json");
     let cli = Cli::parse();
-    let workspace = cli.workspace.as_deref();
+    // Errors come in the format the (parsed) flags ask for; `--json` is `-o json`.
+    let globals = Globals {
+        workspace: cli.workspace,
+        format: if cli.json { Format::Json } else { cli.output },
+        temporal: TemporalOptions {
+            address: cli.address,
+            namespace: cli.namespace,
+            profile: cli.profile,
+            config_file: cli.config_file,
+        },
+    };
+    let format = globals.format;
     if matches!(cli.command, Command::Pool(_) | Command::Host(_)) && murmur::on_vm() {
         // Decided before any connection is made (a plain line, exit 1).
-        eprintln!("{}", murmur::ON_VM_MESSAGE);
+        if format.is_structured() {
+            let e = ApiError::failed_precondition(murmur::ON_VM_MESSAGE);
+            eprint!("{}", murmur::output::error_text(&e, None, format));
+        } else {
+            eprintln!("{}", murmur::ON_VM_MESSAGE);
+        }
         return ExitCode::from(murmur::EXIT_FAILURE as u8);
     }
     let plain = |r: Result<(), ApiError>| r.map_err(|e| (e, None));
+    let g = &globals;
     let result = match cli.command {
-        Command::Pool(cmd) => plain(pool::run(cmd, workspace).await),
-        Command::Host(cmd) => plain(host::run(cmd).await),
-        Command::Get(args) => plain(resource::get(args, workspace).await),
-        Command::Set(args) => plain(resource::set(args, workspace).await),
-        Command::Patch(args) => plain(resource::patch(args, workspace).await),
-        Command::Auth(cmd) => plain(auth::run(cmd, workspace).await),
-        Command::Version => plain(version(workspace).await),
+        Command::Pool(cmd) => plain(pool::run(cmd, g).await),
+        Command::Host(cmd) => plain(host::run(cmd, g).await),
+        Command::Get(args) => plain(resource::get(args, g).await),
+        Command::Set(args) => plain(resource::set(args, g).await),
+        Command::Patch(args) => plain(resource::patch(args, g).await),
+        Command::Auth(cmd) => plain(auth::run(cmd, g).await),
+        Command::Version => plain(version(g).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "murmur", &mut std::io::stdout());
             Ok(())
         }
-        Command::Spawn(args) => agent::spawn(args, workspace).await,
-        Command::Kill(args) => agent::kill(args, workspace).await,
-        Command::Ls(args) => agent::ls(args, workspace).await,
-        Command::Status(args) => agent::status(args, workspace).await,
-        Command::Wait(args) => agent::wait(args, workspace).await,
-        Command::Bake(args) => plain(bake::run(args, workspace).await),
+        Command::Spawn(args) => agent::spawn(args, g).await,
+        Command::Kill(args) => agent::kill(args, g).await,
+        Command::Ls(args) => agent::ls(args, g).await,
+        Command::Status(args) => agent::status(args, g).await,
+        Command::Wait(args) => agent::wait(args, g).await,
+        Command::Bake(args) => plain(bake::run(args, g).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err((e, hint)) => report(&e, hint, json),
+        Err((e, hint)) => report(&e, hint, format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("murmur").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn output_is_global_and_json_is_its_alias() {
+        assert_eq!(parse(&["ls"]).output, Format::Text);
+        assert_eq!(parse(&["-o", "yaml", "ls"]).output, Format::Yaml);
+        assert_eq!(
+            parse(&["pool", "status", "-o", "json"]).output,
+            Format::Json
+        );
+        assert!(parse(&["status", "--json", "x"]).json);
+        assert!(parse(&["host", "ls", "--json"]).json);
+        assert!(Cli::try_parse_from(["murmur", "-o", "xml", "ls"]).is_err());
+    }
+
+    #[test]
+    fn flags_after_the_agent_command_belong_to_the_command() {
+        let cli = parse(&["spawn", "x", "--", "tool", "--json", "-o", "yaml"]);
+        assert!(!cli.json);
+        assert_eq!(cli.output, Format::Text);
+        let cli = parse(&["spawn", "x", "tool", "--json"]);
+        assert!(!cli.json);
+    }
+
+    #[test]
+    fn temporal_flags_are_spelled_like_the_temporal_cli() {
+        let cli = parse(&[
+            "ls",
+            "--address",
+            "t.example:7233",
+            "-n",
+            "prod",
+            "--profile",
+            "ops",
+            "--config-file",
+            "/etc/temporal.toml",
+        ]);
+        assert_eq!(cli.address.as_deref(), Some("t.example:7233"));
+        assert_eq!(cli.namespace.as_deref(), Some("prod"));
+        assert_eq!(cli.profile.as_deref(), Some("ops"));
+        assert_eq!(cli.config_file, Some(PathBuf::from("/etc/temporal.toml")));
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let cli = parse(&["wait", "--timeout", "1h30m", "x"]);
+        let Command::Wait(args) = cli.command else {
+            panic!("not wait");
+        };
+        assert_eq!(args.timeout, Some(std::time::Duration::from_secs(5400)));
+        let err = Cli::try_parse_from(["murmur", "wait", "--timeout", "soon", "x"]).unwrap_err();
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+        assert!(
+            Cli::try_parse_from(["murmur", "pool", "status", "--watch", "--interval", "500ms"])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

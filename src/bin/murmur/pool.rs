@@ -4,12 +4,13 @@ use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
-use murmur::output::{FLUSH_START, NUKE_START, flush_result, nuke_result, status_table};
+use murmur::duration::{format_duration, parse_duration};
+use murmur::output::{FLUSH_START, Format, NUKE_START, flush_result, nuke_result, status_table};
 use murmur::progress::{Progress, until_interrupted};
 use murmur_workflows::error::ApiError;
 use murmur_workflows::status::PoolStatus;
 
-use crate::Session;
+use crate::{Globals, Session, emit};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum PoolCommand {
@@ -33,17 +34,17 @@ pub(crate) enum PoolCommand {
     ///
     /// Examples:
     ///   murmur pool status
-    ///   murmur pool status --json | jq '.workspaces[].ready'
+    ///   murmur pool status -o json | jq '.workspaces[].ready'
+    ///
+    /// -o json and -o yaml print the schema of `PoolStatus` (with --watch: one JSON document
+    /// per line, or one YAML document, per refresh).
     Status {
-        /// Print the status as JSON (the schema of `PoolStatus`).
-        #[arg(long)]
-        json: bool,
-        /// Refresh every --interval seconds (in place on a terminal) until Ctrl-C.
-        #[arg(long, conflicts_with = "json")]
+        /// Refresh every --interval (in place on a terminal) until Ctrl-C.
+        #[arg(short, long)]
         watch: bool,
-        /// Seconds between refreshes with --watch.
-        #[arg(long, default_value_t = 2, requires = "watch")]
-        interval: u64,
+        /// Time between refreshes with --watch (500ms, 2s, 1m, ...; a bare number is seconds).
+        #[arg(long, default_value = "2s", value_parser = parse_duration, requires = "watch")]
+        interval: Duration,
     },
     /// Start the pool workflow if it is not running and make it backfill now (idempotent).
     ///
@@ -64,18 +65,21 @@ pub(crate) enum PoolCommand {
         /// claims. Needs namespace access, like `temporal workflow terminate`.
         #[arg(long)]
         restart: bool,
-        /// How long --wait waits, in seconds.
-        #[arg(long, default_value_t = 120, requires = "wait")]
-        timeout: u64,
+        /// How long --wait waits (120s, 5m, ...; a bare number is seconds).
+        #[arg(long, default_value = "120s", value_parser = parse_duration, requires = "wait")]
+        timeout: Duration,
     },
 }
 
-pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(), ApiError> {
-    let session = Session::open(workspace).await?;
+pub(crate) async fn run(cmd: PoolCommand, globals: &Globals) -> Result<(), ApiError> {
+    let session = Session::open(globals).await?;
+    let format = globals.format;
     match cmd {
         PoolCommand::Flush { nuke: true } => {
-            println!("{NUKE_START}");
-            let _ = std::io::stdout().flush();
+            if !format.is_structured() {
+                println!("{NUKE_START}");
+                let _ = std::io::stdout().flush();
+            }
             let mut progress = Progress::start("starting the nuke");
             let nuke = session.pool.nuke(|p| {
                 progress.set(&format!(
@@ -85,31 +89,33 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
             });
             let report = until_interrupted(nuke, "the nuke", "murmur pool status").await;
             progress.finish();
-            println!("{}", nuke_result(report?.total()));
-            Ok(())
+            let report = report?;
+            emit(format, &report, || {
+                format!("{}\n", nuke_result(report.total()))
+            })
         }
         PoolCommand::Flush { nuke: false } => {
-            println!("{FLUSH_START}");
-            let _ = std::io::stdout().flush();
+            if !format.is_structured() {
+                println!("{FLUSH_START}");
+                let _ = std::io::stdout().flush();
+            }
             let progress = Progress::start("waiting for the flushed VMs to be deleted");
             let reply =
                 until_interrupted(session.pool.flush(), "the flush", "murmur pool status").await;
             progress.finish();
             let reply = reply?;
-            println!("{}", flush_result(reply.flushed));
-            Ok(())
+            emit(format, &reply, || {
+                format!("{}\n", flush_result(reply.flushed))
+            })
         }
-        PoolCommand::Status {
-            json, watch: false, ..
-        } => {
+        PoolCommand::Status { watch: false, .. } => {
             let st = session.pool.status().await?;
-            print_status(&st, json)
+            print_status(&st, format)
         }
         PoolCommand::Status {
             watch: true,
             interval,
-            ..
-        } => watch_status(&session, Duration::from_secs(interval.max(1))).await,
+        } => watch_status(&session, interval.max(Duration::from_millis(200)), format).await,
         PoolCommand::Up {
             wait,
             timeout,
@@ -119,7 +125,6 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
                 session.pool.end_run("murmur pool up --restart").await?;
             }
             let up = session.pool.up().await?;
-            let timeout = Duration::from_secs(timeout);
             let mut st = session.pool.status().await?;
             if up.recovering {
                 st = wait_until_recovered(&session, st, timeout).await?;
@@ -127,37 +132,37 @@ pub(crate) async fn run(cmd: PoolCommand, workspace: Option<&str>) -> Result<(),
             if wait {
                 st = wait_until_filled(&session, st, timeout).await?;
             }
-            print_status(&st, false)
+            print_status(&st, format)
         }
     }
 }
 
-fn print_status(st: &PoolStatus, json: bool) -> Result<(), ApiError> {
-    if json {
-        let text = serde_json::to_string_pretty(st)
-            .map_err(|e| ApiError::new(murmur_workflows::error::Code::Internal, e.to_string()))?;
-        println!("{text}");
-    } else {
-        print!("{}", status_table(st, now_ms()));
-    }
-    Ok(())
+fn print_status(st: &PoolStatus, format: Format) -> Result<(), ApiError> {
+    emit(format, st, || status_table(st, now_ms()))
 }
 
-/// Redraws the status until Ctrl-C: in place on a terminal, one block per refresh otherwise.
-async fn watch_status(session: &Session, interval: Duration) -> Result<(), ApiError> {
+/// Redraws the status until Ctrl-C: in place on a terminal, one block per refresh otherwise
+/// (one JSON line or YAML document per refresh with -o json|yaml).
+async fn watch_status(
+    session: &Session,
+    interval: Duration,
+    format: Format,
+) -> Result<(), ApiError> {
     use std::io::IsTerminal as _;
     let tty = std::io::stdout().is_terminal();
     loop {
         let st = session.pool.status().await?;
-        let table = status_table(&st, now_ms());
-        if tty {
+        if format.is_structured() {
+            print!("{}", format.stream_item(&st)?);
+        } else if tty {
             // Clear the screen and home the cursor, then draw.
             print!(
-                "\x1b[2J\x1b[H{table}\n(every {}s; Ctrl-C to stop)\n",
-                interval.as_secs()
+                "\x1b[2J\x1b[H{}\n(every {}; Ctrl-C to stop)\n",
+                status_table(&st, now_ms()),
+                format_duration(interval)
             );
         } else {
-            println!("{table}");
+            println!("{}", status_table(&st, now_ms()));
         }
         let _ = std::io::stdout().flush();
         tokio::select! {
@@ -181,9 +186,9 @@ async fn wait_until_recovered(
             return Err(ApiError::new(
                 murmur_workflows::error::Code::Unavailable,
                 format!(
-                    "pool/{} did not finish recovering within {}s; see murmur pool status",
+                    "pool/{} did not finish recovering within {}; see murmur pool status",
                     st.tenant,
-                    timeout.as_secs()
+                    format_duration(timeout)
                 ),
             ));
         }
@@ -215,8 +220,8 @@ async fn wait_until_filled(
         progress.set(&format!("Waiting for warm VMs: {}", counts.join(", ")));
         if Instant::now() >= deadline {
             return Err(ApiError::failed_precondition(format!(
-                "pool did not fill within {}s; see murmur pool status",
-                timeout.as_secs()
+                "pool did not fill within {}; see murmur pool status",
+                format_duration(timeout)
             )));
         }
         let pause = tokio::time::sleep(Duration::from_millis(200));

@@ -3,12 +3,12 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 
-use murmur::output::resource_yaml;
+use murmur::output::{Format, resource_yaml};
 use murmur_workflows::error::ApiError;
 use murmur_workflows::machine::ConfigChange;
 use murmur_workflows::model::{POOL_CONFIG_NAME, ResourceDoc, ResourceKind};
 
-use crate::Session;
+use crate::{Globals, Session, emit};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct GetArgs {
@@ -47,9 +47,9 @@ fn default_name(kind: ResourceKind, given: Option<String>, session: &Session) ->
     })
 }
 
-pub(crate) async fn get(args: GetArgs, workspace: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn get(args: GetArgs, globals: &Globals) -> Result<(), ApiError> {
     let kind = ResourceKind::parse(&args.kind)?;
-    let session = Session::open(workspace).await?;
+    let session = Session::open(globals).await?;
     let name = default_name(kind, args.name, &session);
     let snapshot = session.pool.config().await?;
     let doc = match kind {
@@ -58,7 +58,11 @@ pub(crate) async fn get(args: GetArgs, workspace: Option<&str>) -> Result<(), Ap
         ResourceKind::Workspace => snapshot.workspaces.into_iter().find(|d| d.name == name),
     }
     .ok_or_else(|| ApiError::not_found(format!("{} {name} does not exist", kind.as_str())))?;
-    print!("{}", resource_yaml(&doc));
+    // The text form of a resource is its YAML document (what `set` accepts).
+    match globals.format {
+        Format::Text | Format::Yaml => print!("{}", resource_yaml(&doc)),
+        Format::Json => print!("{}", Format::Json.document(&doc)?),
+    }
     Ok(())
 }
 
@@ -106,16 +110,19 @@ fn parse_set_document(
     })
 }
 
-fn report_change(doc: &ResourceDoc) {
-    println!(
-        "{} {} configured (generation {})",
-        doc.kind.as_str(),
-        doc.name,
-        doc.generation
-    );
+/// What `set` and `patch` print: a line, or (-o json|yaml) the resource as it now is.
+fn report_change(doc: &ResourceDoc, format: Format) -> Result<(), ApiError> {
+    emit(format, doc, || {
+        format!(
+            "{} {} configured (generation {})\n",
+            doc.kind.as_str(),
+            doc.name,
+            doc.generation
+        )
+    })
 }
 
-pub(crate) async fn set(args: SetArgs, workspace: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn set(args: SetArgs, globals: &Globals) -> Result<(), ApiError> {
     let kind = ResourceKind::parse(&args.kind)?;
     let text = match &args.file {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
@@ -130,16 +137,15 @@ pub(crate) async fn set(args: SetArgs, workspace: Option<&str>) -> Result<(), Ap
         }
     };
     let change = parse_set_document(&text, kind, &args.name)?;
-    let session = Session::open(workspace).await?;
+    let session = Session::open(globals).await?;
     let doc = session
         .pool
         .apply_config(kind.as_str(), &args.name, change)
         .await?;
-    report_change(&doc);
-    Ok(())
+    report_change(&doc, globals.format)
 }
 
-pub(crate) async fn patch(args: PatchArgs, workspace: Option<&str>) -> Result<(), ApiError> {
+pub(crate) async fn patch(args: PatchArgs, globals: &Globals) -> Result<(), ApiError> {
     let kind = ResourceKind::parse(&args.kind)?;
     let set = args
         .set
@@ -153,13 +159,12 @@ pub(crate) async fn patch(args: PatchArgs, workspace: Option<&str>) -> Result<()
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let session = Session::open(workspace).await?;
+    let session = Session::open(globals).await?;
     let doc = session
         .pool
         .apply_config(kind.as_str(), &args.name, ConfigChange::Patch { set })
         .await?;
-    report_change(&doc);
-    Ok(())
+    report_change(&doc, globals.format)
 }
 
 #[cfg(test)]
