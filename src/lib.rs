@@ -10,7 +10,9 @@
 //! - [`duration`]: durations on command lines (`30s`, `1h30m`, `500ms`).
 //! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
-//! - [`metrics`]: the worker's `/metrics` and `/healthz` endpoint.
+//! - [`metrics`]: the worker's `/metrics`, `/healthz` and `/readyz` endpoint.
+//! - [`telemetry`]: the worker's logs and its OpenTelemetry traces (off unless an OTLP
+//!   endpoint is given).
 //! - [`worker`]: the `murmur-worker` process.
 //!
 //! The binaries in `src/bin/` are thin adapters over these modules. The workflows (pure,
@@ -27,6 +29,7 @@ pub mod hosts;
 pub mod metrics;
 pub mod output;
 pub mod progress;
+pub mod telemetry;
 pub mod worker;
 
 /// Exit status of a failed operation (any `CODE: reason` error).

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Runs murmur's pool workflows and VM activities against a Temporal server.
 ///
@@ -21,6 +20,10 @@ struct Cli {
         env = "MURMUR_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Export traces (the Temporal SDK's spans and murmur's) over OTLP/gRPC to this collector,
+    /// e.g. http://127.0.0.1:4317. Off when not given.
+    #[arg(long, global = true, env = "MURMUR_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -271,27 +274,20 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,temporalio_sdk_core=warn"));
-    // Colour only for a person at a terminal (and not with NO_COLOR); a log file or journald
-    // gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(murmur::colour(std::io::IsTerminal::is_terminal(
-            &std::io::stderr(),
-        )))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let telemetry = murmur::telemetry::init(&murmur::telemetry::TelemetryConfig {
+        json_logs: matches!(cli.log_format, LogFormat::Json),
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    });
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("murmur-worker: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Some(Command::Sandbox { dir }) => {
             murmur_activities::substrate::sandbox::run_supervisor(dir).await
@@ -329,11 +325,13 @@ async fn main() -> std::process::ExitCode {
             .await
         }
     };
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }

@@ -15,6 +15,7 @@
 //! | [`auth`] | credentials, roles, signed requests, denials |
 //! | [`operability`] | status, `--json` schemas, version, completions |
 //! | [`metrics`] | `/metrics` parsed as Prometheus does, health, a fleet's sums, scrape cost, deploy files |
+//! | [`traces`] | OpenTelemetry traces exported over OTLP when the worker is asked to |
 //! | [`output`] | `-o json|yaml` on every command, errors per format, `ls --all / --watch` |
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
@@ -45,3 +46,4 @@ mod reaper;
 mod recovery;
 mod replay;
 mod scaleout;
+mod traces;
