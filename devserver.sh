@@ -3,9 +3,11 @@
 #
 #   ./devserver.sh up       dev server + worker + a pool of warm VMs (the README's first command)
 #   ./devserver.sh test     dev server + the whole test suite (the README's second command):
-#                           the Rust tests, then the Python client's (python/tests); installs
-#                           qemu for its tests when missing (root with apt-get)
+#                           the alert rules' unit tests (promtool), the Rust tests, then the
+#                           Python client's (python/tests); installs qemu and promtool when
+#                           missing (root with apt-get)
 #   ./devserver.sh qemu     only install qemu and the guest image's packages when missing
+#   ./devserver.sh promtool install promtool when missing, check and unit-test deploy/prometheus
 #   ./devserver.sh start    start the Temporal dev server only (idempotent)
 #   ./devserver.sh stop     stop the worker and the dev server (VMs keep running, as on a real host)
 #   ./devserver.sh clean    stop everything, delete every sandbox and all state under $MURMUR_STATE_DIR
@@ -164,7 +166,33 @@ ensure_qemu() {
   command -v qemu-system-x86_64 >/dev/null || { say "qemu-system-x86_64 still missing after the install"; return 1; }
 }
 
+# promtool (Debian's `prometheus` package) checks deploy/prometheus/alerts.yml and runs its
+# unit tests (alerts_test.yml): when each alert fires on the series a worker exports.
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  if ! command -v apt-get >/dev/null || [[ "$(id -u)" != 0 ]]; then
+    say "promtool is missing and cannot be installed here (needs root and apt-get): apt-get install prometheus"
+    return 1
+  fi
+  say "installing promtool (apt-get install prometheus)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || { say "apt-get could not install prometheus"; return 1; }
+  command -v promtool >/dev/null || { say "promtool still missing after the install"; return 1; }
+}
+
+check_alert_rules() {
+  say "checking the alert rules (promtool check rules, promtool test rules)"
+  (cd "$ROOT/deploy/prometheus" && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+}
+
 run_tests() {
+  # The alert rules' unit tests: promtool installed when it can be; otherwise said, not passed.
+  if ensure_promtool; then
+    check_alert_rules
+  else
+    say "the alert rules were NOT checked: promtool is missing (see the line above)"
+  fi
   # qemu: installed when it can be; without it the qemu tests are reported as ignored, unless
   # MURMUR_REQUIRE_QEMU=1 (CI), which makes its absence an error here.
   if ensure_qemu; then
@@ -210,6 +238,7 @@ case "${1:-}" in
   up) up ;;
   test) run_tests ;;
   qemu) ensure_qemu || die "qemu is missing; see the line above" ;;
+  promtool) { ensure_promtool || die "promtool is missing; see the line above"; } && check_alert_rules ;;
   temporal) shift; install_cli; exec "$TEMPORAL" "$@" ;;
   *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac
