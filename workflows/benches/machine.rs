@@ -1,4 +1,4 @@
-//! Cost per event of the pure pool state machine with 10,000 VMs:
+//! Cost per event of the pure pool state machine with 1,000 and 10,000 VMs:
 //! `cargo bench -p murmur-workflows --bench machine`.
 
 use std::hint::black_box;
@@ -7,10 +7,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use murmur_workflows::machine::{ClaimRequest, ConfigChange, Intent, Pool};
 use murmur_workflows::model::{ResourceKind, VmId, VmRecord, VmState};
 
-const VMS: u32 = 10_000;
+/// Inventory sizes measured.
+const SIZES: [u32; 2] = [1_000, 10_000];
 
-/// A pool with `VMS` warm VMs in one workspace (max_vms leaves room for churn).
-fn big_pool() -> Pool {
+/// A pool with `vms` warm VMs in one workspace (max_vms leaves room for churn).
+fn big_pool(vms: u32) -> Pool {
     let mut pool = Pool::new("bench", 7, 1_000);
     // One host with room for everything (placement picks it for every boot).
     let view = murmur_workflows::hosts::HostView {
@@ -19,7 +20,7 @@ fn big_pool() -> Pool {
             "h1".to_string(),
             murmur_workflows::hosts::HostInfo {
                 host: "h1".into(),
-                max_vms: 2 * VMS,
+                max_vms: 2 * vms,
                 ..Default::default()
             },
         )]
@@ -39,11 +40,11 @@ fn big_pool() -> Pool {
         &mut pool,
         ResourceKind::PoolConfig,
         "default",
-        serde_json::json!({ "max_vms": VMS + 100 }),
+        serde_json::json!({ "max_vms": vms + 100 }),
     );
     // The warm VMs are written straight into the inventory (booting 10,000 one event at a
     // time would measure the set-up).
-    for i in 0..VMS {
+    for i in 0..vms {
         let id = VmId::from_bits(0x1000_0000 + i);
         pool.vms.insert(
             id.clone(),
@@ -70,46 +71,48 @@ fn big_pool() -> Pool {
         &mut pool,
         ResourceKind::Workspace,
         "web",
-        serde_json::json!({ "min_idle": VMS }),
+        serde_json::json!({ "min_idle": vms }),
     );
     assert!(boots.is_empty(), "the pool is full already");
     pool
 }
 
 fn events(c: &mut Criterion) {
-    let mut pool = big_pool();
-    let mut n = 0u64;
-    // One hand-out and its release: claim a warm VM, release it (the VM is deleted), the
-    // delete is confirmed, backfill boots a replacement, the replacement comes up.
-    c.bench_function("claim+release+delete+boot cycle, 10k VMs (4 events)", |b| {
-        b.iter(|| {
-            n += 1;
-            let req = ClaimRequest {
-                request: format!("r{n}"),
-                agent: format!("a{n}"),
-                developer: "dev".into(),
-                workspace: "web".into(),
-                ..Default::default()
-            };
-            let mut intents = pool.claim(&req, 3_000);
-            let (vm, more) = pool.release(&req.request, 3_000);
-            intents.extend(more);
-            if let Some(vm) = vm {
-                intents.extend(pool.deleted(&vm, 3_000));
-            }
-            let mut booted = 0;
-            for intent in intents {
-                if let Intent::Boot(spec) = intent {
-                    booted += 1;
-                    black_box(pool.boot_succeeded(&spec.vm, 3_000));
+    for vms in SIZES {
+        let mut pool = big_pool(vms);
+        let mut n = 0u64;
+        // One hand-out and its release: claim a warm VM, release it (the VM is deleted), the
+        // delete is confirmed, backfill boots a replacement, the replacement comes up.
+        let name = format!("claim+release+delete+boot cycle, {vms} VMs (4 events)");
+        c.bench_function(&name, |b| {
+            b.iter(|| {
+                n += 1;
+                let req = ClaimRequest {
+                    request: format!("r{n}"),
+                    agent: format!("a{n}"),
+                    developer: "dev".into(),
+                    workspace: "web".into(),
+                    ..Default::default()
+                };
+                let mut intents = pool.claim(&req, 3_000);
+                let (vm, more) = pool.release(&req.request, 3_000);
+                intents.extend(more);
+                if let Some(vm) = vm {
+                    intents.extend(pool.deleted(&vm, 3_000));
                 }
-            }
-            assert_eq!(booted, 1, "backfill boots one replacement");
-        })
-    });
-    c.bench_function("reconcile, 10k VMs, nothing to do", |b| {
-        b.iter(|| black_box(pool.reconcile(4_000)))
-    });
+                let mut booted = 0;
+                for intent in intents {
+                    if let Intent::Boot(spec) = intent {
+                        booted += 1;
+                        black_box(pool.boot_succeeded(&spec.vm, 3_000));
+                    }
+                }
+                assert_eq!(booted, 1, "backfill boots one replacement");
+            })
+        });
+        let name = format!("reconcile, {vms} VMs, nothing to do");
+        c.bench_function(&name, |b| b.iter(|| black_box(pool.reconcile(4_000))));
+    }
 }
 
 criterion_group! {
