@@ -109,9 +109,15 @@ impl Pool {
     /// The start of the nuke ended: it runs (`true`), or the previous nuke has not closed yet
     /// (`false`: wait, then try again).
     pub fn nuke_started(&mut self, started: bool) -> Vec<Intent> {
-        let NukeState::Starting { request, actor } = std::mem::take(&mut self.nuke) else {
-            // Paused meanwhile by the nuke that runs: nothing to do.
-            return Vec::new();
+        let (request, actor) = match std::mem::take(&mut self.nuke) {
+            NukeState::Starting { request, actor } => (request, actor),
+            other => {
+                // Paused meanwhile by the nuke that runs (its start failed because that one
+                // exists): the pool stays paused by it, and its reset ends the wait of every
+                // request that joined it.
+                self.nuke = other;
+                return Vec::new();
+            }
         };
         if started {
             self.nuke = NukeState::Started { request };
@@ -215,5 +221,37 @@ impl Pool {
             }],
             _ => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A nuke asked through the pool while another nuke (started directly) runs: the pool's
+    /// own start fails because that nuke exists, and the failure arrives after that nuke
+    /// paused the pool. The pool must stay paused, and the running nuke's reset must count
+    /// (the joined request waits for exactly that). It used to drop the pause here, so the
+    /// reset was ignored and the joined request never got its answer.
+    #[test]
+    fn a_start_that_fails_after_the_running_nuke_paused_the_pool_keeps_it_paused() {
+        let mut pool = Pool::new("t", 1, 0);
+        let start = pool.request_nuke("joined", "dev");
+        assert!(matches!(start.as_slice(), [Intent::StartNuke { .. }]));
+        assert_eq!(pool.nuke_pause("running", 10), Ok(true));
+        assert_eq!(pool.nuke_started(false), Vec::new());
+        assert!(
+            pool.nuke.holds_pool(),
+            "the pause was dropped: {:?}",
+            pool.nuke
+        );
+        let before = pool.nukes;
+        pool.nuke_reset(0, 20);
+        assert_eq!(
+            pool.nukes,
+            before + 1,
+            "the running nuke's reset did not count"
+        );
+        assert!(!pool.nuke.under_way());
     }
 }
