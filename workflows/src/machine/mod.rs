@@ -799,22 +799,28 @@ impl Pool {
                 continue;
             };
             let spec = ws.spec.clone();
-            let fresh: Vec<(VmState, Millis, VmId)> = self
-                .vms
-                .values()
-                .filter(|v| {
-                    v.workspace == name && matches!(v.state, VmState::Booting | VmState::Warm)
-                })
-                .filter(|v| self.is_fresh(v) && !self.on_draining_host(&v.id))
-                .map(|v| (v.state, v.ready_at.unwrap_or(v.created_at), v.id.clone()))
-                .collect();
-            let have = fresh.len() as u32;
+            // Booting or warm, fresh (`is_fresh`, with the workspace's image known), and not
+            // on a draining host.
+            let fresh = |v: &&VmRecord| {
+                matches!(v.state, VmState::Booting | VmState::Warm)
+                    && v.workspace == name
+                    && v.generation == self.generation
+                    && v.image == spec.image_ref
+                    && !v.host.as_deref().is_some_and(|h| self.hosts.is_draining(h))
+            };
+            let have = self.vms.values().filter(fresh).count() as u32;
             if have > spec.min_idle {
                 // Scale in: only warm VMs, oldest first; booting ones finish and are counted.
-                let mut warm: Vec<_> = fresh.iter().filter(|f| f.0 == VmState::Warm).collect();
-                warm.sort_by_key(|f| f.1);
-                for (_, _, id) in warm.into_iter().take((have - spec.min_idle) as usize) {
-                    out.push(self.mark_deleting(id, DeleteReason::ScaleIn));
+                let mut warm: Vec<(Millis, VmId)> = self
+                    .vms
+                    .values()
+                    .filter(fresh)
+                    .filter(|v| v.state == VmState::Warm)
+                    .map(|v| (v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+                    .collect();
+                warm.sort_by_key(|f| f.0);
+                for (_, id) in warm.into_iter().take((have - spec.min_idle) as usize) {
+                    out.push(self.mark_deleting(&id, DeleteReason::ScaleIn));
                 }
                 continue;
             }
@@ -879,10 +885,12 @@ impl Pool {
     /// When `max_vms` was lowered below what exists, deletes warm VMs (stale ones first, then
     /// the oldest) until what remains fits. Assigned VMs are never touched.
     fn shed_over_capacity(&mut self) -> Vec<Intent> {
-        let excess = self
-            .in_use()
-            .saturating_sub(self.config.spec.max_vms)
-            .saturating_sub(self.deleting());
+        let over = self.in_use().saturating_sub(self.config.spec.max_vms);
+        if over == 0 {
+            // The common case: no need to count the deletes in flight either.
+            return Vec::new();
+        }
+        let excess = over.saturating_sub(self.deleting());
         if excess == 0 {
             // The common case: nothing to shed, so no need to sort the warm VMs.
             return Vec::new();
