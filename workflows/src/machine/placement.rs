@@ -27,7 +27,11 @@ impl Pool {
         let mut usage: BTreeMap<String, HostUsage> = BTreeMap::new();
         for vm in self.vms.values() {
             if let Some(host) = &vm.host {
-                let u = usage.entry(host.clone()).or_default();
+                // The host's name is copied once per host, not once per VM.
+                let u = match usage.get_mut(host.as_str()) {
+                    Some(u) => u,
+                    None => usage.entry(host.clone()).or_default(),
+                };
                 u.vms += 1;
                 u.memory_mb += u64::from(vm.memory_mb);
             }
