@@ -968,6 +968,11 @@ impl World {
     }
 
     fn check(&mut self) {
+        // The inventory's indexes agree with a full recount of its records.
+        assert!(
+            self.pool.vms.indexes_match_a_recount(),
+            "the inventory's indexes drifted from its records"
+        );
         // No VM held by two claims.
         let mut holders: BTreeMap<VmId, String> = BTreeMap::new();
         for c in self.pool.claims.values() {

@@ -307,20 +307,11 @@ impl Pool {
     }
 
     /// The oldest warm VM of `workspace` that may be handed out.
-    fn fresh_warm_vm(&self, workspace: &str) -> Option<VmId> {
-        // `is_fresh`, with the workspace's image looked up once instead of per VM.
-        let image = &self.workspaces.get(workspace)?.spec.image_ref;
-        self.vms
-            .values()
-            .filter(|v| {
-                v.state == VmState::Warm
-                    && v.workspace == workspace
-                    && v.generation == self.generation
-                    && v.image == *image
-            })
-            .map(|v| (v.ready_at.unwrap_or(v.created_at), &v.id))
-            .min()
-            .map(|(_, id)| id.clone())
+    fn fresh_warm_vm(&mut self, workspace: &str) -> Option<VmId> {
+        // Fresh: this workspace's current image, this generation (`is_fresh`).
+        let image = self.workspaces.get(workspace)?.spec.image_ref.clone();
+        self.vms.settle();
+        self.vms.oldest_warm(workspace, &image, self.generation)
     }
 
     /// A VM booted for a claim came up: it is the claim's, whatever happened to the pool's

@@ -18,6 +18,7 @@
 pub mod admission;
 mod claims;
 pub mod digest;
+pub mod inventory;
 pub mod nuke;
 mod packed;
 mod placement;
@@ -44,6 +45,7 @@ use crate::model::{
     Resource, ResourceDoc, ResourceKind, VmId, VmRecord, VmState, WorkspaceSpec, format_rfc3339,
     patch_json, spec_from_json, validate_workspace_name,
 };
+use inventory::Inventory;
 
 /// Consecutive boot failures of one image after which backfill for it is held back.
 pub const FAILURE_THRESHOLD: u32 = 3;
@@ -217,8 +219,8 @@ pub struct Pool {
     /// Workspaces by name.
     pub workspaces: BTreeMap<String, Resource<WorkspaceSpec>>,
     /// Every VM the pool is responsible for, in any state.
-    #[serde(with = "packed::vms")]
-    pub vms: BTreeMap<VmId, VmRecord>,
+    #[serde(with = "packed::inventory")]
+    pub vms: Inventory,
     /// Boot health per image (images no workspace and no VM uses are forgotten once healthy).
     pub images: BTreeMap<String, ImageHealth>,
     /// Totals since the pool was created.
@@ -312,7 +314,7 @@ impl Pool {
                 spec: PoolConfigSpec::default(),
             },
             workspaces: BTreeMap::new(),
-            vms: BTreeMap::new(),
+            vms: Inventory::default(),
             images: BTreeMap::new(),
             counters: Counters::default(),
             claims: BTreeMap::new(),
@@ -591,7 +593,7 @@ impl Pool {
         self.counters.flushes += 1;
         let mut flushed = Vec::new();
         let mut out = Vec::new();
-        for rec in self.vms.values_mut() {
+        self.vms.for_each_mut(|rec| {
             if rec.state == VmState::Warm {
                 rec.state = VmState::Deleting;
                 rec.delete_reason = Some(DeleteReason::Flush);
@@ -601,7 +603,7 @@ impl Pool {
                     reason: DeleteReason::Flush,
                 });
             }
-        }
+        });
         self.counters.flushed_vms += flushed.len() as u64;
         out.extend(self.reconcile(now));
         (flushed, out)
@@ -799,27 +801,23 @@ impl Pool {
                 continue;
             };
             let spec = ws.spec.clone();
-            // Booting or warm, fresh (`is_fresh`, with the workspace's image known), and not
-            // on a draining host.
-            let fresh = |v: &&VmRecord| {
-                matches!(v.state, VmState::Booting | VmState::Warm)
-                    && v.workspace == name
-                    && v.generation == self.generation
-                    && v.image == spec.image_ref
-                    && !v.host.as_deref().is_some_and(|h| self.hosts.is_draining(h))
-            };
-            let have = self.vms.values().filter(fresh).count() as u32;
+            self.vms.settle();
+            // Booting or warm, fresh (`is_fresh`: this workspace's image, this generation),
+            // and not on a draining host.
+            let draining = |h: &str| self.hosts.is_draining(h);
+            let have = self
+                .vms
+                .booting_or_warm(&name, &spec.image_ref, self.generation, draining);
             if have > spec.min_idle {
                 // Scale in: only warm VMs, oldest first; booting ones finish and are counted.
-                let mut warm: Vec<(Millis, VmId)> = self
+                let warm: Vec<VmId> = self
                     .vms
-                    .values()
-                    .filter(fresh)
-                    .filter(|v| v.state == VmState::Warm)
-                    .map(|v| (v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+                    .warm_oldest_first(&name, &spec.image_ref, self.generation)
+                    .into_iter()
+                    .filter(|id| !self.on_draining_host(id))
+                    .take((have - spec.min_idle) as usize)
                     .collect();
-                warm.sort_by_key(|f| f.0);
-                for (_, id) in warm.into_iter().take((have - spec.min_idle) as usize) {
+                for id in warm {
                     out.push(self.mark_deleting(&id, DeleteReason::ScaleIn));
                 }
                 continue;
@@ -983,6 +981,7 @@ impl Pool {
     /// `None` when no host has room for it.
     fn start_boot(&mut self, workspace: &str, spec: &WorkspaceSpec, now: Millis) -> Option<Intent> {
         let memory_mb = spec.environment.memory_mb;
+        self.vms.settle();
         let host = Some(self.place(memory_mb)?);
         let id = self.next_vm_id();
         let rec = VmRecord {

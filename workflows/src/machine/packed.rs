@@ -257,7 +257,24 @@ fn index_of<T: PartialEq>(all: &[T], v: &T) -> u64 {
     all.iter().position(|x| x == v).unwrap_or(0) as u64
 }
 
-/// `#[serde(with = "packed::vms")]` for the inventory.
+/// `#[serde(with = "packed::inventory")]` for the inventory: packed as [`vms`] packs its
+/// records (the indexes are rebuilt on reading).
+pub mod inventory {
+    use super::*;
+    use crate::machine::inventory::Inventory;
+
+    /// Writes the inventory's records packed.
+    pub fn serialize<S: Serializer>(inv: &Inventory, serializer: S) -> Result<S::Ok, S::Error> {
+        super::vms::serialize(inv.map(), serializer)
+    }
+
+    /// Reads the records back (packed or plain) and rebuilds the indexes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Inventory, D::Error> {
+        super::vms::deserialize(deserializer).map(Inventory::from)
+    }
+}
+
+/// Packed VM records.
 pub mod vms {
     use super::*;
 

@@ -24,19 +24,7 @@ pub struct HostUsage {
 impl Pool {
     /// This pool's usage per host (VMs without a host are not counted).
     pub fn host_usage(&self) -> BTreeMap<String, HostUsage> {
-        let mut usage: BTreeMap<String, HostUsage> = BTreeMap::new();
-        for vm in self.vms.values() {
-            if let Some(host) = &vm.host {
-                // The host's name is copied once per host, not once per VM.
-                let u = match usage.get_mut(host.as_str()) {
-                    Some(u) => u,
-                    None => usage.entry(host.clone()).or_default(),
-                };
-                u.vms += 1;
-                u.memory_mb += u64::from(vm.memory_mb);
-            }
-        }
-        usage
+        self.vms.host_usage()
     }
 
     /// The host a new VM of `memory_mb` goes to: least loaded among the placeable hosts with

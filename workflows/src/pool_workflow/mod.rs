@@ -155,7 +155,7 @@ impl PoolWorkflow {
         let stuck = ctx.state_mut(|s| {
             s.flushes_in_progress = s.flushes_in_progress.saturating_sub(1);
             s.pool.last_flush_ms = Some(done.saturating_sub(now));
-            vms.iter().filter(|vm| s.pool.vms.contains_key(*vm)).count() as u32
+            vms.iter().filter(|vm| s.pool.vms.contains_key(vm)).count() as u32
         });
         Ok(FlushReply {
             flushed: vms.len() as u32,
