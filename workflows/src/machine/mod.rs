@@ -9,7 +9,7 @@
 //! delete is), so in-flight work always counts towards `max_vms` and a new run can re-issue
 //! whatever was in flight ([`Pool::resume`]).
 //!
-//! One job per file: hand-out ([`claims`]), placement and host loss ([`placement`]), the
+//! One job per file: the inventory and its indexes ([`inventory`]), hand-out ([`claims`]), placement and host loss ([`placement`]), the
 //! reaper's rounds ([`reaper`]), recovery of a pool whose run ended ([`recovery`]), the nuke
 //! ([`nuke`]), admission of signed requests ([`admission`]), the digests that keep reaper
 //! listings small ([`digest`]) and the compact form carried across continue-as-new
