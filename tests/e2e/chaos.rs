@@ -219,7 +219,12 @@ fn completed_or_failed_cleanly(op: Op, out: &Output) {
             "{op:?} succeeded without its output: {stdout:?}"
         ),
         Some(1 | 69) => {
-            let first = stderr.lines().next().unwrap_or_default();
+            // Off a terminal a wait that lasts over 2 s prints its progress lines (lower
+            // case) on stderr first; the error line comes after them.
+            let first = stderr
+                .lines()
+                .find(|l| !l.starts_with(|c: char| c.is_ascii_lowercase()))
+                .unwrap_or_default();
             let (code, reason) = first.split_once(": ").unwrap_or_default();
             assert!(
                 !code.is_empty()

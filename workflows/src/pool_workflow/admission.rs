@@ -24,7 +24,9 @@ pub(super) async fn developer(
     credential: Option<Credential>,
 ) -> Result<Identity, ApiError> {
     let target = ctx.state(|s| pool_workflow_id(&s.pool.tenant));
-    verify_and_admit(ctx, op, target, body, permission, credential).await
+    verify_and_admit(ctx, op, target, body, permission, credential, |_| false)
+        .await
+        .map(|admitted| admitted.unwrap_or_default())
 }
 
 /// Verifies a worker-internal request (claim, release, nuke step): signed with a worker key,
@@ -76,6 +78,9 @@ pub(super) async fn nuke(
         return Err(ctx.state_mut(|s| refused(s, ops::NUKE, error.into(), now, replaying)));
     };
     let target = ctx.state(|s| nuke_workflow_id(&s.pool.tenant));
+    // Two attempts of the same step can be in flight at once (the activity that sent the
+    // first died with its worker and its retry sent a second): the one that finds the pool
+    // paused by this request once its check is done is the same step, not a replay.
     verify_and_admit(
         ctx,
         ops::NUKE,
@@ -83,6 +88,7 @@ pub(super) async fn nuke(
         signed.body.clone(),
         permissions::POOL_DELETE,
         signed.credential.clone(),
+        |s| !request.is_empty() && s.pool.is_own_nuke(&request),
     )
     .await?;
     Ok(signed
@@ -115,13 +121,17 @@ async fn verify_and_admit(
     body: String,
     permission: &str,
     credential: Option<Credential>,
-) -> Result<Identity, ApiError> {
+    already_admitted: impl Fn(&PoolWorkflow) -> bool,
+) -> Result<Option<Identity>, ApiError> {
     let tenant = ctx.state(|s| s.pool.tenant.clone());
     let req = VerifyRequest::developer(tenant, op, target, body, permission, credential.clone());
     let verdict = gate::verify(ctx, req).await;
     let now = now_ms(ctx);
     let replaying = ctx.is_replaying();
     ctx.state_mut(|s| {
+        if already_admitted(s) {
+            return Ok(None);
+        }
         let identity = verdict.map_err(|r| refused(s, op, r, now, replaying))?;
         let cred = credential.unwrap_or_default();
         let admitted = s.pool.admit(
@@ -140,7 +150,7 @@ async fn verify_and_admit(
             tracing::warn!(tenant = %s.pool.tenant, op, who = %identity.developer, error = %e,
                 "request denied");
         }
-        admitted.map(|()| identity)
+        admitted.map(|()| Some(identity))
     })
 }
 
