@@ -7,8 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use murmur_workflows::activity_api::{BootReport, DeleteReply, DeleteVmInput, HOST_FULL};
+use murmur_workflows::activity_api::{
+    BootReport, DELETE_ATTEMPTS, DeleteReply, DeleteVmInput, DeleteVmResult, DeleteVmsInput,
+    DeleteVmsReply, HOST_FULL,
+};
 use murmur_workflows::machine::BootSpec;
+use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::BOOT_TIMEOUT;
 use temporalio_common::ActivityError;
 use temporalio_macros::activities;
@@ -22,6 +26,8 @@ use crate::substrate::{Provider, Seal, SubstrateError};
 /// Failure type name of a boot that cannot succeed by retrying (the workflow's retry policy
 /// lists it as non-retryable).
 pub const BOOT_FAILED: &str = "BootFailed";
+/// VMs a [`VmActivities::delete_vms`] deletes at the same time.
+pub const DELETES_AT_ONCE: usize = 16;
 
 /// Activities that create and delete VMs on one substrate.
 pub struct VmActivities {
@@ -140,27 +146,89 @@ impl VmActivities {
         ctx: ActivityContext,
         input: DeleteVmInput,
     ) -> Result<DeleteReply, ActivityError> {
-        let (tenant, vm) = (input.tenant.as_str(), &input.vm);
-        let seal = self
-            .provider
-            .seal_for_delete(tenant, vm, input.owner.as_deref())
-            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
-        if let Seal::OwnedBy(owner) = seal {
-            tracing::warn!(tenant, vm = %vm, %owner, expected = ?input.owner,
+        let work = self.delete_one(&input.tenant, &input.vm, input.owner.as_deref());
+        match with_heartbeats(&ctx, work).await? {
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(ActivityError::application(ApplicationFailure::new(e))),
+        }
+    }
+
+    /// Deletes several VMs of this host, [`DELETES_AT_ONCE`] at a time, each with up to
+    /// [`DELETE_ATTEMPTS`] attempts; one result per VM, in the order asked.
+    #[activity(name = "murmur.delete_vms")]
+    pub async fn delete_vms(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: DeleteVmsInput,
+    ) -> Result<DeleteVmsReply, ActivityError> {
+        use futures::StreamExt;
+        let tenant = input.tenant.as_str();
+        let work = futures::stream::iter(input.vms)
+            .map(|target| {
+                let this = self.clone();
+                async move {
+                    let mut attempt = 1;
+                    loop {
+                        match this
+                            .delete_one(tenant, &target.vm, target.owner.as_deref())
+                            .await
+                        {
+                            Ok(reply) => {
+                                break DeleteVmResult {
+                                    vm: target.vm,
+                                    owned_by: reply.owned_by,
+                                    error: None,
+                                };
+                            }
+                            Err(e) if attempt >= DELETE_ATTEMPTS => {
+                                break DeleteVmResult {
+                                    vm: target.vm,
+                                    owned_by: None,
+                                    error: Some(e.to_string()),
+                                };
+                            }
+                            Err(_) => {
+                                // As one delete's retry policy would: 0.5 s, then 1 s.
+                                let wait = Duration::from_millis(500 << (attempt - 1));
+                                tokio::time::sleep(wait).await;
+                                attempt += 1;
+                            }
+                        }
+                    }
+                }
+            })
+            .buffered(DELETES_AT_ONCE)
+            .collect::<Vec<_>>();
+        let results = with_heartbeats(&ctx, work).await?;
+        Ok(DeleteVmsReply { results })
+    }
+}
+
+impl VmActivities {
+    /// Deletes a VM, unless another agent than `owner` owns it (then it answers with that
+    /// owner and deletes nothing). The VM's owner record is sealed first, so no agent can
+    /// start on it while it goes. Deleting a VM that is already gone succeeds.
+    async fn delete_one(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        owner: Option<&str>,
+    ) -> Result<DeleteReply, SubstrateError> {
+        if let Seal::OwnedBy(owner_now) = self.provider.seal_for_delete(tenant, vm, owner)? {
+            tracing::warn!(tenant, vm = %vm, owner = %owner_now, expected = ?owner,
                 "vm not deleted: another agent owns it");
             return Ok(DeleteReply {
-                owned_by: Some(owner),
+                owned_by: Some(owner_now),
             });
         }
-        let result = with_heartbeats(&ctx, self.provider.delete(tenant, vm)).await?;
-        match result {
+        match self.provider.delete(tenant, vm).await {
             Ok(()) => {
                 tracing::info!(tenant, vm = %vm, "vm deleted");
                 Ok(DeleteReply::default())
             }
             Err(e) => {
                 tracing::warn!(tenant, vm = %vm, error = %e, "vm delete failed");
-                Err(ActivityError::application(ApplicationFailure::new(e)))
+                Err(e)
             }
         }
     }
@@ -190,5 +258,6 @@ mod tests {
     fn activity_names_match_the_workflow_markers() {
         assert_eq!(VmActivities::boot_vm.name(), BootVm.name());
         assert_eq!(VmActivities::delete_vm.name(), DeleteVm.name());
+        assert_eq!(VmActivities::delete_vms.name(), DeleteVms.name());
     }
 }

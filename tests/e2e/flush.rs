@@ -48,6 +48,41 @@ fn flush_replaces_every_warm_vm_with_a_fresh_one() {
     assert!(fresh.is_disjoint(&old));
     assert!(after.vms.iter().all(|v| v.generation == after.generation));
     assert_eq!(substrate_ids(&env), fresh);
+    // The three deletes went out as one activity (one host), not one each.
+    let scheduled = scheduled_activities(&env);
+    assert_eq!(
+        scheduled.iter().filter(|a| *a == "murmur.delete_vms").count(),
+        1,
+        "{scheduled:?}"
+    );
+    assert!(
+        !scheduled.iter().any(|a| a == "murmur.delete_vm"),
+        "{scheduled:?}"
+    );
+}
+
+/// The activity types the pool's current run has scheduled, in order.
+fn scheduled_activities(env: &TestEnv) -> Vec<String> {
+    let out = env.temporal(&[
+        "workflow",
+        "show",
+        "--workflow-id",
+        &format!("pool/{}", env.tenant),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let history: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("history JSON");
+    history["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 #[test]

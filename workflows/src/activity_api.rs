@@ -111,6 +111,56 @@ impl<'de> Deserialize<'de> for DeleteReply {
     }
 }
 
+activity! {
+    /// Deletes several VMs of one host at once (a flush's, a scale-in's): each as
+    /// [`DeleteVm`] deletes one (sealed first, refused when another agent owns it, up to
+    /// [`DELETE_ATTEMPTS`] attempts), a bounded number at a time. One VM's failure is its own
+    /// result; the others are unaffected.
+    DeleteVms = "murmur.delete_vms": DeleteVmsInput => DeleteVmsReply
+}
+
+/// Attempts [`DeleteVms`] makes for each VM before reporting its failure (as the retry policy
+/// of one [`DeleteVm`] does).
+pub const DELETE_ATTEMPTS: u32 = 3;
+
+/// Input of [`DeleteVms`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteVmsInput {
+    /// Owning tenant.
+    pub tenant: String,
+    /// The VMs, each with the agent the asker believes holds it (see [`DeleteVmInput`]).
+    pub vms: Vec<DeleteVmTarget>,
+}
+
+/// One VM of a [`DeleteVmsInput`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteVmTarget {
+    /// The VM.
+    pub vm: VmId,
+    /// The agent (claim request) the asker believes holds it, if any.
+    pub owner: Option<String>,
+}
+
+/// What [`DeleteVms`] did, one result per VM asked for, in the same order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteVmsReply {
+    /// The results.
+    pub results: Vec<DeleteVmResult>,
+}
+
+/// What happened to one VM of a [`DeleteVms`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteVmResult {
+    /// The VM.
+    pub vm: VmId,
+    /// Set when it was not deleted because another agent owns it: that agent's claim request.
+    #[serde(default)]
+    pub owned_by: Option<String>,
+    /// Set when its delete failed after every attempt: why.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// What a VM's owner record says once a delete has sealed it: no agent may start on it.
 pub const DELETING_OWNER: &str = "-deleting-";
 

@@ -15,8 +15,9 @@ use temporalio_sdk::{
 
 use super::PoolWorkflow;
 use crate::activity_api::{
-    AgentScanInput, BootVm, DeleteVm, DeleteVmInput, HOST_FULL, HostListInput, ListHostVms,
-    ReadHosts, ReadPoolRecord, RecordQuery, RecordRead, ScanAgents, on_host,
+    AgentScanInput, BootVm, DeleteVm, DeleteVmInput, DeleteVmTarget, DeleteVms, DeleteVmsInput,
+    HOST_FULL, HostListInput, ListHostVms, ReadHosts, ReadPoolRecord, RecordQuery, RecordRead,
+    ScanAgents, on_host,
 };
 use crate::agent_workflow::AgentWorkflow;
 use crate::auth::Identity;
@@ -70,6 +71,8 @@ pub(super) enum Outcome {
     ScanDue(u64),
     /// A `flush` signal's credential was checked.
     SignalChecked(Box<FlushRequest>, Result<Identity, Refusal>),
+    /// Several outcomes at once (the deletes of one [`DeleteVms`]), in order.
+    Batch(Vec<Outcome>),
 }
 
 /// A started intent: activities and signals hold off continue-as-new until they end;
@@ -235,6 +238,77 @@ fn delete<'a>(
                 Some(owner) => Outcome::DeleteRefused(vm, owner),
             },
             Err(e) => Outcome::DeleteFailed(vm, application_message(&e)),
+        }
+    }
+    .boxed_local()
+}
+
+/// Deletes `vms` (each with the agent believed to hold it) of one host in one activity; the
+/// outcome holds each VM's own.
+pub(super) fn delete_many<'a>(
+    c: &'a WorkflowContext<PoolWorkflow>,
+    tenant: &str,
+    host: Option<String>,
+    vms: Vec<(VmId, Option<String>)>,
+    reason: &str,
+) -> LocalBoxFuture<'a, Outcome> {
+    // Long enough for every VM's attempts; a worker that dies mid-batch is noticed by the
+    // heartbeat and the batch runs again (deletes are idempotent).
+    let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
+        .heartbeat_timeout(Duration::from_secs(5))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(500))
+                .maximum_interval(Duration::from_secs(5))
+                .maximum_attempts(3)
+                .build(),
+        )
+        .summary(format!("delete {} VMs ({reason})", vms.len()))
+        .build();
+    let opts = on_host(opts, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+    let ids: Vec<VmId> = vms.iter().map(|(vm, _)| vm.clone()).collect();
+    let input = DeleteVmsInput {
+        tenant: tenant.to_string(),
+        vms: vms
+            .into_iter()
+            .map(|(vm, owner)| DeleteVmTarget { vm, owner })
+            .collect(),
+    };
+    let fut = c.execute_activity(DeleteVms, input, opts);
+    async move {
+        match fut.await {
+            Ok(reply) => {
+                let mut results: std::collections::BTreeMap<VmId, Outcome> = reply
+                    .results
+                    .into_iter()
+                    .map(|r| {
+                        let outcome = match (r.owned_by, r.error) {
+                            (Some(owner), _) => Outcome::DeleteRefused(r.vm.clone(), owner),
+                            (None, Some(error)) => Outcome::DeleteFailed(r.vm.clone(), error),
+                            (None, None) => Outcome::Deleted(r.vm.clone()),
+                        };
+                        (r.vm, outcome)
+                    })
+                    .collect();
+                // One outcome per VM asked for, in order; a VM the reply left out failed.
+                Outcome::Batch(
+                    ids.into_iter()
+                        .map(|vm| {
+                            results.remove(&vm).unwrap_or_else(|| {
+                                Outcome::DeleteFailed(vm, "the delete answered nothing".into())
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                let error = application_message(&e);
+                Outcome::Batch(
+                    ids.into_iter()
+                        .map(|vm| Outcome::DeleteFailed(vm, error.clone()))
+                        .collect(),
+                )
+            }
         }
     }
     .boxed_local()
