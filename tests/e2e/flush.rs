@@ -51,7 +51,10 @@ fn flush_replaces_every_warm_vm_with_a_fresh_one() {
     // The three deletes went out as one activity (one host), not one each.
     let scheduled = scheduled_activities(&env);
     assert_eq!(
-        scheduled.iter().filter(|a| *a == "murmur.delete_vms").count(),
+        scheduled
+            .iter()
+            .filter(|a| *a == "murmur.delete_vms")
+            .count(),
         1,
         "{scheduled:?}"
     );
