@@ -249,7 +249,7 @@ fn substrate_failure(e: SubstrateError) -> ActivityError {
 
 #[cfg(test)]
 mod tests {
-    use murmur_workflows::activity_api::{BootVm, DeleteVm};
+    use murmur_workflows::activity_api::{BootVm, DeleteVm, DeleteVms};
     use temporalio_common::ActivityDefinition;
 
     use super::VmActivities;
