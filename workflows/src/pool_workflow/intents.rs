@@ -203,6 +203,28 @@ fn boot<'a>(
     .boxed_local()
 }
 
+/// Options of a delete activity on `host`: heartbeats, three attempts 0.5 s to 5 s apart,
+/// `start_to_close` each.
+fn delete_options(
+    c: &WorkflowContext<PoolWorkflow>,
+    host: Option<&str>,
+    start_to_close: Duration,
+    summary: String,
+) -> ActivityOptions {
+    let opts = ActivityOptions::with_start_to_close_timeout(start_to_close)
+        .heartbeat_timeout(Duration::from_secs(5))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(500))
+                .maximum_interval(Duration::from_secs(5))
+                .maximum_attempts(3)
+                .build(),
+        )
+        .summary(summary)
+        .build();
+    on_host(opts, c.task_queue(), host, HOST_START_WITHIN)
+}
+
 /// A delete, with a bounded number of attempts: a VM that cannot be deleted is marked stuck
 /// and retried on a timer by the machine, so no activity runs forever.
 fn delete<'a>(
@@ -213,18 +235,8 @@ fn delete<'a>(
     owner: Option<String>,
     reason: &str,
 ) -> LocalBoxFuture<'a, Outcome> {
-    let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
-        .heartbeat_timeout(Duration::from_secs(5))
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial_interval(Duration::from_millis(500))
-                .maximum_interval(Duration::from_secs(5))
-                .maximum_attempts(3)
-                .build(),
-        )
-        .summary(format!("delete {vm} ({reason})"))
-        .build();
-    let opts = on_host(opts, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+    let summary = format!("delete {vm} ({reason})");
+    let opts = delete_options(c, host.as_deref(), Duration::from_secs(30), summary);
     let input = DeleteVmInput {
         tenant: tenant.to_string(),
         vm: vm.clone(),
@@ -254,18 +266,8 @@ pub(super) fn delete_many<'a>(
 ) -> LocalBoxFuture<'a, Outcome> {
     // Long enough for every VM's attempts; a worker that dies mid-batch is noticed by the
     // heartbeat and the batch runs again (deletes are idempotent).
-    let opts = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
-        .heartbeat_timeout(Duration::from_secs(5))
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial_interval(Duration::from_millis(500))
-                .maximum_interval(Duration::from_secs(5))
-                .maximum_attempts(3)
-                .build(),
-        )
-        .summary(format!("delete {} VMs ({reason})", vms.len()))
-        .build();
-    let opts = on_host(opts, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+    let summary = format!("delete {} VMs ({reason})", vms.len());
+    let opts = delete_options(c, host.as_deref(), Duration::from_secs(120), summary);
     let ids: Vec<VmId> = vms.iter().map(|(vm, _)| vm.clone()).collect();
     let input = DeleteVmsInput {
         tenant: tenant.to_string(),
