@@ -142,7 +142,12 @@ async fn metrics(State(state): State<Arc<MetricsState>>) -> Response {
 /// The whole exposition: murmur's families (sorted by name), then the SDK's.
 async fn render(state: &MetricsState) -> Result<String, prometheus::Error> {
     let mut families = state.registry.gather();
-    families.extend(live_families(state)?);
+    // Listing the substrate reads directories: off the async threads.
+    let provider = state.host.provider.clone();
+    let on_host = tokio::task::spawn_blocking(move || provider.host_vms())
+        .await
+        .unwrap_or_default();
+    families.extend(live_families(state, on_host)?);
     families.extend(state.pools.latest().families.iter().cloned());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = String::new();
@@ -156,8 +161,12 @@ async fn render(state: &MetricsState) -> Result<String, prometheus::Error> {
     Ok(out)
 }
 
-/// The series read at scrape time from this process and host (no Temporal call).
-fn live_families(state: &MetricsState) -> Result<Vec<MetricFamily>, prometheus::Error> {
+/// The series read at scrape time from this process and `on_host`, the (tenant, VM) pairs of
+/// this host's substrate (no Temporal call).
+fn live_families(
+    state: &MetricsState,
+    on_host: Vec<(String, murmur_workflows::model::VmId)>,
+) -> Result<Vec<MetricFamily>, prometheus::Error> {
     let registry = Registry::new();
     let polling = IntGauge::new(
         "murmur_worker_polling",
@@ -174,7 +183,7 @@ fn live_families(state: &MetricsState) -> Result<Vec<MetricFamily>, prometheus::
         &["host", "tenant"],
     )?;
     let mut per_tenant: BTreeMap<String, i64> = BTreeMap::new();
-    for (tenant, _) in host.provider.host_vms() {
+    for (tenant, _) in on_host {
         *per_tenant.entry(tenant).or_default() += 1;
     }
     for (tenant, n) in per_tenant {
