@@ -198,11 +198,7 @@ fn missing_expired_forged_and_foreign_tokens_are_refused_everywhere() {
 
 /// The input of the first accepted `flush` update in the pool's history, as sent.
 fn flush_input_from_history(env: &TestEnv) -> String {
-    let wf = format!("pool/{}", env.tenant);
-    let out = env.temporal(&["workflow", "show", "--workflow-id", &wf, "-o", "json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let history: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let events = history["events"].as_array().unwrap();
+    let events = env.history_events(&format!("pool/{}", env.tenant));
     let accepted = events
         .iter()
         .find_map(|e| {

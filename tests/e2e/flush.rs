@@ -66,20 +66,8 @@ fn flush_replaces_every_warm_vm_with_a_fresh_one() {
 
 /// The activity types the pool's current run has scheduled, in order.
 fn scheduled_activities(env: &TestEnv) -> Vec<String> {
-    let out = env.temporal(&[
-        "workflow",
-        "show",
-        "--workflow-id",
-        &format!("pool/{}", env.tenant),
-        "-o",
-        "json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let history: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("history JSON");
-    history["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    env.history_events(&format!("pool/{}", env.tenant))
+        .iter()
         .filter_map(|e| {
             e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
                 .as_str()

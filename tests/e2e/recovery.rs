@@ -372,11 +372,8 @@ fn a_replayed_nuke_changes_nothing() {
 
 /// The input a nuke was started with, from its history.
 fn nuke_input(env: &TestEnv, nuke_id: &str) -> String {
-    let out = env.temporal(&["workflow", "show", "--workflow-id", nuke_id, "-o", "json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let history: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("history JSON");
-    let data = history["events"][0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"]
-        [0]["data"]
+    let events = env.history_events(nuke_id);
+    let data = events[0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][0]["data"]
         .as_str()
         .expect("the nuke's input");
     use base64::Engine as _;

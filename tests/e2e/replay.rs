@@ -312,8 +312,8 @@ fn record() {
 
 /// How many timers have fired in the latest run of workflow `id` (from its history).
 fn timers_fired(env: &TestEnv, id: &str) -> usize {
-    let out = env.temporal(&["workflow", "show", "--workflow-id", id, "-o", "json"]);
-    crate::harness::stdout(&out)
-        .matches("EVENT_TYPE_TIMER_FIRED")
+    env.history_events(id)
+        .iter()
+        .filter(|e| e["eventType"] == "EVENT_TYPE_TIMER_FIRED")
         .count()
 }

@@ -526,6 +526,18 @@ impl TestEnv {
             .expect("run temporal CLI")
     }
 
+    /// The events of the latest run of workflow `id`, through `temporal workflow show`.
+    pub fn history_events(&self, id: &str) -> Vec<serde_json::Value> {
+        let out = self.temporal(&["workflow", "show", "--workflow-id", id, "-o", "json"]);
+        assert!(out.status.success(), "history of {id}: {}", stderr(&out));
+        let mut history: serde_json::Value =
+            serde_json::from_str(&stdout(&out)).expect("history JSON");
+        match history["events"].take() {
+            serde_json::Value::Array(events) => events,
+            other => panic!("history of {id} has no events: {other}"),
+        }
+    }
+
     /// The pool's status through `murmur pool status --json`.
     pub fn status(&self) -> PoolStatus {
         let out = self.murmur_ok(&["pool", "status", "--json"]);
