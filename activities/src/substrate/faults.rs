@@ -406,6 +406,26 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
     ) -> Result<(), SubstrateError> {
         self.inner.cancel_command(tenant, vm, run).await
     }
+
+    async fn read_output(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<super::session::OutputChunk, SubstrateError> {
+        self.inner.read_output(tenant, vm, run, offset, max).await
+    }
+
+    async fn exec(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &super::session::ExecSpec,
+    ) -> Result<super::session::ExecSession, SubstrateError> {
+        self.inner.exec(tenant, vm, spec).await
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@
 //! - [`process`]: the embedded `process` substrate (local sandboxes), and [`sandbox`], the
 //!   supervisor that runs inside each of them;
 //! - [`qemu`]: the `qemu` substrate (real Linux guests and their guest agent);
-//! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests.
+//! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests;
+//! - [`session`]: the guest channel's types (output read from any offset, exec sessions
+//!   with their own stdin, stdout, stderr and terminal) and the kept logs of ended runs.
 //!
 //! `process` and `qemu` do not import each other: what they share is in [`vm_dir`].
 
@@ -24,6 +26,7 @@ pub mod faults;
 pub mod process;
 pub mod qemu;
 pub mod sandbox;
+pub mod session;
 pub mod vm_dir;
 
 use std::time::Duration;
@@ -32,6 +35,7 @@ use async_trait::async_trait;
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
+use session::{ExecSession, ExecSpec, OutputChunk};
 
 /// What went wrong in a substrate call.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +291,35 @@ pub trait Provider: Send + Sync + 'static {
         run: &str,
         max_bytes: usize,
     ) -> Result<String, SubstrateError>;
+
+    /// Reads a run's combined output from byte `offset`, at most `max` bytes (capped at
+    /// [`session::MAX_READ`]). Works while the run goes on (a follower polls), after it
+    /// exited, and after its VM was deleted for as long as the host keeps the output
+    /// ([`session::KeptLogs`]); `Err(VmGone)` when nothing of it is left.
+    async fn read_output(
+        &self,
+        _tenant: &str,
+        vm: &VmId,
+        _run: &str,
+        _offset: u64,
+        _max: usize,
+    ) -> Result<OutputChunk, SubstrateError> {
+        Err(SubstrateError::VmGone(vm.clone()))
+    }
+
+    /// Starts a command next to the agent in a running VM (see [`session::ExecSession`]).
+    /// Substrates without a guest channel refuse.
+    async fn exec(
+        &self,
+        _tenant: &str,
+        _vm: &VmId,
+        _spec: &ExecSpec,
+    ) -> Result<ExecSession, SubstrateError> {
+        Err(SubstrateError::Invalid {
+            what: "operation on this substrate",
+            value: "exec".into(),
+        })
+    }
 
     /// Stops a run (its whole process group): SIGTERM, then SIGKILL after a grace period.
     async fn cancel_command(
