@@ -14,7 +14,8 @@
 //! - [`vm_dir`]: what every local substrate keeps in a VM's directory and how (the owner
 //!   record, listing, removal of read-only trees, path and run-id checks);
 //! - [`process`]: the embedded `process` substrate (local sandboxes), and [`sandbox`], the
-//!   supervisor that runs inside each of them;
+//!   supervisor that runs inside each of them, and [`local_exec`], its exec sessions (local
+//!   process groups, with a pseudo-terminal for a shell);
 //! - [`qemu`]: the `qemu` substrate (real Linux guests and their guest agent);
 //! - [`faults`]: a fault-injecting wrapper around any provider, for chaos tests;
 //! - [`session`]: the guest channel's types (output read from any offset, exec sessions
@@ -23,6 +24,7 @@
 //! `process` and `qemu` do not import each other: what they share is in [`vm_dir`].
 
 pub mod faults;
+pub mod local_exec;
 pub mod process;
 pub mod qemu;
 pub mod sandbox;

@@ -20,6 +20,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use super::local_exec::{self, LocalExec};
+use super::session::{
+    DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, OutputChunk, read_at,
+};
 use super::vm_dir::{
     all_pids, check_image_id, check_run_id, check_socket_path, list_vm_dirs, live_cmdline,
     recorded_pid, remove_vm_dir, replace_dir, set_mode,
@@ -44,6 +48,8 @@ pub const OUTPUT_FILE: &str = "output.log";
 pub const PID_FILE: &str = "pid";
 /// A run's exit code, written when it exits.
 pub const EXIT_FILE: &str = "exit";
+/// How the run directories of exec sessions start (`runs/exec-<id>/`: a pid, no output).
+pub const EXEC_RUN_PREFIX: &str = "exec-";
 /// The default image's files, embedded in the binary.
 const DEFAULT_IMAGE_FILES: &[(&str, &str, u32)] = &[
     (
@@ -109,6 +115,7 @@ pub struct SupervisorLaunch {
 pub struct ProcessProvider {
     state_dir: PathBuf,
     launch: SupervisorLaunch,
+    kept: KeptLogs,
 }
 
 impl ProcessProvider {
@@ -118,8 +125,10 @@ impl ProcessProvider {
         state_dir: impl Into<PathBuf>,
         launch: SupervisorLaunch,
     ) -> Result<Self, SubstrateError> {
+        let state_dir = state_dir.into();
         let provider = Self {
-            state_dir: state_dir.into(),
+            kept: KeptLogs::new(&state_dir, DEFAULT_LOG_RETENTION),
+            state_dir,
             launch,
         };
         provider.install_default_image()?;
@@ -128,13 +137,26 @@ impl ProcessProvider {
 
     /// A provider that can only inspect (list) sandboxes, for tests and tools.
     pub fn inspector(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
         Self {
-            state_dir: state_dir.into(),
+            kept: KeptLogs::new(&state_dir, DEFAULT_LOG_RETENTION),
+            state_dir,
             launch: SupervisorLaunch {
                 program: PathBuf::from("/bin/false"),
                 args: Vec::new(),
             },
         }
+    }
+
+    /// Keeps the outputs of deleted VMs' runs for `retention` (default: a day).
+    pub fn with_log_retention(mut self, retention: Duration) -> Self {
+        self.kept = KeptLogs::new(&self.state_dir, retention);
+        self
+    }
+
+    /// The outputs this host keeps of runs whose VMs were deleted.
+    pub fn kept_logs(&self) -> &KeptLogs {
+        &self.kept
     }
 
     /// Where images live: one directory template per image name.
@@ -356,6 +378,7 @@ impl Provider for ProcessProvider {
         for pid in run_pids(&dir) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        self.keep_outputs(tenant, &dir);
         remove_vm_dir(&dir).await
     }
 
@@ -422,6 +445,64 @@ impl Provider for ProcessProvider {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
             Err(e) => Err(SubstrateError::io("read output.log", e)),
         }
+    }
+
+    async fn read_output(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<OutputChunk, SubstrateError> {
+        check_run_id(run)?;
+        let dir = self.sandbox_dir(tenant, vm)?;
+        let rd = run_dir(&dir, run);
+        // The exit is read before the output: output read after an exit was seen is complete.
+        let exited = rd.join(EXIT_FILE).exists();
+        match read_at(&rd.join(OUTPUT_FILE), offset, max) {
+            Ok(mut chunk) => {
+                chunk.complete = exited;
+                return Ok(chunk);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SubstrateError::io("read output.log", e)),
+        }
+        match self.kept.read(tenant, run, offset, max)? {
+            Some(chunk) => Ok(chunk),
+            None if rd.is_dir() => Ok(OutputChunk::default()),
+            None => Err(SubstrateError::VmGone(vm.clone())),
+        }
+    }
+
+    async fn exec(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &ExecSpec,
+    ) -> Result<ExecSession, SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        if !dir.exists() || Self::supervisor_pids(&dir).is_empty() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let meta: SandboxMeta = std::fs::read(dir.join(META_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| SubstrateError::VmGone(vm.clone()))?;
+        let root = dir.join("root");
+        let session = format!("{EXEC_RUN_PREFIX}{}", super::vm_dir::new_session_id());
+        local_exec::start(
+            LocalExec {
+                env: meta
+                    .environment(&root)
+                    .into_iter()
+                    .map(|(k, v)| (k, v))
+                    .collect(),
+                cwd: root,
+                record_dir: run_dir(&dir, &session),
+            },
+            spec,
+        )
     }
 
     async fn cancel_command(
@@ -497,6 +578,29 @@ impl Provider for ProcessProvider {
         list_vm_dirs(tenant, &tenant_dir, META_FILE, |dir| {
             !Self::supervisor_pids(dir).is_empty()
         })
+    }
+}
+
+impl ProcessProvider {
+    /// Moves the outputs of a VM's agent runs into the kept logs before the VM is removed
+    /// (exec sessions have no output file and are skipped). Never fails the delete: a log
+    /// that cannot be kept is only logged.
+    fn keep_outputs(&self, tenant: &str, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(run_dir(dir, "")) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let run = entry.file_name().to_string_lossy().into_owned();
+            if run.starts_with(EXEC_RUN_PREFIX) {
+                continue;
+            }
+            if let Err(e) = self
+                .kept
+                .keep(tenant, &run, &entry.path().join(OUTPUT_FILE))
+            {
+                tracing::warn!(tenant, run, error = %e, "cannot keep the output of a run");
+            }
+        }
     }
 }
 

@@ -57,6 +57,21 @@ pub fn valid_run_id(run: &str) -> bool {
     (1..=64).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// A fresh id for an exec session, unique per host: alphanumeric, so `exec-<id>` is a valid
+/// run id (the worker's pid, the time and a counter; not a secret).
+pub fn new_session_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{:x}{nanos:x}{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// [`valid_run_id`] as a substrate error.
 pub fn check_run_id(run: &str) -> Result<(), SubstrateError> {
     if !valid_run_id(run) {
