@@ -190,7 +190,12 @@ impl AgentClient {
 
     /// The agent's status. An agent terminated from outside (a nuke) shows as canceled.
     pub async fn status(&self, slug: &str) -> Result<AgentStatus, ApiError> {
-        let (handle, state, _) = self.find(slug).await?;
+        Ok(self.status_of_run(slug).await?.0)
+    }
+
+    /// The agent's status and the run id of its latest workflow run.
+    pub async fn status_of_run(&self, slug: &str) -> Result<(AgentStatus, String), ApiError> {
+        let (handle, state, run_id) = self.find(slug).await?;
         let mut status = handle
             .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
             .await
@@ -200,7 +205,7 @@ impl AgentClient {
             WorkflowExecutionStatus::TimedOut => status.phase = Some(Phase::Failed),
             _ => {}
         }
-        Ok(status)
+        Ok((status, run_id))
     }
 
     /// Cancels the agent and waits until it has ended (its VM destroyed).

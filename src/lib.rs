@@ -10,6 +10,8 @@
 //! - [`duration`]: durations on command lines (`30s`, `1h30m`, `500ms`).
 //! - [`progress`]: spinners / progress lines on long waits, Ctrl-C that stops waiting only.
 //! - [`output`]: the normative output lines, status table and YAML documents.
+//! - [`gateway`]: the host gateway (`murmur logs`, `exec`, `shell`): its protocol, the
+//!   worker's service and the CLI's side.
 //! - [`metrics`]: the worker's `/metrics`, `/healthz` and `/readyz` endpoint.
 //! - [`telemetry`]: the worker's logs and its OpenTelemetry traces (off unless an OTLP
 //!   endpoint is given).
@@ -25,6 +27,7 @@ pub mod bake;
 pub mod client;
 pub mod config;
 pub mod duration;
+pub mod gateway;
 pub mod hosts;
 pub mod metrics;
 pub mod output;

@@ -160,6 +160,10 @@ pub fn agent_status(st: &AgentStatus) -> String {
     line("phase", st.phase.map_or("PHASE_STARTING", Phase::as_str));
     if let Some(vm) = &st.vm {
         line("vm", &vm.to_string());
+        // Where to read the agent's output: following while it runs, whole once it ended.
+        let ended = st.phase.is_some_and(Phase::is_terminal);
+        let follow = if ended { "" } else { "-f " };
+        line("logs", &format!("murmur logs {follow}{}", st.slug));
     }
     if let Some(p) = st.queue_position {
         line("queued", &format!("waiting for a VM (position {p})"));

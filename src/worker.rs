@@ -68,6 +68,8 @@ pub struct WorkerConfig {
     pub host: HostSettings,
     /// Where the signing keys live (shared by every worker of a deployment).
     pub keys_dir: Option<PathBuf>,
+    /// The host gateway (`murmur logs`, `exec`, `shell`), if served.
+    pub gateway: Option<crate::gateway::GatewaySettings>,
 }
 
 /// This worker as a VM host.
@@ -172,6 +174,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     }
     let keys_dir = config.keys_dir.clone().unwrap_or_else(|| state_dir.clone());
     let keys = KeyStore::open(&keys_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
+    let keys_for_gateway = keys.clone();
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
         .await
@@ -304,6 +307,27 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         shared_worker.shutdown_handle(),
         host_worker.shutdown_handle(),
     );
+    let gateway_address = match &config.gateway {
+        Some(settings) => {
+            let (listener, address) = crate::gateway::bind(settings).await?;
+            let guard = crate::gateway::guard::Guard::open(keys_for_gateway, &state_dir)
+                .context("gateway replay records")?;
+            let service = crate::gateway::server::GatewayService::new(
+                provider.clone(),
+                Arc::new(guard),
+                config.host.id.clone(),
+            );
+            let tls = settings.tls.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::gateway::serve(listener, service, tls).await {
+                    tracing::error!(error = %e, "gateway stopped");
+                }
+            });
+            tracing::info!(%address, "gateway serving");
+            address
+        }
+        None => String::new(),
+    };
     let registration = HostRegistration {
         host: config.host.id.clone(),
         instance: format!(
@@ -315,6 +339,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         memory_mb: config.host.memory_mb,
         substrate: provider_name.to_string(),
         lease_timeout_ms: config.host.lease_timeout.as_millis() as u64,
+        gateway: gateway_address,
     };
     let leave = HostLeave {
         host: registration.host.clone(),

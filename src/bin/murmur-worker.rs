@@ -109,6 +109,36 @@ struct RunArgs {
     /// must share the same keys.
     #[arg(long, global = true, env = "MURMUR_KEYS_DIR")]
     keys_dir: Option<PathBuf>,
+    /// Where the host gateway (`murmur logs`, `exec`, `shell`) listens; `off` serves none.
+    /// The default, a free loopback port, suits one machine; a fleet listens on an address
+    /// the CLI can reach (`0.0.0.0:7450`) and usually sets --gateway-advertise.
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    gateway_listen: String,
+    /// The gateway address registered for the CLI to connect to (`https://h1.internal:7450`);
+    /// default: the bound address.
+    #[arg(long, global = true, env = "MURMUR_GATEWAY_ADVERTISE")]
+    gateway_advertise: Option<String>,
+    /// TLS certificate chain (PEM) for the gateway; with --gateway-tls-key.
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_GATEWAY_TLS_CERT",
+        requires = "gateway_tls_key"
+    )]
+    gateway_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the gateway; with --gateway-tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "MURMUR_GATEWAY_TLS_KEY",
+        requires = "gateway_tls_cert"
+    )]
+    gateway_tls_key: Option<PathBuf>,
     /// Inject substrate faults, for chaos testing only, e.g.
     /// `create_fail=0.2,leak=0.1,delete_fail=0.2,ghost=0.05,latency=5ms..50ms,seed=7`.
     /// Off unless given.
@@ -117,6 +147,31 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The gateway's settings from the flags (`None`: `--gateway-listen off`).
+    fn gateway(&self) -> Result<Option<murmur::gateway::GatewaySettings>, String> {
+        if self.gateway_listen == "off" {
+            return Ok(None);
+        }
+        let listen = self.gateway_listen.parse().map_err(|e| {
+            format!(
+                "--gateway-listen {:?}: {e} (expected HOST:PORT or off)",
+                self.gateway_listen
+            )
+        })?;
+        let tls = match (&self.gateway_tls_cert, &self.gateway_tls_key) {
+            (Some(cert), Some(key)) => Some(murmur::gateway::GatewayTls {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Some(murmur::gateway::GatewaySettings {
+            listen,
+            advertise: self.gateway_advertise.clone(),
+            tls,
+        }))
+    }
+
     /// Where the signing keys live.
     fn keys_dir(&self) -> &std::path::Path {
         self.keys_dir.as_deref().unwrap_or(&self.state_dir)
@@ -295,7 +350,15 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Token(cmd)) => token_command(cli.run.keys_dir(), cmd),
         Some(Command::Key(cmd)) => key_command(cli.run.keys_dir(), cmd),
         Some(Command::Run) | None => {
+            let gateway = match cli.run.gateway() {
+                Ok(gateway) => gateway,
+                Err(e) => {
+                    eprintln!("murmur-worker: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
             murmur::worker::run(murmur::worker::WorkerConfig {
+                gateway,
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
                 metrics_addr: cli.run.metrics_addr,

@@ -205,6 +205,12 @@ pub struct AgentStatus {
     pub reached: Vec<Phase>,
     /// The VM it holds or held.
     pub vm: Option<VmId>,
+    /// The host of that VM: whose gateway serves `murmur logs`, `exec` and `shell`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The id its command runs (and its output is kept) under: the workflow's run id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// Place in the queue for a VM while waiting at `max_vms`.
     pub queue_position: Option<u32>,
     /// The command.

@@ -93,6 +93,7 @@ impl AgentWorkflow {
             phase: None,
             command: input.command.clone(),
             on_idle: input.on_idle,
+            run: Some(run_id.clone()),
             ..Default::default()
         };
         Self {
@@ -359,7 +360,10 @@ async fn work(
             Ok(held) => held,
             Err(ended) => return ended,
         };
-        c.state_mut(|s| s.vm_host = host.clone());
+        c.state_mut(|s| {
+            s.vm_host = host.clone();
+            s.status.host = host.clone();
+        });
         match run(c, stop, vm, host).await {
             Ran::Ended(ended) => return ended,
             Ran::Taken(owner) => {
@@ -683,6 +687,9 @@ fn refresh_details(c: &WorkflowContext<AgentWorkflow>) {
             st.vm.as_ref().map_or("-".to_string(), |v| v.to_string()),
             st.command.join(" ")
         );
+        if st.vm.is_some() {
+            out.push_str(&format!("- follow: `murmur logs -f {}`\n", st.slug));
+        }
         if let Some(p) = st.queue_position {
             out.push_str(&format!("- waiting for a VM: position {p}\n"));
         }

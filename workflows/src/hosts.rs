@@ -62,7 +62,13 @@ pub struct HostRegistration {
     /// How long the host may go without a lease heartbeat before it is lost, in ms (0: the
     /// default, [`DEFAULT_LEASE_TIMEOUT_MS`]).
     pub lease_timeout_ms: u64,
+    /// Where the host's gateway answers (`http://10.0.0.7:7450`, `https://...`): what
+    /// `murmur logs`, `exec` and `shell` connect to. Empty: the host serves none.
+    pub gateway: String,
 }
+
+/// Longest gateway address a host may register.
+const MAX_GATEWAY_ADDRESS: usize = 255;
 
 impl HostRegistration {
     /// Checks the fields a worker sends.
@@ -75,6 +81,19 @@ impl HostRegistration {
         }
         if self.max_vms == 0 {
             return Err(ApiError::invalid_argument("max_vms must be positive"));
+        }
+        if !self.gateway.is_empty()
+            && (self.gateway.len() > MAX_GATEWAY_ADDRESS
+                || !(self.gateway.starts_with("http://") || self.gateway.starts_with("https://"))
+                || self
+                    .gateway
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ApiError::invalid_argument(format!(
+                "gateway must be an http:// or https:// address of at most \
+                 {MAX_GATEWAY_ADDRESS} bytes"
+            )));
         }
         if self.lease_timeout_ms != 0 && !(1_000..=3_600_000).contains(&self.lease_timeout_ms) {
             return Err(ApiError::invalid_argument(
@@ -168,6 +187,8 @@ pub struct HostInfo {
     pub last_loss: Option<String>,
     /// How long it may go without a lease heartbeat before it is lost, in ms (0: default).
     pub lease_timeout_ms: u64,
+    /// Where its gateway answers (empty: none); see [`HostRegistration::gateway`].
+    pub gateway: String,
 }
 
 impl HostInfo {
@@ -303,11 +324,13 @@ impl Registry {
         let capacity_changed = entry.max_vms != reg.max_vms
             || entry.memory_mb != reg.memory_mb
             || entry.substrate != reg.substrate
-            || entry.lease_timeout_ms != reg.lease_timeout_ms;
+            || entry.lease_timeout_ms != reg.lease_timeout_ms
+            || entry.gateway != reg.gateway;
         entry.max_vms = reg.max_vms;
         entry.memory_mb = reg.memory_mb;
         entry.substrate = reg.substrate.clone();
         entry.lease_timeout_ms = reg.lease_timeout_ms;
+        entry.gateway = reg.gateway.clone();
         let mut out = Vec::new();
         if entry.state == HostState::Lost || entry.instance != reg.instance {
             entry.state = HostState::Live;
@@ -445,6 +468,24 @@ mod tests {
             memory_mb: 0,
             substrate: "process".into(),
             lease_timeout_ms: 0,
+            gateway: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_address_is_kept_and_checked() {
+        let mut r = Registry::new(0);
+        let mut with_gateway = reg("h1", "i1");
+        with_gateway.gateway = "http://127.0.0.1:7450".into();
+        assert!(with_gateway.validate().is_ok());
+        r.register(&with_gateway, 1);
+        assert_eq!(r.host("h1").unwrap().gateway, "http://127.0.0.1:7450");
+        // A new address is announced like a change of capacity.
+        with_gateway.gateway = "http://127.0.0.1:7451".into();
+        assert_eq!(r.register(&with_gateway, 2), vec![RegistryIntent::Announce]);
+        for bad in ["127.0.0.1:7450", "http://a b", "ftp://x"] {
+            with_gateway.gateway = bad.into();
+            assert!(with_gateway.validate().is_err(), "{bad}");
         }
     }
 

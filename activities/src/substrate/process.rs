@@ -493,11 +493,7 @@ impl Provider for ProcessProvider {
         let session = format!("{EXEC_RUN_PREFIX}{}", super::vm_dir::new_session_id());
         local_exec::start(
             LocalExec {
-                env: meta
-                    .environment(&root)
-                    .into_iter()
-                    .map(|(k, v)| (k, v))
-                    .collect(),
+                env: meta.environment(&root),
                 cwd: root,
                 record_dir: run_dir(&dir, &session),
             },

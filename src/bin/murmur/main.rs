@@ -4,6 +4,7 @@ mod agent;
 mod auth;
 mod bake;
 mod host;
+mod inside;
 mod pool;
 mod resource;
 
@@ -171,6 +172,29 @@ enum Command {
     ///   murmur wait fix-auth
     ///   murmur wait --phase completed fix-auth
     Wait(agent::WaitArgs),
+    /// Print an agent's output (combined stdout and stderr) from the start; with -f, follow it
+    /// while the command runs and return when it exits.
+    ///
+    /// Works for ended agents too while their host keeps the output (a day by default).
+    /// Exits 0, or 1 when the agent's command exited non-zero or the agent failed.
+    ///
+    /// Examples:
+    ///   murmur logs -f fix-auth
+    ///   murmur logs --since 50 fix-auth
+    Logs(inside::LogsArgs),
+    /// Run a command in an agent's VM, next to the agent: stdout and stderr apart, stdin
+    /// passed through, Ctrl-C delivered to the command; exits with the command's exit code.
+    ///
+    /// Examples:
+    ///   murmur exec fix-auth -- git status
+    ///   tar c src | murmur exec fix-auth -- tar x -C /tmp
+    Exec(inside::ExecArgs),
+    /// Open an interactive shell in an agent's VM (a terminal there; yours is in raw mode
+    /// until the shell exits). Not for agents that have ended: their VM is gone.
+    ///
+    /// Example:
+    ///   murmur shell fix-auth
+    Shell(inside::ShellArgs),
     /// Bake an image: boot a scratch VM from the recipe's base, run its script as root, and
     /// register the result as an immutable, content-addressed image (`img-<hash>` of base,
     /// script, files and architecture). An unchanged recipe is answered from the cache.
@@ -300,7 +324,7 @@ async fn main() -> ExitCode {
         }
         return ExitCode::from(murmur::EXIT_FAILURE as u8);
     }
-    let plain = |r: Result<(), ApiError>| r.map_err(|e| (e, None));
+    let plain = |r: Result<(), ApiError>| r.map(|()| 0).map_err(|e| (e, None));
     let g = &globals;
     let result = match cli.command {
         Command::Pool(cmd) => plain(pool::run(cmd, g).await),
@@ -313,17 +337,21 @@ async fn main() -> ExitCode {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "murmur", &mut std::io::stdout());
-            Ok(())
+            Ok(0)
         }
-        Command::Spawn(args) => agent::spawn(args, g).await,
-        Command::Kill(args) => agent::kill(args, g).await,
-        Command::Ls(args) => agent::ls(args, g).await,
-        Command::Status(args) => agent::status(args, g).await,
-        Command::Wait(args) => agent::wait(args, g).await,
+        Command::Spawn(args) => agent::spawn(args, g).await.map(|()| 0),
+        Command::Kill(args) => agent::kill(args, g).await.map(|()| 0),
+        Command::Ls(args) => agent::ls(args, g).await.map(|()| 0),
+        Command::Status(args) => agent::status(args, g).await.map(|()| 0),
+        Command::Wait(args) => agent::wait(args, g).await.map(|()| 0),
         Command::Bake(args) => plain(bake::run(args, g).await),
+        Command::Logs(args) => inside::logs(args, g).await,
+        Command::Exec(args) => inside::exec(args, g).await,
+        Command::Shell(args) => inside::shell(args, g).await,
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err((e, hint)) => report(&e, hint, format),
     }
 }
