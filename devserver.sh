@@ -181,6 +181,19 @@ ensure_promtool() {
   command -v promtool >/dev/null || { say "promtool still missing after the install"; return 1; }
 }
 
+# tmux: `murmur shell`'s test drives the CLI in a real terminal (a tmux pane).
+ensure_tmux() {
+  command -v tmux >/dev/null && return 0
+  if ! command -v apt-get >/dev/null || [[ "$(id -u)" != 0 ]]; then
+    say "tmux is missing and cannot be installed here (needs root and apt-get): apt-get install tmux"
+    return 1
+  fi
+  say "installing tmux (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tmux >/dev/null \
+    || { say "apt-get could not install tmux"; return 1; }
+}
+
 check_alert_rules() {
   say "checking the alert rules (promtool check rules, promtool test rules)"
   (cd "$ROOT/deploy/prometheus" && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
@@ -204,6 +217,8 @@ run_tests() {
   else
     say "the qemu tests will be reported as ignored"
   fi
+  # Without tmux the shell test fails and says why.
+  ensure_tmux || say "the murmur shell test will fail: tmux is missing (see the line above)"
   start_server
   cd "$ROOT"
   # Integration tests start their own workers (one task queue and state dir per test).

@@ -20,6 +20,7 @@
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
 //! | [`chaos`] | worker kill -9, server restarts, substrate faults |
+//! | [`inside`] | `murmur logs -f`, `exec`, `shell` through the host gateway; its auth checks |
 //! | [`hostile`] | malformed payloads to every handler, bad flags and YAML |
 //! | [`bake`] | `murmur bake`: images built in VMs |
 //! | [`qemu`] | the same pool on real qemu guests |
@@ -37,6 +38,7 @@ mod chaos;
 mod config;
 mod flush;
 mod hostile;
+mod inside;
 mod invariant_checks;
 mod metrics;
 mod operability;
