@@ -200,7 +200,8 @@ impl QemuProvider {
         locks.remove(dir);
     }
 
-    /// Sends one request to the guest agent of a VM (serialised per VM in this worker).
+    /// Sends one request to the guest agent of a VM (serialised per VM in this worker; the
+    /// request itself may take [`REQUEST_TIMEOUT`] once it has the channel).
     async fn ask(
         &self,
         dir: &Path,
@@ -208,10 +209,17 @@ impl QemuProvider {
         verb: &str,
         args: &str,
     ) -> Result<String, SubstrateError> {
-        self.ask_within(dir, vm, verb, args, REQUEST_TIMEOUT).await
+        if !dir.exists() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let lock = self.lock(dir);
+        let _guard = lock.lock().await;
+        let answer = request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await;
+        Self::answer(dir, vm, answer)
     }
 
-    /// [`Self::ask`] with its own timeout (which includes the wait for the channel lock).
+    /// [`Self::ask`] within `timeout` in all, the wait for the channel included (for work
+    /// with a budget of its own, like keeping outputs on delete).
     async fn ask_within(
         &self,
         dir: &Path,
@@ -226,13 +234,20 @@ impl QemuProvider {
         let started = Instant::now();
         let lock = self.lock(dir);
         let Ok(_guard) = tokio::time::timeout(timeout, lock.lock()).await else {
-            return Err(SubstrateError::io(
-                format!("talk to VM {vm}"),
-                std::io::Error::other(ChannelError::Timeout(timeout).to_string()),
-            ));
+            return Self::answer(dir, vm, Err(ChannelError::Timeout(timeout)));
         };
         let left = timeout.saturating_sub(started.elapsed());
-        match request(&dir.join(CONTROL_SOCKET), verb, args, left).await {
+        let answer = request(&dir.join(CONTROL_SOCKET), verb, args, left).await;
+        Self::answer(dir, vm, answer)
+    }
+
+    /// What a request's outcome means for the VM.
+    fn answer(
+        dir: &Path,
+        vm: &VmId,
+        answer: Result<String, ChannelError>,
+    ) -> Result<String, SubstrateError> {
+        match answer {
             Ok(answer) => Ok(answer),
             Err(ChannelError::Refused(reason)) => Err(SubstrateError::Guest {
                 vm: vm.clone(),
