@@ -391,6 +391,26 @@ async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
     assert_eq!(exits(&all), vec![0]);
     assert_eq!(all.last(), Some(&ExecOutput::Exit(0)));
 
+    // A stdin larger than what may wait in the guest unread (chunked, held back by the
+    // guest's progress) arrives whole.
+    let session = p.exec("t1", &vm, &command(&["wc -c"])).await.expect("exec");
+    let input = session.input.clone();
+    let t = Instant::now();
+    let feed = tokio::spawn(async move {
+        for _ in 0..20 {
+            input
+                .send(ExecInput::Stdin(vec![b'x'; 20_000]))
+                .await
+                .expect("send");
+        }
+        input.send(ExecInput::StdinEnd).await.expect("send");
+    });
+    let (out, _, all) = collect(session).await;
+    feed.await.expect("feeder");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "400000");
+    assert_eq!(exits(&all), vec![0]);
+    eprintln!("400 kB of stdin through exec: {:?}", t.elapsed());
+
     // A signal reaches the command's process group: SIGINT ends `sleep` with 128 + 2.
     let session = p
         .exec("t1", &vm, &command(&["sleep", "30"]))
