@@ -1,5 +1,7 @@
 //! The `qemu` provider against real qemu, without Temporal: boot, handshake, commands,
-//! cancel, list, snapshot and delete. Reported as ignored (with the reason) where
+//! cancel, list, snapshot and delete; and the guest channel: a run's output followed from
+//! offsets (live, then kept after the delete) and exec sessions (streams apart, exit codes,
+//! stdin, signals, and nothing left behind when the caller goes away). Reported as ignored (with the reason) where
 //! `qemu-system-x86_64` is not installed; with `MURMUR_REQUIRE_QEMU=1` (CI) it runs, and fails
 //! when it is missing.
 
@@ -7,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use murmur_activities::substrate::qemu::QemuProvider;
 use murmur_activities::substrate::qemu::launch::{find_qemu, qemu_pid};
-use murmur_activities::substrate::{CommandSpec, CommandStatus, Provider};
+use murmur_activities::substrate::session::{
+    ExecInput, ExecOutput, ExecSession, ExecSpec, WindowSize,
+};
+use murmur_activities::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::{Environment, VmId};
 
@@ -205,4 +210,332 @@ async fn a_real_guest_boots_runs_commands_snapshots_and_is_deleted() {
     p.delete("t1", &vm2).await.expect("delete");
     assert!(p.list("t1").await.expect("list").is_empty());
     cleanup.vms.clear();
+}
+
+/// What an exec session sent until its output channel closed: stdout, stderr, every message.
+async fn collect(mut session: ExecSession) -> (Vec<u8>, Vec<u8>, Vec<ExecOutput>) {
+    let (mut out, mut err, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, session.output.recv())
+            .await
+            .expect("the session ended in time");
+        let Some(msg) = msg else {
+            break;
+        };
+        match &msg {
+            ExecOutput::Stdout(b) => out.extend_from_slice(b),
+            ExecOutput::Stderr(b) => err.extend_from_slice(b),
+            ExecOutput::Exit(_) => {}
+        }
+        all.push(msg);
+    }
+    drop(session.input);
+    (out, err, all)
+}
+
+fn exits(all: &[ExecOutput]) -> Vec<i32> {
+    all.iter()
+        .filter_map(|m| match m {
+            ExecOutput::Exit(code) => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
+fn command(argv: &[&str]) -> ExecSpec {
+    ExecSpec {
+        argv: argv.iter().map(|w| w.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Runs `script` in the guest through exec and returns its stdout (it must exit 0).
+async fn guest_sh(p: &QemuProvider, vm: &VmId, script: &str) -> String {
+    let session = p.exec("t1", vm, &command(&[script])).await.expect("exec");
+    let (out, err, all) = collect(session).await;
+    assert_eq!(
+        exits(&all),
+        vec![0],
+        "{script}: {}",
+        String::from_utf8_lossy(&err)
+    );
+    String::from_utf8(out).expect("utf-8")
+}
+
+/// Reads a run's whole output through `read_output`, from offset 0 until it is complete.
+async fn read_all(p: &QemuProvider, vm: &VmId, run: &str) -> Vec<u8> {
+    let mut data = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let chunk = p
+            .read_output("t1", vm, run, data.len() as u64, 256 * 1024)
+            .await
+            .expect("read_output");
+        assert_eq!(chunk.next, (data.len() + chunk.data.len()) as u64);
+        data.extend_from_slice(&chunk.data);
+        if chunk.complete && chunk.next >= chunk.size {
+            return data;
+        }
+        assert!(Instant::now() < deadline, "run {run} not complete in time");
+        if chunk.data.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
+    assert!(
+        find_qemu().is_some(),
+        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let p = QemuProvider::new(state.path())
+        .await
+        .expect("provider")
+        .with_niceness(0);
+    let vm = VmId("murmur-0000ab01".into());
+    let mut cleanup = Cleanup {
+        provider: p.clone(),
+        vms: vec![vm.clone()],
+    };
+    p.create(&spec(&vm.0, "default")).await.expect("create");
+    p.wait_ready("t1", &vm, Duration::from_secs(60))
+        .await
+        .expect("ready");
+
+    // A run followed from offsets: its first line arrives while it still runs.
+    let lines = CommandSpec {
+        run: "r1".into(),
+        argv: vec!["for i in 1 2 3 4 5 6; do echo line $i; sleep 0.2; done".into()],
+        env: vec![],
+    };
+    p.start_command("t1", &vm, &lines).await.expect("run");
+    let expected = "line 1\nline 2\nline 3\nline 4\nline 5\nline 6\n";
+    let mut followed = Vec::new();
+    let mut first_line_live = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let chunk = p
+            .read_output("t1", &vm, "r1", followed.len() as u64, 4096)
+            .await
+            .expect("read_output");
+        followed.extend_from_slice(&chunk.data);
+        if first_line_live.is_none() && followed.starts_with(b"line 1\n") {
+            first_line_live = Some(!chunk.complete);
+        }
+        if chunk.complete && chunk.next >= chunk.size {
+            break;
+        }
+        assert!(Instant::now() < deadline, "r1 not complete in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(String::from_utf8_lossy(&followed), expected);
+    assert_eq!(
+        first_line_live,
+        Some(true),
+        "the first line came only after the exit"
+    );
+    let part = p
+        .read_output("t1", &vm, "r1", 7, 6)
+        .await
+        .expect("read_output");
+    assert_eq!((part.data.as_slice(), part.next), (&b"line 2"[..], 13));
+    assert_eq!((part.size, part.complete), (expected.len() as u64, true));
+    let past = p
+        .read_output("t1", &vm, "r1", 1000, 10)
+        .await
+        .expect("read_output");
+    assert!(past.data.is_empty());
+    assert_eq!(past.next, expected.len() as u64);
+    let rounds = 20;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        p.read_output("t1", &vm, "r1", 0, 64)
+            .await
+            .expect("read_output");
+    }
+    eprintln!("read round trip: {:?}", t.elapsed() / rounds);
+    assert!(matches!(
+        p.read_output("t1", &vm, "nope", 0, 10).await,
+        Err(SubstrateError::VmGone(_))
+    ));
+
+    // Exec: the streams apart, the exit code last and once.
+    let session = p
+        .exec("t1", &vm, &command(&["echo out; echo err >&2; exit 7"]))
+        .await
+        .expect("exec");
+    let (out, err, all) = collect(session).await;
+    assert_eq!(
+        (out.as_slice(), err.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    assert_eq!(exits(&all), vec![7]);
+    assert_eq!(all.last(), Some(&ExecOutput::Exit(7)));
+
+    // Stdin reaches the command, and its end ends `cat`.
+    let session = p.exec("t1", &vm, &command(&["cat"])).await.expect("exec");
+    let piped = b"hello\nworld\n".to_vec();
+    session
+        .input
+        .send(ExecInput::Stdin(piped.clone()))
+        .await
+        .expect("send");
+    session.input.send(ExecInput::StdinEnd).await.expect("send");
+    let (out, _, all) = collect(session).await;
+    assert_eq!(out, piped);
+    assert_eq!(exits(&all), vec![0]);
+    assert_eq!(all.last(), Some(&ExecOutput::Exit(0)));
+
+    // A stdin larger than what may wait in the guest unread (chunked, held back by the
+    // guest's progress) arrives whole.
+    let session = p.exec("t1", &vm, &command(&["wc -c"])).await.expect("exec");
+    let input = session.input.clone();
+    let t = Instant::now();
+    let feed = tokio::spawn(async move {
+        for _ in 0..20 {
+            input
+                .send(ExecInput::Stdin(vec![b'x'; 20_000]))
+                .await
+                .expect("send");
+        }
+        input.send(ExecInput::StdinEnd).await.expect("send");
+    });
+    let (out, _, all) = collect(session).await;
+    feed.await.expect("feeder");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "400000");
+    assert_eq!(exits(&all), vec![0]);
+    eprintln!("400 kB of stdin through exec: {:?}", t.elapsed());
+
+    // A signal reaches the command's process group: SIGINT ends `sleep` with 128 + 2.
+    let session = p
+        .exec("t1", &vm, &command(&["sleep", "30"]))
+        .await
+        .expect("exec");
+    session
+        .input
+        .send(ExecInput::Signal(2))
+        .await
+        .expect("send");
+    let (_, _, all) = collect(session).await;
+    assert_eq!(exits(&all), vec![130]);
+
+    // The caller going away kills the command and leaves nothing of the session behind.
+    let session = p
+        .exec("t1", &vm, &command(&["sleep", "31"]))
+        .await
+        .expect("exec");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !guest_sh(&p, &vm, "ps").await.contains("sleep 31") {
+        assert!(Instant::now() < deadline, "sleep 31 never started");
+    }
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = guest_sh(&p, &vm, "ps; echo sessions $(ls /run/murmur-exec | wc -l)").await;
+        // Only this listing's own session is left.
+        if !seen.contains("sleep 31") && seen.contains("sessions 1\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped session was left: {seen}"
+        );
+    }
+
+    // No terminal on qemu guests (yet): a shell is refused, not faked.
+    let shell = ExecSpec {
+        tty: Some(WindowSize { rows: 24, cols: 80 }),
+        ..command(&["sh"])
+    };
+    assert!(matches!(
+        p.exec("t1", &vm, &shell).await,
+        Err(SubstrateError::Invalid { .. })
+    ));
+
+    // Exec latency, start to exit.
+    let rounds = 5;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let session = p.exec("t1", &vm, &command(&["true"])).await.expect("exec");
+        assert_eq!(exits(&collect(session).await.2), vec![0]);
+    }
+    eprintln!("exec `true` start to exit: {:?}", t.elapsed() / rounds);
+
+    // Throughput of read_output on a 5 MB output.
+    let big = CommandSpec {
+        run: "big".into(),
+        argv: vec!["dd if=/dev/urandom bs=1000000 count=5 2>/dev/null".into()],
+        env: vec![],
+    };
+    p.start_command("t1", &vm, &big).await.expect("run");
+    assert_eq!(wait_exit(&p, &vm, "big").await, 0);
+    let t = Instant::now();
+    let data = read_all(&p, &vm, "big").await;
+    let took = t.elapsed();
+    assert_eq!(data.len(), 5_000_000);
+    eprintln!(
+        "read_output of 5 MB: {took:?} ({:.0} KiB/s)",
+        data.len() as f64 / 1024.0 / took.as_secs_f64()
+    );
+    let sum = guest_sh(&p, &vm, "sha256sum /run/murmur/big/output").await;
+    let host_sum = {
+        let path = state.path().join("big.bin");
+        std::fs::write(&path, &data).expect("write");
+        let out = std::process::Command::new("sha256sum")
+            .arg(&path)
+            .output()
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        sum.split_whitespace().next(),
+        host_sum.split_whitespace().next(),
+        "the bytes read differ from the guest's"
+    );
+
+    // After the delete the outputs are read from the kept logs, complete: the small one
+    // whole, of the 5 MB one (more than the delete's budget moves under TCG) at least its
+    // end; exec sessions were not kept.
+    let t = Instant::now();
+    p.delete("t1", &vm).await.expect("delete");
+    eprintln!("delete (keeping the outputs): {:?}", t.elapsed());
+    cleanup.vms.clear();
+    assert_eq!(
+        String::from_utf8_lossy(&read_all(&p, &vm, "r1").await),
+        expected
+    );
+    let chunk = p
+        .read_output("t1", &vm, "r1", 7, 6)
+        .await
+        .expect("read_output");
+    assert_eq!(
+        (chunk.data.as_slice(), chunk.complete),
+        (&b"line 2"[..], true)
+    );
+    let kept_big = read_all(&p, &vm, "big").await;
+    eprintln!("kept of the 5 MB output: {} bytes", kept_big.len());
+    assert!(!kept_big.is_empty(), "nothing of the big output was kept");
+    assert!(
+        data.ends_with(&kept_big),
+        "the kept big output is not the end of the output"
+    );
+    let mut kept: Vec<String> = std::fs::read_dir(state.path().join("logs").join("t1"))
+        .expect("kept logs")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, vec!["big.log", "r1.log"]);
+    assert!(matches!(
+        p.read_output("t1", &vm, "nope", 0, 10).await,
+        Err(SubstrateError::VmGone(_))
+    ));
+    assert!(matches!(
+        p.exec("t1", &vm, &command(&["true"])).await,
+        Err(SubstrateError::VmGone(_))
+    ));
 }

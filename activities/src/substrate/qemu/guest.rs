@@ -3,8 +3,19 @@
 //! The host connects per operation (the chardev serves one client at a time) and sends
 //! `<verb> <tag> <args>` with a fresh tag; it skips every line until `@<tag> <answer>`, so a
 //! stale answer, a leftover handshake line or any other junk on the line never confuses it.
-//! Payloads are single-line base64; a command is rendered into a shell script here (POSIX
-//! quoting), so the guest never parses JSON.
+//! Payloads are single-line base64 (`-` for an empty one, so every answer splits on spaces);
+//! a command is rendered into a shell script here (POSIX quoting), so the guest never parses
+//! JSON.
+//!
+//! Besides the requests of runs (`run`, `status`, `tail`, `cancel`) the channel carries:
+//!
+//! - `read <run> <offset> <max>`: a run's output from any offset with its size and whether
+//!   the run exited ([`parse_read`], [`GuestRead`]), at most [`READ_MAX`] bytes a request;
+//! - `runs`: every agent run with its output size ([`parse_runs`]), what a delete keeps;
+//! - exec sessions: `exec`, `input`, `eof`, `signal`, `poll` ([`parse_poll`], [`ExecPoll`])
+//!   and `drop`, served by [`super::exec`].
+//!
+//! The full list of requests and answers is at the top of the guest agent.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +25,22 @@ use base64::Engine as _;
 use murmur_workflows::model::VmId;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::substrate::session::OutputChunk;
+use crate::substrate::vm_dir::valid_run_id;
 use crate::substrate::{CommandSpec, CommandStatus, Ready};
 
 /// How long one control-channel request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most output bytes one `read` request returns (the guest caps it too): 64 KiB of base64,
+/// so an answer line stays bounded.
+pub const READ_MAX: usize = 48 * 1024;
+
+/// Most bytes of each stream one exec `poll` returns (the guest caps it too).
+pub const POLL_MAX: usize = 24 * 1024;
+
+/// Most stdin bytes one exec `input` request carries.
+pub const STDIN_CHUNK: usize = 24 * 1024;
 
 /// Failures of the control channel.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +144,128 @@ pub fn decode_data(answer: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(payload)
         .map_err(|e| format!("malformed data: {e}"))
+}
+
+/// Decodes one base64 word of an answer (`-`: nothing).
+pub fn decode_word(word: &str) -> Result<Vec<u8>, String> {
+    if word == "-" {
+        return Ok(Vec::new());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(word)
+        .map_err(|e| format!("malformed data: {e}"))
+}
+
+/// What a `read` request answered: `out <size> <exited 0|1> <b64|->`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestRead {
+    /// The output's size when the guest looked (before reading, so `data` may reach past it).
+    pub size: u64,
+    /// True when the run had exited before the bytes were read: the output is final.
+    pub exited: bool,
+    /// The bytes from the requested offset.
+    pub data: Vec<u8>,
+}
+
+impl GuestRead {
+    /// The chunk this answer makes for a read from `offset` (offsets past the end read as
+    /// the end, like [`crate::substrate::session::read_at`]).
+    pub fn into_chunk(self, offset: u64) -> OutputChunk {
+        let len = self.data.len() as u64;
+        let start = if len == 0 {
+            offset.min(self.size)
+        } else {
+            offset
+        };
+        let next = start + len;
+        OutputChunk {
+            data: self.data,
+            next,
+            size: self.size.max(next),
+            complete: self.exited,
+        }
+    }
+}
+
+/// Parses a `read` answer; `Ok(None)` when the guest knows no such run.
+pub fn parse_read(answer: &str) -> Result<Option<GuestRead>, String> {
+    let unexpected = || format!("unexpected answer {:?}", truncate(answer, 80));
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    match words.as_slice() {
+        ["unknown"] => Ok(None),
+        ["out", size, exited, data] => Ok(Some(GuestRead {
+            size: size.parse().map_err(|_| unexpected())?,
+            exited: match *exited {
+                "0" => false,
+                "1" => true,
+                _ => return Err(unexpected()),
+            },
+            data: decode_word(data)?,
+        })),
+        _ => Err(unexpected()),
+    }
+}
+
+/// Parses a `runs` answer: `runs <run>:<output size> ...` (invalid run ids are skipped).
+pub fn parse_runs(answer: &str) -> Result<Vec<(String, u64)>, String> {
+    let mut words = answer.split_whitespace();
+    if words.next() != Some("runs") {
+        return Err(format!("unexpected answer {:?}", truncate(answer, 80)));
+    }
+    Ok(words
+        .filter_map(|w| {
+            let (run, size) = w.rsplit_once(':')?;
+            (valid_run_id(run)).then_some((run.to_string(), size.parse().ok()?))
+        })
+        .collect())
+}
+
+/// What an exec `poll` answered: `exec <code|-> <fed> <stdout b64|-> <stderr b64|->`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecPoll {
+    /// The exit code once the command exited (looked at before the streams were read, so
+    /// bytes read with an exit code are final).
+    pub exit: Option<i32>,
+    /// The last stdin chunk the guest copied into the command's stdin (0: none yet; may
+    /// read 0 while the guest rewrites it, so keep the highest seen).
+    pub fed: u64,
+    /// New stdout bytes from the requested offset.
+    pub stdout: Vec<u8>,
+    /// New stderr bytes from the requested offset.
+    pub stderr: Vec<u8>,
+}
+
+/// Parses an exec `poll` answer; `Ok(None)` when the guest knows no such session.
+pub fn parse_poll(answer: &str) -> Result<Option<ExecPoll>, String> {
+    let unexpected = || format!("unexpected answer {:?}", truncate(answer, 80));
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    match words.as_slice() {
+        ["unknown"] => Ok(None),
+        ["exec", code, fed, stdout, stderr] => Ok(Some(ExecPoll {
+            exit: match *code {
+                "-" => None,
+                code => Some(code.parse().map_err(|_| unexpected())?),
+            },
+            fed: fed.parse().map_err(|_| unexpected())?,
+            stdout: decode_word(stdout)?,
+            stderr: decode_word(stderr)?,
+        })),
+        _ => Err(unexpected()),
+    }
+}
+
+/// A fresh exec session id: alphanumeric like a run id (the time, this process and a
+/// counter), so sessions of a restarted worker never meet an old one's directory.
+pub fn new_exec_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "e{nanos:x}{:x}n{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Parses a `status` answer.
@@ -265,6 +410,72 @@ mod tests {
         assert_eq!(decode_data("data ").as_deref(), Ok(&b""[..]));
         assert!(decode_data("data !!").is_err());
         assert!(decode_data("ok").is_err());
+    }
+
+    #[test]
+    fn read_answers_parse_into_chunks() {
+        let read = parse_read("out 11 0 aGVsbG8=")
+            .expect("parse")
+            .expect("known");
+        assert_eq!(
+            read,
+            GuestRead {
+                size: 11,
+                exited: false,
+                data: b"hello".to_vec()
+            }
+        );
+        let chunk = read.into_chunk(0);
+        assert_eq!((chunk.next, chunk.size, chunk.complete), (5, 11, false));
+        // Nothing past the end: the next read starts at the end.
+        let past = parse_read("out 11 1 -").expect("parse").expect("known");
+        let chunk = past.into_chunk(99);
+        assert_eq!((chunk.next, chunk.size, chunk.complete), (11, 11, true));
+        assert!(chunk.data.is_empty());
+        // The output grew between the size and the read: the size covers what was read.
+        let grown = parse_read("out 2 0 aGVsbG8=")
+            .expect("parse")
+            .expect("known");
+        assert_eq!(grown.into_chunk(0).size, 5);
+        assert_eq!(parse_read("unknown"), Ok(None));
+        assert!(parse_read("out x 0 -").is_err());
+        assert!(parse_read("out 1 2 -").is_err());
+        assert!(parse_read("out 1 0 !!").is_err());
+        assert!(parse_read("out 1 0").is_err());
+        assert!(parse_read("data aGk=").is_err());
+    }
+
+    #[test]
+    fn runs_and_poll_answers_parse() {
+        assert_eq!(
+            parse_runs("runs r1:21 pack-1x2:0 bad/id:3 r2:x r3"),
+            Ok(vec![("r1".to_string(), 21), ("pack-1x2".to_string(), 0)])
+        );
+        assert_eq!(parse_runs("runs"), Ok(vec![]));
+        assert!(parse_runs("ok").is_err());
+        assert_eq!(
+            parse_poll("exec - 2 aGkK -"),
+            Ok(Some(ExecPoll {
+                exit: None,
+                fed: 2,
+                stdout: b"hi\n".to_vec(),
+                stderr: Vec::new(),
+            }))
+        );
+        let done = parse_poll("exec 130 0 - ZXJyCg==")
+            .expect("parse")
+            .expect("known");
+        assert_eq!(
+            (done.exit, done.stderr.as_slice()),
+            (Some(130), &b"err\n"[..])
+        );
+        assert_eq!(parse_poll("unknown"), Ok(None));
+        assert!(parse_poll("exec x 0 - -").is_err());
+        assert!(parse_poll("exec - 0 -").is_err());
+        assert!(parse_poll("exec - 0 - !!").is_err());
+        let id = new_exec_id();
+        assert!(valid_run_id(&id), "{id}");
+        assert_ne!(id, new_exec_id());
     }
 
     #[test]

@@ -12,15 +12,33 @@
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
+//! # The guest channel
+//!
+//! - [`Provider::read_output`] reads a run's output in the guest from any offset (the
+//!   `read` request, at most [`guest::READ_MAX`] bytes a call, with the size and whether the
+//!   run exited, so a follower polls); once the VM is deleted it reads the kept copy
+//!   ([`KeptLogs`] under `<state>/logs/`).
+//! - [`Provider::delete`] first fetches, while the guest still runs, the output of every
+//!   agent run into the kept logs: at most the last [`KEEP_MAX`] bytes of each, within
+//!   [`KEEP_BUDGET`] in all, smallest outputs first and each from its end backwards, never
+//!   failing the delete for it. The channel is a serial port (about 150 KiB/s under TCG), so
+//!   the budget keeps ~1.5 MB in all there. A kept output cut short is the output's end,
+//!   and starts at offset 0 of what was kept.
+//! - [`Provider::exec`] starts a command next to the agent, without a terminal (the guest
+//!   has no pty helper: busybox has no `script`), served by [`exec`]. Exec sessions live
+//!   apart from runs in the guest and are never kept.
+//!
 //! # Layout
 //!
 //! - this file: [`QemuProvider`] and its [`Provider`] implementation;
 //! - [`guest`]: the control-channel protocol spoken with the guest agent;
+//! - [`exec`]: the task serving an exec session;
 //! - [`launch`]: finding qemu, the accelerator and its KVM probe, the command line, telling
 //!   the VM's qemu from other processes, stopping it;
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
 //!   bake's snapshot of a guest.
 
+pub mod exec;
 pub mod guest;
 pub mod images;
 pub mod launch;
@@ -36,19 +54,27 @@ use murmur_workflows::machine::BootSpec;
 use murmur_workflows::model::VmId;
 
 use self::guest::{
-    ChannelError, REQUEST_TIMEOUT, command_script, decode_data, handshake, parse_status, request,
-    truncate,
+    ChannelError, READ_MAX, REQUEST_TIMEOUT, command_script, decode_data, handshake, new_exec_id,
+    parse_read, parse_runs, parse_status, request, truncate,
 };
 use self::images::ImageMeta;
 use self::launch::{
     Accel, CONTROL_SOCKET, QemuVmMeta, VM_META_FILE, exit_report, find_qemu, qemu_pid, spawn_qemu,
     stop_qemu,
 };
+use crate::substrate::session::{
+    DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, check_exec,
+};
 use crate::substrate::vm_dir::{
     check_image_id, check_run_id, check_socket_path, claim_owner, list_vm_dirs, remove_vm_dir,
     seal_for_delete, tenant_dir, valid_run_id, vm_dir, vm_dirs_of_every_tenant,
 };
 use crate::substrate::{CommandSpec, CommandStatus, Provider, Ready, Seal, SubstrateError, VmInfo};
+
+/// Most bytes of one run's output a delete keeps (the last ones).
+pub const KEEP_MAX: u64 = 8 * 1024 * 1024;
+/// How long a delete may spend fetching the outputs it keeps, in all.
+pub const KEEP_BUDGET: Duration = Duration::from_secs(10);
 
 /// The `qemu` substrate.
 #[derive(Clone)]
@@ -57,6 +83,7 @@ pub struct QemuProvider {
     qemu: PathBuf,
     accel: Accel,
     niceness: i32,
+    kept: KeptLogs,
     locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -84,6 +111,7 @@ impl QemuProvider {
                 .into(),
         })?;
         let mut provider = Self {
+            kept: KeptLogs::new(&state_dir, DEFAULT_LOG_RETENTION),
             state_dir,
             qemu,
             accel: Accel::Tcg,
@@ -100,8 +128,10 @@ impl QemuProvider {
     /// A provider that only inspects and deletes VMs (no image build, no probe), for tests
     /// and tools.
     pub fn inspector(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
         Self {
-            state_dir: state_dir.into(),
+            kept: KeptLogs::new(&state_dir, DEFAULT_LOG_RETENTION),
+            state_dir,
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
             niceness: launch::niceness_from_env(),
@@ -113,6 +143,17 @@ impl QemuProvider {
     pub fn with_niceness(mut self, niceness: i32) -> Self {
         self.niceness = niceness.clamp(0, 19);
         self
+    }
+
+    /// Keeps the outputs of deleted VMs' runs for `retention` (default: a day).
+    pub fn with_log_retention(mut self, retention: Duration) -> Self {
+        self.kept = KeptLogs::new(&self.state_dir, retention);
+        self
+    }
+
+    /// The outputs this host keeps of runs whose VMs were deleted.
+    pub fn kept_logs(&self) -> &KeptLogs {
+        &self.kept
     }
 
     /// The accelerator guests run with.
@@ -159,7 +200,8 @@ impl QemuProvider {
         locks.remove(dir);
     }
 
-    /// Sends one request to the guest agent of a VM (serialised per VM in this worker).
+    /// Sends one request to the guest agent of a VM (serialised per VM in this worker; the
+    /// request itself may take [`REQUEST_TIMEOUT`] once it has the channel).
     async fn ask(
         &self,
         dir: &Path,
@@ -172,7 +214,40 @@ impl QemuProvider {
         }
         let lock = self.lock(dir);
         let _guard = lock.lock().await;
-        match request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await {
+        let answer = request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await;
+        Self::answer(dir, vm, answer)
+    }
+
+    /// [`Self::ask`] within `timeout` in all, the wait for the channel included (for work
+    /// with a budget of its own, like keeping outputs on delete).
+    async fn ask_within(
+        &self,
+        dir: &Path,
+        vm: &VmId,
+        verb: &str,
+        args: &str,
+        timeout: Duration,
+    ) -> Result<String, SubstrateError> {
+        if !dir.exists() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let started = Instant::now();
+        let lock = self.lock(dir);
+        let Ok(_guard) = tokio::time::timeout(timeout, lock.lock()).await else {
+            return Self::answer(dir, vm, Err(ChannelError::Timeout(timeout)));
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        let answer = request(&dir.join(CONTROL_SOCKET), verb, args, left).await;
+        Self::answer(dir, vm, answer)
+    }
+
+    /// What a request's outcome means for the VM.
+    fn answer(
+        dir: &Path,
+        vm: &VmId,
+        answer: Result<String, ChannelError>,
+    ) -> Result<String, SubstrateError> {
+        match answer {
             Ok(answer) => Ok(answer),
             Err(ChannelError::Refused(reason)) => Err(SubstrateError::Guest {
                 vm: vm.clone(),
@@ -202,6 +277,71 @@ impl QemuProvider {
             vm: vm.clone(),
             reason,
         })
+    }
+
+    /// Fetches the output of every agent run of a live guest into the kept logs (at most the
+    /// last [`KEEP_MAX`] bytes of each, within [`KEEP_BUDGET`] in all, smallest first, each
+    /// from its end backwards). Never fails: what cannot be kept is logged.
+    async fn keep_outputs(&self, tenant: &str, vm: &VmId, dir: &Path) {
+        if !dir.exists() || qemu_pid(dir).is_none() {
+            return;
+        }
+        let deadline = Instant::now() + KEEP_BUDGET;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let runs = match self.ask_within(dir, vm, "runs", "", left()).await {
+            Ok(answer) => parse_runs(&answer),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut runs = match runs {
+            Ok(runs) => runs,
+            Err(error) => {
+                tracing::warn!(vm = %vm, %error, "cannot list the runs to keep their outputs");
+                return;
+            }
+        };
+        // Small outputs first: one huge output must not cost the others theirs.
+        runs.sort_by_key(|(_, size)| *size);
+        for (run, size) in runs {
+            // From the end backwards, so what the budget allows is the output's last bytes.
+            let floor = size.saturating_sub(KEEP_MAX);
+            let mut end = size;
+            let mut pieces = Vec::new();
+            while end > floor {
+                if left().is_zero() {
+                    break;
+                }
+                let start = end.saturating_sub(READ_MAX as u64).max(floor);
+                let args = format!("{run} {start} {}", end - start);
+                let read = match self.ask_within(dir, vm, "read", &args, left()).await {
+                    Ok(answer) => parse_read(&answer),
+                    Err(e) => Err(e.to_string()),
+                };
+                match read {
+                    Ok(Some(read)) if read.data.len() as u64 == end - start => {
+                        pieces.push(read.data);
+                        end = start;
+                    }
+                    Ok(_) => {
+                        tracing::warn!(vm = %vm, run, "a run's output shrank while it was kept");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(vm = %vm, run, %error, "cannot fetch a run's output");
+                        break;
+                    }
+                }
+            }
+            let data: Vec<u8> = pieces.into_iter().rev().flatten().collect();
+            if end > floor {
+                tracing::warn!(vm = %vm, run, kept = data.len(), size, "kept the end of a run's output only");
+            }
+            if let Err(e) = self.kept.keep_bytes(tenant, &run, &data) {
+                tracing::warn!(vm = %vm, run, error = %e, "cannot keep the output of a run");
+            }
+            if left().is_zero() {
+                break;
+            }
+        }
     }
 }
 
@@ -323,6 +463,7 @@ impl Provider for QemuProvider {
 
     async fn delete(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
         let dir = self.vm_dir(tenant, vm)?;
+        self.keep_outputs(tenant, vm, &dir).await;
         {
             let lock = self.lock(&dir);
             let _guard = lock.lock().await;
@@ -418,6 +559,92 @@ impl Provider for QemuProvider {
             text.drain(..=nl);
         }
         Ok(text)
+    }
+
+    async fn read_output(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        run: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<OutputChunk, SubstrateError> {
+        check_run_id(run)?;
+        let dir = self.vm_dir(tenant, vm)?;
+        let max = max.min(MAX_READ).min(READ_MAX);
+        if dir.exists() {
+            match self
+                .ask(&dir, vm, "read", &format!("{run} {offset} {max}"))
+                .await
+            {
+                Ok(answer) => match parse_read(&answer) {
+                    Ok(Some(read)) => return Ok(read.into_chunk(offset)),
+                    // The guest knows no such run: maybe a kept one.
+                    Ok(None) => {}
+                    Err(reason) => {
+                        return Err(SubstrateError::Guest {
+                            vm: vm.clone(),
+                            reason,
+                        });
+                    }
+                },
+                // Deleted (or being deleted) meanwhile: the kept copy, if any.
+                Err(SubstrateError::VmGone(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.kept
+            .read(tenant, run, offset, max)?
+            .ok_or_else(|| SubstrateError::VmGone(vm.clone()))
+    }
+
+    async fn exec(
+        &self,
+        tenant: &str,
+        vm: &VmId,
+        spec: &ExecSpec,
+    ) -> Result<ExecSession, SubstrateError> {
+        check_exec(spec)?;
+        if spec.tty.is_some() {
+            return Err(SubstrateError::Invalid {
+                what: "operation on this substrate",
+                value: "a terminal (murmur shell) on qemu guests: the guest has no pty helper yet"
+                    .into(),
+            });
+        }
+        let dir = self.vm_dir(tenant, vm)?;
+        if !dir.exists() || qemu_pid(&dir).is_none() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let id = new_exec_id();
+        let command = CommandSpec {
+            run: id.clone(),
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+        };
+        let script =
+            command_script(&command, "/root").map_err(|value| SubstrateError::Invalid {
+                what: "command",
+                value,
+            })?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let answer = self.ask(&dir, vm, "exec", &format!("{id} {b64}")).await?;
+        if answer != "ok" {
+            return Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
+            });
+        }
+        let (session, input, output) = ExecSession::channel();
+        exec::start(exec::ExecTask {
+            provider: self.clone(),
+            dir,
+            vm: vm.clone(),
+            id,
+            input,
+            output,
+        });
+        Ok(session)
     }
 
     async fn cancel_command(
