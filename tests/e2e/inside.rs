@@ -179,6 +179,24 @@ fn sleeping_in(state_dir: &std::path::Path) -> bool {
     })
 }
 
+/// Waits until a line of the tmux pane is the shell's prompt (`#`; the pane's lines come
+/// without trailing blanks).
+fn wait_prompt(session: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", session])
+            .output()
+            .unwrap();
+        let pane = String::from_utf8_lossy(&out.stdout).into_owned();
+        if pane.lines().any(|l| l.trim_end() == "#") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no prompt in the pane:\n{pane}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until the tmux pane shows `text`.
 fn wait_pane(session: &str, text: &str) -> String {
     let deadline = Instant::now() + PATIENCE;
@@ -232,7 +250,7 @@ fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
         &script,
     ]);
     let _kill = KillSession(session.clone());
-    wait_pane(&session, "# ");
+    wait_prompt(&session);
     tmux(&[
         "send-keys",
         "-t",
@@ -370,8 +388,9 @@ fn gateway_calls_need_the_role_the_tenant_and_a_fresh_signature() {
     let (vm, run) = (st.vm.clone().unwrap().0, st.run.clone().unwrap());
     let target = format!("{}@{run}", st.workflow);
 
-    // A viewer reads logs but cannot exec or open a shell.
-    let viewer = env.credential(&env.tenant, "vic", "viewer", "1h");
+    // The same developer with a viewer's role reads logs but cannot exec or open a shell.
+    let developer = st.workflow.split('/').nth(3).unwrap().to_string();
+    let viewer = env.credential(&env.tenant, &developer, "viewer", "1h");
     let out = murmur_as(&env, &viewer, &["logs", "ka"]);
     assert_eq!(stdout(&out), "started\n", "{}", stderr(&out));
     for args in [&["exec", "ka", "--", "true"][..], &["shell", "ka"][..]] {

@@ -281,3 +281,56 @@ fn bake_pin_flush_boots_guests_of_the_new_image() {
         qemu_processes(&env).len() == 2
     });
 }
+
+#[test]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
+    let env = qemu_env("qemu-inside");
+    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
+    wait_warm(&env, 1);
+    env.spawn_with(
+        &["--on-idle", "keep-alive"],
+        "ka",
+        "echo started; cat /etc/murmur/vm; sleep 600",
+    );
+    env.wait_phase("ka", Phase::Running);
+
+    // The agent's output, read from the guest while it runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = env.murmur_ok(&["logs", "ka"]);
+        if out == "started\n1\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no output from the guest: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // exec: a command next to the agent, in the guest (its marker file), streams apart.
+    let out = env.murmur(&[
+        "exec",
+        "ka",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/murmur/vm; echo err >&2; exit 7",
+    ]);
+    assert_eq!(stdout(&out), "1\n");
+    assert_eq!(stderr(&out), "err\n");
+    assert_eq!(out.status.code(), Some(7));
+    let out = env.murmur_stdin(&["exec", "ka", "--", "cat"], "into the guest\n");
+    assert_eq!(stdout(&out), "into the guest\n", "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+
+    // No terminal helper in the guest yet: shell says so instead of hanging.
+    let out = env.murmur(&["shell", "ka"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("INVALID_ARGUMENT: invalid operation on this substrate: a terminal (murmur shell) on qemu guests"),
+        "{}",
+        stderr(&out)
+    );
+}
