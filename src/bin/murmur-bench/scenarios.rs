@@ -24,6 +24,10 @@ use crate::{Bench, Figure};
 pub const SCENARIOS: &[(&str, &str)] = &[
     ("spawn", "spawn → PHASE_RUNNING, warm pool vs cold boot"),
     (
+        "spawn-streaming",
+        "spawn-warm while another agent streams 50 MB to a `murmur logs -f` follower",
+    ),
+    (
         "flush-10",
         "flush of 10 warm VMs: CLI answer and back at min_idle",
     ),
@@ -64,6 +68,7 @@ pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn"];
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
     match name {
         "spawn" => spawn(b).await,
+        "spawn-streaming" => spawn_streaming(b).await,
         "flush-10" => flush(b, 10, b.runs).await,
         "flush-100" => flush(b, 100, b.runs.min(5)).await,
         "delete" => delete(b).await,
@@ -198,6 +203,96 @@ async fn spawn(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     out[0].goal = "≤ 100 ms".into();
     out[0].met = Some(warm <= 100.0);
     out[1].goal = format!("(warm is {:.0}% of cold)", 100.0 * warm / cold.max(0.001));
+    cleanup(b, &pool, &ctx.tenant).await?;
+    Ok(out)
+}
+
+/// Bytes the streaming agent writes: 2,000 bursts of 25,000 bytes (lines of 50), 10 ms apart.
+const STREAMED_BYTES: u64 = 2_000 * 25_000;
+
+/// spawn-warm (as in `spawn`) while a keep-alive agent writes [`STREAMED_BYTES`] of output as
+/// fast as a shell loop goes and a follower reads it through the host gateway, as `murmur
+/// logs -f` does: the data path must not slow the pool. Also the follower's throughput.
+async fn spawn_streaming(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant("bench-stream").await?;
+    set_pool(&pool, 30, 5).await?;
+    let client = murmur::client::connect("murmur-bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let writer = "line=0123456789012345678901234567890123456789012345678; i=0; \
+                  while [ $i -lt 2000 ]; do yes $line | head -c 25000; i=$((i+1)); sleep 0.01; \
+                  done; sleep 600";
+    agents
+        .spawn("streamer", vec![writer.into()], OnIdle::KeepAlive)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t0 = Instant::now();
+    let located = loop {
+        match murmur::gateway::client::locate(&agents, &client, "streamer").await {
+            Ok(at) => break at,
+            Err(e) if t0.elapsed() > Duration::from_secs(60) => anyhow::bail!("streamer: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // The follower: reads until the writer's bytes are all there (the command goes on
+    // sleeping, so `follow` alone would not end).
+    let follower = {
+        let (ctx, at) = (ctx.clone(), located.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut got = 0u64;
+            let mut all_read_at = Instant::now();
+            let options = murmur::gateway::client::LogsOptions {
+                tail_lines: 0,
+                follow: true,
+            };
+            let read = murmur::gateway::client::logs(&ctx, &at, options, |bytes| {
+                got += bytes.len() as u64;
+                if got >= STREAMED_BYTES {
+                    all_read_at = Instant::now();
+                    return Err(std::io::Error::other("all read"));
+                }
+                Ok(())
+            })
+            .await;
+            (read.err(), got, all_read_at.duration_since(started))
+        })
+    };
+    let samples = sample_spawns(
+        b,
+        &pool,
+        &agents,
+        b.runs,
+        "st",
+        Duration::from_secs(60),
+        settled_with(5),
+    )
+    .await?;
+    let (_, got, took) = follower.await?;
+    anyhow::ensure!(
+        got >= STREAMED_BYTES,
+        "the follower read {got} of {STREAMED_BYTES} bytes"
+    );
+    let mb_per_s = STREAMED_BYTES as f64 / 1e6 / took.as_secs_f64().max(0.001);
+    let warm = median(&samples);
+    let mut out = vec![figure(
+        "spawn-warm while another agent streams (process)",
+        samples,
+        "ms",
+        "≤ 100 ms (as without the stream)",
+        Some(warm <= 100.0),
+    )];
+    out.push(figure(
+        "streamed through the gateway (50 MB, written in 10 ms bursts)",
+        vec![mb_per_s],
+        "MB/s",
+        "",
+        None,
+    ));
+    agents
+        .kill("streamer")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     cleanup(b, &pool, &ctx.tenant).await?;
     Ok(out)
 }
