@@ -361,7 +361,7 @@ impl AgentActivities {
     }
 
     /// Nuke step 3, on the host's own queue: deletes every VM of the tenant this host holds,
-    /// orphans included, [`NUKE_CONCURRENCY`] at a time. Counts the VMs an agent had started
+    /// orphans included, [`NUKE_CONCURRENCY`] at a time, and the tenant's kept outputs. Counts the VMs an agent had started
     /// on (their owner file names one).
     #[activity(name = "murmur.wipe_host")]
     pub async fn wipe_host(
@@ -393,6 +393,8 @@ impl AgentActivities {
                 .buffer_unordered(NUKE_CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await;
+            // The outputs those deletes kept, and any kept before, go too.
+            self.provider.forget_kept_output(&tenant);
             let mut report = WipeReport::default();
             for (deleted, owned) in results {
                 if deleted {

@@ -92,6 +92,19 @@ fn logs_follow_the_agent_live_and_stay_after_it_ended() {
     let out = env.murmur(&["logs", "-f", "fails"]);
     assert_eq!(stdout(&out), "oops\n");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    // A nuke leaves nothing of the tenant behind: no kept output either.
+    env.murmur_ok(&["pool", "flush", "--nuke"]);
+    let out = env.murmur(&["logs", "tick"]);
+    assert_eq!(out.status.code(), Some(1));
+    let vm = st.vm.unwrap();
+    assert_eq!(
+        stderr(&out).lines().next(),
+        Some(
+            format!("NOT_FOUND: VM {vm} is gone and this host keeps no output of the agent")
+                .as_str()
+        )
+    );
 }
 
 /// Every string in a history, and each one's base64 decoding where it has one (payloads

@@ -418,6 +418,10 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         self.inner.read_output(tenant, vm, run, offset, max).await
     }
 
+    fn forget_kept_output(&self, tenant: &str) {
+        self.inner.forget_kept_output(tenant)
+    }
+
     async fn exec(
         &self,
         tenant: &str,

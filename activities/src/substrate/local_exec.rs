@@ -57,12 +57,35 @@ pub fn start(local: LocalExec, spec: &ExecSpec) -> Result<ExecSession, Substrate
         .env_clear()
         .envs(local.env.iter().map(|(k, v)| (k, v)))
         .envs(spec.env.iter().map(|(k, v)| (k, v)));
+    // A worker started in the background (`nohup`, `cmd &` in a script) runs with SIGINT,
+    // SIGQUIT or SIGHUP ignored, and ignored signals survive exec: the session's command gets
+    // the default dispositions, so Ctrl-C (and a hang-up) reach it.
+    // SAFETY: only sigaction(2), async-signal-safe, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(default_signals);
+    }
     let (session, input, output) = ExecSession::channel();
     match spec.tty {
         None => start_piped(cmd, &local.record_dir, input, output)?,
         Some(size) => start_tty(cmd, size, &local.record_dir, input, output)?,
     }
     Ok(session)
+}
+
+/// Restores the default disposition of the signals a session must be able to receive.
+fn default_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{SigHandler, signal};
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+    ] {
+        // SAFETY: setting SIG_DFL installs no handler.
+        unsafe { signal(sig, SigHandler::SigDfl) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }
 
 fn cannot_start(e: std::io::Error) -> SubstrateError {
@@ -380,8 +403,31 @@ mod tests {
         let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
         drop(s.input);
         while s.output.recv().await.is_some() {}
-        // The group is gone: signal 0 to it fails.
-        assert!(killpg(Pid::from_raw(pid), None).is_err());
+        assert!(
+            live_members(pid).is_empty(),
+            "left running: {:?}",
+            live_members(pid)
+        );
+    }
+
+    /// Processes of process group `pgid` that are not zombies (a zombie waits for its
+    /// reaper, which in a container may be slow; it runs nothing).
+    fn live_members(pgid: i32) -> Vec<i32> {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .filter_map(Result::ok)
+            .filter_map(|p| std::fs::read_to_string(p.path().join("stat")).ok())
+            .filter_map(|stat| {
+                // `pid (comm) state ppid pgrp ...`; comm may hold spaces, so split after ')'.
+                let (head, rest) = stat.rsplit_once(") ")?;
+                let pid: i32 = head.split_whitespace().next()?.parse().ok()?;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let (state, pgrp) = (*fields.first()?, fields.get(2)?.parse::<i32>().ok()?);
+                (pgrp == pgid && state != "Z").then_some(pid)
+            })
+            .collect()
     }
 
     #[tokio::test]

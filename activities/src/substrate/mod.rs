@@ -309,6 +309,10 @@ pub trait Provider: Send + Sync + 'static {
         Err(SubstrateError::VmGone(vm.clone()))
     }
 
+    /// Deletes every output this host keeps of `tenant`'s ended runs (a nuke leaves nothing
+    /// of the tenant behind). Substrates that keep none do nothing.
+    fn forget_kept_output(&self, _tenant: &str) {}
+
     /// Starts a command next to the agent in a running VM (see [`session::ExecSession`]).
     /// Substrates without a guest channel refuse.
     async fn exec(

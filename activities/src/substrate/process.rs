@@ -475,6 +475,10 @@ impl Provider for ProcessProvider {
         }
     }
 
+    fn forget_kept_output(&self, tenant: &str) {
+        self.kept.forget_tenant(tenant);
+    }
+
     async fn exec(
         &self,
         tenant: &str,
