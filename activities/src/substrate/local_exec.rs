@@ -387,6 +387,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_signal_reaches_the_process_group() {
+        // As in a worker started in the background: SIGINT ignored, which children inherit.
+        // The session's command must get it anyway (RELIABILITY.md #25).
+        // SAFETY: SIG_IGN installs no handler.
+        unsafe {
+            nix::sys::signal::signal(Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn).unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut s = start(local(dir.path()), &spec("exec sleep 30", None)).unwrap();
         s.input.send(ExecInput::Signal(2)).await.unwrap();
