@@ -1,7 +1,8 @@
 //! The `qemu` provider against real qemu, without Temporal: boot, handshake, commands,
 //! cancel, list, snapshot and delete; and the guest channel: a run's output followed from
 //! offsets (live, then kept after the delete) and exec sessions (streams apart, exit codes,
-//! stdin, signals, and nothing left behind when the caller goes away). Reported as ignored (with the reason) where
+//! stdin, signals, and nothing left behind when the caller goes away; and shells: a terminal
+//! in the guest, its size, a resize, large output, Ctrl-C, one at a time). Reported as ignored (with the reason) where
 //! `qemu-system-x86_64` is not installed; with `MURMUR_REQUIRE_QEMU=1` (CI) it runs, and fails
 //! when it is missing.
 
@@ -264,6 +265,180 @@ async fn guest_sh(p: &QemuProvider, vm: &VmId, script: &str) -> String {
     String::from_utf8(out).expect("utf-8")
 }
 
+/// Receives a terminal session's output until it contains `want` (after byte `from` of
+/// `seen`), failing after 60 s; an exit before that fails too.
+async fn until(session: &mut ExecSession, seen: &mut Vec<u8>, from: usize, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if String::from_utf8_lossy(&seen[from.min(seen.len())..]).contains(want) {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, session.output.recv()).await {
+            Ok(Some(ExecOutput::Stdout(b))) => seen.extend_from_slice(&b),
+            Ok(other) => panic!(
+                "no {want:?} before {other:?}: {:?}",
+                String::from_utf8_lossy(seen)
+            ),
+            Err(_) => panic!(
+                "no {want:?} in time: {:?}",
+                String::from_utf8_lossy(&seen[from.min(seen.len())..])
+            ),
+        }
+    }
+}
+
+fn shell_spec(rows: u16, cols: u16) -> ExecSpec {
+    ExecSpec {
+        tty: Some(WindowSize { rows, cols }),
+        ..command(&["sh"])
+    }
+}
+
+/// `murmur shell` on a qemu guest: size, environment, exit code, resize, a large output
+/// whole, one shell at a time, and nothing left running when the caller goes away.
+async fn shell_sessions(p: &QemuProvider, vm: &VmId) {
+    // Size and environment, the exit code last; the terminal is the only stream.
+    let t = Instant::now();
+    let mut s = p.exec("t1", vm, &shell_spec(33, 101)).await.expect("shell");
+    let mut seen = Vec::new();
+    until(&mut s, &mut seen, 0, "# ").await;
+    eprintln!("shell start to first prompt: {:?}", t.elapsed());
+    // Keystroke echo: one byte out, the same byte back.
+    let rounds = 10;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let from = seen.len();
+        s.input
+            .send(ExecInput::Stdin(b"x".to_vec()))
+            .await
+            .expect("send");
+        until(&mut s, &mut seen, from, "x").await;
+    }
+    eprintln!("keystroke echo round trip: {:?}", t.elapsed() / rounds);
+    // Erase them again (Ctrl-U), then the commands, with a terminal's Enter (CR).
+    s.input
+        .send(ExecInput::Stdin(
+            b"\x15stty size; echo vm=$MURMUR_VM_ID; exit 3\r".to_vec(),
+        ))
+        .await
+        .expect("send");
+    let (out, err, all) = collect(s).await;
+    let text = String::from_utf8_lossy(&seen).into_owned() + &String::from_utf8_lossy(&out);
+    assert!(text.contains("33 101\r\n"), "{text:?}");
+    assert!(text.contains(&format!("vm={}\r\n", vm.0)), "{text:?}");
+    assert!(
+        !text.contains("murmur-exit"),
+        "the exit marker is stripped: {text:?}"
+    );
+    assert!(err.is_empty(), "a terminal has no stderr");
+    assert_eq!(exits(&all), vec![3]);
+    assert_eq!(all.last(), Some(&ExecOutput::Exit(3)));
+
+    // A resize reaches the terminal; a large output arrives whole; one shell at a time.
+    let mut s = p.exec("t1", vm, &shell_spec(24, 80)).await.expect("shell");
+    let mut seen = Vec::new();
+    until(&mut s, &mut seen, 0, "# ").await;
+    match p.exec("t1", vm, &shell_spec(24, 80)).await {
+        Err(SubstrateError::Guest { reason, .. }) => {
+            assert_eq!(reason, "a shell is already open on this VM");
+        }
+        other => panic!("a second shell was not refused: {other:?}"),
+    }
+    s.input
+        .send(ExecInput::Resize(WindowSize {
+            rows: 50,
+            cols: 132,
+        }))
+        .await
+        .expect("send");
+    let from = seen.len();
+    s.input
+        .send(ExecInput::Stdin(b"stty size\r".to_vec()))
+        .await
+        .expect("send");
+    until(&mut s, &mut seen, from, "50 132\r\n").await;
+    let from = seen.len();
+    let t = Instant::now();
+    s.input
+        .send(ExecInput::Stdin(
+            b"seq 1 50000; echo seq-$((6*7))\r".to_vec(),
+        ))
+        .await
+        .expect("send");
+    until(&mut s, &mut seen, from, "seq-42\r\n").await;
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&seen[from..]).into_owned();
+    let numbers: Vec<&str> = text
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    let expected: Vec<String> = (1..=50000).map(|i| i.to_string()).collect();
+    assert!(
+        numbers == expected,
+        "seq 1 50000 did not arrive whole ({} lines)",
+        numbers.len()
+    );
+    eprintln!(
+        "seq 1 50000 through the terminal: {took:?} ({:.0} KiB/s)",
+        text.len() as f64 / 1024.0 / took.as_secs_f64()
+    );
+    // Ctrl-C reaches the foreground job through the terminal's line discipline.
+    let from = seen.len();
+    s.input
+        .send(ExecInput::Stdin(b"sleep 33\r".to_vec()))
+        .await
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !guest_sh(p, vm, "ps").await.contains("sleep 33") {
+        assert!(Instant::now() < deadline, "sleep 33 never started");
+    }
+    s.input
+        .send(ExecInput::Stdin(b"\x03".to_vec()))
+        .await
+        .expect("send");
+    until(&mut s, &mut seen, from, "^C\r\n").await;
+    // (An interrupted command ends the rest of its line too, as in any shell.)
+    let from = seen.len();
+    s.input
+        .send(ExecInput::Stdin(b"echo after=$?\r".to_vec()))
+        .await
+        .expect("send");
+    until(&mut s, &mut seen, from, "after=130\r\n").await;
+
+    // The caller going away kills the shell and all it started, and frees the terminal.
+    s.input
+        .send(ExecInput::Stdin(b"sleep 34 & sleep 35\r".to_vec()))
+        .await
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !guest_sh(p, vm, "ps").await.contains("sleep 35") {
+        assert!(Instant::now() < deadline, "sleep 35 never started");
+    }
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = guest_sh(p, vm, "ps; echo shells $(ls /run/murmur-tty | wc -l)").await;
+        let left = ["sleep 34", "sleep 35", "sh -i", " sh\n"]
+            .iter()
+            .any(|w| seen.contains(w));
+        if !left && seen.contains("shells 0\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped shell was left: {seen}"
+        );
+    }
+    let s = p
+        .exec("t1", vm, &shell_spec(24, 80))
+        .await
+        .expect("a shell again");
+    s.input.send(ExecInput::StdinEnd).await.expect("send");
+    let (_, _, all) = collect(s).await;
+    assert_eq!(exits(&all), vec![0], "Ctrl-D ends the shell");
+}
+
 /// Reads a run's whole output through `read_output`, from offset 0 until it is complete.
 async fn read_all(p: &QemuProvider, vm: &VmId, run: &str) -> Vec<u8> {
     let mut data = Vec::new();
@@ -447,15 +622,8 @@ async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
         );
     }
 
-    // No terminal on qemu guests (yet): a shell is refused, not faked.
-    let shell = ExecSpec {
-        tty: Some(WindowSize { rows: 24, cols: 80 }),
-        ..command(&["sh"])
-    };
-    assert!(matches!(
-        p.exec("t1", &vm, &shell).await,
-        Err(SubstrateError::Invalid { .. })
-    ));
+    // A shell: a terminal of the asked size in the guest (its third serial port).
+    shell_sessions(&p, &vm).await;
 
     // Exec latency, start to exit.
     let rounds = 5;

@@ -4,7 +4,7 @@
 //! with direct gRPC calls.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use murmur::gateway::proto::{LogsRequest, Proof};
@@ -12,6 +12,7 @@ use murmur::gateway::request::{LOGS_OP, LogsBody};
 use murmur_activities::auth::DeveloperKey;
 use murmur_workflows::agent::Phase;
 
+use crate::harness::tmux::{KillSession, shell_command, tmux, wait_pane, wait_prompt};
 use crate::harness::{PATIENCE, TestEnv, block_on, stderr, stdout};
 
 /// An agent that prints `tick 0` … `tick 24` every 200 ms, then 100 lines of filler (so its
@@ -192,52 +193,6 @@ fn sleeping_in(state_dir: &std::path::Path) -> bool {
     })
 }
 
-/// Waits until a line of the tmux pane is the shell's prompt (`#`; the pane's lines come
-/// without trailing blanks).
-fn wait_prompt(session: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", session])
-            .output()
-            .unwrap();
-        let pane = String::from_utf8_lossy(&out.stdout).into_owned();
-        if pane.lines().any(|l| l.trim_end() == "#") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no prompt in the pane:\n{pane}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until the tmux pane shows `text`.
-fn wait_pane(session: &str, text: &str) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", session])
-            .output()
-            .unwrap();
-        let pane = String::from_utf8_lossy(&out.stdout).into_owned();
-        if pane.contains(text) {
-            return pane;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pane never showed {text:?}:\n{pane}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn tmux(args: &[&str]) {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux is required for the murmur shell test (./devserver.sh test installs it)");
-    assert!(out.status.success(), "tmux {args:?}: {}", stderr(&out));
-}
-
 #[test]
 fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
     let env = TestEnv::start("shell");
@@ -249,7 +204,7 @@ fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
     let script = format!(
         "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after; sleep 600",
         d = dir.display(),
-        cmd = shell_command(&env),
+        cmd = shell_command(&env, "ka"),
     );
     tmux(&[
         "new-session",
@@ -301,34 +256,6 @@ fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
         "{}",
         stderr(&out)
     );
-}
-
-/// The `murmur shell ka` command line the tmux pane runs, with the test's environment.
-fn shell_command(env: &TestEnv) -> String {
-    let cmd = env.murmur_cmd(&["shell", "ka"]);
-    let mut line = format!("cd {} &&", cmd.get_current_dir().unwrap().display());
-    for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            line.push_str(&format!(
-                " {}='{}'",
-                k.to_string_lossy(),
-                v.to_string_lossy()
-            ));
-        }
-    }
-    line.push_str(&format!(" {} shell ka", env!("CARGO_BIN_EXE_murmur")));
-    line
-}
-
-/// Kills a tmux session when dropped (a failed test leaves no pane behind).
-struct KillSession(String);
-
-impl Drop for KillSession {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .output();
-    }
 }
 
 /// Runs `murmur` as the holder of `credential`.

@@ -3,8 +3,10 @@
 //! `MURMUR_REQUIRE_QEMU=1` (CI) they run, and fail when it is missing.
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::harness::tmux::{KillSession, shell_command, tmux, wait_pane};
 use crate::harness::{TestEnv, ids_in, stderr, stdout, warm};
 use murmur_activities::substrate::qemu::QemuProvider;
 use murmur_activities::substrate::qemu::launch::find_qemu;
@@ -325,12 +327,81 @@ fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
     assert_eq!(stdout(&out), "into the guest\n", "{}", stderr(&out));
     assert_eq!(out.status.code(), Some(0));
 
-    // No terminal helper in the guest yet: shell says so instead of hanging.
-    let out = env.murmur(&["shell", "ka"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).starts_with("INVALID_ARGUMENT: invalid operation on this substrate: a terminal (murmur shell) on qemu guests"),
-        "{}",
-        stderr(&out)
+    // murmur shell: a terminal in the guest (its marker file, its VM id), driven in a real
+    // terminal (tmux): sized, resized, the exit code back, the local terminal restored.
+    let vm = env.agent("ka").vm.expect("the agent's VM").0;
+    let dir = env.dir.path();
+    let session = format!("murmur-qemu-shell-{}", std::process::id());
+    let script = format!(
+        "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after; sleep 600",
+        d = dir.display(),
+        cmd = shell_command(&env, "ka"),
+    );
+    let started = Instant::now();
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &script,
+    ]);
+    let _kill = KillSession(session.clone());
+    // busybox ash's prompt for root in /root.
+    wait_pane(&session, "/root #");
+    eprintln!("murmur shell to the first prompt: {:?}", started.elapsed());
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "echo vm=$MURMUR_VM_ID marker=$(cat /etc/murmur/vm) agent=$MURMUR_AGENT; stty size",
+        "Enter",
+    ]);
+    wait_pane(&session, &format!("vm={vm} marker=1 agent=ka"));
+    wait_pane(&session, "30 100");
+    tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+    // The new size reaches the guest (after the CLI's SIGWINCH, the gateway, the channel).
+    let deadline = Instant::now() + crate::harness::PATIENCE;
+    loop {
+        tmux(&["send-keys", "-t", &session, "clear; stty size", "Enter"]);
+        let pane = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session])
+            .output()
+            .expect("tmux");
+        if String::from_utf8_lossy(&pane.stdout).contains("40 120") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resize never reached the guest"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    tmux(&["send-keys", "-t", &session, "exit 5", "Enter"]);
+    wait_pane(&session, "shell exited 5");
+    let deadline = Instant::now() + crate::harness::PATIENCE;
+    while !dir.join("after").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the pane never wrote its settings"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("before")).expect("before"),
+        std::fs::read_to_string(dir.join("after")).expect("after"),
+        "the local terminal was not restored"
+    );
+    // Nothing of the shell stays in the guest once it exited.
+    eventually(
+        &env,
+        "the shell's session to be cleaned up in the guest",
+        || {
+            let out = env.murmur(&["exec", "ka", "--", "sh", "-c", "ls /run/murmur-tty | wc -l"]);
+            stdout(&out).trim() == "0"
+        },
     );
 }

@@ -5,7 +5,8 @@
 #
 # <out-dir> receives `vmlinuz` (the Debian cloud kernel), `initrd.gz` (busybox, /init, the
 # guest agent, /etc/murmur/vm and /etc/murmur/image) and `image.json` (id, substrate, kernel
-# version, arch, the packages used). The same packages give byte-identical files: the file
+# version, arch, the packages used, and `guest_sha256`: the sha256 of /init and the agent
+# together, by which a worker with other guest files knows to rebuild the image). The same packages give byte-identical files: the file
 # list is sorted, every mtime is SOURCE_DATE_EPOCH, owners are root, `cpio --reproducible`
 # and `gzip -n`. Packages are downloaded with `apt-get download` into
 # ${MURMUR_CACHE_DIR:-$HOME/.cache/murmur}/debs and reused. The kernel package is the one the
@@ -80,7 +81,8 @@ cat >"$stage/image.json" <<JSON
   "arch": "x86_64",
   "kernel": "$kernel_version",
   "packages": ["$(basename "$kernel_deb")", "$(basename "$busybox_deb")"],
-  "initrd_sha256": "$(sha256sum "$stage/initrd.gz" | cut -d' ' -f1)"
+  "initrd_sha256": "$(sha256sum "$stage/initrd.gz" | cut -d' ' -f1)",
+  "guest_sha256": "$(cat "$HERE/init" "$HERE/murmur-agent" | sha256sum | cut -d' ' -f1)"
 }
 JSON
 rm -rf "$OUT"

@@ -13,6 +13,7 @@ use murmur_workflows::status::PoolStatus;
 
 mod invariants;
 mod server;
+pub mod tmux;
 
 pub use invariants::{Allow, while_checking};
 pub use server::PrivateServer;

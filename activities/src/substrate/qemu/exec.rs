@@ -1,5 +1,7 @@
 //! Exec sessions on qemu guests: a command started next to the agent, without a terminal,
-//! served over the control channel by one tokio task per session ([`start`]).
+//! served over the control channel by one tokio task per session ([`start`]); and terminal
+//! sessions (`murmur shell`, [`start_tty`]), whose bytes go over the guest's third serial
+//! port.
 //!
 //! The guest agent keeps a session in `/run/murmur-exec/<id>/` (apart from the runs in
 //! `/run/murmur/`, so a session is never taken for an agent run nor kept as a log): the
@@ -22,6 +24,19 @@
 //!
 //! Every request is one short round trip taken under the VM's channel lock, so the agent's
 //! own status polling interleaves with the session's.
+//!
+//! A terminal session ([`TtyTask`]) relays the bytes of `tty.sock` (the guest's `ttyS2`,
+//! which the shell has as its controlling terminal): the socket's bytes are
+//! [`ExecOutput::Stdout`] (a terminal has no stderr), [`ExecInput::Stdin`] is written to it
+//! in [`TTY_WRITE`] pieces (qemu reads the socket only as fast as the guest's UART takes the
+//! bytes, so nothing is lost on the host side; the guest's line discipline holds a few KiB
+//! of unread input, so a paste far larger than that into a command that does not read may
+//! lose bytes, as on a serial console), [`ExecInput::StdinEnd`] is a Ctrl-D,
+//! [`ExecInput::Resize`] and [`ExecInput::Signal`] (to the terminal's foreground process
+//! group) go over the control channel. The exit comes in-band, as the marker the guest
+//! writes after everything the shell wrote ([`ExitMarker`]), with the exit code; a poll every
+//! [`SHELL_POLL`] renews the session's lease in the guest and notices an exit whose marker
+//! was lost. When the caller goes away, every process of the shell's session is killed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,7 +47,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::QemuProvider;
-use super::guest::{ExecPoll, POLL_MAX, STDIN_CHUNK, parse_poll};
+use super::guest::{ExecPoll, ExitMarker, POLL_MAX, STDIN_CHUNK, parse_poll, parse_shell_poll};
 use crate::substrate::SubstrateError;
 use crate::substrate::session::{ExecInput, ExecOutput};
 
@@ -225,6 +240,201 @@ impl ExecTask {
             | ExecInput::Signal(_)
             | ExecInput::Resize(_) => Ok(false),
         }
+    }
+
+    /// A request that is safe to repeat, repeated on transient failures.
+    async fn retry(&self, verb: &str, args: &str) -> Result<(), Stop> {
+        let mut failures = 0;
+        loop {
+            match self.ask(verb, args).await {
+                Ok(_) => return Ok(()),
+                Err(SubstrateError::VmGone(_)) => {
+                    return Err(Stop::Lost("the VM is gone".into()));
+                }
+                Err(e @ SubstrateError::Guest { .. }) => return Err(Stop::Lost(e.to_string())),
+                Err(e) => {
+                    failures += 1;
+                    if failures >= MAX_FAILURES {
+                        return Err(Stop::Lost(e.to_string()));
+                    }
+                    tokio::time::sleep(POLL_IDLE).await;
+                }
+            }
+        }
+    }
+}
+
+/// How often a terminal session's status is asked for (which also renews its lease in the
+/// guest); the exit itself normally comes in-band, as the [`ExitMarker`].
+pub const SHELL_POLL: Duration = Duration::from_secs(1);
+/// How long, once a poll saw the shell exit, the line may stay quiet before the exit is sent
+/// without its marker (the marker was lost: say, the user's `stty` mangled it).
+const EXIT_QUIET: Duration = Duration::from_secs(1);
+/// How long bytes that may start the exit marker are held back before they count as output.
+const HOLD_FLUSH: Duration = Duration::from_millis(200);
+/// Most bytes written to the terminal's socket at once.
+pub const TTY_WRITE: usize = 1024;
+
+/// One terminal session's serving task: the guest's third serial port (`tty.sock`) carries
+/// the terminal's bytes both ways, the control channel the rest.
+pub(super) struct TtyTask {
+    /// The provider (for its serialised channel).
+    pub provider: QemuProvider,
+    /// The VM's directory.
+    pub dir: PathBuf,
+    /// The VM.
+    pub vm: VmId,
+    /// The session id (a directory name in the guest).
+    pub id: String,
+    /// What the caller sends.
+    pub input: mpsc::Receiver<ExecInput>,
+    /// What goes back to the caller.
+    pub output: mpsc::Sender<ExecOutput>,
+}
+
+/// Spawns the task serving a terminal session the guest has started, on `terminal`: the
+/// connection to the terminal's socket (the `go` line already written).
+pub(super) fn start_tty(task: TtyTask, terminal: tokio::net::UnixStream) {
+    tokio::spawn(task.serve(terminal));
+}
+
+impl TtyTask {
+    async fn ask(&self, verb: &str, args: &str) -> Result<String, SubstrateError> {
+        self.provider.ask(&self.dir, &self.vm, verb, args).await
+    }
+
+    async fn serve(mut self, terminal: tokio::net::UnixStream) {
+        let (read, write) = terminal.into_split();
+        match self.follow(read, write).await {
+            Ok(()) => {}
+            Err(Stop::CallerGone) => {
+                tracing::debug!(vm = %self.vm, session = %self.id, "shell caller went away: killing");
+            }
+            Err(Stop::Lost(reason)) => {
+                tracing::warn!(vm = %self.vm, session = %self.id, %reason, "shell session lost");
+                // A terminal has one stream: the note goes where the user looks.
+                let note = format!("\r\nmurmur: shell session lost: {reason}\r\n");
+                let _ = self
+                    .output
+                    .send(ExecOutput::Stdout(note.into_bytes()))
+                    .await;
+                let _ = self.output.send(ExecOutput::Exit(LOST_EXIT)).await;
+            }
+        }
+        // After an exit: clean up; otherwise: SIGKILL to the whole session, then clean up.
+        let args = self.id.clone();
+        let _ = tokio::time::timeout(DROP_TIMEOUT, self.ask("shdrop", &args)).await;
+    }
+
+    /// Relays the terminal until the exit was forwarded (`Ok`) or serving stops.
+    async fn follow(
+        &mut self,
+        mut read: tokio::net::unix::OwnedReadHalf,
+        mut write: tokio::net::unix::OwnedWriteHalf,
+    ) -> Result<(), Stop> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut marker = ExitMarker::new(&self.id);
+        let mut buf = vec![0; 16 * 1024];
+        let mut next_poll = Instant::now() + SHELL_POLL;
+        let mut last_read = Instant::now();
+        let mut exited: Option<i32> = None;
+        let mut failures = 0u32;
+        loop {
+            let flush_at = last_read + HOLD_FLUSH;
+            let holding = marker.holding();
+            tokio::select! {
+                n = read.read(&mut buf) => {
+                    let n = match n {
+                        Ok(0) => return Err(Stop::Lost("the terminal's connection closed".into())),
+                        Ok(n) => n,
+                        Err(e) => return Err(Stop::Lost(format!("the terminal's connection: {e}"))),
+                    };
+                    last_read = Instant::now();
+                    let (out, code) = marker.feed(&buf[..n]);
+                    if !out.is_empty() {
+                        self.emit(ExecOutput::Stdout(out)).await?;
+                    }
+                    if let Some(code) = code {
+                        self.emit(ExecOutput::Exit(code)).await?;
+                        return Ok(());
+                    }
+                }
+                msg = self.input.recv() => {
+                    let Some(msg) = msg else {
+                        return Err(Stop::CallerGone);
+                    };
+                    match msg {
+                        ExecInput::Stdin(bytes) => {
+                            for piece in bytes.chunks(TTY_WRITE) {
+                                write.write_all(piece).await.map_err(|e| {
+                                    Stop::Lost(format!("the terminal's connection: {e}"))
+                                })?;
+                            }
+                        }
+                        // End of input on a terminal is the EOF character (Ctrl-D).
+                        ExecInput::StdinEnd => {
+                            write.write_all(&[4]).await.map_err(|e| {
+                                Stop::Lost(format!("the terminal's connection: {e}"))
+                            })?;
+                        }
+                        ExecInput::Resize(size) => {
+                            let args = format!("{} {} {}", self.id, size.rows.max(1), size.cols.max(1));
+                            self.retry("winch", &args).await?;
+                        }
+                        ExecInput::Signal(n) if (1..=64).contains(&n) => {
+                            self.retry("shsig", &format!("{} {n}", self.id)).await?;
+                        }
+                        ExecInput::Signal(_) => {}
+                    }
+                }
+                () = tokio::time::sleep_until(flush_at), if holding => {
+                    let out = marker.flush();
+                    self.emit(ExecOutput::Stdout(out)).await?;
+                }
+                () = tokio::time::sleep_until(next_poll) => {
+                    next_poll = Instant::now() + SHELL_POLL;
+                    if let Some(code) = exited
+                        && last_read.elapsed() >= EXIT_QUIET
+                    {
+                        tracing::warn!(vm = %self.vm, session = %self.id, "shell exited without its marker");
+                        let out = marker.flush();
+                        if !out.is_empty() {
+                            self.emit(ExecOutput::Stdout(out)).await?;
+                        }
+                        self.emit(ExecOutput::Exit(code)).await?;
+                        return Ok(());
+                    }
+                    let args = self.id.clone();
+                    let poll = match self.ask("shpoll", &args).await {
+                        Ok(answer) => parse_shell_poll(&answer).map_err(|reason| {
+                            SubstrateError::Guest { vm: self.vm.clone(), reason }
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    match poll {
+                        Ok(Some(code)) => {
+                            failures = 0;
+                            exited = exited.or(code);
+                        }
+                        Ok(None) => return Err(Stop::Lost("the guest forgot the session".into())),
+                        Err(SubstrateError::VmGone(_)) => {
+                            return Err(Stop::Lost("the VM is gone".into()));
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures >= MAX_FAILURES {
+                                return Err(Stop::Lost(e.to_string()));
+                            }
+                        }
+                    }
+                }
+                () = self.output.closed() => return Err(Stop::CallerGone),
+            }
+        }
+    }
+
+    async fn emit(&self, out: ExecOutput) -> Result<(), Stop> {
+        self.output.send(out).await.map_err(|_| Stop::CallerGone)
     }
 
     /// A request that is safe to repeat, repeated on transient failures.

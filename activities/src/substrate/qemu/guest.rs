@@ -13,7 +13,10 @@
 //!   the run exited ([`parse_read`], [`GuestRead`]), at most [`READ_MAX`] bytes a request;
 //! - `runs`: every agent run with its output size ([`parse_runs`]), what a delete keeps;
 //! - exec sessions: `exec`, `input`, `eof`, `signal`, `poll` ([`parse_poll`], [`ExecPoll`])
-//!   and `drop`, served by [`super::exec`].
+//!   and `drop`, served by [`super::exec`];
+//! - terminal sessions (`murmur shell`): `shell`, `winch`, `shsig`, `shpoll`
+//!   ([`parse_shell_poll`]) and `shdrop`; the terminal itself is the guest's third serial
+//!   port, whose byte stream ends with the exit marker [`ExitMarker`] looks for.
 //!
 //! The full list of requests and answers is at the top of the guest agent.
 
@@ -268,6 +271,93 @@ pub fn new_exec_id() -> String {
     )
 }
 
+/// Parses a `shpoll` answer (`shell <code|->`): `Ok(Some(None))` while the shell runs,
+/// `Ok(Some(Some(code)))` once it exited, `Ok(None)` when the guest knows no such session.
+pub fn parse_shell_poll(answer: &str) -> Result<Option<Option<i32>>, String> {
+    let unexpected = || format!("unexpected answer {:?}", truncate(answer, 80));
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    match words.as_slice() {
+        ["unknown"] => Ok(None),
+        ["shell", "-"] => Ok(Some(None)),
+        ["shell", code] => Ok(Some(Some(code.parse().map_err(|_| unexpected())?))),
+        _ => Err(unexpected()),
+    }
+}
+
+/// Finds the end of a terminal session in the bytes of its serial line: the guest writes
+/// `ESC _ murmur-exit:<id>:<code> ESC \` (an APC string, which terminals ignore) after
+/// everything the shell wrote. [`ExitMarker::feed`] passes every other byte on, holding back
+/// only what may be the start of the marker until the next bytes tell.
+#[derive(Debug)]
+pub struct ExitMarker {
+    prefix: Vec<u8>,
+    held: Vec<u8>,
+}
+
+impl ExitMarker {
+    /// The marker of session `id`.
+    pub fn new(id: &str) -> Self {
+        Self {
+            prefix: format!("\x1b_murmur-exit:{id}:").into_bytes(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Takes the next bytes of the line: returns what is the terminal's output, and the exit
+    /// code once the marker is complete (whatever follows it is dropped).
+    pub fn feed(&mut self, data: &[u8]) -> (Vec<u8>, Option<i32>) {
+        self.held.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            let Some(at) = find(&self.held, &self.prefix) else {
+                // Keep the longest end that could still grow into the marker.
+                let keep = (1..self.prefix.len().min(self.held.len() + 1))
+                    .rev()
+                    .find(|k| self.held.ends_with(&self.prefix[..*k]))
+                    .unwrap_or(0);
+                let cut = self.held.len() - keep;
+                out.extend(self.held.drain(..cut));
+                return (out, None);
+            };
+            let rest = &self.held[at + self.prefix.len()..];
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            let tail = &rest[digits..];
+            let complete = (1..=3).contains(&digits) && tail.starts_with(b"\x1b\\");
+            if complete {
+                let code = std::str::from_utf8(&rest[..digits])
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(-1);
+                out.extend_from_slice(&self.held[..at]);
+                self.held.clear();
+                return (out, Some(code));
+            }
+            let pending = digits <= 3 && (tail.is_empty() || (digits > 0 && tail == b"\x1b"));
+            if pending {
+                out.extend(self.held.drain(..at));
+                return (out, None);
+            }
+            // Not the marker after all: its first byte is output, look again after it.
+            out.extend(self.held.drain(..=at));
+        }
+    }
+
+    /// True when bytes are held back (a possible start of the marker).
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Gives up waiting for the rest of a possible marker: the held bytes are output.
+    pub fn flush(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// The first position of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Parses a `status` answer.
 pub fn parse_status(answer: &str) -> Option<CommandStatus> {
     let mut words = answer.split_whitespace();
@@ -476,6 +566,65 @@ mod tests {
         let id = new_exec_id();
         assert!(valid_run_id(&id), "{id}");
         assert_ne!(id, new_exec_id());
+    }
+
+    #[test]
+    fn shell_polls_parse() {
+        assert_eq!(parse_shell_poll("shell -"), Ok(Some(None)));
+        assert_eq!(parse_shell_poll("shell 3"), Ok(Some(Some(3))));
+        assert_eq!(parse_shell_poll("unknown"), Ok(None));
+        assert!(parse_shell_poll("shell x").is_err());
+        assert!(parse_shell_poll("exec - 0 - -").is_err());
+    }
+
+    #[test]
+    fn the_exit_marker_ends_the_stream_wherever_it_is_cut() {
+        let stream = b"a\x1b[Jb\x1b_other\x1b\\ # exit 3\r\n\x1b_murmur-exit:e1:3\x1b\\junk";
+        let shown = b"a\x1b[Jb\x1b_other\x1b\\ # exit 3\r\n";
+        // Every way of cutting the stream in two gives the same output and code.
+        for cut in 0..stream.len() {
+            let mut marker = ExitMarker::new("e1");
+            let (mut out, code) = marker.feed(&stream[..cut]);
+            let code = match code {
+                Some(code) => Some(code),
+                None => {
+                    let (more, code) = marker.feed(&stream[cut..]);
+                    out.extend(more);
+                    code
+                }
+            };
+            assert_eq!(
+                (out.as_slice(), code),
+                (&shown[..], Some(3)),
+                "cut at {cut}"
+            );
+        }
+        // Byte by byte.
+        let mut marker = ExitMarker::new("e1");
+        let mut out = Vec::new();
+        let mut code = None;
+        for b in stream {
+            let (more, c) = marker.feed(std::slice::from_ref(b));
+            out.extend(more);
+            if c.is_some() {
+                code = c;
+                break;
+            }
+        }
+        assert_eq!((out.as_slice(), code), (&shown[..], Some(3)));
+        // Another session's marker, or a lone ESC at the end, is output (held, then flushed).
+        let mut marker = ExitMarker::new("e1");
+        let (out, code) = marker.feed(b"x\x1b_murmur-exit:e2:0\x1b\\y\x1b");
+        assert_eq!(
+            (out.as_slice(), code),
+            (&b"x\x1b_murmur-exit:e2:0\x1b\\y"[..], None)
+        );
+        assert!(marker.holding());
+        assert_eq!(marker.flush(), b"\x1b");
+        assert!(!marker.holding());
+        let long = b"\x1b_murmur-exit:e1:12345\x1b\\";
+        let (out, code) = marker.feed(long);
+        assert_eq!((out.as_slice(), code), (&long[..], None));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub const VM_META_FILE: &str = "vm.json";
 pub const PID_FILE: &str = "qemu.pid";
 /// The control channel's unix socket.
 pub const CONTROL_SOCKET: &str = "ctl.sock";
+/// The terminal of `murmur shell` sessions: the guest's third serial port (`/dev/ttyS2`, at
+/// 0x3E8), a unix socket the host connects to per session ([`super::exec`]).
+pub const TTY_SOCKET: &str = "tty.sock";
 /// The guest console (first serial port).
 pub const CONSOLE_LOG: &str = "console.log";
 /// qemu's own stderr.
@@ -246,6 +249,8 @@ pub fn qemu_args(dir: &Path, image: &Path, meta: &QemuVmMeta) -> Vec<OsString> {
         )
         .into(),
     );
+    args.push("-serial".into());
+    args.push(format!("unix:{},server=on,wait=off", dir.join(TTY_SOCKET).display()).into());
     args
 }
 
@@ -354,6 +359,15 @@ mod tests {
             args.iter()
                 .any(|a| a == "unix:/s/vm/ctl.sock,server=on,wait=off")
         );
+        // The third serial port (ttyS2) is the shell's terminal, after the control channel.
+        let serials: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-serial")
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(serials.len(), 3);
+        assert_eq!(serials[2], "unix:/s/vm/tty.sock,server=on,wait=off");
     }
 
     #[test]

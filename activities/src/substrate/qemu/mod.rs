@@ -7,8 +7,9 @@
 //!   embedded `build.sh` ([`QemuProvider::ensure_base_image`]); baked images add a layer to
 //!   their base's initrd.
 //! - `qemu/vms/<tenant>/<vm>/`: `vm.json` ([`launch::QemuVmMeta`]), `qemu.pid`, `ctl.sock`
-//!   (the guest's second serial port, the guest agent's control channel), `console.log` (the
-//!   first serial port) and `qemu.log` (qemu's own stderr).
+//!   (the guest's second serial port, the guest agent's control channel), `tty.sock` (the
+//!   third, the terminal of `murmur shell`), `console.log` (the first serial port) and
+//!   `qemu.log` (qemu's own stderr).
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
@@ -24,15 +25,20 @@
 //!   failing the delete for it. The channel is a serial port (about 150 KiB/s under TCG), so
 //!   the budget keeps ~1.5 MB in all there. A kept output cut short is the output's end,
 //!   and starts at offset 0 of what was kept.
-//! - [`Provider::exec`] starts a command next to the agent, without a terminal (the guest
-//!   has no pty helper: busybox has no `script`), served by [`exec`]. Exec sessions live
-//!   apart from runs in the guest and are never kept.
+//! - [`Provider::exec`] starts a command next to the agent, served by [`exec`]. Without a
+//!   terminal its streams go over the control channel; with one (`murmur shell`) the
+//!   terminal is the guest's third serial port (`/dev/ttyS2`, `tty.sock` here): a serial
+//!   line is a terminal, cooked and echoing like a pty's slave, so the busybox guest needs
+//!   no pty helper. One shell at a time per VM. Exec sessions live apart from runs in the
+//!   guest and are never kept.
+//! - [`QemuProvider::ensure_base_image`] rebuilds the base image when its guest files
+//!   (`/init`, the agent) are not this build's ([`guest_sha256`]).
 //!
 //! # Layout
 //!
 //! - this file: [`QemuProvider`] and its [`Provider`] implementation;
 //! - [`guest`]: the control-channel protocol spoken with the guest agent;
-//! - [`exec`]: the task serving an exec session;
+//! - [`exec`]: the tasks serving an exec session and a terminal session;
 //! - [`launch`]: finding qemu, the accelerator and its KVM probe, the command line, telling
 //!   the VM's qemu from other processes, stopping it;
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
@@ -59,11 +65,12 @@ use self::guest::{
 };
 use self::images::ImageMeta;
 use self::launch::{
-    Accel, CONTROL_SOCKET, QemuVmMeta, VM_META_FILE, exit_report, find_qemu, qemu_pid, spawn_qemu,
-    stop_qemu,
+    Accel, CONTROL_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report, find_qemu, qemu_pid,
+    spawn_qemu, stop_qemu,
 };
 use crate::substrate::session::{
-    DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, check_exec,
+    DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, WindowSize,
+    check_exec,
 };
 use crate::substrate::vm_dir::{
     check_image_id, check_run_id, check_socket_path, claim_owner, list_vm_dirs, remove_vm_dir,
@@ -176,8 +183,25 @@ impl QemuProvider {
         images::image_meta(&self.images_dir(), image)
     }
 
-    /// Builds the base image `default` with the embedded `build.sh` unless it exists.
+    /// Builds the base image `default` with the embedded `build.sh` unless it exists with
+    /// this build's guest files (its `image.json`'s `guest_sha256`, [`guest_sha256`]): a
+    /// base image of other guest files (an older agent) is rebuilt. Images baked from it keep
+    /// the guest files they were baked with.
     pub async fn ensure_base_image(&self) -> Result<(), SubstrateError> {
+        let default = self
+            .images_dir()
+            .join(murmur_workflows::model::DEFAULT_IMAGE);
+        let built = std::fs::read(default.join(images::IMAGE_META_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("guest_sha256")?.as_str().map(str::to_string));
+        if default.exists() && built.as_deref() != Some(guest_sha256().as_str()) {
+            tracing::info!(
+                image = %default.display(),
+                "the qemu base image has other guest files than this build: rebuilding it"
+            );
+            remove_vm_dir(&default).await?;
+        }
         images::ensure_base_image(&self.images_dir(), &self.qemu_dir().join(".build")).await
     }
 
@@ -279,6 +303,82 @@ impl QemuProvider {
         })
     }
 
+    /// Opens a terminal session (see [`exec::TtyTask`]): connects to the terminal's socket
+    /// first, has the guest start the shell on its third serial port, then writes the `go`
+    /// line on that connection (only then does the shell start: nothing it writes is lost).
+    async fn open_shell(
+        &self,
+        dir: &Path,
+        vm: &VmId,
+        id: String,
+        size: WindowSize,
+        script_b64: &str,
+    ) -> Result<ExecSession, SubstrateError> {
+        use tokio::io::AsyncWriteExt;
+        let socket = dir.join(TTY_SOCKET);
+        let mut terminal = match tokio::net::UnixStream::connect(&socket).await {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SubstrateError::Guest {
+                    vm: vm.clone(),
+                    reason: "this VM was booted without a terminal port (by an older murmur): \
+                             a shell needs a fresh VM"
+                        .into(),
+                });
+            }
+            Err(e) => {
+                return Err(SubstrateError::io(
+                    format!("connect to {}", socket.display()),
+                    e,
+                ));
+            }
+        };
+        let (rows, cols) = (size.rows.max(1), size.cols.max(1));
+        let answer = self
+            .ask(
+                dir,
+                vm,
+                "shell",
+                &format!("{id} {rows} {cols} {script_b64}"),
+            )
+            .await
+            .map_err(|e| match e {
+                SubstrateError::Guest { vm, reason } if reason == "unknown request" => {
+                    SubstrateError::Guest {
+                        vm,
+                        reason: "this VM's guest agent predates murmur shell on qemu: a shell \
+                                 needs a fresh VM"
+                            .into(),
+                    }
+                }
+                e => e,
+            })?;
+        if answer != "ok" {
+            return Err(SubstrateError::Guest {
+                vm: vm.clone(),
+                reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
+            });
+        }
+        let go = format!("go-{id}\n");
+        if let Err(e) = terminal.write_all(go.as_bytes()).await {
+            let _ = self.ask(dir, vm, "shdrop", &id).await;
+            return Err(SubstrateError::io("write to the terminal", e));
+        }
+        let (session, input, output) = ExecSession::channel();
+        exec::start_tty(
+            exec::TtyTask {
+                provider: self.clone(),
+                dir: dir.to_path_buf(),
+                vm: vm.clone(),
+                id,
+                input,
+                output,
+            },
+            terminal,
+        );
+        Ok(session)
+    }
+
     /// Fetches the output of every agent run of a live guest into the kept logs (at most the
     /// last [`KEEP_MAX`] bytes of each, within [`KEEP_BUDGET`] in all, smallest first, each
     /// from its end backwards). Never fails: what cannot be kept is logged.
@@ -345,6 +445,19 @@ impl QemuProvider {
     }
 }
 
+/// The sha256 (hex) of this build's guest files, `/init` and the agent together, as
+/// `build.sh` records it in `image.json`.
+pub fn guest_sha256() -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(images::GUEST_INIT.as_bytes());
+    ctx.update(images::GUEST_AGENT.as_bytes());
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[async_trait]
 impl Provider for QemuProvider {
     fn name(&self) -> &'static str {
@@ -362,6 +475,7 @@ impl Provider for QemuProvider {
     async fn create(&self, spec: &BootSpec) -> Result<(), SubstrateError> {
         let dir = self.vm_dir(&spec.tenant, &spec.vm)?;
         check_socket_path(&dir.join(CONTROL_SOCKET))?;
+        check_socket_path(&dir.join(TTY_SOCKET))?;
         if self.image_meta(&spec.image).is_none() {
             return Err(SubstrateError::ImageNotFound(spec.image.clone()));
         }
@@ -605,13 +719,6 @@ impl Provider for QemuProvider {
         spec: &ExecSpec,
     ) -> Result<ExecSession, SubstrateError> {
         check_exec(spec)?;
-        if spec.tty.is_some() {
-            return Err(SubstrateError::Invalid {
-                what: "operation on this substrate",
-                value: "a terminal (murmur shell) on qemu guests: the guest has no pty helper yet"
-                    .into(),
-            });
-        }
         let dir = self.vm_dir(tenant, vm)?;
         if !dir.exists() || qemu_pid(&dir).is_none() {
             return Err(SubstrateError::VmGone(vm.clone()));
@@ -628,6 +735,9 @@ impl Provider for QemuProvider {
                 value,
             })?;
         let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        if let Some(size) = spec.tty {
+            return self.open_shell(&dir, vm, id, size, &b64).await;
+        }
         let answer = self.ask(&dir, vm, "exec", &format!("{id} {b64}")).await?;
         if answer != "ok" {
             return Err(SubstrateError::Guest {
