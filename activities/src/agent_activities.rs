@@ -28,7 +28,9 @@ use temporalio_sdk::activities::ActivityContext;
 use crate::auth::KeyStore;
 use crate::heartbeat::{with_heartbeats, with_progress};
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
-use crate::temporal_ops::{interaction_error, running_runs, update_error, update_pool};
+use crate::temporal_ops::{
+    interaction_error, running_runs, terminated_since, update_error, update_pool,
+};
 
 /// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs
 /// its workflow tasks, or they keep failing) must not hold the agent's call forever; the
@@ -334,7 +336,18 @@ impl AgentActivities {
                     .await
                     .map_err(retryable)?;
                 if runs.is_empty() {
-                    return Ok::<u64, ActivityError>(count.load(Ordering::Relaxed));
+                    let mut terminated = count.load(Ordering::Relaxed);
+                    // A retry after a crash: what the lost attempt terminated before its
+                    // heartbeat carried the count is read back from visibility (every agent
+                    // of the tenant closed as terminated since this step was first scheduled).
+                    if let (true, Some(since)) = (ctx.info().attempt > 1, ctx.info().scheduled_time)
+                    {
+                        let seen = terminated_since(&client, &input.tenant, "agent", since)
+                            .await
+                            .map_err(retryable)?;
+                        terminated = terminated.max(seen);
+                    }
+                    return Ok::<u64, ActivityError>(terminated);
                 }
                 let ids: Vec<String> = runs.into_iter().map(|(id, _)| id).collect();
                 let ended = futures::stream::iter(ids)

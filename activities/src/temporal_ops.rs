@@ -24,6 +24,33 @@ pub fn running_query(tenant: &str, kind: &str) -> String {
     )
 }
 
+/// How many `kind` workflows of `tenant` were terminated (closed as `Terminated`) at or after
+/// `since`, through visibility.
+pub async fn terminated_since(
+    client: &temporalio_client::Client,
+    tenant: &str,
+    kind: &str,
+    since: std::time::SystemTime,
+) -> Result<u64, ApiError> {
+    use futures::StreamExt;
+    let query = format!(
+        "{} = '{}' AND {} = '{}' AND ExecutionStatus = 'Terminated' AND CloseTime >= '{}'",
+        SA_TENANT.name(),
+        tenant,
+        SA_KIND.name(),
+        kind,
+        humantime::format_rfc3339_millis(since)
+    );
+    let mut stream =
+        client.list_workflows(query, temporalio_client::WorkflowListOptions::default());
+    let mut count = 0;
+    while let Some(item) = stream.next().await {
+        item.map_err(|e| ApiError::new(Code::Unavailable, e.to_string()))?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 /// Visibility query for the running pool workflows of the deployment whose shared task queue
 /// is `shared_queue` (quotes in the name are dropped, so it cannot end the literal).
 pub fn running_pools_query(shared_queue: &str) -> String {

@@ -712,6 +712,10 @@ impl Provider for QemuProvider {
             .ok_or_else(|| SubstrateError::VmGone(vm.clone()))
     }
 
+    fn forget_kept_output(&self, tenant: &str) {
+        self.kept.forget_tenant(tenant);
+    }
+
     async fn exec(
         &self,
         tenant: &str,
