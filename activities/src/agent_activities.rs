@@ -112,6 +112,25 @@ impl AgentActivities {
     }
 }
 
+/// False only when the agent run named by a claim request (`<workflow id>@<run id>`) is
+/// known to have ended: its workflow's current run is another one, or not running. A failed
+/// lookup says true (the claim goes on; the reaper is the backstop).
+async fn run_is_running(client: &temporalio_client::Client, request: &str) -> bool {
+    let Some((workflow, run)) = request.rsplit_once('@') else {
+        return true;
+    };
+    match client
+        .get_workflow_handle::<UntypedWorkflow>(workflow.to_string())
+        .describe(temporalio_client::WorkflowDescribeOptions::default())
+        .await
+    {
+        Ok(d) => {
+            d.run_id() == run && d.status() == temporalio_client::WorkflowExecutionStatus::Running
+        }
+        Err(_) => true,
+    }
+}
+
 #[activities]
 impl AgentActivities {
     /// Sends a claim to the tenant's pool (starting the pool if it is not running). A refusal
@@ -123,6 +142,16 @@ impl AgentActivities {
         input: ClaimInput,
     ) -> Result<ClaimState, ActivityError> {
         let client = ctx.client();
+        // A local activity can outlive its workflow run: a run terminated (by a nuke) while
+        // its claim was in flight, replayed later to answer a query, asks again. Such a
+        // ghost's claim would hold a VM nobody releases until the reaper notices, so it is
+        // not sent.
+        if !input.probe && !run_is_running(&client, &input.claim.request).await {
+            return Err(api_failure(ApiError::failed_precondition(format!(
+                "agent run {} has ended; its claim is not sent",
+                input.claim.request
+            ))));
+        }
         let mut claim = input.claim.clone();
         claim.auth = Some(self.sign(ops::CLAIM, &input.tenant, &claim)?);
         let call = update_pool(
