@@ -4,7 +4,7 @@
 //! with direct gRPC calls.
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use murmur::gateway::proto::{LogsRequest, Proof};
@@ -397,4 +397,64 @@ fn gateway_of_restarted(env: &TestEnv, old: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_gateway_with_tls_is_reached_over_https_with_its_ca_and_refused_without() {
+    // A self-signed certificate for 127.0.0.1 (the CLI trusts it through MURMUR_GATEWAY_CA).
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=murmur-gateway-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is required to make the test's certificate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let env = TestEnv::start_with(
+        "gateway-tls",
+        crate::harness::EnvOptions {
+            worker_env: vec![
+                ("MURMUR_GATEWAY_TLS_CERT".into(), cert.display().to_string()),
+                ("MURMUR_GATEWAY_TLS_KEY".into(), key.display().to_string()),
+            ],
+            ..Default::default()
+        },
+    );
+    keep_alive(&env, "ka");
+    let hosts: serde_json::Value =
+        serde_json::from_str(&env.murmur_ok(&["host", "ls", "-o", "json"])).unwrap();
+    assert!(
+        hosts[0]["gateway"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("https://127.0.0.1:"),
+        "{hosts:#}"
+    );
+    let out = env
+        .murmur_cmd(&["logs", "ka"])
+        .env("MURMUR_GATEWAY_CA", &cert)
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out), "started\n", "{}", stderr(&out));
+    // Without the CA the certificate is not trusted: no connection, exit 69.
+    let out = env.murmur(&["logs", "ka"]);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("UNAVAILABLE: gateway https://127.0.0.1:"),
+        "{}",
+        stderr(&out)
+    );
 }
