@@ -293,6 +293,11 @@ impl ReaperState {
 }
 
 impl Pool {
+    /// True when [`Self::request_scan`] would start a round now.
+    pub fn scan_would_start(&self) -> bool {
+        self.config_known() && matches!(self.reaper.round, Round::Idle | Round::Waiting { .. })
+    }
+
     /// Asks for a round now (the host registry rang its doorbell, say). A round in flight
     /// absorbs it: whatever order a timer and a doorbell arrive in, the same rounds run.
     pub fn request_scan(&mut self) -> Vec<Intent> {

@@ -59,6 +59,10 @@ pub struct PoolWorkflow {
     signalled: Vec<FlushRequest>,
     /// The revision of the pool's record last written into the memo (`None`: not this run).
     record_written: Option<u64>,
+    /// The host registry rang (the `hosts` doorbell) since the run loop last looked; with
+    /// whether a round would have started at that moment (what runs recorded before
+    /// [`run_loop::PATCH_DOORBELL_AFTER_OUTCOMES`] did, in the handler).
+    doorbell: Option<bool>,
 }
 
 #[workflow_methods]
@@ -90,6 +94,7 @@ impl PoolWorkflow {
             last_nuke: None,
             signalled: Vec::new(),
             record_written: None,
+            doorbell: None,
         }
     }
 
@@ -198,10 +203,16 @@ impl PoolWorkflow {
     /// The host registry says its view changed (a doorbell: any payload is accepted and
     /// ignored). It asks for a reaper round, which reads the view from the registry itself,
     /// so a stray signal costs one round and can never make the pool believe a host was lost.
+    ///
+    /// The handler only notes the ring; the run loop asks for the round after it has fed the
+    /// machine every outcome that is ready. Asking here made the answer depend on whether the
+    /// SDK delivered the doorbell with an activity's result in one activation or in two,
+    /// which a replay after a worker crash did differently (a nondeterminism error,
+    /// RELIABILITY.md #28).
     #[signal(name = "hosts")]
     pub fn hosts_signal(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _raw: RawValue) {
-        let intents = self.pool.request_scan();
-        self.outbox.extend(intents);
+        let would_start = self.pool.scan_would_start();
+        self.doorbell = Some(self.doorbell.unwrap_or(false) || would_start);
     }
 
     /// Validates a config change (rejections leave no trace in history). While a recovering
