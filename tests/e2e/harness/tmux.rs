@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{PATIENCE, TestEnv, stderr};
 
-/// Waits until a line of the tmux pane is the shell's prompt (`#`; the pane's lines come
+/// Waits until a line of the tmux pane is the shell's prompt (`#` or `$`; the pane's lines come
 /// without trailing blanks).
 pub fn wait_prompt(session: &str) {
     let deadline = Instant::now() + PATIENCE;
@@ -16,7 +16,8 @@ pub fn wait_prompt(session: &str) {
             .output()
             .unwrap();
         let pane = String::from_utf8_lossy(&out.stdout).into_owned();
-        if pane.lines().any(|l| l.trim_end() == "#") {
+        // `#` as root (CI), `$` for anyone else.
+        if pane.lines().any(|l| matches!(l.trim_end(), "#" | "$")) {
             return;
         }
         assert!(Instant::now() < deadline, "no prompt in the pane:\n{pane}");
