@@ -70,6 +70,8 @@ pub struct WorkerConfig {
     pub keys_dir: Option<PathBuf>,
     /// The host gateway (`murmur logs`, `exec`, `shell`), if served.
     pub gateway: Option<crate::gateway::GatewaySettings>,
+    /// How long the output of an ended agent is kept on its host after its VM is deleted.
+    pub log_retention: Duration,
 }
 
 /// This worker as a VM host.
@@ -132,22 +134,27 @@ pub enum Substrate {
 async fn provider(
     substrate: Substrate,
     state_dir: &std::path::Path,
+    log_retention: Duration,
 ) -> anyhow::Result<Arc<dyn Provider>> {
     Ok(match substrate {
         Substrate::Process => {
             let exe = std::env::current_exe().context("locate the murmur-worker executable")?;
-            Arc::new(ProcessProvider::new(
-                state_dir,
-                SupervisorLaunch {
-                    program: exe,
-                    args: vec!["sandbox".into()],
-                },
-            )?)
+            Arc::new(
+                ProcessProvider::new(
+                    state_dir,
+                    SupervisorLaunch {
+                        program: exe,
+                        args: vec!["sandbox".into()],
+                    },
+                )?
+                .with_log_retention(log_retention),
+            )
         }
         Substrate::Qemu => {
             let qemu = QemuProvider::new(state_dir)
                 .await
-                .map_err(|e| anyhow::anyhow!("qemu substrate: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("qemu substrate: {e}"))?
+                .with_log_retention(log_retention);
             tracing::info!(accel = %qemu.accel(), "qemu substrate: guests run with {}",
             match qemu.accel() {
                 Accel::Kvm => "KVM (a probe boot succeeded)",
@@ -163,7 +170,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
     let state_dir = std::fs::canonicalize(&config.state_dir)?;
-    let mut provider = provider(config.substrate, &state_dir).await?;
+    let mut provider = provider(config.substrate, &state_dir, config.log_retention).await?;
     let provider_name = provider.name();
     if let Some(faults) = &config.faults {
         tracing::warn!(

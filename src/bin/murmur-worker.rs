@@ -123,6 +123,10 @@ struct RunArgs {
     /// default: the bound address.
     #[arg(long, global = true, env = "MURMUR_GATEWAY_ADVERTISE")]
     gateway_advertise: Option<String>,
+    /// How long the output of an ended agent stays on its host after its VM is deleted, for
+    /// `murmur logs` (30m, 24h, 7d, ...).
+    #[arg(long, global = true, env = "MURMUR_LOG_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    log_retention: std::time::Duration,
     /// TLS certificate chain (PEM) for the gateway; with --gateway-tls-key.
     #[arg(
         long,
@@ -359,6 +363,7 @@ async fn main() -> std::process::ExitCode {
             };
             murmur::worker::run(murmur::worker::WorkerConfig {
                 gateway,
+                log_retention: cli.run.log_retention,
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
                 metrics_addr: cli.run.metrics_addr,

@@ -291,6 +291,27 @@ mod tests {
     }
 
     #[test]
+    fn kept_logs_older_than_the_retention_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = KeptLogs::new(dir.path(), Duration::from_secs(3600));
+        logs.keep_bytes("acme", "old", b"old\n").unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("logs/acme/old.log"))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        // Keeping another log prunes what is past the retention, and only that.
+        logs.keep_bytes("acme", "new", b"new\n").unwrap();
+        assert!(logs.read("acme", "old", 0, 10).unwrap().is_none());
+        assert_eq!(
+            logs.read("acme", "new", 0, 10).unwrap().unwrap().data,
+            b"new\n"
+        );
+    }
+
+    #[test]
     fn empty_commands_are_refused() {
         assert!(check_exec(&ExecSpec::default()).is_err());
         let spec = ExecSpec {
