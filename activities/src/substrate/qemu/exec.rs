@@ -25,7 +25,7 @@
 //! Every request is one short round trip taken under the VM's channel lock, so the agent's
 //! own status polling interleaves with the session's.
 //!
-//! A terminal session ([`TtyTask`]) relays the bytes of `tty.sock` (the guest's `ttyS2`,
+//! A terminal session ([`start_tty`]) relays the bytes of `tty.sock` (the guest's `ttyS2`,
 //! which the shell has as its controlling terminal): the socket's bytes are
 //! [`ExecOutput::Stdout`] (a terminal has no stderr), [`ExecInput::Stdin`] is written to it
 //! in [`TTY_WRITE`] pieces (qemu reads the socket only as fast as the guest's UART takes the
@@ -65,8 +65,8 @@ const DROP_TIMEOUT: Duration = Duration::from_secs(5);
 /// the guest forgot the session, the channel kept failing).
 pub const LOST_EXIT: i32 = 255;
 
-/// One exec session's serving task.
-pub(super) struct ExecTask {
+/// One session's serving task: an exec session ([`start`]) or a terminal ([`start_tty`]).
+pub(super) struct SessionTask {
     /// The provider (for its serialised channel).
     pub provider: QemuProvider,
     /// The VM's directory.
@@ -90,11 +90,11 @@ enum Stop {
 }
 
 /// Spawns the task serving a session the guest has started.
-pub(super) fn start(task: ExecTask) {
+pub(super) fn start(task: SessionTask) {
     tokio::spawn(task.serve());
 }
 
-impl ExecTask {
+impl SessionTask {
     async fn ask(&self, verb: &str, args: &str) -> Result<String, SubstrateError> {
         self.provider.ask(&self.dir, &self.vm, verb, args).await
     }
@@ -275,37 +275,17 @@ const HOLD_FLUSH: Duration = Duration::from_millis(200);
 /// Most bytes written to the terminal's socket at once.
 pub const TTY_WRITE: usize = 1024;
 
-/// One terminal session's serving task: the guest's third serial port (`tty.sock`) carries
-/// the terminal's bytes both ways, the control channel the rest.
-pub(super) struct TtyTask {
-    /// The provider (for its serialised channel).
-    pub provider: QemuProvider,
-    /// The VM's directory.
-    pub dir: PathBuf,
-    /// The VM.
-    pub vm: VmId,
-    /// The session id (a directory name in the guest).
-    pub id: String,
-    /// What the caller sends.
-    pub input: mpsc::Receiver<ExecInput>,
-    /// What goes back to the caller.
-    pub output: mpsc::Sender<ExecOutput>,
-}
-
 /// Spawns the task serving a terminal session the guest has started, on `terminal`: the
 /// connection to the terminal's socket (the `go` line already written).
-pub(super) fn start_tty(task: TtyTask, terminal: tokio::net::UnixStream) {
-    tokio::spawn(task.serve(terminal));
+pub(super) fn start_tty(task: SessionTask, terminal: tokio::net::UnixStream) {
+    tokio::spawn(task.serve_tty(terminal));
 }
 
-impl TtyTask {
-    async fn ask(&self, verb: &str, args: &str) -> Result<String, SubstrateError> {
-        self.provider.ask(&self.dir, &self.vm, verb, args).await
-    }
-
-    async fn serve(mut self, terminal: tokio::net::UnixStream) {
+/// The terminal session's side.
+impl SessionTask {
+    async fn serve_tty(mut self, terminal: tokio::net::UnixStream) {
         let (read, write) = terminal.into_split();
-        match self.follow(read, write).await {
+        match self.follow_tty(read, write).await {
             Ok(()) => {}
             Err(Stop::CallerGone) => {
                 tracing::debug!(vm = %self.vm, session = %self.id, "shell caller went away: killing");
@@ -327,7 +307,7 @@ impl TtyTask {
     }
 
     /// Relays the terminal until the exit was forwarded (`Ok`) or serving stops.
-    async fn follow(
+    async fn follow_tty(
         &mut self,
         mut read: tokio::net::unix::OwnedReadHalf,
         mut write: tokio::net::unix::OwnedWriteHalf,
@@ -429,31 +409,6 @@ impl TtyTask {
                     }
                 }
                 () = self.output.closed() => return Err(Stop::CallerGone),
-            }
-        }
-    }
-
-    async fn emit(&self, out: ExecOutput) -> Result<(), Stop> {
-        self.output.send(out).await.map_err(|_| Stop::CallerGone)
-    }
-
-    /// A request that is safe to repeat, repeated on transient failures.
-    async fn retry(&self, verb: &str, args: &str) -> Result<(), Stop> {
-        let mut failures = 0;
-        loop {
-            match self.ask(verb, args).await {
-                Ok(_) => return Ok(()),
-                Err(SubstrateError::VmGone(_)) => {
-                    return Err(Stop::Lost("the VM is gone".into()));
-                }
-                Err(e @ SubstrateError::Guest { .. }) => return Err(Stop::Lost(e.to_string())),
-                Err(e) => {
-                    failures += 1;
-                    if failures >= MAX_FAILURES {
-                        return Err(Stop::Lost(e.to_string()));
-                    }
-                    tokio::time::sleep(POLL_IDLE).await;
-                }
             }
         }
     }

@@ -303,7 +303,7 @@ impl QemuProvider {
         })
     }
 
-    /// Opens a terminal session (see [`exec::TtyTask`]): connects to the terminal's socket
+    /// Opens a terminal session (see [`exec::start_tty`]): connects to the terminal's socket
     /// first, has the guest start the shell on its third serial port, then writes the `go`
     /// line on that connection (only then does the shell start: nothing it writes is lost).
     async fn open_shell(
@@ -366,7 +366,7 @@ impl QemuProvider {
         }
         let (session, input, output) = ExecSession::channel();
         exec::start_tty(
-            exec::TtyTask {
+            exec::SessionTask {
                 provider: self.clone(),
                 dir: dir.to_path_buf(),
                 vm: vm.clone(),
@@ -750,7 +750,7 @@ impl Provider for QemuProvider {
             });
         }
         let (session, input, output) = ExecSession::channel();
-        exec::start(exec::ExecTask {
+        exec::start(exec::SessionTask {
             provider: self.clone(),
             dir,
             vm: vm.clone(),
