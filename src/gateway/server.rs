@@ -360,9 +360,9 @@ impl Gateway for GatewayService {
                     return;
                 }
             }
-            // Half-closed: hold the input open until the session ends with the stream.
+            // Half-closed: hold the input open (this task owns it) until the session ends
+            // with the stream, which aborts the task.
             std::future::pending::<()>().await;
-            drop(input);
         });
         let state = (session.output, AbortOnDrop(forwarder));
         let answers = futures::stream::unfold(state, |(mut output, guard)| async move {

@@ -24,22 +24,14 @@ fn assert_untouched(env: &TestEnv, before: &(Vec<String>, u64)) {
     assert_eq!(ids_in(&st, VmState::Warm), before.0);
 }
 
-/// Runs `murmur` with `MURMUR_TOKEN` set to `credential`.
-fn murmur_as(env: &TestEnv, credential: &str, args: &[&str]) -> std::process::Output {
-    env.murmur_cmd(args)
-        .env("MURMUR_TOKEN", credential)
-        .output()
-        .unwrap()
-}
-
 /// Runs `murmur pool flush` with `MURMUR_TOKEN` set to `credential`.
 fn flush_as(env: &TestEnv, credential: &str) -> std::process::Output {
-    murmur_as(env, credential, &["pool", "flush"])
+    env.murmur_as(credential, &["pool", "flush"])
 }
 
 /// A signed flush request for the `temporal` CLI, made with `credential`.
 fn signed_as(env: &TestEnv, credential: &str, what: &str) -> String {
-    let out = murmur_as(env, credential, &["auth", "sign", what]);
+    let out = env.murmur_as(credential, &["auth", "sign", what]);
     assert!(out.status.success(), "{}", stderr(&out));
     stdout(&out).trim().to_string()
 }
@@ -256,8 +248,7 @@ fn members_spawn_but_cannot_change_config_and_viewers_cannot_kill() {
     let member = env.credential(&env.tenant, "tester", "member", "1h");
     let viewer = env.credential(&env.tenant, "tester", "viewer", "1h");
 
-    let out = murmur_as(
-        &env,
+    let out = env.murmur_as(
         &member,
         &["patch", "workspace", "default", "--set", "min_idle=3"],
     );
@@ -267,17 +258,17 @@ fn members_spawn_but_cannot_change_config_and_viewers_cannot_kill() {
         "{}",
         stderr(&out)
     );
-    let out = murmur_as(&env, &viewer, &["spawn", "job", "--", "sleep 300"]);
+    let out = env.murmur_as(&viewer, &["spawn", "job", "--", "sleep 300"]);
     assert!(
         stderr(&out)
             .starts_with("PERMISSION_DENIED: your role does not have agent.create permission"),
         "{}",
         stderr(&out)
     );
-    let out = murmur_as(&env, &member, &["spawn", "job", "--", "sleep 300"]);
+    let out = env.murmur_as(&member, &["spawn", "job", "--", "sleep 300"]);
     assert!(out.status.success(), "{}", stderr(&out));
     env.wait_phase("job", Phase::Running);
-    let out = murmur_as(&env, &viewer, &["kill", "job"]);
+    let out = env.murmur_as(&viewer, &["kill", "job"]);
     assert!(
         stderr(&out)
             .starts_with("PERMISSION_DENIED: your role does not have agent.edit permission"),
@@ -285,7 +276,7 @@ fn members_spawn_but_cannot_change_config_and_viewers_cannot_kill() {
         stderr(&out)
     );
     assert_eq!(env.agent("job").phase, Some(Phase::Running));
-    let out = murmur_as(&env, &member, &["kill", "job"]);
+    let out = env.murmur_as(&member, &["kill", "job"]);
     assert_eq!(stdout(&out), "killed job\n", "{}", stderr(&out));
     assert_eq!(env.agent("job").phase, Some(Phase::Canceled));
     assert_eq!(env.status().config.max_vms, 10);

@@ -258,14 +258,6 @@ fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
     );
 }
 
-/// Runs `murmur` as the holder of `credential`.
-fn murmur_as(env: &TestEnv, credential: &str, args: &[&str]) -> std::process::Output {
-    env.murmur_cmd(args)
-        .env("MURMUR_TOKEN", credential)
-        .output()
-        .unwrap()
-}
-
 /// A `Logs` request for `target`'s output on `vm`, signed with `credential`.
 fn signed_logs(credential: &str, target: &str, vm: &str) -> LogsRequest {
     let mut req = LogsRequest {
@@ -331,10 +323,10 @@ fn gateway_calls_need_the_role_the_tenant_and_a_fresh_signature() {
     // The same developer with a viewer's role reads logs but cannot exec or open a shell.
     let developer = st.workflow.split('/').nth(3).unwrap().to_string();
     let viewer = env.credential(&env.tenant, &developer, "viewer", "1h");
-    let out = murmur_as(&env, &viewer, &["logs", "ka"]);
+    let out = env.murmur_as(&viewer, &["logs", "ka"]);
     assert_eq!(stdout(&out), "started\n", "{}", stderr(&out));
     for args in [&["exec", "ka", "--", "true"][..], &["shell", "ka"][..]] {
-        let out = murmur_as(&env, &viewer, args);
+        let out = env.murmur_as(&viewer, args);
         assert_eq!(out.status.code(), Some(1));
         assert!(
             stderr(&out)

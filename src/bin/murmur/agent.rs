@@ -79,7 +79,7 @@ pub(crate) struct WaitArgs {
 }
 
 /// Adds the "use murmur ls" hint to an unknown-slug error.
-fn with_hint(e: ApiError) -> (ApiError, Option<&'static str>) {
+pub(crate) fn with_hint(e: ApiError) -> (ApiError, Option<&'static str>) {
     let hint = (e.code == Code::NotFound).then_some(murmur::agents::NOT_FOUND_HINT);
     (e, hint)
 }

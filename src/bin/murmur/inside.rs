@@ -11,6 +11,7 @@ use murmur_workflows::agent::Phase;
 use murmur_workflows::error::{ApiError, Code};
 use tokio::sync::mpsc;
 
+use crate::agent::with_hint;
 use crate::{Globals, Session};
 
 #[derive(Args, Debug)]
@@ -43,11 +44,6 @@ pub(crate) struct ShellArgs {
 
 /// What the inside commands fail with: an error and maybe a hint.
 type Failed = (ApiError, Option<&'static str>);
-
-fn with_hint(e: ApiError) -> Failed {
-    let hint = (e.code == Code::NotFound).then_some(murmur::agents::NOT_FOUND_HINT);
-    (e, hint)
-}
 
 async fn locate(globals: &Globals, slug: &str) -> Result<(Session, Located), Failed> {
     let session = Session::open(globals).await.map_err(with_hint)?;

@@ -477,6 +477,14 @@ impl TestEnv {
         self.murmur_cmd(args).output().expect("run murmur")
     }
 
+    /// Runs `murmur` as the holder of `credential` (`MURMUR_TOKEN`), returning its output.
+    pub fn murmur_as(&self, credential: &str, args: &[&str]) -> Output {
+        self.murmur_cmd(args)
+            .env("MURMUR_TOKEN", credential)
+            .output()
+            .expect("run murmur")
+    }
+
     /// Runs `murmur` with `stdin`, returning its output.
     pub fn murmur_stdin(&self, args: &[&str], stdin: &str) -> Output {
         use std::io::Write;
