@@ -77,6 +77,9 @@ fn substrate_error(e: SubstrateError) -> ApiError {
         SubstrateError::Invalid { what, value } => {
             ApiError::invalid_argument(format!("invalid {what}: {value}"))
         }
+        SubstrateError::Asleep(vm) => ApiError::failed_precondition(format!(
+            "VM {vm} is asleep: wake its agent first (murmur wake <slug>)"
+        )),
         e => ApiError::new(Code::Unavailable, e.to_string()),
     }
 }

@@ -64,6 +64,9 @@ pub enum SubstrateError {
     /// The VM does not exist any more, or is dead.
     #[error("VM {0} is gone")]
     VmGone(VmId),
+    /// The VM is asleep: wake it first (`murmur wake <slug>`).
+    #[error("VM {0} is asleep: wake it first")]
+    Asleep(VmId),
     /// The VM refused or failed a request.
     #[error("VM {vm}: {reason}")]
     Guest {
@@ -135,7 +138,7 @@ pub struct VmInfo {
     /// corrupt lists with empty labels and `false`).
     #[serde(default)]
     pub labelled: bool,
-    /// True when its supervisor (or guest) is running.
+    /// True when its supervisor (or guest) is running, or it is asleep with its state kept.
     pub alive: bool,
 }
 
@@ -325,6 +328,32 @@ pub trait Provider: Send + Sync + 'static {
             what: "operation on this substrate",
             value: "exec".into(),
         })
+    }
+
+    /// Puts the VM to sleep: nothing in it runs until [`Provider::wake`], and everything in
+    /// it (processes, memory, files) is kept. What is released depends on the substrate (see
+    /// its docs). Idempotent, and safe to retry after a crash half way: a VM asleep already
+    /// succeeds. `Err(VmGone)` when the VM does not exist.
+    async fn sleep(&self, _tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        Err(SubstrateError::Invalid {
+            what: "operation on this substrate",
+            value: format!("sleep {vm}"),
+        })
+    }
+
+    /// Wakes a VM put to sleep, with everything it held as it was. Idempotent: waking an
+    /// awake VM succeeds, and a retry after a crash half way finishes the wake.
+    async fn wake(&self, _tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        Err(SubstrateError::Invalid {
+            what: "operation on this substrate",
+            value: format!("wake {vm}"),
+        })
+    }
+
+    /// True while the VM is asleep, or going to sleep or waking up (from the VM's record on
+    /// this host: cheap, no call into the guest). A command in a sleeping VM has not exited.
+    fn is_asleep(&self, _tenant: &str, _vm: &VmId) -> bool {
+        false
     }
 
     /// Stops a run (its whole process group): SIGTERM, then SIGKILL after a grace period.
