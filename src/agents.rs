@@ -1,4 +1,5 @@
-//! Agent operations the CLI offers: spawn, kill, status, list, wait. Each maps onto the
+//! Agent operations the CLI offers: spawn, kill, sleep, wake, on-idle, status, list, wait.
+//! Each maps onto the
 //! agent workflow (`agent/<tenant>/<workspace>/<developer>/<slug>`) and the error contract.
 
 use std::time::{Duration, Instant};
@@ -9,7 +10,8 @@ use murmur_activities::temporal_ops::{
     update_error, update_with_start_error,
 };
 use murmur_workflows::agent::{
-    AgentInput, AgentStatus, KillRequest, OnIdle, Phase, agent_workflow_id,
+    AgentInput, AgentStatus, KillRequest, OnIdle, OnIdleRequest, Phase, PowerRequest,
+    agent_workflow_id,
 };
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::auth::ops;
@@ -210,14 +212,7 @@ impl AgentClient {
 
     /// Cancels the agent and waits until it has ended (its VM destroyed).
     pub async fn kill(&self, slug: &str) -> Result<(), ApiError> {
-        let (handle, state, run_id) = self.find(slug).await?;
-        if state != WorkflowExecutionStatus::Running {
-            let phase = closed_phase(state);
-            return Err(ApiError::failed_precondition(format!(
-                "agent {slug} has already ended ({})",
-                phase.as_str()
-            )));
-        }
+        let (handle, run_id) = self.running(slug).await?;
         // Signed for this run only: a copy cannot kill a later agent of the same slug.
         let mut req = KillRequest { auth: None };
         let target = format!("{}@{run_id}", self.workflow_id(slug));
@@ -233,6 +228,83 @@ impl AgentClient {
         // The result is the cancellation; what matters is that cleanup has run.
         let _ = handle.get_result(WorkflowGetResultOptions::default()).await;
         Ok(())
+    }
+
+    /// Puts the agent's VM to sleep; answers once it is asleep (`PHASE_SLEEPING`).
+    pub async fn sleep(&self, slug: &str) -> Result<AgentStatus, ApiError> {
+        self.power(slug, true).await
+    }
+
+    /// Wakes the agent's VM; answers once it is awake.
+    pub async fn wake(&self, slug: &str) -> Result<AgentStatus, ApiError> {
+        self.power(slug, false).await
+    }
+
+    async fn power(&self, slug: &str, asleep: bool) -> Result<AgentStatus, ApiError> {
+        let (handle, run_id) = self.running(slug).await?;
+        // Signed for this run only, like a kill.
+        let target = format!("{}@{run_id}", self.workflow_id(slug));
+        let mut req = PowerRequest { auth: None };
+        let op = if asleep { ops::SLEEP } else { ops::WAKE };
+        req.auth = Some(self.ctx.sign(op, &target, &req)?);
+        let update = if asleep {
+            handle
+                .execute_update(
+                    AgentWorkflow::sleep,
+                    req.into(),
+                    WorkflowExecuteUpdateOptions::default(),
+                )
+                .await
+        } else {
+            handle
+                .execute_update(
+                    AgentWorkflow::wake,
+                    req.into(),
+                    WorkflowExecuteUpdateOptions::default(),
+                )
+                .await
+        };
+        update.map_err(|e| update_error(e, &Self::not_found(slug).message))
+    }
+
+    /// Sets what the agent does the next time it goes idle (`sleep` or `keep-alive`).
+    pub async fn set_on_idle(&self, slug: &str, on_idle: OnIdle) -> Result<AgentStatus, ApiError> {
+        if on_idle == OnIdle::Terminate {
+            return Err(ApiError::invalid_argument(
+                "--on-idle terminate cannot be set at runtime (use sleep or keep-alive)",
+            ));
+        }
+        let (handle, run_id) = self.running(slug).await?;
+        let target = format!("{}@{run_id}", self.workflow_id(slug));
+        let mut req = OnIdleRequest {
+            on_idle,
+            auth: None,
+        };
+        req.auth = Some(self.ctx.sign(ops::ON_IDLE, &target, &req)?);
+        handle
+            .execute_update(
+                AgentWorkflow::on_idle,
+                req.into(),
+                WorkflowExecuteUpdateOptions::default(),
+            )
+            .await
+            .map_err(|e| update_error(e, &Self::not_found(slug).message))
+    }
+
+    /// The handle and run id of the agent's running workflow; `FAILED_PRECONDITION` when it
+    /// has ended.
+    async fn running(
+        &self,
+        slug: &str,
+    ) -> Result<(WorkflowHandle<Client, AgentWorkflow>, String), ApiError> {
+        let (handle, state, run_id) = self.find(slug).await?;
+        if state != WorkflowExecutionStatus::Running {
+            return Err(ApiError::failed_precondition(format!(
+                "agent {slug} has already ended ({})",
+                closed_phase(state).as_str()
+            )));
+        }
+        Ok((handle, run_id))
     }
 
     /// Agents in the current workspace: the developer's own, or every developer's with

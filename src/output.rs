@@ -159,7 +159,8 @@ pub fn agent_status(st: &AgentStatus) -> String {
     line("workflow", &st.workflow);
     line("phase", st.phase.map_or("PHASE_STARTING", Phase::as_str));
     if let Some(vm) = &st.vm {
-        line("vm", &vm.to_string());
+        let stopped = if st.asleep { " [stopped]" } else { "" };
+        line("vm", &format!("{vm}{stopped}"));
         // Where to read the agent's output: following while it runs, whole once it ended.
         let ended = st.phase.is_some_and(Phase::is_terminal);
         let follow = if ended { "" } else { "-f " };

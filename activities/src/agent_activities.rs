@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{
-    CLAIM_REJECTED, ClaimInput, PoolStepInput, ReleaseInput, RunInput, RunReport, STEP_REFUSED,
-    TerminateAgentsInput, VM_LOST, VM_TAKEN, WipeReport,
+    CLAIM_REJECTED, ClaimInput, PoolStepInput, PowerInput, PowerReport, ReleaseInput, RunInput,
+    RunReport, STEP_REFUSED, TerminateAgentsInput, VM_LOST, VM_TAKEN, WipeReport,
 };
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
@@ -96,6 +96,14 @@ impl AgentActivities {
                     .build(),
             ),
         })
+    }
+
+    /// Refuses to put to sleep or wake a VM another agent owns ([`VM_TAKEN`]); records the
+    /// asker as the owner of a VM nobody owns yet (the agent was about to start on it).
+    fn check_owner(&self, input: &PowerInput) -> Result<(), ActivityError> {
+        self.provider
+            .claim_owner(&input.tenant, &input.vm, &input.owner)
+            .map_err(|e| run_failure(&input.vm, e))
     }
 
     /// Signs a worker-internal request to `pool/<tenant>` (any `auth` the message carries is
@@ -239,6 +247,16 @@ impl AgentActivities {
             env: vec![("MURMUR_AGENT".to_string(), input.slug.clone())],
         };
         let (tenant, vm) = (input.tenant.as_str(), &input.vm);
+        // A VM put to sleep before its command started (or a retry while it sleeps): the
+        // command starts once it wakes.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while self.provider.is_asleep(tenant, vm) {
+            tokio::select! {
+                _ = ctx.cancelled() => return Err(ActivityError::cancelled()),
+                _ = tick.tick() => {}
+            }
+            let _ = ctx.record_heartbeat(started.elapsed().as_secs()).await;
+        }
         if !input.owner.is_empty() {
             // The VM's one owner, first come first served (a recovered pool may have handed
             // it out again, or deleted it, before this agent started on it). Nothing of the
@@ -259,7 +277,6 @@ impl AgentActivities {
             .await
             .map_err(|e| run_failure(vm, e))?;
         tracing::info!(tenant, vm = %vm, agent = %input.slug, "agent command started");
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
         let code = loop {
             tokio::select! {
                 _ = ctx.cancelled() => {
@@ -269,7 +286,22 @@ impl AgentActivities {
                 }
                 _ = tick.tick() => {}
             }
-            match self.provider.command_status(tenant, vm, &spec.run).await {
+            // A sleeping VM's command has not exited: it is frozen, and so is the guest
+            // that would answer.
+            if self.provider.is_asleep(tenant, vm) {
+                let _ = ctx.record_heartbeat(started.elapsed().as_secs()).await;
+                continue;
+            }
+            // A VM going to sleep answers once it is asleep: heartbeat meanwhile.
+            let status = with_heartbeats(&ctx, self.provider.command_status(tenant, vm, &spec.run));
+            let status = match status.await {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = self.provider.cancel_command(tenant, vm, &spec.run).await;
+                    return Err(ActivityError::cancelled());
+                }
+            };
+            match status {
                 Ok(CommandStatus::Exited(code)) => break code,
                 Ok(CommandStatus::Running) => {
                     let _ = ctx.record_heartbeat(started.elapsed().as_secs()).await;
@@ -283,6 +315,8 @@ impl AgentActivities {
                         },
                     ));
                 }
+                // Went to sleep while asked: asked again once awake.
+                Err(_) if self.provider.is_asleep(tenant, vm) => {}
                 Err(e) => return Err(run_failure(vm, e)),
             }
         };
@@ -297,6 +331,38 @@ impl AgentActivities {
             output_tail,
             duration_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Puts an agent's VM to sleep (on the VM's host).
+    #[activity(name = "murmur.sleep_vm")]
+    pub async fn sleep_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PowerInput,
+    ) -> Result<PowerReport, ActivityError> {
+        let started = Instant::now();
+        self.check_owner(&input)?;
+        let slept = with_heartbeats(&ctx, self.provider.sleep(&input.tenant, &input.vm)).await?;
+        slept.map_err(|e| run_failure(&input.vm, e))?;
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(tenant = %input.tenant, vm = %input.vm, took_ms, "vm asleep");
+        Ok(PowerReport { took_ms })
+    }
+
+    /// Wakes an agent's sleeping VM (on the VM's host).
+    #[activity(name = "murmur.wake_vm")]
+    pub async fn wake_vm(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PowerInput,
+    ) -> Result<PowerReport, ActivityError> {
+        let started = Instant::now();
+        self.check_owner(&input)?;
+        let woke = with_heartbeats(&ctx, self.provider.wake(&input.tenant, &input.vm)).await?;
+        woke.map_err(|e| run_failure(&input.vm, e))?;
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(tenant = %input.tenant, vm = %input.vm, took_ms, "vm awake");
+        Ok(PowerReport { took_ms })
     }
 
     /// Nuke step 1: the pool's `nuke_pause`; answers once nothing boots.
@@ -521,7 +587,7 @@ fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> Activit
 mod tests {
     use murmur_workflows::activity_api::{
         ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, ReleaseVm,
-        RunAgent, TerminateAgents, WipeHost,
+        RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -532,6 +598,8 @@ mod tests {
         assert_eq!(AgentActivities::claim_vm.name(), ClaimVm.name());
         assert_eq!(AgentActivities::release_vm.name(), ReleaseVm.name());
         assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
+        assert_eq!(AgentActivities::sleep_vm.name(), SleepVm.name());
+        assert_eq!(AgentActivities::wake_vm.name(), WakeVm.name());
         assert_eq!(AgentActivities::nuke_pause.name(), NukePause.name());
         assert_eq!(AgentActivities::nuke_reset.name(), NukeReset.name());
         assert_eq!(

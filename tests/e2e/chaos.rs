@@ -184,7 +184,7 @@ impl Op {
     }
 }
 
-fn spawn_murmur(env: &TestEnv, args: &[&str]) -> Child {
+pub(crate) fn spawn_murmur(env: &TestEnv, args: &[&str]) -> Child {
     env.murmur_cmd(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -194,7 +194,7 @@ fn spawn_murmur(env: &TestEnv, args: &[&str]) -> Child {
 
 /// Waits for a `murmur` call (its output is small: the pipes cannot fill), failing the test
 /// if it hangs.
-fn wait_child(mut child: Child, patience: Duration) -> Output {
+pub(crate) fn wait_child(mut child: Child, patience: Duration) -> Output {
     let deadline = Instant::now() + patience;
     loop {
         if child.try_wait().ok().flatten().is_some() {

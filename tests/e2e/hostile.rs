@@ -180,7 +180,9 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     for name in ["claim_settled", "vm_lost"] {
         handlers.push((Door::Signal, &agent_id, name, false));
     }
-    handlers.push((Door::Update, &agent_id, "kill", true));
+    for name in ["kill", "sleep", "wake", "on_idle"] {
+        handlers.push((Door::Update, &agent_id, name, true));
+    }
     handlers.push((Door::Query, &agent_id, "status", false));
     // The host registry: registrations are checked, drains of unknown hosts refused.
     handlers.push((Door::Signal, &registry, "register", false));
@@ -317,6 +319,11 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
         vec!["spawn", "ok-slug"],
         vec!["wait", "target", "--timeout", "soon"],
         vec!["kill", "no-such-agent"],
+        vec!["sleep", "no-such-agent"],
+        vec!["wake", "Bad Slug"],
+        vec!["on-idle", "target", "terminate"],
+        vec!["on-idle", "target", "hibernate"],
+        vec!["on-idle", "target"],
         vec!["host", "drain", "Bad Host"],
         vec!["host", "drain", "no-such-host"],
         vec!["host", "frobnicate"],

@@ -20,6 +20,7 @@
 //! | [`reaper`] | orphans, dead VMs, ended agents, stranded workflows |
 //! | [`recovery`] | a pool run that ends, cannot delete, or does not answer |
 //! | [`chaos`] | worker kill -9, server restarts, substrate faults |
+//! | [`sleep`] | `murmur sleep`, `wake`, `on-idle`: a count that resumes, kills, nukes and crashes while asleep |
 //! | [`inside`] | `murmur logs -f`, `exec`, `shell` through the host gateway; its auth checks |
 //! | [`hostile`] | malformed payloads to every handler, bad flags and YAML |
 //! | [`bake`] | `murmur bake`: images built in VMs |
@@ -48,4 +49,5 @@ mod reaper;
 mod recovery;
 mod replay;
 mod scaleout;
+mod sleep;
 mod traces;

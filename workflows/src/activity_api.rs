@@ -228,6 +228,38 @@ pub struct RunInput {
     pub owner: String,
 }
 
+activity! {
+    /// Puts an agent's VM to sleep (idempotent; runs on the VM's host). Fails with
+    /// [`VM_LOST`] when the VM is gone.
+    SleepVm = "murmur.sleep_vm": PowerInput => PowerReport
+}
+
+activity! {
+    /// Wakes an agent's sleeping VM (idempotent; runs on the VM's host). Fails with
+    /// [`VM_LOST`] when the VM is gone.
+    WakeVm = "murmur.wake_vm": PowerInput => PowerReport
+}
+
+/// Input of [`SleepVm`] and [`WakeVm`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerInput {
+    /// Tenant.
+    pub tenant: String,
+    /// The VM.
+    pub vm: VmId,
+    /// The agent's claim request (`<workflow id>@<run id>`): a VM another agent owns is
+    /// refused ([`VM_TAKEN`]).
+    pub owner: String,
+}
+
+/// What [`SleepVm`] or [`WakeVm`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PowerReport {
+    /// How long the substrate took, in milliseconds.
+    pub took_ms: u64,
+}
+
 /// How an agent's command ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunReport {

@@ -21,6 +21,10 @@ pub enum Phase {
     /// Kept alive with its VM after the command (`--on-idle keep-alive`), until killed.
     #[serde(rename = "PHASE_IDLE")]
     Idle,
+    /// Its VM is asleep (`murmur sleep`, or `--on-idle sleep` once the command exited):
+    /// nothing in it runs, everything in it is kept; `murmur wake` resumes it.
+    #[serde(rename = "PHASE_SLEEPING")]
+    Sleeping,
     /// Its VM is being destroyed.
     #[serde(rename = "PHASE_DESTROYING")]
     Destroying,
@@ -37,11 +41,12 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in lifecycle order.
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Starting,
         Phase::Running,
         Phase::TaskComplete,
         Phase::Idle,
+        Phase::Sleeping,
         Phase::Destroying,
         Phase::Completed,
         Phase::Failed,
@@ -55,6 +60,7 @@ impl Phase {
             Self::Running => "PHASE_RUNNING",
             Self::TaskComplete => "PHASE_TASK_COMPLETE",
             Self::Idle => "PHASE_IDLE",
+            Self::Sleeping => "PHASE_SLEEPING",
             Self::Destroying => "PHASE_DESTROYING",
             Self::Completed => "PHASE_COMPLETED",
             Self::Failed => "PHASE_FAILED",
@@ -111,6 +117,8 @@ pub enum OnIdle {
     /// Stay in `PHASE_IDLE` with the VM until killed.
     #[serde(alias = "keep_alive")]
     KeepAlive,
+    /// Put the VM to sleep and stay in `PHASE_SLEEPING` until woken or killed.
+    Sleep,
 }
 
 impl OnIdle {
@@ -119,6 +127,19 @@ impl OnIdle {
         match self {
             Self::Terminate => "terminate",
             Self::KeepAlive => "keep-alive",
+            Self::Sleep => "sleep",
+        }
+    }
+
+    /// Parses the CLI spelling (`keep_alive` too).
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        match s.trim() {
+            "terminate" => Ok(Self::Terminate),
+            "keep-alive" | "keep_alive" => Ok(Self::KeepAlive),
+            "sleep" => Ok(Self::Sleep),
+            other => Err(ApiError::invalid_argument(format!(
+                "unknown --on-idle {other:?} (expected sleep, keep-alive or terminate)"
+            ))),
         }
     }
 }
@@ -141,6 +162,24 @@ pub struct AgentInput {
     pub on_idle: OnIdle,
     /// The developer's signed spawn request.
     #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
+}
+
+/// Input of the agent's `sleep` and `wake` updates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PowerRequest {
+    /// The developer's signed request, for `<workflow id>@<run id>` (this run only).
+    pub auth: Option<crate::auth::Credential>,
+}
+
+/// Input of the agent's `on_idle` update: what it does the next time it goes idle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OnIdleRequest {
+    /// `sleep` or `keep-alive` (`terminate` cannot be set at runtime).
+    pub on_idle: OnIdle,
+    /// The developer's signed request, for `<workflow id>@<run id>` (this run only).
     pub auth: Option<crate::auth::Credential>,
 }
 
@@ -223,6 +262,9 @@ pub struct AgentStatus {
     pub output_tail: Option<String>,
     /// Why it failed, when it failed for another reason than its exit code.
     pub error: Option<String>,
+    /// True while its VM is asleep (`murmur status` shows `[stopped]` after the VM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub asleep: bool,
     /// While starting: what it is waiting for when that is not a VM (the pool does not
     /// answer, say), so a stuck start says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,7 +294,20 @@ mod tests {
         }
         assert_eq!(Phase::parse("task_complete").unwrap(), Phase::TaskComplete);
         assert_eq!(Phase::TaskComplete.short(), "task-complete");
-        assert!(Phase::parse("sleeping").is_err());
+        assert_eq!(Phase::parse("sleeping").unwrap(), Phase::Sleeping);
+        assert!(Phase::parse("asleep").is_err());
+    }
+
+    #[test]
+    fn on_idle_modes_parse_in_both_spellings_and_round_trip() {
+        for mode in [OnIdle::Terminate, OnIdle::KeepAlive, OnIdle::Sleep] {
+            assert_eq!(OnIdle::parse(mode.as_str()).unwrap(), mode);
+            let json = serde_json::to_string(&mode).unwrap();
+            assert_eq!(json, format!("\"{}\"", mode.as_str()));
+        }
+        assert_eq!(OnIdle::parse("keep_alive").unwrap(), OnIdle::KeepAlive);
+        let e = OnIdle::parse("hibernate").unwrap_err().to_string();
+        assert!(e.starts_with("INVALID_ARGUMENT: unknown --on-idle"), "{e}");
     }
 
     #[test]

@@ -28,10 +28,12 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, ReleaseInput, ReleaseVm,
-    RunAgent, RunInput, RunReport, VM_LOST, VM_TAKEN, on_host,
+    CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, PowerInput, ReleaseInput,
+    ReleaseVm, RunAgent, RunInput, RunReport, SleepVm, VM_LOST, VM_TAKEN, WakeVm, on_host,
 };
-use crate::agent::{AgentInput, AgentStatus, KillRequest, OnIdle, Phase};
+use crate::agent::{
+    AgentInput, AgentStatus, KillRequest, OnIdle, OnIdleRequest, Phase, PowerRequest,
+};
 use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
 use crate::gate;
@@ -68,6 +70,16 @@ pub struct AgentWorkflow {
     vm_lost: bool,
     /// The host of the agent's VM (its activities run on that host's queue).
     vm_host: Option<String>,
+    /// What `murmur sleep` / `murmur wake` (or `--on-idle sleep`) asked for: the VM asleep.
+    /// The VM's actual state is `status.asleep`; the agent's power loop brings the one to
+    /// the other.
+    want_asleep: bool,
+    /// True while a sleep or a wake of the VM is under way.
+    power_busy: bool,
+    /// How many sleeps and wakes have finished, whether they worked or not.
+    power_done: u64,
+    /// Why the last sleep or wake failed.
+    power_error: Option<ApiError>,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -107,6 +119,10 @@ impl AgentWorkflow {
             claim_settled: false,
             vm_lost: false,
             vm_host: None,
+            want_asleep: false,
+            power_busy: false,
+            power_done: 0,
+            power_error: None,
         }
     }
 
@@ -133,9 +149,15 @@ impl AgentWorkflow {
                     s.status.output_tail = Some(report.output_tail.clone());
                 });
                 set_phase(&c, Phase::TaskComplete);
-                if c.state(|s| s.input.on_idle) == OnIdle::KeepAlive {
-                    set_phase(&c, Phase::Idle);
-                    // Until a kill (Ok), a cancellation (Err), or the VM is lost with its host.
+                let on_idle = c.state(|s| s.input.on_idle);
+                if on_idle == OnIdle::Terminate {
+                    false
+                } else {
+                    c.state_mut(|s| s.want_asleep |= on_idle == OnIdle::Sleep);
+                    let asleep = c.state(|s| s.status.asleep);
+                    set_phase(&c, if asleep { Phase::Sleeping } else { Phase::Idle });
+                    // Until a kill (Ok), a cancellation (Err), or the VM is lost with its host;
+                    // meanwhile it sleeps and wakes as asked.
                     temporalio_sdk::workflows::select! {
                         _ = c.wait_condition(|s| s.killed_by.is_some()).fuse() => true,
                         reason = vm_lost(&c, &stop).fuse() => {
@@ -143,9 +165,12 @@ impl AgentWorkflow {
                             ended = Ended::Failed(reason);
                             false
                         }
+                        reason = power(&c, &stop, Phase::Idle).fuse() => {
+                            c.state_mut(|s| s.status.error = Some(reason.clone()));
+                            ended = Ended::Failed(reason);
+                            false
+                        }
                     }
-                } else {
-                    false
                 }
             }
             Ended::Failed(reason) => {
@@ -250,6 +275,92 @@ impl AgentWorkflow {
             if s.killed_by.is_none() {
                 s.killed_by = Some(who.developer.clone());
             }
+            Ok(s.status.clone())
+        })
+    }
+
+    /// Refuses a `sleep` whose payload is not a power request (nothing reaches history).
+    #[update_validator(sleep)]
+    pub fn validate_sleep(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<PowerRequest>,
+    ) -> Result<(), UpdateError> {
+        req.check().map_err(|e| Box::new(e) as UpdateError)
+    }
+
+    /// `murmur sleep`: checks the signed request (`agent.edit`, signed for this run), then
+    /// puts the agent's VM to sleep. Answers once the VM is asleep (`PHASE_SLEEPING`).
+    #[update]
+    pub async fn sleep(
+        ctx: &mut WorkflowContext<Self>,
+        req: Lenient<PowerRequest>,
+    ) -> Result<AgentStatus, UpdateError> {
+        power_request(ctx, req, true).await
+    }
+
+    /// Refuses a `wake` whose payload is not a power request (nothing reaches history).
+    #[update_validator(wake)]
+    pub fn validate_wake(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<PowerRequest>,
+    ) -> Result<(), UpdateError> {
+        req.check().map_err(|e| Box::new(e) as UpdateError)
+    }
+
+    /// `murmur wake`: checks the signed request (`agent.edit`, signed for this run), then
+    /// wakes the agent's VM. Answers once it is awake: the agent is back in the phase it
+    /// slept in (`PHASE_RUNNING` while its command runs, else `PHASE_IDLE`).
+    #[update]
+    pub async fn wake(
+        ctx: &mut WorkflowContext<Self>,
+        req: Lenient<PowerRequest>,
+    ) -> Result<AgentStatus, UpdateError> {
+        power_request(ctx, req, false).await
+    }
+
+    /// Refuses an `on_idle` whose payload is not an on-idle request, or that asks for
+    /// `terminate` (nothing reaches history).
+    #[update_validator(on_idle)]
+    pub fn validate_on_idle(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<OnIdleRequest>,
+    ) -> Result<(), UpdateError> {
+        let req = req.as_result().map_err(|e| Box::new(e) as UpdateError)?;
+        if req.on_idle == OnIdle::Terminate {
+            return Err(Box::new(ApiError::invalid_argument(
+                "--on-idle terminate cannot be set at runtime (use sleep or keep-alive)",
+            )));
+        }
+        Ok(())
+    }
+
+    /// `murmur on-idle`: checks the signed request (`agent.edit`, signed for this run), then
+    /// sets what the agent does the next time it goes idle (`sleep` or `keep-alive`).
+    #[update]
+    pub async fn on_idle(
+        ctx: &mut WorkflowContext<Self>,
+        req: Lenient<OnIdleRequest>,
+    ) -> Result<AgentStatus, UpdateError> {
+        let req = req.into_result().map_err(|e| Box::new(e) as UpdateError)?;
+        let verify = ctx.state(|s| {
+            VerifyRequest::developer(
+                s.input.tenant.clone(),
+                ops::ON_IDLE,
+                format!("{}@{}", s.status.workflow, s.run_id),
+                unsigned_body(&req),
+                permissions::AGENT_EDIT,
+                req.auth.clone(),
+            )
+        });
+        gate::verify(ctx, verify)
+            .await
+            .map_err(|r| Box::new(r.error) as UpdateError)?;
+        ctx.state_mut(|s| {
+            s.input.on_idle = req.on_idle;
+            s.status.on_idle = req.on_idle;
             Ok(s.status.clone())
         })
     }
@@ -510,9 +621,15 @@ async fn run(
         stop,
         c.execute_activity(RunAgent, input, options)
     ));
-    // The pool tells a running agent when its VM was lost with its host.
+    let mut power = std::pin::pin!(power(c, stop, Phase::Running));
+    // The pool tells a running agent when its VM was lost with its host; meanwhile the VM
+    // sleeps and wakes as asked.
     temporalio_sdk::workflows::select! {
-        out = (&mut run).fuse() => match out {
+        out = (&mut run).fuse() => {
+            if let Some(lost) = settle_power(c, &mut power).await {
+                return Ran::Ended(Ended::Failed(lost));
+            }
+            match out {
             Ok(report) => Ran::Ended(Ended::Exited(report)),
             Err(_) if stop.is_cancelled() => Ran::Ended(Ended::Canceled),
             Err(e) if failed_with_type(&e, VM_TAKEN) => Ran::Taken(root_cause(&e)),
@@ -520,11 +637,190 @@ async fn run(
                 "the agent's command could not run: {}",
                 root_cause(&e)
             ))),
+            }
         },
         reason = vm_lost(c, stop).fuse() => {
             stop.cancel();
             let _ = run.await;
             Ran::Ended(Ended::Failed(reason))
+        }
+        reason = (&mut power).fuse() => {
+            stop.cancel();
+            let _ = run.await;
+            Ran::Ended(Ended::Failed(reason))
+        }
+    }
+}
+
+/// Lets a sleep or wake under way finish (so the agent knows whether its VM is asleep)
+/// after the command ended; `Some(reason)` when it found the VM gone.
+async fn settle_power(
+    c: &WorkflowContext<AgentWorkflow>,
+    power: &mut std::pin::Pin<&mut impl std::future::Future<Output = String>>,
+) -> Option<String> {
+    if !c.state(|s| s.power_busy) {
+        return None;
+    }
+    temporalio_sdk::workflows::select! {
+        _ = c.wait_condition(|s| !s.power_busy).fuse() => None,
+        lost = power.fuse() => Some(lost),
+    }
+}
+
+/// The agent's side of `murmur sleep` and `murmur wake`: verifies the request, checks the
+/// agent holds a VM, asks for it asleep or awake and answers once it is (or the transition
+/// failed, or the agent ended meanwhile).
+async fn power_request(
+    ctx: &mut WorkflowContext<AgentWorkflow>,
+    req: Lenient<PowerRequest>,
+    asleep: bool,
+) -> Result<AgentStatus, UpdateError> {
+    let req = req.into_result().map_err(|e| Box::new(e) as UpdateError)?;
+    let (op, verb) = if asleep {
+        (ops::SLEEP, "sleep")
+    } else {
+        (ops::WAKE, "wake")
+    };
+    let verify = ctx.state(|s| {
+        VerifyRequest::developer(
+            s.input.tenant.clone(),
+            op,
+            format!("{}@{}", s.status.workflow, s.run_id),
+            unsigned_body(&req),
+            permissions::AGENT_EDIT,
+            req.auth.clone(),
+        )
+    });
+    gate::verify(ctx, verify).await.map_err(|r| {
+        if !ctx.is_replaying() {
+            tracing::warn!(who = %r.who, error = %r.error, "{verb} denied");
+        }
+        Box::new(r.error) as UpdateError
+    })?;
+    let (slug, phase) = ctx.state(|s| (s.status.slug.clone(), s.status.phase));
+    match phase {
+        Some(Phase::Running | Phase::Idle | Phase::Sleeping) => {}
+        Some(Phase::Starting) | None => {
+            return Err(Box::new(ApiError::failed_precondition(format!(
+                "agent {slug} is starting: it has no VM to {verb} yet"
+            ))));
+        }
+        Some(p) => {
+            return Err(Box::new(ApiError::failed_precondition(format!(
+                "agent {slug} is {}: only a running, idle or sleeping agent can {verb}",
+                p.short()
+            ))));
+        }
+    }
+    let asked_at = ctx.state_mut(|s| {
+        s.want_asleep = asleep;
+        s.power_done
+    });
+    ctx.wait_condition(|s| {
+        let settled = !s.power_busy && s.status.asleep == asleep;
+        let failed = !s.power_busy && s.power_done > asked_at && s.power_error.is_some();
+        let gone = !matches!(
+            s.status.phase,
+            Some(Phase::Running | Phase::Idle | Phase::Sleeping | Phase::TaskComplete)
+        );
+        settled || failed || gone
+    })
+    .await
+    .map_err(|e| Box::new(e) as UpdateError)?;
+    ctx.state(|s| {
+        if s.status.asleep == asleep {
+            Ok(s.status.clone())
+        } else if let Some(e) = &s.power_error {
+            Err(Box::new(e.clone()) as UpdateError)
+        } else {
+            Err(Box::new(ApiError::failed_precondition(format!(
+                "agent {slug} ended before its VM could {verb}"
+            ))) as UpdateError)
+        }
+    })
+}
+
+/// Puts the agent's VM to sleep and wakes it whenever `want_asleep` and the VM's state
+/// differ, setting the phase (`PHASE_SLEEPING`, or `awake` once woken). A failed
+/// transition leaves the VM as it was and is reported to whoever asked. Resolves only when
+/// the VM turns out to be gone, with the reason.
+async fn power(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    awake: Phase,
+) -> String {
+    loop {
+        if c.wait_condition(|s| s.want_asleep != s.status.asleep)
+            .await
+            .is_err()
+        {
+            // Cancelled: the caller's other branches end the wait.
+            return futures::future::pending().await;
+        }
+        let (asleep, input, host) = c.state_mut(|s| {
+            s.power_busy = true;
+            let input = PowerInput {
+                tenant: s.input.tenant.clone(),
+                vm: s.status.vm.clone().unwrap_or_else(|| VmId(String::new())),
+                owner: s.request.clone(),
+            };
+            (s.want_asleep, input, s.vm_host.clone())
+        });
+        let options = ActivityOptions::with_start_to_close_timeout(Duration::from_secs(300))
+            .heartbeat_timeout(Duration::from_secs(10))
+            .retry_policy(
+                RetryPolicy::builder()
+                    .initial_interval(Duration::from_secs(1))
+                    .maximum_interval(Duration::from_secs(10))
+                    .maximum_attempts(5)
+                    .non_retryable_error_types([VM_LOST, VM_TAKEN])
+                    .build(),
+            )
+            .summary(format!(
+                "{} {}",
+                if asleep { "sleep" } else { "wake" },
+                input.vm
+            ))
+            .cancellation_token(stop.clone())
+            .build();
+        let options = on_host(options, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+        let done = if asleep {
+            c.execute_activity(SleepVm, input, options).await
+        } else {
+            c.execute_activity(WakeVm, input, options).await
+        };
+        let lost = c.state_mut(|s| {
+            s.power_busy = false;
+            s.power_done += 1;
+            match &done {
+                Ok(_) => {
+                    s.status.asleep = asleep;
+                    s.power_error = None;
+                    None
+                }
+                Err(e) if failed_with_type(e, VM_LOST) => {
+                    Some(format!("the agent's VM is gone: {}", root_cause(e)))
+                }
+                Err(e) => {
+                    // Left as it was; the caller hears why.
+                    s.want_asleep = s.status.asleep;
+                    s.power_error = Some(ApiError::new(
+                        crate::error::Code::Unavailable,
+                        format!(
+                            "could not {} the VM: {}",
+                            if asleep { "put to sleep" } else { "wake" },
+                            root_cause(e)
+                        ),
+                    ));
+                    None
+                }
+            }
+        });
+        if let Some(reason) = lost {
+            return reason;
+        }
+        if done.is_ok() {
+            set_phase(c, if asleep { Phase::Sleeping } else { awake });
         }
     }
 }
@@ -681,10 +977,11 @@ fn refresh_details(c: &WorkflowContext<AgentWorkflow>) {
     let details = c.state(|s| {
         let st = &s.status;
         let mut out = format!(
-            "**{}** `{}`\n- vm: {}\n- command: `{}`\n",
+            "**{}** `{}`\n- vm: {}{}\n- command: `{}`\n",
             st.slug,
             st.phase.map_or("-", Phase::as_str),
             st.vm.as_ref().map_or("-".to_string(), |v| v.to_string()),
+            if st.asleep { " [stopped]" } else { "" },
             st.command.join(" ")
         );
         if st.vm.is_some() {

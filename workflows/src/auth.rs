@@ -25,6 +25,12 @@ pub mod ops {
     pub const SPAWN: &str = "agent.spawn";
     /// `murmur kill`.
     pub const KILL: &str = "agent.kill";
+    /// `murmur sleep`.
+    pub const SLEEP: &str = "agent.sleep";
+    /// `murmur wake`.
+    pub const WAKE: &str = "agent.wake";
+    /// `murmur on-idle`.
+    pub const ON_IDLE: &str = "agent.on-idle";
     /// `murmur bake`.
     pub const BAKE: &str = "image.bake";
     /// Worker-internal: an agent claims a VM.

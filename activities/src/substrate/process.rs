@@ -6,6 +6,18 @@
 //! (`MURMUR_VM=1`, `MURMUR_VM_ID`, ...). The supervisor runs the image's `boot.sh`, then answers
 //! the readiness handshake on `control.sock`. Everything lives on disk, so a restarted worker
 //! finds its VMs again with [`Provider::list`].
+//!
+//! # Sleep and wake
+//!
+//! [`Provider::sleep`] writes the marker `asleep` into the sandbox, then stops (`SIGSTOP`)
+//! the process group of every run and exec session that has not exited; [`Provider::wake`]
+//! continues them (`SIGCONT`) and removes the marker. While the marker is there no run or
+//! exec session starts. A stopped process keeps its memory, open files and children, and
+//! uses no CPU: sleep here releases **compute only, not memory** (the host's RAM stays
+//! held, so a sleeping sandbox counts against `max_vms` like a running one). A process that
+//! left its group (`setsid`, a daemon) is not stopped. Time goes on while asleep: a timer
+//! that fell due fires at once on wake (a `sleep 1` ends), but nothing the processes did
+//! not do happens for them.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -48,6 +60,8 @@ pub const OUTPUT_FILE: &str = "output.log";
 pub const PID_FILE: &str = "pid";
 /// A run's exit code, written when it exits.
 pub const EXIT_FILE: &str = "exit";
+/// Marker file of a sandbox that is asleep: its runs' process groups are stopped.
+pub const ASLEEP_FILE: &str = "asleep";
 /// How the run directories of exec sessions start (`runs/exec-<id>/`: a pid, no output).
 pub const EXEC_RUN_PREFIX: &str = "exec-";
 /// The default image's files, embedded in the binary.
@@ -393,6 +407,9 @@ impl Provider for ProcessProvider {
         if !dir.exists() {
             return Err(SubstrateError::VmGone(vm.clone()));
         }
+        if dir.join(ASLEEP_FILE).exists() {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let json =
             serde_json::to_string(spec).map_err(|e| SubstrateError::io("encode RUN", e.into()))?;
         let answer = request(&dir.join(CONTROL_SOCKET), &format!("RUN {json}"))
@@ -489,6 +506,9 @@ impl Provider for ProcessProvider {
         if !dir.exists() || Self::supervisor_pids(&dir).is_empty() {
             return Err(SubstrateError::VmGone(vm.clone()));
         }
+        if dir.join(ASLEEP_FILE).exists() {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let meta: SandboxMeta = std::fs::read(dir.join(META_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -515,7 +535,16 @@ impl Provider for ProcessProvider {
         if !dir.exists() {
             return Ok(());
         }
-        match request(&dir.join(CONTROL_SOCKET), &format!("CANCEL {run}")).await {
+        let answer = request(&dir.join(CONTROL_SOCKET), &format!("CANCEL {run}")).await;
+        if dir.join(ASLEEP_FILE).exists()
+            && let Some(pid) = std::fs::read_to_string(run_dir(&dir, run).join(PID_FILE))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // A stopped group holds the SIGTERM until it runs again: let it, so it can quit.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+        match answer {
             Ok(answer) if answer == "OK" => Ok(()),
             Ok(answer) => Err(SubstrateError::Guest {
                 vm: vm.clone(),
@@ -533,6 +562,57 @@ impl Provider for ProcessProvider {
                 Ok(())
             }
         }
+    }
+
+    async fn sleep(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        if !dir.exists() || Self::supervisor_pids(&dir).is_empty() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        // The marker first: from here on no new run or exec session starts, so the groups
+        // listed below are all there is to stop (a second pass catches one that started just
+        // before the marker was written).
+        std::fs::write(dir.join(ASLEEP_FILE), b"")
+            .map_err(|e| SubstrateError::io("write the asleep marker", e))?;
+        let mut stopped = std::collections::BTreeSet::new();
+        loop {
+            let groups: Vec<i32> = run_pids(&dir)
+                .into_iter()
+                .filter(|pid| !stopped.contains(pid))
+                .collect();
+            if groups.is_empty() {
+                break;
+            }
+            for pid in groups {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGSTOP);
+                stopped.insert(pid);
+            }
+        }
+        tracing::info!(tenant, vm = %vm, groups = stopped.len(), "sandbox asleep: its runs are stopped");
+        Ok(())
+    }
+
+    async fn wake(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.sandbox_dir(tenant, vm)?;
+        if !dir.exists() || Self::supervisor_pids(&dir).is_empty() {
+            return Err(SubstrateError::VmGone(vm.clone()));
+        }
+        let groups = run_pids(&dir);
+        for pid in &groups {
+            let _ = killpg(Pid::from_raw(*pid), Signal::SIGCONT);
+        }
+        match std::fs::remove_file(dir.join(ASLEEP_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SubstrateError::io("remove the asleep marker", e)),
+        }
+        tracing::info!(tenant, vm = %vm, groups = groups.len(), "sandbox awake: its runs go on");
+        Ok(())
+    }
+
+    fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
+        self.sandbox_dir(tenant, vm)
+            .is_ok_and(|dir| dir.join(ASLEEP_FILE).exists())
     }
 
     fn has_image(&self, image: &str) -> bool {

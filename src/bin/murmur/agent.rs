@@ -20,6 +20,8 @@ pub(crate) enum OnIdleArg {
     /// Stay idle with the VM until killed.
     #[value(alias = "keep_alive")]
     KeepAlive,
+    /// Put the VM to sleep (everything in it kept) until `murmur wake` or a kill.
+    Sleep,
 }
 
 #[derive(Args, Debug)]
@@ -38,7 +40,7 @@ pub(crate) struct SpawnArgs {
 #[derive(Args, Debug)]
 pub(crate) struct SlugArgs {
     /// The agent's slug.
-    slug: String,
+    pub(crate) slug: String,
 }
 
 #[derive(Args, Debug)]
@@ -84,7 +86,8 @@ pub(crate) fn with_hint(e: ApiError) -> (ApiError, Option<&'static str>) {
     (e, hint)
 }
 
-type Outcome = Result<(), (ApiError, Option<&'static str>)>;
+/// What an agent command returns: done, or the error and a hint for the user.
+pub(crate) type Outcome = Result<(), (ApiError, Option<&'static str>)>;
 
 /// What `murmur kill -o json|yaml` prints.
 #[derive(serde::Serialize)]
@@ -98,7 +101,7 @@ struct Killed<'a> {
 }
 
 /// Maps a rendering failure onto the (error, hint) pair agent commands fail with.
-fn no_hint(e: ApiError) -> (ApiError, Option<&'static str>) {
+pub(crate) fn no_hint(e: ApiError) -> (ApiError, Option<&'static str>) {
     (e, None)
 }
 
@@ -107,6 +110,7 @@ pub(crate) async fn spawn(args: SpawnArgs, globals: &Globals) -> Outcome {
     let on_idle = match args.on_idle {
         OnIdleArg::Terminate => OnIdle::Terminate,
         OnIdleArg::KeepAlive => OnIdle::KeepAlive,
+        OnIdleArg::Sleep => OnIdle::Sleep,
     };
     let status = session
         .agents

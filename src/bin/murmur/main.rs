@@ -6,6 +6,7 @@ mod bake;
 mod host;
 mod inside;
 mod pool;
+mod power;
 mod resource;
 
 use std::path::PathBuf;
@@ -141,12 +142,37 @@ enum Command {
     /// Examples:
     ///   murmur spawn fix-auth -- 'make test && git push'
     ///   murmur spawn --on-idle keep-alive shell -- sleep infinity
+    ///   murmur spawn --on-idle sleep review -- ./review.sh   # sleeps once done; murmur wake review
     Spawn(agent::SpawnArgs),
     /// Kill an agent: stop its command and destroy its VM (PHASE_CANCELED).
     ///
     /// Example:
     ///   murmur kill fix-auth
     Kill(agent::SlugArgs),
+    /// Put an agent's VM to sleep: nothing in it runs, everything in it is kept
+    /// (PHASE_SLEEPING). Prints `VM stopped` once it is asleep.
+    ///
+    /// On qemu the guest's memory and devices are saved to a file on its host and the qemu
+    /// process ends, so the host's memory is freed; on the process substrate the sandbox's
+    /// processes are stopped (compute released, memory kept). A sleeping agent keeps its VM:
+    /// it still counts against max_vms, and a flush leaves it alone.
+    ///
+    /// Example:
+    ///   murmur sleep fix-auth
+    Sleep(agent::SlugArgs),
+    /// Wake an agent's sleeping VM: it goes on where it stopped, processes and memory
+    /// intact. Prints `VM started` once it is awake.
+    ///
+    /// Example:
+    ///   murmur wake fix-auth
+    Wake(agent::SlugArgs),
+    /// Set what an agent does the next time its command exits: sleep or keep-alive.
+    ///
+    /// (terminate, the default, is chosen at spawn only.)
+    ///
+    /// Example:
+    ///   murmur on-idle fix-auth keep-alive
+    OnIdle(power::OnIdleArgs),
     /// List your agents in the workspace: SLUG PHASE VM (nothing when there are none).
     ///
     /// With --all, every developer's agents (a DEVELOPER column first); with --ended, ended
@@ -341,6 +367,9 @@ async fn main() -> ExitCode {
         }
         Command::Spawn(args) => agent::spawn(args, g).await.map(|()| 0),
         Command::Kill(args) => agent::kill(args, g).await.map(|()| 0),
+        Command::Sleep(args) => power::sleep(args, g).await.map(|()| 0),
+        Command::Wake(args) => power::wake(args, g).await.map(|()| 0),
+        Command::OnIdle(args) => power::on_idle(args, g).await.map(|()| 0),
         Command::Ls(args) => agent::ls(args, g).await.map(|()| 0),
         Command::Status(args) => agent::status(args, g).await.map(|()| 0),
         Command::Wait(args) => agent::wait(args, g).await.map(|()| 0),

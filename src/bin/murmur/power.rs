@@ -1,0 +1,94 @@
+//! `murmur sleep | wake | on-idle`: an agent's VM put to sleep and woken, and what the agent
+//! does once its command exits.
+
+use clap::Args;
+use murmur_workflows::agent::OnIdle;
+
+use crate::agent::{Outcome, SlugArgs, no_hint, with_hint};
+use crate::{Globals, Session, emit};
+
+/// What `murmur sleep | wake -o json|yaml` prints.
+#[derive(serde::Serialize)]
+struct Power<'a> {
+    /// The agent's slug.
+    slug: &'a str,
+    /// Its workflow id.
+    workflow: String,
+    /// Its VM.
+    vm: Option<String>,
+    /// Whether the VM is asleep now.
+    asleep: bool,
+    /// The agent's phase now.
+    phase: Option<&'static str>,
+}
+
+/// `murmur sleep <slug>`: prints `VM stopped` once the VM is asleep.
+pub(crate) async fn sleep(args: SlugArgs, globals: &Globals) -> Outcome {
+    let session = Session::open(globals).await.map_err(with_hint)?;
+    let st = session.agents.sleep(&args.slug).await.map_err(with_hint)?;
+    let doc = Power {
+        slug: &args.slug,
+        workflow: st.workflow.clone(),
+        vm: st.vm.as_ref().map(ToString::to_string),
+        asleep: st.asleep,
+        phase: st.phase.map(|p| p.as_str()),
+    };
+    emit(globals.format, &doc, || "VM stopped\n".to_string()).map_err(no_hint)
+}
+
+/// `murmur wake <slug>`: prints `VM started` once the VM is awake.
+pub(crate) async fn wake(args: SlugArgs, globals: &Globals) -> Outcome {
+    let session = Session::open(globals).await.map_err(with_hint)?;
+    let st = session.agents.wake(&args.slug).await.map_err(with_hint)?;
+    let doc = Power {
+        slug: &args.slug,
+        workflow: st.workflow.clone(),
+        vm: st.vm.as_ref().map(ToString::to_string),
+        asleep: st.asleep,
+        phase: st.phase.map(|p| p.as_str()),
+    };
+    emit(globals.format, &doc, || "VM started\n".to_string()).map_err(no_hint)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct OnIdleArgs {
+    /// The agent's slug.
+    slug: String,
+    /// sleep or keep-alive (terminate is chosen at spawn only).
+    #[arg(value_parser = parse_on_idle)]
+    mode: OnIdle,
+}
+
+/// Parses an on-idle mode (`keep_alive` too); `terminate` parses and is refused later, with
+/// the reason.
+fn parse_on_idle(s: &str) -> Result<OnIdle, String> {
+    OnIdle::parse(s).map_err(|e| e.message)
+}
+
+/// What `murmur on-idle -o json|yaml` prints.
+#[derive(serde::Serialize)]
+struct OnIdleSet<'a> {
+    /// The agent's slug.
+    slug: &'a str,
+    /// What it does the next time it goes idle.
+    on_idle: &'static str,
+}
+
+/// `murmur on-idle <slug> <mode>`: prints `on-idle set to <mode> for <slug>`.
+pub(crate) async fn on_idle(args: OnIdleArgs, globals: &Globals) -> Outcome {
+    let mode = args.mode;
+    let session = Session::open(globals).await.map_err(with_hint)?;
+    let st = session
+        .agents
+        .set_on_idle(&args.slug, mode)
+        .await
+        .map_err(with_hint)?;
+    let doc = OnIdleSet {
+        slug: &args.slug,
+        on_idle: st.on_idle.as_str(),
+    };
+    emit(globals.format, &doc, || {
+        format!("on-idle set to {} for {}\n", st.on_idle.as_str(), args.slug)
+    })
+    .map_err(no_hint)
+}

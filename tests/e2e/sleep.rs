@@ -1,0 +1,289 @@
+//! `murmur sleep`, `murmur wake` and `murmur on-idle` on the process substrate: an agent put
+//! to sleep goes on where it stopped, nothing in its VM runs while it sleeps, `--on-idle
+//! sleep` parks the VM once the command exited, a kill or a nuke of a sleeping agent leaves
+//! nothing behind, and a worker killed during a sleep or a wake loses and duplicates nothing.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use murmur_workflows::agent::Phase;
+
+use crate::chaos::{spawn_murmur, wait_child};
+use crate::harness::{PATIENCE, TestEnv, stderr, stdout};
+
+/// Counts upward once a second, one number a line, from 1. The count lives in the shell's
+/// memory: a restart would begin at 1 again, and time passing does not advance it.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done";
+
+/// The numbers the agent printed so far.
+fn counted(env: &TestEnv, slug: &str) -> Vec<u64> {
+    env.murmur_ok(&["logs", slug])
+        .lines()
+        .map(|l| l.trim().parse().expect("a number a line"))
+        .collect()
+}
+
+/// Waits until the agent printed more than `n` numbers; returns them all.
+fn wait_counted(env: &TestEnv, slug: &str, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = counted(env, slug);
+        if seen.len() > n {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{slug} printed only {seen:?}\n{}",
+            env.worker_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The numbers are 1, 2, 3, ... with nothing skipped, repeated or restarted.
+fn assert_one_count(seen: &[u64]) {
+    let want: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(
+        seen,
+        want.as_slice(),
+        "one count from 1, nothing lost or repeated"
+    );
+}
+
+/// The scheduler state (`R`, `S`, `T` for stopped, ...) of a process, `None` once it is gone.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ...`: the state follows the last `)`.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The process group id of the agent's run in its sandbox.
+fn run_pid(env: &TestEnv, vm: &str, run: &str) -> i32 {
+    let file = env.vm_dir(vm).join("runs").join(run).join("pid");
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+/// Every process of a process group (from `/proc`).
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1.to_string();
+                    // state ppid pgrp ...
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// Every process of the group is stopped (`T`), and there is at least one.
+fn assert_frozen(pgid: i32) {
+    let members = group_members(pgid);
+    assert!(!members.is_empty(), "the agent's processes are there");
+    for pid in members {
+        // A member may exit on its own only if it was not stopped: stopped ones stay.
+        assert_eq!(process_state(pid), Some('T'), "process {pid} is stopped");
+    }
+}
+
+fn sandbox_exists(dir: &Path) -> bool {
+    dir.exists()
+}
+
+#[test]
+fn a_sleeping_agent_goes_on_where_it_stopped() {
+    let env = TestEnv::start("sleep-counter");
+    env.set_workspace("default", "min_idle: 1\n");
+    env.spawn("counter", COUNTER);
+    let st = env.wait_phase("counter", Phase::Running);
+    let vm = st.vm.clone().expect("a VM").to_string();
+    let run = st.run.clone().expect("a run id");
+    wait_counted(&env, "counter", 3);
+
+    assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
+    let st = env.agent("counter");
+    assert_eq!(st.phase, Some(Phase::Sleeping), "{st:#?}");
+    assert!(st.asleep);
+    let text = env.murmur_ok(&["status", "counter"]);
+    assert!(
+        text.contains(&format!("vm:       {vm} [stopped]\n")),
+        "{text}"
+    );
+    let pgid = run_pid(&env, &vm, &run);
+    assert_frozen(pgid);
+    // Asleep, nothing runs in it: no exec either, with a reason.
+    let out = env.murmur(&["exec", "counter", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("FAILED_PRECONDITION: VM {vm} is asleep")),
+        "{}",
+        stderr(&out)
+    );
+
+    let before = counted(&env, "counter");
+    // Time passing while asleep is what is tested here: a counter that was not stopped
+    // would print about five more numbers.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(counted(&env, "counter"), before, "nothing ran while asleep");
+    assert_frozen(pgid);
+
+    assert_eq!(env.murmur_ok(&["wake", "counter"]), "VM started\n");
+    let st = env.agent("counter");
+    assert_eq!(st.phase, Some(Phase::Running), "{st:#?}");
+    assert!(!st.asleep);
+    assert_eq!(
+        st.vm.as_ref().map(ToString::to_string),
+        Some(vm.clone()),
+        "the same VM"
+    );
+    assert_eq!(
+        st.reached.iter().filter(|p| **p == Phase::Sleeping).count(),
+        1
+    );
+    let after = wait_counted(&env, "counter", before.len());
+    // Resumed where it stopped: the next number, not 1, and not advanced by the sleep.
+    assert_eq!(
+        after[before.len()],
+        before[before.len() - 1] + 1,
+        "{after:?}"
+    );
+    assert_one_count(&after);
+    assert_eq!(run_pid(&env, &vm, &run), pgid, "the same processes");
+
+    // Sleeping and waking twice is fine; a kill of a sleeping agent destroys its VM.
+    env.murmur_ok(&["sleep", "counter"]);
+    assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
+    assert_eq!(env.murmur_ok(&["kill", "counter"]), "killed counter\n");
+    assert_eq!(env.agent("counter").phase, Some(Phase::Canceled));
+    // (A zombie has ended; it waits for whoever adopted it to reap it.)
+    let left: Vec<(i32, Option<char>)> = group_members(pgid)
+        .into_iter()
+        .map(|pid| (pid, process_state(pid)))
+        .filter(|(_, state)| *state != Some('Z'))
+        .collect();
+    assert!(left.is_empty(), "the agent's processes are gone: {left:?}");
+    assert!(!sandbox_exists(&env.vm_dir(&vm)), "its sandbox is gone");
+    env.wait_settled_and_sound(PATIENCE);
+    // An ended agent cannot sleep or wake.
+    let out = env.murmur(&["wake", "counter"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("FAILED_PRECONDITION: agent counter has already ended"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn on_idle_sleep_parks_the_vm_once_the_command_exited() {
+    let env = TestEnv::start("sleep-on-idle");
+    env.set_workspace("default", "min_idle: 1\n");
+    env.spawn_with(&["--on-idle", "sleep"], "parked", "echo done");
+    let st = env.wait_phase("parked", Phase::Sleeping);
+    assert!(st.asleep, "{st:#?}");
+    assert_eq!(st.exit_code, Some(0));
+    let vm = st.vm.clone().expect("a VM").to_string();
+    assert!(
+        env.vm_dir(&vm).join("asleep").exists(),
+        "the sandbox sleeps"
+    );
+    // A flush leaves a sleeping agent's VM alone: it is assigned.
+    env.murmur_ok(&["pool", "flush"]);
+    let st = env.wait_settled_and_sound(PATIENCE);
+    assert!(
+        st.vms.iter().any(|v| v.id.to_string() == vm),
+        "the sleeping agent's VM is still in the pool's inventory"
+    );
+    assert!(env.vm_dir(&vm).exists());
+
+    // Woken, it is idle with its VM; put to sleep again by hand.
+    assert_eq!(env.murmur_ok(&["wake", "parked"]), "VM started\n");
+    assert_eq!(env.agent("parked").phase, Some(Phase::Idle));
+    assert!(!env.vm_dir(&vm).join("asleep").exists());
+    assert_eq!(env.murmur_ok(&["sleep", "parked"]), "VM stopped\n");
+    assert_eq!(env.agent("parked").phase, Some(Phase::Sleeping));
+
+    // on-idle: sleep and keep-alive at runtime; terminate only at spawn.
+    assert_eq!(
+        env.murmur_ok(&["on-idle", "parked", "keep-alive"]),
+        "on-idle set to keep-alive for parked\n"
+    );
+    assert_eq!(env.agent("parked").on_idle.as_str(), "keep-alive");
+    let out = env.murmur(&["on-idle", "parked", "terminate"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot be set at runtime"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A nuke deletes the sleeping VM with everything it kept.
+    env.murmur_ok(&["pool", "flush", "--nuke"]);
+    assert_eq!(env.agent("parked").phase, Some(Phase::Canceled));
+    assert!(!env.vm_dir(&vm).exists(), "the sleeping VM is gone");
+}
+
+#[test]
+fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
+    let mut env = TestEnv::start("sleep-chaos");
+    env.set_workspace("default", "min_idle: 1\n");
+    env.spawn("counter", COUNTER);
+    let st = env.wait_phase("counter", Phase::Running);
+    let vm = st.vm.clone().expect("a VM").to_string();
+    let run = st.run.clone().expect("a run id");
+    let pgid = run_pid(&env, &vm, &run);
+    wait_counted(&env, "counter", 2);
+    // Crash the worker at a few points inside each sleep and wake: the CLI call completes
+    // once the worker is back, and the agent is then asleep or awake as asked, on its one
+    // VM, with its one count.
+    for (round, delay_ms) in [0u64, 30, 120, 400].into_iter().enumerate() {
+        for (verb, phase, said) in [
+            ("sleep", Phase::Sleeping, "VM stopped\n"),
+            ("wake", Phase::Running, "VM started\n"),
+        ] {
+            let call = spawn_murmur(&env, &[verb, "counter"]);
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            env.kill_worker();
+            eprintln!("round {round}: {verb} crashed after {delay_ms} ms");
+            env.start_worker();
+            let out = wait_child(call, PATIENCE);
+            assert!(
+                out.status.success(),
+                "{verb} after a crash: {} {}",
+                stdout(&out),
+                stderr(&out)
+            );
+            assert_eq!(stdout(&out), said);
+            let st = env.agent("counter");
+            assert_eq!(st.phase, Some(phase), "{st:#?}");
+            assert_eq!(st.vm.as_ref().map(ToString::to_string), Some(vm.clone()));
+            if verb == "sleep" {
+                assert_frozen(pgid);
+            } else {
+                assert_ne!(process_state(pgid), Some('T'), "awake, it runs");
+            }
+            let vms = env.substrate();
+            assert_eq!(
+                vms.iter().filter(|v| v.owner.is_some()).count(),
+                1,
+                "one agent VM, never a second: {vms:#?}"
+            );
+        }
+    }
+    let seen = wait_counted(&env, "counter", counted(&env, "counter").len());
+    assert_one_count(&seen);
+    env.wait_settled_and_sound(PATIENCE);
+    env.murmur_ok(&["kill", "counter"]);
+}
