@@ -50,6 +50,15 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("footprint", "worker RSS and CPU with 1,000 agent workflows"),
     (
+        "sleep-wake",
+        "murmur sleep → VM stopped and murmur wake → VM started of a running agent",
+    ),
+    (
+        "qemu-sleep-wake",
+        "murmur sleep and wake of a running agent on a qemu guest (run it alone; not part of \
+         all)",
+    ),
+    (
         "qemu-spawn",
         "spawn → PHASE_RUNNING on the qemu substrate, warm guest vs cold boot (run it alone; \
          not part of all)",
@@ -62,7 +71,7 @@ pub const ON_REQUEST: &[(&str, &str)] = &[(
     "thousands of claims, hundreds of flushes: history, continue-as-new, RSS, invariants",
 )];
 /// Scenarios that need the qemu substrate (the bench's worker then runs qemu).
-pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn"];
+pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn", "qemu-sleep-wake"];
 
 /// Runs one scenario.
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
@@ -78,6 +87,7 @@ pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
         "footprint" => footprint(b).await,
         "soak" => soak(b).await,
         "qemu-spawn" => spawn_qemu(b).await,
+        "sleep-wake" | "qemu-sleep-wake" => sleep_wake(b).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -327,9 +337,18 @@ async fn sample_spawns(
 
 /// Spawns `slug` (`sleep 300`) and polls every 2 ms until it runs: how long that took.
 async fn spawn_until_running(agents: &AgentClient, slug: &str) -> anyhow::Result<Duration> {
+    spawn_until_running_with(agents, slug, "sleep 300").await
+}
+
+/// Spawns `slug` running `command` and polls every 2 ms until it runs: how long that took.
+async fn spawn_until_running_with(
+    agents: &AgentClient,
+    slug: &str,
+    command: &str,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     agents
-        .spawn(slug, vec!["sleep 300".into()], OnIdle::Terminate)
+        .spawn(slug, vec![command.into()], OnIdle::Terminate)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     loop {
@@ -350,6 +369,70 @@ async fn spawn_until_running(agents: &AgentClient, slug: &str) -> anyhow::Result
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// `murmur sleep` until it answers `VM stopped`, and `murmur wake` until `VM started`, of
+/// one running agent (a counter), on the bench worker's substrate. At least 10 of each.
+async fn sleep_wake(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    let (ctx, pool, agents) = b.tenant(&format!("bench-sleep-{}", b.substrate)).await?;
+    set_pool(&pool, 4, 1).await?;
+    Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(1)).await?;
+    let counter = "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done";
+    spawn_until_running_with(&agents, "sleeper", counter).await?;
+    let (mut slept, mut woke) = (Vec::new(), Vec::new());
+    for i in 0..b.warmup + b.runs.max(10) {
+        let t0 = Instant::now();
+        let st = agents
+            .sleep("sleeper")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t_sleep = t0.elapsed();
+        anyhow::ensure!(
+            st.asleep && st.phase == Some(Phase::Sleeping),
+            "not asleep: {st:?}"
+        );
+        let t0 = Instant::now();
+        let st = agents
+            .wake("sleeper")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t_wake = t0.elapsed();
+        anyhow::ensure!(
+            !st.asleep && st.phase == Some(Phase::Running),
+            "not awake: {st:?}"
+        );
+        if i >= b.warmup {
+            slept.push(ms(t_sleep));
+            woke.push(ms(t_wake));
+        }
+    }
+    agents
+        .kill("sleeper")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    cleanup(b, &pool, &ctx.tenant).await?;
+    let sub = b.substrate;
+    let wake_goal = (sub == "qemu").then(|| median(&woke) <= 1000.0);
+    Ok(vec![
+        figure(
+            &format!("murmur sleep → VM stopped ({sub})"),
+            slept,
+            "ms",
+            "",
+            None,
+        ),
+        figure(
+            &format!("murmur wake → VM started ({sub})"),
+            woke,
+            "ms",
+            if sub == "qemu" {
+                "≤ 1000 ms (TCG)"
+            } else {
+                ""
+            },
+            wake_goal,
+        ),
+    ])
 }
 
 /// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, with none
