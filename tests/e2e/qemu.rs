@@ -66,7 +66,7 @@ fn substrate_ids(env: &TestEnv) -> BTreeSet<String> {
 }
 
 /// Waits until `pred` holds, failing after [`crate::harness::PATIENCE`].
-fn eventually(env: &TestEnv, what: &str, pred: impl Fn() -> bool) {
+fn eventually(env: &TestEnv, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + crate::harness::PATIENCE;
     while !pred() {
         assert!(
@@ -404,4 +404,143 @@ fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
             stdout(&out).trim() == "0"
         },
     );
+}
+
+/// The numbers a counter agent printed so far (`murmur logs`, read from the guest).
+fn counted(env: &TestEnv, slug: &str) -> Vec<u64> {
+    env.murmur_ok(&["logs", slug])
+        .lines()
+        .map(|l| l.trim().parse().expect("a number a line"))
+        .collect()
+}
+
+/// Waits until the counter printed more than `n` numbers.
+fn wait_counted(env: &TestEnv, slug: &str, n: usize) -> Vec<u64> {
+    let mut seen = Vec::new();
+    eventually(env, "the counter to go on", || {
+        seen = counted(env, slug);
+        seen.len() > n
+    });
+    seen
+}
+
+#[test]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+fn a_sleeping_guest_is_saved_to_its_host_and_goes_on_where_it_stopped() {
+    let env = qemu_env("qemu-sleep");
+    // max_vms 1: no warm guest boots beside the agent's, so every qemu process is its.
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
+    wait_warm(&env, 1);
+    env.spawn(
+        "counter",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done",
+    );
+    let st = env.wait_phase("counter", Phase::Running);
+    let vm = st.vm.expect("a VM").0;
+    let before = wait_counted(&env, "counter", 3);
+    let t0 = Instant::now();
+
+    assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
+    // Asleep: the guest is saved on its host and its qemu is gone, with the memory it held.
+    assert!(qemu_processes(&env).is_empty(), "no qemu runs while asleep");
+    let dir = env.state_dir().join("qemu/vms").join(&env.tenant).join(&vm);
+    let saved = std::fs::metadata(dir.join("sleep.state")).expect("the saved guest");
+    assert!(saved.len() > 0);
+    let st = env.agent("counter");
+    assert_eq!(st.phase, Some(Phase::Sleeping));
+    assert!(st.asleep);
+    // The pool and the reaper still see the VM, alive and the agent's.
+    let vms = env.substrate();
+    assert!(vms.iter().any(|v| v.id.0 == vm && v.alive), "{vms:#?}");
+    // Time passing while asleep is what is tested: an awake counter would add five.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(qemu_processes(&env).is_empty());
+
+    assert_eq!(env.murmur_ok(&["wake", "counter"]), "VM started\n");
+    assert_eq!(qemu_processes(&env).len(), 1, "the guest runs again");
+    assert!(
+        !dir.join("sleep.state").exists(),
+        "the saved guest is gone once awake"
+    );
+    let st = env.agent("counter");
+    assert_eq!(st.phase, Some(Phase::Running));
+    assert_eq!(st.vm.map(|v| v.0), Some(vm.clone()), "the same VM");
+    let after = wait_counted(&env, "counter", before.len());
+    let awake = t0.elapsed().as_secs_f64() - 5.0;
+    // One count, from 1, resumed where it stopped (a reboot would start again at 1) ...
+    let want: Vec<u64> = (1..=after.len() as u64).collect();
+    assert_eq!(after, want, "one count, nothing lost or repeated");
+    // ... and not advanced by the five seconds asleep: at most one number a second awake.
+    let added = (after.len() - before.len()) as f64;
+    assert!(
+        added <= awake.ceil() + 1.0,
+        "{added} numbers in {awake:.1} s awake: the counter went on while asleep"
+    );
+
+    // A kill of a sleeping agent removes the VM with its saved state.
+    env.murmur_ok(&["sleep", "counter"]);
+    assert_eq!(env.murmur_ok(&["kill", "counter"]), "killed counter\n");
+    assert!(!dir.exists(), "the VM and its saved state are gone");
+    eventually(&env, "no qemu of the killed agent", || {
+        qemu_processes(&env).len() <= 1
+    });
+}
+
+#[test]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
+    let mut env = qemu_env("qemu-sleep-chaos");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
+    wait_warm(&env, 1);
+    env.spawn(
+        "counter",
+        "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done",
+    );
+    let vm = env
+        .wait_phase("counter", Phase::Running)
+        .vm
+        .expect("a VM")
+        .0;
+    wait_counted(&env, "counter", 2);
+    let dir = env.state_dir().join("qemu/vms").join(&env.tenant).join(&vm);
+    // A guest's save and restore take a second or so under TCG: these crashes land before,
+    // inside and after them.
+    for delay_ms in [150u64, 600, 1500] {
+        for (verb, said) in [("sleep", "VM stopped\n"), ("wake", "VM started\n")] {
+            let call = crate::chaos::spawn_murmur(&env, &[verb, "counter"]);
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            env.kill_worker();
+            eprintln!("{verb} crashed after {delay_ms} ms");
+            env.start_worker();
+            let out = crate::chaos::wait_child(call, crate::harness::PATIENCE);
+            assert!(
+                out.status.success(),
+                "{verb}: {} {}",
+                stdout(&out),
+                stderr(&out)
+            );
+            assert_eq!(stdout(&out), said);
+            let st = env.agent("counter");
+            assert_eq!(st.vm.as_ref().map(|v| v.0.clone()), Some(vm.clone()));
+            let running = qemu_processes(&env).len();
+            if verb == "sleep" {
+                assert_eq!(st.phase, Some(Phase::Sleeping), "{st:#?}");
+                assert_eq!(running, 0, "asleep: no qemu");
+                assert!(
+                    dir.join("sleep.state").exists(),
+                    "asleep: its state is saved"
+                );
+            } else {
+                assert_eq!(st.phase, Some(Phase::Running), "{st:#?}");
+                assert_eq!(running, 1, "awake: one qemu, never two");
+            }
+            assert_eq!(substrate_ids(&env), BTreeSet::from([vm.clone()]));
+        }
+    }
+    let seen = wait_counted(&env, "counter", counted(&env, "counter").len());
+    let want: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(seen, want, "one count through every crash");
+    env.murmur_ok(&["kill", "counter"]);
 }
