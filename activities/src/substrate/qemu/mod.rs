@@ -48,6 +48,7 @@ pub mod exec;
 pub mod guest;
 pub mod images;
 pub mod launch;
+pub mod snapshots;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
