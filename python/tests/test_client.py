@@ -59,6 +59,87 @@ async def test_kill_ends_a_running_agent_and_a_second_kill_says_it_ended(admin: 
         await agent.kill()
 
 
+COUNT = ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done"]
+
+
+async def test_sleep_stops_the_agent_and_wake_resumes_it_on_the_same_vm(admin: murmur.Murmur) -> None:
+    agent = await admin.spawn(slug(), COUNT)
+    running = await agent.wait(murmur.Phase.RUNNING, timeout=120)
+    assert running.vm is not None and not running.asleep
+
+    asleep = await agent.sleep()
+    assert asleep.phase == murmur.Phase.SLEEPING and asleep.asleep
+    assert asleep.vm == running.vm
+    # The answer is the status the query reads too.
+    assert (await agent.status()).asleep
+    # Sleeping an agent already asleep answers at once with the same status.
+    assert (await agent.sleep()).phase == murmur.Phase.SLEEPING
+
+    awake = await agent.wake()
+    assert awake.phase == murmur.Phase.RUNNING and not awake.asleep
+    assert awake.vm == running.vm
+    assert murmur.Phase.SLEEPING in awake.reached
+
+    changed = await agent.set_on_idle("keep-alive")
+    assert changed.on_idle == murmur.OnIdle.KEEP_ALIVE
+    assert (await agent.status()).on_idle == murmur.OnIdle.KEEP_ALIVE
+    with pytest.raises(murmur.InvalidArgument, match="cannot be set at runtime"):
+        await agent.set_on_idle("terminate")
+    assert (await agent.status()).on_idle == murmur.OnIdle.KEEP_ALIVE
+
+    await agent.kill()
+    assert (await agent.status()).phase == murmur.Phase.CANCELED
+
+
+async def test_an_ended_agent_cannot_sleep_wake_or_change_on_idle(admin: murmur.Murmur) -> None:
+    agent = await admin.spawn(slug(), ["true"])
+    await agent.wait(murmur.Phase.COMPLETED, timeout=120)
+    with pytest.raises(murmur.FailedPrecondition, match="has already ended"):
+        await agent.sleep()
+    with pytest.raises(murmur.FailedPrecondition, match="has already ended"):
+        await agent.wake()
+    with pytest.raises(murmur.FailedPrecondition, match="has already ended"):
+        await agent.set_on_idle(murmur.OnIdle.SLEEP)
+
+
+async def test_on_idle_terminate_and_unknown_modes_are_refused_before_any_call(admin: murmur.Murmur) -> None:
+    # No such agent: a call would answer NOT_FOUND; the refusal comes first.
+    nobody = admin.agent("nobody-here")
+    with pytest.raises(murmur.InvalidArgument, match="cannot be set at runtime"):
+        await nobody.set_on_idle("terminate")
+    with pytest.raises(murmur.InvalidArgument, match='unknown --on-idle "hibernate"'):
+        await nobody.set_on_idle("hibernate")
+    with pytest.raises(murmur.InvalidArgument, match="unknown --on-idle"):
+        await admin.spawn(slug(), ["true"], on_idle="hibernate")
+
+
+async def test_an_agent_spawned_with_on_idle_sleep_sleeps_once_its_command_exits(admin: murmur.Murmur) -> None:
+    agent = await admin.spawn(slug(), ["true"], on_idle="sleep")
+    status = await agent.wait(murmur.Phase.SLEEPING, timeout=120)
+    # The phase is set once the VM is asleep.
+    assert status.phase == murmur.Phase.SLEEPING and status.asleep
+    assert status.on_idle == murmur.OnIdle.SLEEP
+    assert status.exit_code == 0
+    assert murmur.Phase.TASK_COMPLETE in status.reached
+    # Woken, it is idle with its VM (its command is done).
+    awake = await agent.wake()
+    assert awake.phase == murmur.Phase.IDLE and not awake.asleep and awake.vm == status.vm
+    await agent.kill()
+    assert (await agent.status()).phase == murmur.Phase.CANCELED
+
+
+def test_the_power_and_on_idle_requests_have_the_workers_shapes() -> None:
+    # The worker signs over every field of what it decoded, without `auth`.
+    assert m.power_request() == {}
+    assert m.on_idle_request(m.OnIdle.SLEEP) == {"on_idle": "sleep"}
+    assert m.on_idle_request(m.OnIdle.parse("keep_alive")) == {"on_idle": "keep-alive"}
+    assert (m.OP_SLEEP, m.OP_WAKE, m.OP_ON_IDLE) == ("agent.sleep", "agent.wake", "agent.on-idle")
+    # `asleep` is left out of the status when false.
+    assert not m.AgentStatus.from_json({"phase": "PHASE_RUNNING"}).asleep
+    assert m.AgentStatus.from_json({"phase": "PHASE_SLEEPING", "asleep": True}).asleep
+    assert m.Phase.parse("sleeping") == m.Phase.SLEEPING and not m.Phase.SLEEPING.terminal
+
+
 async def test_a_second_spawn_of_a_running_slug_is_refused(admin: murmur.Murmur) -> None:
     name = slug()
     agent = await admin.spawn(name, ["sleep", "300"])
@@ -188,3 +269,22 @@ def test_the_sync_wrapper_spawns_and_waits(deployment: Deployment) -> None:
         agent = mm.spawn(slug(), ["sh", "-c", "echo sync"])
         status = agent.wait("completed", timeout=120)
         assert status.output_tail is not None and "sync" in status.output_tail
+
+
+def test_the_sync_wrapper_sleeps_and_wakes(deployment: Deployment) -> None:
+    from murmur import sync
+
+    with sync.Murmur.connect(
+        tenant=deployment.tenant, credential=deployment.credentials["admin"],
+        address=deployment.address, task_queue=deployment.task_queue,
+    ) as mm:
+        agent = mm.spawn(slug(), COUNT, on_idle="keep-alive")
+        agent.wait("running", timeout=120)
+        assert agent.sleep().phase == murmur.Phase.SLEEPING
+        assert agent.wake().phase == murmur.Phase.RUNNING
+        assert agent.set_on_idle("sleep").on_idle == murmur.OnIdle.SLEEP
+        with pytest.raises(murmur.InvalidArgument, match="cannot be set at runtime"):
+            agent.set_on_idle("terminate")
+        agent.kill()
+        with pytest.raises(murmur.FailedPrecondition, match="has already ended"):
+            agent.sleep()

@@ -184,7 +184,7 @@ class Murmur:
         if any("\0" in w for w in command):
             raise InvalidArgument("the command contains a NUL byte")
         ctx = self.context
-        on_idle = m.OnIdle(on_idle)
+        on_idle = m.OnIdle.parse(on_idle)
         message = m.agent_input(ctx.tenant, ctx.workspace, ctx.developer, slug, command, on_idle)
         agent = Agent(self, slug)
         message["auth"] = ctx.require_credential().sign(m.OP_SPAWN, agent.workflow_id, message)
@@ -330,17 +330,53 @@ class Agent:
                 )
             await asyncio.sleep(WAIT_POLL)
 
-    async def kill(self) -> None:
-        """Cancels the agent and returns once it has ended (its VM destroyed)."""
+    async def _running(self) -> tuple[temporalio.client.WorkflowHandle[Any, Any], str]:
+        """The handle of the agent's running workflow and its run id; ``FailedPrecondition``
+        when the agent has ended."""
         handle, description = await self._describe()
         if description.status != temporalio.client.WorkflowExecutionStatus.RUNNING:
             phase = _closed_phase(description.status)
             raise FailedPrecondition(f"agent {self.slug} has already ended ({phase.value})")
-        # Signed for this run only: a copy cannot kill a later agent of the same slug.
-        message = m.kill_request()
-        target = f"{self.workflow_id}@{description.run_id}"
-        message["auth"] = self._murmur.context.require_credential().sign(m.OP_KILL, target, message)
-        await _call(handle.execute_update("kill", message), self._not_found())
+        return handle, description.run_id
+
+    async def _update(
+        self, update: str, op: str, message: dict[str, Any]
+    ) -> tuple[temporalio.client.WorkflowHandle[Any, Any], Any]:
+        """Runs the agent's update ``update`` with ``message`` signed for ``op`` on this run
+        only (``<workflow id>@<run id>``: a copy cannot act on a later agent of the same slug);
+        returns the workflow's handle and the update's answer."""
+        handle, run_id = await self._running()
+        target = f"{self.workflow_id}@{run_id}"
+        message["auth"] = self._murmur.context.require_credential().sign(op, target, message)
+        return handle, await _call(handle.execute_update(update, message), self._not_found())
+
+    async def sleep(self) -> m.AgentStatus:
+        """Puts the agent's VM to sleep (nothing in it runs, everything in it is kept) and
+        returns the status once it is asleep (``PHASE_SLEEPING``, ``asleep``). Refused with
+        ``FailedPrecondition`` while the agent has no VM yet or after it has ended."""
+        _, status = await self._update("sleep", m.OP_SLEEP, m.power_request())
+        return m.AgentStatus.from_json(status)
+
+    async def wake(self) -> m.AgentStatus:
+        """Wakes the agent's sleeping VM on the same VM, processes and memory intact, and
+        returns the status once it is awake (back in the phase it slept in: ``PHASE_RUNNING``
+        while its command runs, else ``PHASE_IDLE``)."""
+        _, status = await self._update("wake", m.OP_WAKE, m.power_request())
+        return m.AgentStatus.from_json(status)
+
+    async def set_on_idle(self, on_idle: m.OnIdle | str) -> m.AgentStatus:
+        """Sets what the agent does the next time its command exits: ``"sleep"`` or
+        ``"keep-alive"`` (``"terminate"`` cannot be set at runtime: ``InvalidArgument``);
+        returns the new status."""
+        mode = m.OnIdle.parse(on_idle)
+        if mode == m.OnIdle.TERMINATE:
+            raise InvalidArgument("--on-idle terminate cannot be set at runtime (use sleep or keep-alive)")
+        _, status = await self._update("on_idle", m.OP_ON_IDLE, m.on_idle_request(mode))
+        return m.AgentStatus.from_json(status)
+
+    async def kill(self) -> None:
+        """Cancels the agent and returns once it has ended (its VM destroyed)."""
+        handle, _ = await self._update("kill", m.OP_KILL, m.kill_request())
         try:
             await handle.result()
         except (temporalio.client.WorkflowFailureError, temporalio.service.RPCError):

@@ -22,6 +22,9 @@ OP_NUKE = "pool.nuke"
 OP_CONFIG = "config.apply"
 OP_SPAWN = "agent.spawn"
 OP_KILL = "agent.kill"
+OP_SLEEP = "agent.sleep"
+OP_WAKE = "agent.wake"
+OP_ON_IDLE = "agent.on-idle"
 
 #: Search attributes murmur's workflows carry.
 SA_TENANT = "MurmurTenant"
@@ -51,6 +54,23 @@ class OnIdle(str, enum.Enum):
     """Destroy the VM and end (the default)."""
     KEEP_ALIVE = "keep-alive"
     """Stay in ``PHASE_IDLE`` with the VM until killed."""
+    SLEEP = "sleep"
+    """Put the VM to sleep and stay in ``PHASE_SLEEPING`` until woken or killed."""
+
+    @classmethod
+    def parse(cls, text: "str | OnIdle") -> "OnIdle":
+        """``terminate``, ``keep-alive`` (or ``keep_alive``) or ``sleep``, as the CLI takes them."""
+        if isinstance(text, OnIdle):
+            return text
+        want = text.strip()
+        if want == "keep_alive":
+            return cls.KEEP_ALIVE
+        for mode in cls:
+            if mode.value == want:
+                return mode
+        from .errors import InvalidArgument
+
+        raise InvalidArgument(f'unknown --on-idle "{want}" (expected sleep, keep-alive or terminate)')
 
 
 class Phase(str, enum.Enum):
@@ -60,6 +80,9 @@ class Phase(str, enum.Enum):
     RUNNING = "PHASE_RUNNING"
     TASK_COMPLETE = "PHASE_TASK_COMPLETE"
     IDLE = "PHASE_IDLE"
+    SLEEPING = "PHASE_SLEEPING"
+    """The VM is asleep (:meth:`Agent.sleep`, or ``on_idle="sleep"`` once the command
+    exited): nothing in it runs, everything in it is kept; :meth:`Agent.wake` resumes it."""
     DESTROYING = "PHASE_DESTROYING"
     COMPLETED = "PHASE_COMPLETED"
     FAILED = "PHASE_FAILED"
@@ -107,6 +130,8 @@ class AgentStatus:
     output_tail: str | None
     error: str | None
     waiting: str | None = None
+    asleep: bool = False
+    """True while the agent's VM is asleep (``murmur status`` shows ``[stopped]``)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "AgentStatus":
@@ -125,6 +150,7 @@ class AgentStatus:
             output_tail=data.get("output_tail"),
             error=data.get("error"),
             waiting=data.get("waiting"),
+            asleep=bool(data.get("asleep", False)),
         )
 
     def has_reached(self, phase: Phase) -> bool:
@@ -214,6 +240,16 @@ def agent_input(
 def kill_request() -> dict[str, Any]:
     """Input of the agent's ``kill`` update, before signing (``KillRequest``)."""
     return {}
+
+
+def power_request() -> dict[str, Any]:
+    """Input of the agent's ``sleep`` and ``wake`` updates, before signing (``PowerRequest``)."""
+    return {}
+
+
+def on_idle_request(on_idle: OnIdle) -> dict[str, Any]:
+    """Input of the agent's ``on_idle`` update, before signing (``OnIdleRequest``)."""
+    return {"on_idle": on_idle.value}
 
 
 def nuke_input(tenant: str, actor: str) -> dict[str, Any]:

@@ -89,6 +89,18 @@ class Agent:
         """See :meth:`murmur.Agent.wait`."""
         return self._owner._run(self._inner.wait(phase, timeout))
 
+    def sleep(self) -> AgentStatus:
+        """See :meth:`murmur.Agent.sleep`."""
+        return self._owner._run(self._inner.sleep())
+
+    def wake(self) -> AgentStatus:
+        """See :meth:`murmur.Agent.wake`."""
+        return self._owner._run(self._inner.wake())
+
+    def set_on_idle(self, on_idle: OnIdle | str) -> AgentStatus:
+        """See :meth:`murmur.Agent.set_on_idle`."""
+        return self._owner._run(self._inner.set_on_idle(on_idle))
+
     def kill(self) -> None:
         """See :meth:`murmur.Agent.kill`."""
         self._owner._run(self._inner.kill())
