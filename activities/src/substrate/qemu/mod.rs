@@ -42,12 +42,14 @@
 //! - [`launch`]: finding qemu, the accelerator and its KVM probe, the command line, telling
 //!   the VM's qemu from other processes, stopping it;
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
-//!   bake's snapshot of a guest.
+//!   bake's snapshot of a guest;
+//! - [`qmp`]: a client of qemu's machine protocol (QMP) on the VM's `qmp.sock`.
 
 pub mod exec;
 pub mod guest;
 pub mod images;
 pub mod launch;
+pub mod qmp;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
