@@ -8,8 +8,9 @@
 //!   their base's initrd.
 //! - `qemu/vms/<tenant>/<vm>/`: `vm.json` ([`launch::QemuVmMeta`]), `qemu.pid`, `ctl.sock`
 //!   (the guest's second serial port, the guest agent's control channel), `tty.sock` (the
-//!   third, the terminal of `murmur shell`), `console.log` (the first serial port) and
-//!   `qemu.log` (qemu's own stderr).
+//!   third, the terminal of `murmur shell`), `qmp.sock` (qemu's machine protocol, [`qmp`]),
+//!   `console.log` (the first serial port) and `qemu.log` (qemu's own stderr), both
+//!   appended to.
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
@@ -67,8 +68,8 @@ use self::guest::{
 };
 use self::images::ImageMeta;
 use self::launch::{
-    Accel, CONTROL_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report, find_qemu, qemu_pid,
-    spawn_qemu, stop_qemu,
+    Accel, CONTROL_SOCKET, QMP_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report,
+    find_qemu, qemu_pid, spawn_qemu, stop_qemu,
 };
 use crate::substrate::session::{
     DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, WindowSize,
@@ -478,6 +479,7 @@ impl Provider for QemuProvider {
         let dir = self.vm_dir(&spec.tenant, &spec.vm)?;
         check_socket_path(&dir.join(CONTROL_SOCKET))?;
         check_socket_path(&dir.join(TTY_SOCKET))?;
+        check_socket_path(&dir.join(QMP_SOCKET))?;
         if self.image_meta(&spec.image).is_none() {
             return Err(SubstrateError::ImageNotFound(spec.image.clone()));
         }
@@ -512,6 +514,7 @@ impl Provider for QemuProvider {
             &dir,
             &meta,
             self.niceness,
+            None,
         )
     }
 
