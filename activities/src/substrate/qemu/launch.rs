@@ -302,7 +302,7 @@ pub fn qemu_pid(dir: &Path) -> Option<i32> {
 }
 
 /// True when `pid` is a live (not zombie) qemu serving the VM at `dir`.
-fn runs_vm(pid: i32, dir: &Path) -> bool {
+pub fn runs_vm(pid: i32, dir: &Path) -> bool {
     let want = format!("unix:{},", dir.join(CONTROL_SOCKET).display());
     live_cmdline(pid).is_some_and(|cmd| {
         let mut args = cmd.split(|b| *b == 0);

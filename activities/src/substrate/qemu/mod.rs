@@ -10,7 +10,8 @@
 //!   (the guest's second serial port, the guest agent's control channel), `tty.sock` (the
 //!   third, the terminal of `murmur shell`), `qmp.sock` (qemu's machine protocol, [`qmp`]),
 //!   `console.log` (the first serial port) and `qemu.log` (qemu's own stderr), both
-//!   appended to.
+//!   appended to; while the VM sleeps, `asleep` (the marker) and `sleep.state` (its saved
+//!   RAM and device state, `sleep.state.tmp` while it is written).
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
@@ -35,6 +36,51 @@
 //! - [`QemuProvider::ensure_base_image`] rebuilds the base image when its guest files
 //!   (`/init`, the agent) are not this build's ([`guest_sha256`]).
 //!
+//! # Sleep and wake
+//!
+//! A guest has no disk and no NIC: its RAM and device state are the whole VM. So
+//! [`Provider::sleep`] pauses the vCPUs (QMP `stop`), has qemu write that state to
+//! `sleep.state` (a migration of the paused guest, one pass, to `cat` into
+//! `sleep.state.tmp`, synced, then renamed: the file is complete whenever it exists, even
+//! after a host crash) and ends qemu (`quit`): the host's memory for the guest is freed,
+//! and what the VM costs while it sleeps is the file (about what the guest has touched of
+//! its RAM; zero pages take no room). [`Provider::wake`] starts a new qemu with the VM's
+//! same command line plus `-incoming` from that file, resumes the guest (qemu restores a
+//! guest saved paused as paused, so wake says `cont`), removes the file as soon as the guest
+//! runs (it is stale from then on: restoring it again would take the guest back in time),
+//! waits until the agent answers on the control channel, and removes the marker last. The
+//! guest's processes go on where they were, their clocks did not move while it slept; the
+//! consoles are appended to.
+//!
+//! While the marker `asleep` exists (from the first step of a sleep to the last of a wake)
+//! [`Provider::is_asleep`] is true and the guest is not asked anything: a run's status is
+//! `Running` (frozen, not exited), a cancel succeeds without effect (a delete stops the run
+//! for good), [`Provider::read_output`] serves only kept outputs, starting a command, exec
+//! and the output's tail are refused with [`SubstrateError::Asleep`], and exec sessions that
+//! were open end. A sleeping VM whose state is kept lists as alive (the reaper must not
+//! take it for dead), `create` leaves it alone, and `delete` removes it, state included,
+//! without fetching outputs from a guest that does not run.
+//!
+//! Both hold the VM's channel lock throughout and are safe to repeat after a crash (the
+//! worker killed at any point): every step is read back from the directory and from qemu
+//! (its run state and migration status over QMP) rather than remembered.
+//!
+//! - Sleep with no qemu running: asleep when `sleep.state` exists; otherwise the VM is gone
+//!   (or was lost: qemu ended before its state was saved).
+//! - Sleep with qemu running: QMP must answer before the marker is written (an old VM booted
+//!   without QMP stays awake). A save under way is waited for (a wake's restore too: the
+//!   file is still the truth then); a completed save (`postmigrate`) is finished: wait for
+//!   the file, `quit`, SIGTERM/SIGKILL if qemu lingers. Anything else (no save, a failed
+//!   one, a woken qemu) starts a save, removing any state file first: it cannot be this
+//!   save's, so the file that appears is. A save this call started that fails is undone
+//!   (`cont`, the marker removed); a timeout leaves everything as a crash would.
+//! - Wake with no qemu running: restore from `sleep.state` if it exists, else the VM is
+//!   gone. With qemu running and the marker there: wait for its restore, cancel a save a
+//!   sleep left under way, `cont` a paused guest, then the same steps as after a restore.
+//!   With qemu running and no marker: awake already.
+//! - A qemu that cannot load the state ends: wake reports why (`qemu.log`) and keeps the
+//!   file and the marker, so the VM stays asleep rather than lost.
+//!
 //! # Layout
 //!
 //! - this file: [`QemuProvider`] and its [`Provider`] implementation;
@@ -44,13 +90,15 @@
 //!   the VM's qemu from other processes, stopping it;
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
 //!   bake's snapshot of a guest;
-//! - [`qmp`]: a client of qemu's machine protocol (QMP) on the VM's `qmp.sock`.
+//! - [`qmp`]: a client of qemu's machine protocol (QMP) on the VM's `qmp.sock`;
+//! - [`sleep`]: sleep and wake (the save to `sleep.state`, the restore from it).
 
 pub mod exec;
 pub mod guest;
 pub mod images;
 pub mod launch;
 pub mod qmp;
+pub mod sleep;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -229,6 +277,8 @@ impl QemuProvider {
 
     /// Sends one request to the guest agent of a VM (serialised per VM in this worker; the
     /// request itself may take [`REQUEST_TIMEOUT`] once it has the channel).
+    /// [`SubstrateError::Asleep`] when the VM is asleep (looked at once the channel is ours,
+    /// so a request that waited for a sleep to finish does not go to a guest that is gone).
     async fn ask(
         &self,
         dir: &Path,
@@ -241,6 +291,9 @@ impl QemuProvider {
         }
         let lock = self.lock(dir);
         let _guard = lock.lock().await;
+        if sleep::is_marked(dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let answer = request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await;
         Self::answer(dir, vm, answer)
     }
@@ -263,6 +316,9 @@ impl QemuProvider {
         let Ok(_guard) = tokio::time::timeout(timeout, lock.lock()).await else {
             return Self::answer(dir, vm, Err(ChannelError::Timeout(timeout)));
         };
+        if sleep::is_marked(dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let left = timeout.saturating_sub(started.elapsed());
         let answer = request(&dir.join(CONTROL_SOCKET), verb, args, left).await;
         Self::answer(dir, vm, answer)
@@ -321,6 +377,7 @@ impl QemuProvider {
         let socket = dir.join(TTY_SOCKET);
         let mut terminal = match tokio::net::UnixStream::connect(&socket).await {
             Ok(stream) => stream,
+            Err(_) if sleep::is_marked(dir) => return Err(SubstrateError::Asleep(vm.clone())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(SubstrateError::Guest {
                     vm: vm.clone(),
@@ -384,15 +441,22 @@ impl QemuProvider {
 
     /// Fetches the output of every agent run of a live guest into the kept logs (at most the
     /// last [`KEEP_MAX`] bytes of each, within [`KEEP_BUDGET`] in all, smallest first, each
-    /// from its end backwards). Never fails: what cannot be kept is logged.
+    /// from its end backwards). Never fails: what cannot be kept is logged. A sleeping VM's
+    /// outputs are not kept (its guest does not run to give them).
     async fn keep_outputs(&self, tenant: &str, vm: &VmId, dir: &Path) {
         if !dir.exists() || qemu_pid(dir).is_none() {
+            return;
+        }
+        if sleep::is_marked(dir) {
+            tracing::debug!(vm = %vm, "the VM is asleep: its outputs are not kept");
             return;
         }
         let deadline = Instant::now() + KEEP_BUDGET;
         let left = || deadline.saturating_duration_since(Instant::now());
         let runs = match self.ask_within(dir, vm, "runs", "", left()).await {
             Ok(answer) => parse_runs(&answer),
+            // Went to sleep meanwhile.
+            Err(SubstrateError::Asleep(_)) => return,
             Err(e) => Err(e.to_string()),
         };
         let mut runs = match runs {
@@ -448,6 +512,11 @@ impl QemuProvider {
     }
 }
 
+/// True when the VM in `dir` is alive: its qemu runs, or it sleeps with its state kept.
+fn alive(dir: &Path) -> bool {
+    qemu_pid(dir).is_some() || sleep::is_saved(dir)
+}
+
 /// The sha256 (hex) of this build's guest files, `/init` and the agent together, as
 /// `build.sh` records it in `image.json`.
 pub fn guest_sha256() -> String {
@@ -486,7 +555,7 @@ impl Provider for QemuProvider {
         let lock = self.lock(&dir);
         let _guard = lock.lock().await;
         if dir.exists() {
-            if qemu_pid(&dir).is_some() {
+            if alive(&dir) {
                 return Ok(());
             }
             // A dead leftover of an earlier attempt: start over.
@@ -605,9 +674,7 @@ impl Provider for QemuProvider {
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         let tenant_dir = tenant_dir(&self.vms_root(), tenant)?;
-        list_vm_dirs(tenant, &tenant_dir, VM_META_FILE, |dir| {
-            qemu_pid(dir).is_some()
-        })
+        list_vm_dirs(tenant, &tenant_dir, VM_META_FILE, alive)
     }
 
     async fn start_command(
@@ -646,7 +713,12 @@ impl Provider for QemuProvider {
         if !valid_run_id(run) {
             return Ok(CommandStatus::Unknown);
         }
-        let answer = self.ask(&dir, vm, "status", run).await?;
+        let answer = match self.ask(&dir, vm, "status", run).await {
+            Ok(answer) => answer,
+            // Frozen, not exited.
+            Err(SubstrateError::Asleep(_)) => return Ok(CommandStatus::Running),
+            Err(e) => return Err(e),
+        };
         parse_status(&answer).ok_or_else(|| SubstrateError::Guest {
             vm: vm.clone(),
             reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
@@ -709,6 +781,13 @@ impl Provider for QemuProvider {
                 },
                 // Deleted (or being deleted) meanwhile: the kept copy, if any.
                 Err(SubstrateError::VmGone(_)) => {}
+                // Asleep: what the host kept, if anything.
+                Err(SubstrateError::Asleep(_)) => {
+                    return self
+                        .kept
+                        .read(tenant, run, offset, max)?
+                        .ok_or_else(|| SubstrateError::Asleep(vm.clone()));
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -729,6 +808,9 @@ impl Provider for QemuProvider {
     ) -> Result<ExecSession, SubstrateError> {
         check_exec(spec)?;
         let dir = self.vm_dir(tenant, vm)?;
+        if dir.exists() && sleep::is_marked(&dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         if !dir.exists() || qemu_pid(&dir).is_none() {
             return Err(SubstrateError::VmGone(vm.clone()));
         }
@@ -766,6 +848,29 @@ impl Provider for QemuProvider {
         Ok(session)
     }
 
+    /// Saves the guest's RAM and device state to `sleep.state` and ends its qemu (see
+    /// "Sleep and wake" in the module docs), holding the VM's channel for all of it.
+    async fn sleep(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let lock = self.lock(&dir);
+        let _guard = lock.lock().await;
+        sleep::sleep(&dir, vm).await
+    }
+
+    /// Restores the guest from `sleep.state` in a new qemu and waits until its agent answers
+    /// (see "Sleep and wake" in the module docs), holding the VM's channel for all of it.
+    async fn wake(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let lock = self.lock(&dir);
+        let _guard = lock.lock().await;
+        sleep::wake(self, &dir, vm).await
+    }
+
+    fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
+        self.vm_dir(tenant, vm)
+            .is_ok_and(|dir| sleep::is_marked(&dir))
+    }
+
     async fn cancel_command(
         &self,
         tenant: &str,
@@ -777,7 +882,8 @@ impl Provider for QemuProvider {
             return Ok(());
         }
         match self.ask(&dir, vm, "cancel", run).await {
-            Ok(_) | Err(SubstrateError::VmGone(_)) => Ok(()),
+            // Asleep: nothing runs now; deleting the VM stops the run for good.
+            Ok(_) | Err(SubstrateError::VmGone(_)) | Err(SubstrateError::Asleep(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
