@@ -163,9 +163,13 @@ async fn save(
     deadline: Instant,
 ) -> Result<(), SubstrateError> {
     let mut ours = false;
+    let mut first = true;
     loop {
         let run = run_state(qmp, dir, vm).await?;
         if run == "postmigrate" {
+            if first {
+                tracing::info!(vm = %vm, "qemu: an earlier sleep saved the VM: finishing it");
+            }
             return Ok(());
         }
         let migration = call(qmp, dir, vm, "query-migrate", None).await?;
@@ -179,6 +183,11 @@ async fn save(
             || run == "finish-migrate"
             || migrating(status)
             || (ours && status == "completed");
+        if first && busy {
+            tracing::info!(vm = %vm, run, migration = status,
+                "qemu: an earlier sleep's save or a wake's restore is under way: waiting for it");
+        }
+        first = false;
         if !busy {
             if ours {
                 let why = migration
@@ -331,6 +340,8 @@ pub(super) async fn wake(
         )?;
     } else if !is_marked(dir) {
         return Ok(());
+    } else {
+        tracing::info!(vm = %vm, "qemu: finishing an earlier wake (or an unfinished sleep)");
     }
     resume(dir, vm).await?;
     // The guest has run: the state file is stale now, and restoring it would take the guest
