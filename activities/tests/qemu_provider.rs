@@ -889,8 +889,23 @@ async fn a_guest_sleeps_without_qemu_and_wakes_where_it_was() {
     p.wake("t1", &vm)
         .await
         .expect("waking an awake VM does nothing");
-    // The guest is usable: exec works.
+    // The guest is usable: exec works, and its wall clock was set to the host's (it stood
+    // still while the guest slept).
     assert_eq!(guest_sh(&p, &vm, "echo awake").await, "awake\n");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let guest: i64 = guest_sh(&p, &vm, "date +%s")
+        .await
+        .trim()
+        .parse()
+        .expect("a time");
+    assert!(
+        (guest - host).abs() <= 2,
+        "the guest's clock is {}s off the host's",
+        guest - host
+    );
 
     // A sleeping VM is deleted without a trace.
     p.sleep("t1", &vm).await.expect("sleep again");

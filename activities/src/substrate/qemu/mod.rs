@@ -48,9 +48,11 @@
 //! same command line plus `-incoming` from that file, resumes the guest (qemu restores a
 //! guest saved paused as paused, so wake says `cont`), removes the file as soon as the guest
 //! runs (it is stale from then on: restoring it again would take the guest back in time),
-//! waits until the agent answers on the control channel, and removes the marker last. The
-//! guest's processes go on where they were, their clocks did not move while it slept; the
-//! consoles are appended to.
+//! waits until the agent answers on the control channel, sets the guest's wall clock to the
+//! host's ([`guest::set_clock`]: it stood still while the guest slept, as every guest clock
+//! did), and removes the marker last. The guest's processes go on where they were (a
+//! `sleep 60` begun before still has what was left of its minute to go); the consoles are
+//! appended to.
 //!
 //! While the marker `asleep` exists (from the first step of a sleep to the last of a wake)
 //! [`Provider::is_asleep`] is true and the guest is not asked anything: a run's status is

@@ -1,7 +1,7 @@
 //! Sleep and wake of a qemu guest, driven over QMP ([`super::qmp`]): `sleep` pauses the
 //! guest, saves its RAM and device state to `sleep.state` (a migration to a file) and ends
 //! qemu; `wake` starts a new qemu with the same command line that loads that file, resumes
-//! the guest and checks its agent answers. Why every step is safe to repeat after a crash is
+//! the guest, checks its agent answers and sets the guest's wall clock (it stood still). Why every step is safe to repeat after a crash is
 //! in the parent module's docs ("Sleep and wake").
 //!
 //! Files in the VM's directory: [`ASLEEP_MARKER`] (from the first step of a sleep to the
@@ -17,7 +17,7 @@ use murmur_workflows::model::VmId;
 use serde_json::{Value, json};
 
 use super::QemuProvider;
-use super::guest::{handshake, shell_quote};
+use super::guest::{handshake, set_clock, shell_quote};
 use super::launch::{
     CONTROL_SOCKET, QMP_SOCKET, QemuVmMeta, VM_META_FILE, exit_report, qemu_pid, runs_vm,
     spawn_qemu, stop_qemu,
@@ -42,6 +42,8 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a woken guest's agent may take to answer.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long setting a woken guest's clock may take.
+const CLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a running qemu may take to open its QMP socket (right after it started).
 const QMP_SOCKET_WAIT: Duration = Duration::from_secs(5);
 /// How long qemu may take to exit after `quit`, before it is killed.
@@ -363,6 +365,11 @@ pub(super) async fn wake(
             vm: vm.clone(),
             reason: format!("woke up as {}", ready.vm),
         });
+    }
+    // Its wall clock stood still while it slept. A guest whose clock cannot be set is
+    // usable all the same: said, not failed.
+    if let Err(e) = set_clock(&dir.join(CONTROL_SOCKET), CLOCK_TIMEOUT).await {
+        tracing::warn!(vm = %vm, error = %e, "qemu: cannot set the woken guest's clock");
     }
     remove_file(&dir.join(ASLEEP_MARKER))?;
     tracing::info!(
