@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use murmur_activities::substrate::qemu::QemuProvider;
 use murmur_activities::substrate::qemu::launch::{QemuVmMeta, find_qemu, qemu_pid, spawn_qemu};
 use murmur_activities::substrate::qemu::qmp::Qmp;
-use murmur_activities::substrate::qemu::sleep::{restore_uri, save_uri};
+use murmur_activities::substrate::qemu::sleep::{restore_uri, save_uri, writing};
 use murmur_activities::substrate::session::{
     ExecInput, ExecOutput, ExecSession, ExecSpec, WindowSize,
 };
@@ -863,7 +863,12 @@ async fn a_guest_sleeps_without_qemu_and_wakes_where_it_was() {
     eprintln!("wake of a 192 MB guest: {woke_in:?}");
     assert!(!p.is_asleep("t1", &vm));
     assert!(qemu_pid(&dir).is_some(), "no qemu after the wake");
-    for file in ["sleep.state", "sleep.state.tmp", "asleep"] {
+    for file in [
+        "sleep.state",
+        "sleep.state.tmp",
+        "sleep.state.written",
+        "asleep",
+    ] {
         assert!(!dir.join(file).exists(), "{file} left after the wake");
     }
     // The count goes on where it stopped: not from 1 again, and not advanced by the time
@@ -938,7 +943,7 @@ async fn qmp(dir: &std::path::Path) -> Qmp {
 }
 
 /// What a sleep does before it is cut short, up to `steps` of: the marker, `stop`, the start
-/// of the save, the save completed (qemu in `postmigrate`, its file in place).
+/// of the save, the save completed (qemu in `postmigrate`, its writer done).
 async fn sleep_cut_short(dir: &std::path::Path, steps: usize) {
     std::fs::write(dir.join("asleep"), "0\n").expect("marker");
     let mut q = qmp(dir).await;
@@ -961,7 +966,7 @@ async fn sleep_cut_short(dir: &std::path::Path, steps: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let status = q.execute("query-status", None).await.expect("status");
-            if status["status"] == "postmigrate" && dir.join("sleep.state").is_file() {
+            if status["status"] == "postmigrate" && !writing(dir) {
                 break;
             }
             assert!(Instant::now() < deadline, "the save did not complete");
@@ -991,17 +996,16 @@ fn assert_asleep(p: &QemuProvider, vm: &VmId, dir: &std::path::Path, after: &str
     assert!(p.is_asleep("t1", vm), "{after}: not marked asleep");
     assert!(qemu_pid(dir).is_none(), "{after}: qemu still runs");
     assert!(dir.join("sleep.state").is_file(), "{after}: no saved state");
-    assert!(
-        !dir.join("sleep.state.tmp").exists(),
-        "{after}: a partial state is left"
-    );
+    for file in ["sleep.state.tmp", "sleep.state.written"] {
+        assert!(!dir.join(file).exists(), "{after}: {file} left");
+    }
 }
 
 /// Asserts the VM is awake the way a finished wake leaves it.
 fn assert_awake(p: &QemuProvider, vm: &VmId, dir: &std::path::Path, after: &str) {
     assert!(!p.is_asleep("t1", vm), "{after}: still marked asleep");
     assert!(qemu_pid(dir).is_some(), "{after}: no qemu");
-    for file in ["sleep.state", "sleep.state.tmp"] {
+    for file in ["sleep.state", "sleep.state.tmp", "sleep.state.written"] {
         assert!(!dir.join(file).exists(), "{after}: {file} left");
     }
 }

@@ -11,7 +11,8 @@
 //!   third, the terminal of `murmur shell`), `qmp.sock` (qemu's machine protocol, [`qmp`]),
 //!   `console.log` (the first serial port) and `qemu.log` (qemu's own stderr), both
 //!   appended to; while the VM sleeps, `asleep` (the marker) and `sleep.state` (its saved
-//!   RAM and device state, `sleep.state.tmp` while it is written).
+//!   RAM and device state; `sleep.state.tmp` while qemu writes it, `sleep.state.written`
+//!   once written, before qemu's verdict).
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
@@ -39,10 +40,12 @@
 //! # Sleep and wake
 //!
 //! A guest has no disk and no NIC: its RAM and device state are the whole VM. So
-//! [`Provider::sleep`] pauses the vCPUs (QMP `stop`), has qemu write that state to
-//! `sleep.state` (a migration of the paused guest, one pass, to `cat` into
-//! `sleep.state.tmp`, synced, then renamed: the file is complete whenever it exists, even
-//! after a host crash) and ends qemu (`quit`): the host's memory for the guest is freed,
+//! [`Provider::sleep`] pauses the vCPUs (QMP `stop`), has qemu write that state (a
+//! migration of the paused guest, one pass, to a `cat` into `sleep.state.tmp`, synced and
+//! renamed `sleep.state.written`), renames that `sleep.state` once qemu says the save
+//! completed (the writer alone cannot tell a whole save from one qemu gave up on: so the
+//! file is the whole state whenever it exists, even after a host crash) and ends qemu
+//! (`quit`): the host's memory for the guest is freed,
 //! and what the VM costs while it sleeps is the file (about what the guest has touched of
 //! its RAM; zero pages take no room). [`Provider::wake`] starts a new qemu with the VM's
 //! same command line plus `-incoming` from that file, resumes the guest (qemu restores a
@@ -70,15 +73,19 @@
 //! - Sleep with no qemu running: asleep when `sleep.state` exists; otherwise the VM is gone
 //!   (or was lost: qemu ended before its state was saved).
 //! - Sleep with qemu running: QMP must answer before the marker is written (an old VM booted
-//!   without QMP stays awake). A save under way is waited for (a wake's restore too: the
-//!   file is still the truth then); a completed save (`postmigrate`) is finished: wait for
-//!   the file, `quit`, SIGTERM/SIGKILL if qemu lingers. Anything else (no save, a failed
-//!   one, a woken qemu) starts a save, removing any state file first: it cannot be this
-//!   save's, so the file that appears is. A save this call started that fails is undone
-//!   (`cont`, the marker removed); a timeout leaves everything as a crash would.
+//!   without QMP stays awake). A save under way is waited for, and so is its writer (a
+//!   wake's restore too: the file is still the truth then); a completed save (`completed`
+//!   and `postmigrate`, looked at in that order, so a save completing in between is never
+//!   taken for a woken qemu) is finished: the written file becomes `sleep.state`, `quit`,
+//!   SIGTERM/SIGKILL if qemu lingers. Anything else (no save, a failed one, a woken qemu)
+//!   starts a save, once no writer runs, removing every state file first: none can be this
+//!   save's, and no two writers ever share the files. A save this call started that fails
+//!   (qemu's verdict, or a writer that left nothing) is undone (`cont`, the marker
+//!   removed); a timeout leaves everything as a crash would.
 //! - Wake with no qemu running: restore from `sleep.state` if it exists, else the VM is
 //!   gone. With qemu running and the marker there: wait for its restore, cancel a save a
-//!   sleep left under way, `cont` a paused guest, then the same steps as after a restore.
+//!   sleep left under way (and wait for its writer), `cont` a paused guest, then the same
+//!   steps as after a restore.
 //!   With qemu running and no marker: awake already.
 //! - A qemu that cannot load the state ends: wake reports why (`qemu.log`) and keeps the
 //!   file and the marker, so the VM stays asleep rather than lost.

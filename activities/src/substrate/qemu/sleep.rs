@@ -1,12 +1,18 @@
 //! Sleep and wake of a qemu guest, driven over QMP ([`super::qmp`]): `sleep` pauses the
 //! guest, saves its RAM and device state to `sleep.state` (a migration to a file) and ends
 //! qemu; `wake` starts a new qemu with the same command line that loads that file, resumes
-//! the guest, checks its agent answers and sets the guest's wall clock (it stood still). Why every step is safe to repeat after a crash is
-//! in the parent module's docs ("Sleep and wake").
+//! the guest, checks its agent answers and sets the guest's wall clock (it stood still). Why
+//! every step is safe to repeat after a crash is in the parent module's docs ("Sleep and
+//! wake").
 //!
 //! Files in the VM's directory: [`ASLEEP_MARKER`] (from the first step of a sleep to the
-//! last of a wake), [`STATE_FILE`] (the complete saved state: it appears by a rename once
-//! written and synced) and [`STATE_TMP`] (the state being written).
+//! last of a wake); [`STATE_TMP`], what qemu's writer (the `exec:` command of
+//! [`save_uri`]) writes, renamed by the writer to [`STATE_WRITTEN`] once it has written and
+//! synced all it got; and [`STATE_FILE`], renamed from that by the worker once qemu said
+//! the save completed, so it is the whole state whenever it exists. (The writer cannot tell
+//! a save qemu gave up on from a complete one: both end its input.) A save is only ever
+//! started, and leftovers only ever removed, while no writer runs ([`writing`]), so two
+//! saves never write the same files.
 //!
 //! Both functions expect the caller to hold the VM's channel lock for all their work.
 
@@ -24,17 +30,21 @@ use super::launch::{
 };
 use super::qmp::{Qmp, QmpError};
 use crate::substrate::SubstrateError;
+use crate::substrate::vm_dir::{all_pids, live_cmdline};
 
 /// Marks a VM asleep, going to sleep or waking up: written first by a sleep, removed last by
 /// a wake.
 pub const ASLEEP_MARKER: &str = "asleep";
 /// A sleeping VM's RAM and device state (qemu's migration stream), complete when it exists.
 pub const STATE_FILE: &str = "sleep.state";
-/// The state while qemu writes it (renamed to [`STATE_FILE`] once complete and synced).
+/// The state while qemu's writer writes it.
 pub const STATE_TMP: &str = "sleep.state.tmp";
+/// The state once the writer has written and synced all qemu sent (whole only if qemu says
+/// the save completed).
+pub const STATE_WRITTEN: &str = "sleep.state.written";
 
 /// How long one QMP exchange may take. Generous: qemu's main loop does not answer while it
-/// waits for the command the state was written to (`cat`, `sync`) to finish.
+/// waits for the writer to finish (`cat`, `sync`).
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the save of a VM's state may take, from `stop` to the complete file.
 pub const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -64,14 +74,13 @@ pub fn is_saved(dir: &Path) -> bool {
     is_marked(dir) && dir.join(STATE_FILE).is_file()
 }
 
-/// Where qemu writes the state: through `cat` into [`STATE_TMP`], synced, then renamed to
-/// [`STATE_FILE`] (so that file is complete whenever it exists, even after a host crash);
-/// when any of it fails, the partial file is removed.
+/// Where qemu writes the state: its writer `cat`s it into [`STATE_TMP`], syncs it and
+/// renames it [`STATE_WRITTEN`] (only when all of that worked).
 pub fn save_uri(dir: &Path) -> Result<String, SubstrateError> {
     let tmp = quoted(&dir.join(STATE_TMP))?;
-    let state = quoted(&dir.join(STATE_FILE))?;
+    let written = quoted(&dir.join(STATE_WRITTEN))?;
     Ok(format!(
-        "exec:cat > {tmp} && sync {tmp} && mv {tmp} {state} || rm -f {tmp}"
+        "exec:cat > {tmp} && sync {tmp} && mv {tmp} {written}"
     ))
 }
 
@@ -88,6 +97,22 @@ fn quoted(path: &Path) -> Result<String, SubstrateError> {
             what: "state dir (not UTF-8)",
             value: path.display().to_string(),
         })
+}
+
+/// True while a writer of the VM in `dir` runs: a live process whose command line names its
+/// [`STATE_TMP`] as [`save_uri`] does (the `sh` qemu started, which outlives its `cat`; even
+/// one whose qemu is gone).
+pub fn writing(dir: &Path) -> bool {
+    let Ok(tmp) = quoted(&dir.join(STATE_TMP)) else {
+        return false;
+    };
+    let needle = format!("cat > {tmp} ");
+    all_pids().into_iter().any(|pid| {
+        live_cmdline(pid).is_some_and(|cmd| {
+            cmd.windows(needle.len())
+                .any(|window| window == needle.as_bytes())
+        })
+    })
 }
 
 /// True while a migration of this status is under way (qemu's `MigrationStatus`).
@@ -130,9 +155,7 @@ pub(super) async fn sleep(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
         // awake.
         let mut qmp = connect(dir, vm, Instant::now() + QMP_SOCKET_WAIT, "sleep").await?;
         mark(dir)?;
-        let deadline = Instant::now() + SAVE_TIMEOUT;
-        save(&mut qmp, dir, vm, deadline).await?;
-        wait_for_state(&mut qmp, dir, vm, deadline).await?;
+        save(&mut qmp, dir, vm, Instant::now() + SAVE_TIMEOUT).await?;
         quit(qmp, dir, vm, pid).await
     };
     match saved.await {
@@ -156,8 +179,9 @@ pub(super) async fn sleep(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
 }
 
 /// Saves the VM's state (`stop`, then a migration to [`save_uri`]) unless an earlier
-/// attempt's save is under way or done: `Ok` once qemu says the save completed
-/// (`postmigrate`). A save this call started that fails is undone ([`abandon`]).
+/// attempt's save is under way or done: `Ok` once [`STATE_FILE`] holds a save qemu said
+/// completed. A save this call started that fails is undone ([`abandon`]); one that is not
+/// done by `deadline` is left as a crash would leave it.
 async fn save(
     qmp: &mut Qmp,
     dir: &Path,
@@ -167,61 +191,90 @@ async fn save(
     let mut ours = false;
     let mut first = true;
     loop {
-        let run = run_state(qmp, dir, vm).await?;
-        if run == "postmigrate" {
-            if first {
-                tracing::info!(vm = %vm, "qemu: an earlier sleep saved the VM: finishing it");
-            }
-            return Ok(());
-        }
+        // The migration first: a save that completes between the two looks is then seen
+        // `completed` with qemu `finish-migrate` or `postmigrate`, never `paused` (which,
+        // with `completed`, is a woken qemu: its restore's status).
         let migration = call(qmp, dir, vm, "query-migrate", None).await?;
         let status = migration
             .get("status")
             .and_then(Value::as_str)
-            .unwrap_or("none");
-        // A wake's restore under way (wait for it: the state file is still the truth), the
-        // save's last step, or a save under way (of an earlier attempt too).
+            .unwrap_or("none")
+            .to_string();
+        let run = run_state(qmp, dir, vm).await?;
+        // A wake's restore (the state file is still the truth then), a save, its last step,
+        // or its writer, under way (of an earlier attempt's too).
         let busy = run == "inmigrate"
             || run == "finish-migrate"
-            || migrating(status)
-            || (ours && status == "completed");
-        if first && busy {
+            || migrating(&status)
+            || (ours && status == "none")
+            || writing(dir);
+        if first && (busy || run == "postmigrate") {
             tracing::info!(vm = %vm, run, migration = status,
-                "qemu: an earlier sleep's save or a wake's restore is under way: waiting for it");
+                "qemu: an earlier sleep's save or a wake's restore is there: going on with it");
         }
         first = false;
-        if !busy {
-            if ours {
-                let why = migration
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or(status)
-                    .to_string();
-                return Err(abandon(qmp, dir, vm, &why).await);
+        if busy {
+            if Instant::now() >= deadline {
+                return Err(SubstrateError::io(
+                    format!("save the state of VM {vm}"),
+                    std::io::Error::other(format!(
+                        "not done within {SAVE_TIMEOUT:?} (qemu: {run}, migration: {status})"
+                    )),
+                ));
             }
-            // Nothing under way, or an earlier attempt's save that failed (its `failed`),
-            // or a woken qemu (its restore's `completed`): save from here.
-            start_save(qmp, dir, vm).await?;
-            ours = true;
-        } else if Instant::now() >= deadline {
-            // Left as a crash would leave it: a retry goes on waiting, a wake resumes.
-            return Err(SubstrateError::io(
-                format!("save the state of VM {vm}"),
-                std::io::Error::other(format!(
-                    "not done within {SAVE_TIMEOUT:?} (qemu: {run}, migration: {status})"
-                )),
-            ));
+            tokio::time::sleep(POLL).await;
+            continue;
         }
-        tokio::time::sleep(POLL).await;
+        // qemu is idle and no writer runs: what is on disk is final.
+        if status == "completed" && run == "postmigrate" {
+            if keep_written(dir)? {
+                return Ok(());
+            }
+            if ours {
+                return Err(abandon(qmp, dir, vm, "writing the state file failed").await);
+            }
+        } else if ours {
+            let why = migration
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or(&status)
+                .to_string();
+            return Err(abandon(qmp, dir, vm, &why).await);
+        }
+        // Nothing saved: no save yet, an earlier attempt's failed, or a woken qemu (its
+        // restore's `completed`).
+        start_save(qmp, dir, vm).await?;
+        ours = true;
     }
 }
 
-/// Pauses the guest and starts writing its state. Any state file left is stale (this qemu
-/// runs the guest) and goes first, so the file that appears next is this save's.
+/// Once a completed save's writer is done: the written state becomes [`STATE_FILE`] (an
+/// earlier attempt may have renamed it already). False when the writer failed.
+fn keep_written(dir: &Path) -> Result<bool, SubstrateError> {
+    let (state, written) = (dir.join(STATE_FILE), dir.join(STATE_WRITTEN));
+    if !state.is_file() {
+        if !written.is_file() {
+            remove_file(&dir.join(STATE_TMP))?;
+            return Ok(false);
+        }
+        std::fs::rename(&written, &state)
+            .map_err(|e| SubstrateError::io(format!("rename {}", written.display()), e))?;
+        // The rename survives a host crash too (the data was synced by the writer).
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the VM's directory");
+        }
+    }
+    remove_file(&dir.join(STATE_TMP))?;
+    Ok(true)
+}
+
+/// Pauses the guest and starts writing its state. Any state left on disk is stale (this
+/// qemu runs the guest, and no writer runs) and goes first, so what appears next is this
+/// save's.
 async fn start_save(qmp: &mut Qmp, dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
     // Paused first: the save is then one pass over memory that does not change.
     call(qmp, dir, vm, "stop", None).await?;
-    for file in [STATE_FILE, STATE_TMP] {
+    for file in [STATE_FILE, STATE_WRITTEN, STATE_TMP] {
         remove_file(&dir.join(file))?;
     }
     call(
@@ -243,40 +296,14 @@ async fn start_save(qmp: &mut Qmp, dir: &Path, vm: &VmId) -> Result<(), Substrat
     Ok(())
 }
 
-/// Waits until the completed save's file is in place (qemu has written the stream; `cat`,
-/// `sync` and `mv` finish after it). When neither the file nor the partial one is there any
-/// more, writing it failed (the command removes its partial file): the save is undone.
-async fn wait_for_state(
-    qmp: &mut Qmp,
-    dir: &Path,
-    vm: &VmId,
-    deadline: Instant,
-) -> Result<(), SubstrateError> {
-    let (state, tmp) = (dir.join(STATE_FILE), dir.join(STATE_TMP));
-    loop {
-        if state.is_file() {
-            return Ok(());
-        }
-        // The rename may happen between the two looks: the state file is looked at again.
-        if !tmp.exists() && !state.is_file() {
-            return Err(abandon(qmp, dir, vm, "writing the state file failed").await);
-        }
-        if Instant::now() >= deadline {
-            return Err(SubstrateError::io(
-                format!("save the state of VM {vm}"),
-                std::io::Error::other(format!("{STATE_FILE} not written in time")),
-            ));
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Undoes a save that failed: the guest runs on, the partial file and the marker go. Returns
-/// the error to report.
+/// Undoes a save that failed (qemu idle, its writer done): the guest runs on, what was
+/// written and the marker go. Returns the error to report.
 async fn abandon(qmp: &mut Qmp, dir: &Path, vm: &VmId, why: &str) -> SubstrateError {
     tracing::warn!(vm = %vm, reason = why, "qemu: saving the VM failed: it runs on");
     let resumed = qmp.execute("cont", None).await;
-    let _ = remove_file(&dir.join(STATE_TMP));
+    for file in [STATE_WRITTEN, STATE_TMP] {
+        let _ = remove_file(&dir.join(file));
+    }
     if let Err(e) = &resumed {
         // Still paused: left marked, so a retry (or a wake) finishes the job.
         tracing::warn!(vm = %vm, error = %e, "qemu: cannot resume the VM after a failed save");
@@ -349,7 +376,7 @@ pub(super) async fn wake(
     // The guest has run: the state file is stale now, and restoring it would take the guest
     // back in time. It goes at once; the marker goes last, once the agent answered (a crash
     // in between leaves a marked VM whose qemu runs, which the next wake finishes).
-    for file in [STATE_FILE, STATE_TMP] {
+    for file in [STATE_FILE, STATE_WRITTEN, STATE_TMP] {
         remove_file(&dir.join(file))?;
     }
     let ready = handshake(&dir.join(CONTROL_SOCKET), AGENT_TIMEOUT)
@@ -383,16 +410,16 @@ pub(super) async fn wake(
 
 /// Has the VM's running qemu run its guest: waits for a restore to load, cancels a save an
 /// earlier sleep left under way, resumes a paused guest (qemu restores a guest saved paused
-/// as paused).
+/// as paused); `Ok` once it runs and no writer of a save runs any more.
 async fn resume(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let mut qmp = connect(dir, vm, deadline, "wake").await?;
     loop {
         let run = run_state(&mut qmp, dir, vm).await?;
         match run.as_str() {
-            "running" => return Ok(()),
-            // Loading the state.
-            "inmigrate" => {}
+            "running" if !writing(dir) => return Ok(()),
+            // Loading the state, or a cancelled save's writer finishing.
+            "inmigrate" | "running" => {}
             _ => {
                 let migration = call(&mut qmp, dir, vm, "query-migrate", None).await?;
                 let status = migration
@@ -536,16 +563,318 @@ fn read_meta(dir: &Path) -> Result<QemuVmMeta, SubstrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A fake qemu on a QMP socket in `dir`: `answer` answers every command but
+    /// `qmp_capabilities` (a `return` value, or an error's description); the commands it was
+    /// sent are what the task returns once the client goes.
+    async fn fake_qemu(
+        dir: &Path,
+        mut answer: impl FnMut(&str) -> Result<Value, String> + Send + 'static,
+    ) -> (Qmp, tokio::task::JoinHandle<Vec<String>>) {
+        let socket = dir.join(QMP_SOCKET);
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
+            let mut commands = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: Value = serde_json::from_str(&line).expect("json");
+                let command = request["execute"].as_str().expect("execute").to_string();
+                let reply = if command == "qmp_capabilities" {
+                    json!({ "return": {}, "id": request["id"] })
+                } else {
+                    commands.push(command.clone());
+                    match answer(&command) {
+                        Ok(value) => json!({ "return": value, "id": request["id"] }),
+                        Err(desc) => json!({
+                            "error": { "class": "GenericError", "desc": desc },
+                            "id": request["id"]
+                        }),
+                    }
+                };
+                let line = format!("{reply}\n");
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            commands
+        });
+        let qmp = Qmp::connect(&socket, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        (qmp, server)
+    }
+
+    /// A qemu that is `run` with its migration `status`: `stop` pauses it, `migrate` starts
+    /// a save that is `active` for two looks and then ends as `outcome` (`completed`: the
+    /// guest is `postmigrate`, and when `writes`, its writer wrote [`STATE_WRITTEN`] in
+    /// `dir`), `cont` runs it, `migrate_cancel` cancels a save.
+    fn qemu_like(
+        dir: &Path,
+        run: &str,
+        status: &str,
+        outcome: &'static str,
+        writes: bool,
+    ) -> impl FnMut(&str) -> Result<Value, String> + Send + 'static {
+        let (mut run, mut status) = (run.to_string(), status.to_string());
+        let written = dir.join(STATE_WRITTEN);
+        let mut looks = 0;
+        move |command| {
+            match command {
+                "query-status" => return Ok(json!({ "status": run })),
+                "query-migrate" => {
+                    if status == "active" {
+                        looks += 1;
+                        if looks > 2 {
+                            status = outcome.into();
+                            if outcome == "completed" {
+                                run = "postmigrate".into();
+                                if writes {
+                                    std::fs::write(&written, b"saved").expect("write");
+                                }
+                            }
+                        }
+                    }
+                    let mut answer = json!({ "status": status });
+                    if status == "failed" {
+                        answer["error-desc"] = json!("disk full");
+                    }
+                    return Ok(answer);
+                }
+                "stop" => run = "paused".into(),
+                "cont" => run = "running".into(),
+                "migrate" if status == "active" => return Err("already migrating".into()),
+                "migrate" => {
+                    status = "active".into();
+                    looks = 0;
+                }
+                "migrate_cancel" => status = "cancelled".into(),
+                _ => {}
+            }
+            Ok(json!({}))
+        }
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    fn only_looks(commands: &[String]) -> bool {
+        commands
+            .iter()
+            .all(|c| c == "query-status" || c == "query-migrate")
+    }
+
+    #[tokio::test]
+    async fn a_save_pauses_the_guest_and_keeps_only_what_qemu_completed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm = VmId("murmur-0000abcd".into());
+        mark(dir.path()).expect("mark");
+        std::fs::write(dir.path().join(STATE_FILE), b"stale").expect("write");
+        // A woken qemu: its restore's `completed`, the state it was restored from left.
+        let like = qemu_like(dir.path(), "running", "completed", "completed", true);
+        let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+        save(&mut qmp, dir.path(), &vm, deadline())
+            .await
+            .expect("save");
+        drop(qmp);
+        let commands = server.await.expect("server");
+        assert_eq!(
+            commands[..5],
+            [
+                "query-migrate",
+                "query-status",
+                "stop",
+                "migrate-set-parameters",
+                "migrate"
+            ]
+        );
+        assert!(only_looks(&commands[5..]), "{commands:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join(STATE_FILE)).expect("state"),
+            b"saved",
+            "the stale state was kept"
+        );
+        assert!(!dir.path().join(STATE_WRITTEN).exists());
+        assert!(is_marked(dir.path()));
+    }
+
+    #[tokio::test]
+    async fn a_save_under_way_or_done_is_waited_for_not_started_again() {
+        let vm = VmId("murmur-0000abcd".into());
+        // Under way, then done.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let like = qemu_like(dir.path(), "paused", "active", "completed", true);
+        let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+        save(&mut qmp, dir.path(), &vm, deadline())
+            .await
+            .expect("save");
+        drop(qmp);
+        let commands = server.await.expect("server");
+        assert!(only_looks(&commands), "{commands:?}");
+        assert!(dir.path().join(STATE_FILE).is_file());
+        // Done, its written state not yet kept; or kept already.
+        for kept in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = if kept { STATE_FILE } else { STATE_WRITTEN };
+            std::fs::write(dir.path().join(file), b"saved").expect("write");
+            let like = qemu_like(dir.path(), "postmigrate", "completed", "completed", true);
+            let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+            save(&mut qmp, dir.path(), &vm, deadline())
+                .await
+                .expect("save");
+            drop(qmp);
+            let commands = server.await.expect("server");
+            assert!(only_looks(&commands), "{commands:?}");
+            assert_eq!(
+                std::fs::read(dir.path().join(STATE_FILE)).expect("state"),
+                b"saved"
+            );
+        }
+        // A restore under way is waited for; then the restored guest is saved.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut looks = 0;
+        let mut like = qemu_like(dir.path(), "paused", "completed", "completed", true);
+        let (mut qmp, server) = fake_qemu(dir.path(), move |command| {
+            if command == "query-status" && looks < 3 {
+                looks += 1;
+                return Ok(json!({ "status": "inmigrate" }));
+            }
+            like(command)
+        })
+        .await;
+        save(&mut qmp, dir.path(), &vm, deadline())
+            .await
+            .expect("save");
+        drop(qmp);
+        let commands = server.await.expect("server");
+        let stop = commands.iter().position(|c| c == "stop").expect("a save");
+        assert_eq!(
+            commands[..stop]
+                .iter()
+                .filter(|c| *c == "query-status")
+                .count(),
+            4,
+            "{commands:?}"
+        );
+        // An earlier attempt's save that failed, or whose writer failed, is started again.
+        for (run, status) in [("paused", "failed"), ("postmigrate", "completed")] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let like = qemu_like(dir.path(), run, status, "completed", true);
+            let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+            save(&mut qmp, dir.path(), &vm, deadline())
+                .await
+                .expect("save");
+            drop(qmp);
+            let commands = server.await.expect("server");
+            assert!(commands.contains(&"migrate".into()), "{run}: {commands:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_save_that_fails_is_undone() {
+        let vm = VmId("murmur-0000abcd".into());
+        for (outcome, says) in [
+            ("failed", "disk full"),
+            ("completed", "writing the state file failed"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            mark(dir.path()).expect("mark");
+            // The writer wrote all it got, but qemu gave up: that is no state.
+            std::fs::write(dir.path().join(STATE_TMP), b"part").expect("write");
+            let like = qemu_like(dir.path(), "running", "none", outcome, false);
+            let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+            let error = save(&mut qmp, dir.path(), &vm, deadline())
+                .await
+                .expect_err("the save failed");
+            assert!(error.to_string().contains(says), "{error}");
+            assert!(!error.is_permanent(), "a retry may do better");
+            drop(qmp);
+            let commands = server.await.expect("server");
+            assert_eq!(commands.last().map(String::as_str), Some("cont"));
+            assert!(!is_marked(dir.path()), "the guest runs on, unmarked");
+            for file in [STATE_FILE, STATE_WRITTEN, STATE_TMP] {
+                assert!(!dir.path().join(file).exists(), "{outcome}: {file} left");
+            }
+        }
+
+        // A save that is not done in time is left as it is, for a retry or a wake.
+        let dir = tempfile::tempdir().expect("tempdir");
+        mark(dir.path()).expect("mark");
+        let like = qemu_like(dir.path(), "paused", "active", "active", true);
+        let (mut qmp, server) = fake_qemu(dir.path(), like).await;
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert!(save(&mut qmp, dir.path(), &vm, soon).await.is_err());
+        drop(qmp);
+        let commands = server.await.expect("server");
+        assert!(only_looks(&commands), "{commands:?}");
+        assert!(is_marked(dir.path()));
+    }
+
+    #[tokio::test]
+    async fn a_resume_cancels_a_save_and_runs_a_paused_guest() {
+        let vm = VmId("murmur-0000abcd".into());
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `resume` connects by itself: the fake's client is dropped at once (the fake serves
+        // one connection), so it gets a second fake on a fresh socket.
+        let socket = dir.path().join(QMP_SOCKET);
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let mut like = qemu_like(dir.path(), "paused", "active", "completed", true);
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
+            let mut commands = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: Value = serde_json::from_str(&line).expect("json");
+                let command = request["execute"].as_str().expect("execute").to_string();
+                let value = if command == "qmp_capabilities" {
+                    json!({})
+                } else {
+                    commands.push(command.clone());
+                    like(&command).expect("ok")
+                };
+                let reply = json!({ "return": value, "id": request["id"] });
+                if write
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            commands
+        });
+        resume(dir.path(), &vm).await.expect("resume");
+        let commands = server.await.expect("server");
+        let cancel = commands
+            .iter()
+            .position(|c| c == "migrate_cancel")
+            .expect("the save cancelled");
+        let cont = commands.iter().position(|c| c == "cont").expect("resumed");
+        assert!(cancel < cont, "{commands:?}");
+        assert_eq!(commands.last().map(String::as_str), Some("query-status"));
+    }
 
     #[test]
-    fn the_state_is_written_whole_or_not_at_all_and_read_back() {
+    fn the_state_is_written_synced_and_read_back() {
         let dir = Path::new("/s/vms/t/murmur-0000abcd");
         assert_eq!(
             save_uri(dir).expect("uri"),
             "exec:cat > '/s/vms/t/murmur-0000abcd/sleep.state.tmp' \
              && sync '/s/vms/t/murmur-0000abcd/sleep.state.tmp' \
-             && mv '/s/vms/t/murmur-0000abcd/sleep.state.tmp' '/s/vms/t/murmur-0000abcd/sleep.state' \
-             || rm -f '/s/vms/t/murmur-0000abcd/sleep.state.tmp'"
+             && mv '/s/vms/t/murmur-0000abcd/sleep.state.tmp' \
+             '/s/vms/t/murmur-0000abcd/sleep.state.written'"
         );
         assert_eq!(
             restore_uri(dir).expect("uri"),
@@ -556,6 +885,38 @@ mod tests {
         assert_eq!(
             restore_uri(odd).expect("uri"),
             "exec:cat '/s/it'\\''s here/sleep.state'"
+        );
+    }
+
+    /// The writer qemu starts: it is seen running while it writes, and leaves what it got,
+    /// synced, as the written state.
+    #[tokio::test]
+    async fn the_writer_is_seen_while_it_writes_and_leaves_the_written_state() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uri = save_uri(dir.path()).expect("uri");
+        let command = uri.strip_prefix("exec:").expect("an exec: uri");
+        let mut writer = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut input = writer.stdin.take().expect("stdin");
+        input.write_all(b"the state").await.expect("write");
+        assert!(writing(dir.path()), "the writer is not seen");
+        assert!(!writing(Path::new("/elsewhere")));
+        drop(input);
+        assert!(writer.wait().await.expect("wait").success());
+        assert!(!writing(dir.path()), "a writer that is done is seen");
+        assert_eq!(
+            std::fs::read(dir.path().join(STATE_WRITTEN)).expect("written"),
+            b"the state"
+        );
+        assert!(!dir.path().join(STATE_TMP).exists());
+        assert!(
+            !dir.path().join(STATE_FILE).exists(),
+            "only the worker keeps it"
         );
     }
 
