@@ -1106,6 +1106,27 @@ async fn a_sleep_or_wake_cut_short_is_finished_by_the_next() {
     assert_asleep(&p, &vm, &dir, "a sleep after a cut wake");
     p.wake("t1", &vm).await.expect("wake");
     seen = counts_on(&p, &vm, &seen).await;
+
+    // A state qemu cannot load: the wake says why, and the VM stays asleep with its state
+    // (here put back, and woken after all).
+    p.sleep("t1", &vm).await.expect("sleep");
+    let good = dir.join("sleep.state.good");
+    std::fs::rename(dir.join("sleep.state"), &good).expect("move the state aside");
+    std::fs::write(dir.join("sleep.state"), b"not a migration stream").expect("write");
+    let t = Instant::now();
+    let woken = p.wake("t1", &vm).await;
+    eprintln!("a wake from a bad state fails in {:?}", t.elapsed());
+    match woken {
+        Err(SubstrateError::Guest { reason, .. }) => {
+            assert!(reason.contains("could not restore"), "{reason}");
+        }
+        other => panic!("a bad state woke: {other:?}"),
+    }
+    assert!(p.is_asleep("t1", &vm) && qemu_pid(&dir).is_none());
+    assert!(p.list("t1").await.expect("list")[0].alive);
+    std::fs::rename(&good, dir.join("sleep.state")).expect("put the state back");
+    p.wake("t1", &vm).await.expect("wake");
+    let seen = counts_on(&p, &vm, &seen).await;
     eprintln!("the count after every cut: {}", seen.len());
 
     // qemu gone half way through a sleep (killed before the state was saved): the VM is

@@ -45,9 +45,9 @@
 //! renamed `sleep.state.written`), renames that `sleep.state` once qemu says the save
 //! completed (the writer alone cannot tell a whole save from one qemu gave up on: so the
 //! file is the whole state whenever it exists, even after a host crash) and ends qemu
-//! (`quit`): the host's memory for the guest is freed,
-//! and what the VM costs while it sleeps is the file (about what the guest has touched of
-//! its RAM; zero pages take no room). [`Provider::wake`] starts a new qemu with the VM's
+//! (`quit`): the host's memory for the guest is freed, and what the VM costs while it
+//! sleeps is the file (about what the guest has touched of its RAM, free pages it once used
+//! included; zero pages take no room). [`Provider::wake`] starts a new qemu with the VM's
 //! same command line plus `-incoming` from that file, resumes the guest (qemu restores a
 //! guest saved paused as paused, so wake says `cont`), removes the file as soon as the guest
 //! runs (it is stale from then on: restoring it again would take the guest back in time),
@@ -85,8 +85,7 @@
 //! - Wake with no qemu running: restore from `sleep.state` if it exists, else the VM is
 //!   gone. With qemu running and the marker there: wait for its restore, cancel a save a
 //!   sleep left under way (and wait for its writer), `cont` a paused guest, then the same
-//!   steps as after a restore.
-//!   With qemu running and no marker: awake already.
+//!   steps as after a restore. With qemu running and no marker: awake already.
 //! - A qemu that cannot load the state ends: wake reports why (`qemu.log`) and keeps the
 //!   file and the marker, so the VM stays asleep rather than lost.
 //!
