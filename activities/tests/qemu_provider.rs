@@ -2,14 +2,18 @@
 //! cancel, list, snapshot and delete; and the guest channel: a run's output followed from
 //! offsets (live, then kept after the delete) and exec sessions (streams apart, exit codes,
 //! stdin, signals, and nothing left behind when the caller goes away; and shells: a terminal
-//! in the guest, its size, a resize, large output, Ctrl-C, one at a time). Reported as ignored (with the reason) where
+//! in the guest, its size, a resize, large output, Ctrl-C, one at a time); and sleep and wake
+//! (no qemu while asleep, the guest's run resumed where it was, and every point a worker
+//! may be killed at finished by the next call). Reported as ignored (with the reason) where
 //! `qemu-system-x86_64` is not installed; with `MURMUR_REQUIRE_QEMU=1` (CI) it runs, and fails
 //! when it is missing.
 
 use std::time::{Duration, Instant};
 
 use murmur_activities::substrate::qemu::QemuProvider;
-use murmur_activities::substrate::qemu::launch::{find_qemu, qemu_pid};
+use murmur_activities::substrate::qemu::launch::{QemuVmMeta, find_qemu, qemu_pid, spawn_qemu};
+use murmur_activities::substrate::qemu::qmp::Qmp;
+use murmur_activities::substrate::qemu::sleep::{restore_uri, save_uri, writing};
 use murmur_activities::substrate::session::{
     ExecInput, ExecOutput, ExecSession, ExecSpec, WindowSize,
 };
@@ -706,4 +710,449 @@ async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
         p.exec("t1", &vm, &command(&["true"])).await,
         Err(SubstrateError::VmGone(_))
     ));
+}
+
+/// A run's output as it is now (read from offset 0 until its current size).
+async fn output_now(p: &QemuProvider, vm: &VmId, run: &str) -> String {
+    let mut data = Vec::new();
+    loop {
+        let chunk = p
+            .read_output("t1", vm, run, data.len() as u64, 256 * 1024)
+            .await
+            .expect("read_output");
+        data.extend_from_slice(&chunk.data);
+        if chunk.data.is_empty() || chunk.next >= chunk.size {
+            return String::from_utf8_lossy(&data).into_owned();
+        }
+    }
+}
+
+/// The numbers a counting run printed so far, one a line (a line being written is left out).
+async fn counted(p: &QemuProvider, vm: &VmId, run: &str) -> Vec<u64> {
+    let text = output_now(p, vm, run).await;
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| l.trim().parse().expect("a number a line"))
+        .collect()
+}
+
+/// Polls until the counting run printed more than `than` numbers; returns them all.
+async fn counted_beyond(p: &QemuProvider, vm: &VmId, run: &str, than: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let numbers = counted(p, vm, run).await;
+        if numbers.len() > than {
+            return numbers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{run} printed nothing new: {numbers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A run that prints 1, 2, 3, ... once a second.
+fn counter(run: &str) -> CommandSpec {
+    CommandSpec {
+        run: run.into(),
+        argv: vec!["i=0; while true; do i=$((i+1)); echo $i; sleep 1; done".into()],
+        env: vec![],
+    }
+}
+
+/// Boots a guest of `vm` and waits until it is ready.
+async fn boot(p: &QemuProvider, vm: &VmId) {
+    p.create(&spec(&vm.0, "default")).await.expect("create");
+    p.wait_ready("t1", vm, Duration::from_secs(60))
+        .await
+        .expect("ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+async fn a_guest_sleeps_without_qemu_and_wakes_where_it_was() {
+    assert!(
+        find_qemu().is_some(),
+        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let p = QemuProvider::new(state.path())
+        .await
+        .expect("provider")
+        .with_niceness(0);
+    let vm = VmId("murmur-0000ac01".into());
+    let mut cleanup = Cleanup {
+        provider: p.clone(),
+        vms: vec![vm.clone()],
+    };
+    boot(&p, &vm).await;
+    let dir = p.vm_dir("t1", &vm).expect("dir");
+    assert!(!p.is_asleep("t1", &vm));
+    p.wake("t1", &vm)
+        .await
+        .expect("waking an awake VM does nothing");
+
+    p.start_command("t1", &vm, &counter("count"))
+        .await
+        .expect("run");
+    let seen = counted_beyond(&p, &vm, "count", 2).await;
+    // Just after a tick: the sleep then starts well before the next one.
+    let seen = counted_beyond(&p, &vm, "count", seen.len()).await;
+    let last = *seen.last().expect("a number");
+
+    let t = Instant::now();
+    p.sleep("t1", &vm).await.expect("sleep");
+    let slept_in = t.elapsed();
+    let state_bytes = std::fs::metadata(dir.join("sleep.state"))
+        .expect("the saved state")
+        .len();
+    eprintln!(
+        "sleep of a 192 MB guest: {slept_in:?}, sleep.state {} bytes ({:.1} MiB)",
+        state_bytes,
+        state_bytes as f64 / 1048576.0
+    );
+    assert!(qemu_pid(&dir).is_none(), "qemu still runs in its sleep");
+    assert!(p.is_asleep("t1", &vm));
+    let listed = p.list("t1").await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].alive, "a sleeping VM is alive");
+    assert_eq!(
+        p.command_status("t1", &vm, "count").await.expect("status"),
+        CommandStatus::Running,
+        "a frozen run has not exited"
+    );
+    let t = Instant::now();
+    p.sleep("t1", &vm)
+        .await
+        .expect("sleeping a sleeping VM does nothing");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Nothing is asked of a guest that does not run.
+    assert!(matches!(
+        p.read_output("t1", &vm, "count", 0, 10).await,
+        Err(SubstrateError::Asleep(_))
+    ));
+    assert!(matches!(
+        p.start_command("t1", &vm, &counter("other")).await,
+        Err(SubstrateError::Asleep(_))
+    ));
+    assert!(matches!(
+        p.command_output_tail("t1", &vm, "count", 100).await,
+        Err(SubstrateError::Asleep(_))
+    ));
+    assert!(matches!(
+        p.exec("t1", &vm, &command(&["true"])).await,
+        Err(SubstrateError::Asleep(_))
+    ));
+    assert!(matches!(
+        p.exec("t1", &vm, &shell_spec(24, 80)).await,
+        Err(SubstrateError::Asleep(_))
+    ));
+    p.create(&spec(&vm.0, "default"))
+        .await
+        .expect("create leaves a sleeping VM alone");
+    assert!(dir.join("sleep.state").is_file() && p.is_asleep("t1", &vm));
+
+    // Time passes while it sleeps (this wait is what is under test).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let t = Instant::now();
+    p.wake("t1", &vm).await.expect("wake");
+    let woke_in = t.elapsed();
+    eprintln!("wake of a 192 MB guest: {woke_in:?}");
+    assert!(!p.is_asleep("t1", &vm));
+    assert!(qemu_pid(&dir).is_some(), "no qemu after the wake");
+    for file in [
+        "sleep.state",
+        "sleep.state.tmp",
+        "sleep.state.written",
+        "asleep",
+    ] {
+        assert!(!dir.join(file).exists(), "{file} left after the wake");
+    }
+    // The count goes on where it stopped: not from 1 again, and not advanced by the time
+    // asleep (it ran well under two seconds since it was resumed).
+    let now = counted(&p, &vm, "count").await;
+    assert_eq!(
+        now[..seen.len()],
+        seen[..],
+        "the output before the sleep changed"
+    );
+    assert!(
+        now.len() <= seen.len() + 2,
+        "the count went on while asleep: {last} before, {now:?} after"
+    );
+    let after = counted_beyond(&p, &vm, "count", seen.len()).await;
+    assert_eq!(after[seen.len()], last + 1, "{after:?}");
+    let expected: Vec<u64> = (1..=after.len() as u64).collect();
+    assert_eq!(after, expected, "the count restarted or skipped");
+    assert_eq!(
+        p.command_status("t1", &vm, "count").await.expect("status"),
+        CommandStatus::Running
+    );
+    p.wake("t1", &vm)
+        .await
+        .expect("waking an awake VM does nothing");
+    // The guest is usable: exec works, and its wall clock was set to the host's (it stood
+    // still while the guest slept).
+    assert_eq!(guest_sh(&p, &vm, "echo awake").await, "awake\n");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let guest: i64 = guest_sh(&p, &vm, "date +%s")
+        .await
+        .trim()
+        .parse()
+        .expect("a time");
+    assert!(
+        (guest - host).abs() <= 2,
+        "the guest's clock is {}s off the host's",
+        guest - host
+    );
+
+    // A sleeping VM is deleted without a trace.
+    p.sleep("t1", &vm).await.expect("sleep again");
+    p.delete("t1", &vm).await.expect("delete");
+    assert!(!dir.exists(), "VM dir left behind");
+    assert!(qemu_pid(&dir).is_none(), "qemu left running");
+    assert!(p.list("t1").await.expect("list").is_empty());
+    cleanup.vms.clear();
+}
+
+/// The counting run's numbers so far extend `before` and go 1, 2, 3, ... without a gap or a
+/// restart (nothing was lost or done twice), and it goes on counting; returns the numbers.
+async fn counts_on(p: &QemuProvider, vm: &VmId, before: &[u64]) -> Vec<u64> {
+    assert_eq!(
+        p.command_status("t1", vm, "count").await.expect("status"),
+        CommandStatus::Running
+    );
+    let now = counted_beyond(p, vm, "count", before.len()).await;
+    assert_eq!(now[..before.len()], before[..], "the output went back");
+    let expected: Vec<u64> = (1..=now.len() as u64).collect();
+    assert_eq!(now, expected, "the count restarted or skipped");
+    now
+}
+
+/// A QMP session with the VM's qemu, as a worker would have had it.
+async fn qmp(dir: &std::path::Path) -> Qmp {
+    Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .expect("qmp")
+}
+
+/// What a sleep does before it is cut short, up to `steps` of: the marker, `stop`, the start
+/// of the save, the save completed (qemu in `postmigrate`, its writer done).
+async fn sleep_cut_short(dir: &std::path::Path, steps: usize) {
+    std::fs::write(dir.join("asleep"), "0\n").expect("marker");
+    let mut q = qmp(dir).await;
+    if steps >= 2 {
+        q.execute("stop", None).await.expect("stop");
+    }
+    if steps >= 3 {
+        q.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+        )
+        .await
+        .expect("bandwidth");
+        let uri = save_uri(dir).expect("uri");
+        q.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await
+            .expect("migrate");
+    }
+    if steps >= 4 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = q.execute("query-status", None).await.expect("status");
+            if status["status"] == "postmigrate" && !writing(dir) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the save did not complete");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// What a wake does before it is cut short: qemu started to load the saved state.
+fn wake_cut_short(p: &QemuProvider, dir: &std::path::Path) {
+    let meta: QemuVmMeta =
+        serde_json::from_slice(&std::fs::read(dir.join("vm.json")).expect("vm.json"))
+            .expect("parse vm.json");
+    spawn_qemu(
+        &find_qemu().expect("qemu"),
+        &p.images_dir().join(&meta.image),
+        dir,
+        &meta,
+        0,
+        Some(&restore_uri(dir).expect("uri")),
+    )
+    .expect("spawn");
+}
+
+/// Asserts the VM is asleep the way a finished sleep leaves it.
+fn assert_asleep(p: &QemuProvider, vm: &VmId, dir: &std::path::Path, after: &str) {
+    assert!(p.is_asleep("t1", vm), "{after}: not marked asleep");
+    assert!(qemu_pid(dir).is_none(), "{after}: qemu still runs");
+    assert!(dir.join("sleep.state").is_file(), "{after}: no saved state");
+    for file in ["sleep.state.tmp", "sleep.state.written"] {
+        assert!(!dir.join(file).exists(), "{after}: {file} left");
+    }
+}
+
+/// Asserts the VM is awake the way a finished wake leaves it.
+fn assert_awake(p: &QemuProvider, vm: &VmId, dir: &std::path::Path, after: &str) {
+    assert!(!p.is_asleep("t1", vm), "{after}: still marked asleep");
+    assert!(qemu_pid(dir).is_some(), "{after}: no qemu");
+    for file in ["sleep.state", "sleep.state.tmp", "sleep.state.written"] {
+        assert!(!dir.join(file).exists(), "{after}: {file} left");
+    }
+}
+
+/// A worker killed at any point of a sleep or a wake: the next sleep or wake finishes the
+/// job, and the guest's run goes on without losing or repeating a step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+async fn a_sleep_or_wake_cut_short_is_finished_by_the_next() {
+    assert!(
+        find_qemu().is_some(),
+        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let p = QemuProvider::new(state.path())
+        .await
+        .expect("provider")
+        .with_niceness(0);
+    let vm = VmId("murmur-0000ad01".into());
+    let mut cleanup = Cleanup {
+        provider: p.clone(),
+        vms: vec![vm.clone()],
+    };
+    boot(&p, &vm).await;
+    let dir = p.vm_dir("t1", &vm).expect("dir");
+    p.start_command("t1", &vm, &counter("count"))
+        .await
+        .expect("run");
+    let mut seen = counted_beyond(&p, &vm, "count", 1).await;
+
+    // A sleep cut short after each of its steps, finished by the next sleep.
+    for steps in 1..=4 {
+        sleep_cut_short(&dir, steps).await;
+        p.sleep("t1", &vm)
+            .await
+            .unwrap_or_else(|e| panic!("sleep after {steps} steps of another: {e}"));
+        assert_asleep(&p, &vm, &dir, &format!("a sleep after {steps} steps"));
+        p.wake("t1", &vm).await.expect("wake");
+        assert_awake(&p, &vm, &dir, "a wake");
+        seen = counts_on(&p, &vm, &seen).await;
+    }
+
+    // A sleep cut short after each of its steps, undone by a wake: the guest runs on (the
+    // save that completed is not restored: that would not even be noticed here).
+    for steps in 1..=4 {
+        sleep_cut_short(&dir, steps).await;
+        p.wake("t1", &vm)
+            .await
+            .unwrap_or_else(|e| panic!("wake after {steps} steps of a sleep: {e}"));
+        assert_awake(
+            &p,
+            &vm,
+            &dir,
+            &format!("a wake after {steps} steps of a sleep"),
+        );
+        seen = counts_on(&p, &vm, &seen).await;
+    }
+
+    // The sleep's future dropped (a cancelled activity) once its marker is written.
+    let task = tokio::spawn({
+        let p = p.clone();
+        let vm = vm.clone();
+        async move { p.sleep("t1", &vm).await }
+    });
+    while !dir.join("asleep").exists() {
+        tokio::task::yield_now().await;
+    }
+    task.abort();
+    let _ = task.await;
+    p.sleep("t1", &vm).await.expect("sleep after a dropped one");
+    assert_asleep(&p, &vm, &dir, "a sleep after a dropped one");
+
+    // A wake cut short once qemu was started to load the state, finished by the next wake,
+    // then one whose future is dropped once qemu runs.
+    wake_cut_short(&p, &dir);
+    p.wake("t1", &vm).await.expect("wake after a cut one");
+    assert_awake(&p, &vm, &dir, "a wake after a cut one");
+    seen = counts_on(&p, &vm, &seen).await;
+    p.sleep("t1", &vm).await.expect("sleep");
+    let task = tokio::spawn({
+        let p = p.clone();
+        let vm = vm.clone();
+        async move { p.wake("t1", &vm).await }
+    });
+    while qemu_pid(&dir).is_none() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    p.wake("t1", &vm).await.expect("wake after a dropped one");
+    assert_awake(&p, &vm, &dir, "a wake after a dropped one");
+    seen = counts_on(&p, &vm, &seen).await;
+
+    // A wake cut short, then a sleep: it waits for the restore and saves the guest again.
+    p.sleep("t1", &vm).await.expect("sleep");
+    wake_cut_short(&p, &dir);
+    p.sleep("t1", &vm).await.expect("sleep after a cut wake");
+    assert_asleep(&p, &vm, &dir, "a sleep after a cut wake");
+    p.wake("t1", &vm).await.expect("wake");
+    seen = counts_on(&p, &vm, &seen).await;
+
+    // A state qemu cannot load: the wake says why, and the VM stays asleep with its state
+    // (here put back, and woken after all).
+    p.sleep("t1", &vm).await.expect("sleep");
+    let good = dir.join("sleep.state.good");
+    std::fs::rename(dir.join("sleep.state"), &good).expect("move the state aside");
+    std::fs::write(dir.join("sleep.state"), b"not a migration stream").expect("write");
+    let t = Instant::now();
+    let woken = p.wake("t1", &vm).await;
+    eprintln!("a wake from a bad state fails in {:?}", t.elapsed());
+    match woken {
+        Err(SubstrateError::Guest { reason, .. }) => {
+            assert!(reason.contains("could not restore"), "{reason}");
+        }
+        other => panic!("a bad state woke: {other:?}"),
+    }
+    assert!(p.is_asleep("t1", &vm) && qemu_pid(&dir).is_none());
+    assert!(p.list("t1").await.expect("list")[0].alive);
+    std::fs::rename(&good, dir.join("sleep.state")).expect("put the state back");
+    p.wake("t1", &vm).await.expect("wake");
+    let seen = counts_on(&p, &vm, &seen).await;
+    eprintln!("the count after every cut: {}", seen.len());
+
+    // qemu gone half way through a sleep (killed before the state was saved): the VM is
+    // lost, and said to be.
+    sleep_cut_short(&dir, 2).await;
+    let pid = qemu_pid(&dir).expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while qemu_pid(&dir).is_some() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        p.sleep("t1", &vm).await,
+        Err(SubstrateError::VmGone(_))
+    ));
+    assert!(matches!(
+        p.wake("t1", &vm).await,
+        Err(SubstrateError::VmGone(_))
+    ));
+    let listed = p.list("t1").await.expect("list");
+    assert!(!listed[0].alive, "a lost VM is listed dead");
+    p.delete("t1", &vm).await.expect("delete");
+    assert!(!dir.exists());
+    cleanup.vms.clear();
 }

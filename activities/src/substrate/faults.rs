@@ -206,7 +206,7 @@ pub struct FaultCounts {
 }
 
 /// A [`Provider`] that injects faults into another one's creates and deletes. Everything
-/// else (readiness, listing, commands) passes straight through.
+/// else (readiness, listing, commands, sleep and wake) passes straight through.
 pub struct FaultyProvider<P: ?Sized> {
     inner: std::sync::Arc<P>,
     config: FaultConfig,
@@ -429,6 +429,18 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
         spec: &super::session::ExecSpec,
     ) -> Result<super::session::ExecSession, SubstrateError> {
         self.inner.exec(tenant, vm, spec).await
+    }
+
+    async fn sleep(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        self.inner.sleep(tenant, vm).await
+    }
+
+    async fn wake(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        self.inner.wake(tenant, vm).await
+    }
+
+    fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
+        self.inner.is_asleep(tenant, vm)
     }
 }
 

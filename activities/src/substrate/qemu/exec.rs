@@ -61,9 +61,13 @@ pub const MAX_UNFED: u64 = 16;
 const MAX_FAILURES: u32 = 5;
 /// How long the last request of a dropped session (the kill) may take.
 const DROP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The exit code reported when the session cannot be followed any more (the VM went away,
-/// the guest forgot the session, the channel kept failing).
+/// The exit code reported when the session cannot be followed any more (the VM went away or
+/// to sleep, the guest forgot the session, the channel kept failing).
 pub const LOST_EXIT: i32 = 255;
+/// Why a session ends when its VM goes to sleep. (Its command is frozen with the guest and
+/// runs on after a wake, unfollowed: the kill that ends a lost session cannot reach a
+/// sleeping guest.)
+const ASLEEP: &str = "the VM went to sleep";
 
 /// One session's serving task: an exec session ([`start`]) or a terminal ([`start_tty`]).
 pub(super) struct SessionTask {
@@ -164,6 +168,7 @@ impl SessionTask {
                 Ok(Some(poll)) => poll,
                 Ok(None) => return Err(Stop::Lost("the guest forgot the session".into())),
                 Err(SubstrateError::VmGone(_)) => return Err(Stop::Lost("the VM is gone".into())),
+                Err(SubstrateError::Asleep(_)) => return Err(Stop::Lost(ASLEEP.into())),
                 Err(e) => {
                     failures += 1;
                     if failures >= MAX_FAILURES {
@@ -251,6 +256,7 @@ impl SessionTask {
                 Err(SubstrateError::VmGone(_)) => {
                     return Err(Stop::Lost("the VM is gone".into()));
                 }
+                Err(SubstrateError::Asleep(_)) => return Err(Stop::Lost(ASLEEP.into())),
                 Err(e @ SubstrateError::Guest { .. }) => return Err(Stop::Lost(e.to_string())),
                 Err(e) => {
                     failures += 1;
@@ -400,6 +406,7 @@ impl SessionTask {
                         Err(SubstrateError::VmGone(_)) => {
                             return Err(Stop::Lost("the VM is gone".into()));
                         }
+                        Err(SubstrateError::Asleep(_)) => return Err(Stop::Lost(ASLEEP.into())),
                         Err(e) => {
                             failures += 1;
                             if failures >= MAX_FAILURES {

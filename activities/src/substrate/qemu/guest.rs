@@ -457,6 +457,59 @@ async fn handshake_once(socket: &Path) -> Result<Ready, ChannelError> {
     }
 }
 
+/// The script that sets a guest's wall clock to `epoch` (seconds, UTC).
+pub fn clock_script(epoch: u64) -> String {
+    format!("date -u -s @{epoch} >/dev/null\n")
+}
+
+/// Sets the guest's wall clock to the host's, within `timeout`: [`clock_script`] in an exec
+/// session (`exec`, `poll` until it exits, `drop`), so any guest agent can (it has no
+/// request of its own for it). After a wake: the guest's clocks stood still while it slept,
+/// and its wall clock would be behind by that long. To the second (busybox `date`), rounded.
+pub async fn set_clock(socket: &Path, timeout: Duration) -> Result<(), ChannelError> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let id = new_exec_id();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| ChannelError::Io(std::io::Error::other(e)))?;
+    let epoch = (now + Duration::from_millis(500)).as_secs();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(clock_script(epoch));
+    let ran = async {
+        let answer = request(socket, "exec", &format!("{id} {b64}"), left()).await?;
+        if answer != "ok" {
+            return Err(ChannelError::Unexpected(truncate(&answer, 80).to_string()));
+        }
+        loop {
+            let answer = request(socket, "poll", &format!("{id} 0 0 1024"), left()).await?;
+            match parse_poll(&answer) {
+                Ok(Some(ExecPoll { exit: Some(0), .. })) => return Ok(()),
+                Ok(Some(ExecPoll {
+                    exit: Some(code),
+                    stderr,
+                    ..
+                })) => {
+                    return Err(ChannelError::Refused(format!(
+                        "date -s exited {code}: {}",
+                        String::from_utf8_lossy(&stderr).trim()
+                    )));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(ChannelError::Refused("the session is gone".into())),
+                Err(reason) => return Err(ChannelError::Unexpected(reason)),
+            }
+            if left().is_zero() {
+                return Err(ChannelError::Timeout(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(left())).await;
+        }
+    }
+    .await;
+    // The session's directory goes whatever happened (a second at least for that).
+    let _ = request(socket, "drop", &id, left().max(Duration::from_secs(1))).await;
+    ran
+}
+
 /// At most the first `max` characters of `s` (for quoting an answer in an error).
 pub fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
@@ -648,6 +701,10 @@ mod tests {
             command_script(&multi, "/")
                 .expect("script")
                 .ends_with("exec 'printf' '%s\n' 'x y'\n")
+        );
+        assert_eq!(
+            clock_script(1700000000),
+            "date -u -s @1700000000 >/dev/null\n"
         );
         let bad = CommandSpec {
             run: "r3".into(),

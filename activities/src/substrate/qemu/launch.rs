@@ -28,9 +28,12 @@ pub const CONTROL_SOCKET: &str = "ctl.sock";
 /// The terminal of `murmur shell` sessions: the guest's third serial port (`/dev/ttyS2`, at
 /// 0x3E8), a unix socket the host connects to per session ([`super::exec`]).
 pub const TTY_SOCKET: &str = "tty.sock";
-/// The guest console (first serial port).
+/// qemu's machine protocol (QMP, [`super::qmp`]): what sleep and wake drive qemu with.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// The guest console (first serial port), appended to (a restored qemu carries on the same
+/// log).
 pub const CONSOLE_LOG: &str = "console.log";
-/// qemu's own stderr.
+/// qemu's own stdout and stderr, appended to (a restored qemu's follow the first one's).
 pub const QEMU_LOG: &str = "qemu.log";
 /// Niceness of qemu processes unless `MURMUR_QEMU_NICE` says otherwise (the worker runs at 0).
 const QEMU_NICE: i32 = 19;
@@ -106,21 +109,26 @@ pub fn niceness_from_env() -> i32 {
 }
 
 /// Starts the VM's qemu in `dir` from the image directory `image` (in its own session, at
-/// `niceness`), and records its pid.
+/// `niceness`), and records its pid. With `incoming` (a migration URI, see [`qemu_args`])
+/// it restores the guest saved there instead of booting it.
 pub fn spawn_qemu(
     qemu: &Path,
     image: &Path,
     dir: &Path,
     meta: &QemuVmMeta,
     niceness: i32,
+    incoming: Option<&str>,
 ) -> Result<(), SubstrateError> {
-    let log = std::fs::File::create(dir.join(QEMU_LOG))
-        .map_err(|e| SubstrateError::io("create qemu.log", e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(QEMU_LOG))
+        .map_err(|e| SubstrateError::io("open qemu.log", e))?;
     let log2 = log
         .try_clone()
         .map_err(|e| SubstrateError::io("open qemu.log", e))?;
     let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args(qemu_args(dir, image, meta))
+    cmd.args(qemu_args(dir, image, meta, incoming))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log)
@@ -200,6 +208,7 @@ async fn probe_kvm(qemu: &Path, qemu_dir: &Path, images: &Path) -> bool {
         &dir,
         &meta,
         niceness_from_env(),
+        None,
     ) {
         Ok(()) => handshake(&dir.join(CONTROL_SOCKET), KVM_PROBE_TIMEOUT)
             .await
@@ -216,8 +225,18 @@ async fn probe_kvm(qemu: &Path, qemu_dir: &Path, images: &Path) -> bool {
     ok
 }
 
-/// The qemu command line of a VM (without the program).
-pub fn qemu_args(dir: &Path, image: &Path, meta: &QemuVmMeta) -> Vec<OsString> {
+/// The qemu command line of a VM (without the program). With `incoming` (a migration URI,
+/// `exec:<command>`), qemu loads the guest's state from it instead of booting (`-incoming`):
+/// everything else must be the same command line the state was saved from.
+///
+/// The second serial port's `unix:<ctl.sock>,` argument is how [`qemu_pid`] recognises the
+/// VM's qemu: keep it as it is.
+pub fn qemu_args(
+    dir: &Path,
+    image: &Path,
+    meta: &QemuVmMeta,
+    incoming: Option<&str>,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |s: &str| args.push(s.into());
     push("-name");
@@ -239,8 +258,18 @@ pub fn qemu_args(dir: &Path, image: &Path, meta: &QemuVmMeta) -> Vec<OsString> {
     args.push(image.join("initrd.gz").into());
     args.push("-append".into());
     args.push(format!("console=ttyS0 panic=-1 edd=off quiet murmur.vm={}", meta.id).into());
+    // A chardev of its own rather than `-serial file:`, which truncates: a restored qemu
+    // appends to the console of the first one.
+    args.push("-chardev".into());
+    args.push(
+        format!(
+            "file,id=console,path={},append=on",
+            dir.join(CONSOLE_LOG).display()
+        )
+        .into(),
+    );
     args.push("-serial".into());
-    args.push(format!("file:{}", dir.join(CONSOLE_LOG).display()).into());
+    args.push("chardev:console".into());
     args.push("-serial".into());
     args.push(
         format!(
@@ -251,6 +280,12 @@ pub fn qemu_args(dir: &Path, image: &Path, meta: &QemuVmMeta) -> Vec<OsString> {
     );
     args.push("-serial".into());
     args.push(format!("unix:{},server=on,wait=off", dir.join(TTY_SOCKET).display()).into());
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", dir.join(QMP_SOCKET).display()).into());
+    if let Some(uri) = incoming {
+        args.push("-incoming".into());
+        args.push(uri.into());
+    }
     args
 }
 
@@ -267,7 +302,7 @@ pub fn qemu_pid(dir: &Path) -> Option<i32> {
 }
 
 /// True when `pid` is a live (not zombie) qemu serving the VM at `dir`.
-fn runs_vm(pid: i32, dir: &Path) -> bool {
+pub fn runs_vm(pid: i32, dir: &Path) -> bool {
     let want = format!("unix:{},", dir.join(CONTROL_SOCKET).display());
     live_cmdline(pid).is_some_and(|cmd| {
         let mut args = cmd.split(|b| *b == 0);
@@ -341,7 +376,7 @@ mod tests {
             accel: Accel::Tcg,
             generation: 1,
         };
-        let args: Vec<String> = qemu_args(Path::new("/s/vm"), Path::new("/s/img"), &meta)
+        let args: Vec<String> = qemu_args(Path::new("/s/vm"), Path::new("/s/img"), &meta, None)
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
@@ -368,6 +403,27 @@ mod tests {
             .collect();
         assert_eq!(serials.len(), 3);
         assert_eq!(serials[2], "unix:/s/vm/tty.sock,server=on,wait=off");
+        // The console is appended to (a restored qemu carries on the log), QMP is there to
+        // sleep and wake the VM, and a boot loads no saved state.
+        assert_eq!(serials[0], "chardev:console");
+        assert_eq!(
+            after("-chardev").as_deref(),
+            Some("file,id=console,path=/s/vm/console.log,append=on")
+        );
+        assert_eq!(
+            after("-qmp").as_deref(),
+            Some("unix:/s/vm/qmp.sock,server=on,wait=off")
+        );
+        assert_eq!(after("-incoming"), None);
+        // A restore is the same command line, plus where the state comes from.
+        let uri = "exec:cat '/s/vm/sleep.state'";
+        let restore: Vec<String> =
+            qemu_args(Path::new("/s/vm"), Path::new("/s/img"), &meta, Some(uri))
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+        assert_eq!(restore[..args.len()], args[..]);
+        assert_eq!(restore[args.len()..], ["-incoming", uri]);
     }
 
     #[test]

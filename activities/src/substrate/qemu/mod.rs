@@ -8,8 +8,11 @@
 //!   their base's initrd.
 //! - `qemu/vms/<tenant>/<vm>/`: `vm.json` ([`launch::QemuVmMeta`]), `qemu.pid`, `ctl.sock`
 //!   (the guest's second serial port, the guest agent's control channel), `tty.sock` (the
-//!   third, the terminal of `murmur shell`), `console.log` (the first serial port) and
-//!   `qemu.log` (qemu's own stderr).
+//!   third, the terminal of `murmur shell`), `qmp.sock` (qemu's machine protocol, [`qmp`]),
+//!   `console.log` (the first serial port) and `qemu.log` (qemu's own stderr), both
+//!   appended to; while the VM sleeps, `asleep` (the marker) and `sleep.state` (its saved
+//!   RAM and device state; `sleep.state.tmp` while qemu writes it, `sleep.state.written`
+//!   once written, before qemu's verdict).
 //!
 //! Everything is on disk, so a restarted worker finds its guests with [`Provider::list`].
 //!
@@ -34,6 +37,58 @@
 //! - [`QemuProvider::ensure_base_image`] rebuilds the base image when its guest files
 //!   (`/init`, the agent) are not this build's ([`guest_sha256`]).
 //!
+//! # Sleep and wake
+//!
+//! A guest has no disk and no NIC: its RAM and device state are the whole VM. So
+//! [`Provider::sleep`] pauses the vCPUs (QMP `stop`), has qemu write that state (a
+//! migration of the paused guest, one pass, to a `cat` into `sleep.state.tmp`, synced and
+//! renamed `sleep.state.written`), renames that `sleep.state` once qemu says the save
+//! completed (the writer alone cannot tell a whole save from one qemu gave up on: so the
+//! file is the whole state whenever it exists, even after a host crash) and ends qemu
+//! (`quit`): the host's memory for the guest is freed, and what the VM costs while it
+//! sleeps is the file (about what the guest has touched of its RAM, free pages it once used
+//! included; zero pages take no room). [`Provider::wake`] starts a new qemu with the VM's
+//! same command line plus `-incoming` from that file, resumes the guest (qemu restores a
+//! guest saved paused as paused, so wake says `cont`), removes the file as soon as the guest
+//! runs (it is stale from then on: restoring it again would take the guest back in time),
+//! waits until the agent answers on the control channel, sets the guest's wall clock to the
+//! host's ([`guest::set_clock`]: it stood still while the guest slept, as every guest clock
+//! did), and removes the marker last. The guest's processes go on where they were (a
+//! `sleep 60` begun before still has what was left of its minute to go); the consoles are
+//! appended to.
+//!
+//! While the marker `asleep` exists (from the first step of a sleep to the last of a wake)
+//! [`Provider::is_asleep`] is true and the guest is not asked anything: a run's status is
+//! `Running` (frozen, not exited), a cancel succeeds without effect (a delete stops the run
+//! for good), [`Provider::read_output`] serves only kept outputs, starting a command, exec
+//! and the output's tail are refused with [`SubstrateError::Asleep`], and exec sessions that
+//! were open end. A sleeping VM whose state is kept lists as alive (the reaper must not
+//! take it for dead), `create` leaves it alone, and `delete` removes it, state included,
+//! without fetching outputs from a guest that does not run.
+//!
+//! Both hold the VM's channel lock throughout and are safe to repeat after a crash (the
+//! worker killed at any point): every step is read back from the directory and from qemu
+//! (its run state and migration status over QMP) rather than remembered.
+//!
+//! - Sleep with no qemu running: asleep when `sleep.state` exists; otherwise the VM is gone
+//!   (or was lost: qemu ended before its state was saved).
+//! - Sleep with qemu running: QMP must answer before the marker is written (an old VM booted
+//!   without QMP stays awake). A save under way is waited for, and so is its writer (a
+//!   wake's restore too: the file is still the truth then); a completed save (`completed`
+//!   and `postmigrate`, looked at in that order, so a save completing in between is never
+//!   taken for a woken qemu) is finished: the written file becomes `sleep.state`, `quit`,
+//!   SIGTERM/SIGKILL if qemu lingers. Anything else (no save, a failed one, a woken qemu)
+//!   starts a save, once no writer runs, removing every state file first: none can be this
+//!   save's, and no two writers ever share the files. A save this call started that fails
+//!   (qemu's verdict, or a writer that left nothing) is undone (`cont`, the marker
+//!   removed); a timeout leaves everything as a crash would.
+//! - Wake with no qemu running: restore from `sleep.state` if it exists, else the VM is
+//!   gone. With qemu running and the marker there: wait for its restore, cancel a save a
+//!   sleep left under way (and wait for its writer), `cont` a paused guest, then the same
+//!   steps as after a restore. With qemu running and no marker: awake already.
+//! - A qemu that cannot load the state ends: wake reports why (`qemu.log`) and keeps the
+//!   file and the marker, so the VM stays asleep rather than lost.
+//!
 //! # Layout
 //!
 //! - this file: [`QemuProvider`] and its [`Provider`] implementation;
@@ -42,12 +97,16 @@
 //! - [`launch`]: finding qemu, the accelerator and its KVM probe, the command line, telling
 //!   the VM's qemu from other processes, stopping it;
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
-//!   bake's snapshot of a guest.
+//!   bake's snapshot of a guest;
+//! - [`qmp`]: a client of qemu's machine protocol (QMP) on the VM's `qmp.sock`;
+//! - [`sleep`]: sleep and wake (the save to `sleep.state`, the restore from it).
 
 pub mod exec;
 pub mod guest;
 pub mod images;
 pub mod launch;
+pub mod qmp;
+pub mod sleep;
 pub mod snapshots;
 
 use std::collections::HashMap;
@@ -66,8 +125,8 @@ use self::guest::{
 };
 use self::images::ImageMeta;
 use self::launch::{
-    Accel, CONTROL_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report, find_qemu, qemu_pid,
-    spawn_qemu, stop_qemu,
+    Accel, CONTROL_SOCKET, QMP_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report,
+    find_qemu, qemu_pid, spawn_qemu, stop_qemu,
 };
 use crate::substrate::session::{
     DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, WindowSize,
@@ -227,6 +286,8 @@ impl QemuProvider {
 
     /// Sends one request to the guest agent of a VM (serialised per VM in this worker; the
     /// request itself may take [`REQUEST_TIMEOUT`] once it has the channel).
+    /// [`SubstrateError::Asleep`] when the VM is asleep (looked at once the channel is ours,
+    /// so a request that waited for a sleep to finish does not go to a guest that is gone).
     async fn ask(
         &self,
         dir: &Path,
@@ -239,6 +300,9 @@ impl QemuProvider {
         }
         let lock = self.lock(dir);
         let _guard = lock.lock().await;
+        if sleep::is_marked(dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let answer = request(&dir.join(CONTROL_SOCKET), verb, args, REQUEST_TIMEOUT).await;
         Self::answer(dir, vm, answer)
     }
@@ -261,6 +325,9 @@ impl QemuProvider {
         let Ok(_guard) = tokio::time::timeout(timeout, lock.lock()).await else {
             return Self::answer(dir, vm, Err(ChannelError::Timeout(timeout)));
         };
+        if sleep::is_marked(dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         let left = timeout.saturating_sub(started.elapsed());
         let answer = request(&dir.join(CONTROL_SOCKET), verb, args, left).await;
         Self::answer(dir, vm, answer)
@@ -319,6 +386,7 @@ impl QemuProvider {
         let socket = dir.join(TTY_SOCKET);
         let mut terminal = match tokio::net::UnixStream::connect(&socket).await {
             Ok(stream) => stream,
+            Err(_) if sleep::is_marked(dir) => return Err(SubstrateError::Asleep(vm.clone())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(SubstrateError::Guest {
                     vm: vm.clone(),
@@ -382,15 +450,22 @@ impl QemuProvider {
 
     /// Fetches the output of every agent run of a live guest into the kept logs (at most the
     /// last [`KEEP_MAX`] bytes of each, within [`KEEP_BUDGET`] in all, smallest first, each
-    /// from its end backwards). Never fails: what cannot be kept is logged.
+    /// from its end backwards). Never fails: what cannot be kept is logged. A sleeping VM's
+    /// outputs are not kept (its guest does not run to give them).
     async fn keep_outputs(&self, tenant: &str, vm: &VmId, dir: &Path) {
         if !dir.exists() || qemu_pid(dir).is_none() {
+            return;
+        }
+        if sleep::is_marked(dir) {
+            tracing::debug!(vm = %vm, "the VM is asleep: its outputs are not kept");
             return;
         }
         let deadline = Instant::now() + KEEP_BUDGET;
         let left = || deadline.saturating_duration_since(Instant::now());
         let runs = match self.ask_within(dir, vm, "runs", "", left()).await {
             Ok(answer) => parse_runs(&answer),
+            // Went to sleep meanwhile.
+            Err(SubstrateError::Asleep(_)) => return,
             Err(e) => Err(e.to_string()),
         };
         let mut runs = match runs {
@@ -446,6 +521,11 @@ impl QemuProvider {
     }
 }
 
+/// True when the VM in `dir` is alive: its qemu runs, or it sleeps with its state kept.
+fn alive(dir: &Path) -> bool {
+    qemu_pid(dir).is_some() || sleep::is_saved(dir)
+}
+
 /// The sha256 (hex) of this build's guest files, `/init` and the agent together, as
 /// `build.sh` records it in `image.json`.
 pub fn guest_sha256() -> String {
@@ -477,13 +557,14 @@ impl Provider for QemuProvider {
         let dir = self.vm_dir(&spec.tenant, &spec.vm)?;
         check_socket_path(&dir.join(CONTROL_SOCKET))?;
         check_socket_path(&dir.join(TTY_SOCKET))?;
+        check_socket_path(&dir.join(QMP_SOCKET))?;
         if self.image_meta(&spec.image).is_none() {
             return Err(SubstrateError::ImageNotFound(spec.image.clone()));
         }
         let lock = self.lock(&dir);
         let _guard = lock.lock().await;
         if dir.exists() {
-            if qemu_pid(&dir).is_some() {
+            if alive(&dir) {
                 return Ok(());
             }
             // A dead leftover of an earlier attempt: start over.
@@ -511,6 +592,7 @@ impl Provider for QemuProvider {
             &dir,
             &meta,
             self.niceness,
+            None,
         )
     }
 
@@ -601,9 +683,7 @@ impl Provider for QemuProvider {
 
     async fn list(&self, tenant: &str) -> Result<Vec<VmInfo>, SubstrateError> {
         let tenant_dir = tenant_dir(&self.vms_root(), tenant)?;
-        list_vm_dirs(tenant, &tenant_dir, VM_META_FILE, |dir| {
-            qemu_pid(dir).is_some()
-        })
+        list_vm_dirs(tenant, &tenant_dir, VM_META_FILE, alive)
     }
 
     async fn start_command(
@@ -642,7 +722,12 @@ impl Provider for QemuProvider {
         if !valid_run_id(run) {
             return Ok(CommandStatus::Unknown);
         }
-        let answer = self.ask(&dir, vm, "status", run).await?;
+        let answer = match self.ask(&dir, vm, "status", run).await {
+            Ok(answer) => answer,
+            // Frozen, not exited.
+            Err(SubstrateError::Asleep(_)) => return Ok(CommandStatus::Running),
+            Err(e) => return Err(e),
+        };
         parse_status(&answer).ok_or_else(|| SubstrateError::Guest {
             vm: vm.clone(),
             reason: format!("unexpected answer {:?}", truncate(&answer, 80)),
@@ -705,6 +790,13 @@ impl Provider for QemuProvider {
                 },
                 // Deleted (or being deleted) meanwhile: the kept copy, if any.
                 Err(SubstrateError::VmGone(_)) => {}
+                // Asleep: what the host kept, if anything.
+                Err(SubstrateError::Asleep(_)) => {
+                    return self
+                        .kept
+                        .read(tenant, run, offset, max)?
+                        .ok_or_else(|| SubstrateError::Asleep(vm.clone()));
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -725,6 +817,9 @@ impl Provider for QemuProvider {
     ) -> Result<ExecSession, SubstrateError> {
         check_exec(spec)?;
         let dir = self.vm_dir(tenant, vm)?;
+        if dir.exists() && sleep::is_marked(&dir) {
+            return Err(SubstrateError::Asleep(vm.clone()));
+        }
         if !dir.exists() || qemu_pid(&dir).is_none() {
             return Err(SubstrateError::VmGone(vm.clone()));
         }
@@ -762,6 +857,29 @@ impl Provider for QemuProvider {
         Ok(session)
     }
 
+    /// Saves the guest's RAM and device state to `sleep.state` and ends its qemu (see
+    /// "Sleep and wake" in the module docs), holding the VM's channel for all of it.
+    async fn sleep(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let lock = self.lock(&dir);
+        let _guard = lock.lock().await;
+        sleep::sleep(&dir, vm).await
+    }
+
+    /// Restores the guest from `sleep.state` in a new qemu and waits until its agent answers
+    /// (see "Sleep and wake" in the module docs), holding the VM's channel for all of it.
+    async fn wake(&self, tenant: &str, vm: &VmId) -> Result<(), SubstrateError> {
+        let dir = self.vm_dir(tenant, vm)?;
+        let lock = self.lock(&dir);
+        let _guard = lock.lock().await;
+        sleep::wake(self, &dir, vm).await
+    }
+
+    fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
+        self.vm_dir(tenant, vm)
+            .is_ok_and(|dir| sleep::is_marked(&dir))
+    }
+
     async fn cancel_command(
         &self,
         tenant: &str,
@@ -773,7 +891,8 @@ impl Provider for QemuProvider {
             return Ok(());
         }
         match self.ask(&dir, vm, "cancel", run).await {
-            Ok(_) | Err(SubstrateError::VmGone(_)) => Ok(()),
+            // Asleep: nothing runs now; deleting the VM stops the run for good.
+            Ok(_) | Err(SubstrateError::VmGone(_)) | Err(SubstrateError::Asleep(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
