@@ -210,7 +210,9 @@ mod tests {
         assert_eq!(snaps.usable(&a), None);
         assert_eq!(snaps.commit(&a, &tmp).unwrap(), 6);
         assert!(!tmp.exists());
-        let path = snaps.usable(&meta("vm-b", "default", 192)).expect("a snapshot");
+        let path = snaps
+            .usable(&meta("vm-b", "default", 192))
+            .expect("a snapshot");
         assert_eq!(path, dir.path().join("default/snapshots/c1-m192-tcg.state"));
         // Another shape or image has none.
         assert_eq!(snaps.usable(&meta("vm-c", "default", 256)), None);
