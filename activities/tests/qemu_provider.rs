@@ -1156,3 +1156,121 @@ async fn a_sleep_or_wake_cut_short_is_finished_by_the_next() {
     assert!(!dir.exists());
     cleanup.vms.clear();
 }
+
+/// What a guest says about itself: `MURMUR_VM_ID`, hostname, `/etc/murmur/vm-id`, and how
+/// far its clock is from the host's, in seconds.
+async fn identity_of(p: &QemuProvider, vm: &VmId) -> (String, String, String, i64) {
+    let out = guest_sh(
+        p,
+        vm,
+        "echo $MURMUR_VM_ID; hostname; cat /etc/murmur/vm-id; date +%s",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out:?}");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest_now: i64 = lines[3].parse().expect("date +%s");
+    (
+        lines[0].to_string(),
+        lines[1].to_string(),
+        lines[2].to_string(),
+        (host_now - guest_now).abs(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+async fn later_guests_of_an_image_are_restored_from_its_snapshot_each_as_itself() {
+    assert!(
+        find_qemu().is_some(),
+        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let p = QemuProvider::new(state.path())
+        .await
+        .expect("provider")
+        .with_niceness(0);
+    assert!(p.snapshot_boot(), "snapshot boot is on by default");
+    let (first, second, third) = (
+        VmId("murmur-0000ee01".into()),
+        VmId("murmur-0000ee02".into()),
+        VmId("murmur-0000ee03".into()),
+    );
+    let mut cleanup = Cleanup {
+        provider: p.clone(),
+        vms: vec![first.clone(), second.clone(), third.clone()],
+    };
+    let snapshot = state.path().join(format!(
+        "qemu/images/default/snapshots/c1-m192-{}.state",
+        p.accel()
+    ));
+
+    // The first guest of the image boots afresh and saves the snapshot once ready.
+    let t0 = Instant::now();
+    boot(&p, &first).await;
+    let fresh = t0.elapsed();
+    assert!(
+        snapshot.is_file(),
+        "the first ready guest saved the snapshot"
+    );
+    let vm_dir = |vm: &VmId| state.path().join("qemu/vms/t1").join(&vm.0);
+    assert!(!vm_dir(&first).join("snapshot.wanted").exists());
+
+    // Later ones are restored from it, each with its own identity and the host's time.
+    let t0 = Instant::now();
+    boot(&p, &second).await;
+    let restored = t0.elapsed();
+    boot(&p, &third).await;
+    let cmdline = |vm: &VmId| {
+        let pid = qemu_pid(&vm_dir(vm)).expect("qemu runs");
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+            .replace('\0', " ")
+    };
+    assert!(
+        cmdline(&second).contains("-incoming"),
+        "{}",
+        cmdline(&second)
+    );
+    assert!(!cmdline(&first).contains("-incoming"));
+    for vm in [&first, &second, &third] {
+        let (env_id, hostname, marker, skew) = identity_of(&p, vm).await;
+        assert_eq!(env_id, vm.0, "MURMUR_VM_ID");
+        assert_eq!(hostname, vm.0, "hostname");
+        assert_eq!(marker, vm.0, "/etc/murmur/vm-id");
+        assert!(skew <= 5, "the guest's clock is {skew} s off the host's");
+        assert!(!vm_dir(vm).join("identity.pending").exists());
+    }
+    // A restored guest runs commands like any other.
+    let spec = CommandSpec {
+        run: "r1".into(),
+        argv: vec!["echo restored $MURMUR_AGENT".into()],
+        env: vec![("MURMUR_AGENT".into(), "a1".into())],
+    };
+    p.start_command("t1", &second, &spec).await.expect("start");
+    assert_eq!(wait_exit(&p, &second, "r1").await, 0);
+    let out = p
+        .command_output_tail("t1", &second, "r1", 100)
+        .await
+        .unwrap();
+    assert_eq!(out, "restored a1\n");
+    eprintln!(
+        "fresh boot → ready {:.0} ms, snapshot restore → ready {:.0} ms",
+        fresh.as_secs_f64() * 1000.0,
+        restored.as_secs_f64() * 1000.0
+    );
+
+    // Snapshot boot off: a VM boots afresh even with the snapshot there.
+    let plain = p.clone().without_snapshot_boot();
+    let fourth = VmId("murmur-0000ee04".into());
+    cleanup.vms.push(fourth.clone());
+    boot(&plain, &fourth).await;
+    assert!(!cmdline(&fourth).contains("-incoming"));
+    let (env_id, ..) = identity_of(&plain, &fourth).await;
+    assert_eq!(env_id, fourth.0);
+    for vm in std::mem::take(&mut cleanup.vms) {
+        p.delete("t1", &vm).await.expect("delete");
+    }
+}

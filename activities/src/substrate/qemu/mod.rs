@@ -128,6 +128,7 @@ use self::launch::{
     Accel, CONTROL_SOCKET, QMP_SOCKET, QemuVmMeta, TTY_SOCKET, VM_META_FILE, exit_report,
     find_qemu, qemu_pid, spawn_qemu, stop_qemu,
 };
+use self::snapshots::{IDENTITY_PENDING, SNAPSHOT_IDLE, SNAPSHOT_WANTED, Snapshots};
 use crate::substrate::session::{
     DEFAULT_LOG_RETENTION, ExecSession, ExecSpec, KeptLogs, MAX_READ, OutputChunk, WindowSize,
     check_exec,
@@ -151,6 +152,8 @@ pub struct QemuProvider {
     accel: Accel,
     niceness: i32,
     kept: KeptLogs,
+    /// Snapshot boot (`None`: every VM boots afresh; `MURMUR_QEMU_SNAPSHOT_BOOT=0`).
+    snapshots: Option<Snapshots>,
     locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -183,12 +186,22 @@ impl QemuProvider {
             qemu,
             accel: Accel::Tcg,
             niceness: launch::niceness_from_env(),
+            snapshots: None,
             locks: Arc::default(),
         };
         provider.ensure_base_image().await?;
         provider.accel =
             launch::choose_accel(&provider.qemu, &provider.qemu_dir(), &provider.images_dir())
                 .await;
+        let wanted = std::env::var("MURMUR_QEMU_SNAPSHOT_BOOT").map_or(true, |v| v.trim() != "0");
+        if wanted {
+            match qemu_version(&provider.qemu).await {
+                Some(version) => {
+                    provider.snapshots = Some(Snapshots::new(provider.images_dir(), version));
+                }
+                None => tracing::warn!("qemu --version did not answer: snapshot boot is off"),
+            }
+        }
         Ok(provider)
     }
 
@@ -202,8 +215,21 @@ impl QemuProvider {
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
             niceness: launch::niceness_from_env(),
+            snapshots: None,
             locks: Arc::default(),
         }
+    }
+
+    /// Turns snapshot boot off: every VM boots afresh (for comparisons; the worker reads
+    /// `MURMUR_QEMU_SNAPSHOT_BOOT=0`).
+    pub fn without_snapshot_boot(mut self) -> Self {
+        self.snapshots = None;
+        self
+    }
+
+    /// True when VMs are restored from their image's snapshot once there is one.
+    pub fn snapshot_boot(&self) -> bool {
+        self.snapshots.is_some()
     }
 
     /// Runs this provider's guests at `niceness` (0..=19) instead of `MURMUR_QEMU_NICE`'s.
@@ -354,6 +380,70 @@ impl QemuProvider {
                 std::io::Error::other(e.to_string()),
             )),
         }
+    }
+
+    /// The snapshots VMs of `image` are restored from and saved to, unless snapshot boot is
+    /// off or the image's guest agent cannot take an identity.
+    fn snapshot_source(&self, image: &str) -> Option<&Snapshots> {
+        let snaps = self.snapshots.as_ref()?;
+        let unsupported = self
+            .images_dir()
+            .join(image)
+            .join(snapshots::SNAPSHOTS_DIR)
+            .join(snapshots::UNSUPPORTED);
+        (!unsupported.exists()).then_some(snaps)
+    }
+
+    /// The ready handshake of a VM restored from a snapshot: once its guest runs, it takes
+    /// its own identity. A guest agent that refuses the identity request (an image of an
+    /// older agent) marks the image as one to boot afresh from now on, and fails the boot.
+    async fn restored_ready(&self, dir: &Path, vm: &VmId) -> Result<Ready, SubstrateError> {
+        let lock = self.lock(dir);
+        let _guard = lock.lock().await;
+        match snapshots::take_identity(dir, vm).await {
+            Ok(ready) => {
+                let _ = std::fs::remove_file(dir.join(IDENTITY_PENDING));
+                tracing::info!(vm = %vm, "qemu: VM restored from its image's snapshot");
+                Ok(ready)
+            }
+            Err(e @ SubstrateError::Guest { .. }) => {
+                if let Some(image) = read_vm_meta(dir).map(|m| m.image) {
+                    let marker = self
+                        .images_dir()
+                        .join(&image)
+                        .join(snapshots::SNAPSHOTS_DIR)
+                        .join(snapshots::UNSUPPORTED);
+                    let _ = std::fs::write(&marker, format!("{e}\n"));
+                    tracing::warn!(vm = %vm, image, error = %e,
+                        "the image's guest cannot take an identity: its VMs boot afresh");
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Saves its image's snapshot from a VM that booted afresh and is ready, when it was
+    /// asked to (and no other VM did it meanwhile). Never fails the VM: it runs on.
+    async fn snapshot_if_wanted(&self, dir: &Path, vm: &VmId) {
+        if !dir.join(SNAPSHOT_WANTED).exists() {
+            return;
+        }
+        let lock = self.lock(dir);
+        let _guard = lock.lock().await;
+        if let (Some(snaps), Some(meta)) = (self.snapshots.as_ref(), read_vm_meta(dir))
+            && snaps.usable(&meta).is_none()
+        {
+            let started = Instant::now();
+            match snapshots::take(snaps, dir, &meta).await {
+                Ok(bytes) => tracing::info!(vm = %vm, image = %meta.image, bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "qemu: saved the image's snapshot; later VMs of it are restored from it"),
+                Err(e) => tracing::warn!(vm = %vm, image = %meta.image, error = %e,
+                    "qemu: could not save the image's snapshot (VMs of it boot afresh)"),
+            }
+        }
+        let _ = std::fs::remove_file(dir.join(SNAPSHOT_WANTED));
     }
 
     /// Reads a file of a running guest over the control channel.
@@ -526,6 +616,29 @@ fn alive(dir: &Path) -> bool {
     qemu_pid(dir).is_some() || sleep::is_saved(dir)
 }
 
+/// Writes an empty marker file into a VM's directory.
+fn write_marker(dir: &Path, name: &str) -> Result<(), SubstrateError> {
+    std::fs::write(dir.join(name), b"").map_err(|e| SubstrateError::io(format!("write {name}"), e))
+}
+
+/// A VM's `vm.json`, when it can be read.
+fn read_vm_meta(dir: &Path) -> Option<QemuVmMeta> {
+    std::fs::read(dir.join(VM_META_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The first line of `qemu --version`: which qemu writes and restores snapshots.
+async fn qemu_version(qemu: &Path) -> Option<String> {
+    let out = tokio::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
 /// The sha256 (hex) of this build's guest files, `/init` and the agent together, as
 /// `build.sh` records it in `image.json`.
 pub fn guest_sha256() -> String {
@@ -586,13 +699,26 @@ impl Provider for QemuProvider {
             .map_err(|e| SubstrateError::io("encode vm.json", e.into()))?;
         std::fs::write(dir.join(VM_META_FILE), json)
             .map_err(|e| SubstrateError::io("write vm.json", e))?;
+        // From the image's snapshot when there is one (the identity is given in
+        // `wait_ready`); else afresh, and the first such VM saves the snapshot once ready.
+        let mut incoming = None;
+        if let Some(snaps) = self.snapshot_source(&meta.image) {
+            snaps.collect_garbage(SNAPSHOT_IDLE);
+            match snaps.usable(&meta) {
+                Some(snapshot) => {
+                    write_marker(&dir, IDENTITY_PENDING)?;
+                    incoming = Some(snapshots::restore_uri(&snapshot)?);
+                }
+                None => write_marker(&dir, SNAPSHOT_WANTED)?,
+            }
+        }
         spawn_qemu(
             &self.qemu,
             &self.images_dir().join(&meta.image),
             &dir,
             &meta,
             self.niceness,
-            None,
+            incoming.as_deref(),
         )
     }
 
@@ -605,6 +731,15 @@ impl Provider for QemuProvider {
         let dir = self.vm_dir(tenant, vm)?;
         let socket = dir.join(CONTROL_SOCKET);
         let deadline = Instant::now() + timeout;
+        if dir.join(SNAPSHOT_WANTED).exists() && qemu_pid(&dir).is_some() {
+            // A worker that crashed while it saved the snapshot left the guest paused.
+            let lock = self.lock(&dir);
+            let _guard = lock.lock().await;
+            let resumed = tokio::time::timeout(Duration::from_secs(5), sleep::resume(&dir, vm));
+            if let Ok(Err(e)) = resumed.await {
+                tracing::debug!(vm = %vm, error = %e, "could not look whether the guest runs");
+            }
+        }
         loop {
             if !dir.exists() {
                 return Err(SubstrateError::BootFailed {
@@ -628,6 +763,27 @@ impl Provider for QemuProvider {
                     timeout,
                 });
             }
+            if dir.join(IDENTITY_PENDING).exists() {
+                let restored = tokio::time::timeout(left, self.restored_ready(&dir, vm)).await;
+                let Ok(restored) = restored else {
+                    continue;
+                };
+                match restored {
+                    Ok(ready) => return Ok(ready),
+                    Err(e @ SubstrateError::Guest { .. }) => {
+                        return Err(SubstrateError::BootFailed {
+                            vm: vm.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    // Not running yet, or not answering yet: asked again.
+                    Err(e) => {
+                        tracing::debug!(vm = %vm, error = %e, "restored VM not ready yet");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+            }
             let attempt = {
                 let lock = self.lock(&dir);
                 let _guard = lock.lock().await;
@@ -635,6 +791,7 @@ impl Provider for QemuProvider {
             };
             if let Ok(ready) = attempt {
                 if &ready.vm == vm {
+                    self.snapshot_if_wanted(&dir, vm).await;
                     return Ok(ready);
                 }
                 return Err(SubstrateError::BootFailed {

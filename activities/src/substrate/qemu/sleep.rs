@@ -411,7 +411,7 @@ pub(super) async fn wake(
 /// Has the VM's running qemu run its guest: waits for a restore to load, cancels a save an
 /// earlier sleep left under way, resumes a paused guest (qemu restores a guest saved paused
 /// as paused); `Ok` once it runs and no writer of a save runs any more.
-async fn resume(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
+pub(super) async fn resume(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let mut qmp = connect(dir, vm, deadline, "wake").await?;
     loop {
@@ -449,7 +449,7 @@ async fn resume(dir: &Path, vm: &VmId) -> Result<(), SubstrateError> {
 
 /// Connects to the VM's QMP socket, retrying until `deadline` while its qemu runs (a qemu
 /// just started opens it in a moment).
-async fn connect(
+pub(super) async fn connect(
     dir: &Path,
     vm: &VmId,
     deadline: Instant,
@@ -483,7 +483,7 @@ async fn connect(
 }
 
 /// One QMP command; a failure because qemu is gone says so.
-async fn call(
+pub(super) async fn call(
     qmp: &mut Qmp,
     dir: &Path,
     vm: &VmId,

@@ -20,18 +20,40 @@
 //!   VM id, hostname, clock, a fresh random seed) before its ready handshake, so no two
 //!   guests share an id or their random numbers.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use base64::Engine as _;
+use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
-use super::launch::QemuVmMeta;
+use super::guest::{parse_ready, request, shell_quote};
+use super::launch::{CONTROL_SOCKET, QemuVmMeta};
+use super::sleep::{SAVE_BANDWIDTH, call, connect, resume};
+use crate::substrate::{Ready, SubstrateError};
 
 /// Directory of an image's snapshots.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Marker in an image's snapshots directory: its guest agent cannot take an identity (an
+/// image of an older agent), so its VMs always boot afresh.
+pub const UNSUPPORTED: &str = "unsupported";
 /// A snapshot nobody restored from for this long is deleted (and temporary files of
 /// snapshots that were never finished, after the same time).
 pub const SNAPSHOT_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// Marker of a VM restored from a snapshot that has not taken its own identity yet.
+pub const IDENTITY_PENDING: &str = "identity.pending";
+/// Marker of a VM that boots afresh and saves its image's snapshot once ready.
+pub const SNAPSHOT_WANTED: &str = "snapshot.wanted";
+/// Longest the save of a snapshot may take (the VM is paused meanwhile); a slower one is
+/// given up and the VM runs on.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one identity request may take.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often qemu's progress is looked at.
+const POLL: Duration = Duration::from_millis(20);
 
 /// What `<key>.json` records about a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +199,147 @@ impl Snapshots {
         }
         removed
     }
+}
+
+/// The `-incoming` source that restores a VM from `snapshot`.
+pub fn restore_uri(snapshot: &Path) -> Result<String, SubstrateError> {
+    Ok(format!("exec:cat {}", quoted(snapshot)?))
+}
+
+fn quoted(path: &Path) -> Result<String, SubstrateError> {
+    path.to_str()
+        .map(shell_quote)
+        .ok_or_else(|| SubstrateError::Invalid {
+            what: "state dir (not UTF-8)",
+            value: path.display().to_string(),
+        })
+}
+
+/// Saves the snapshot of the ready VM in `dir` (described by `meta`): pauses it, writes its
+/// state to a temporary file, resumes it, and puts the snapshot in place once qemu says the
+/// save completed and the writer is done. The VM runs on whatever happens (a failure only
+/// means later VMs boot afresh). Returns the snapshot's size.
+pub(super) async fn take(
+    snaps: &Snapshots,
+    dir: &Path,
+    meta: &QemuVmMeta,
+) -> Result<u64, SubstrateError> {
+    let vm = &meta.id;
+    let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+    let tmp = snaps
+        .begin(meta)
+        .map_err(|e| SubstrateError::io("make the snapshots directory", e))?;
+    let mut done = tmp.clone().into_os_string();
+    done.push(".done");
+    let done = PathBuf::from(done);
+    let uri = format!(
+        "exec:cat > {t} && mv {t} {d} || rm -f {t}",
+        t = quoted(&tmp)?,
+        d = quoted(&done)?
+    );
+    let mut qmp = connect(dir, vm, Instant::now() + Duration::from_secs(5), "snapshot").await?;
+    call(&mut qmp, dir, vm, "stop", None).await?;
+    let saved = async {
+        call(
+            &mut qmp,
+            dir,
+            vm,
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": SAVE_BANDWIDTH })),
+        )
+        .await?;
+        call(&mut qmp, dir, vm, "migrate", Some(json!({ "uri": uri }))).await?;
+        loop {
+            let migration = call(&mut qmp, dir, vm, "query-migrate", None).await?;
+            match migration.get("status").and_then(Value::as_str) {
+                Some("completed") => break,
+                Some(status @ ("failed" | "cancelled")) => {
+                    return Err(SubstrateError::io(
+                        format!("snapshot VM {vm}"),
+                        std::io::Error::other(format!("the save {status}")),
+                    ));
+                }
+                _ if Instant::now() >= deadline => {
+                    let _ = call(&mut qmp, dir, vm, "migrate_cancel", None).await;
+                    return Err(SubstrateError::io(
+                        format!("snapshot VM {vm}"),
+                        std::io::Error::other(format!("not saved within {SNAPSHOT_TIMEOUT:?}")),
+                    ));
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+        // Completed: the writer renames its file once it has written everything.
+        while !done.is_file() {
+            if !tmp.exists() && !done.is_file() {
+                return Err(SubstrateError::io(
+                    format!("snapshot VM {vm}"),
+                    std::io::Error::other("writing the snapshot failed"),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(SubstrateError::io(
+                    format!("snapshot VM {vm}"),
+                    std::io::Error::other("the snapshot was not written in time"),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        snaps
+            .commit(meta, &done)
+            .map_err(|e| SubstrateError::io("put the snapshot in place", e))
+    }
+    .await;
+    // The VM runs on in every case.
+    let resumed = call(&mut qmp, dir, vm, "cont", None).await;
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&done);
+    }
+    resumed?;
+    saved
+}
+
+/// Gives a VM restored from a snapshot its own identity once its guest runs: the `identity`
+/// request (its VM id, the host's clock, 32 random bytes from the host for the guest's
+/// random pool). Its answer is the VM's ready handshake.
+pub(super) async fn take_identity(dir: &Path, vm: &VmId) -> Result<Ready, SubstrateError> {
+    resume(dir, vm).await?;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| SubstrateError::io("read /dev/urandom", e))?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let args = format!(
+        "{vm} {now} {}",
+        base64::engine::general_purpose::STANDARD.encode(seed)
+    );
+    let answer = request(
+        &dir.join(CONTROL_SOCKET),
+        "identity",
+        &args,
+        IDENTITY_TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
+        SubstrateError::io(
+            format!("give VM {vm} its identity"),
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    let ready = parse_ready(&answer).ok_or_else(|| SubstrateError::Guest {
+        vm: vm.clone(),
+        reason: format!("identity answered {answer:?}"),
+    })?;
+    if ready.vm != *vm {
+        return Err(SubstrateError::Guest {
+            vm: vm.clone(),
+            reason: format!("took the identity {} instead", ready.vm),
+        });
+    }
+    Ok(ready)
 }
 
 #[cfg(test)]
