@@ -89,6 +89,21 @@
 //! - A qemu that cannot load the state ends: wake reports why (`qemu.log`) and keeps the
 //!   file and the marker, so the VM stays asleep rather than lost.
 //!
+//! # Snapshot boot
+//!
+//! The first VM of an image (and VM shape) boots afresh and, once ready, saves the image's
+//! snapshot (`snapshot.wanted` in its directory until then: the guest is paused for the
+//! save, about a second under TCG, and runs on). Later VMs of that image and shape are
+//! restored from it (`-incoming` from the snapshot, `identity.pending` in their directory)
+//! and, once their guest runs, take their own identity with the agent's `identity` request
+//! (VM id, hostname, `/etc/murmur/vm-id`, the host's clock, a random seed for the guest's
+//! random pool) whose answer is their ready handshake. So a refill after a flush restores,
+//! it does not boot. Where the snapshot lives, when it is used, replaced and collected:
+//! [`snapshots`]. An image whose guest agent refuses the identity request (an older agent)
+//! is marked to boot afresh. A worker that crashed while it saved a snapshot left the guest
+//! paused: the boot's retry resumes it first. `MURMUR_QEMU_SNAPSHOT_BOOT=0` turns snapshot
+//! boot off.
+//!
 //! # Layout
 //!
 //! - this file: [`QemuProvider`] and its [`Provider`] implementation;
@@ -99,7 +114,9 @@
 //! - [`images`]: image metadata, the embedded guest files, the base image build and the
 //!   bake's snapshot of a guest;
 //! - [`qmp`]: a client of qemu's machine protocol (QMP) on the VM's `qmp.sock`;
-//! - [`sleep`]: sleep and wake (the save to `sleep.state`, the restore from it).
+//! - [`sleep`]: sleep and wake (the save to `sleep.state`, the restore from it);
+//! - [`snapshots`]: snapshot boot (an image's snapshot: where, when usable, how written,
+//!   collected; taking one, and a restored guest's identity).
 
 pub mod exec;
 pub mod guest;
