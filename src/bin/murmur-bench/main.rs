@@ -39,9 +39,9 @@ struct Cli {
     #[arg(long)]
     no_record: bool,
     /// Scenarios: all, spawn, spawn-streaming, flush-10, flush-100, delete, claim-throughput,
-    /// cli-latency, nuke, footprint, sleep-wake; qemu-spawn and qemu-sleep-wake (alone: their
-    /// worker runs the qemu substrate); and soak (not in
-    /// all: minutes long; sizes from MURMUR_SOAK_CLAIMS and MURMUR_SOAK_FLUSHES).
+    /// cli-latency, nuke, footprint, sleep-wake; qemu-spawn, qemu-sleep-wake and qemu-snapshot
+    /// (alone: their worker runs the qemu substrate); and soak (not in all: minutes long;
+    /// sizes from MURMUR_SOAK_CLAIMS and MURMUR_SOAK_FLUSHES).
     #[arg(required = true)]
     scenarios: Vec<String>,
 }

@@ -59,6 +59,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
          all)",
     ),
     (
+        "qemu-snapshot",
+        "qemu guest: fresh boot → ready vs restore from the image's snapshot → ready (run it \
+         alone; not part of all)",
+    ),
+    (
         "qemu-spawn",
         "spawn → PHASE_RUNNING on the qemu substrate, warm guest vs cold boot (run it alone; \
          not part of all)",
@@ -71,7 +76,7 @@ pub const ON_REQUEST: &[(&str, &str)] = &[(
     "thousands of claims, hundreds of flushes: history, continue-as-new, RSS, invariants",
 )];
 /// Scenarios that need the qemu substrate (the bench's worker then runs qemu).
-pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn", "qemu-sleep-wake"];
+pub const QEMU_SCENARIOS: &[&str] = &["qemu-spawn", "qemu-sleep-wake", "qemu-snapshot"];
 
 /// Runs one scenario.
 pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
@@ -88,6 +93,7 @@ pub async fn run(name: &str, b: &Bench) -> anyhow::Result<Vec<Figure>> {
         "soak" => soak(b).await,
         "qemu-spawn" => spawn_qemu(b).await,
         "sleep-wake" | "qemu-sleep-wake" => sleep_wake(b).await,
+        "qemu-snapshot" => snapshot_boot(b).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -435,6 +441,66 @@ async fn sleep_wake(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     ])
 }
 
+/// A qemu guest (192 MB, the substrate's own calls, no Temporal): `create` → ready handshake
+/// booting afresh (snapshot boot off), and restored from the image's snapshot (the first
+/// boot of the restoring provider saves it and is not counted). At least 10 of each.
+async fn snapshot_boot(b: &Bench) -> anyhow::Result<Vec<Figure>> {
+    use murmur_activities::substrate::qemu::QemuProvider;
+    anyhow::ensure!(
+        b.substrate == "qemu",
+        "qemu-snapshot needs the qemu substrate: run it alone (murmur-bench qemu-snapshot)"
+    );
+    let restoring = QemuProvider::new(&b.state_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_niceness(0);
+    anyhow::ensure!(
+        restoring.snapshot_boot(),
+        "snapshot boot is off (MURMUR_QEMU_SNAPSHOT_BOOT=0?)"
+    );
+    let fresh = restoring.clone().without_snapshot_boot();
+    let tenant = "bench-snapshot";
+    let runs = b.runs.max(10);
+    let mut out = Vec::new();
+    let mut medians = Vec::new();
+    for (label, provider) in [
+        ("qemu: fresh boot → ready (192 MB, TCG)", &fresh),
+        ("qemu: snapshot restore → ready (192 MB, TCG)", &restoring),
+    ] {
+        let mut samples = Vec::new();
+        for i in 0..b.warmup.max(1) + runs {
+            let spec = BootSpec {
+                vm: VmId::from_bits(0x0c00_0000 + (medians.len() * 1000 + i) as u32),
+                tenant: tenant.into(),
+                workspace: "default".into(),
+                image: "default".into(),
+                environment: Environment {
+                    vcpus: 1,
+                    memory_mb: 192,
+                },
+                host: None,
+                generation: 1,
+            };
+            let t0 = Instant::now();
+            provider.create(&spec).await?;
+            provider
+                .wait_ready(tenant, &spec.vm, Duration::from_secs(120))
+                .await?;
+            let took = t0.elapsed();
+            provider.delete(tenant, &spec.vm).await?;
+            if i >= b.warmup.max(1) {
+                samples.push(ms(took));
+            }
+        }
+        medians.push(median(&samples));
+        out.push(figure(label, samples, "ms", "", None));
+    }
+    let share = 100.0 * medians[1] / medians[0].max(0.001);
+    out[1].goal = format!("≤ 20% of a fresh boot ({share:.0}%)");
+    out[1].met = Some(share <= 20.0);
+    Ok(out)
+}
+
 /// `murmur spawn` → `PHASE_RUNNING` on real qemu guests: with 2 warm guests, with none
 /// (every spawn cold-boots a guest), and with 2 warm guests at `max_vms` (no backfill boot
 /// competes with the spawn). At least 10 measured runs each.
@@ -449,9 +515,17 @@ async fn spawn_qemu(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let mut medians = Vec::new();
     // The second warm figure runs at max_vms = min_idle: the claim cannot start a backfill
     // boot, so it shows what a guest booting next to the spawn costs it.
+    // The worker reads MURMUR_QEMU_SNAPSHOT_BOOT: the cold figure says which cold path ran.
+    let snapshot_boot =
+        std::env::var("MURMUR_QEMU_SNAPSHOT_BOOT").map_or(true, |v| v.trim() != "0");
+    let cold_label = if snapshot_boot {
+        "spawn-cold (qemu, snapshot boot)"
+    } else {
+        "spawn-cold (qemu, fresh boot: MURMUR_QEMU_SNAPSHOT_BOOT=0)"
+    };
     for (label, min_idle, max_vms) in [
         ("spawn-warm (qemu)", 2, 6),
-        ("spawn-cold (qemu)", 0, 6),
+        (cold_label, 0, 6),
         ("spawn-warm (qemu, at max_vms: no backfill boot)", 2, 2),
     ] {
         set_pool(&pool, max_vms, min_idle).await?;
