@@ -165,6 +165,25 @@ fn warm_guests_run_agents_and_flush_replaces_them() {
 
     let fresh = wait_warm(&env, 2);
     assert!(fresh.is_disjoint(&before));
+    // The refill restored its guests from the image's snapshot (the first guest saved it),
+    // each as itself.
+    let snapshot = env
+        .state_dir()
+        .join("qemu/images/default/snapshots")
+        .join(format!("c1-m192-{}.state", env.status().accel));
+    assert!(snapshot.is_file(), "{}", snapshot.display());
+    for pid in qemu_processes(&env) {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if fresh.iter().any(|id| cmd.contains(&format!("murmur.vm={id}"))) {
+            assert!(cmd.contains("-incoming exec:cat"), "restored, not booted: {cmd}");
+        }
+    }
+    env.spawn("whoami", "echo $MURMUR_VM_ID $(hostname)");
+    let st = env.wait_phase("whoami", Phase::Completed);
+    let vm = st.vm.expect("a VM").0;
+    assert!(fresh.contains(&vm), "it ran on a refilled guest");
+    assert_eq!(st.output_tail.as_deref(), Some(format!("{vm} {vm}\n").as_str()));
 }
 
 #[test]
