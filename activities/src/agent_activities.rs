@@ -98,6 +98,29 @@ impl AgentActivities {
         })
     }
 
+    /// Puts the VM to sleep (`asleep`) or wakes it, heartbeating, once the asker is known
+    /// to own it.
+    async fn power(
+        &self,
+        ctx: &ActivityContext,
+        input: &PowerInput,
+        asleep: bool,
+    ) -> Result<PowerReport, ActivityError> {
+        let started = Instant::now();
+        self.check_owner(input)?;
+        let (tenant, vm) = (input.tenant.as_str(), &input.vm);
+        let done = if asleep {
+            with_heartbeats(ctx, self.provider.sleep(tenant, vm)).await?
+        } else {
+            with_heartbeats(ctx, self.provider.wake(tenant, vm)).await?
+        };
+        done.map_err(|e| run_failure(vm, e))?;
+        let took_ms = started.elapsed().as_millis() as u64;
+        let what = if asleep { "vm asleep" } else { "vm awake" };
+        tracing::info!(tenant, vm = %vm, took_ms, "{what}");
+        Ok(PowerReport { took_ms })
+    }
+
     /// Refuses to put to sleep or wake a VM another agent owns ([`VM_TAKEN`]); records the
     /// asker as the owner of a VM nobody owns yet (the agent was about to start on it).
     fn check_owner(&self, input: &PowerInput) -> Result<(), ActivityError> {
@@ -340,13 +363,7 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: PowerInput,
     ) -> Result<PowerReport, ActivityError> {
-        let started = Instant::now();
-        self.check_owner(&input)?;
-        let slept = with_heartbeats(&ctx, self.provider.sleep(&input.tenant, &input.vm)).await?;
-        slept.map_err(|e| run_failure(&input.vm, e))?;
-        let took_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(tenant = %input.tenant, vm = %input.vm, took_ms, "vm asleep");
-        Ok(PowerReport { took_ms })
+        self.power(&ctx, &input, true).await
     }
 
     /// Wakes an agent's sleeping VM (on the VM's host).
@@ -356,13 +373,7 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: PowerInput,
     ) -> Result<PowerReport, ActivityError> {
-        let started = Instant::now();
-        self.check_owner(&input)?;
-        let woke = with_heartbeats(&ctx, self.provider.wake(&input.tenant, &input.vm)).await?;
-        woke.map_err(|e| run_failure(&input.vm, e))?;
-        let took_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(tenant = %input.tenant, vm = %input.vm, took_ms, "vm awake");
-        Ok(PowerReport { took_ms })
+        self.power(&ctx, &input, false).await
     }
 
     /// Nuke step 1: the pool's `nuke_pause`; answers once nothing boots.

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::tmux::{KillSession, shell_command, tmux, wait_pane};
-use crate::harness::{TestEnv, ids_in, stderr, stdout, warm};
+use crate::harness::{COUNTER, TestEnv, ids_in, stderr, stdout, warm};
 use murmur_activities::substrate::qemu::QemuProvider;
 use murmur_activities::substrate::qemu::launch::find_qemu;
 use murmur_workflows::agent::Phase;
@@ -175,15 +175,24 @@ fn warm_guests_run_agents_and_flush_replaces_them() {
     for pid in qemu_processes(&env) {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if fresh.iter().any(|id| cmd.contains(&format!("murmur.vm={id}"))) {
-            assert!(cmd.contains("-incoming exec:cat"), "restored, not booted: {cmd}");
+        if fresh
+            .iter()
+            .any(|id| cmd.contains(&format!("murmur.vm={id}")))
+        {
+            assert!(
+                cmd.contains("-incoming exec:cat"),
+                "restored, not booted: {cmd}"
+            );
         }
     }
     env.spawn("whoami", "echo $MURMUR_VM_ID $(hostname)");
     let st = env.wait_phase("whoami", Phase::Completed);
     let vm = st.vm.expect("a VM").0;
     assert!(fresh.contains(&vm), "it ran on a refilled guest");
-    assert_eq!(st.output_tail.as_deref(), Some(format!("{vm} {vm}\n").as_str()));
+    assert_eq!(
+        st.output_tail.as_deref(),
+        Some(format!("{vm} {vm}\n").as_str())
+    );
 }
 
 #[test]
@@ -425,39 +434,24 @@ fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
     );
 }
 
-/// The numbers a counter agent printed so far (`murmur logs`, read from the guest).
-fn counted(env: &TestEnv, slug: &str) -> Vec<u64> {
-    env.murmur_ok(&["logs", slug])
-        .lines()
-        .map(|l| l.trim().parse().expect("a number a line"))
-        .collect()
-}
-
-/// Waits until the counter printed more than `n` numbers.
-fn wait_counted(env: &TestEnv, slug: &str, n: usize) -> Vec<u64> {
-    let mut seen = Vec::new();
-    eventually(env, "the counter to go on", || {
-        seen = counted(env, slug);
-        seen.len() > n
-    });
-    seen
+/// A counter agent on the one guest of a pool at `max_vms` 1 (so every qemu process of the
+/// tenant is its guest's), counting; returns its VM.
+fn counter_on_its_own_guest(env: &TestEnv) -> String {
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
+    wait_warm(env, 1);
+    env.spawn("counter", COUNTER);
+    let st = env.wait_phase("counter", Phase::Running);
+    env.wait_counted("counter", 2);
+    st.vm.expect("a VM").0
 }
 
 #[test]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 fn a_sleeping_guest_is_saved_to_its_host_and_goes_on_where_it_stopped() {
     let env = qemu_env("qemu-sleep");
-    // max_vms 1: no warm guest boots beside the agent's, so every qemu process is its.
-    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
-    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
-    wait_warm(&env, 1);
-    env.spawn(
-        "counter",
-        "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done",
-    );
-    let st = env.wait_phase("counter", Phase::Running);
-    let vm = st.vm.expect("a VM").0;
-    let before = wait_counted(&env, "counter", 3);
+    let vm = counter_on_its_own_guest(&env);
+    let before = env.wait_counted("counter", 3);
     let t0 = Instant::now();
 
     assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
@@ -485,7 +479,7 @@ fn a_sleeping_guest_is_saved_to_its_host_and_goes_on_where_it_stopped() {
     let st = env.agent("counter");
     assert_eq!(st.phase, Some(Phase::Running));
     assert_eq!(st.vm.map(|v| v.0), Some(vm.clone()), "the same VM");
-    let after = wait_counted(&env, "counter", before.len());
+    let after = env.wait_counted("counter", before.len());
     let awake = t0.elapsed().as_secs_f64() - 5.0;
     // One count, from 1, resumed where it stopped (a reboot would start again at 1) ...
     let want: Vec<u64> = (1..=after.len() as u64).collect();
@@ -510,19 +504,7 @@ fn a_sleeping_guest_is_saved_to_its_host_and_goes_on_where_it_stopped() {
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
     let mut env = qemu_env("qemu-sleep-chaos");
-    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
-    env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
-    wait_warm(&env, 1);
-    env.spawn(
-        "counter",
-        "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done",
-    );
-    let vm = env
-        .wait_phase("counter", Phase::Running)
-        .vm
-        .expect("a VM")
-        .0;
-    wait_counted(&env, "counter", 2);
+    let vm = counter_on_its_own_guest(&env);
     let dir = env.state_dir().join("qemu/vms").join(&env.tenant).join(&vm);
     // A guest's save and restore take a second or so under TCG: these crashes land before,
     // inside and after them.
@@ -558,7 +540,7 @@ fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
             assert_eq!(substrate_ids(&env), BTreeSet::from([vm.clone()]));
         }
     }
-    let seen = wait_counted(&env, "counter", counted(&env, "counter").len());
+    let seen = env.wait_counted("counter", env.counted("counter").len());
     let want: Vec<u64> = (1..=seen.len() as u64).collect();
     assert_eq!(seen, want, "one count through every crash");
     env.murmur_ok(&["kill", "counter"]);

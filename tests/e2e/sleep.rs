@@ -3,42 +3,12 @@
 //! sleep` parks the VM once the command exited, a kill or a nuke of a sleeping agent leaves
 //! nothing behind, and a worker killed during a sleep or a wake loses and duplicates nothing.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use murmur_workflows::agent::Phase;
 
 use crate::chaos::{spawn_murmur, wait_child};
-use crate::harness::{PATIENCE, TestEnv, stderr, stdout};
-
-/// Counts upward once a second, one number a line, from 1. The count lives in the shell's
-/// memory: a restart would begin at 1 again, and time passing does not advance it.
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done";
-
-/// The numbers the agent printed so far.
-fn counted(env: &TestEnv, slug: &str) -> Vec<u64> {
-    env.murmur_ok(&["logs", slug])
-        .lines()
-        .map(|l| l.trim().parse().expect("a number a line"))
-        .collect()
-}
-
-/// Waits until the agent printed more than `n` numbers; returns them all.
-fn wait_counted(env: &TestEnv, slug: &str, n: usize) -> Vec<u64> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let seen = counted(env, slug);
-        if seen.len() > n {
-            return seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{slug} printed only {seen:?}\n{}",
-            env.worker_log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use crate::harness::{COUNTER, PATIENCE, TestEnv, stderr, stdout};
 
 /// The numbers are 1, 2, 3, ... with nothing skipped, repeated or restarted.
 fn assert_one_count(seen: &[u64]) {
@@ -98,10 +68,6 @@ fn assert_frozen(pgid: i32) {
     }
 }
 
-fn sandbox_exists(dir: &Path) -> bool {
-    dir.exists()
-}
-
 #[test]
 fn a_sleeping_agent_goes_on_where_it_stopped() {
     let env = TestEnv::start("sleep-counter");
@@ -110,7 +76,7 @@ fn a_sleeping_agent_goes_on_where_it_stopped() {
     let st = env.wait_phase("counter", Phase::Running);
     let vm = st.vm.clone().expect("a VM").to_string();
     let run = st.run.clone().expect("a run id");
-    wait_counted(&env, "counter", 3);
+    env.wait_counted("counter", 3);
 
     assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
     let st = env.agent("counter");
@@ -132,11 +98,11 @@ fn a_sleeping_agent_goes_on_where_it_stopped() {
         stderr(&out)
     );
 
-    let before = counted(&env, "counter");
+    let before = env.counted("counter");
     // Time passing while asleep is what is tested here: a counter that was not stopped
     // would print about five more numbers.
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(counted(&env, "counter"), before, "nothing ran while asleep");
+    assert_eq!(env.counted("counter"), before, "nothing ran while asleep");
     assert_frozen(pgid);
 
     assert_eq!(env.murmur_ok(&["wake", "counter"]), "VM started\n");
@@ -152,7 +118,7 @@ fn a_sleeping_agent_goes_on_where_it_stopped() {
         st.reached.iter().filter(|p| **p == Phase::Sleeping).count(),
         1
     );
-    let after = wait_counted(&env, "counter", before.len());
+    let after = env.wait_counted("counter", before.len());
     // Resumed where it stopped: the next number, not 1, and not advanced by the sleep.
     assert_eq!(
         after[before.len()],
@@ -174,7 +140,7 @@ fn a_sleeping_agent_goes_on_where_it_stopped() {
         .filter(|(_, state)| *state != Some('Z'))
         .collect();
     assert!(left.is_empty(), "the agent's processes are gone: {left:?}");
-    assert!(!sandbox_exists(&env.vm_dir(&vm)), "its sandbox is gone");
+    assert!(!env.vm_dir(&vm).exists(), "its sandbox is gone");
     env.wait_settled_and_sound(PATIENCE);
     // An ended agent cannot sleep or wake.
     let out = env.murmur(&["wake", "counter"]);
@@ -244,7 +210,7 @@ fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
     let vm = st.vm.clone().expect("a VM").to_string();
     let run = st.run.clone().expect("a run id");
     let pgid = run_pid(&env, &vm, &run);
-    wait_counted(&env, "counter", 2);
+    env.wait_counted("counter", 2);
     // Crash the worker at a few points inside each sleep and wake: the CLI call completes
     // once the worker is back, and the agent is then asleep or awake as asked, on its one
     // VM, with its one count.
@@ -282,7 +248,7 @@ fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
             );
         }
     }
-    let seen = wait_counted(&env, "counter", counted(&env, "counter").len());
+    let seen = env.wait_counted("counter", env.counted("counter").len());
     assert_one_count(&seen);
     env.wait_settled_and_sound(PATIENCE);
     env.murmur_ok(&["kill", "counter"]);

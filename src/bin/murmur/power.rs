@@ -24,22 +24,22 @@ struct Power<'a> {
 
 /// `murmur sleep <slug>`: prints `VM stopped` once the VM is asleep.
 pub(crate) async fn sleep(args: SlugArgs, globals: &Globals) -> Outcome {
-    let session = Session::open(globals).await.map_err(with_hint)?;
-    let st = session.agents.sleep(&args.slug).await.map_err(with_hint)?;
-    let doc = Power {
-        slug: &args.slug,
-        workflow: st.workflow.clone(),
-        vm: st.vm.as_ref().map(ToString::to_string),
-        asleep: st.asleep,
-        phase: st.phase.map(|p| p.as_str()),
-    };
-    emit(globals.format, &doc, || "VM stopped\n".to_string()).map_err(no_hint)
+    power(args, globals, true).await
 }
 
 /// `murmur wake <slug>`: prints `VM started` once the VM is awake.
 pub(crate) async fn wake(args: SlugArgs, globals: &Globals) -> Outcome {
+    power(args, globals, false).await
+}
+
+async fn power(args: SlugArgs, globals: &Globals, asleep: bool) -> Outcome {
     let session = Session::open(globals).await.map_err(with_hint)?;
-    let st = session.agents.wake(&args.slug).await.map_err(with_hint)?;
+    let st = if asleep {
+        session.agents.sleep(&args.slug).await
+    } else {
+        session.agents.wake(&args.slug).await
+    }
+    .map_err(with_hint)?;
     let doc = Power {
         slug: &args.slug,
         workflow: st.workflow.clone(),
@@ -47,7 +47,12 @@ pub(crate) async fn wake(args: SlugArgs, globals: &Globals) -> Outcome {
         asleep: st.asleep,
         phase: st.phase.map(|p| p.as_str()),
     };
-    emit(globals.format, &doc, || "VM started\n".to_string()).map_err(no_hint)
+    let said = if asleep {
+        "VM stopped\n"
+    } else {
+        "VM started\n"
+    };
+    emit(globals.format, &doc, || said.to_string()).map_err(no_hint)
 }
 
 #[derive(Args, Debug)]

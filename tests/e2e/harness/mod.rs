@@ -18,6 +18,11 @@ pub mod tmux;
 pub use invariants::{Allow, while_checking};
 pub use server::PrivateServer;
 
+/// An agent command that counts upward once a second, one number a line, from 1. The count
+/// lives in the shell's memory: a restart would begin at 1 again, and time passing does not
+/// advance it.
+pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 1; done";
+
 /// How long a test waits for the pool to reach a state before failing.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -653,6 +658,32 @@ impl TestEnv {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {slug} to be {phase}; last status: {st:#?}\n{}",
+                self.worker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The numbers a [`COUNTER`] agent printed so far (`murmur logs`).
+    pub fn counted(&self, slug: &str) -> Vec<u64> {
+        self.murmur_ok(&["logs", slug])
+            .lines()
+            .map(|l| l.trim().parse().expect("a number a line"))
+            .collect()
+    }
+
+    /// Waits until a [`COUNTER`] agent printed more than `n` numbers, failing after
+    /// [`PATIENCE`]; returns them all.
+    pub fn wait_counted(&self, slug: &str, n: usize) -> Vec<u64> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let seen = self.counted(slug);
+            if seen.len() > n {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{slug} printed only {seen:?}\n{}",
                 self.worker_log_tail()
             );
             std::thread::sleep(Duration::from_millis(100));

@@ -90,7 +90,7 @@ pub fn restore_uri(dir: &Path) -> Result<String, SubstrateError> {
 }
 
 /// A path quoted for `/bin/sh` (qemu runs an `exec:` migration through it).
-fn quoted(path: &Path) -> Result<String, SubstrateError> {
+pub(super) fn quoted(path: &Path) -> Result<String, SubstrateError> {
     path.to_str()
         .map(shell_quote)
         .ok_or_else(|| SubstrateError::Invalid {
@@ -565,16 +565,28 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-    /// A fake qemu on a QMP socket in `dir`: `answer` answers every command but
-    /// `qmp_capabilities` (a `return` value, or an error's description); the commands it was
-    /// sent are what the task returns once the client goes.
+    /// A fake qemu on the QMP socket in `dir`, answering each command with `answer` (an
+    /// error for `Err`), and a client connected to it. The commands it was sent are what the
+    /// task returns once the client goes.
     async fn fake_qemu(
         dir: &Path,
-        mut answer: impl FnMut(&str) -> Result<Value, String> + Send + 'static,
+        answer: impl FnMut(&str) -> Result<Value, String> + Send + 'static,
     ) -> (Qmp, tokio::task::JoinHandle<Vec<String>>) {
+        let server = fake_qemu_server(dir, answer);
+        let qmp = Qmp::connect(&dir.join(QMP_SOCKET), Duration::from_secs(5))
+            .await
+            .expect("connect");
+        (qmp, server)
+    }
+
+    /// A fake qemu serving one connection on the QMP socket in `dir` (see [`fake_qemu`]).
+    fn fake_qemu_server(
+        dir: &Path,
+        mut answer: impl FnMut(&str) -> Result<Value, String> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
         let socket = dir.join(QMP_SOCKET);
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
@@ -604,11 +616,7 @@ mod tests {
                 }
             }
             commands
-        });
-        let qmp = Qmp::connect(&socket, Duration::from_secs(5))
-            .await
-            .expect("connect");
-        (qmp, server)
+        })
     }
 
     /// A qemu that is `run` with its migration `status`: `stop` pauses it, `migrate` starts
@@ -821,40 +829,9 @@ mod tests {
     async fn a_resume_cancels_a_save_and_runs_a_paused_guest() {
         let vm = VmId("murmur-0000abcd".into());
         let dir = tempfile::tempdir().expect("tempdir");
-        // `resume` connects by itself: the fake's client is dropped at once (the fake serves
-        // one connection), so it gets a second fake on a fresh socket.
-        let socket = dir.path().join(QMP_SOCKET);
-        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-        let mut like = qemu_like(dir.path(), "paused", "active", "completed", true);
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .expect("greet");
-            let mut commands = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let request: Value = serde_json::from_str(&line).expect("json");
-                let command = request["execute"].as_str().expect("execute").to_string();
-                let value = if command == "qmp_capabilities" {
-                    json!({})
-                } else {
-                    commands.push(command.clone());
-                    like(&command).expect("ok")
-                };
-                let reply = json!({ "return": value, "id": request["id"] });
-                if write
-                    .write_all(format!("{reply}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            commands
-        });
+        // `resume` connects by itself, so the fake serves it alone.
+        let like = qemu_like(dir.path(), "paused", "active", "completed", true);
+        let server = fake_qemu_server(dir.path(), like);
         resume(dir.path(), &vm).await.expect("resume");
         let commands = server.await.expect("server");
         let cancel = commands

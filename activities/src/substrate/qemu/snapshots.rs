@@ -29,9 +29,9 @@ use murmur_workflows::model::VmId;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::guest::{parse_ready, request, shell_quote};
+use super::guest::{parse_ready, request};
 use super::launch::{CONTROL_SOCKET, QemuVmMeta};
-use super::sleep::{SAVE_BANDWIDTH, call, connect, resume};
+use super::sleep::{SAVE_BANDWIDTH, call, connect, quoted, resume};
 use crate::substrate::{Ready, SubstrateError};
 
 /// Directory of an image's snapshots.
@@ -204,15 +204,6 @@ impl Snapshots {
 /// The `-incoming` source that restores a VM from `snapshot`.
 pub fn restore_uri(snapshot: &Path) -> Result<String, SubstrateError> {
     Ok(format!("exec:cat {}", quoted(snapshot)?))
-}
-
-fn quoted(path: &Path) -> Result<String, SubstrateError> {
-    path.to_str()
-        .map(shell_quote)
-        .ok_or_else(|| SubstrateError::Invalid {
-            what: "state dir (not UTF-8)",
-            value: path.display().to_string(),
-        })
 }
 
 /// Saves the snapshot of the ready VM in `dir` (described by `meta`): pauses it, writes its
