@@ -27,14 +27,25 @@ fn process_state(pid: i32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// The process group id of the agent's run in its sandbox.
+/// The process group id of the agent's run in its sandbox. The agent is `PHASE_RUNNING` as
+/// soon as its run is asked for, a moment before the supervisor records the pid: waited for.
 fn run_pid(env: &TestEnv, vm: &str, run: &str) -> i32 {
     let file = env.vm_dir(vm).join("runs").join(run).join("pid");
-    std::fs::read_to_string(&file)
-        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-        .trim()
-        .parse()
-        .expect("a pid")
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pid in {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Every process of a process group (from `/proc`).
