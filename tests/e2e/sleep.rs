@@ -69,14 +69,38 @@ fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Every process of the group is stopped (`T`), and there is at least one.
+/// Every process of the group is stopped (`T`), and there is at least one. A stop signal
+/// takes effect as each process is next scheduled: waited for, up to [`PATIENCE`].
 fn assert_frozen(pgid: i32) {
-    let members = group_members(pgid);
-    assert!(!members.is_empty(), "the agent's processes are there");
-    for pid in members {
-        // A member may exit on its own only if it was not stopped: stopped ones stay.
-        assert_eq!(process_state(pid), Some('T'), "process {pid} is stopped");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let states: Vec<(i32, Option<char>)> = group_members(pgid)
+            .into_iter()
+            .map(|pid| (pid, process_state(pid)))
+            .collect();
+        assert!(!states.is_empty(), "the agent's processes are there");
+        if states.iter().all(|(_, state)| *state == Some('T')) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every process is stopped: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The group's leader runs again (not stopped), waited for as in [`assert_frozen`].
+fn assert_thawed(pgid: i32) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while process_state(pgid) == Some('T') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pgid} is still stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(process_state(pgid).is_some(), "process {pgid} is there");
 }
 
 #[test]
@@ -249,7 +273,7 @@ fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
             if verb == "sleep" {
                 assert_frozen(pgid);
             } else {
-                assert_ne!(process_state(pgid), Some('T'), "awake, it runs");
+                assert_thawed(pgid);
             }
             let vms = env.substrate();
             assert_eq!(
