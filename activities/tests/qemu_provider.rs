@@ -45,6 +45,24 @@ impl Drop for Cleanup {
     }
 }
 
+/// A provider on real qemu in a fresh state dir (its base image built there), its guests at
+/// the tests' own priority: at the default nice 19 a guest gets ~1.5% of a core against any
+/// other busy process (a build next to the tests), and under TCG it then cannot answer within
+/// the control channel's 10 s. What these tests check is the provider, not that scheduling
+/// trade-off (which the e2e qemu tests run with).
+async fn real_provider() -> (tempfile::TempDir, QemuProvider) {
+    assert!(
+        find_qemu().is_some(),
+        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let p = QemuProvider::new(state.path())
+        .await
+        .expect("provider")
+        .with_niceness(0);
+    (state, p)
+}
+
 fn spec(vm: &str, image: &str) -> BootSpec {
     BootSpec {
         vm: VmId(vm.into()),
@@ -74,19 +92,7 @@ async fn wait_exit(p: &QemuProvider, vm: &VmId, run: &str) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 async fn a_real_guest_boots_runs_commands_snapshots_and_is_deleted() {
-    assert!(
-        find_qemu().is_some(),
-        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
-    );
-    let state = tempfile::tempdir().expect("tempdir");
-    // At the default nice 19 a guest gets ~1.5% of a core against any other busy process
-    // (a build next to the tests): under TCG it then cannot answer within the control
-    // channel's 10 s. What this test checks is the provider, not that scheduling trade-off
-    // (which the e2e qemu tests run with), so its guests run at the tests' own priority.
-    let p = QemuProvider::new(state.path())
-        .await
-        .expect("provider")
-        .with_niceness(0);
+    let (_state, p) = real_provider().await;
     let vm = VmId("murmur-0000aa01".into());
     let mut cleanup = Cleanup {
         provider: p.clone(),
@@ -467,15 +473,7 @@ async fn read_all(p: &QemuProvider, vm: &VmId, run: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
-    assert!(
-        find_qemu().is_some(),
-        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
-    );
-    let state = tempfile::tempdir().expect("tempdir");
-    let p = QemuProvider::new(state.path())
-        .await
-        .expect("provider")
-        .with_niceness(0);
+    let (state, p) = real_provider().await;
     let vm = VmId("murmur-0000ab01".into());
     let mut cleanup = Cleanup {
         provider: p.clone(),
@@ -773,15 +771,7 @@ async fn boot(p: &QemuProvider, vm: &VmId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 async fn a_guest_sleeps_without_qemu_and_wakes_where_it_was() {
-    assert!(
-        find_qemu().is_some(),
-        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
-    );
-    let state = tempfile::tempdir().expect("tempdir");
-    let p = QemuProvider::new(state.path())
-        .await
-        .expect("provider")
-        .with_niceness(0);
+    let (_state, p) = real_provider().await;
     let vm = VmId("murmur-0000ac01".into());
     let mut cleanup = Cleanup {
         provider: p.clone(),
@@ -1015,15 +1005,7 @@ fn assert_awake(p: &QemuProvider, vm: &VmId, dir: &std::path::Path, after: &str)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 async fn a_sleep_or_wake_cut_short_is_finished_by_the_next() {
-    assert!(
-        find_qemu().is_some(),
-        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
-    );
-    let state = tempfile::tempdir().expect("tempdir");
-    let p = QemuProvider::new(state.path())
-        .await
-        .expect("provider")
-        .with_niceness(0);
+    let (_state, p) = real_provider().await;
     let vm = VmId("murmur-0000ad01".into());
     let mut cleanup = Cleanup {
         provider: p.clone(),
@@ -1184,15 +1166,7 @@ async fn identity_of(p: &QemuProvider, vm: &VmId) -> (String, String, String, i6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
 async fn later_guests_of_an_image_are_restored_from_its_snapshot_each_as_itself() {
-    assert!(
-        find_qemu().is_some(),
-        "qemu-system-x86_64 is required (MURMUR_REQUIRE_QEMU=1) but not installed: apt-get install qemu-system-x86"
-    );
-    let state = tempfile::tempdir().expect("tempdir");
-    let p = QemuProvider::new(state.path())
-        .await
-        .expect("provider")
-        .with_niceness(0);
+    let (state, p) = real_provider().await;
     assert!(p.snapshot_boot(), "snapshot boot is on by default");
     let (first, second, third) = (
         VmId("murmur-0000ee01".into()),
