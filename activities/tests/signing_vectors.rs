@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use murmur_activities::auth::{DeveloperKey, peek_claims, split_credential};
-use murmur_workflows::agent::{AgentInput, KillRequest};
+use murmur_workflows::agent::{AgentInput, KillRequest, OnIdleRequest, PowerRequest};
 use murmur_workflows::auth::{signing_bytes, unsigned_body};
 use murmur_workflows::messages::{ConfigRequest, FlushRequest};
 use murmur_workflows::nuke_workflow::NukeInput;
@@ -34,6 +34,8 @@ fn canonical_body(type_name: &str, message: &Value) -> String {
         "AgentInput" => render::<AgentInput>(message),
         "ConfigRequest" => render::<ConfigRequest>(message),
         "KillRequest" => render::<KillRequest>(message),
+        "PowerRequest" => render::<PowerRequest>(message),
+        "OnIdleRequest" => render::<OnIdleRequest>(message),
         "NukeInput" => render::<NukeInput>(message),
         other => panic!("unknown vector type {other}"),
     }

@@ -65,4 +65,6 @@ def test_the_clients_messages_have_the_vectors_shapes() -> None:
         "workspace", "web", {"min_idle": 2, "image_ref": "default", "environment": {"b": "2", "A": "1", "a": "3"}}, "ana"
     ) == by_name("config-set-nested-keys-sorted")
     assert m.kill_request() == by_name("kill")
+    assert m.power_request() == by_name("sleep") == by_name("wake")
+    assert m.on_idle_request(m.OnIdle.KEEP_ALIVE) == by_name("on-idle-keep-alive")
     assert m.nuke_input("acme", "ana") == by_name("nuke-workflow")
