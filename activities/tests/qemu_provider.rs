@@ -536,10 +536,13 @@ async fn the_guest_channel_follows_output_execs_commands_and_keeps_logs() {
             .expect("read_output");
     }
     eprintln!("read round trip: {:?}", t.elapsed() / rounds);
-    assert!(matches!(
-        p.read_output("t1", &vm, "nope", 0, 10).await,
-        Err(SubstrateError::VmGone(_))
-    ));
+    // A run the guest does not know (yet: an agent is PHASE_RUNNING a moment before its
+    // command starts) has nothing to read so far; not complete, so a follower waits.
+    let nothing = p
+        .read_output("t1", &vm, "nope", 0, 10)
+        .await
+        .expect("read_output");
+    assert!(nothing.data.is_empty() && !nothing.complete, "{nothing:?}");
 
     // Exec: the streams apart, the exit code last and once.
     let session = p

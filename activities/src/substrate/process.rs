@@ -487,7 +487,9 @@ impl Provider for ProcessProvider {
         }
         match self.kept.read(tenant, run, offset, max)? {
             Some(chunk) => Ok(chunk),
-            None if rd.is_dir() => Ok(OutputChunk::default()),
+            // The sandbox is there and the run has not started yet (the agent is
+            // PHASE_RUNNING a moment before the supervisor starts its command): nothing so far.
+            None if dir.join(META_FILE).exists() => Ok(OutputChunk::nothing_yet(offset)),
             None => Err(SubstrateError::VmGone(vm.clone())),
         }
     }

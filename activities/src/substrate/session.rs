@@ -41,6 +41,18 @@ pub struct OutputChunk {
     pub complete: bool,
 }
 
+impl OutputChunk {
+    /// Nothing yet, read at `offset`, of a run that has not started (its output is empty).
+    pub fn nothing_yet(offset: u64) -> Self {
+        Self {
+            data: Vec::new(),
+            next: offset,
+            size: 0,
+            complete: false,
+        }
+    }
+}
+
 /// A terminal's size, in character cells.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowSize {

@@ -953,8 +953,15 @@ impl Provider for QemuProvider {
             {
                 Ok(answer) => match parse_read(&answer) {
                     Ok(Some(read)) => return Ok(read.into_chunk(offset)),
-                    // The guest knows no such run: maybe a kept one.
-                    Ok(None) => {}
+                    // The guest knows no such run: a kept one, or one that has not started
+                    // yet (the agent is PHASE_RUNNING a moment before its command starts in
+                    // the guest): nothing to read so far.
+                    Ok(None) => {
+                        return Ok(self
+                            .kept
+                            .read(tenant, run, offset, max)?
+                            .unwrap_or_else(|| OutputChunk::nothing_yet(offset)));
+                    }
                     Err(reason) => {
                         return Err(SubstrateError::Guest {
                             vm: vm.clone(),
