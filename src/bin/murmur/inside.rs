@@ -123,6 +123,16 @@ async fn drive(mut call: ExecCall, terminal: bool, gateway: &str) -> Result<u8, 
                 None,
             )
         })?;
+    // One listener for the whole session, made before the first output arrives: a
+    // `ctrl_c()` made anew each time round the loop misses a Ctrl-C that comes while an
+    // output chunk is written (RELIABILITY #30).
+    let mut interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| {
+            (
+                ApiError::new(Code::Internal, format!("watch Ctrl-C: {e}")),
+                None,
+            )
+        })?;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     loop {
@@ -148,7 +158,7 @@ async fn drive(mut call: ExecCall, terminal: bool, gateway: &str) -> Result<u8, 
                 };
                 let _ = call.input.send(message(m)).await;
             }
-            _ = tokio::signal::ctrl_c(), if !terminal => {
+            _ = interrupted.recv(), if !terminal => {
                 // Delivered to the remote command; it decides whether to end.
                 let _ = call.input.send(message(In::Signal(2))).await;
             }
