@@ -11,13 +11,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{
-    CLAIM_REJECTED, ClaimInput, PoolStepInput, PowerInput, PowerReport, ReleaseInput, RunInput,
-    RunReport, STEP_REFUSED, TerminateAgentsInput, VM_LOST, VM_TAKEN, WipeReport,
+    CLAIM_REJECTED, ClaimInput, PoolPowerInput, PoolStepInput, PowerInput, PowerReport,
+    ReleaseInput, RunInput, RunReport, STEP_REFUSED, TerminateAgentsInput, VM_LOST, VM_TAKEN,
+    WipeReport,
 };
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
-use murmur_workflows::machine::ClaimState;
-use murmur_workflows::messages::{Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest};
+use murmur_workflows::machine::{ClaimState, PowerState};
+use murmur_workflows::messages::{
+    Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
+};
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowTerminateOptions};
 use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
@@ -117,8 +120,12 @@ impl AgentActivities {
         done.map_err(|e| run_failure(vm, e))?;
         let took_ms = started.elapsed().as_millis() as u64;
         let what = if asleep { "vm asleep" } else { "vm awake" };
-        tracing::info!(tenant, vm = %vm, took_ms, "{what}");
-        Ok(PowerReport { took_ms })
+        let frees_memory = asleep && self.provider.sleep_frees_memory();
+        tracing::info!(tenant, vm = %vm, took_ms, frees_memory, "{what}");
+        Ok(PowerReport {
+            took_ms,
+            frees_memory,
+        })
     }
 
     /// Refuses to put to sleep or wake a VM another agent owns ([`VM_TAKEN`]); records the
@@ -247,6 +254,38 @@ impl AgentActivities {
                     gone: false,
                     pool_running: false,
                 }),
+                e => Err(ActivityError::application(ApplicationFailure::new(e))),
+            },
+        }
+    }
+
+    /// Tells the pool an agent's VM went to sleep without host memory, or asks to wake it.
+    /// Without a running pool it answers `Unknown` (the VM counts as it did).
+    #[activity(name = "murmur.pool_power")]
+    pub async fn pool_power(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: PoolPowerInput,
+    ) -> Result<PowerState, ActivityError> {
+        let handle = ctx
+            .client()
+            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
+        let mut req = VmPowerRequest {
+            request: input.request.clone(),
+            vm: input.vm.clone(),
+            change: input.change,
+            auth: None,
+        };
+        req.auth = Some(self.sign(ops::VM_POWER, &input.tenant, &req)?);
+        let call = handle.execute_update(
+            PoolWorkflow::vm_power,
+            req.into(),
+            WorkflowExecuteUpdateOptions::default(),
+        );
+        match with_heartbeats(&ctx, call).await? {
+            Ok(state) => Ok(state),
+            Err(e) => match update_error(e, "not running") {
+                e if e.code == Code::NotFound => Ok(PowerState::Unknown),
                 e => Err(ActivityError::application(ApplicationFailure::new(e))),
             },
         }
@@ -597,8 +636,8 @@ fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> Activit
 #[cfg(test)]
 mod tests {
     use murmur_workflows::activity_api::{
-        ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, ReleaseVm,
-        RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
+        ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, PoolPower,
+        ReleaseVm, RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -608,6 +647,7 @@ mod tests {
     fn activity_names_match_the_workflow_markers() {
         assert_eq!(AgentActivities::claim_vm.name(), ClaimVm.name());
         assert_eq!(AgentActivities::release_vm.name(), ReleaseVm.name());
+        assert_eq!(AgentActivities::pool_power.name(), PoolPower.name());
         assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
         assert_eq!(AgentActivities::sleep_vm.name(), SleepVm.name());
         assert_eq!(AgentActivities::wake_vm.name(), WakeVm.name());

@@ -64,6 +64,8 @@ fn big_pool(vms: u32) -> Pool {
                 delete_failures: 0,
                 delete_error: None,
                 warm_round: 0,
+                dormant: false,
+                wake_seq: 0,
             },
         );
     }

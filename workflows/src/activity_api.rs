@@ -203,6 +203,26 @@ pub struct ReleaseInput {
 }
 
 activity! {
+    /// Tells the tenant's pool an agent's VM went to sleep without host memory, or asks to
+    /// wake it; answers where the VM stands with the pool's count (`Unknown` when no pool
+    /// runs: the VM then counts as it did).
+    PoolPower = "murmur.pool_power": PoolPowerInput => crate::machine::PowerState
+}
+
+/// Input of [`PoolPower`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolPowerInput {
+    /// Tenant.
+    pub tenant: String,
+    /// The claim's request id.
+    pub request: String,
+    /// The VM.
+    pub vm: VmId,
+    /// What changed.
+    pub change: crate::machine::PowerChange,
+}
+
+activity! {
     /// Runs an agent's command in its VM and waits for it to exit, heartbeating (idempotent
     /// by run id). Fails with [`VM_LOST`] when the VM is gone and with [`VM_TAKEN`] when
     /// another agent owns it.
@@ -258,6 +278,10 @@ pub struct PowerInput {
 pub struct PowerReport {
     /// How long the substrate took, in milliseconds.
     pub took_ms: u64,
+    /// True when the VM, asleep, holds no host memory (qemu: the guest is saved to a file
+    /// and its process ended); false when it keeps it (a stopped process). Only a sleep
+    /// sets it; a VM whose memory is freed stops counting against `max_vms`.
+    pub frees_memory: bool,
 }
 
 /// How an agent's command ended.

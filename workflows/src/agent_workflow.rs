@@ -28,8 +28,9 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, PowerInput, ReleaseInput,
-    ReleaseVm, RunAgent, RunInput, RunReport, SleepVm, VM_LOST, VM_TAKEN, WakeVm, on_host,
+    CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, PoolPower, PoolPowerInput,
+    PowerInput, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport, SleepVm, VM_LOST, VM_TAKEN,
+    WakeVm, on_host,
 };
 use crate::agent::{
     AgentInput, AgentStatus, KillRequest, OnIdle, OnIdleRequest, Phase, PowerRequest,
@@ -37,7 +38,7 @@ use crate::agent::{
 use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
 use crate::gate;
-use crate::machine::{ClaimRequest, ClaimState};
+use crate::machine::{ClaimRequest, ClaimState, PowerChange, PowerState};
 use crate::messages::Lenient;
 use crate::model::VmId;
 use crate::shell::{HOST_START_WITHIN, UpdateError, failed_with_type, root_cause};
@@ -80,6 +81,9 @@ pub struct AgentWorkflow {
     power_done: u64,
     /// Why the last sleep or wake failed.
     power_error: Option<ApiError>,
+    /// True while the pool counts the agent's sleeping VM as dormant (asleep without host
+    /// memory, outside `max_vms`): before a wake the agent asks the pool for room.
+    dormant: bool,
 }
 
 /// How the work part of an agent ended, before cleanup.
@@ -123,6 +127,7 @@ impl AgentWorkflow {
             power_busy: false,
             power_done: 0,
             power_error: None,
+            dormant: false,
         }
     }
 
@@ -784,11 +789,42 @@ async fn power(
             .cancellation_token(stop.clone())
             .build();
         let options = on_host(options, c.task_queue(), host.as_deref(), HOST_START_WITHIN);
+        let mut let_back_in = false;
+        if !asleep && c.state(|s| s.dormant) {
+            // The VM is outside `max_vms` while it sleeps: it needs room back before it wakes.
+            if !room_to_wake(c, stop).await {
+                c.state_mut(|s| {
+                    s.power_busy = false;
+                    s.power_done += 1;
+                    s.want_asleep = s.status.asleep;
+                    s.power_error = Some(ApiError::failed_precondition(
+                        "the VM did not wake: the agent was put to sleep again, or killed, while its wake waited for room under max_vms",
+                    ));
+                });
+                // Out of the line of wakes: the VM stays dormant.
+                tell_pool(c, stop, PowerChange::Dormant).await;
+                continue;
+            }
+            c.state_mut(|s| s.dormant = false);
+            let_back_in = true;
+        }
         let done = if asleep {
             c.execute_activity(SleepVm, input, options).await
         } else {
             c.execute_activity(WakeVm, input, options).await
         };
+        if asleep && done.as_ref().is_ok_and(|r| r.frees_memory) {
+            // Asleep without host memory: the pool need not count the VM while it sleeps.
+            let dormant =
+                tell_pool(c, stop, PowerChange::Dormant).await == Some(PowerState::Dormant);
+            c.state_mut(|s| s.dormant = dormant);
+        } else if let_back_in && done.as_ref().is_err_and(|e| !failed_with_type(e, VM_LOST)) {
+            // The wake failed and the VM still sleeps without host memory: out of the count
+            // again.
+            let dormant =
+                tell_pool(c, stop, PowerChange::Dormant).await == Some(PowerState::Dormant);
+            c.state_mut(|s| s.dormant = dormant);
+        }
         let lost = c.state_mut(|s| {
             s.power_busy = false;
             s.power_done += 1;
@@ -821,6 +857,84 @@ async fn power(
         }
         if done.is_ok() {
             set_phase(c, if asleep { Phase::Sleeping } else { awake });
+        }
+    }
+}
+
+/// Tells the pool about the agent's VM's power ([`PowerChange`]); `None` when the pool did
+/// not answer (then the VM counts as it did: the pool's count only ever errs high).
+async fn tell_pool(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    change: PowerChange,
+) -> Option<PowerState> {
+    let input = c.state(|s| PoolPowerInput {
+        tenant: s.input.tenant.clone(),
+        request: s.request.clone(),
+        vm: s.status.vm.clone().unwrap_or_else(|| VmId(String::new())),
+        change,
+    });
+    match c
+        .execute_local_activity(PoolPower, input, claim_options(stop))
+        .await
+    {
+        Ok(state) => Some(state),
+        Err(e) => {
+            if !c.is_replaying() {
+                tracing::warn!(agent = %c.state(|s| s.status.workflow.clone()), ?change,
+                    error = %root_cause(&e), "the pool did not hear of the VM's power");
+            }
+            None
+        }
+    }
+}
+
+/// Waits until the pool counts the agent's dormant VM again, so that it may wake: at once
+/// when there is room under `max_vms`, else in line (the status says where) until the pool
+/// lets it in. False when the agent was put to sleep again or killed meanwhile.
+async fn room_to_wake(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+) -> bool {
+    loop {
+        let waiting = match tell_pool(c, stop, PowerChange::Wake).await {
+            // Unknown: the pool does not hold the VM as dormant (it was rebuilt from its
+            // hosts and counts every VM), so there is nothing to wait for.
+            Some(PowerState::Awake | PowerState::Unknown) => None,
+            Some(PowerState::Waiting { position }) => Some(format!(
+                "waiting for room under max_vms to wake its VM ({position} in line)"
+            )),
+            Some(PowerState::Dormant) => Some("waiting for the pool to let its VM wake".into()),
+            None => Some("the pool does not answer; waiting to wake its VM".into()),
+        };
+        let Some(waiting) = waiting else {
+            c.state_mut(|s| s.status.waiting = None);
+            refresh_details(c);
+            return true;
+        };
+        let retry = if waiting.starts_with("the pool") {
+            POOL_RETRY
+        } else {
+            CLAIM_RECHECK
+        };
+        c.state_mut(|s| s.status.waiting = Some(waiting));
+        refresh_details(c);
+        let woken = |s: &AgentWorkflow| s.claim_settled || s.want_asleep || s.killed_by.is_some();
+        temporalio_sdk::workflows::select! {
+            _ = c.wait_condition(woken).fuse() => {}
+            _ = c.timer(retry).fuse() => {}
+        }
+        let go_on = c.state_mut(|s| {
+            s.claim_settled = false;
+            let go_on = !s.want_asleep && s.killed_by.is_none() && !stop.is_cancelled();
+            if !go_on {
+                s.status.waiting = None;
+            }
+            go_on
+        });
+        if !go_on {
+            refresh_details(c);
+            return false;
         }
     }
 }

@@ -37,6 +37,8 @@ pub mod ops {
     pub const CLAIM: &str = "pool.claim";
     /// Worker-internal: an agent releases its VM.
     pub const RELEASE: &str = "pool.release";
+    /// Worker-internal: an agent's VM went to sleep without host memory, or is to wake.
+    pub const VM_POWER: &str = "pool.vm-power";
     /// Worker-internal: a nuke pauses or resets the pool.
     pub const NUKE_STEP: &str = "pool.nuke-step";
 }

@@ -161,6 +161,22 @@ pub struct ReleaseRequest {
     pub auth: Option<crate::auth::Credential>,
 }
 
+/// Input of the pool's `vm_power` update: the VM of the agent behind `request` went to sleep
+/// without holding host memory, or its agent wants to wake it (see
+/// [`crate::machine::dormancy`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPowerRequest {
+    /// The claim's request id.
+    pub request: String,
+    /// The VM.
+    pub vm: VmId,
+    /// What changed.
+    pub change: crate::machine::PowerChange,
+    /// Proof that the worker sends it.
+    #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
+}
+
 /// Answer of `release`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -394,6 +394,15 @@ pub struct VmRecord {
     /// were warm before it started (its listing may predate a later boot).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub warm_round: u64,
+    /// Asleep without holding host memory (a qemu guest saved to disk): an assigned VM that
+    /// does not count against `max_vms` until its agent asks to wake it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dormant: bool,
+    /// While a dormant VM's agent waits for room under `max_vms` to wake it: its place in
+    /// line (a ticket from the claims' sequence, so wakes and claims share one order); 0
+    /// when no wake waits.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub wake_seq: u64,
 }
 
 impl VmRecord {
@@ -409,6 +418,10 @@ fn is_zero(n: &u32) -> bool {
 
 fn is_zero_u64(n: &u64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Health of one image as seen through its boots.

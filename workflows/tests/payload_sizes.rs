@@ -79,6 +79,8 @@ fn big_pool(assigned: bool) -> Pool {
                 delete_failures: 0,
                 delete_error: None,
                 warm_round: 3,
+                dormant: false,
+                wake_seq: 0,
             },
         );
     }

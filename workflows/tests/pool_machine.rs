@@ -27,7 +27,7 @@ use murmur_workflows::machine::digest::Digests;
 use murmur_workflows::machine::reaper::running_differences;
 use murmur_workflows::machine::{
     AgentScan, AgentScanRequest, ClaimRequest, ClaimState, ConfigChange, HostScan, Intent, Pool,
-    PoolRecord, ScanSettings, ScannedVm, VmLabels,
+    PoolRecord, PowerChange, PowerState, ScanSettings, ScannedVm, VmLabels,
 };
 use murmur_workflows::model::{ResourceKind, VmId, VmState};
 use proptest::prelude::*;
@@ -109,6 +109,16 @@ enum Step {
         pick: usize,
         on: bool,
     },
+    /// The n-th agent that started on its VM puts it to sleep without host memory, and tells
+    /// the pool.
+    AgentSleeps {
+        pick: usize,
+    },
+    /// The n-th agent whose VM sleeps asks the pool for room to wake it (and wakes it once
+    /// let in).
+    AgentWakes {
+        pick: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -133,6 +143,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::HostLost { pick }),
         1 => any::<usize>().prop_map(|pick| Step::HostBack { pick }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, on)| Step::Drain { pick, on }),
+        2 => any::<usize>().prop_map(|pick| Step::AgentSleeps { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::AgentWakes { pick }),
     ]
 }
 
@@ -146,6 +158,8 @@ struct ModelVm {
     owner: Option<String>,
     alive: bool,
     undeletable: bool,
+    /// Asleep without holding host memory (a qemu guest saved to disk).
+    dormant: bool,
 }
 
 /// A live agent.
@@ -157,6 +171,10 @@ struct Agent {
     handed: Option<VmId>,
     /// The VM it started on (it owns it in the substrate).
     started: Option<VmId>,
+    /// Its VM sleeps without host memory (the agent told the pool).
+    asleep: bool,
+    /// It asked to wake its VM and waits for room.
+    waking: bool,
 }
 
 /// An intent in flight, with what a listing saw when it was taken.
@@ -211,6 +229,8 @@ struct World {
     raced: BTreeSet<VmId>,
     /// VMs cold-booted for a claim, with its request.
     booted_for: BTreeMap<VmId, String>,
+    /// The VMs the pool counted as dormant after the last step.
+    dormant_before: BTreeSet<VmId>,
 }
 
 fn settings() -> ScanSettings {
@@ -239,6 +259,7 @@ impl World {
             record: None,
             raced: BTreeSet::new(),
             booted_for: BTreeMap::new(),
+            dormant_before: BTreeSet::new(),
             view: HostView {
                 version: 1,
                 hosts: HOSTS[..hosts]
@@ -453,6 +474,7 @@ impl World {
                         owner: None,
                         alive,
                         undeletable: false,
+                        dormant: false,
                     });
                 };
                 if self.view.is_lost(&host) {
@@ -573,6 +595,9 @@ impl World {
     fn agents_look(&mut self) {
         let now = self.now;
         for i in 0..self.agents.len() {
+            if self.agents[i].waking {
+                self.try_to_wake(i);
+            }
             let request = self.agents[i].request.clone();
             match self.pool.claim_state(&request) {
                 ClaimState::Assigned { vm, .. } => {
@@ -687,6 +712,8 @@ impl World {
                         workspace,
                         handed: None,
                         started: None,
+                        asleep: false,
+                        waking: false,
                     });
                     self.absorb(intents);
                 } else {
@@ -798,6 +825,7 @@ impl World {
                             owner: None,
                             alive: true,
                             undeletable: false,
+                            dormant: false,
                         });
                         if !self.pool.vms.contains_key(&spec.vm) {
                             self.strays.insert(spec.vm.clone());
@@ -825,6 +853,7 @@ impl World {
                             owner: None,
                             alive: true,
                             undeletable: false,
+                            dormant: false,
                         });
                     }
                 }
@@ -837,6 +866,8 @@ impl World {
                     }
                 }
                 self.seed += 1;
+                // The new run counts every VM it adopts (none is dormant to it).
+                self.dormant_before.clear();
                 self.pool = Pool::recovering(TENANT, self.seed, now);
                 let intents = self.pool.resume(now);
                 self.absorb(intents);
@@ -869,6 +900,50 @@ impl World {
                 h.draining = *on;
                 changed
             }),
+            Step::AgentSleeps { pick } => {
+                let awake: Vec<usize> = (0..self.agents.len())
+                    .filter(|i| {
+                        let a = &self.agents[*i];
+                        !a.asleep
+                            && a.started
+                                .as_ref()
+                                .and_then(|vm| self.substrate.get(vm))
+                                .is_some_and(|v| v.alive && !self.view.is_lost(&v.host))
+                    })
+                    .collect();
+                if awake.is_empty() {
+                    return;
+                }
+                let i = awake[pick % awake.len()];
+                let vm = self.agents[i]
+                    .started
+                    .clone()
+                    .unwrap_or_else(|| unreachable!());
+                if let Some(v) = self.substrate.get_mut(&vm) {
+                    v.dormant = true;
+                }
+                self.agents[i].asleep = true;
+                let request = self.agents[i].request.clone();
+                let (state, intents) =
+                    self.pool
+                        .power_changed(&request, &vm, PowerChange::Dormant, now);
+                assert!(
+                    matches!(state, PowerState::Dormant | PowerState::Unknown),
+                    "a sleep reported answers {state:?}"
+                );
+                self.absorb(intents);
+            }
+            Step::AgentWakes { pick } => {
+                let asleep: Vec<usize> = (0..self.agents.len())
+                    .filter(|i| self.agents[*i].asleep && !self.agents[*i].waking)
+                    .collect();
+                if asleep.is_empty() {
+                    return;
+                }
+                let i = asleep[pick % asleep.len()];
+                self.agents[i].waking = true;
+                self.try_to_wake(i);
+            }
         }
         self.agents_look();
         // The shell writes the record whenever it changes (never a recovering run's defaults).
@@ -876,6 +951,29 @@ impl World {
             self.record = Some(self.pool.record());
         }
         self.check();
+    }
+
+    /// The i-th agent, waking, asks the pool for room; once it counts again it wakes its VM.
+    fn try_to_wake(&mut self, i: usize) {
+        let Some(vm) = self.agents[i].started.clone() else {
+            return;
+        };
+        let request = self.agents[i].request.clone();
+        let (state, intents) = self
+            .pool
+            .power_changed(&request, &vm, PowerChange::Wake, self.now);
+        self.absorb(intents);
+        match state {
+            PowerState::Awake | PowerState::Unknown => {
+                if let Some(v) = self.substrate.get_mut(&vm) {
+                    v.dormant = false;
+                }
+                self.agents[i].asleep = false;
+                self.agents[i].waking = false;
+            }
+            PowerState::Waiting { position } => assert!(position >= 1, "a wake in line at 0"),
+            PowerState::Dormant => panic!("a wake asked for answers Dormant"),
+        }
     }
 
     /// The i-th live agent ends and releases its claim.
@@ -973,6 +1071,45 @@ impl World {
             self.pool.vms.indexes_match_a_recount(),
             "the inventory's indexes drifted from its records"
         );
+        // The pool's count errs high only: a VM that holds host memory is never taken for
+        // dormant, and only assigned VMs (or their deletes) are.
+        for v in self.pool.vms.values() {
+            if v.dormant {
+                assert!(
+                    self.substrate.get(&v.id).is_none_or(|m| m.dormant),
+                    "{} holds memory but the pool counts it dormant",
+                    v.id
+                );
+                assert!(
+                    matches!(v.state, VmState::Assigned | VmState::Deleting),
+                    "{} is dormant while {:?}",
+                    v.id,
+                    v.state
+                );
+            }
+            assert!(v.wake_seq == 0 || v.dormant, "{} in line but counted", v.id);
+        }
+        // A wake is let in only with room under `max_vms`.
+        let dormant: BTreeSet<VmId> = self
+            .pool
+            .vms
+            .values()
+            .filter(|v| v.dormant)
+            .map(|v| v.id.clone())
+            .collect();
+        let woken = self
+            .dormant_before
+            .iter()
+            .any(|id| self.pool.vms.contains_key(id) && !dormant.contains(id));
+        if woken {
+            assert!(
+                self.pool.in_use() <= self.pool.config.spec.max_vms,
+                "a wake let in over max_vms: {} in use, max {}",
+                self.pool.in_use(),
+                self.pool.config.spec.max_vms
+            );
+        }
+        self.dormant_before = dormant;
         // No VM held by two claims.
         let mut holders: BTreeMap<VmId, String> = BTreeMap::new();
         for c in self.pool.claims.values() {
@@ -1317,6 +1454,8 @@ fn claim(w: &mut World, n: u32, ws: &str) -> String {
         workspace: ws.into(),
         handed: None,
         started: None,
+        asleep: false,
+        waking: false,
     });
     request
 }
@@ -1475,5 +1614,88 @@ fn a_vm_handed_out_again_after_a_recovery_goes_to_the_agent_that_started_on_it()
         w.pool.claims.get(&a).and_then(|c| c.vm.clone()),
         Some(vm),
         "the VM went back to the agent that started on it"
+    );
+}
+
+#[test]
+fn a_vm_asleep_without_memory_leaves_its_room_and_its_wake_goes_before_later_claims() {
+    let mut w = World::new(1);
+    w.change(
+        ResourceKind::PoolConfig,
+        "default",
+        vec![("max_vms", "1".into())],
+        false,
+    );
+    for ws in WORKSPACES {
+        w.change(
+            ResourceKind::Workspace,
+            ws,
+            vec![("min_idle", "0".into())],
+            false,
+        );
+    }
+    w.drain();
+    let first = claim(&mut w, 1, "web");
+    w.drain();
+    w.apply(&Step::AgentStarts { pick: 0 });
+    let ClaimState::Assigned { vm: first_vm, .. } = w.pool.claim_state(&first) else {
+        panic!("first claim not served");
+    };
+    let second = claim(&mut w, 2, "web");
+    assert_eq!(
+        w.pool.claim_state(&second),
+        ClaimState::Waiting { position: 1 }
+    );
+    // The first agent's VM sleeps without host memory: its room goes to the second agent.
+    w.apply(&Step::AgentSleeps { pick: 0 });
+    assert_eq!(w.pool.power_state(&first_vm), PowerState::Dormant);
+    assert_eq!(
+        w.pool.in_use(),
+        1,
+        "the booting VM counts, the dormant one not"
+    );
+    w.drain();
+    assert!(matches!(
+        w.pool.claim_state(&second),
+        ClaimState::Assigned { .. }
+    ));
+    // Its wake waits for room, and goes before a claim that came later.
+    w.apply(&Step::AgentWakes { pick: 0 });
+    assert_eq!(
+        w.pool.power_state(&first_vm),
+        PowerState::Waiting { position: 1 }
+    );
+    let third = claim(&mut w, 3, "web");
+    assert_eq!(
+        w.pool.claim_state(&third),
+        ClaimState::Waiting { position: 1 }
+    );
+    assert!(w.agents[0].waking, "the wake was let in over max_vms");
+    // The second agent ends: the room goes to the wake, not to the third claim.
+    let i = w
+        .agents
+        .iter()
+        .position(|a| a.request == second)
+        .unwrap_or_else(|| unreachable!());
+    w.apply(&Step::Release { pick: i });
+    w.drain();
+    assert_eq!(w.pool.power_state(&first_vm), PowerState::Awake);
+    assert!(!w.agents[0].waking && !w.agents[0].asleep, "not woken");
+    assert!(matches!(
+        w.pool.claim_state(&third),
+        ClaimState::Waiting { .. }
+    ));
+    assert_eq!(w.pool.in_use(), 1);
+    // Carried across continue-as-new: a dormant VM and a wake in line survive the packing.
+    w.apply(&Step::AgentSleeps { pick: 0 });
+    w.drain();
+    w.apply(&Step::AgentWakes { pick: 0 });
+    let line = w.pool.power_state(&first_vm);
+    assert!(matches!(line, PowerState::Waiting { .. }), "{line:?}");
+    w.apply(&Step::Restart);
+    assert_eq!(w.pool.power_state(&first_vm), line);
+    assert!(
+        w.pool.vms[&first_vm].dormant,
+        "dormancy lost across continue-as-new"
     );
 }

@@ -442,6 +442,10 @@ impl<P: Provider + ?Sized> Provider for FaultyProvider<P> {
     fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
         self.inner.is_asleep(tenant, vm)
     }
+
+    fn sleep_frees_memory(&self) -> bool {
+        self.inner.sleep_frees_memory()
+    }
 }
 
 #[cfg(test)]

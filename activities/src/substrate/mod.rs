@@ -350,6 +350,13 @@ pub trait Provider: Send + Sync + 'static {
         })
     }
 
+    /// True when a VM put to sleep holds no host memory (its state is saved to disk and
+    /// nothing of it runs), so it need not count against the tenant's `max_vms` while it
+    /// sleeps; false when sleeping keeps its memory.
+    fn sleep_frees_memory(&self) -> bool {
+        false
+    }
+
     /// True while the VM is asleep, or going to sleep or waking up (from the VM's record on
     /// this host: cheap, no call into the guest). A command in a sleeping VM has not exited.
     fn is_asleep(&self, _tenant: &str, _vm: &VmId) -> bool {

@@ -5,7 +5,8 @@
 //! the order they arrived: each first takes a warm VM of its workspace that is
 //! [fresh](Pool::is_fresh); otherwise it gets room under `max_vms` to cold-boot one, strictly
 //! first come, first served. While a claim waits for room, backfill boots nothing (agents come
-//! before warm spares) and warm VMs nobody waiting can use are evicted to make room.
+//! before warm spares) and warm VMs nobody waiting can use are evicted to make room. Wakes of
+//! dormant VMs waiting for room go before every claim that needs room.
 
 use serde::{Deserialize, Serialize};
 
@@ -237,11 +238,11 @@ impl Pool {
     }
 
     /// Serves waiting claims: a fresh warm VM of the claim's workspace when there is one,
-    /// else a cold boot while there is room, first come first served. Returns the intents
-    /// and whether some claim is still waiting for room (backfill must then hold back).
+    /// else a cold boot while there is room, first come first served, after the wakes of
+    /// dormant VMs in line (see [`super::dormancy`]). Returns the intents and whether some
+    /// claim or wake is still waiting for room (backfill must then hold back).
     pub(super) fn serve_claims(&mut self, now: Millis) -> (Vec<Intent>, bool) {
-        let mut out = Vec::new();
-        let mut waiting_for_room = 0u32;
+        let (mut out, mut waiting_for_room) = self.serve_wakes();
         for request in self.waiting_claims() {
             let Some(claim) = self.claims.get(&request) else {
                 continue;

@@ -6,6 +6,7 @@
 //! | VMs per (workspace, image, generation, state, host) | how many fresh warm or booting VMs a workspace has (reconcile) | O(keys of the workspace) |
 //! | warm VMs per (workspace, image, generation), oldest first | the VM to hand out next | O(log n) |
 //! | VMs and memory per host | where the next VM goes (placement) | O(hosts) |
+//! | dormant VMs (asleep, holding no host memory), and the wakes waiting for room in line | what counts against `max_vms`; the wake to let in next | O(1); O(log n) |
 //!
 //! Every change goes through [`Inventory`]: [`Inventory::insert`], [`Inventory::remove`],
 //! [`Inventory::clear`], [`Inventory::for_each_mut`] keep the indexes up to date at once;
@@ -26,8 +27,17 @@ use super::placement::HostUsage;
 type CountKey = (String, String, u64, VmState, Option<String>);
 /// (workspace, image, generation, ready since, VM): warm VMs in hand-out order.
 type WarmKey = (String, String, u64, Millis, VmId);
+/// (place in line, VM): wakes of dormant VMs waiting for room.
+type WakeKey = (u64, VmId);
 /// What a record is indexed under.
-type Indexed = (CountKey, Option<WarmKey>, Option<String>, u32);
+type Indexed = (
+    CountKey,
+    Option<WarmKey>,
+    Option<String>,
+    u32,
+    bool,
+    Option<WakeKey>,
+);
 
 fn indexed(v: &VmRecord) -> Indexed {
     let count = (
@@ -46,7 +56,8 @@ fn indexed(v: &VmRecord) -> Indexed {
             v.id.clone(),
         )
     });
-    (count, warm, v.host.clone(), v.memory_mb)
+    let wake = (v.dormant && v.wake_seq > 0).then(|| (v.wake_seq, v.id.clone()));
+    (count, warm, v.host.clone(), v.memory_mb, v.dormant, wake)
 }
 
 /// The indexes proper.
@@ -55,11 +66,17 @@ struct Indexes {
     counts: BTreeMap<CountKey, u32>,
     warm: BTreeSet<WarmKey>,
     hosts: BTreeMap<String, HostUsage>,
+    dormant: u32,
+    wakes: BTreeSet<WakeKey>,
 }
 
 impl Indexes {
-    fn add(&mut self, (count, warm, host, memory_mb): Indexed) {
+    fn add(&mut self, (count, warm, host, memory_mb, dormant, wake): Indexed) {
         *self.counts.entry(count).or_default() += 1;
+        self.dormant += u32::from(dormant);
+        if let Some(k) = wake {
+            self.wakes.insert(k);
+        }
         if let Some(k) = warm {
             self.warm.insert(k);
         }
@@ -70,7 +87,11 @@ impl Indexes {
         }
     }
 
-    fn sub(&mut self, (count, warm, host, memory_mb): Indexed) {
+    fn sub(&mut self, (count, warm, host, memory_mb, dormant, wake): Indexed) {
+        self.dormant = self.dormant.saturating_sub(u32::from(dormant));
+        if let Some(k) = wake {
+            self.wakes.remove(&k);
+        }
         if let Some(n) = self.counts.get_mut(&count) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -330,6 +351,30 @@ impl Inventory {
             .take_while(move |(w, i, g, _, _)| w == workspace && i == image && *g == generation)
     }
 
+    /// Dormant VMs: asleep without holding host memory (they do not count against
+    /// `max_vms`).
+    pub fn dormant(&self) -> u32 {
+        if self.unsettled.is_empty() {
+            return self.idx.dormant;
+        }
+        self.vms.values().filter(|v| v.dormant).count() as u32
+    }
+
+    /// Dormant VMs whose agents wait for room to wake them, first in line first.
+    pub fn wakes_in_line(&self) -> Vec<VmId> {
+        if self.unsettled.is_empty() {
+            return self.idx.wakes.iter().map(|(_, id)| id.clone()).collect();
+        }
+        let mut line: Vec<(u64, VmId)> = self
+            .vms
+            .values()
+            .filter(|v| v.dormant && v.wake_seq > 0)
+            .map(|v| (v.wake_seq, v.id.clone()))
+            .collect();
+        line.sort();
+        line.into_iter().map(|(_, id)| id).collect()
+    }
+
     /// This pool's VMs and memory per host (VMs without a host are not counted).
     pub fn host_usage(&self) -> BTreeMap<String, HostUsage> {
         if self.unsettled.is_empty() {
@@ -387,6 +432,8 @@ mod tests {
             delete_failures: 0,
             delete_error: None,
             warm_round: 0,
+            dormant: false,
+            wake_seq: 0,
         }
     }
 

@@ -9,7 +9,8 @@
 //! delete is), so in-flight work always counts towards `max_vms` and a new run can re-issue
 //! whatever was in flight ([`Pool::resume`]).
 //!
-//! One job per file: the inventory and its indexes ([`inventory`]), hand-out ([`claims`]), placement and host loss ([`placement`]), the
+//! One job per file: the inventory and its indexes ([`inventory`]), hand-out ([`claims`]),
+//! VMs asleep without host memory and their wakes ([`dormancy`]), placement and host loss ([`placement`]), the
 //! reaper's rounds ([`reaper`]), recovery of a pool whose run ended ([`recovery`]), the nuke
 //! ([`nuke`]), admission of signed requests ([`admission`]), the digests that keep reaper
 //! listings small ([`digest`]) and the compact form carried across continue-as-new
@@ -18,6 +19,7 @@
 pub mod admission;
 mod claims;
 pub mod digest;
+pub mod dormancy;
 pub mod inventory;
 pub mod nuke;
 mod packed;
@@ -29,6 +31,7 @@ use std::collections::BTreeMap;
 
 pub use admission::{Admission, ReplayGuard};
 pub use claims::{Claim, ClaimRequest, ClaimState};
+pub use dormancy::{PowerChange, PowerState};
 pub use nuke::NukeState;
 pub use placement::HostUsage;
 pub use reaper::{
@@ -338,9 +341,12 @@ impl Pool {
     }
 
     /// VMs that count against `max_vms`: all of them, whatever their state (stuck deletes
-    /// included).
+    /// included), except dormant ones (asleep and holding no host memory, see
+    /// [`dormancy`]).
     pub fn in_use(&self) -> u32 {
-        u32::try_from(self.vms.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.vms.len())
+            .unwrap_or(u32::MAX)
+            .saturating_sub(self.vms.dormant())
     }
 
     /// Intents that re-issue every operation that was in flight, for a new workflow run
@@ -576,6 +582,8 @@ impl Pool {
                 delete_failures: 0,
                 delete_error: None,
                 warm_round: 0,
+                dormant: false,
+                wake_seq: 0,
             },
         );
         Intent::Delete {
@@ -900,11 +908,12 @@ impl Pool {
             .collect()
     }
 
-    /// VMs being deleted and not stuck (room that will come free soon).
+    /// VMs being deleted and not stuck (room that will come free soon; a dormant VM's
+    /// delete frees none).
     fn deleting(&self) -> u32 {
         self.vms
             .values()
-            .filter(|v| v.state == VmState::Deleting && v.delete_failures == 0)
+            .filter(|v| v.state == VmState::Deleting && v.delete_failures == 0 && !v.dormant)
             .count() as u32
     }
 
@@ -970,6 +979,9 @@ impl Pool {
         if let Some(rec) = self.vms.get_mut(id) {
             rec.state = VmState::Deleting;
             rec.delete_reason = Some(reason);
+            // A dormant VM being deleted leaves the line of wakes (it still holds no memory,
+            // so it still does not count).
+            rec.wake_seq = 0;
         }
         Intent::Delete {
             vm: id.clone(),
@@ -1000,6 +1012,8 @@ impl Pool {
             delete_failures: 0,
             delete_error: None,
             warm_round: 0,
+            dormant: false,
+            wake_seq: 0,
         };
         self.counters.boots += 1;
         let intent = Intent::Boot(self.boot_spec(&rec));

@@ -253,6 +253,11 @@ const REASONS: [DeleteReason; 10] = [
     DeleteReason::Drained,
 ];
 
+/// Flag on a packed state: the VM is dormant.
+const DORMANT: u64 = 1 << 3;
+/// Flag on a packed state: a wake waits in line (its place follows).
+const WAKING: u64 = 1 << 4;
+
 fn index_of<T: PartialEq>(all: &[T], v: &T) -> u64 {
     all.iter().position(|x| x == v).unwrap_or(0) as u64
 }
@@ -289,7 +294,13 @@ pub mod vms {
         w.varint(vms.len() as u64);
         for v in vms.values() {
             w.vm_id(&v.id);
-            w.varint(index_of(&STATES, &v.state));
+            // The state's index, with the dormancy flags above it (older blobs have none).
+            let dormancy =
+                if v.dormant { DORMANT } else { 0 } | if v.wake_seq > 0 { WAKING } else { 0 };
+            w.varint(index_of(&STATES, &v.state) | dormancy);
+            if v.wake_seq > 0 {
+                w.varint(v.wake_seq);
+            }
             w.string(&v.workspace);
             w.string(&v.image);
             w.varint(v.generation);
@@ -335,9 +346,12 @@ pub mod vms {
         let mut vms = BTreeMap::new();
         for _ in 0..n {
             let id = r.vm_id()?;
+            let flags = r.varint()?;
             let state = *STATES
-                .get(r.varint()? as usize)
+                .get((flags & !(DORMANT | WAKING)) as usize)
                 .ok_or("packed VM state out of range")?;
+            let dormant = flags & DORMANT != 0;
+            let wake_seq = if flags & WAKING != 0 { r.varint()? } else { 0 };
             let workspace = r.string()?;
             let image = r.string()?;
             let generation = r.varint()?;
@@ -387,6 +401,8 @@ pub mod vms {
                     delete_failures,
                     delete_error,
                     warm_round,
+                    dormant,
+                    wake_seq,
                 },
             );
         }

@@ -737,6 +737,8 @@ impl Pool {
             delete_failures: 0,
             delete_error: None,
             warm_round: 0,
+            dormant: false,
+            wake_seq: 0,
         }
     }
 }

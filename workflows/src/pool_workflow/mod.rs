@@ -23,11 +23,11 @@ use temporalio_sdk::{SyncWorkflowContext, WorkflowContext, WorkflowContextView, 
 
 use crate::auth::{ops, unsigned_body};
 use crate::error::ApiError;
-use crate::machine::{ClaimRequest, ClaimState, Intent, Pool};
+use crate::machine::{ClaimRequest, ClaimState, Intent, Pool, PowerState};
 use crate::messages::{
     ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS, FlushReply, FlushRequest, Inventory,
     InventoryPage, Lenient, NukeReport, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
-    ReleaseRequest, UpReply, UpRequest, decode_lenient,
+    ReleaseRequest, UpReply, UpRequest, VmPowerRequest, decode_lenient,
 };
 use crate::model::{ResourceDoc, ResourceKind};
 use crate::shell::{UpdateError, boxed, now_ms, to_millis};
@@ -371,6 +371,42 @@ impl PoolWorkflow {
             gone,
             pool_running: true,
         })
+    }
+
+    /// Refuses a `vm_power` whose payload is not a power change.
+    #[update_validator(vm_power)]
+    pub fn validate_vm_power(
+        &self,
+        _ctx: &WorkflowContextView,
+        req: &Lenient<VmPowerRequest>,
+    ) -> Result<(), UpdateError> {
+        req.check().map_err(boxed)
+    }
+
+    /// An agent's VM went to sleep without holding host memory (it stops counting against
+    /// `max_vms`), or its agent asks to wake it (it counts again once there is room; until
+    /// then the wake waits in line and the agent is told by `claim_settled`). Answers at once.
+    #[update]
+    pub async fn vm_power(
+        ctx: &mut WorkflowContext<Self>,
+        req: Lenient<VmPowerRequest>,
+    ) -> Result<PowerState, UpdateError> {
+        let req = req.into_result().map_err(boxed)?;
+        admission::service(ctx, ops::VM_POWER, &req, req.auth.clone())
+            .await
+            .map_err(boxed)?;
+        wait_for_config(ctx).await?;
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        Ok(ctx.state_mut(|s| {
+            let (state, intents) = s.pool.power_changed(&req.request, &req.vm, req.change, now);
+            s.outbox.extend(intents);
+            if !replaying {
+                tracing::info!(tenant = %s.pool.tenant, vm = %req.vm, change = ?req.change,
+                    answer = ?state, in_use = s.pool.in_use(), "vm power");
+            }
+            state
+        }))
     }
 
     /// Refuses a `nuke_pause` whose payload is not a nuke step.

@@ -1056,6 +1056,11 @@ impl Provider for QemuProvider {
         sleep::wake(self, &dir, vm).await
     }
 
+    /// A sleeping guest is saved to `sleep.state` and its qemu ends: it holds no memory.
+    fn sleep_frees_memory(&self) -> bool {
+        true
+    }
+
     fn is_asleep(&self, tenant: &str, vm: &VmId) -> bool {
         self.vm_dir(tenant, vm)
             .is_ok_and(|dir| sleep::is_marked(&dir))
