@@ -358,6 +358,21 @@ pub fn status_table(st: &PoolStatus, now: Millis) -> String {
             st.claims_waiting
         );
     }
+    if st.dormant > 0 {
+        let _ = writeln!(
+            out,
+            "Asleep: {} VM(s) saved to disk, holding no host memory (not in use){}",
+            st.dormant,
+            if st.wakes_waiting > 0 {
+                format!(
+                    "; {} waiting for room under max_vms to wake",
+                    st.wakes_waiting
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     if st.stuck_deleting_total > 0 {
         let _ = writeln!(
             out,

@@ -166,6 +166,7 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
         "apply_config",
         "claim",
         "release",
+        "vm_power",
         "nuke_pause",
         "nuke_reset",
         "no_such_update",

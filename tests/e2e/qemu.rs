@@ -434,14 +434,16 @@ fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
     );
 }
 
-/// A counter agent on the one guest of a pool at `max_vms` 1 (so every qemu process of the
-/// tenant is its guest's), counting; returns its VM.
+/// A counter agent on the one guest of a pool at `max_vms` 1 and `min_idle` 0 (so every
+/// qemu process of the tenant is its guest's, even while it sleeps: a sleeping guest leaves
+/// its room, and nothing is to fill it), counting; returns its VM.
 fn counter_on_its_own_guest(env: &TestEnv) -> String {
     env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
     env.set_workspace("default", "min_idle: 1\nenvironment:\n  memory_mb: 192\n");
     wait_warm(env, 1);
     env.spawn("counter", COUNTER);
     let st = env.wait_phase("counter", Phase::Running);
+    env.set_workspace("default", "min_idle: 0\nenvironment:\n  memory_mb: 192\n");
     env.wait_counted("counter", 2);
     st.vm.expect("a VM").0
 }
@@ -543,5 +545,78 @@ fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
     let seen = env.wait_counted("counter", env.counted("counter").len());
     let want: Vec<u64> = (1..=seen.len() as u64).collect();
     assert_eq!(seen, want, "one count through every crash");
+    env.murmur_ok(&["kill", "counter"]);
+}
+
+/// Runs `body` while another thread counts the tenant's qemu processes every few
+/// milliseconds; fails if it ever saw more than `max`.
+fn never_more_qemu_than(env: &TestEnv, max: usize, body: impl FnOnce()) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(qemu_processes(env).len());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        body();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().expect("the qemu sampler")
+    });
+    assert!(most <= max, "{most} qemu processes at once, max_vms {max}");
+}
+
+#[test]
+#[cfg_attr(not(murmur_qemu), ignore = "qemu-system-x86_64 is not installed")]
+fn a_sleeping_guest_leaves_its_room_under_max_vms_and_wakes_when_there_is_room_again() {
+    let env = qemu_env("qemu-sleep-room");
+    let vm = counter_on_its_own_guest(&env);
+    never_more_qemu_than(&env, 1, || {
+        let before = env.wait_counted("counter", 3);
+        // Saved to disk, the guest holds no host memory: it stops counting, and its room
+        // goes to the next agent.
+        assert_eq!(env.murmur_ok(&["sleep", "counter"]), "VM stopped\n");
+        let pool = env.status();
+        assert_eq!((pool.in_use, pool.dormant), (0, 1), "{pool:#?}");
+        env.spawn("other", "sleep 600");
+        let other = env.wait_phase("other", Phase::Running);
+        assert_ne!(other.vm.as_ref().map(|v| v.0.clone()), Some(vm.clone()));
+
+        // Waking needs the room back: the wake waits, saying so, and the guest stays saved.
+        let wake = crate::chaos::spawn_murmur(&env, &["wake", "counter"]);
+        let st = env.wait_agent("counter", "its wake to wait for room", |st| {
+            st.waiting
+                .as_deref()
+                .is_some_and(|w| w.starts_with("waiting for room under max_vms"))
+        });
+        assert_eq!(st.phase, Some(Phase::Sleeping), "{st:#?}");
+        assert_eq!(env.status().wakes_waiting, 1);
+        let text = env.murmur_ok(&["pool", "status"]);
+        assert!(
+            text.contains("Asleep: 1 VM(s) saved to disk, holding no host memory (not in use); 1 waiting for room under max_vms to wake"),
+            "{text}"
+        );
+        // The other agent ends: its VM goes, and then the sleeper wakes where it stopped.
+        assert_eq!(env.murmur_ok(&["kill", "other"]), "killed other\n");
+        let out = crate::chaos::wait_child(wake, crate::harness::PATIENCE);
+        assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
+        assert_eq!(stdout(&out), "VM started\n");
+        assert!(
+            stderr(&out).contains("counter: waiting for room under max_vms to wake its VM"),
+            "the wait is reported: {}",
+            stderr(&out)
+        );
+        let st = env.agent("counter");
+        assert_eq!(st.phase, Some(Phase::Running), "{st:#?}");
+        assert_eq!(st.waiting, None);
+        assert_eq!(st.vm.map(|v| v.0), Some(vm.clone()), "the same VM");
+        let after = env.wait_counted("counter", before.len());
+        let want: Vec<u64> = (1..=after.len() as u64).collect();
+        assert_eq!(after, want, "one count, resumed where it stopped");
+        let pool = env.status();
+        assert_eq!((pool.in_use, pool.dormant), (1, 0), "{pool:#?}");
+    });
     env.murmur_ok(&["kill", "counter"]);
 }

@@ -288,3 +288,27 @@ fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
     env.wait_settled_and_sound(PATIENCE);
     env.murmur_ok(&["kill", "counter"]);
 }
+
+/// A stopped sandbox keeps its memory, so it keeps its place under `max_vms`: at the limit,
+/// an agent spawned while another sleeps waits for room, and gets it when the sleeper ends.
+#[test]
+fn a_sleeping_sandbox_keeps_its_memory_and_its_place_under_max_vms() {
+    let env = TestEnv::start("sleep-max-vms");
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 0\n");
+    env.spawn("sleeper", "sleep 600");
+    env.wait_phase("sleeper", Phase::Running);
+    assert_eq!(env.murmur_ok(&["sleep", "sleeper"]), "VM stopped\n");
+    let pool = env.status();
+    assert_eq!((pool.in_use, pool.dormant), (1, 0), "{pool:#?}");
+
+    env.spawn("next", "sleep 600");
+    let st = env.agent("next");
+    assert_eq!(st.phase, Some(Phase::Starting), "{st:#?}");
+    assert_eq!(st.queue_position, Some(1), "the sleeper's VM still counts");
+    assert_eq!(env.murmur_ok(&["kill", "sleeper"]), "killed sleeper\n");
+    let st = env.wait_phase("next", Phase::Running);
+    assert!(st.vm.is_some());
+    env.murmur_ok(&["kill", "next"]);
+    env.wait_settled_and_sound(PATIENCE);
+}

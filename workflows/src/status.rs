@@ -64,6 +64,13 @@ pub struct PoolStatus {
     pub config_generation: u64,
     /// VMs counting against `max_vms`.
     pub in_use: u32,
+    /// Assigned VMs asleep without holding host memory (a qemu guest saved to disk): they
+    /// do not count in `in_use`.
+    #[serde(default)]
+    pub dormant: u32,
+    /// Of those, how many wait for room under `max_vms` to wake.
+    #[serde(default)]
+    pub wakes_waiting: u32,
     /// Per-workspace views, by name.
     pub workspaces: Vec<WorkspaceStatus>,
     /// Images that failed to boot at least once since their last success.
@@ -223,6 +230,8 @@ impl PoolStatus {
             config: pool.config.spec.clone(),
             config_generation: pool.config.meta.generation,
             in_use: pool.in_use(),
+            dormant: pool.vms.dormant(),
+            wakes_waiting: pool.vms.wakes_in_line().len() as u32,
             workspaces: Self::workspaces_of(pool, flush_in_progress, nuke_in_progress),
             failing_images: pool
                 .images
@@ -235,7 +244,7 @@ impl PoolStatus {
             counters: pool.counters.clone(),
             rejected_messages: 0,
             vms: pool.vms.values().take(STATUS_LIST_MAX).cloned().collect(),
-            vms_total: pool.in_use(),
+            vms_total: u32::try_from(pool.vms.len()).unwrap_or(u32::MAX),
             claims: pool
                 .claims
                 .values()

@@ -37,7 +37,7 @@ async fn power(args: SlugArgs, globals: &Globals, asleep: bool) -> Outcome {
     let st = if asleep {
         session.agents.sleep(&args.slug).await
     } else {
-        session.agents.wake(&args.slug).await
+        with_progress(&session, &args.slug, session.agents.wake(&args.slug)).await
     }
     .map_err(with_hint)?;
     let doc = Power {
@@ -53,6 +53,32 @@ async fn power(args: SlugArgs, globals: &Globals, asleep: bool) -> Outcome {
         "VM started\n"
     };
     emit(globals.format, &doc, || said.to_string()).map_err(no_hint)
+}
+
+/// How often a waiting wake looks at the agent's status for progress to report.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `call`, saying on stderr what the agent waits for while it waits (a wake of a VM
+/// outside `max_vms` waits for room; the answer comes only once the VM runs).
+async fn with_progress<T>(
+    session: &Session,
+    slug: &str,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let mut call = std::pin::pin!(call);
+    let mut said: Option<String> = None;
+    loop {
+        tokio::select! {
+            out = &mut call => return out,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                let waiting = session.agents.status(slug).await.ok().and_then(|st| st.waiting);
+                if waiting.is_some() && waiting != said {
+                    eprintln!("{slug}: {}", waiting.as_deref().unwrap_or_default());
+                }
+                said = waiting;
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]

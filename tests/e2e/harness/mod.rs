@@ -664,6 +664,29 @@ impl TestEnv {
         }
     }
 
+    /// Waits until the agent's status satisfies `pred` (`what` names it), failing after
+    /// [`PATIENCE`].
+    pub fn wait_agent(
+        &self,
+        slug: &str,
+        what: &str,
+        pred: impl Fn(&AgentStatus) -> bool,
+    ) -> AgentStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let st = self.agent(slug);
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {slug}: {what}; last status: {st:#?}\n{}",
+                self.worker_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The numbers a [`COUNTER`] agent printed so far (`murmur logs`).
     pub fn counted(&self, slug: &str) -> Vec<u64> {
         self.murmur_ok(&["logs", slug])
