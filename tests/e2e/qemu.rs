@@ -551,6 +551,14 @@ fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
 /// Runs `body` while another thread counts the tenant's qemu processes every few
 /// milliseconds; fails if it ever saw more than `max`.
 fn never_more_qemu_than(env: &TestEnv, max: usize, body: impl FnOnce()) {
+    /// Stops the sampler however `body` ends (a panic in it included: the scope would
+    /// otherwise wait for the sampler forever).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let most = std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
@@ -561,11 +569,28 @@ fn never_more_qemu_than(env: &TestEnv, max: usize, body: impl FnOnce()) {
             }
             most
         });
-        body();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        {
+            let _stop = StopOnDrop(&stop);
+            body();
+        }
         sampler.join().expect("the qemu sampler")
     });
     assert!(most <= max, "{most} qemu processes at once, max_vms {max}");
+}
+
+/// The lines a running `murmur` call writes to stderr, as they come.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().expect("a piped stderr");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 #[test]
@@ -585,7 +610,15 @@ fn a_sleeping_guest_leaves_its_room_under_max_vms_and_wakes_when_there_is_room_a
         assert_ne!(other.vm.as_ref().map(|v| v.0.clone()), Some(vm.clone()));
 
         // Waking needs the room back: the wake waits, saying so, and the guest stays saved.
-        let wake = crate::chaos::spawn_murmur(&env, &["wake", "counter"]);
+        let mut wake = crate::chaos::spawn_murmur(&env, &["wake", "counter"]);
+        let progress = stderr_lines(&mut wake);
+        let said = progress
+            .recv_timeout(crate::harness::PATIENCE)
+            .expect("murmur wake reports its wait on stderr");
+        assert!(
+            said.starts_with("counter: waiting for room under max_vms to wake its VM (1 in line)"),
+            "{said}"
+        );
         let st = env.wait_agent("counter", "its wake to wait for room", |st| {
             st.waiting
                 .as_deref()
@@ -601,13 +634,9 @@ fn a_sleeping_guest_leaves_its_room_under_max_vms_and_wakes_when_there_is_room_a
         // The other agent ends: its VM goes, and then the sleeper wakes where it stopped.
         assert_eq!(env.murmur_ok(&["kill", "other"]), "killed other\n");
         let out = crate::chaos::wait_child(wake, crate::harness::PATIENCE);
-        assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
+        let rest: Vec<String> = progress.try_iter().collect();
+        assert!(out.status.success(), "{} {rest:?}", stdout(&out));
         assert_eq!(stdout(&out), "VM started\n");
-        assert!(
-            stderr(&out).contains("counter: waiting for room under max_vms to wake its VM"),
-            "the wait is reported: {}",
-            stderr(&out)
-        );
         let st = env.agent("counter");
         assert_eq!(st.phase, Some(Phase::Running), "{st:#?}");
         assert_eq!(st.waiting, None);
