@@ -12,17 +12,19 @@ use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{
     CLAIM_REJECTED, ClaimInput, PoolPowerInput, PoolStepInput, PowerInput, PowerReport,
-    ReleaseInput, RunInput, RunReport, STEP_REFUSED, TerminateAgentsInput, VM_LOST, VM_TAKEN,
-    WipeReport,
+    ProbeClaimInput, ReleaseInput, RunInput, RunReport, STEP_REFUSED, TerminateAgentsInput,
+    VM_LOST, VM_TAKEN, WipeReport,
 };
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::{ClaimState, PowerState};
 use murmur_workflows::messages::{
-    Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
+    ClaimProbe, Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
 };
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
-use temporalio_client::{UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowTerminateOptions};
+use temporalio_client::{
+    UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowQueryOptions, WorkflowTerminateOptions,
+};
 use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
 use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
@@ -32,7 +34,7 @@ use crate::auth::KeyStore;
 use crate::heartbeat::{with_heartbeats, with_progress};
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{
-    interaction_error, running_runs, terminated_since, update_error, update_pool,
+    interaction_error, query_error, running_runs, terminated_since, update_error, update_pool,
 };
 
 /// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs
@@ -256,6 +258,38 @@ impl AgentActivities {
                 }),
                 e => Err(ActivityError::application(ApplicationFailure::new(e))),
             },
+        }
+    }
+
+    /// Asks the pool where a claim stands through its `claim_state` query (no update).
+    #[activity(name = "murmur.probe_claim")]
+    pub async fn probe_claim(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: ProbeClaimInput,
+    ) -> Result<ClaimState, ActivityError> {
+        let handle = ctx
+            .client()
+            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
+        let probe = ClaimProbe {
+            request: input.request,
+        };
+        let query = handle.query(
+            PoolWorkflow::claim_state,
+            probe.into(),
+            WorkflowQueryOptions::default(),
+        );
+        match tokio::time::timeout(CLAIM_ANSWER_WITHIN, query).await {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(e)) => Err(retryable(query_error(e, "not running"))),
+            Err(_) => Err(retryable(ApiError::new(
+                Code::Unavailable,
+                format!(
+                    "pool/{} did not answer within {}s",
+                    input.tenant,
+                    CLAIM_ANSWER_WITHIN.as_secs()
+                ),
+            ))),
         }
     }
 
@@ -637,7 +671,7 @@ fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> Activit
 mod tests {
     use murmur_workflows::activity_api::{
         ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, PoolPower,
-        ReleaseVm, RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
+        ProbeClaim, ReleaseVm, RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -648,6 +682,7 @@ mod tests {
         assert_eq!(AgentActivities::claim_vm.name(), ClaimVm.name());
         assert_eq!(AgentActivities::release_vm.name(), ReleaseVm.name());
         assert_eq!(AgentActivities::pool_power.name(), PoolPower.name());
+        assert_eq!(AgentActivities::probe_claim.name(), ProbeClaim.name());
         assert_eq!(AgentActivities::run_agent.name(), RunAgent.name());
         assert_eq!(AgentActivities::sleep_vm.name(), SleepVm.name());
         assert_eq!(AgentActivities::wake_vm.name(), WakeVm.name());

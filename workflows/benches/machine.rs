@@ -1,5 +1,5 @@
-//! Cost per event of the pure pool state machine with 1,000 and 10,000 VMs:
-//! `cargo bench -p murmur-workflows --bench machine`.
+//! Cost per event of the pure pool state machine with 1,000 and 10,000 VMs, and with 1,000
+//! and 10,000 agents queued at `max_vms`: `cargo bench -p murmur-workflows --bench machine`.
 
 use std::hint::black_box;
 
@@ -20,7 +20,7 @@ fn big_pool(vms: u32) -> Pool {
             "h1".to_string(),
             murmur_workflows::hosts::HostInfo {
                 host: "h1".into(),
-                max_vms: 2 * vms,
+                max_vms: 2 * vms.max(10),
                 ..Default::default()
             },
         )]
@@ -117,9 +117,62 @@ fn events(c: &mut Criterion) {
     }
 }
 
+/// A pool at `max_vms` (10 VMs, all assigned) with `waiting` agents queued for room.
+fn queued_pool(waiting: u32) -> Pool {
+    let mut pool = big_pool(0);
+    let change = ConfigChange::Set {
+        spec: serde_json::json!({ "max_vms": 10 }),
+        expected_generation: None,
+    };
+    let valid = pool
+        .validate_change(ResourceKind::PoolConfig, "default", &change)
+        .expect("valid");
+    pool.commit_change(valid, "bench", 1_000);
+    for i in 0..10 + waiting {
+        let req = ClaimRequest {
+            request: format!("q{i}@r"),
+            agent: format!("q{i}"),
+            developer: "dev".into(),
+            workspace: "web".into(),
+            ..Default::default()
+        };
+        for intent in pool.claim(&req, 2_000) {
+            if let Intent::Boot(spec) = intent {
+                pool.boot_succeeded(&spec.vm, 2_000);
+            }
+        }
+    }
+    assert_eq!(pool.in_use(), 10);
+    pool
+}
+
+fn queued(c: &mut Criterion) {
+    for waiting in SIZES {
+        let mut pool = queued_pool(waiting);
+        let mut n = 0u64;
+        // One more agent joins the queue and leaves it (killed while waiting): two events,
+        // each of which looks at the queue.
+        let name = format!("claim+release while {waiting} claims wait at max_vms (2 events)");
+        c.bench_function(&name, |b| {
+            b.iter(|| {
+                n += 1;
+                let req = ClaimRequest {
+                    request: format!("x{n}@r"),
+                    agent: format!("x{n}"),
+                    developer: "dev".into(),
+                    workspace: "web".into(),
+                    ..Default::default()
+                };
+                black_box(pool.claim(&req, 3_000));
+                black_box(pool.release(&req.request, 3_000));
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = events
+    targets = events, queued
 }
 criterion_main!(benches);

@@ -186,6 +186,21 @@ pub struct ClaimInput {
 }
 
 activity! {
+    /// Asks the tenant's pool where a claim stands through a query (no update, no history):
+    /// a waiting agent's periodic look. Fails when the pool does not answer.
+    ProbeClaim = "murmur.probe_claim": ProbeClaimInput => crate::machine::ClaimState
+}
+
+/// Input of [`ProbeClaim`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeClaimInput {
+    /// Tenant whose pool is asked.
+    pub tenant: String,
+    /// The claim's request id.
+    pub request: String,
+}
+
+activity! {
     /// Tells the pool an agent ended so it deletes the agent's VM; answers whether the pool
     /// runs (without one, the agent deletes its VM on the VM's host itself).
     ReleaseVm = "murmur.release_vm": ReleaseInput => crate::messages::ReleaseReply

@@ -29,8 +29,8 @@ use temporalio_sdk::{
 
 use crate::activity_api::{
     CLAIM_REJECTED, ClaimInput, ClaimVm, DeleteVm, DeleteVmInput, PoolPower, PoolPowerInput,
-    PowerInput, ReleaseInput, ReleaseVm, RunAgent, RunInput, RunReport, SleepVm, VM_LOST, VM_TAKEN,
-    WakeVm, on_host,
+    PowerInput, ProbeClaim, ProbeClaimInput, ReleaseInput, ReleaseVm, RunAgent, RunInput,
+    RunReport, SleepVm, VM_LOST, VM_TAKEN, WakeVm, on_host,
 };
 use crate::agent::{
     AgentInput, AgentStatus, KillRequest, OnIdle, OnIdleRequest, Phase, PowerRequest,
@@ -570,17 +570,65 @@ async fn wait_for_vm(
             // pool), or re-check now and then in case a notification was lost.
             ClaimState::Unknown | ClaimState::Waiting { .. } | ClaimState::Booting { .. } => {
                 claim.wait = true;
-                temporalio_sdk::workflows::select! {
-                    _ = c.wait_condition(|s| s.claim_settled || s.killed_by.is_some()).fuse() => {}
-                    _ = c.timer(CLAIM_RECHECK).fuse() => {}
-                }
-                if stop.is_cancelled() || c.state(|s| s.killed_by.is_some()) {
-                    stop.cancel();
-                    return Err(Ended::Canceled);
+                if let Err(ended) = wait_to_be_served(c, stop, &claim.request).await {
+                    return Err(ended);
                 }
                 c.state_mut(|s| s.claim_settled = false);
             }
         }
+    }
+}
+
+/// Agents started before this look at a waiting claim with the claim update every
+/// [`CLAIM_RECHECK`]; later ones look with the pool's `claim_state` query, less and less
+/// often ([`CLAIM_RECHECK_MAX`]).
+const PATCH_RECHECK_BY_QUERY: &str = "recheck-by-query";
+
+/// Longest wait between two looks at a claim that still waits.
+pub const CLAIM_RECHECK_MAX: Duration = Duration::from_secs(600);
+
+/// Waits until the pool tells the agent its claim settled (`claim_settled`), or a look finds
+/// it no longer waiting, or the agent is killed (`Err(Canceled)`). The looks are queries:
+/// thousands of queued agents must not spend the pool's update budget (the server admits
+/// 10 in-flight updates per workflow) or its history on asking whether anything changed.
+/// They back off from [`CLAIM_RECHECK`] to [`CLAIM_RECHECK_MAX`]; the signal is what serves
+/// a claim quickly, the looks only catch a notification lost with a pool run that ended.
+async fn wait_to_be_served(
+    c: &WorkflowContext<AgentWorkflow>,
+    stop: &WorkflowCancellationToken,
+    request: &str,
+) -> Result<(), Ended> {
+    let mut recheck = CLAIM_RECHECK;
+    loop {
+        let told = temporalio_sdk::workflows::select! {
+            _ = c.wait_condition(|s| s.claim_settled || s.killed_by.is_some()).fuse() => true,
+            _ = c.timer(recheck).fuse() => false,
+        };
+        if stop.is_cancelled() || c.state(|s| s.killed_by.is_some()) {
+            stop.cancel();
+            return Err(Ended::Canceled);
+        }
+        if told || !c.patched(PATCH_RECHECK_BY_QUERY) {
+            return Ok(());
+        }
+        let input = c.state(|s| ProbeClaimInput {
+            tenant: s.input.tenant.clone(),
+            request: request.to_string(),
+        });
+        match c
+            .execute_local_activity(ProbeClaim, input, claim_options(stop))
+            .await
+        {
+            Ok(ClaimState::Waiting { position }) => {
+                c.state_mut(|s| s.status.queue_position = Some(position));
+                refresh_details(c);
+            }
+            Ok(ClaimState::Booting { .. }) => {}
+            // Served, failed or lost (or the pool does not answer the query): ask with the
+            // claim update, which says what to do next.
+            _ => return Ok(()),
+        }
+        recheck = (recheck * 2).min(CLAIM_RECHECK_MAX);
     }
 }
 

@@ -90,6 +90,14 @@ pub struct InventoryPage {
     pub limit: u32,
 }
 
+/// Input of the `claim_state` query: which claim.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClaimProbe {
+    /// The claim's request id.
+    pub request: String,
+}
+
 /// Largest page of the `inventory` query.
 pub const INVENTORY_PAGE_MAX: u32 = 500;
 

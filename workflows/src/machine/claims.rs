@@ -188,13 +188,15 @@ impl Pool {
                 _ => ClaimState::Booting { vm: vm.clone() },
             },
             None => {
-                let position = self
-                    .waiting_claims()
-                    .iter()
-                    .position(|r| r == request)
-                    .map_or(0, |p| p + 1);
+                // Claims are served in arrival order: its place is one more than the waiting
+                // claims that came before it (one pass, nothing sorted or copied).
+                let ahead = self
+                    .claims
+                    .values()
+                    .filter(|c| c.vm.is_none() && c.failed.is_none() && c.seq < claim.seq)
+                    .count();
                 ClaimState::Waiting {
-                    position: position as u32,
+                    position: ahead as u32 + 1,
                 }
             }
         }
@@ -243,6 +245,19 @@ impl Pool {
     /// claim or wake is still waiting for room (backfill must then hold back).
     pub(super) fn serve_claims(&mut self, now: Millis) -> (Vec<Intent>, bool) {
         let (mut out, mut waiting_for_room) = self.serve_wakes();
+        self.vms.settle();
+        let no_room = waiting_for_room > 0
+            || self.recovery.is_some()
+            || self.in_use() >= self.config.spec.max_vms;
+        if no_room && !self.vms.any_warm() {
+            // Nothing can be served (no warm VM, no room to boot one) and nothing evicted:
+            // every waiting claim waits. One pass without sorting or copying, so that an
+            // event does not cost O(n log n) with thousands of agents queued at max_vms.
+            return (
+                out,
+                self.fail_claims_of_missing_workspaces() || waiting_for_room > 0,
+            );
+        }
         for request in self.waiting_claims() {
             let Some(claim) = self.claims.get(&request) else {
                 continue;
@@ -287,6 +302,29 @@ impl Pool {
             out.extend(self.evict_for_claims(waiting_for_room));
         }
         (out, waiting_for_room > 0)
+    }
+
+    /// Fails the waiting claims whose workspace no longer exists; true when other claims
+    /// still wait.
+    fn fail_claims_of_missing_workspaces(&mut self) -> bool {
+        let mut waiting = false;
+        let mut orphaned = Vec::new();
+        for c in self.claims.values() {
+            if c.vm.is_some() || c.failed.is_some() {
+                continue;
+            }
+            if self.workspaces.contains_key(&c.workspace) {
+                waiting = true;
+            } else {
+                orphaned.push(c.request.clone());
+            }
+        }
+        for request in orphaned {
+            if let Some(c) = self.claims.get_mut(&request) {
+                c.failed = Some(format!("workspace {} does not exist", c.workspace));
+            }
+        }
+        waiting
     }
 
     /// Makes room for claims waiting at `max_vms`: deletes warm VMs (stale ones first, then

@@ -351,6 +351,14 @@ impl Inventory {
             .take_while(move |(w, i, g, _, _)| w == workspace && i == image && *g == generation)
     }
 
+    /// True when some VM is warm.
+    pub fn any_warm(&self) -> bool {
+        if self.unsettled.is_empty() {
+            return !self.idx.warm.is_empty();
+        }
+        self.vms.values().any(|v| v.state == VmState::Warm)
+    }
+
     /// Dormant VMs: asleep without holding host memory (they do not count against
     /// `max_vms`).
     pub fn dormant(&self) -> u32 {

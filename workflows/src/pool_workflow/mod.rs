@@ -25,9 +25,9 @@ use crate::auth::{ops, unsigned_body};
 use crate::error::ApiError;
 use crate::machine::{ClaimRequest, ClaimState, Intent, Pool, PowerState};
 use crate::messages::{
-    ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS, FlushReply, FlushRequest, Inventory,
-    InventoryPage, Lenient, NukeReport, NukeStep, NukeStepReply, PoolInput, ReleaseReply,
-    ReleaseRequest, UpReply, UpRequest, VmPowerRequest, decode_lenient,
+    ClaimProbe, ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS, FlushReply, FlushRequest,
+    Inventory, InventoryPage, Lenient, NukeReport, NukeStep, NukeStepReply, PoolInput,
+    ReleaseReply, ReleaseRequest, UpReply, UpRequest, VmPowerRequest, decode_lenient,
 };
 use crate::model::{ResourceDoc, ResourceKind};
 use crate::shell::{UpdateError, boxed, now_ms, to_millis};
@@ -504,6 +504,21 @@ impl PoolWorkflow {
     #[query]
     pub fn inventory(&self, _ctx: &WorkflowContextView, page: Lenient<InventoryPage>) -> Inventory {
         views::inventory(&self.pool, &page.into_result().unwrap_or_default())
+    }
+
+    /// Where one claim stands, without an update (a waiting agent's periodic look: it costs
+    /// the pool no history and none of its in-flight update budget). A malformed input
+    /// answers `Unknown`.
+    #[query]
+    pub fn claim_state(
+        &self,
+        _ctx: &WorkflowContextView,
+        probe: Lenient<ClaimProbe>,
+    ) -> ClaimState {
+        match probe.into_result() {
+            Ok(p) => self.pool.claim_state(&p.request),
+            Err(_) => ClaimState::Unknown,
+        }
     }
 
     /// The build of the worker answering (`murmur version`).
