@@ -175,7 +175,13 @@ fn every_handler_survives_hostile_payloads_from_the_temporal_cli() {
     }
     handlers.push((Door::Update, &pool, "up", false));
     handlers.push((Door::Update, &agent_id, "admission", false));
-    for name in ["status", "config", "version", "claim_state", "no_such_query"] {
+    for name in [
+        "status",
+        "config",
+        "version",
+        "claim_state",
+        "no_such_query",
+    ] {
         handlers.push((Door::Query, &pool, name, false));
     }
     for name in ["claim_settled", "vm_lost"] {

@@ -250,13 +250,11 @@ impl Pool {
             || self.recovery.is_some()
             || self.in_use() >= self.config.spec.max_vms;
         if no_room && !self.vms.any_warm() {
-            // Nothing can be served (no warm VM, no room to boot one) and nothing evicted:
-            // every waiting claim waits. One pass without sorting or copying, so that an
-            // event does not cost O(n log n) with thousands of agents queued at max_vms.
-            return (
-                out,
-                self.fail_claims_of_missing_workspaces() || waiting_for_room > 0,
-            );
+            // Nothing can be served (no warm VM, no room to boot one) and nothing evicted,
+            // so the queue is not walked: with thousands of agents queued at max_vms an event
+            // stays O(log n). Backfill cannot boot either, so "waiting" is answered without
+            // looking. (A claim whose workspace is unknown fails at the next full pass.)
+            return (out, true);
         }
         for request in self.waiting_claims() {
             let Some(claim) = self.claims.get(&request) else {
@@ -302,29 +300,6 @@ impl Pool {
             out.extend(self.evict_for_claims(waiting_for_room));
         }
         (out, waiting_for_room > 0)
-    }
-
-    /// Fails the waiting claims whose workspace no longer exists; true when other claims
-    /// still wait.
-    fn fail_claims_of_missing_workspaces(&mut self) -> bool {
-        let mut waiting = false;
-        let mut orphaned = Vec::new();
-        for c in self.claims.values() {
-            if c.vm.is_some() || c.failed.is_some() {
-                continue;
-            }
-            if self.workspaces.contains_key(&c.workspace) {
-                waiting = true;
-            } else {
-                orphaned.push(c.request.clone());
-            }
-        }
-        for request in orphaned {
-            if let Some(c) = self.claims.get_mut(&request) {
-                c.failed = Some(format!("workspace {} does not exist", c.workspace));
-            }
-        }
-        waiting
     }
 
     /// Makes room for claims waiting at `max_vms`: deletes warm VMs (stale ones first, then

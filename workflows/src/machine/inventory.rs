@@ -351,21 +351,29 @@ impl Inventory {
             .take_while(move |(w, i, g, _, _)| w == workspace && i == image && *g == generation)
     }
 
-    /// True when some VM is warm.
+    /// True when some VM is warm. O(records changed since the last settle).
     pub fn any_warm(&self) -> bool {
-        if self.unsettled.is_empty() {
-            return !self.idx.warm.is_empty();
-        }
-        self.vms.values().any(|v| v.state == VmState::Warm)
+        // The indexes hold changed records as they were: correct by what they are now.
+        let was = self.unsettled.values().filter(|b| b.1.is_some()).count();
+        let now = self.count_unsettled(|v| v.state == VmState::Warm);
+        self.idx.warm.len() + now > was
     }
 
     /// Dormant VMs: asleep without holding host memory (they do not count against
-    /// `max_vms`).
+    /// `max_vms`). O(records changed since the last settle): [`super::Pool::in_use`] asks
+    /// on every decision.
     pub fn dormant(&self) -> u32 {
-        if self.unsettled.is_empty() {
-            return self.idx.dormant;
-        }
-        self.vms.values().filter(|v| v.dormant).count() as u32
+        let was = self.unsettled.values().filter(|b| b.4).count();
+        let now = self.count_unsettled(|v| v.dormant);
+        (self.idx.dormant as usize + now).saturating_sub(was) as u32
+    }
+
+    /// How many of the records changed since the last settle have `property` now.
+    fn count_unsettled(&self, property: impl Fn(&VmRecord) -> bool) -> usize {
+        self.unsettled
+            .keys()
+            .filter(|id| self.vms.get(id).is_some_and(&property))
+            .count()
     }
 
     /// Dormant VMs whose agents wait for room to wake them, first in line first.
@@ -455,7 +463,11 @@ mod tests {
         if let Some(rec) = inv.get_mut(&VmId::from_bits(0)) {
             rec.state = VmState::Assigned;
             rec.host = Some("h2".into());
+            rec.dormant = true;
         }
+        // Counts of changed records are right before a settle too, without a scan.
+        assert_eq!(inv.dormant(), 1);
+        assert!(inv.any_warm());
         // Unsettled: answered from a scan, already right.
         assert_eq!(inv.oldest_warm("web", "img", 1), Some(VmId::from_bits(1)));
         assert_eq!(inv.booting_or_warm("web", "img", 1, |_| false), 3);
@@ -475,8 +487,10 @@ mod tests {
         inv.settle();
         assert!(!inv.host_usage().contains_key("h2"));
         assert!(inv.indexes_match_a_recount());
+        assert_eq!(inv.dormant(), 0, "the dormant record was removed");
         inv.for_each_mut(|r| r.state = VmState::Deleting);
         assert!(inv.indexes_match_a_recount());
+        assert!(!inv.any_warm());
         assert_eq!(inv.oldest_warm("web", "img", 1), None);
     }
 }
