@@ -570,9 +570,7 @@ async fn wait_for_vm(
             // pool), or re-check now and then in case a notification was lost.
             ClaimState::Unknown | ClaimState::Waiting { .. } | ClaimState::Booting { .. } => {
                 claim.wait = true;
-                if let Err(ended) = wait_to_be_served(c, stop, &claim.request).await {
-                    return Err(ended);
-                }
+                wait_to_be_served(c, stop, &claim.request).await?;
                 c.state_mut(|s| s.claim_settled = false);
             }
         }
