@@ -235,30 +235,18 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: ReleaseInput,
     ) -> Result<ReleaseReply, ActivityError> {
-        let handle = ctx
-            .client()
-            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
         let mut req = ReleaseRequest {
             request: input.request.clone(),
             auth: None,
         };
         req.auth = Some(self.sign(ops::RELEASE, &input.tenant, &req)?);
-        let call = handle.execute_update(
-            PoolWorkflow::release,
-            req.into(),
-            WorkflowExecuteUpdateOptions::default(),
-        );
-        match with_heartbeats(&ctx, call).await? {
-            Ok(reply) => Ok(reply),
-            Err(e) => match update_error(e, "not running") {
-                e if e.code == Code::NotFound => Ok(ReleaseReply {
-                    vm: input.vm,
-                    gone: false,
-                    pool_running: false,
-                }),
-                e => Err(ActivityError::application(ApplicationFailure::new(e))),
-            },
-        }
+        let reply =
+            update_running_pool(&ctx, &input.tenant, PoolWorkflow::release, req.into()).await?;
+        Ok(reply.unwrap_or(ReleaseReply {
+            vm: input.vm,
+            gone: false,
+            pool_running: false,
+        }))
     }
 
     /// Asks the pool where a claim stands through its `claim_state` query (no update).
@@ -301,9 +289,6 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: PoolPowerInput,
     ) -> Result<PowerState, ActivityError> {
-        let handle = ctx
-            .client()
-            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
         let mut req = VmPowerRequest {
             request: input.request.clone(),
             vm: input.vm.clone(),
@@ -311,18 +296,9 @@ impl AgentActivities {
             auth: None,
         };
         req.auth = Some(self.sign(ops::VM_POWER, &input.tenant, &req)?);
-        let call = handle.execute_update(
-            PoolWorkflow::vm_power,
-            req.into(),
-            WorkflowExecuteUpdateOptions::default(),
-        );
-        match with_heartbeats(&ctx, call).await? {
-            Ok(state) => Ok(state),
-            Err(e) => match update_error(e, "not running") {
-                e if e.code == Code::NotFound => Ok(PowerState::Unknown),
-                e => Err(ActivityError::application(ApplicationFailure::new(e))),
-            },
-        }
+        let state =
+            update_running_pool(&ctx, &input.tenant, PoolWorkflow::vm_power, req.into()).await?;
+        Ok(state.unwrap_or(PowerState::Unknown))
     }
 
     /// Runs the agent's command in its VM and waits for it to exit, heartbeating. Idempotent
@@ -664,6 +640,31 @@ fn run_failure(vm: &murmur_workflows::model::VmId, e: SubstrateError) -> Activit
                 .build(),
         ),
         e => ActivityError::application(ApplicationFailure::new(e)),
+    }
+}
+
+/// Sends `update` to the tenant's pool, heartbeating while it waits; `None` when no pool
+/// runs (nothing is started: these updates only make sense to a running pool).
+async fn update_running_pool<U>(
+    ctx: &ActivityContext,
+    tenant: &str,
+    update: U,
+    input: U::Input,
+) -> Result<Option<U::Output>, ActivityError>
+where
+    U: UpdateDefinition<Workflow = <PoolWorkflow as HasWorkflowDefinition>::Run>,
+    U::Input: Send,
+{
+    let handle = ctx
+        .client()
+        .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(tenant));
+    let call = handle.execute_update(update, input, WorkflowExecuteUpdateOptions::default());
+    match with_heartbeats(ctx, call).await? {
+        Ok(out) => Ok(Some(out)),
+        Err(e) => match update_error(e, "not running") {
+            e if e.code == Code::NotFound => Ok(None),
+            e => Err(ActivityError::application(ApplicationFailure::new(e))),
+        },
     }
 }
 

@@ -1460,13 +1460,13 @@ fn claim(w: &mut World, n: u32, ws: &str) -> String {
     request
 }
 
-#[test]
-fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
+/// One host, `max_vms` as given, no warm spares wanted: every VM is an agent's.
+fn world_at_max_vms(max_vms: u32) -> World {
     let mut w = World::new(1);
     w.change(
         ResourceKind::PoolConfig,
         "default",
-        vec![("max_vms", "2".into())],
+        vec![("max_vms", max_vms.to_string())],
         false,
     );
     for ws in WORKSPACES {
@@ -1478,6 +1478,12 @@ fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
         );
     }
     w.drain();
+    w
+}
+
+#[test]
+fn claims_at_max_vms_wait_in_arrival_order_and_take_no_room_from_backfill() {
+    let mut w = world_at_max_vms(2);
     let first = claim(&mut w, 1, "web");
     let second = claim(&mut w, 2, "web");
     let third = claim(&mut w, 3, "api");
@@ -1619,22 +1625,7 @@ fn a_vm_handed_out_again_after_a_recovery_goes_to_the_agent_that_started_on_it()
 
 #[test]
 fn a_vm_asleep_without_memory_leaves_its_room_and_its_wake_goes_before_later_claims() {
-    let mut w = World::new(1);
-    w.change(
-        ResourceKind::PoolConfig,
-        "default",
-        vec![("max_vms", "1".into())],
-        false,
-    );
-    for ws in WORKSPACES {
-        w.change(
-            ResourceKind::Workspace,
-            ws,
-            vec![("min_idle", "0".into())],
-            false,
-        );
-    }
-    w.drain();
+    let mut w = world_at_max_vms(1);
     let first = claim(&mut w, 1, "web");
     w.drain();
     w.apply(&Step::AgentStarts { pick: 0 });
