@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use murmur_workflows::activity_api::{
-    CLAIM_REJECTED, ClaimInput, PoolPowerInput, PoolStepInput, PowerInput, PowerReport,
+    CLAIM_REJECTED, ClaimInput, ListedVm, PoolPowerInput, PoolStepInput, PowerInput, PowerReport,
     ProbeClaimInput, ReleaseInput, RunInput, RunReport, STEP_REFUSED, TerminateAgentsInput,
-    VM_LOST, VM_TAKEN, WipeReport,
+    VM_LOST, VM_TAKEN, WipeListedInput, WipeReport,
 };
 use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
@@ -21,6 +21,7 @@ use murmur_workflows::machine::{ClaimState, PowerState};
 use murmur_workflows::messages::{
     ClaimProbe, Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
 };
+use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::{
     UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowQueryOptions, WorkflowTerminateOptions,
@@ -537,8 +538,76 @@ impl AgentActivities {
         ctx: ActivityContext,
         tenant: String,
     ) -> Result<WipeReport, ActivityError> {
-        use futures::StreamExt;
+        let pass = with_heartbeats(&ctx, self.delete_all(&tenant)).await??;
+        Ok(pass.report)
+    }
+
+    /// Nuke step 3a: what the host holds of the tenant, to be wiped by [`Self::wipe_listed`].
+    #[activity(name = "murmur.list_tenant_vms")]
+    pub async fn list_tenant_vms(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        tenant: String,
+    ) -> Result<Vec<ListedVm>, ActivityError> {
+        let vms = self
+            .provider
+            .list(&tenant)
+            .await
+            .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?;
+        Ok(vms
+            .into_iter()
+            .map(|vm| ListedVm {
+                owned: vm.owner.is_some(),
+                id: vm.id,
+            })
+            .collect())
+    }
+
+    /// Nuke step 3b: deletes every VM of the tenant on this host; counts the listed VMs that
+    /// are gone at the end (whichever attempt deleted them) and any other it deleted.
+    #[activity(name = "murmur.wipe_listed")]
+    pub async fn wipe_listed(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        input: WipeListedInput,
+    ) -> Result<WipeReport, ActivityError> {
         let work = async {
+            let now = self.delete_all(&input.tenant).await?;
+            let left: std::collections::BTreeSet<VmId> = self
+                .provider
+                .list(&input.tenant)
+                .await
+                .map_err(|e| ActivityError::application(ApplicationFailure::new(e)))?
+                .into_iter()
+                .map(|vm| vm.id)
+                .collect();
+            let mut report = WipeReport {
+                failed: left.len() as u64,
+                ..WipeReport::default()
+            };
+            for vm in input.listed.iter().filter(|vm| !left.contains(&vm.id)) {
+                report.deleted += 1;
+                report.agent_vms += u64::from(vm.owned);
+            }
+            // VMs that appeared after the listing and were deleted now.
+            let listed: std::collections::BTreeSet<&VmId> =
+                input.listed.iter().map(|vm| &vm.id).collect();
+            for (id, owned) in now.deleted_ids.iter() {
+                if !listed.contains(id) {
+                    report.deleted += 1;
+                    report.agent_vms += u64::from(*owned);
+                }
+            }
+            Ok::<_, ActivityError>(report)
+        };
+        with_heartbeats(&ctx, work).await?
+    }
+
+    /// Deletes every VM of the tenant this host holds, a bounded number at a time.
+    async fn delete_all(&self, tenant: &str) -> Result<Deleted, ActivityError> {
+        use futures::StreamExt;
+        let tenant = tenant.to_string();
+        {
             let vms = self
                 .provider
                 .list(&tenant)
@@ -555,7 +624,7 @@ impl AgentActivities {
                             tracing::warn!(tenant = %tenant, vm = %vm.id, error = %e,
                                 "nuke: VM not deleted");
                         }
-                        (deleted.is_ok(), owned)
+                        (vm.id, deleted.is_ok(), owned)
                     }
                 })
                 .buffer_unordered(NUKE_CONCURRENCY)
@@ -563,19 +632,28 @@ impl AgentActivities {
                 .await;
             // The outputs those deletes kept, and any kept before, go too.
             self.provider.forget_kept_output(&tenant);
-            let mut report = WipeReport::default();
-            for (deleted, owned) in results {
+            let mut out = Deleted::default();
+            for (id, deleted, owned) in results {
                 if deleted {
-                    report.deleted += 1;
-                    report.agent_vms += u64::from(owned);
+                    out.report.deleted += 1;
+                    out.report.agent_vms += u64::from(owned);
+                    out.deleted_ids.push((id, owned));
                 } else {
-                    report.failed += 1;
+                    out.report.failed += 1;
                 }
             }
-            Ok::<_, ActivityError>(report)
-        };
-        with_heartbeats(&ctx, work).await?
+            Ok(out)
+        }
     }
+}
+
+/// What one pass of [`AgentActivities::delete_all`] did.
+#[derive(Default)]
+struct Deleted {
+    /// Its counts.
+    report: WipeReport,
+    /// The VMs it deleted, with whether an agent had started on each.
+    deleted_ids: Vec<(VmId, bool)>,
 }
 
 /// Terminates one agent workflow; true when it was terminated, false when it had ended.
@@ -671,8 +749,9 @@ where
 #[cfg(test)]
 mod tests {
     use murmur_workflows::activity_api::{
-        ClaimVm, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, PoolPower,
-        ProbeClaim, ReleaseVm, RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
+        ClaimVm, ListTenantVms, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename,
+        PoolPower, ProbeClaim, ReleaseVm, RunAgent, SleepVm, TerminateAgents, WakeVm, WipeHost,
+        WipeListed,
     };
     use temporalio_common::ActivityDefinition;
 
@@ -702,5 +781,10 @@ mod tests {
             TerminateAgents.name()
         );
         assert_eq!(AgentActivities::wipe_host.name(), WipeHost.name());
+        assert_eq!(
+            AgentActivities::list_tenant_vms.name(),
+            ListTenantVms.name()
+        );
+        assert_eq!(AgentActivities::wipe_listed.name(), WipeListed.name());
     }
 }

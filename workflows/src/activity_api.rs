@@ -366,6 +366,39 @@ activity! {
     WipeHost = "murmur.wipe_host": String => WipeReport
 }
 
+activity! {
+    /// Nuke step 3a, on each host's queue: the tenant's VMs the host holds, with whether an
+    /// agent had started on each. Recorded in history, so the wipe that follows counts what
+    /// was there at this moment however often it is retried.
+    ListTenantVms = "murmur.list_tenant_vms": String => Vec<ListedVm>
+}
+
+/// One VM of [`ListTenantVms`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedVm {
+    /// The VM.
+    pub id: VmId,
+    /// True when an agent had started on it (the substrate recorded an owner).
+    #[serde(default)]
+    pub owned: bool,
+}
+
+activity! {
+    /// Nuke step 3b, on each host's queue: deletes every VM of the tenant the host holds, and
+    /// reports the VMs of `listed` that are gone (deleted by this attempt or by one a worker
+    /// crash cut short) plus any other it deleted.
+    WipeListed = "murmur.wipe_listed": WipeListedInput => WipeReport
+}
+
+/// Input of [`WipeListed`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WipeListedInput {
+    /// Tenant.
+    pub tenant: String,
+    /// What [`ListTenantVms`] found.
+    pub listed: Vec<ListedVm>,
+}
+
 /// What [`WipeHost`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -5,8 +5,9 @@
 //! booting; the pool verifies the request behind the nuke again and admits it once, and a
 //! refusal is final), (2) terminate every running agent workflow of the tenant (one
 //! activity that lists page by page and terminates a bounded number at a time), (3) on every
-//! live host, delete every VM of the tenant it holds, orphans included, (4) reset and resume
-//! the pool. The reported total counts each terminated agent once, its VM with it, plus
+//! live host, list the tenant's VMs (into history), then delete every VM of the tenant it
+//! holds, orphans included, counting every listed VM that is gone at the end so a worker
+//! killed mid-wipe does not make the report undercount, (4) reset and resume the pool. The reported total counts each terminated agent once, its VM with it, plus
 //! every other VM deleted. A second nuke started while one runs joins it (the CLI starts
 //! with the `UseExisting` conflict policy).
 
@@ -25,8 +26,9 @@ use temporalio_sdk::{
 };
 
 use crate::activity_api::{
-    NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename, PoolStepInput, ReadHosts,
-    STEP_REFUSED, TerminateAgents, TerminateAgentsInput, WipeHost, WipeReport, on_host,
+    ListTenantVms, NukePause, NukePauseBeforeRename, NukeReset, NukeResetBeforeRename,
+    PoolStepInput, ReadHosts, STEP_REFUSED, TerminateAgents, TerminateAgentsInput, WipeHost,
+    WipeListed, WipeListedInput, WipeReport, on_host,
 };
 use crate::auth::{VerifyRequest, ops, permissions, unsigned_body};
 use crate::error::ApiError;
@@ -252,6 +254,34 @@ async fn authorize(
 /// Reads of the host registry, 2 s apart, before a nuke gives up waiting for it to exist.
 const REGISTRY_WAITS: u32 = 30;
 
+/// Nukes before this wiped each host with one activity that counted only what its last
+/// attempt deleted: a worker killed during the wipe made the report undercount.
+const PATCH_WIPE_COUNTS_LISTED: &str = "wipe-counts-listed";
+
+/// One host's wipe. With `listed`, the VMs are listed first (into history), and the wipe
+/// counts every listed VM that is gone at its end, so a retry after a crash reports what the
+/// crashed attempt deleted too.
+async fn wipe_host(
+    c: &WorkflowContext<NukeWorkflow>,
+    tenant: &str,
+    options: ActivityOptions,
+    listed: bool,
+) -> Result<WipeReport, temporalio_sdk::ActivityExecutionError> {
+    if !listed {
+        return c
+            .execute_activity(WipeHost, tenant.to_string(), options)
+            .await;
+    }
+    let listed = c
+        .execute_activity(ListTenantVms, tenant.to_string(), options.clone())
+        .await?;
+    let input = WipeListedInput {
+        tenant: tenant.to_string(),
+        listed,
+    };
+    c.execute_activity(WipeListed, input, options).await
+}
+
 /// Deletes every VM of the tenant on every live host, each host's wipe on its own queue. A
 /// host that does not answer is skipped (its reaper deletes what it holds when it is back)
 /// and named in the progress.
@@ -273,6 +303,7 @@ async fn wipe_every_host(
             .execute_activity(ReadHosts, (), admin_options("read the host registry", 60))
             .await?;
     }
+    let listed_wipe = c.patched(PATCH_WIPE_COUNTS_LISTED);
     let wipes = futures::future::join_all(view.live().into_iter().map(|host| {
         let options = on_host(
             admin_options(&format!("delete every VM on {host}"), 3600),
@@ -280,8 +311,12 @@ async fn wipe_every_host(
             Some(&host),
             HOST_START_WITHIN,
         );
-        let fut = c.execute_activity(WipeHost, tenant.to_string(), options);
-        async move { (host, fut.await) }
+        async move {
+            (
+                host.clone(),
+                wipe_host(c, tenant, options, listed_wipe).await,
+            )
+        }
     }))
     .await;
     let mut total = WipeReport::default();
