@@ -649,19 +649,9 @@ impl TestEnv {
 
     /// Waits until the agent is in `phase`, failing after [`PATIENCE`].
     pub fn wait_phase(&self, slug: &str, phase: Phase) -> AgentStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let st = self.agent(slug);
-            if st.phase == Some(phase) {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {slug} to be {phase}; last status: {st:#?}\n{}",
-                self.worker_log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_agent(slug, &format!("to be {phase}"), |st| {
+            st.phase == Some(phase)
+        })
     }
 
     /// Waits until the agent's status satisfies `pred` (`what` names it), failing after
