@@ -6,7 +6,8 @@
 //! never over `max_vms`, and every agent either finished or still running with its VM.
 //!
 //! Rounds and the seed come from `MURMUR_CHAOS_ROUNDS` / `MURMUR_CHAOS_SEED` (printed, so a
-//! failing round can be replayed), the substrate of the kill rounds from
+//! failing round can be replayed), the operations of the kill rounds from `MURMUR_CHAOS_OPS`
+//! (`flush,nuke`: every operation unless set), the substrate of the kill rounds from
 //! `MURMUR_CHAOS_SUBSTRATE` (`process` unless `qemu`); CI runs a handful, `RELIABILITY.md`
 //! records longer runs.
 
@@ -50,6 +51,29 @@ fn rounds(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// The operations the kill rounds choose from (0 patch, 1 flush, 2 spawn, 3 kill, 4 nuke):
+/// all of them, or those `MURMUR_CHAOS_OPS` names (`flush,nuke`) to replay one kind of round
+/// many times. With every operation allowed a seed chooses as it always did.
+fn kill_round_ops() -> Vec<u64> {
+    const NAMES: [&str; 5] = ["patch", "flush", "spawn", "kill", "nuke"];
+    let Ok(list) = std::env::var("MURMUR_CHAOS_OPS") else {
+        return (0..5).collect();
+    };
+    let ops: Vec<u64> = list
+        .split(',')
+        .map(|name| {
+            let name = name.trim();
+            NAMES
+                .iter()
+                .position(|n| *n == name)
+                .unwrap_or_else(|| panic!("MURMUR_CHAOS_OPS: unknown operation {name:?}"))
+                as u64
+        })
+        .collect();
+    assert!(!ops.is_empty(), "MURMUR_CHAOS_OPS names no operation");
+    ops
+}
+
 /// Every agent of the tenant is finished, or running with a VM the pool has assigned to it.
 fn agents_sound(env: &TestEnv, slugs: &[String]) {
     let st = env.status();
@@ -91,10 +115,11 @@ fn worker_killed_at_random_points_loses_and_leaks_nothing() {
     env.wait_for("2 warm VMs", |s| warm(s) == 2);
     let mut slugs: Vec<String> = Vec::new();
     let n = rounds(6);
+    let ops = kill_round_ops();
     // The invariants hold through every crash and restart, not only after each round.
     env.probe().sound_while(Allow::default(), |_| {
         for round in 0..n {
-            let op = dice.below(5);
+            let op = ops[dice.below(ops.len() as u64) as usize];
             let delay = Duration::from_millis(dice.below(600));
             // Start the operation without waiting for it, crash the worker somewhere inside it.
             let mut client: Option<(Op, Child)> = match op {
@@ -134,11 +159,16 @@ fn worker_killed_at_random_points_loses_and_leaks_nothing() {
                 "round {round}: op {op} crashed after {} ms",
                 delay.as_millis()
             );
+            let restarted = Instant::now();
             env.start_worker();
             if let Some((op, c)) = client.take() {
                 // The CLI call either completes against the restarted worker with its normal
                 // output, or fails cleanly with a documented error line; it must not hang.
-                let out = wait_child(c, PATIENCE);
+                let out = wait_child(&env, c, PATIENCE);
+                eprintln!(
+                    "round {round}: {op:?} answered {:.1} s after the restart",
+                    restarted.elapsed().as_secs_f64()
+                );
                 completed_or_failed_cleanly(op, &out);
             }
             env.wait_settled_and_sound(PATIENCE);
@@ -193,8 +223,10 @@ pub(crate) fn spawn_murmur(env: &TestEnv, args: &[&str]) -> Child {
 }
 
 /// Waits for a `murmur` call (its output is small: the pipes cannot fill), failing the test
-/// if it hangs.
-pub(crate) fn wait_child(mut child: Child, patience: Duration) -> Output {
+/// if it hangs. A hang's report says what the call printed and what Temporal holds for the
+/// tenant's pool and nuke (pending activities, updates, the current workflow task), so a
+/// failure seen once in CI can be diagnosed from its log.
+pub(crate) fn wait_child(env: &TestEnv, mut child: Child, patience: Duration) -> Output {
     let deadline = Instant::now() + patience;
     loop {
         if child.try_wait().ok().flatten().is_some() {
@@ -202,7 +234,13 @@ pub(crate) fn wait_child(mut child: Child, patience: Duration) -> Output {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("a murmur command hung across a worker crash");
+            let out = child.wait_with_output().expect("the murmur call's output");
+            panic!(
+                "a murmur command hung across a worker crash\n--- its stdout ---\n{}\n--- its stderr ---\n{}\n{}",
+                crate::harness::stdout(&out),
+                crate::harness::stderr(&out),
+                env.describe_tenant_workflows(),
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

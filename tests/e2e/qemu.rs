@@ -517,7 +517,7 @@ fn a_worker_killed_during_a_guest_sleep_or_wake_loses_nothing() {
             env.kill_worker();
             eprintln!("{verb} crashed after {delay_ms} ms");
             env.start_worker();
-            let out = crate::chaos::wait_child(call, crate::harness::PATIENCE);
+            let out = crate::chaos::wait_child(&env, call, crate::harness::PATIENCE);
             assert!(
                 out.status.success(),
                 "{verb}: {} {}",
@@ -633,7 +633,7 @@ fn a_sleeping_guest_leaves_its_room_under_max_vms_and_wakes_when_there_is_room_a
         );
         // The other agent ends: its VM goes, and then the sleeper wakes where it stopped.
         assert_eq!(env.murmur_ok(&["kill", "other"]), "killed other\n");
-        let out = crate::chaos::wait_child(wake, crate::harness::PATIENCE);
+        let out = crate::chaos::wait_child(&env, wake, crate::harness::PATIENCE);
         let rest: Vec<String> = progress.try_iter().collect();
         assert!(out.status.success(), "{} {rest:?}", stdout(&out));
         assert_eq!(stdout(&out), "VM started\n");

@@ -317,3 +317,49 @@ fn timers_fired(env: &TestEnv, id: &str) -> usize {
         .filter(|e| e["eventType"] == "EVENT_TYPE_TIMER_FIRED")
         .count()
 }
+
+/// Replays one run fetched from the dev server against the current workflow code: the tool
+/// for a nondeterminism error seen in a test's worker log. Ignored unless asked for:
+/// `MURMUR_REPLAY_WORKFLOW=pool/<tenant> MURMUR_REPLAY_RUN=<run id> cargo test --test e2e
+/// replay::a_run_from_the_server -- --ignored` (the latest run without `MURMUR_REPLAY_RUN`);
+/// `MURMUR_REPLAY_SAVE=<file>` also keeps its history, in the golden histories' format.
+#[test]
+#[ignore]
+fn a_run_from_the_server_replays() {
+    let Ok(id) = std::env::var("MURMUR_REPLAY_WORKFLOW") else {
+        panic!("set MURMUR_REPLAY_WORKFLOW (and MURMUR_REPLAY_RUN) to the run to replay");
+    };
+    let run = std::env::var("MURMUR_REPLAY_RUN").ok();
+    let outcome = block_on(async {
+        let client = murmur::client::connect("replay-one")
+            .await
+            .expect("connect");
+        let info = WorkflowExecutionInfo::builder()
+            .namespace(client.namespace())
+            .workflow_id(id.clone())
+            .maybe_run_id(run)
+            .build();
+        let json = info
+            .bind_untyped(client.clone())
+            .fetch_history(WorkflowFetchHistoryOptions::default())
+            .to_json()
+            .await
+            .expect("fetch history");
+        if let Ok(file) = std::env::var("MURMUR_REPLAY_SAVE") {
+            std::fs::write(&file, &json).expect("save the history");
+        }
+        let options = WorkflowReplayerOptions::new()
+            .register_workflow::<PoolWorkflow>()
+            .and_then(|o| o.register_workflow::<AgentWorkflow>())
+            .and_then(|o| o.register_workflow::<NukeWorkflow>())
+            .and_then(|o| o.register_workflow::<HostRegistryWorkflow>())
+            .expect("register workflows")
+            .build();
+        let replayer = WorkflowReplayer::new(options).expect("replayer");
+        let history = WorkflowHistory::from_json(&json).expect("history JSON");
+        replayer.replay_workflow(history).await
+    });
+    if let Err(e) = outcome {
+        panic!("{id} does not replay: {e}");
+    }
+}

@@ -259,7 +259,7 @@ fn a_worker_killed_during_a_sleep_or_a_wake_loses_nothing() {
             env.kill_worker();
             eprintln!("round {round}: {verb} crashed after {delay_ms} ms");
             env.start_worker();
-            let out = wait_child(call, PATIENCE);
+            let out = wait_child(&env, call, PATIENCE);
             assert!(
                 out.status.success(),
                 "{verb} after a crash: {} {}",

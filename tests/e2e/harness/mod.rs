@@ -540,6 +540,34 @@ impl TestEnv {
             .expect("run temporal CLI")
     }
 
+    /// What Temporal holds for the tenant's pool and nuke workflows (`temporal workflow
+    /// describe`: status, pending activities and workflow task, pending updates; the last
+    /// events of each history), then the worker log's tail: the report of a call that hung.
+    pub fn describe_tenant_workflows(&self) -> String {
+        use murmur_workflows::shell::{nuke_workflow_id, pool_workflow_id};
+        let mut report = String::new();
+        for id in [
+            pool_workflow_id(&self.tenant),
+            nuke_workflow_id(&self.tenant),
+        ] {
+            let describe = self.temporal(&["workflow", "describe", "--workflow-id", &id]);
+            report.push_str(&format!(
+                "--- temporal workflow describe {id} ---\n{}{}\n",
+                stdout(&describe),
+                stderr(&describe)
+            ));
+            let show = self.temporal(&["workflow", "show", "--workflow-id", &id]);
+            let text = stdout(&show);
+            let lines: Vec<&str> = text.lines().collect();
+            report.push_str(&format!(
+                "--- temporal workflow show {id} (last 40 lines) ---\n{}\n",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            ));
+        }
+        report.push_str(&self.worker_log_tail());
+        report
+    }
+
     /// The events of the latest run of workflow `id`, through `temporal workflow show`.
     pub fn history_events(&self, id: &str) -> Vec<serde_json::Value> {
         let out = self.temporal(&["workflow", "show", "--workflow-id", id, "-o", "json"]);
