@@ -101,6 +101,9 @@ pub(super) struct ManagedRun {
     paginator: Option<HistoryPaginator>,
     completion_waiting_on_page_fetch: Option<RunActivationCompletion>,
     config: Arc<WorkerConfig>,
+    /// murmur patch: answers to legacy queries held back while local activity resolutions
+    /// wait to be delivered to lang; they go out with the next completion of the same WFT.
+    held_query_responses: Vec<QueryResult>,
 }
 impl ManagedRun {
     pub(super) fn new(
@@ -125,6 +128,7 @@ impl ManagedRun {
             paginator: None,
             completion_waiting_on_page_fetch: None,
             config,
+            held_query_responses: Vec::new(),
         };
         let rua = me.incoming_wft(wft);
         (me, rua)
@@ -750,9 +754,18 @@ impl ManagedRun {
                 .waiting_on_la
                 .as_ref()
                 .is_some_and(|waiting| waiting.heartbeat_timeout_pending);
-        let data = CompletionDataForWFT {
+        // murmur patch: answers held back by an earlier completion of this WFT go first (an
+        // eviction drops them with the WFT).
+        let held = mem::take(&mut self.held_query_responses);
+        let mut query_responses = if completion.activation_was_eviction {
+            Vec::new()
+        } else {
+            held
+        };
+        query_responses.extend(completion.query_responses);
+        let mut data = CompletionDataForWFT {
             task_token: completion.task_token,
-            query_responses: completion.query_responses,
+            query_responses,
             has_pending_query: completion.has_pending_query,
             activation_was_eviction: completion.activation_was_eviction,
             is_forced_failure: completion.is_forced_failure,
@@ -785,6 +798,23 @@ impl ManagedRun {
             }
             let new_local_acts = self.wfm.drain_queued_local_activities();
             self.sink_la_requests(new_local_acts)?;
+
+            // murmur patch: answering a legacy query completes the WFT at once, with the
+            // commands so far. If a local activity resolved while lang was busy, its marker is
+            // among them but lang has not been told of the resolution yet, so its effects land
+            // in the next WFT. A replay delivers a resolution right after the WFT holding its
+            // marker, grouped with whatever else resolved by then: two local activities that
+            // resolved around such a completion then come to lang in one activation when live
+            // and in two on replay, and the commands lang issues in between (a handler's
+            // update completion, the main loop's signals) interleave differently: a
+            // nondeterminism error. Hold the answers back until lang has seen every pending
+            // resolution; they go out with the next completion of this WFT.
+            if !data.query_responses.is_empty()
+                && !data.is_forced_failure
+                && self.wfm.machines.has_pending_la_resolutions()
+            {
+                self.held_query_responses = mem::take(&mut data.query_responses);
+            }
 
             if self.wfm.machines.outstanding_local_activity_count() == 0 {
                 Ok(None)
@@ -862,10 +892,13 @@ impl ManagedRun {
                     }))
                 }
             }
-            Err(e) => Err(RunUpdateErr {
-                source: e,
-                complete_resp_chan: completion.resp_chan,
-            }),
+            Err(e) => {
+                self.held_query_responses.clear();
+                Err(RunUpdateErr {
+                    source: e,
+                    complete_resp_chan: completion.resp_chan,
+                })
+            }
         }
     }
 
