@@ -7,6 +7,16 @@
 //! a command is rendered into a shell script here (POSIX quoting), so the guest never parses
 //! JSON.
 //!
+//! Every request starts with a newline too ([`request_line`]). The serial port passes a
+//! line on in pieces (a FIFO's worth at a time, as the guest reads them), and when a
+//! connection closes qemu drops whatever it has not passed on yet: a handshake that returns
+//! at its first ready line while a later ping is on its way, or a request given up on, can
+//! leave the guest holding the start of a line. Without the newline the next request would
+//! end that line: `ping 12` + `read 34 r1 0 9` reads as a ping tagged `12read`, and the
+//! request is never answered. The agent skips the empty line the newline makes otherwise.
+//! (The agent also reads each request as it arrives, so it keeps no child of its own that
+//! could interrupt that read: see the comment on its request loop.)
+//!
 //! Besides the requests of runs (`run`, `status`, `tail`, `cancel`) the channel carries:
 //!
 //! - `read <run> <offset> <max>`: a run's output from any offset with its size and whether
@@ -85,12 +95,9 @@ pub async fn request(
     let work = async {
         let stream = tokio::net::UnixStream::connect(socket).await?;
         let (read, mut write) = stream.into_split();
-        let line = if args.is_empty() {
-            format!("{verb} {tag}\n")
-        } else {
-            format!("{verb} {tag} {args}\n")
-        };
-        write.write_all(line.as_bytes()).await?;
+        write
+            .write_all(request_line(verb, &tag, args).as_bytes())
+            .await?;
         let mut reader = BufReader::new(read);
         let mut buf = Vec::new();
         loop {
@@ -112,6 +119,16 @@ pub async fn request(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ChannelError::Timeout(timeout))?
+}
+
+/// The bytes of one request: `<verb> <tag> <args>` (no args: `<verb> <tag>`) on a line of
+/// its own, that is after a newline as well (see the module docs).
+pub fn request_line(verb: &str, tag: &str, args: &str) -> String {
+    if args.is_empty() {
+        format!("\n{verb} {tag}\n")
+    } else {
+        format!("\n{verb} {tag} {args}\n")
+    }
 }
 
 /// The answer in `line` when it is `@<tag> <answer>` for this tag.
@@ -420,6 +437,9 @@ pub async fn handshake(socket: &Path, timeout: Duration) -> Result<Ready, Channe
 }
 
 /// One connection: ping every 250 ms until a ready line arrives (or the connection breaks).
+/// Returns at the first ready line, with later pings possibly still on their way: the guest
+/// answers what it gets of them to nobody (or to the next request, which skips them), and a
+/// ping cut short by the close is ended by the next request's leading newline.
 async fn handshake_once(socket: &Path) -> Result<Ready, ChannelError> {
     let stream = tokio::net::UnixStream::connect(socket).await?;
     let (read, mut write) = stream.into_split();
@@ -427,7 +447,9 @@ async fn handshake_once(socket: &Path) -> Result<Ready, ChannelError> {
     let mut buf = Vec::new();
     loop {
         let tag = next_tag();
-        write.write_all(format!("ping {tag}\n").as_bytes()).await?;
+        write
+            .write_all(request_line("ping", &tag, "").as_bytes())
+            .await?;
         let until = Instant::now() + Duration::from_millis(250);
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -536,6 +558,17 @@ mod tests {
             parse_answer(b"@t9 exited 3\n", "t9").as_deref(),
             Some("exited 3")
         );
+    }
+
+    #[test]
+    fn every_request_is_a_line_of_its_own() {
+        assert_eq!(request_line("ping", "t1", ""), "\nping t1\n");
+        assert_eq!(request_line("read", "t2", "r1 0 10"), "\nread t2 r1 0 10\n");
+        // The start of a line that a closed connection left in the guest is ended before
+        // the request, which the agent still reads whole.
+        let guest_reads = format!("ping 12{}", request_line("read", "t3", "r1 0 9"));
+        let lines: Vec<&str> = guest_reads.lines().collect();
+        assert_eq!(lines, ["ping 12", "read t3 r1 0 9"]);
     }
 
     #[test]
