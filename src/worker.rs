@@ -182,6 +182,12 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let keys_dir = config.keys_dir.clone().unwrap_or_else(|| state_dir.clone());
     let keys = KeyStore::open(&keys_dir).map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     let keys_for_gateway = keys.clone();
+    // Worker-signed requests to a pool are checked by their update validators, against this
+    // worker's keys and clock (murmur_workflows::gate::check_service).
+    let checker = keys.clone();
+    murmur_workflows::gate::install_service_check(Box::new(move |req| {
+        checker.verify(req, murmur_activities::auth::now_ms())
+    }));
     let identity = format!("murmur-worker@{}:{}", hostname(), std::process::id());
     let client = crate::client::connect(&identity)
         .await

@@ -35,6 +35,8 @@ pub mod ops {
     pub const BAKE: &str = "image.bake";
     /// Worker-internal: an agent claims a VM.
     pub const CLAIM: &str = "pool.claim";
+    /// Worker-internal: the claims of many agents, sent together by one worker.
+    pub const CLAIMS: &str = "pool.claims";
     /// Worker-internal: an agent releases its VM.
     pub const RELEASE: &str = "pool.release";
     /// Worker-internal: an agent's VM went to sleep without host memory, or is to wake.

@@ -185,6 +185,32 @@ pub struct VmPowerRequest {
     pub auth: Option<crate::auth::Credential>,
 }
 
+/// Most claims one `claims` update carries. A batch of this many stays far under the
+/// server's payload limit (a claim is about 400 bytes of JSON).
+pub const MAX_CLAIM_BATCH: usize = 256;
+
+/// Input of the pool's `claims` update: the claims of many agents, sent together by one
+/// worker and signed once by it (op [`crate::auth::ops::CLAIMS`] over the whole batch). The
+/// claims inside carry no credential of their own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimBatch {
+    /// The claims, each answered in turn (at most [`MAX_CLAIM_BATCH`]).
+    pub claims: Vec<crate::machine::ClaimRequest>,
+    /// Proof that the worker sends the batch.
+    #[serde(default)]
+    pub auth: Option<crate::auth::Credential>,
+}
+
+/// The pool's answer to one claim of a [`ClaimBatch`], in the batch's order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimAnswer {
+    /// Where the claim stands (what the single `claim` update answers).
+    State(crate::machine::ClaimState),
+    /// The claim was refused (what the single `claim` update fails with).
+    Refused(ApiError),
+}
+
 /// Answer of `release`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

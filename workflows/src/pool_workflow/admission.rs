@@ -1,8 +1,10 @@
-//! The pool's gate: every mutating request is verified by the `murmur.verify` local
-//! activity (its verdict is in history, so a replay never re-checks against keys that may
-//! have rotated since), then a developer's request is admitted once by the machine's replay
-//! guard. Refusals are recorded (who — from a verified identity only —, what, why) in the
-//! status and the worker log.
+//! The pool's gate: a developer's request is verified by the `murmur.verify` local activity
+//! (its verdict is in history, so a replay never re-checks against keys that may have
+//! rotated since), then admitted once by the machine's replay guard; refusals are recorded
+//! (who — from a verified identity only —, what, why) in the status and the worker log. A
+//! worker-signed request (claim, release, VM power change) is checked by its update's
+//! validator, which never runs on replay ([`service_checked`]); a refusal leaves no trace in
+//! history and is logged by the worker that refused it.
 
 use temporalio_sdk::WorkflowContext;
 
@@ -50,6 +52,25 @@ pub(super) async fn service<T: serde::Serialize>(
     let now = now_ms(ctx);
     let replaying = ctx.is_replaying();
     ctx.state_mut(|s| verdict.map_err(|r| refused(s, op, r, now, replaying)))
+}
+
+/// Checks a worker-signed request to this pool in an update validator (see
+/// [`gate::check_service`]): signed with a worker key, fresh, refused from developers.
+pub(super) fn service_checked<T: serde::Serialize>(
+    pool: &PoolWorkflow,
+    op: &str,
+    message: &T,
+    credential: Option<Credential>,
+) -> Result<(), ApiError> {
+    let tenant = &pool.pool.tenant;
+    let req = VerifyRequest::service(
+        tenant,
+        op,
+        pool_workflow_id(tenant),
+        unsigned_body(message),
+        credential,
+    );
+    gate::check_service(&req).map(|_| ())
 }
 
 /// The request a nuke's pause acts for: the pool's own (admitted when the `flush` with

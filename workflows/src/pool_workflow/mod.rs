@@ -25,15 +25,21 @@ use crate::auth::{ops, unsigned_body};
 use crate::error::ApiError;
 use crate::machine::{ClaimRequest, ClaimState, Intent, Pool, PowerState};
 use crate::messages::{
-    ClaimProbe, ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS, FlushReply, FlushRequest,
-    Inventory, InventoryPage, Lenient, NukeReport, NukeStep, NukeStepReply, PoolInput,
-    ReleaseReply, ReleaseRequest, UpReply, UpRequest, VmPowerRequest, decode_lenient,
+    ClaimAnswer, ClaimBatch, ClaimProbe, ConfigRequest, ConfigSnapshot, FLUSH_REPLY_IDS,
+    FlushReply, FlushRequest, Inventory, InventoryPage, Lenient, MAX_CLAIM_BATCH, NukeReport,
+    NukeStep, NukeStepReply, PoolInput, ReleaseReply, ReleaseRequest, UpReply, UpRequest,
+    VmPowerRequest, decode_lenient,
 };
 use crate::model::{ResourceDoc, ResourceKind};
 use crate::shell::{UpdateError, boxed, now_ms, to_millis};
 use crate::status::PoolStatus;
 
 pub use crate::shell::{BOOT_TIMEOUT, HOST_START_WITHIN, pool_workflow_id};
+
+/// Patch: worker-signed requests (claims, releases, VM power changes) are checked by their
+/// update's validator ([`crate::gate::check_service`]), not by a `murmur.verify` local
+/// activity in the handler; runs recorded before keep the activity on replay.
+const PATCH_CHECKED_IN_VALIDATOR: &str = "service-checked-in-validator";
 
 /// Permission a flush or nuke needs.
 const PERM_FLUSH: &str = crate::auth::permissions::POOL_DELETE;
@@ -282,6 +288,10 @@ impl PoolWorkflow {
         req: &Lenient<ClaimRequest>,
     ) -> Result<(), UpdateError> {
         let req = req.as_result().map_err(boxed)?;
+        if !self.pool.claims.contains_key(&req.request) || req.taken_by.is_some() {
+            // Sent by the worker (a new claim: for a spawn whose request works once).
+            admission::service_checked(self, ops::CLAIM, req, req.auth.clone()).map_err(boxed)?;
+        }
         self.pool.validate_claim(req).map_err(boxed)
     }
 
@@ -295,33 +305,63 @@ impl PoolWorkflow {
         let req = req.into_result().map_err(boxed)?;
         wait_for_config(ctx).await?;
         let known = ctx.state(|s| s.pool.claims.contains_key(&req.request));
-        if !known || req.taken_by.is_some() {
-            // Sent by the worker (a new claim: for a spawn whose request works once).
+        if (!known || req.taken_by.is_some()) && !ctx.patched(PATCH_CHECKED_IN_VALIDATOR) {
             admission::service(ctx, ops::CLAIM, &req, req.auth.clone())
                 .await
                 .map_err(boxed)?;
         }
-        if !known && req.taken_by.is_none() {
-            let now = now_ms(ctx);
-            ctx.state_mut(|s| admission::spawn(s, &req, now))
-                .map_err(boxed)?;
-        }
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
-        ctx.state_mut(|s| -> Result<(), UpdateError> {
-            s.pool.validate_claim(&req).map_err(boxed)?;
-            let intents = s.pool.claim(&req, now);
-            s.outbox.extend(intents);
-            if !replaying {
-                tracing::info!(tenant = %s.pool.tenant, agent = %req.agent,
-                    claim = ?s.pool.claim_state(&req.request), "claim");
-            }
-            Ok(())
-        })?;
         // Always answered at once: a claim that has to wait is told by a `claim_settled`
         // signal when it is served, so no update stays open (the server caps in-flight
         // updates per workflow; waiting ones would starve flushes and other claims).
-        Ok(ctx.state(|s| s.pool.claim_state(&req.request)))
+        ctx.state_mut(|s| s.take_claim(&req, now, replaying))
+            .map_err(boxed)
+    }
+
+    /// Refuses a `claims` payload that is not a batch of claims, or too big a batch. Each
+    /// claim is checked by the handler, which answers every claim on its own.
+    #[update_validator(claims)]
+    pub fn validate_claims(
+        &self,
+        _ctx: &WorkflowContextView,
+        batch: &Lenient<ClaimBatch>,
+    ) -> Result<(), UpdateError> {
+        let batch = batch.as_result().map_err(boxed)?;
+        if batch.claims.len() > MAX_CLAIM_BATCH {
+            return Err(boxed(ApiError::invalid_argument(format!(
+                "a batch holds at most {MAX_CLAIM_BATCH} claims, not {}",
+                batch.claims.len()
+            ))));
+        }
+        admission::service_checked(self, ops::CLAIMS, batch, batch.auth.clone()).map_err(boxed)?;
+        Ok(())
+    }
+
+    /// The claims of many agents at once, sent by one worker and checked once for all of
+    /// them (by the validator): the path of every agent's claim, so that hundreds of claims a second cost the
+    /// pool a few updates and workflow tasks, not one each (the server also caps in-flight
+    /// updates per workflow). Each claim is taken exactly as the single `claim` update takes
+    /// it; the answers come back in the batch's order.
+    #[update]
+    pub async fn claims(
+        ctx: &mut WorkflowContext<Self>,
+        batch: Lenient<ClaimBatch>,
+    ) -> Result<Vec<ClaimAnswer>, UpdateError> {
+        let batch = batch.into_result().map_err(boxed)?;
+        wait_for_config(ctx).await?;
+        let now = now_ms(ctx);
+        let replaying = ctx.is_replaying();
+        Ok(ctx.state_mut(|s| {
+            batch
+                .claims
+                .iter()
+                .map(|req| match s.take_claim(req, now, replaying) {
+                    Ok(state) => ClaimAnswer::State(state),
+                    Err(e) => ClaimAnswer::Refused(e),
+                })
+                .collect()
+        }))
     }
 
     /// Refuses a `release` whose payload is not a release request.
@@ -331,7 +371,8 @@ impl PoolWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<ReleaseRequest>,
     ) -> Result<(), UpdateError> {
-        req.check().map_err(boxed)
+        let req = req.as_result().map_err(boxed)?;
+        admission::service_checked(self, ops::RELEASE, req, req.auth.clone()).map_err(boxed)
     }
 
     /// The agent behind a claim ended: its VM is deleted, never returned to the pool.
@@ -342,9 +383,11 @@ impl PoolWorkflow {
         req: Lenient<ReleaseRequest>,
     ) -> Result<ReleaseReply, UpdateError> {
         let req = req.into_result().map_err(boxed)?;
-        admission::service(ctx, ops::RELEASE, &req, req.auth.clone())
-            .await
-            .map_err(boxed)?;
+        if !ctx.patched(PATCH_CHECKED_IN_VALIDATOR) {
+            admission::service(ctx, ops::RELEASE, &req, req.auth.clone())
+                .await
+                .map_err(boxed)?;
+        }
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
         let (held, deleting) = ctx.state_mut(|s| {
@@ -380,7 +423,8 @@ impl PoolWorkflow {
         _ctx: &WorkflowContextView,
         req: &Lenient<VmPowerRequest>,
     ) -> Result<(), UpdateError> {
-        req.check().map_err(boxed)
+        let req = req.as_result().map_err(boxed)?;
+        admission::service_checked(self, ops::VM_POWER, req, req.auth.clone()).map_err(boxed)
     }
 
     /// An agent's VM went to sleep without holding host memory (it stops counting against
@@ -392,9 +436,11 @@ impl PoolWorkflow {
         req: Lenient<VmPowerRequest>,
     ) -> Result<PowerState, UpdateError> {
         let req = req.into_result().map_err(boxed)?;
-        admission::service(ctx, ops::VM_POWER, &req, req.auth.clone())
-            .await
-            .map_err(boxed)?;
+        if !ctx.patched(PATCH_CHECKED_IN_VALIDATOR) {
+            admission::service(ctx, ops::VM_POWER, &req, req.auth.clone())
+                .await
+                .map_err(boxed)?;
+        }
         wait_for_config(ctx).await?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
@@ -536,6 +582,28 @@ impl PoolWorkflow {
 }
 
 impl PoolWorkflow {
+    /// Takes a verified claim: a new one's spawn request is admitted once, then the machine
+    /// records the claim (idempotent by request id) and says where it stands.
+    fn take_claim(
+        &mut self,
+        req: &ClaimRequest,
+        now: u64,
+        replaying: bool,
+    ) -> Result<ClaimState, ApiError> {
+        if !self.pool.claims.contains_key(&req.request) && req.taken_by.is_none() {
+            admission::spawn(self, req, now)?;
+        }
+        self.pool.validate_claim(req)?;
+        let intents = self.pool.claim(req, now);
+        self.outbox.extend(intents);
+        let state = self.pool.claim_state(&req.request);
+        if !replaying {
+            tracing::info!(tenant = %self.pool.tenant, agent = %req.agent, claim = ?state,
+                "claim");
+        }
+        Ok(state)
+    }
+
     /// Flushes and queues the deletes; logs only the first time, not on replay.
     fn start_flush(
         &mut self,
