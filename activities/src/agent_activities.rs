@@ -32,6 +32,7 @@ use temporalio_sdk::ApplicationFailure;
 use temporalio_sdk::activities::ActivityContext;
 
 use crate::auth::KeyStore;
+use crate::claim_batch::ClaimBatcher;
 use crate::heartbeat::{with_heartbeats, with_progress};
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{
@@ -56,6 +57,7 @@ pub struct AgentActivities {
     provider: Arc<dyn Provider>,
     keys: KeyStore,
     claims: Arc<ClaimLatencies>,
+    batcher: Arc<ClaimBatcher>,
 }
 
 impl AgentActivities {
@@ -63,6 +65,7 @@ impl AgentActivities {
     pub fn new(provider: Arc<dyn Provider>, keys: KeyStore, claims: Arc<ClaimLatencies>) -> Self {
         Self {
             provider,
+            batcher: ClaimBatcher::new(keys.clone()),
             keys,
             claims,
         }
@@ -193,14 +196,11 @@ impl AgentActivities {
                 input.claim.request
             ))));
         }
-        let mut claim = input.claim.clone();
-        claim.auth = Some(self.sign(ops::CLAIM, &input.tenant, &claim)?);
-        let call = update_pool(
+        let call = self.batcher.claim(
             &client,
             &input.tenant,
             &ctx.info().task_queue,
-            PoolWorkflow::claim,
-            claim.into(),
+            input.claim.clone(),
         );
         let answer = tokio::time::timeout(CLAIM_ANSWER_WITHIN, with_heartbeats(&ctx, call))
             .await

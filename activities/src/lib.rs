@@ -13,6 +13,7 @@
 //! - [`vm_activities`]: the boot and delete activities over a provider.
 //! - [`agent_activities`]: claim/release through the pool, running an agent's command, and
 //!   the nuke's steps (pause/reset the pool, list and terminate agents, list VMs).
+//! - [`claim_batch`]: a worker's claims sent to their pool in batches (group commit).
 //! - [`reaper`]: the reaper's scan (substrate listing, ended agents, stranded workflows).
 //! - [`host_activities`]: a host's lease, reading and announcing the host view, registering.
 //! - [`bake_activities`]: the bake workflow's steps (cache check, provisioning, snapshot).
@@ -27,6 +28,7 @@
 pub mod agent_activities;
 pub mod auth;
 pub mod bake_activities;
+pub mod claim_batch;
 pub mod heartbeat;
 pub mod host_activities;
 pub mod meters;

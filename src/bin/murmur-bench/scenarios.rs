@@ -7,6 +7,7 @@ use futures::StreamExt;
 use murmur::agents::AgentClient;
 use murmur::client::PoolClient;
 use murmur_activities::auth::KeyStore;
+use murmur_activities::claim_batch::ClaimBatcher;
 use murmur_activities::substrate::Provider;
 use murmur_activities::substrate::process::{ProcessProvider, SupervisorLaunch};
 use murmur_activities::temporal_ops::update_pool;
@@ -651,20 +652,19 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let clients = 50usize;
     set_pool(&pool, 400, total as u32).await?;
     Bench::wait_pool(&pool, Duration::from_secs(300), settled_with(total as u32)).await?;
-    let keys = KeyStore::open(&b.state_dir)?;
+    // The claims go the way every agent's claim goes: through a worker's batcher.
+    let batcher = ClaimBatcher::new(KeyStore::open(&b.state_dir)?);
     let client = murmur::client::connect("murmur-bench")
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let target = pool_workflow_id(&ctx.tenant);
     let t0 = Instant::now();
     let tasks = (0..clients).map(|c| {
-        let (client, keys, target, ctx) =
-            (client.clone(), keys.clone(), target.clone(), ctx.clone());
+        let (client, batcher, ctx) = (client.clone(), batcher.clone(), ctx.clone());
         let tq = b.task_queue.clone();
         async move {
             let mut lat = Vec::new();
             for i in 0..total / clients {
-                let mut req = ClaimRequest {
+                let req = ClaimRequest {
                     request: format!("bench-{c}-{i}@run"),
                     agent: format!("bench-agent-{c}-{i}"),
                     developer: format!("dev{c}"),
@@ -675,16 +675,15 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
                     taken_by: None,
                     auth: None,
                 };
-                req.auth = Some(keys.sign_service(ops::CLAIM, &target, &unsigned_body(&req))?);
                 let t = Instant::now();
-                update_admitted(
-                    &client,
-                    &ctx.tenant,
-                    &tq,
-                    || PoolWorkflow::claim,
-                    req.into(),
-                )
-                .await?;
+                let state = batcher
+                    .claim(&client, &ctx.tenant, &tq, req)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("claim {c}-{i}: {e}"))?;
+                anyhow::ensure!(
+                    matches!(state, ClaimState::Assigned { .. }),
+                    "claim {c}-{i} found no warm VM: {state:?}"
+                );
                 lat.push(ms(t.elapsed()));
             }
             anyhow::Ok(lat)
