@@ -1,10 +1,11 @@
-//! Cost per event of the pure pool state machine with 1,000 and 10,000 VMs, and with 1,000
-//! and 10,000 agents queued at `max_vms`: `cargo bench -p murmur-workflows --bench machine`.
+//! Cost per event of the pure pool state machine with 1,000 and 10,000 VMs, with 1,000 and
+//! 10,000 agents queued at `max_vms`, and with 1,000 and 10,000 agents holding VMs:
+//! `cargo bench -p murmur-workflows --bench machine`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use murmur_workflows::machine::{ClaimRequest, ConfigChange, Intent, Pool};
+use murmur_workflows::machine::{Admission, ClaimRequest, ConfigChange, Intent, Pool};
 use murmur_workflows::model::{ResourceKind, VmId, VmRecord, VmState};
 
 /// Inventory sizes measured.
@@ -170,9 +171,76 @@ fn queued(c: &mut Criterion) {
     }
 }
 
+/// A pool whose `agents` agents each hold a VM, with warm VMs to spare: a tenant's steady state.
+fn busy_pool(agents: u32) -> Pool {
+    let mut pool = big_pool(agents + 100);
+    for i in 0..agents {
+        let req = ClaimRequest {
+            request: format!("a{i}@r"),
+            agent: format!("a{i}"),
+            developer: format!("dev{}", i % 50),
+            workspace: "web".into(),
+            ..Default::default()
+        };
+        for intent in pool.claim(&req, 2_000) {
+            if let Intent::Boot(spec) = intent {
+                pool.boot_succeeded(&spec.vm, 2_000);
+            }
+        }
+    }
+    assert_eq!(pool.claims.len(), agents as usize);
+    pool
+}
+
+fn held(c: &mut Criterion) {
+    for agents in SIZES {
+        let mut pool = busy_pool(agents);
+        let mut n = 0u64;
+        // A spawn's claim as the pool takes it (its request admitted once, checked against
+        // max_agents_per_developer, a warm VM handed out, a replacement booted), and the
+        // agent's release, while `agents` other agents hold VMs.
+        let name =
+            format!("admit+check+claim+release+boot with {agents} agents holding VMs (4 events)");
+        c.bench_function(&name, |b| {
+            b.iter(|| {
+                n += 1;
+                let req = ClaimRequest {
+                    request: format!("x{n}@r"),
+                    agent: format!("x{n}"),
+                    developer: "dev7".into(),
+                    workspace: "web".into(),
+                    spawn_request_id: format!("s{n}"),
+                    spawn_signed_at: 3_000 + n,
+                    ..Default::default()
+                };
+                let admission = Admission {
+                    op: "agent.spawn",
+                    developer: &req.developer,
+                    request_id: &req.spawn_request_id,
+                    signed_at: req.spawn_signed_at,
+                    consumer: Some(&req.request),
+                };
+                pool.admit(&admission, 3_000).expect("admitted");
+                pool.validate_claim(&req).expect("valid");
+                let mut intents = pool.claim(&req, 3_000);
+                let (vm, more) = pool.release(&req.request, 3_000);
+                intents.extend(more);
+                if let Some(vm) = vm {
+                    intents.extend(pool.deleted(&vm, 3_000));
+                }
+                for intent in intents {
+                    if let Intent::Boot(spec) = intent {
+                        black_box(pool.boot_succeeded(&spec.vm, 3_000));
+                    }
+                }
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = events, queued
+    targets = events, queued, held
 }
 criterion_main!(benches);

@@ -1071,6 +1071,10 @@ impl World {
             self.pool.vms.indexes_match_a_recount(),
             "the inventory's indexes drifted from its records"
         );
+        // So do the claims' (the waiting claims in arrival order, claims per developer).
+        if let Err(e) = self.pool.check_claim_index() {
+            panic!("the claim indexes drifted from the claims: {e}");
+        }
         // The pool's count errs high only: a VM that holds host memory is never taken for
         // dormant, and only assigned VMs (or their deletes) are.
         for v in self.pool.vms.values() {

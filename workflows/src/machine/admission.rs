@@ -64,7 +64,24 @@ pub struct ReplayGuard {
     mark: u64,
     /// `op developer request-id` → the record.
     used: BTreeMap<String, Used>,
+    /// The records by signed time, oldest first, so forgetting the old ones does not walk
+    /// every record on each admission. Derived from `used`: not carried, not compared,
+    /// rebuilt when it does not match it.
+    #[serde(skip)]
+    by_time: ByTime,
 }
+
+/// `(signed time, key)` of every record (see [`ReplayGuard`]).
+#[derive(Clone, Debug, Default)]
+struct ByTime(std::collections::BTreeSet<(u64, String)>);
+
+impl PartialEq for ByTime {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ByTime {}
 
 impl ReplayGuard {
     /// Admits a request once; refuses a replay or a request older than the horizon.
@@ -87,6 +104,10 @@ impl ReplayGuard {
             )));
         }
         self.mark = self.mark.max(a.signed_at);
+        if self.by_time.0.len() != self.used.len() {
+            self.by_time.0 = self.used.iter().map(|(k, u)| (u.at, k.clone())).collect();
+        }
+        self.by_time.0.insert((a.signed_at, key.clone()));
         self.used.insert(
             key,
             Used {
@@ -94,9 +115,14 @@ impl ReplayGuard {
                 by: a.consumer.map(str::to_string),
             },
         );
-        let mark = self.mark;
-        self.used
-            .retain(|_, u| u.at.saturating_add(REPLAY_HORIZON_MS) >= mark);
+        // Forget what is older than the horizon, oldest first.
+        while let Some((at, _)) = self.by_time.0.first()
+            && at.saturating_add(REPLAY_HORIZON_MS) < self.mark
+        {
+            if let Some((_, key)) = self.by_time.0.pop_first() {
+                self.used.remove(&key);
+            }
+        }
         Ok(())
     }
 

@@ -8,6 +8,8 @@
 //! before warm spares) and warm VMs nobody waiting can use are evicted to make room. Wakes of
 //! dormant VMs waiting for room go before every claim that needs room.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use super::{Intent, Pool};
@@ -33,6 +35,73 @@ pub struct Claim {
     pub failed: Option<String>,
     /// When the claim arrived.
     pub requested_at: Millis,
+}
+
+/// What hand-out decisions read of the claims, kept as the claims change so that a claim
+/// costs O(log n) however many agents the tenant runs: the claims that may still wait, in
+/// arrival order, and the claims per developer (`max_agents_per_developer`). Derived from
+/// [`Pool::claims`]: never carried across continue-as-new, never compared (two pools are
+/// equal whatever their indexes), rebuilt from the claims when missing. A change the indexes
+/// do not follow step by step (host loss, a VM found taken, adoption, a nuke) drops them
+/// ([`Pool::claims_changed`]); the property tests check them against a recount after every
+/// step.
+#[derive(Clone, Debug, Default)]
+pub struct ClaimIndex {
+    /// A superset of the waiting claims as `(seq, request)`: claims are added when made;
+    /// entries of claims since served, failed or forgotten are dropped when met.
+    waiting: Option<BTreeSet<(u64, String)>>,
+    /// Claims per developer.
+    per_developer: Option<BTreeMap<String, u32>>,
+}
+
+impl PartialEq for ClaimIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// True when `c` waits: not served (no VM booting or held for it) and not failed.
+fn waits(c: &Claim) -> bool {
+    c.vm.is_none() && c.failed.is_none()
+}
+
+impl ClaimIndex {
+    fn waiting_of(claims: &BTreeMap<String, Claim>) -> BTreeSet<(u64, String)> {
+        claims
+            .values()
+            .filter(|c| waits(c))
+            .map(|c| (c.seq, c.request.clone()))
+            .collect()
+    }
+
+    fn per_developer_of(claims: &BTreeMap<String, Claim>) -> BTreeMap<String, u32> {
+        let mut counts = BTreeMap::new();
+        for c in claims.values() {
+            *counts.entry(c.developer.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Checks the indexes that are built against a recount of `claims` (for tests):
+    /// every waiting claim is in the waiting set, and the per-developer counts are exact.
+    pub fn check(&self, claims: &BTreeMap<String, Claim>) -> Result<(), String> {
+        if let Some(waiting) = &self.waiting {
+            for entry in Self::waiting_of(claims) {
+                if !waiting.contains(&entry) {
+                    return Err(format!("waiting claim {} missing from the index", entry.1));
+                }
+            }
+        }
+        if let Some(counts) = &self.per_developer {
+            let recount = Self::per_developer_of(claims);
+            if *counts != recount {
+                return Err(format!(
+                    "claims per developer {counts:?}, a recount says {recount:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What an agent asks for.
@@ -137,10 +206,25 @@ impl Pool {
 
     /// Non-terminal agents of a developer: those holding a claim.
     pub fn agents_of(&self, developer: &str) -> u32 {
-        self.claims
-            .values()
-            .filter(|c| c.developer == developer)
-            .count() as u32
+        match &self.claim_index.per_developer {
+            Some(counts) => counts.get(developer).copied().unwrap_or(0),
+            None => self
+                .claims
+                .values()
+                .filter(|c| c.developer == developer)
+                .count() as u32,
+        }
+    }
+
+    /// Drops the claim indexes after a change they do not follow step by step; they are
+    /// rebuilt from the claims when next needed.
+    pub(super) fn claims_changed(&mut self) {
+        self.claim_index = ClaimIndex::default();
+    }
+
+    /// The claim indexes, checked against a recount (for tests).
+    pub fn check_claim_index(&self) -> Result<(), String> {
+        self.claim_index.check(&self.claims)
     }
 
     /// Records a claim (idempotent by request id) and serves what can be served. A claim
@@ -153,6 +237,17 @@ impl Pool {
             return Vec::new();
         }
         self.claim_seq += 1;
+        let claims = &self.claims;
+        let index = &mut self.claim_index;
+        index
+            .waiting
+            .get_or_insert_with(|| ClaimIndex::waiting_of(claims))
+            .insert((self.claim_seq, req.request.clone()));
+        *index
+            .per_developer
+            .get_or_insert_with(|| ClaimIndex::per_developer_of(claims))
+            .entry(req.developer.clone())
+            .or_insert(0) += 1;
         self.claims.insert(
             req.request.clone(),
             Claim {
@@ -209,6 +304,14 @@ impl Pool {
         let Some(claim) = self.claims.remove(request) else {
             return (None, Vec::new());
         };
+        if let Some(counts) = &mut self.claim_index.per_developer
+            && let Some(n) = counts.get_mut(&claim.developer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&claim.developer);
+            }
+        }
         let mut out = Vec::new();
         let mut deleting = None;
         if let Some(vm) = claim.vm
@@ -227,16 +330,25 @@ impl Pool {
         (deleting, out)
     }
 
-    /// Claims not served yet and not failed, in arrival order.
-    fn waiting_claims(&self) -> Vec<String> {
-        let mut waiting: Vec<(u64, String)> = self
-            .claims
-            .values()
-            .filter(|c| c.vm.is_none() && c.failed.is_none())
-            .map(|c| (c.seq, c.request.clone()))
-            .collect();
-        waiting.sort();
-        waiting.into_iter().map(|(_, r)| r).collect()
+    /// Claims not served yet and not failed, in arrival order (from the waiting index, whose
+    /// entries of claims no longer waiting are dropped here).
+    fn waiting_claims(&mut self) -> Vec<String> {
+        let claims = &self.claims;
+        let index = self
+            .claim_index
+            .waiting
+            .get_or_insert_with(|| ClaimIndex::waiting_of(claims));
+        let mut waiting = Vec::new();
+        index.retain(|(seq, request)| {
+            let still = claims
+                .get(request)
+                .is_some_and(|c| c.seq == *seq && waits(c));
+            if still {
+                waiting.push(request.clone());
+            }
+            still
+        });
+        waiting
     }
 
     /// Serves waiting claims: a fresh warm VM of the claim's workspace when there is one,
@@ -389,6 +501,7 @@ impl Pool {
         if let Some(c) = self.claims.get_mut(request) {
             c.vm = None;
         }
+        self.claims_changed();
         if owner == crate::activity_api::DELETING_OWNER {
             // The VM is gone or going: if the pool still counts it as this claim's, it goes.
             let ours = self
@@ -411,6 +524,7 @@ impl Pool {
     /// it; a claim the VM was given to waits again). An owner that no longer runs is found by
     /// the reaper like any agent that ended without releasing.
     pub(super) fn give_to_owner(&mut self, vm: &VmId, owner: &str, now: Millis) {
+        self.claims_changed();
         let agent = agent_of(owner).to_string();
         for c in self.claims.values_mut() {
             if c.vm.as_ref() == Some(vm) && c.request != owner {

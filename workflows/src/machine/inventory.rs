@@ -351,6 +351,36 @@ impl Inventory {
             .take_while(move |(w, i, g, _, _)| w == workspace && i == image && *g == generation)
     }
 
+    /// The oldest warm VM (by ready time, ties by id) among the groups of warm VMs — by
+    /// (workspace, image, generation) — that `wanted` accepts. O(groups × log n) once
+    /// settled: each group's oldest VM is the first of its range.
+    pub fn oldest_warm_of_groups(&self, wanted: impl Fn(&str, &str, u64) -> bool) -> Option<VmId> {
+        if !self.unsettled.is_empty() {
+            return self
+                .vms
+                .values()
+                .filter(|v| {
+                    v.state == VmState::Warm && wanted(&v.workspace, &v.image, v.generation)
+                })
+                .min_by_key(|v| (v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+                .map(|v| v.id.clone());
+        }
+        let mut best: Option<(Millis, &VmId)> = None;
+        let mut next = self.idx.warm.first();
+        while let Some((w, i, g, ready, id)) = next {
+            if wanted(w, i, *g) && best.is_none_or(|b| (*ready, id) < b) {
+                best = Some((*ready, id));
+            }
+            // On to the next group: the first key past every key of this one.
+            let past: WarmKey = match g.checked_add(1) {
+                Some(g) => (w.clone(), i.clone(), g, 0, VmId(String::new())),
+                None => (w.clone(), format!("{i}\0"), 0, 0, VmId(String::new())),
+            };
+            next = self.idx.warm.range(past..).next();
+        }
+        best.map(|(_, id)| id.clone())
+    }
+
     /// True when some VM is warm. O(records changed since the last settle).
     pub fn any_warm(&self) -> bool {
         // The indexes hold changed records as they were: correct by what they are now.
@@ -492,5 +522,44 @@ mod tests {
         assert!(inv.indexes_match_a_recount());
         assert!(!inv.any_warm());
         assert_eq!(inv.oldest_warm("web", "img", 1), None);
+    }
+
+    #[test]
+    fn the_oldest_warm_vm_of_the_wanted_groups_is_what_a_scan_finds() {
+        let mut inv = Inventory::default();
+        // Three groups (workspace, image, generation), warm and not, ready times that
+        // interleave across groups and tie within them.
+        let groups = [("web", "img", 1), ("web", "img", 2), ("api", "old", 1)];
+        for i in 0..30u32 {
+            let (w, img, g) = groups[i as usize % 3];
+            let mut rec = vm(i, VmState::Warm, "h1");
+            rec.workspace = w.into();
+            rec.image = img.into();
+            rec.generation = g;
+            rec.ready_at = Some(u64::from(100 - i / 2));
+            if i % 4 == 0 {
+                rec.state = VmState::Assigned;
+            }
+            inv.insert(rec.id.clone(), rec);
+        }
+        type Wanted<'a> = &'a dyn Fn(&str, &str, u64) -> bool;
+        let scan = |inv: &Inventory, wanted: Wanted| {
+            inv.values()
+                .filter(|v| {
+                    v.state == VmState::Warm && wanted(&v.workspace, &v.image, v.generation)
+                })
+                .min_by_key(|v| (v.ready_at.unwrap_or(v.created_at), v.id.clone()))
+                .map(|v| v.id.clone())
+        };
+        let cases: [Wanted; 4] = [
+            &|_, _, g| g != 2,
+            &|w, _, _| w == "api",
+            &|_, i, g| i == "img" && g == 2,
+            &|_, _, _| false,
+        ];
+        for wanted in cases {
+            assert_eq!(inv.oldest_warm_of_groups(wanted), scan(&inv, wanted));
+        }
+        assert!(inv.oldest_warm_of_groups(|_, _, _| true).is_some());
     }
 }

@@ -274,6 +274,9 @@ pub struct Pool {
     /// Arrival counter of claims (FIFO order).
     #[serde(default)]
     claim_seq: u64,
+    /// What hand-out decisions read of the claims (derived, not carried).
+    #[serde(skip)]
+    claim_index: claims::ClaimIndex,
     /// Seed of the VM id sequence (drawn from workflow randomness once).
     id_seed: u64,
     /// How many ids were drawn so far.
@@ -335,6 +338,7 @@ impl Pool {
             recovery: None,
             record_rev: 0,
             claim_seq: 0,
+            claim_index: claims::ClaimIndex::default(),
             id_seed,
             id_counter: 0,
         }
@@ -967,12 +971,16 @@ impl Pool {
     }
 
     /// A warm VM that can never be handed out (its image or generation is stale), oldest first.
-    fn stale_warm_vm(&self) -> Option<VmId> {
-        self.vms
-            .values()
-            .filter(|v| v.state == VmState::Warm && !self.is_fresh(v))
-            .min_by_key(|v| v.ready_at.unwrap_or(v.created_at))
-            .map(|v| v.id.clone())
+    fn stale_warm_vm(&mut self) -> Option<VmId> {
+        self.vms.settle();
+        let (generation, workspaces) = (self.generation, &self.workspaces);
+        self.vms.oldest_warm_of_groups(|workspace, image, g| {
+            let fresh = g == generation
+                && workspaces
+                    .get(workspace)
+                    .is_some_and(|ws| ws.spec.image_ref == image);
+            !fresh
+        })
     }
 
     fn mark_deleting(&mut self, id: &VmId, reason: DeleteReason) -> Intent {

@@ -187,6 +187,7 @@ impl Pool {
         self.nuke = NukeState::Idle;
         self.vms.clear();
         self.claims.clear();
+        self.claims_changed();
         self.generation += 1;
         self.record_changed();
         self.last_nuke_ms = Some(now.saturating_sub(since));

@@ -108,6 +108,7 @@ impl Pool {
                     claim.vm = None;
                 }
             }
+            self.claims_changed();
         }
         self.reconcile(now)
     }
@@ -122,6 +123,7 @@ impl Pool {
         let claim_of_vm = self.claims.values_mut().find(|c| c.vm.as_ref() == Some(id));
         let claim = claim_of_vm?;
         claim.vm = None;
+        self.claim_index = super::claims::ClaimIndex::default();
         if rec.state == VmState::Assigned {
             let reason = format!("VM {id} was lost with host {host}");
             claim.failed = Some(reason.clone());

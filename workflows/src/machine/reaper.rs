@@ -682,6 +682,7 @@ impl Pool {
             Some(c) => c.vm = Some(vm.id.clone()),
             None => {
                 self.claim_seq += 1;
+                self.claims_changed();
                 let (developer, workspace) = agent_developer_and_workspace(&agent);
                 self.claims.insert(
                     owner.to_string(),
