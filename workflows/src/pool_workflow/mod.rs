@@ -41,6 +41,10 @@ pub use crate::shell::{BOOT_TIMEOUT, HOST_START_WITHIN, pool_workflow_id};
 /// activity in the handler; runs recorded before keep the activity on replay.
 const PATCH_CHECKED_IN_VALIDATOR: &str = "service-checked-in-validator";
 
+/// Patch: an agent whose claim is served while the pool answers it is not also signalled
+/// `claim_settled` (the answer says so); runs recorded before signalled every claim served.
+const PATCH_ANSWER_NOT_SIGNAL: &str = "claim-answer-not-signal";
+
 /// Permission a flush or nuke needs.
 const PERM_FLUSH: &str = crate::auth::permissions::POOL_DELETE;
 
@@ -315,7 +319,8 @@ impl PoolWorkflow {
         // Always answered at once: a claim that has to wait is told by a `claim_settled`
         // signal when it is served, so no update stays open (the server caps in-flight
         // updates per workflow; waiting ones would starve flushes and other claims).
-        ctx.state_mut(|s| s.take_claim(&req, now, replaying))
+        let told = ctx.patched(PATCH_ANSWER_NOT_SIGNAL);
+        ctx.state_mut(|s| s.take_claim(&req, now, replaying, told))
             .map_err(boxed)
     }
 
@@ -352,11 +357,12 @@ impl PoolWorkflow {
         wait_for_config(ctx).await?;
         let now = now_ms(ctx);
         let replaying = ctx.is_replaying();
+        let told = ctx.patched(PATCH_ANSWER_NOT_SIGNAL);
         Ok(ctx.state_mut(|s| {
             batch
                 .claims
                 .iter()
-                .map(|req| match s.take_claim(req, now, replaying) {
+                .map(|req| match s.take_claim(req, now, replaying, told) {
                     Ok(state) => ClaimAnswer::State(state),
                     Err(e) => ClaimAnswer::Refused(e),
                 })
@@ -583,19 +589,28 @@ impl PoolWorkflow {
 
 impl PoolWorkflow {
     /// Takes a verified claim: a new one's spawn request is admitted once, then the machine
-    /// records the claim (idempotent by request id) and says where it stands.
+    /// records the claim (idempotent by request id) and says where it stands. With `told`,
+    /// the claiming agent is not also signalled `claim_settled` for what this answer tells it
+    /// (its claim served at once): the answer is the notification.
     fn take_claim(
         &mut self,
         req: &ClaimRequest,
         now: u64,
         replaying: bool,
+        told: bool,
     ) -> Result<ClaimState, ApiError> {
         if !self.pool.claims.contains_key(&req.request) && req.taken_by.is_none() {
             admission::spawn(self, req, now)?;
         }
         self.pool.validate_claim(req)?;
         let intents = self.pool.claim(req, now);
-        self.outbox.extend(intents);
+        let to_the_claimant =
+            |i: &Intent| matches!(i, Intent::Notify { agent } if *agent == req.agent);
+        self.outbox.extend(
+            intents
+                .into_iter()
+                .filter(|i| !(told && to_the_claimant(i))),
+        );
         let state = self.pool.claim_state(&req.request);
         if !replaying {
             tracing::info!(tenant = %self.pool.tenant, agent = %req.agent, claim = ?state,
