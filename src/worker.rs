@@ -41,6 +41,13 @@ use temporalio_sdk::{Runtime, Worker, WorkerOptions};
 
 /// Concurrent activity task polls: flushes and nukes start many short activities at once.
 const ACTIVITY_POLLERS: usize = 20;
+/// Concurrent workflow task polls of the shared queue, sticky and not. Every agent's first
+/// task (the spawn, its claim) comes from the non-sticky queue, which the SDK's default
+/// (5 polls, a fifth of them non-sticky) gives one poll: spawns arriving together queued
+/// behind it.
+const WORKFLOW_POLLERS: usize = 10;
+/// The share of [`WORKFLOW_POLLERS`] that polls the non-sticky queue (5 of 10).
+const NONSTICKY_POLL_RATIO: f32 = 0.5;
 /// Activity slots of a host's queue beyond one per VM (boots, deletes, scans, the lease).
 const HOST_SLOT_HEADROOM: usize = 64;
 
@@ -231,6 +238,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // activities are here too for pools from before host placement, whose VMs have no host.
     let shared = WorkerOptions::new(config.task_queue.clone())
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
+        .workflow_task_poller_behavior(PollerBehavior::SimpleMaximum(WORKFLOW_POLLERS))
+        .nonsticky_to_sticky_poll_ratio(NONSTICKY_POLL_RATIO)
         .register_workflow::<PoolWorkflow>()?
         .register_workflow::<AgentWorkflow>()?
         .register_workflow::<NukeWorkflow>()?
