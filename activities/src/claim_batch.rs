@@ -140,6 +140,7 @@ impl ClaimBatcher {
                 lane.waiting.drain(..n).collect()
             };
             let claims: Vec<ClaimRequest> = batch.iter().map(|w| w.claim.clone()).collect();
+            let (n, started) = (claims.len(), std::time::Instant::now());
             let answers =
                 tokio::time::timeout(BATCH_ANSWER_WITHIN, self.send(&client, &pool, claims))
                     .await
@@ -153,6 +154,9 @@ impl ClaimBatcher {
                             ),
                         ))
                     });
+            tracing::debug!(tenant = %pool.tenant, claims = n,
+                took_ms = started.elapsed().as_millis() as u64, answered = answers.is_ok(),
+                "claims batch");
             for (i, waiting) in batch.into_iter().enumerate() {
                 let answer = match &answers {
                     Ok(all) => all.get(i).cloned().unwrap_or_else(|| {

@@ -61,7 +61,8 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn stats(&self) -> (f64, f64, f64) {
+    /// Median, p95 and max of the samples.
+    pub fn stats(&self) -> (f64, f64, f64) {
         let mut s = self.samples.clone();
         s.sort_by(|a, b| a.total_cmp(b));
         if s.is_empty() {
