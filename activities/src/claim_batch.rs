@@ -21,11 +21,12 @@ use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::{ClaimRequest, ClaimState};
 use murmur_workflows::messages::{ClaimAnswer, ClaimBatch, MAX_CLAIM_BATCH};
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
-use temporalio_client::Client;
+use temporalio_client::errors::WorkflowUpdateError;
+use temporalio_client::{Client, WorkflowExecuteUpdateOptions};
 use tokio::sync::oneshot;
 
 use crate::auth::KeyStore;
-use crate::temporal_ops::update_pool;
+use crate::temporal_ops::{update_error, update_pool};
 
 /// Batches of one pool a worker has under way at once.
 pub const BATCHES_IN_FLIGHT: usize = 3;
@@ -191,14 +192,29 @@ impl ClaimBatcher {
                     )
                     .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?,
             );
-            let sent = update_pool(
-                client,
-                &pool.tenant,
-                &pool.task_queue,
-                PoolWorkflow::claims,
-                batch.clone().into(),
-            )
-            .await;
+            // A plain update to the running pool (the usual case, and the cheaper call);
+            // update-with-start only when no pool runs.
+            let sent = match client
+                .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&pool.tenant))
+                .execute_update(
+                    PoolWorkflow::claims,
+                    batch.clone().into(),
+                    WorkflowExecuteUpdateOptions::default(),
+                )
+                .await
+            {
+                Err(WorkflowUpdateError::NotFound(_)) => {
+                    update_pool(
+                        client,
+                        &pool.tenant,
+                        &pool.task_queue,
+                        PoolWorkflow::claims,
+                        batch.clone().into(),
+                    )
+                    .await
+                }
+                other => other.map_err(|e| update_error(e, "not running")),
+            };
             match sent {
                 Ok(answers) => {
                     return Ok(answers

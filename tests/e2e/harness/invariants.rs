@@ -150,12 +150,14 @@ impl TestEnv {
     pub fn wait_settled_and_sound(&self, patience: Duration) -> PoolStatus {
         let deadline = Instant::now() + patience;
         loop {
+            // The substrate first, the pool's status after it: the status returned is then
+            // never older than the check that passed.
+            let violations = self.invariant_violations();
             let st = self.status();
             let settled = st
                 .vms
                 .iter()
                 .all(|v| matches!(v.state, VmState::Warm | VmState::Assigned));
-            let violations = self.invariant_violations();
             if settled && violations.is_empty() {
                 return st;
             }
