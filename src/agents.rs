@@ -198,10 +198,11 @@ impl AgentClient {
     /// The agent's status and the run id of its latest workflow run.
     pub async fn status_of_run(&self, slug: &str) -> Result<(AgentStatus, String), ApiError> {
         let (handle, state, run_id) = self.find(slug).await?;
-        let mut status = handle
-            .query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
-            .await
-            .map_err(|e| query_error(e, &Self::not_found(slug).message))?;
+        let mut status = crate::client::patiently(|| {
+            handle.query(AgentWorkflow::status, (), WorkflowQueryOptions::default())
+        })
+        .await
+        .map_err(|e| query_error(e, &Self::not_found(slug).message))?;
         match state {
             WorkflowExecutionStatus::Terminated => status.phase = Some(Phase::Canceled),
             WorkflowExecutionStatus::TimedOut => status.phase = Some(Phase::Failed),

@@ -327,7 +327,8 @@ impl PoolClient {
     /// says so in `run_ended`.
     pub async fn status(&self) -> Result<PoolStatus, ApiError> {
         let handle = self.handle();
-        let query = handle.query(PoolWorkflow::status, (), WorkflowQueryOptions::default());
+        let query =
+            patiently(|| handle.query(PoolWorkflow::status, (), WorkflowQueryOptions::default()));
         let (status, ended) = tokio::join!(self.answered(query), self.run_ended());
         let mut status = status?;
         status.run_ended = ended;
@@ -351,18 +352,21 @@ impl PoolClient {
     /// One page of the VM records and claims.
     pub async fn inventory(&self, page: InventoryPage) -> Result<Inventory, ApiError> {
         let handle = self.handle();
-        let query = handle.query(
-            PoolWorkflow::inventory,
-            page.into(),
-            WorkflowQueryOptions::default(),
-        );
+        let query = patiently(|| {
+            handle.query(
+                PoolWorkflow::inventory,
+                page.clone().into(),
+                WorkflowQueryOptions::default(),
+            )
+        });
         self.answered(query).await
     }
 
     /// The build of the worker serving the pool.
     pub async fn worker_version(&self) -> Result<String, ApiError> {
         let handle = self.handle();
-        let query = handle.query(PoolWorkflow::version, (), WorkflowQueryOptions::default());
+        let query =
+            patiently(|| handle.query(PoolWorkflow::version, (), WorkflowQueryOptions::default()));
         self.answered(query).await
     }
 
@@ -580,6 +584,39 @@ fn ended_as(status: WorkflowExecutionStatus) -> String {
         _ => "in an unknown way",
     }
     .to_string()
+}
+
+/// How long [`patiently`] asks a busy workflow again.
+const BUSY_FOR_AT_MOST: Duration = POOL_ANSWER_WITHIN;
+
+/// Pause between two questions to a busy workflow.
+const BUSY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Sends a query (`ask`) and asks again while the workflow is busy: a workflow with a
+/// workflow task in flight (e.g. on a worker just killed, until that task times out) holds
+/// one query and refuses more with `ResourceExhausted` ("consistent query buffer is full").
+/// That is a moment, not an answer; any other result is returned as it comes, and the last
+/// refusal after [`BUSY_FOR_AT_MOST`].
+pub(crate) async fn patiently<T, F>(
+    ask: impl Fn() -> F,
+) -> Result<T, temporalio_client::errors::WorkflowQueryError>
+where
+    F: std::future::Future<Output = Result<T, temporalio_client::errors::WorkflowQueryError>>,
+{
+    use temporalio_client::errors::WorkflowQueryError;
+    let started = tokio::time::Instant::now();
+    loop {
+        match ask().await {
+            Err(WorkflowQueryError::Rpc(status))
+                if status.code() == tonic::Code::ResourceExhausted
+                    && started.elapsed() < BUSY_FOR_AT_MOST =>
+            {
+                tracing::debug!(error = %status.message(), "the workflow is busy; asking again");
+                tokio::time::sleep(BUSY_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]
