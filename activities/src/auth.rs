@@ -249,14 +249,15 @@ impl KeyStore {
         })
     }
 
-    /// Checks a request's credential at time `now_ms`: token signature, expiry and tenant,
-    /// request signature with the token's key (or a worker key), freshness, and permission.
-    /// Replays are the caller's to check (request ids live in workflow state).
+    /// Checks a request's credential at time `now_ms` (or when the server received it, if the
+    /// request says): token signature, expiry and tenant, request signature with the token's
+    /// key (or a worker key), freshness, and permission. Replays are the caller's to check
+    /// (request ids live in workflow state).
     pub fn verify(&self, req: &VerifyRequest, now_ms: u64) -> Verdict {
         // Who a denial names comes only from a token whose signature verified: a forged
         // token must not put someone else's name in the record of denials.
         let mut who = None;
-        match self.check(req, now_ms, &mut who) {
+        match self.check(req, req.received_ms.unwrap_or(now_ms), &mut who) {
             Ok(identity) => Verdict::Allowed(identity),
             Err(error) => Verdict::Denied {
                 error,
@@ -309,8 +310,13 @@ impl KeyStore {
                 unauthenticated("request signature does not match the request (altered, or signed with another key)")
             })?;
         if cred.ts.abs_diff(now) > REQUEST_WINDOW_MS {
+            let clock = if req.received_ms.is_some() {
+                "the time the server received it"
+            } else {
+                "the worker's clock"
+            };
             return Err(unauthenticated(format!(
-                "request was signed {}s away from the worker's clock (allowed: {}s); sign it again",
+                "request was signed {}s away from {clock} (allowed: {}s); sign it again",
                 cred.ts.abs_diff(now) / 1000,
                 REQUEST_WINDOW_MS / 1000
             )));
@@ -651,6 +657,34 @@ mod tests {
         assert_eq!(
             denied(store.verify(&none, now)),
             "UNAUTHENTICATED: identity token is missing or expired"
+        );
+    }
+
+    #[test]
+    fn freshness_is_judged_when_the_server_received_the_request() {
+        let (_d, store) = store();
+        let dev = developer(
+            &store,
+            "acme",
+            "ana",
+            roles::ADMIN,
+            Duration::from_secs(3600),
+        );
+        let signed = dev.sign(ops::FLUSH, "pool/acme", "{}").unwrap();
+        let received = now_ms();
+        // Checked ten minutes late by a busy worker: fresh when the server received it.
+        let late = now_ms() + 600_000;
+        let req = request(signed.clone(), "pool-config.delete").received_at(Some(received));
+        assert!(
+            matches!(store.verify(&req, late), Verdict::Allowed(_)),
+            "a request received fresh was refused for the worker's delay"
+        );
+        // Received by the server ten minutes after it was signed: stale, whenever checked.
+        let req = request(signed, "pool-config.delete").received_at(Some(received + 600_000));
+        assert_eq!(
+            denied(store.verify(&req, received)),
+            "UNAUTHENTICATED: request was signed 600s away from the time the server received it \
+             (allowed: 120s); sign it again"
         );
     }
 

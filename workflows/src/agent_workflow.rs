@@ -405,6 +405,13 @@ async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<(String, u64), 
             input.workflow_id()
         )));
     }
+    // Judged when the server started this run: a server too busy to hand out the first
+    // workflow task for minutes must not turn a fresh spawn into a stale one.
+    let started_ms = c
+        .info()
+        .start_time()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
     let req = VerifyRequest::developer(
         &input.tenant,
         ops::SPAWN,
@@ -412,7 +419,8 @@ async fn authorize(c: &WorkflowContext<AgentWorkflow>) -> Result<(String, u64), 
         unsigned_body(&input),
         permissions::AGENT_CREATE,
         input.auth.clone(),
-    );
+    )
+    .received_at(started_ms);
     let identity = gate::verify(c, req).await.map_err(|r| {
         if !c.is_replaying() {
             tracing::warn!(who = %r.who, error = %r.error, "spawn denied");

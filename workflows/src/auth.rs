@@ -105,9 +105,23 @@ pub struct VerifyRequest {
     pub permission: Option<String>,
     /// The credential.
     pub credential: Option<Credential>,
+    /// When the Temporal server received the request (ms since the epoch), where the workflow
+    /// knows it: a spawn's is its run's start. The signature's age and the token's expiry are
+    /// then judged at that moment, not when a busy worker got round to checking it; without
+    /// it, at the worker's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_ms: Option<u64>,
 }
 
 impl VerifyRequest {
+    /// The same request, judged as received by the server at `received_ms`.
+    pub fn received_at(self, received_ms: Option<u64>) -> Self {
+        Self {
+            received_ms,
+            ..self
+        }
+    }
+
     /// A developer's request: `body` (the message as [`unsigned_body`] renders it) of
     /// operation `op` on workflow `target` of `tenant`, which needs `permission` (see
     /// [`permissions`]), signed with `credential`.
@@ -141,6 +155,7 @@ impl VerifyRequest {
             body,
             permission: None,
             credential,
+            received_ms: None,
         }
     }
 }
