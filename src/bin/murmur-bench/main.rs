@@ -148,14 +148,27 @@ impl Bench {
 
     /// How many VMs of `tenant` the bench host's substrate holds.
     pub fn vms_of(&self, tenant: &str) -> usize {
-        use murmur_activities::substrate::Provider as _;
-        let vms = if self.substrate == "qemu" {
-            murmur_activities::substrate::qemu::QemuProvider::inspector(&self.state_dir).host_vms()
-        } else {
-            murmur_activities::substrate::process::ProcessProvider::inspector(&self.state_dir)
-                .host_vms()
-        };
-        vms.iter().filter(|(t, _)| t == tenant).count()
+        self.vm_counter(tenant)()
+    }
+
+    /// A counter of `tenant`'s VMs on the bench host's substrate that a sampling thread can
+    /// own (see [`Bench::vms_of`]).
+    pub fn vm_counter(&self, tenant: &str) -> impl Fn() -> usize + Send + 'static {
+        let (state_dir, qemu, tenant) = (
+            self.state_dir.clone(),
+            self.substrate == "qemu",
+            tenant.to_string(),
+        );
+        move || {
+            use murmur_activities::substrate::Provider as _;
+            let vms = if qemu {
+                murmur_activities::substrate::qemu::QemuProvider::inspector(&state_dir).host_vms()
+            } else {
+                murmur_activities::substrate::process::ProcessProvider::inspector(&state_dir)
+                    .host_vms()
+            };
+            vms.iter().filter(|(t, _)| *t == tenant).count()
+        }
     }
 
     /// The worker's process id (for footprint).

@@ -1,6 +1,8 @@
 //! The scenarios. Each makes its own tenant, measures, and cleans up what it started.
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -662,9 +664,31 @@ async fn claims(b: &Bench) -> anyhow::Result<Vec<Figure>> {
     let mut out = Vec::new();
     for (label, room) in [("hand-out only", 0), ("with backfill", total)] {
         let (ctx, pool, _agents) = b.tenant("bench-claims").await?;
-        set_pool(&pool, (total + room) as u32, total as u32).await?;
+        let max_vms = total + room;
+        set_pool(&pool, max_vms as u32, total as u32).await?;
         Bench::wait_pool(&pool, Duration::from_secs(600), settled_with(total as u32)).await?;
-        let (rate, latencies) = claim_burst(b, &ctx, total, CLAIM_CLIENTS).await?;
+        // `max_vms` must hold on the substrate while the claims go on, not only after.
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = tokio::task::spawn_blocking({
+            let (sampling, count) = (sampling.clone(), b.vm_counter(&ctx.tenant));
+            move || {
+                let mut peak = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    peak = peak.max(count());
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                peak
+            }
+        });
+        let burst = claim_burst(b, &ctx, total, CLAIM_CLIENTS).await;
+        sampling.store(false, Ordering::Relaxed);
+        let peak = sampler.await?;
+        let (rate, latencies) = burst?;
+        anyhow::ensure!(
+            peak <= max_vms,
+            "claim-throughput ({label}): {peak} VMs on the substrate at once, max_vms is {max_vms}"
+        );
+        eprintln!("claim-throughput ({label}): at most {peak} VMs at once (max_vms {max_vms})");
         cleanup(b, &pool, &ctx.tenant).await?;
         out.push(figure(
             &format!("claim-throughput ({label}): claims/s ({CLAIM_CLIENTS} clients)"),
@@ -692,7 +716,8 @@ const CLAIMS: usize = 400;
 const CLAIM_CLIENTS: usize = 50;
 
 /// `total` claims from `clients` concurrent clients, each claiming in turn, all through one
-/// batcher; every claim must find a warm VM. Returns claims per second and each latency (ms).
+/// batcher; every claim must find a warm VM, and no VM may be given twice. Returns claims per
+/// second and each latency (ms).
 async fn claim_burst(
     b: &Bench,
     ctx: &murmur::config::Context,
@@ -708,7 +733,7 @@ async fn claim_burst(
         let (client, batcher, ctx) = (client.clone(), batcher.clone(), ctx.clone());
         let tq = b.task_queue.clone();
         async move {
-            let mut lat = Vec::new();
+            let (mut lat, mut vms) = (Vec::new(), Vec::new());
             for i in (c..total).step_by(clients) {
                 let req = ClaimRequest {
                     request: format!("bench-{i}@run"),
@@ -726,18 +751,25 @@ async fn claim_burst(
                     .claim(&client, &ctx.tenant, &tq, req)
                     .await
                     .map_err(|e| anyhow::anyhow!("claim {i}: {e}"))?;
-                anyhow::ensure!(
-                    matches!(state, ClaimState::Assigned { .. }),
-                    "claim {i} found no warm VM: {state:?}"
-                );
+                let ClaimState::Assigned { vm, .. } = state else {
+                    anyhow::bail!("claim {i} found no warm VM: {state:?}");
+                };
                 lat.push(ms(t.elapsed()));
+                vms.push((vm, i));
             }
-            anyhow::Ok(lat)
+            anyhow::Ok((lat, vms))
         }
     });
     let mut latencies = Vec::new();
+    let mut owners = std::collections::HashMap::new();
     for r in futures::future::join_all(tasks).await {
-        latencies.extend(r?);
+        let (lat, vms) = r?;
+        latencies.extend(lat);
+        for (vm, claim) in vms {
+            if let Some(other) = owners.insert(vm.clone(), claim) {
+                anyhow::bail!("claims {other} and {claim} were both given VM {vm}");
+            }
+        }
     }
     Ok((total as f64 / t0.elapsed().as_secs_f64(), latencies))
 }
