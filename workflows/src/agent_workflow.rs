@@ -590,6 +590,10 @@ async fn wait_for_vm(
 /// often ([`CLAIM_RECHECK_MAX`]).
 const PATCH_RECHECK_BY_QUERY: &str = "recheck-by-query";
 
+/// Agents started before this look at a waiting claim with a local activity; later ones with
+/// an ordinary activity ([`probe_options`]).
+const PATCH_PROBE_AS_ACTIVITY: &str = "probe-as-activity";
+
 /// Longest wait between two looks at a claim that still waits.
 pub const CLAIM_RECHECK_MAX: Duration = Duration::from_secs(600);
 
@@ -621,10 +625,14 @@ async fn wait_to_be_served(
             tenant: s.input.tenant.clone(),
             request: request.to_string(),
         });
-        match c
-            .execute_local_activity(ProbeClaim, input, claim_options(stop))
-            .await
-        {
+        let state = if c.patched(PATCH_PROBE_AS_ACTIVITY) {
+            c.execute_activity(ProbeClaim, input, probe_options(stop))
+                .await
+        } else {
+            c.execute_local_activity(ProbeClaim, input, claim_options(stop))
+                .await
+        };
+        match state {
             Ok(ClaimState::Waiting { position }) => {
                 c.state_mut(|s| s.status.queue_position = Some(position));
                 refresh_details(c);
@@ -1025,6 +1033,28 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
             return reason;
         }
     }
+}
+
+/// Options of a look at a waiting claim: an ordinary activity, not a local one. A local
+/// activity keeps its agent's workflow task open (and the run pinned in the worker's cache)
+/// until it returns, and the look is a query the pool's own workflow task answers. Thousands
+/// of queued agents look in waves (a burst of spawns makes their timers fire together); as
+/// local activities they held every workflow task slot of the worker while the pool's task,
+/// which alone could answer them, waited for a slot: the 10,000-agent bench stalled at ~1,750
+/// agents that way. An ordinary activity's agent task completes at once; the look waits in an
+/// activity slot.
+fn probe_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial_interval(Duration::from_millis(200))
+                .maximum_interval(Duration::from_secs(2))
+                .maximum_attempts(2)
+                .build(),
+        )
+        .summary("look at the waiting claim".to_string())
+        .cancellation_token(stop.clone())
+        .build()
 }
 
 /// Options of a claim call: a local activity, answered at once (skipping the activity task
