@@ -61,8 +61,9 @@ pub(super) enum Outcome {
     NukeRetryDue,
     /// The previous run's record was read (or could not be).
     RecordRead(Result<RecordRead, String>),
-    /// The host view of a reaper round was read (`None`: the registry could not be read).
-    HostsRead(Option<Box<HostView>>),
+    /// Host read number `.0` of this run returned the host view of a reaper round (`None`:
+    /// the registry could not be read).
+    HostsRead(u64, Option<Box<HostView>>),
     /// A host's listing of a round arrived.
     HostListed(u64, String, Result<Box<HostScan>, String>),
     /// Temporal's answer of a round arrived.
@@ -123,7 +124,13 @@ pub(super) fn start<'a>(
         }
         Intent::NukeRetry { wait_ms } => Started::Timer(after(c, wait_ms, Outcome::NukeRetryDue)),
         Intent::ReadRecord => Started::InFlight(read_record(c, tenant)),
-        Intent::ReadHosts => Started::InFlight(read_hosts(c)),
+        Intent::ReadHosts => {
+            let read = c.state_mut(|s| {
+                s.host_reads += 1;
+                s.host_reads
+            });
+            Started::InFlight(read_hosts(c, read))
+        }
         Intent::ListHost {
             round,
             host,
@@ -389,9 +396,9 @@ fn read_record<'a>(
     async move { Outcome::RecordRead(fut.await.map_err(|e| root_cause(&e))) }.boxed_local()
 }
 
-fn read_hosts(c: &WorkflowContext<PoolWorkflow>) -> LocalBoxFuture<'_, Outcome> {
+fn read_hosts(c: &WorkflowContext<PoolWorkflow>, read: u64) -> LocalBoxFuture<'_, Outcome> {
     let fut = c.execute_activity(ReadHosts, (), scan_options("read the host registry"));
-    async move { Outcome::HostsRead(fut.await.ok().map(Box::new)) }.boxed_local()
+    async move { Outcome::HostsRead(read, fut.await.ok().map(Box::new)) }.boxed_local()
 }
 
 /// Options of the reaper's activities.

@@ -73,6 +73,9 @@ pub struct PoolWorkflow {
     /// whether a round would have started at that moment (what runs recorded before
     /// [`run_loop::PATCH_DOORBELL_AFTER_OUTCOMES`] did, in the handler).
     doorbell: Option<bool>,
+    /// Host reads started this run; a read's result carries its number, and only the latest
+    /// read may serve a round ([`run_loop::PATCH_LATEST_HOST_READ`]).
+    host_reads: u64,
 }
 
 #[workflow_methods]
@@ -105,6 +108,7 @@ impl PoolWorkflow {
             signalled: Vec::new(),
             record_written: None,
             doorbell: None,
+            host_reads: 0,
         }
     }
 

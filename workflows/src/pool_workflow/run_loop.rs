@@ -32,6 +32,8 @@ const PATCH_BATCHED_DELETES: &str = "batched-deletes";
 /// Patch: the `hosts` doorbell asks for a round after the outcomes that are ready were fed to
 /// the machine ([`answer_doorbell`]), not in its handler.
 pub(super) const PATCH_DOORBELL_AFTER_OUTCOMES: &str = "doorbell-after-outcomes";
+/// Patch: a host read that a later read superseded serves no round ([`superseded_read`]).
+pub(super) const PATCH_LATEST_HOST_READ: &str = "latest-host-read";
 
 /// Runs the pool until it rolls over (or is cancelled).
 pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResult<()> {
@@ -69,6 +71,8 @@ pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResu
 
         temporalio_sdk::workflows::select! {
             outcomes = all_ready([&mut in_flight, &mut timers]).fuse() => {
+                let outcomes: Vec<Outcome> =
+                    outcomes.into_iter().filter(|o| !superseded_read(&c, o)).collect();
                 let now = now_ms(&c);
                 let replaying = c.is_replaying();
                 c.state_mut(|s| {
@@ -82,6 +86,20 @@ pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResu
             _ = (&mut handlers_done).fuse() => {}
         }
     }
+}
+
+/// True for the result of a host read that a later read superseded: it is dropped. Two reads
+/// can be in flight when a nuke's reset restarts the reaper's rounds during a round's read.
+/// The earlier one used to serve whichever round was reading when it returned, so a read
+/// that outlived its round (a worker killed meanwhile) served the next round or not depending
+/// on whether the next round's timer was applied before or after it — and the SDK grouped the
+/// two differently live and on replay: the run did not replay (RELIABILITY #37). Only the
+/// latest read serves, whatever the order. Runs recorded before the patch keep the old rule.
+fn superseded_read(c: &WorkflowContext<PoolWorkflow>, outcome: &Outcome) -> bool {
+    let Outcome::HostsRead(read, _) = outcome else {
+        return false;
+    };
+    *read != c.state(|s| s.host_reads) && c.patched(PATCH_LATEST_HOST_READ)
 }
 
 /// Asks for a reaper round when the `hosts` doorbell rang. Here, every outcome that was ready
@@ -280,7 +298,7 @@ impl PoolWorkflow {
                 }
                 self.pool.record_read(read.record, &read.source, now)
             }
-            Outcome::HostsRead(view) => self.pool.hosts_read(view.map(|v| *v), now),
+            Outcome::HostsRead(_, view) => self.pool.hosts_read(view.map(|v| *v), now),
             Outcome::HostListed(round, host, scan) => {
                 let before = self.pool.reaper.clone();
                 let intents = self.pool.host_listed(round, &host, scan.map(|s| *s), now);
