@@ -1040,18 +1040,12 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
 /// until it returns, and the look is a query the pool's own workflow task answers. Thousands
 /// of queued agents look in waves (a burst of spawns makes their timers fire together); as
 /// local activities they held every workflow task slot of the worker while the pool's task,
-/// which alone could answer them, waited for a slot: the 10,000-agent bench stalled at ~1,750
-/// agents that way. An ordinary activity's agent task completes at once; the look waits in an
+/// which alone could answer them, waited for a slot: the 10,000-agent bench stalled at ~1,780
+/// agents that way (RELIABILITY #36). An ordinary activity's agent task completes at once; the look waits in an
 /// activity slot.
 fn probe_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial_interval(Duration::from_millis(200))
-                .maximum_interval(Duration::from_secs(2))
-                .maximum_attempts(2)
-                .build(),
-        )
+        .retry_policy(quick_retries())
         .summary("look at the waiting claim".to_string())
         .cancellation_token(stop.clone())
         .build()
@@ -1062,17 +1056,20 @@ fn probe_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
 fn claim_options(stop: &WorkflowCancellationToken) -> LocalActivityOptions {
     LocalActivityOptions::builder()
         .start_to_close_timeout(Duration::from_secs(30))
-        // A few quick tries; after that the agent says in its status that the pool does not
-        // answer, and asks again on a timer.
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial_interval(Duration::from_millis(200))
-                .maximum_interval(Duration::from_secs(2))
-                .maximum_attempts(2)
-                .non_retryable_error_types([CLAIM_REJECTED])
-                .build(),
-        )
+        .retry_policy(quick_retries())
         .cancellation_token(stop.clone())
+        .build()
+}
+
+/// Retries of a call to the pool (a claim, a look at one): a few quick tries; after that the
+/// agent says in its status that the pool does not answer, and asks again on a timer. A
+/// rejected claim is final.
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(200))
+        .maximum_interval(Duration::from_secs(2))
+        .maximum_attempts(2)
+        .non_retryable_error_types([CLAIM_REJECTED])
         .build()
 }
 
