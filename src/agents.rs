@@ -16,7 +16,10 @@ use murmur_workflows::agent::{
 use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
+use murmur_workflows::machine::ClaimState;
+use murmur_workflows::messages::ClaimProbe;
 use murmur_workflows::model::VmId;
+use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use serde::{Deserialize, Serialize};
 use temporalio_client::errors::{WorkflowStartError, WorkflowUpdateWithStartError};
 use temporalio_client::{
@@ -27,6 +30,10 @@ use temporalio_client::{
 use temporalio_common::MemoValues;
 
 use crate::config::Context;
+
+/// How long `murmur status` waits for the pool to say where a waiting claim stands before it
+/// shows the position the agent was given.
+const LIVE_POSITION_WITHIN: Duration = Duration::from_secs(2);
 
 /// Hint printed under a `NOT_FOUND` about an agent.
 pub const NOT_FOUND_HINT: &str = "Check the slug spelling. Use murmur ls to see running agents.";
@@ -208,7 +215,35 @@ impl AgentClient {
             WorkflowExecutionStatus::TimedOut => status.phase = Some(Phase::Failed),
             _ => {}
         }
+        if status.queue_position.is_some() && state == WorkflowExecutionStatus::Running {
+            status.queue_position = self
+                .live_queue_position(&format!("{}@{run_id}", status.workflow))
+                .await
+                .or(status.queue_position);
+        }
         Ok((status, run_id))
+    }
+
+    /// Where a waiting claim stands in the pool's line now. A queued agent only learns its
+    /// position when it claims (it waits for the pool's signal, not asking again), so the
+    /// position an agent reports is the one it was given; this asks the pool. `None` when the
+    /// pool does not say (not waiting any more, or not answering): the agent's own stands.
+    async fn live_queue_position(&self, request: &str) -> Option<u32> {
+        let pool = self
+            .client
+            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&self.ctx.tenant));
+        let probe = ClaimProbe {
+            request: request.to_string(),
+        };
+        let query = pool.query(
+            PoolWorkflow::claim_state,
+            probe.into(),
+            WorkflowQueryOptions::default(),
+        );
+        match tokio::time::timeout(LIVE_POSITION_WITHIN, query).await {
+            Ok(Ok(ClaimState::Waiting { position })) => Some(position),
+            _ => None,
+        }
     }
 
     /// Cancels the agent and waits until it has ended (its VM destroyed).

@@ -464,3 +464,49 @@ fn a_pool_that_does_not_answer_is_visible_and_restart_recovers_it() {
     assert_eq!(env.agent("waiter").waiting, None);
     env.wait_settled_and_sound(PATIENCE);
 }
+
+/// A claim queued in a pool run that is terminated is not in the recovered pool (a pool's
+/// record keeps its config, not its queue). The reaper finds the waiting agent running
+/// without a claim and tells it to claim again, so it gets the VM its neighbour frees. A
+/// waiting agent no longer looks at its claim every minute (it would look in an hour): this
+/// sweep is what serves it.
+#[test]
+fn a_claim_queued_in_a_terminated_pool_run_is_served_after_recovery() {
+    let env = TestEnv::start_with("lostclaim", EnvOptions::default().fast_reaper());
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 0\n");
+    env.spawn("holder", "sleep 600");
+    env.wait_phase("holder", Phase::Running);
+    env.spawn("waiter", "echo got-a-vm");
+    env.wait_for("the waiter's claim queued", |s| {
+        s.claims.len() == 2 && s.claims.iter().any(|c| c.vm.is_none())
+    });
+    assert_eq!(env.agent("waiter").phase, Some(Phase::Starting));
+
+    let pool_id = format!("pool/{}", env.tenant);
+    let out = env.temporal(&["workflow", "terminate", "--workflow-id", &pool_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.murmur(&["pool", "up"]);
+    assert!(
+        out.status.success(),
+        "pool up: {}\n{}",
+        stderr(&out),
+        env.worker_log_tail()
+    );
+    // The recovered pool adopts the holder's VM and learns the waiter's claim again only
+    // from the waiter.
+    let st = env.wait_for(
+        "the waiter told to claim again, its claim queued again",
+        |s| s.reaper.agents_told_to_claim >= 1 && s.claims.len() == 2,
+    );
+    assert!(st.claims.iter().any(|c| c.vm.is_none()), "{st:#?}");
+
+    let out = env.murmur(&["kill", "holder"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done = env.wait_phase("waiter", Phase::Completed);
+    assert!(
+        done.output_tail.unwrap_or_default().contains("got-a-vm"),
+        "the waiter's command did not run"
+    );
+    env.wait_settled_and_sound(PATIENCE);
+}

@@ -597,18 +597,37 @@ const PATCH_PROBE_AS_ACTIVITY: &str = "probe-as-activity";
 /// Longest wait between two looks at a claim that still waits.
 pub const CLAIM_RECHECK_MAX: Duration = Duration::from_secs(600);
 
+/// Agents started before this look at a waiting claim from [`CLAIM_RECHECK`] on; later ones
+/// only every [`CLAIM_RECHECK_SWEPT`], because the pool's reaper tells a running agent whose
+/// claim it does not hold to claim again (the claims a pool run lost are found by the pool,
+/// not by every waiting agent asking).
+const PATCH_SWEPT_BY_POOL: &str = "claims-swept-by-pool";
+
+/// Time between two looks at a waiting claim once the pool's sweep serves lost claims: a
+/// last resort, not the way a claim is served. 10,000 queued agents looking every minute
+/// were ~330 workflow tasks and 170 pool queries a second, and the worker fell behind
+/// (docs/scaling.md); hourly they are 3 a second.
+pub const CLAIM_RECHECK_SWEPT: Duration = Duration::from_secs(3_600);
+
 /// Waits until the pool tells the agent its claim settled (`claim_settled`), or a look finds
 /// it no longer waiting, or the agent is killed (`Err(Canceled)`). The looks are queries:
 /// thousands of queued agents must not spend the pool's update budget (the server admits
 /// 10 in-flight updates per workflow) or its history on asking whether anything changed.
-/// They back off from [`CLAIM_RECHECK`] to [`CLAIM_RECHECK_MAX`]; the signal is what serves
-/// a claim quickly, the looks only catch a notification lost with a pool run that ended.
+/// The signal is what serves a claim; a claim lost with a pool run that ended is found by
+/// the pool's reaper, which tells the agent to claim again ([`PATCH_SWEPT_BY_POOL`]), and the
+/// hourly look is the last resort. Agents started before that back off from
+/// [`CLAIM_RECHECK`] to [`CLAIM_RECHECK_MAX`].
 async fn wait_to_be_served(
     c: &WorkflowContext<AgentWorkflow>,
     stop: &WorkflowCancellationToken,
     request: &str,
 ) -> Result<(), Ended> {
-    let mut recheck = CLAIM_RECHECK;
+    let swept = c.patched(PATCH_SWEPT_BY_POOL);
+    let mut recheck = if swept {
+        CLAIM_RECHECK_SWEPT
+    } else {
+        CLAIM_RECHECK
+    };
     loop {
         let told = temporalio_sdk::workflows::select! {
             _ = c.wait_condition(|s| s.claim_settled || s.killed_by.is_some()).fuse() => true,
@@ -642,7 +661,9 @@ async fn wait_to_be_served(
             // claim update, which says what to do next.
             _ => return Ok(()),
         }
-        recheck = (recheck * 2).min(CLAIM_RECHECK_MAX);
+        if !swept {
+            recheck = (recheck * 2).min(CLAIM_RECHECK_MAX);
+        }
     }
 }
 

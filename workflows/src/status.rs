@@ -200,6 +200,9 @@ pub struct ReaperStatus {
     pub adopted: u64,
     /// Claims whose agent was not found running, waiting out the grace period.
     pub claim_suspects: u32,
+    /// Running agents the pool held no claim of (a waiting claim lost with a pool run that
+    /// ended), told to claim again.
+    pub agents_told_to_claim: u64,
 }
 
 impl ReaperStatus {
@@ -217,6 +220,7 @@ impl ReaperStatus {
             abandoned_nukes: r.abandoned_nukes,
             adopted: r.adopted,
             claim_suspects: u32::try_from(r.claim_suspects.len()).unwrap_or(u32::MAX),
+            agents_told_to_claim: r.agents_told_to_claim,
         }
     }
 }

@@ -562,8 +562,12 @@ impl World {
                     settings: settings(),
                     ..AgentScan::default()
                 });
-                self.pool
-                    .agents_listed(round, scan.ok_or_else(|| "no answer".to_string()), now)
+                self.pool.agents_listed(
+                    round,
+                    scan.ok_or_else(|| "no answer".to_string()),
+                    now,
+                    true,
+                )
             }
         };
         self.absorb(intents);

@@ -116,7 +116,12 @@ class Phase(str, enum.Enum):
 
 @dataclass(frozen=True)
 class AgentStatus:
-    """What ``murmur status <slug>`` shows: the agent workflow's ``status`` query."""
+    """What ``murmur status <slug>`` shows: the agent workflow's ``status`` query.
+
+    ``queue_position`` is the place in line the pool gave the claim when the agent last
+    claimed (a queued agent waits for the pool's signal rather than asking again); the
+    ``murmur status`` CLI asks the pool for the current one.
+    """
 
     workflow: str
     slug: str

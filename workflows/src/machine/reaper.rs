@@ -50,6 +50,13 @@ pub const DEFAULT_ROLL_OVER_EVENTS: u32 = 10_000;
 /// round.
 pub const LISTING_CAP: usize = 800;
 
+/// Rounds in a row that must list a running agent the pool holds no claim of before it is
+/// told to claim again. Two: a claim on its way arrives within a round.
+pub const UNCLAIMED_SIGHTINGS: u32 = 2;
+
+/// Rounds between two reminders to an agent that stays unclaimed after it was told.
+pub const UNCLAIMED_RETELL: u32 = 20;
+
 /// The worker's reaper settings, as its listings report them (they reach the workflow as
 /// activity results, so a replay sees the same).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +262,12 @@ pub struct ReaperState {
     pub suspects: BTreeMap<VmId, Suspect>,
     /// Claims whose agent was not found running, with how many rounds in a row.
     pub claim_suspects: BTreeMap<String, u32>,
+    /// Running agent runs (`<workflow id>@<run id>`) the pool holds no claim of, with how
+    /// many rounds in a row found them so.
+    pub unclaimed_agents: BTreeMap<String, u32>,
+    /// Running agents the pool told to claim again because it held no claim of theirs (a
+    /// waiting claim lost with a pool run that ended), in total.
+    pub agents_told_to_claim: u64,
     /// Rounds in a row that found no nuke running while one was under way.
     pub nuke_missing: u32,
     /// The current round.
@@ -426,12 +439,15 @@ impl Pool {
         out
     }
 
-    /// Temporal's answer of round `round` arrived (`Err`: it could not be had).
+    /// Temporal's answer of round `round` arrived (`Err`: it could not be had). With
+    /// `tell_unclaimed`, running agents the pool holds no claim of are told to claim again
+    /// ([`Pool::tell_unclaimed`]); pool runs recorded before that existed pass `false`.
     pub fn agents_listed(
         &mut self,
         round: u64,
         scan: Result<AgentScan, String>,
         now: Millis,
+        tell_unclaimed: bool,
     ) -> Vec<Intent> {
         if round != self.reaper.rounds {
             return Vec::new();
@@ -444,7 +460,7 @@ impl Pool {
         }
         *agents = false;
         let mut out = match scan {
-            Ok(scan) => self.apply_agent_scan(scan, now),
+            Ok(scan) => self.apply_agent_scan(scan, now, tell_unclaimed),
             Err(_) => Vec::new(),
         };
         out.extend(self.round_progress(now));
@@ -558,7 +574,12 @@ impl Pool {
         out
     }
 
-    fn apply_agent_scan(&mut self, scan: AgentScan, now: Millis) -> Vec<Intent> {
+    fn apply_agent_scan(
+        &mut self,
+        scan: AgentScan,
+        now: Millis,
+        tell_unclaimed: bool,
+    ) -> Vec<Intent> {
         self.reaper.settings = scan.settings;
         self.reaper.stranded_found = scan.stranded_found;
         self.reaper.stranded_terminated += u64::from(scan.stranded_terminated);
@@ -627,6 +648,42 @@ impl Pool {
         self.reaper
             .claim_suspects
             .retain(|r, _| claims.contains_key(r));
+        if tell_unclaimed {
+            out.extend(self.tell_unclaimed(&running.items));
+        }
+        out
+    }
+
+    /// The sweep that serves waiting claims a pool run lost: a running agent whose claim the
+    /// pool does not hold (it was queued in a run that ended, and the pool recovered without
+    /// it) waits for a `claim_settled` signal nobody would send. Once
+    /// [`UNCLAIMED_SIGHTINGS`] rounds in a row list it so, it is told to claim again (and
+    /// again every [`UNCLAIMED_RETELL`] rounds while it stays so). An agent whose first
+    /// claim is still on its way is listed once at most; telling it is harmless (it asks
+    /// where its claim stands).
+    fn tell_unclaimed(&mut self, listed: &[String]) -> Vec<Intent> {
+        let mut seen = BTreeMap::new();
+        let mut out = Vec::new();
+        for request in listed.iter().filter(|r| !self.claims.contains_key(*r)) {
+            let agent = agent_of(request);
+            let rounds = self
+                .reaper
+                .unclaimed_agents
+                .get(request)
+                .copied()
+                .unwrap_or(0)
+                + 1;
+            if rounds >= UNCLAIMED_SIGHTINGS
+                && (rounds - UNCLAIMED_SIGHTINGS).is_multiple_of(UNCLAIMED_RETELL)
+            {
+                self.reaper.agents_told_to_claim += 1;
+                out.push(Intent::Notify {
+                    agent: agent.to_string(),
+                });
+            }
+            seen.insert(request.clone(), rounds);
+        }
+        self.reaper.unclaimed_agents = seen;
         out
     }
 
@@ -842,6 +899,7 @@ mod tests {
                 ..AgentScan::default()
             }),
             now,
+            true,
         ));
         intents
     }
@@ -1002,6 +1060,93 @@ mod tests {
         assert_eq!(pool.reaper.agent_claims_released, 1);
     }
 
+    fn told(intents: &[Intent]) -> Vec<String> {
+        intents
+            .iter()
+            .filter_map(|c| match c {
+                Intent::Notify { agent } => Some(agent.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_running_agent_the_pool_holds_no_claim_of_is_told_to_claim_again() {
+        let (mut pool, ids) = pool_with_warm(1);
+        // Queued in a pool run that ended: the pool recovered without its claim.
+        let lost = "agent/t/default/dev/lost@run1".to_string();
+        let running = vec![lost.clone()];
+        assert!(told(&round(&mut pool, &alive(&ids), &running, 1_000, 10)).is_empty());
+        let intents = round(&mut pool, &alive(&ids), &running, 1_000, 20);
+        assert_eq!(told(&intents), vec!["agent/t/default/dev/lost".to_string()]);
+        assert_eq!(pool.reaper.agents_told_to_claim, 1);
+        // Told once; reminded only after UNCLAIMED_RETELL more rounds.
+        let mut reminders = 0;
+        for r in 0..UNCLAIMED_RETELL {
+            let now = 30 + u64::from(r) * 10;
+            reminders += told(&round(&mut pool, &alive(&ids), &running, 1_000, now)).len();
+        }
+        assert_eq!(reminders, 1);
+        // It claims again: the pool holds the claim, and nobody is told any more.
+        let req = ClaimRequest {
+            request: lost.clone(),
+            agent: "agent/t/default/dev/lost".into(),
+            developer: "dev".into(),
+            workspace: "default".into(),
+            ..ClaimRequest::default()
+        };
+        pool.claim(&req, 1_000);
+        assert!(told(&round(&mut pool, &alive(&ids), &running, 1_000, 2_000)).is_empty());
+        assert!(pool.reaper.unclaimed_agents.is_empty());
+    }
+
+    #[test]
+    fn an_agent_whose_claim_arrives_within_a_round_is_not_told() {
+        let (mut pool, ids) = pool_with_warm(1);
+        let new = "agent/t/default/dev/new@run1".to_string();
+        assert!(told(&round(&mut pool, &alive(&ids), &[new.clone()], 1_000, 10)).is_empty());
+        let req = ClaimRequest {
+            request: new.clone(),
+            agent: "agent/t/default/dev/new".into(),
+            developer: "dev".into(),
+            workspace: "default".into(),
+            ..ClaimRequest::default()
+        };
+        pool.claim(&req, 15);
+        assert!(told(&round(&mut pool, &alive(&ids), &[new], 1_000, 20)).is_empty());
+        assert_eq!(pool.reaper.agents_told_to_claim, 0);
+    }
+
+    #[test]
+    fn pool_runs_recorded_before_the_sweep_tell_nobody() {
+        let (mut pool, ids) = pool_with_warm(1);
+        let lost = vec!["agent/t/default/dev/lost@run1".to_string()];
+        for now in [10, 20, 30] {
+            let mut out = pool.request_scan();
+            out.extend(pool.hosts_read(Some(view()), now));
+            let round = pool.reaper.rounds;
+            let mut intents = Vec::new();
+            for c in &out {
+                match c {
+                    Intent::ListHost { host, digests, .. } => {
+                        let scan = HostScan::answer(digests, alive(&ids), settings(1_000));
+                        intents.extend(pool.host_listed(round, host, Ok(scan), now));
+                    }
+                    Intent::ListAgents { request, .. } => {
+                        let scan = AgentScan {
+                            running: running_differences(&request.claims, lost.iter().cloned()),
+                            settings: settings(1_000),
+                            ..AgentScan::default()
+                        };
+                        intents.extend(pool.agents_listed(round, Ok(scan), now, false));
+                    }
+                    _ => {}
+                }
+            }
+            assert!(told(&intents).is_empty());
+        }
+    }
+
     #[test]
     fn a_vm_a_running_agent_holds_is_adopted_never_deleted() {
         let (mut pool, ids) = pool_with_warm(1);
@@ -1056,6 +1201,7 @@ mod tests {
                     ..AgentScan::default()
                 }),
                 now,
+                true,
             )
         };
         assert!(deletes(&nuke_gone(&mut pool, 1_000)).is_empty());

@@ -34,6 +34,10 @@ const PATCH_BATCHED_DELETES: &str = "batched-deletes";
 pub(super) const PATCH_DOORBELL_AFTER_OUTCOMES: &str = "doorbell-after-outcomes";
 /// Patch: a host read that a later read superseded serves no round ([`superseded_read`]).
 pub(super) const PATCH_LATEST_HOST_READ: &str = "latest-host-read";
+/// Patch: a reaper round tells running agents the pool holds no claim of to claim again
+/// (`Pool::agents_listed`), which lets a waiting agent stop looking at its claim every
+/// minute.
+const PATCH_TELL_UNCLAIMED: &str = "tell-unclaimed-agents";
 
 /// Runs the pool until it rolls over (or is cancelled).
 pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResult<()> {
@@ -75,9 +79,13 @@ pub(super) async fn run(ctx: &mut WorkflowContext<PoolWorkflow>) -> WorkflowResu
                     outcomes.into_iter().filter(|o| !superseded_read(&c, o)).collect();
                 let now = now_ms(&c);
                 let replaying = c.is_replaying();
+                let tell_unclaimed = outcomes
+                    .iter()
+                    .any(|o| matches!(o, Outcome::AgentsListed(..)))
+                    && c.patched(PATCH_TELL_UNCLAIMED);
                 c.state_mut(|s| {
                     for outcome in outcomes {
-                        let intents = s.apply(outcome, now, replaying);
+                        let intents = s.apply(outcome, now, replaying, tell_unclaimed);
                         s.outbox.extend(intents);
                     }
                 });
@@ -252,7 +260,13 @@ impl PoolWorkflow {
     }
 
     /// Feeds one outcome to the machine; returns its intents.
-    fn apply(&mut self, outcome: Outcome, now: Millis, replaying: bool) -> Vec<Intent> {
+    fn apply(
+        &mut self,
+        outcome: Outcome,
+        now: Millis,
+        replaying: bool,
+        tell_unclaimed: bool,
+    ) -> Vec<Intent> {
         let tenant = self.pool.tenant.clone();
         match outcome {
             Outcome::Booted(vm, host, accel) => {
@@ -269,7 +283,7 @@ impl PoolWorkflow {
             Outcome::Deleted(vm) => self.pool.deleted(&vm, now),
             Outcome::Batch(outcomes) => outcomes
                 .into_iter()
-                .flat_map(|o| self.apply(o, now, replaying))
+                .flat_map(|o| self.apply(o, now, replaying, tell_unclaimed))
                 .collect(),
             Outcome::DeleteFailed(vm, error) => {
                 if !replaying {
@@ -309,7 +323,9 @@ impl PoolWorkflow {
             }
             Outcome::AgentsListed(round, scan) => {
                 let before = self.pool.reaper.clone();
-                let intents = self.pool.agents_listed(round, scan.map(|s| *s), now);
+                let intents = self
+                    .pool
+                    .agents_listed(round, scan.map(|s| *s), now, tell_unclaimed);
                 if !replaying {
                     log_reaper(&tenant, &before, &self.pool.reaper);
                 }
@@ -381,7 +397,8 @@ fn log_reaper(
         || after.agent_claims_released != before.agent_claims_released
         || after.stranded_terminated != before.stranded_terminated
         || after.abandoned_nukes != before.abandoned_nukes
-        || after.adopted != before.adopted;
+        || after.adopted != before.adopted
+        || after.agents_told_to_claim != before.agents_told_to_claim;
     if changed {
         tracing::warn!(
             tenant,
@@ -391,6 +408,7 @@ fn log_reaper(
             agent_claims_released = after.agent_claims_released - before.agent_claims_released,
             stranded_terminated = after.stranded_terminated - before.stranded_terminated,
             adopted = after.adopted - before.adopted,
+            agents_told_to_claim = after.agents_told_to_claim - before.agents_told_to_claim,
             suspects = after.suspects.len(),
             "reaper cleaned up"
         );
