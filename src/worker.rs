@@ -48,13 +48,15 @@ const ACTIVITY_POLLERS: usize = 20;
 const WORKFLOW_POLLERS: usize = 10;
 /// The share of [`WORKFLOW_POLLERS`] that polls the non-sticky queue (5 of 10).
 const NONSTICKY_POLL_RATIO: f32 = 0.5;
-/// Workflow task slots of the shared queue (the SDK's default is 100), as many as the
-/// workflows the worker caches. An agent's task stays open while its claim (a local activity)
-/// waits for the pool's answer, and the pool's own task needs a slot of this same worker to
-/// give it: with 100 slots, a hundred agents waiting at once for a pool that had fallen behind
-/// held every slot, the pool's task waited for one, and the 10,000-agent bench stalled at
-/// ~1,650 agents. A slot is a permit, not memory; the cache bounds what a task costs.
-const WORKFLOW_TASK_SLOTS: usize = 1_000;
+/// Workflow runs the worker caches by default, and its workflow task slots on the shared queue
+/// (the SDK gives a worker as many slots as runs it caches at most; its own default is 100).
+/// An agent's task stays open while its first claim (a local activity) waits for the pool's
+/// answer, and the pool's own task needs a slot of this same worker to give it: with 100
+/// slots, a hundred agents waiting at once for a pool that had fallen behind held every slot,
+/// the pool's task waited for one, and the 10,000-agent bench stalled at ~1,650 agents
+/// (RELIABILITY #36). A cached run costs memory (~90 KB for an agent, measured:
+/// docs/scaling.md), a slot does not; `--workflow-cache` trades one for the other.
+pub const DEFAULT_WORKFLOW_CACHE: usize = 1_000;
 /// Activity and local activity slots of the shared queue (the SDK's default).
 const SHARED_ACTIVITY_SLOTS: usize = 100;
 /// Activity slots of a host's queue beyond one per VM (boots, deletes, scans, the lease).
@@ -67,6 +69,9 @@ pub struct WorkerConfig {
     pub task_queue: String,
     /// Where sandboxes, images and keys live.
     pub state_dir: PathBuf,
+    /// Workflow runs cached, and workflow task slots of the shared queue
+    /// ([`DEFAULT_WORKFLOW_CACHE`]).
+    pub workflow_cache: usize,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How often the pool-level series are read from Temporal (in the background; a scrape
@@ -246,14 +251,14 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // The shared queue: every workflow, and the activities any worker can run. The VM
     // activities are here too for pools from before host placement, whose VMs have no host.
     let shared_tuner = TunerHolder::builder()
-        .workflow_task_slot_supplier(FixedSizeSlotSupplier::new(WORKFLOW_TASK_SLOTS))
+        .workflow_task_slot_supplier(FixedSizeSlotSupplier::new(config.workflow_cache))
         .activity_task_slot_supplier(FixedSizeSlotSupplier::new(SHARED_ACTIVITY_SLOTS))
         .local_activity_task_slot_supplier(FixedSizeSlotSupplier::new(SHARED_ACTIVITY_SLOTS))
         .nexus_task_slot_supplier(FixedSizeSlotSupplier::new(1))
         .build();
     let shared = WorkerOptions::new(config.task_queue.clone())
         .tuner(shared_tuner)
-        .max_cached_workflows(WORKFLOW_TASK_SLOTS)
+        .max_cached_workflows(config.workflow_cache)
         .activity_task_poller_behavior(PollerBehavior::SimpleMaximum(ACTIVITY_POLLERS))
         .workflow_task_poller_behavior(PollerBehavior::SimpleMaximum(WORKFLOW_POLLERS))
         .nonsticky_to_sticky_poll_ratio(NONSTICKY_POLL_RATIO)

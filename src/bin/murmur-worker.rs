@@ -92,6 +92,14 @@ struct RunArgs {
     /// (and state dirs).
     #[arg(long, global = true, env = "MURMUR_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<String>,
+    /// Workflow runs this worker keeps cached, which is also how many workflow tasks it runs
+    /// at once (at least 2). Each cached agent run holds ~90 KB; fewer means more history
+    /// replays from the server when a run the cache dropped has work again. Keep it above the
+    /// spawns that may be in flight at once (each holds a task while its first claim waits).
+    #[arg(long, global = true, env = "MURMUR_WORKFLOW_CACHE",
+        default_value_t = murmur::worker::DEFAULT_WORKFLOW_CACHE,
+        value_parser = parse_workflow_cache)]
+    workflow_cache: usize,
     /// Most VMs this host runs at once.
     #[arg(long, global = true, env = "MURMUR_HOST_MAX_VMS", default_value = "500",
         value_parser = clap::value_parser!(u32).range(1..))]
@@ -252,6 +260,20 @@ fn parse_host_id(s: &str) -> anyhow::Result<String> {
     Ok(s.to_string())
 }
 
+/// A workflow cache size: between 2 (the SDK needs two task slots to poll both of its
+/// queues) and 100,000.
+fn parse_workflow_cache(s: &str) -> anyhow::Result<usize> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid workflow cache {s:?}: expected a number of runs"))?;
+    anyhow::ensure!(
+        (2..=100_000).contains(&n),
+        "invalid workflow cache {s:?}: must be between 2 and 100000"
+    );
+    Ok(n)
+}
+
 /// A lease timeout: between 1s and 1h.
 fn parse_lease_timeout(s: &str) -> anyhow::Result<std::time::Duration> {
     let d = parse_duration(s)?;
@@ -366,6 +388,7 @@ async fn main() -> std::process::ExitCode {
                 log_retention: cli.run.log_retention,
                 task_queue: cli.run.task_queue,
                 state_dir: cli.run.state_dir,
+                workflow_cache: cli.run.workflow_cache,
                 metrics_addr: cli.run.metrics_addr,
                 metrics_refresh: cli.run.metrics_refresh,
                 substrate: cli.run.substrate,

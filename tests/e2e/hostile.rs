@@ -353,6 +353,11 @@ fn bad_flags_and_bad_yaml_get_clear_errors_and_change_nothing() {
             "between 1s and 1h",
         ),
         (vec!["run", "--host-memory-mb", "lots"], "invalid digit"),
+        (vec!["run", "--workflow-cache", "1"], "between 2 and 100000"),
+        (
+            vec!["--workflow-cache", "many"],
+            "expected a number of runs",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_murmur-worker"))
             .args(&args)
