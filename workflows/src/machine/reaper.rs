@@ -1104,7 +1104,16 @@ mod tests {
     fn an_agent_whose_claim_arrives_within_a_round_is_not_told() {
         let (mut pool, ids) = pool_with_warm(1);
         let new = "agent/t/default/dev/new@run1".to_string();
-        assert!(told(&round(&mut pool, &alive(&ids), &[new.clone()], 1_000, 10)).is_empty());
+        assert!(
+            told(&round(
+                &mut pool,
+                &alive(&ids),
+                std::slice::from_ref(&new),
+                1_000,
+                10
+            ))
+            .is_empty()
+        );
         let req = ClaimRequest {
             request: new.clone(),
             agent: "agent/t/default/dev/new".into(),
@@ -1120,7 +1129,7 @@ mod tests {
     #[test]
     fn pool_runs_recorded_before_the_sweep_tell_nobody() {
         let (mut pool, ids) = pool_with_warm(1);
-        let lost = vec!["agent/t/default/dev/lost@run1".to_string()];
+        let lost = ["agent/t/default/dev/lost@run1".to_string()];
         for now in [10, 20, 30] {
             let mut out = pool.request_scan();
             out.extend(pool.hosts_read(Some(view()), now));
