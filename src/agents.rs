@@ -45,6 +45,13 @@ type Found = (
     String,
 );
 
+/// True when an update-with-start failed although its start was this call's own: the server
+/// deduplicated it against the run an earlier try of the same call started (`StartDeduped`,
+/// which the server gives only as text in the failure's details).
+fn started_by_this_call(error: &WorkflowUpdateWithStartError) -> bool {
+    format!("{error:?}").contains("StartDeduped")
+}
+
 /// One row of `murmur ls`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRow {
@@ -148,6 +155,21 @@ impl AgentClient {
                     return Err(ApiError::failed_precondition(format!(
                         "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
                     )));
+                }
+                Err(other) if started_by_this_call(&other) => {
+                    // The server matched the start to this call's own earlier try (the first
+                    // try's answer was lost, say with a worker killed mid-spawn) and the run
+                    // closed before a retry could hear its admission: the spawn took effect,
+                    // and the run's status says how it went.
+                    if let Ok(status) = self.status(slug).await
+                        && status.reached.contains(&Phase::Running)
+                    {
+                        return Ok(status);
+                    }
+                    return Err(update_with_start_error(
+                        other,
+                        "the agent ended before it was admitted",
+                    ));
                 }
                 Err(other) => {
                     return Err(update_with_start_error(

@@ -319,8 +319,12 @@ async fn version(globals: &Globals) -> Result<(), ApiError> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            // The client SDK logs each retry of a call at WARN; the CLI says what went wrong
+            // itself (`CODE: reason`, the first line scripts read), so those stay quiet unless
+            // RUST_LOG asks for them.
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,temporalio_client=error")
+            }),
         )
         .with_ansi(murmur::colour(std::io::IsTerminal::is_terminal(
             &std::io::stderr(),
