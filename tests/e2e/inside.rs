@@ -200,9 +200,10 @@ fn shell_is_a_terminal_in_the_vm_and_the_local_terminal_is_restored() {
     let vm = env.agent("ka").vm.unwrap().0;
     let dir = env.dir.path();
     let session = format!("murmur-shell-{}", std::process::id());
-    // The pane records its terminal settings before and after, and the shell's exit code.
+    // The pane records its terminal settings before and after (the second written whole and
+    // then renamed: the test reads it as soon as it exists), and the shell's exit code.
     let script = format!(
-        "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after; sleep 600",
+        "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after.part && mv {d}/after.part {d}/after; sleep 600",
         d = dir.display(),
         cmd = shell_command(&env, "ka"),
     );

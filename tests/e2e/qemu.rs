@@ -360,8 +360,10 @@ fn logs_and_exec_reach_into_a_guest_through_the_gateway() {
     let vm = env.agent("ka").vm.expect("the agent's VM").0;
     let dir = env.dir.path();
     let session = format!("murmur-qemu-shell-{}", std::process::id());
+    // The settings after the shell are written whole and then renamed: the test reads them
+    // as soon as the file exists.
     let script = format!(
-        "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after; sleep 600",
+        "stty -g > {d}/before; {cmd}; echo \"shell exited $?\"; stty -g > {d}/after.part && mv {d}/after.part {d}/after; sleep 600",
         d = dir.display(),
         cmd = shell_command(&env, "ka"),
     );
