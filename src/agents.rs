@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use murmur_activities::temporal_ops::{
-    SA_KIND, SA_TENANT, SA_WORKSPACE, interaction_error, query_error, rpc_error, search_attributes,
-    update_error, update_with_start_error,
+    SA_KIND, SA_TENANT, SA_WORKSPACE, claim_state, interaction_error, query_error, rpc_error,
+    search_attributes, update_error, update_with_start_error,
 };
 use murmur_workflows::agent::{
     AgentInput, AgentStatus, KillRequest, OnIdle, OnIdleRequest, Phase, PowerRequest,
@@ -17,9 +17,7 @@ use murmur_workflows::agent_workflow::AgentWorkflow;
 use murmur_workflows::auth::ops;
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::ClaimState;
-use murmur_workflows::messages::ClaimProbe;
 use murmur_workflows::model::VmId;
-use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use serde::{Deserialize, Serialize};
 use temporalio_client::errors::{WorkflowStartError, WorkflowUpdateWithStartError};
 use temporalio_client::{
@@ -156,22 +154,17 @@ impl AgentClient {
                         "agent {slug} is already running; kill it first (murmur kill {slug}) or pick another slug"
                     )));
                 }
-                Err(other) if started_by_this_call(&other) => {
-                    // The server matched the start to this call's own earlier try (the first
-                    // try's answer was lost, say with a worker killed mid-spawn) and the run
-                    // closed before a retry could hear its admission: the spawn took effect,
-                    // and the run's status says how it went.
-                    if let Ok(status) = self.status(slug).await
+                Err(other) => {
+                    // A start the server matched to this call's own earlier try (its answer
+                    // lost, say with a worker killed mid-spawn) whose run closed before a
+                    // retry could hear its admission: the spawn took effect if the run was
+                    // admitted, and its status says how it went.
+                    if started_by_this_call(&other)
+                        && let Ok(status) = self.status(slug).await
                         && status.reached.contains(&Phase::Running)
                     {
                         return Ok(status);
                     }
-                    return Err(update_with_start_error(
-                        other,
-                        "the agent ended before it was admitted",
-                    ));
-                }
-                Err(other) => {
                     return Err(update_with_start_error(
                         other,
                         "the agent ended before it was admitted",
@@ -251,19 +244,14 @@ impl AgentClient {
     /// position an agent reports is the one it was given; this asks the pool. `None` when the
     /// pool does not say (not waiting any more, or not answering): the agent's own stands.
     async fn live_queue_position(&self, request: &str) -> Option<u32> {
-        let pool = self
-            .client
-            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&self.ctx.tenant));
-        let probe = ClaimProbe {
-            request: request.to_string(),
-        };
-        let query = pool.query(
-            PoolWorkflow::claim_state,
-            probe.into(),
-            WorkflowQueryOptions::default(),
+        let answer = claim_state(
+            &self.client,
+            &self.ctx.tenant,
+            request,
+            LIVE_POSITION_WITHIN,
         );
-        match tokio::time::timeout(LIVE_POSITION_WITHIN, query).await {
-            Ok(Ok(ClaimState::Waiting { position })) => Some(position),
+        match answer.await {
+            Some(Ok(ClaimState::Waiting { position })) => Some(position),
             _ => None,
         }
     }

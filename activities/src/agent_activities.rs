@@ -19,13 +19,11 @@ use murmur_workflows::auth::{Credential, ops, unsigned_body};
 use murmur_workflows::error::{ApiError, Code};
 use murmur_workflows::machine::{ClaimState, PowerState};
 use murmur_workflows::messages::{
-    ClaimProbe, Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
+    Lenient, NukeStep, NukeStepReply, ReleaseReply, ReleaseRequest, VmPowerRequest,
 };
 use murmur_workflows::model::VmId;
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
-use temporalio_client::{
-    UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowQueryOptions, WorkflowTerminateOptions,
-};
+use temporalio_client::{UntypedWorkflow, WorkflowExecuteUpdateOptions, WorkflowTerminateOptions};
 use temporalio_common::{ActivityError, HasWorkflowDefinition, UpdateDefinition};
 use temporalio_macros::activities;
 use temporalio_sdk::ApplicationFailure;
@@ -36,7 +34,8 @@ use crate::claim_batch::ClaimBatcher;
 use crate::heartbeat::{with_heartbeats, with_progress};
 use crate::substrate::{CommandSpec, CommandStatus, Provider, SubstrateError};
 use crate::temporal_ops::{
-    interaction_error, query_error, running_runs, terminated_since, update_error, update_pool,
+    claim_state, interaction_error, query_error, running_runs, terminated_since, update_error,
+    update_pool,
 };
 
 /// Longest a claim waits for the pool's answer: a pool that does not answer (no worker runs
@@ -257,21 +256,17 @@ impl AgentActivities {
         ctx: ActivityContext,
         input: ProbeClaimInput,
     ) -> Result<ClaimState, ActivityError> {
-        let handle = ctx
-            .client()
-            .get_workflow_handle::<PoolWorkflow>(pool_workflow_id(&input.tenant));
-        let probe = ClaimProbe {
-            request: input.request,
-        };
-        let query = handle.query(
-            PoolWorkflow::claim_state,
-            probe.into(),
-            WorkflowQueryOptions::default(),
-        );
-        match tokio::time::timeout(CLAIM_ANSWER_WITHIN, query).await {
-            Ok(Ok(state)) => Ok(state),
-            Ok(Err(e)) => Err(retryable(query_error(e, "not running"))),
-            Err(_) => Err(retryable(ApiError::new(
+        match claim_state(
+            &ctx.client(),
+            &input.tenant,
+            &input.request,
+            CLAIM_ANSWER_WITHIN,
+        )
+        .await
+        {
+            Some(Ok(state)) => Ok(state),
+            Some(Err(e)) => Err(retryable(query_error(e, "not running"))),
+            None => Err(retryable(ApiError::new(
                 Code::Unavailable,
                 format!(
                     "pool/{} did not answer within {}s",

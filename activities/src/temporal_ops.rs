@@ -1,14 +1,19 @@
 //! Calls to Temporal shared by the activities and the CLI: murmur's search attributes, how a
-//! pool workflow is started on demand, and how client errors map onto the `CODE: reason`
-//! contract.
+//! pool workflow is started on demand, where a claim stands in a pool, and how client errors
+//! map onto the `CODE: reason` contract.
+
+use std::time::Duration;
 
 use murmur_workflows::error::{ApiError, Code};
-use murmur_workflows::messages::PoolInput;
+use murmur_workflows::machine::ClaimState;
+use murmur_workflows::messages::{ClaimProbe, PoolInput};
 use murmur_workflows::pool_workflow::{PoolWorkflow, pool_workflow_id};
 use temporalio_client::errors::{
     WorkflowInteractionError, WorkflowQueryError, WorkflowUpdateError, WorkflowUpdateWithStartError,
 };
-use temporalio_client::{Client, WorkflowIdConflictPolicy, WorkflowUpdateWithStartOptions};
+use temporalio_client::{
+    Client, WorkflowIdConflictPolicy, WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
+};
 use temporalio_common::{HasWorkflowDefinition, UpdateDefinition};
 
 pub use murmur_workflows::search_attrs::{SA_KIND, SA_TENANT, SA_WORKSPACE, search_attributes};
@@ -170,6 +175,26 @@ pub fn update_with_start_error(e: WorkflowUpdateWithStartError, not_running: &st
         WorkflowUpdateWithStartError::Update(u) => update_error(u, not_running),
         other => rpc_error(&other.to_string()),
     }
+}
+
+/// Where the claim `request` stands in `tenant`'s pool: its `claim_state` query (no update,
+/// nothing in the pool's history). `None` when the pool did not answer within `within`.
+pub async fn claim_state(
+    client: &Client,
+    tenant: &str,
+    request: &str,
+    within: Duration,
+) -> Option<Result<ClaimState, WorkflowQueryError>> {
+    let pool = client.get_workflow_handle::<PoolWorkflow>(pool_workflow_id(tenant));
+    let probe = ClaimProbe {
+        request: request.to_string(),
+    };
+    let query = pool.query(
+        PoolWorkflow::claim_state,
+        probe.into(),
+        WorkflowQueryOptions::default(),
+    );
+    tokio::time::timeout(within, query).await.ok()
 }
 
 /// Maps a query error.

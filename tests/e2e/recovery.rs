@@ -70,13 +70,7 @@ fn pool_ends_under_a_running_agent(name: &str, end: &[&str]) {
                 );
                 let text = env.murmur_ok(&["pool", "status"]);
                 assert!(text.starts_with("NOT RUNNING"), "{text}");
-                let out = env.murmur(&["pool", "up"]);
-                assert!(
-                    out.status.success(),
-                    "pool up: {}\n{}",
-                    stderr(&out),
-                    env.worker_log_tail()
-                );
+                env.murmur_ok(&["pool", "up"]);
                 let st = env.status();
                 assert!(
                     st.recovery.is_none(),
@@ -486,13 +480,7 @@ fn a_claim_queued_in_a_terminated_pool_run_is_served_after_recovery() {
     let pool_id = format!("pool/{}", env.tenant);
     let out = env.temporal(&["workflow", "terminate", "--workflow-id", &pool_id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = env.murmur(&["pool", "up"]);
-    assert!(
-        out.status.success(),
-        "pool up: {}\n{}",
-        stderr(&out),
-        env.worker_log_tail()
-    );
+    env.murmur_ok(&["pool", "up"]);
     // The recovered pool adopts the holder's VM and learns the waiter's claim again only
     // from the waiter.
     let st = env.wait_for(
@@ -501,8 +489,7 @@ fn a_claim_queued_in_a_terminated_pool_run_is_served_after_recovery() {
     );
     assert!(st.claims.iter().any(|c| c.vm.is_none()), "{st:#?}");
 
-    let out = env.murmur(&["kill", "holder"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    env.murmur_ok(&["kill", "holder"]);
     let done = env.wait_phase("waiter", Phase::Completed);
     assert!(
         done.output_tail.unwrap_or_default().contains("got-a-vm"),

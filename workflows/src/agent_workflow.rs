@@ -1062,8 +1062,8 @@ async fn vm_lost(c: &WorkflowContext<AgentWorkflow>, stop: &WorkflowCancellation
 /// of queued agents look in waves (a burst of spawns makes their timers fire together); as
 /// local activities they held every workflow task slot of the worker while the pool's task,
 /// which alone could answer them, waited for a slot: the 10,000-agent bench stalled at ~1,780
-/// agents that way (RELIABILITY #36). An ordinary activity's agent task completes at once; the look waits in an
-/// activity slot.
+/// agents that way (RELIABILITY #36). An ordinary activity's agent task completes at once;
+/// the look waits in an activity slot.
 fn probe_options(stop: &WorkflowCancellationToken) -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
         .retry_policy(quick_retries())

@@ -871,6 +871,18 @@ mod tests {
         grace_ms: Millis,
         now: Millis,
     ) -> Vec<Intent> {
+        round_with(pool, vms, running, grace_ms, now, true)
+    }
+
+    /// [`round`], with the sweep of unclaimed agents on or (pool runs recorded before it) off.
+    fn round_with(
+        pool: &mut Pool,
+        vms: &[ScannedVm],
+        running: &[String],
+        grace_ms: Millis,
+        now: Millis,
+        tell_unclaimed: bool,
+    ) -> Vec<Intent> {
         let mut out = pool.request_scan();
         out.extend(pool.hosts_read(Some(view()), now));
         let mut list_host = None;
@@ -899,7 +911,7 @@ mod tests {
                 ..AgentScan::default()
             }),
             now,
-            true,
+            tell_unclaimed,
         ));
         intents
     }
@@ -1060,6 +1072,17 @@ mod tests {
         assert_eq!(pool.reaper.agent_claims_released, 1);
     }
 
+    /// The claim agent run `request` (`<workflow id>@<run id>`) makes.
+    fn claim_of(request: &str) -> ClaimRequest {
+        ClaimRequest {
+            request: request.into(),
+            agent: agent_of(request).into(),
+            developer: "dev".into(),
+            workspace: "default".into(),
+            ..ClaimRequest::default()
+        }
+    }
+
     fn told(intents: &[Intent]) -> Vec<String> {
         intents
             .iter()
@@ -1088,14 +1111,7 @@ mod tests {
         }
         assert_eq!(reminders, 1);
         // It claims again: the pool holds the claim, and nobody is told any more.
-        let req = ClaimRequest {
-            request: lost.clone(),
-            agent: "agent/t/default/dev/lost".into(),
-            developer: "dev".into(),
-            workspace: "default".into(),
-            ..ClaimRequest::default()
-        };
-        pool.claim(&req, 1_000);
+        pool.claim(&claim_of(&lost), 1_000);
         assert!(told(&round(&mut pool, &alive(&ids), &running, 1_000, 2_000)).is_empty());
         assert!(pool.reaper.unclaimed_agents.is_empty());
     }
@@ -1114,14 +1130,7 @@ mod tests {
             ))
             .is_empty()
         );
-        let req = ClaimRequest {
-            request: new.clone(),
-            agent: "agent/t/default/dev/new".into(),
-            developer: "dev".into(),
-            workspace: "default".into(),
-            ..ClaimRequest::default()
-        };
-        pool.claim(&req, 15);
+        pool.claim(&claim_of(&new), 15);
         assert!(told(&round(&mut pool, &alive(&ids), &[new], 1_000, 20)).is_empty());
         assert_eq!(pool.reaper.agents_told_to_claim, 0);
     }
@@ -1131,27 +1140,7 @@ mod tests {
         let (mut pool, ids) = pool_with_warm(1);
         let lost = ["agent/t/default/dev/lost@run1".to_string()];
         for now in [10, 20, 30] {
-            let mut out = pool.request_scan();
-            out.extend(pool.hosts_read(Some(view()), now));
-            let round = pool.reaper.rounds;
-            let mut intents = Vec::new();
-            for c in &out {
-                match c {
-                    Intent::ListHost { host, digests, .. } => {
-                        let scan = HostScan::answer(digests, alive(&ids), settings(1_000));
-                        intents.extend(pool.host_listed(round, host, Ok(scan), now));
-                    }
-                    Intent::ListAgents { request, .. } => {
-                        let scan = AgentScan {
-                            running: running_differences(&request.claims, lost.iter().cloned()),
-                            settings: settings(1_000),
-                            ..AgentScan::default()
-                        };
-                        intents.extend(pool.agents_listed(round, Ok(scan), now, false));
-                    }
-                    _ => {}
-                }
-            }
+            let intents = round_with(&mut pool, &alive(&ids), &lost, 1_000, now, false);
             assert!(told(&intents).is_empty());
         }
     }
