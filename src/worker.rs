@@ -54,7 +54,7 @@ const NONSTICKY_POLL_RATIO: f32 = 0.5;
 /// answer, and the pool's own task needs a slot of this same worker to give it: with 100
 /// slots, a hundred agents waiting at once for a pool that had fallen behind held every slot,
 /// the pool's task waited for one, and the 10,000-agent bench stalled at ~1,650 agents
-/// (RELIABILITY #36). A cached run costs memory (~50 KB for an agent, measured:
+/// (RELIABILITY #36). A cached run costs memory (~90 KB for an agent, measured:
 /// docs/scaling.md), a slot does not; `--workflow-cache` trades one for the other.
 pub const DEFAULT_WORKFLOW_CACHE: usize = 1_000;
 /// Activity and local activity slots of the shared queue (the SDK's default).

@@ -93,7 +93,7 @@ struct RunArgs {
     #[arg(long, global = true, env = "MURMUR_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<String>,
     /// Workflow runs this worker keeps cached, which is also how many workflow tasks it runs
-    /// at once (at least 2). Each cached agent run holds ~50 KB; fewer means more history
+    /// at once (at least 2). Each cached agent run holds ~90 KB; fewer means more history
     /// replays from the server when a run the cache dropped has work again. Keep it above the
     /// spawns that may be in flight at once (each holds a task while its first claim waits).
     #[arg(long, global = true, env = "MURMUR_WORKFLOW_CACHE",
