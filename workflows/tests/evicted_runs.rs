@@ -3,33 +3,56 @@
 //! or an activity: a queued agent, an agent whose command runs, the pool between rounds.
 //! temporalio-workflow 1.1.1 kept such a context alive for the life of the process (the pending
 //! operation's cancellation callback held the context it was registered in), and the worker grew
-//! by ~20 KB for every agent it had ever run; `vendor/README.md` has the patch.
+//! by ~20 KB for every agent it had ever run; `vendor/README.md` has the patch. The patch must not
+//! change the commands a run issues, or histories recorded before it would not replay.
 //!
 //! The tests build a run's context the way the SDK's worker does (`BaseWorkflowContext::from_raw`
 //! with a host) and watch the host: the context holds it, so the host's reference count says
-//! whether the context is still alive.
+//! whether the context is still alive, and the host keeps the commands the run sent.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
 use temporalio_workflow::__private::sdk::{WorkflowHost, WorkflowInit};
+use temporalio_workflow::BaseWorkflowContext;
 use temporalio_workflow::common::data_converters::DataConverter;
 use temporalio_workflow::common::protos::coresdk::workflow_activation::InitializeWorkflow;
-use temporalio_workflow::common::protos::coresdk::workflow_commands::WorkflowCommand;
-use temporalio_workflow::{BaseWorkflowContext, WorkflowCancellationToken};
+use temporalio_workflow::common::protos::coresdk::workflow_commands::{
+    WorkflowCommand, workflow_command::Variant,
+};
 
-/// A host that drops the commands the run sends it.
-struct DiscardingHost;
+/// A host that keeps the commands the run sends it.
+#[derive(Default)]
+struct RecordingHost {
+    commands: RefCell<Vec<WorkflowCommand>>,
+}
 
-impl WorkflowHost for DiscardingHost {
+impl RecordingHost {
+    /// The sequence numbers of the `CancelTimer` commands sent so far.
+    fn cancelled_timers(&self) -> Vec<u32> {
+        self.commands
+            .borrow()
+            .iter()
+            .filter_map(|c| match &c.variant {
+                Some(Variant::CancelTimer(cancel)) => Some(cancel.seq),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl WorkflowHost for RecordingHost {
     fn set_current_details(&self, _details: String) {}
-    fn push_command(&self, _command: WorkflowCommand) {}
+    fn push_command(&self, command: WorkflowCommand) {
+        self.commands.borrow_mut().push(command);
+    }
 }
 
 /// A fresh run's context, holding `host`.
-fn run_context(host: &Rc<DiscardingHost>) -> BaseWorkflowContext {
+fn run_context(host: &Rc<RecordingHost>) -> BaseWorkflowContext {
     let init = WorkflowInit {
         namespace: "default".into(),
         task_queue: "evicted-runs".into(),
@@ -52,7 +75,7 @@ fn run_context(host: &Rc<DiscardingHost>) -> BaseWorkflowContext {
 
 #[test]
 fn a_run_without_pending_operations_frees_its_context() {
-    let host = Rc::new(DiscardingHost);
+    let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
     assert_eq!(Rc::strong_count(&host), 2, "the context holds the host");
     drop(context);
@@ -61,7 +84,7 @@ fn a_run_without_pending_operations_frees_its_context() {
 
 #[test]
 fn a_run_dropped_while_its_timer_is_pending_frees_its_context() {
-    let host = Rc::new(DiscardingHost);
+    let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
     let mut timer = Box::pin(context.timer(Duration::from_secs(3600)));
     let poll = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
@@ -77,10 +100,10 @@ fn a_run_dropped_while_its_timer_is_pending_frees_its_context() {
 }
 
 #[test]
-fn a_timer_dropped_while_the_run_goes_on_leaves_nothing_on_its_token() {
-    // A timer that loses a `select!` is dropped while the run goes on; the run's context must
-    // not keep it (a pool waits on thousands of such timers between two continue-as-new).
-    let host = Rc::new(DiscardingHost);
+fn timers_dropped_while_the_run_goes_on_do_not_keep_its_context() {
+    // A timer that loses a `select!` is dropped while the run goes on (a pool waits on
+    // thousands of them between two continue-as-new).
+    let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
     for _ in 0..3 {
         let mut timer = Box::pin(context.timer(Duration::from_secs(60)));
@@ -92,11 +115,19 @@ fn a_timer_dropped_while_the_run_goes_on_leaves_nothing_on_its_token() {
 }
 
 #[test]
-fn a_child_token_is_still_cancelled_with_its_parent() {
-    // The patch keeps the one registration that must outlive its call: a child token's.
-    let parent = WorkflowCancellationToken::new();
-    let child = parent.child_token();
-    parent.cancel_with_reason("killed");
-    assert!(child.is_cancelled());
-    assert_eq!(child.reason().as_deref(), Some("killed"));
+fn a_workflow_cancelled_after_dropping_a_pending_timer_still_cancels_it() {
+    // What the SDK did before the patch, and histories recorded then hold: cancelling the
+    // workflow cancels every timer still pending, dropped or not.
+    let host = Rc::new(RecordingHost::default());
+    let context = run_context(&host);
+    let mut dropped = Box::pin(context.timer(Duration::from_secs(60)));
+    assert!(
+        dropped
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    );
+    drop(dropped);
+    context.cancellation_token().cancel();
+    assert_eq!(host.cancelled_timers(), vec![1]);
 }

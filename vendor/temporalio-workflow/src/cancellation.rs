@@ -66,14 +66,11 @@ impl WorkflowCancellationToken {
     pub fn child_token(&self) -> Self {
         let child = Self::new();
         let weak_child = Rc::downgrade(&child.inner);
-        // murmur patch: registrations now unregister when dropped; this one must outlive the
-        // call (it holds only a weak reference to the child, so it keeps nothing alive).
         self.register(move |reason| {
             if let Some(child) = weak_child.upgrade() {
                 child.cancel(reason);
             }
-        })
-        .keep();
+        });
         child
     }
 
@@ -140,11 +137,6 @@ pub(crate) struct WorkflowCancellationRegistration {
 }
 
 impl WorkflowCancellationRegistration {
-    /// murmur patch: leaves the callback registered for the token's lifetime.
-    pub(crate) fn keep(mut self) {
-        self.callback_id = None;
-    }
-
     pub(crate) fn unregister(&mut self) {
         let Some(callback_id) = self.callback_id.take() else {
             return;
@@ -152,17 +144,6 @@ impl WorkflowCancellationRegistration {
         if let Some(token) = self.token.upgrade() {
             token.callbacks.borrow_mut().remove(&callback_id);
         }
-    }
-}
-
-/// murmur patch: a registration removes its callback when it is dropped. Without this, an
-/// operation future dropped before it resolved (a timer or activity that lost a `select!`, or every
-/// pending one when the run is evicted from the worker's cache) left its callback on the token. The
-/// callback holds the workflow context and the token lives in that context: a reference cycle that
-/// kept the whole context of every evicted run alive.
-impl Drop for WorkflowCancellationRegistration {
-    fn drop(&mut self) {
-        self.unregister();
     }
 }
 

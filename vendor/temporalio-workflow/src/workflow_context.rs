@@ -1084,14 +1084,25 @@ impl BaseWorkflowContext {
         }
     }
 
+    // murmur patch: the handle holds the run's context weakly. It is registered on a
+    // cancellation token that this same context owns, and stays registered when its operation's
+    // future is dropped before it resolves (every pending timer and activity of a run evicted
+    // from the cache, a timer that lost a `select!`); holding the context strongly made a
+    // reference cycle that kept the context of every such run alive for the life of the
+    // process. A token is only cancelled through a context that is alive, so the upgrade
+    // succeeds whenever the callback runs, and the commands a cancellation issues are the same
+    // as before (histories recorded without the patch replay).
     fn cancellation_handle(&self, cancellable_id: CancellableID) -> WorkflowCancellationHandle {
-        let base_ctx = self.clone();
+        let context = Rc::downgrade(&self.inner);
         WorkflowCancellationHandle::new(move |reason| {
+            let Some(inner) = context.upgrade() else {
+                return;
+            };
             let id = reason.map_or_else(
                 || cancellable_id.clone(),
                 |reason| cancellable_id.clone().with_reason(reason),
             );
-            base_ctx.cancel(id);
+            BaseWorkflowContext { inner }.cancel(id);
         })
     }
 
