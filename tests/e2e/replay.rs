@@ -9,7 +9,11 @@
 //! (`tests/histories/v1/`: before host placement, `v2/`: before recovery) must replay too, and
 //! so must the nuke of the build before its pool steps were renamed (`v3/`: it scheduled
 //! `murmur.pause_pool` and `murmur.reset_pool`; the patch `nuke-step-names` keeps it
-//! replaying, and a nuke in flight across the upgrade running).
+//! replaying, and a nuke in flight across the upgrade running), and every history of the build
+//! before the reaper told unclaimed agents to claim again (`v4/`: the patch
+//! `tell-unclaimed-agents` keeps its pool runs on the old path). This build's set adds a pool run whose
+//! reaper told a waiting agent to claim again, and that agent's history (patch
+//! `claims-swept-by-pool`).
 //! The pool and nuke histories of those builds are kept in `tests/histories/retired/` and not
 //! replayed: the pool's run loop changed incompatibly with recovery (see ARCHITECTURE.md,
 //! "Upgrading"); a pool run of an earlier build is ended and its successor recovers.
@@ -47,16 +51,20 @@ fn histories_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The histories that must replay: this build's, the agents' and registry's of earlier
-/// builds, and the nuke's from before its pool steps were renamed (patch `nuke-step-names`).
-const GOLDEN: [(&str, &[&str]); 4] = [
+/// builds, the nuke's from before its pool steps were renamed (patch `nuke-step-names`), and
+/// all of the build's before the reaper told unclaimed agents to claim again (`v4/`, patch
+/// `tell-unclaimed-agents`).
+const GOLDEN: [(&str, &[&str]); 5] = [
     (
         "",
         &[
             "pool-run1.json",
             "pool-run2.json",
             "pool-recovered.json",
+            "pool-swept.json",
             "agent-completed.json",
             "agent-killed.json",
+            "agent-swept.json",
             "nuke.json",
             "hosts.json",
         ],
@@ -67,6 +75,18 @@ const GOLDEN: [(&str, &[&str]); 4] = [
         &["agent-completed.json", "agent-killed.json", "hosts.json"],
     ),
     ("v3", &["nuke.json"]),
+    (
+        "v4",
+        &[
+            "pool-run1.json",
+            "pool-run2.json",
+            "pool-recovered.json",
+            "agent-completed.json",
+            "agent-killed.json",
+            "nuke.json",
+            "hosts.json",
+        ],
+    ),
 ];
 
 #[test]
@@ -136,6 +156,98 @@ fn the_recovered_history_has_a_timer_and_a_signal_in_one_workflow_task() {
     assert!(
         found,
         "no workflow task with both a fired timer and a signal"
+    );
+}
+
+/// The events of a golden history, each as its attributes' kind
+/// (`"TimerFiredEventAttributes"`) and the attributes.
+fn events_of(file: &Path) -> Vec<(String, serde_json::Value)> {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let history: serde_json::Value = serde_json::from_slice(&bytes).expect("history JSON");
+    history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| {
+            let (kind, attributes) = e["attributes"].as_object()?.iter().next()?;
+            Some((kind.clone(), attributes.clone()))
+        })
+        .collect()
+}
+
+/// The patches a history recorded (the ids in its `core_patch` markers).
+fn patches_in(file: &Path) -> Vec<String> {
+    use base64::Engine as _;
+    events_of(file)
+        .iter()
+        .filter(|(kind, a)| {
+            kind == "MarkerRecordedEventAttributes" && a["marker_name"] == "core_patch"
+        })
+        .filter_map(|(_, a)| {
+            let data = a["details"]["patch-data"]["payloads"][0]["data"].as_str()?;
+            let json = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .ok()?;
+            let marker: serde_json::Value = serde_json::from_slice(&json).ok()?;
+            Some(marker["id"].as_str()?.to_string())
+        })
+        .collect()
+}
+
+/// How many `claim_settled` signals a history sent (`sent`) or received.
+fn claim_settled_signals(file: &Path, sent: bool) -> usize {
+    let kind = if sent {
+        "SignalExternalWorkflowExecutionInitiatedEventAttributes"
+    } else {
+        "WorkflowExecutionSignaledEventAttributes"
+    };
+    events_of(file)
+        .iter()
+        .filter(|(k, a)| k == kind && a["signal_name"] == "claim_settled")
+        .count()
+}
+
+/// The golden set covers both sides of the sweep's patches, so it cannot silently stop
+/// covering either: the earlier build's pool runs recorded no `tell-unclaimed-agents`
+/// marker (they replay on the old path), this build's swept run did and told an agent to
+/// claim again, and that agent waited with `claims-swept-by-pool` and was told.
+#[test]
+fn the_sweep_patches_are_covered_with_and_without_their_markers() {
+    let dir = histories_dir();
+    for old in ["pool-run1.json", "pool-run2.json", "pool-recovered.json"] {
+        let file = dir.join("v4").join(old);
+        assert!(
+            !patches_in(&file)
+                .iter()
+                .any(|p| p == "tell-unclaimed-agents"),
+            "{} has the marker",
+            file.display()
+        );
+    }
+    let swept = dir.join("pool-swept.json");
+    assert!(
+        patches_in(&swept)
+            .iter()
+            .any(|p| p == "tell-unclaimed-agents"),
+        "{} has no tell-unclaimed-agents marker",
+        swept.display()
+    );
+    assert!(
+        claim_settled_signals(&swept, true) >= 1,
+        "the swept pool run told no agent to claim again"
+    );
+    let agent = dir.join("agent-swept.json");
+    assert!(
+        patches_in(&agent)
+            .iter()
+            .any(|p| p == "claims-swept-by-pool"),
+        "{} has no claims-swept-by-pool marker",
+        agent.display()
+    );
+    // Told twice: by the sweep, and when its claim again waiting was served.
+    assert!(
+        claim_settled_signals(&agent, false) >= 2,
+        "the waiting agent was not told to claim again and then served"
     );
 }
 
@@ -267,6 +379,29 @@ fn record() {
         "the recovered run rolled over before the timer and the signal were recorded"
     );
 
+    // A claim waiting when its pool run is terminated: the recovered run's reaper finds the
+    // waiting agent and tells it (patch `tell-unclaimed-agents`), the agent claims again
+    // (patch `claims-swept-by-pool`), and it is served once the holder is killed.
+    env.wait_phase("keeper", Phase::Completed);
+    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+    env.set_workspace("default", "min_idle: 0\n");
+    env.spawn("holder", "sleep 600");
+    env.wait_phase("holder", Phase::Running);
+    env.spawn("waiter", "echo golden-waiter");
+    env.wait_for("the waiter's claim queued", |s| {
+        s.claims.len() == 2 && s.claims.iter().any(|c| c.vm.is_none())
+    });
+    let out = env.temporal(&["workflow", "terminate", "--workflow-id", &pool_id]);
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
+    env.murmur_ok(&["pool", "up"]);
+    env.wait_for(
+        "the waiter told to claim again, its claim queued again",
+        |s| s.reaper.agents_told_to_claim >= 1 && s.claims.len() == 2,
+    );
+    let swept = env.runs_of(&pool_id).last().cloned().expect("a swept run");
+    env.murmur_ok(&["kill", "holder"]);
+    env.wait_phase("waiter", Phase::Completed);
+
     let out = histories_dir();
     std::fs::create_dir_all(&out).unwrap();
     let agent = |slug: &str| format!("agent/{}/default/tester/{slug}", env.tenant);
@@ -278,7 +413,9 @@ fn record() {
             Some(recovered.clone()),
             "pool-recovered.json",
         ),
+        (pool_id.clone(), Some(swept.clone()), "pool-swept.json"),
         (agent("done"), None, "agent-completed.json"),
+        (agent("waiter"), None, "agent-swept.json"),
         (agent("victim"), None, "agent-killed.json"),
         (format!("nuke/{}", env.tenant), None, "nuke.json"),
         (format!("{}-hosts", env.task_queue), None, "hosts.json"),
