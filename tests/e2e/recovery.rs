@@ -467,14 +467,7 @@ fn a_pool_that_does_not_answer_is_visible_and_restart_recovers_it() {
 #[test]
 fn a_claim_queued_in_a_terminated_pool_run_is_served_after_recovery() {
     let env = TestEnv::start_with("lostclaim", EnvOptions::default().fast_reaper());
-    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
-    env.set_workspace("default", "min_idle: 0\n");
-    env.spawn("holder", "sleep 600");
-    env.wait_phase("holder", Phase::Running);
-    env.spawn("waiter", "echo got-a-vm");
-    env.wait_for("the waiter's claim queued", |s| {
-        s.claims.len() == 2 && s.claims.iter().any(|c| c.vm.is_none())
-    });
+    env.queue_a_waiter_behind_a_holder("echo got-a-vm");
     assert_eq!(env.agent("waiter").phase, Some(Phase::Starting));
 
     let pool_id = format!("pool/{}", env.tenant);

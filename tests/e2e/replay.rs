@@ -194,6 +194,16 @@ fn patches_in(file: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that `file` recorded patch `id` (or, with `recorded` false, that it did not).
+fn assert_patch(file: &Path, id: &str, recorded: bool) {
+    assert_eq!(
+        patches_in(file).iter().any(|p| p == id),
+        recorded,
+        "{}: marker {id} recorded should be {recorded}",
+        file.display()
+    );
+}
+
 /// How many `claim_settled` signals a history sent (`sent`) or received.
 fn claim_settled_signals(file: &Path, sent: bool) -> usize {
     let kind = if sent {
@@ -215,35 +225,16 @@ fn claim_settled_signals(file: &Path, sent: bool) -> usize {
 fn the_sweep_patches_are_covered_with_and_without_their_markers() {
     let dir = histories_dir();
     for old in ["pool-run1.json", "pool-run2.json", "pool-recovered.json"] {
-        let file = dir.join("v4").join(old);
-        assert!(
-            !patches_in(&file)
-                .iter()
-                .any(|p| p == "tell-unclaimed-agents"),
-            "{} has the marker",
-            file.display()
-        );
+        assert_patch(&dir.join("v4").join(old), "tell-unclaimed-agents", false);
     }
     let swept = dir.join("pool-swept.json");
-    assert!(
-        patches_in(&swept)
-            .iter()
-            .any(|p| p == "tell-unclaimed-agents"),
-        "{} has no tell-unclaimed-agents marker",
-        swept.display()
-    );
+    assert_patch(&swept, "tell-unclaimed-agents", true);
     assert!(
         claim_settled_signals(&swept, true) >= 1,
         "the swept pool run told no agent to claim again"
     );
     let agent = dir.join("agent-swept.json");
-    assert!(
-        patches_in(&agent)
-            .iter()
-            .any(|p| p == "claims-swept-by-pool"),
-        "{} has no claims-swept-by-pool marker",
-        agent.display()
-    );
+    assert_patch(&agent, "claims-swept-by-pool", true);
     // Told twice: by the sweep, and when its claim again waiting was served.
     assert!(
         claim_settled_signals(&agent, false) >= 2,
@@ -383,14 +374,7 @@ fn record() {
     // waiting agent and tells it (patch `tell-unclaimed-agents`), the agent claims again
     // (patch `claims-swept-by-pool`), and it is served once the holder is killed.
     env.wait_phase("keeper", Phase::Completed);
-    env.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
-    env.set_workspace("default", "min_idle: 0\n");
-    env.spawn("holder", "sleep 600");
-    env.wait_phase("holder", Phase::Running);
-    env.spawn("waiter", "echo golden-waiter");
-    env.wait_for("the waiter's claim queued", |s| {
-        s.claims.len() == 2 && s.claims.iter().any(|c| c.vm.is_none())
-    });
+    env.queue_a_waiter_behind_a_holder("echo golden-waiter");
     let out = env.temporal(&["workflow", "terminate", "--workflow-id", &pool_id]);
     assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     env.murmur_ok(&["pool", "up"]);

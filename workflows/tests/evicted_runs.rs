@@ -12,17 +12,18 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
 use temporalio_workflow::__private::sdk::{WorkflowHost, WorkflowInit};
-use temporalio_workflow::BaseWorkflowContext;
 use temporalio_workflow::common::data_converters::DataConverter;
 use temporalio_workflow::common::protos::coresdk::workflow_activation::InitializeWorkflow;
 use temporalio_workflow::common::protos::coresdk::workflow_commands::{
     WorkflowCommand, workflow_command::Variant,
 };
+use temporalio_workflow::{BaseWorkflowContext, TimerResult};
 
 /// A host that keeps the commands the run sends it.
 #[derive(Default)]
@@ -73,6 +74,17 @@ fn run_context(host: &Rc<RecordingHost>) -> BaseWorkflowContext {
     )
 }
 
+/// A timer of `context`'s run, polled once: its command sent and its cancellation registered.
+fn pending_timer(
+    context: &BaseWorkflowContext,
+    duration: Duration,
+) -> Pin<Box<dyn Future<Output = TimerResult>>> {
+    let mut timer: Pin<Box<dyn Future<Output = TimerResult>>> = Box::pin(context.timer(duration));
+    let poll = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    assert!(poll.is_pending(), "nothing resolves the timer");
+    timer
+}
+
 #[test]
 fn a_run_without_pending_operations_frees_its_context() {
     let host = Rc::new(RecordingHost::default());
@@ -86,9 +98,7 @@ fn a_run_without_pending_operations_frees_its_context() {
 fn a_run_dropped_while_its_timer_is_pending_frees_its_context() {
     let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
-    let mut timer = Box::pin(context.timer(Duration::from_secs(3600)));
-    let poll = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-    assert!(poll.is_pending(), "nothing resolves the timer");
+    let timer = pending_timer(&context, Duration::from_secs(3600));
     // An eviction drops the run's futures and its context, in this order.
     drop(timer);
     drop(context);
@@ -106,9 +116,7 @@ fn timers_dropped_while_the_run_goes_on_do_not_keep_its_context() {
     let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
     for _ in 0..3 {
-        let mut timer = Box::pin(context.timer(Duration::from_secs(60)));
-        let poll = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        assert!(poll.is_pending());
+        drop(pending_timer(&context, Duration::from_secs(60)));
     }
     drop(context);
     assert_eq!(Rc::strong_count(&host), 1);
@@ -120,13 +128,7 @@ fn a_workflow_cancelled_after_dropping_a_pending_timer_still_cancels_it() {
     // workflow cancels every timer still pending, dropped or not.
     let host = Rc::new(RecordingHost::default());
     let context = run_context(&host);
-    let mut dropped = Box::pin(context.timer(Duration::from_secs(60)));
-    assert!(
-        dropped
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-            .is_pending()
-    );
+    let dropped = pending_timer(&context, Duration::from_secs(60));
     drop(dropped);
     context.cancellation_token().cancel();
     assert_eq!(host.cancelled_timers(), vec![1]);

@@ -669,6 +669,19 @@ impl TestEnv {
         assert!(stdout(&out).starts_with(&format!("Spawned: {slug}\n")));
     }
 
+    /// Leaves the tenant room for one VM (`max_vms: 1`, no warm VMs), gives it to agent
+    /// `holder` (`sleep 600`) and queues agent `waiter` (running `command`) behind it.
+    pub fn queue_a_waiter_behind_a_holder(&self, command: &str) {
+        self.murmur_ok(&["patch", "pool-config", "default", "--set", "max_vms=1"]);
+        self.set_workspace("default", "min_idle: 0\n");
+        self.spawn("holder", "sleep 600");
+        self.wait_phase("holder", Phase::Running);
+        self.spawn("waiter", command);
+        self.wait_for("the waiter's claim queued", |s| {
+            s.claims.len() == 2 && s.claims.iter().any(|c| c.vm.is_none())
+        });
+    }
+
     /// An agent's status through `murmur status --json`.
     pub fn agent(&self, slug: &str) -> AgentStatus {
         let out = self.murmur_ok(&["status", "--json", slug]);
