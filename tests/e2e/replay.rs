@@ -11,8 +11,8 @@
 //! `murmur.pause_pool` and `murmur.reset_pool`; the patch `nuke-step-names` keeps it
 //! replaying, and a nuke in flight across the upgrade running), and every history of the build
 //! before the reaper told unclaimed agents to claim again (`v4/`: the patch
-//! `tell-unclaimed-agents` keeps its pool runs on the old path). This build's set adds a pool run whose
-//! reaper told a waiting agent to claim again, and that agent's history (patch
+//! `tell-unclaimed-agents` keeps its pool runs on the old path). This build's set adds a pool
+//! run whose reaper told a waiting agent to claim again, and that agent's history (patch
 //! `claims-swept-by-pool`).
 //! The pool and nuke histories of those builds are kept in `tests/histories/retired/` and not
 //! replayed: the pool's run loop changed incompatibly with recovery (see ARCHITECTURE.md,
@@ -133,17 +133,10 @@ fn golden_histories_replay_against_the_current_workflow_code() {
 /// workflow task's completion and the next one's start.
 #[test]
 fn the_recovered_history_has_a_timer_and_a_signal_in_one_workflow_task() {
-    let bytes = std::fs::read(histories_dir().join("pool-recovered.json")).unwrap();
-    let history: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    let kinds: Vec<String> = history["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter_map(|e| e["attributes"].as_object()?.keys().next().cloned())
-        .collect();
+    let events = events_of(&histories_dir().join("pool-recovered.json"));
     let mut since_completed: Vec<&str> = Vec::new();
     let mut found = false;
-    for kind in &kinds {
+    for (kind, _) in &events {
         match kind.as_str() {
             "WorkflowTaskCompletedEventAttributes" => since_completed.clear(),
             "WorkflowTaskStartedEventAttributes" => {

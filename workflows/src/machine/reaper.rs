@@ -1119,19 +1119,11 @@ mod tests {
     #[test]
     fn an_agent_whose_claim_arrives_within_a_round_is_not_told() {
         let (mut pool, ids) = pool_with_warm(1);
-        let new = "agent/t/default/dev/new@run1".to_string();
-        assert!(
-            told(&round(
-                &mut pool,
-                &alive(&ids),
-                std::slice::from_ref(&new),
-                1_000,
-                10
-            ))
-            .is_empty()
-        );
-        pool.claim(&claim_of(&new), 15);
-        assert!(told(&round(&mut pool, &alive(&ids), &[new], 1_000, 20)).is_empty());
+        let new = "agent/t/default/dev/new@run1";
+        let running = [new.to_string()];
+        assert!(told(&round(&mut pool, &alive(&ids), &running, 1_000, 10)).is_empty());
+        pool.claim(&claim_of(new), 15);
+        assert!(told(&round(&mut pool, &alive(&ids), &running, 1_000, 20)).is_empty());
         assert_eq!(pool.reaper.agents_told_to_claim, 0);
     }
 
